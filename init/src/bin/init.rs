@@ -1,0 +1,127 @@
+//! `init`: steelcup's host PID 1, or a unit supervisor under another init.
+//!
+//! As PID 1 it boots the machine in named phases, starts the units in
+//! `/etc/steelcup/units`, supervises them, and on SIGTERM/SIGPWR (the power
+//! button) or SIGINT (ctrl-alt-del) stops them in order and powers off or
+//! reboots. It never exits and never panics out of `main`: a fatal error is
+//! logged, the disks synced and the machine powered off.
+//!
+//! Outside PID 1: `init --units DIR [--run-dir DIR]` supervises the units in
+//! DIR as a child subreaper and exits on SIGTERM or SIGINT.
+
+use nix::sys::signal::Signal;
+use std::path::PathBuf;
+use steelcup_init::boot::{self, error_chain, phase};
+use steelcup_init::supervisor::{Ending, Supervisor};
+use steelcup_init::sys::{self, PowerAction};
+use steelcup_init::units;
+
+struct Args {
+    units: PathBuf,
+    run_dir: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        units: PathBuf::from("/etc/steelcup/units"),
+        run_dir: PathBuf::from("/run/steelcup"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--units" => args.units = it.next().ok_or("--units needs a directory")?.into(),
+            "--run-dir" => args.run_dir = it.next().ok_or("--run-dir needs a directory")?.into(),
+            "-h" | "--help" => {
+                return Err("usage: init [--units DIR] [--run-dir DIR]".into());
+            }
+            // The kernel passes unknown command-line words to init; ignore them as PID 1.
+            _ if sys::is_pid1() => {}
+            other => return Err(format!("unknown argument {other:?}; see --help")),
+        }
+    }
+    Ok(args)
+}
+
+fn run(pid1: bool) -> Result<PowerAction, String> {
+    let args = parse_args()?;
+    let signals = [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ];
+    // Block signals before any thread exists, so every thread inherits the mask.
+    let mut sfd = sys::signalfd(&signals).map_err(|e| error_chain(&e))?;
+    if pid1 {
+        tracing::info!("steelcup init {} starting as PID 1", env!("CARGO_PKG_VERSION"));
+        phase("early-mounts", boot::early_mounts).map_err(|e| error_chain(&e))?;
+        if let Err(e) = sys::disable_ctrl_alt_del() {
+            tracing::warn!("{}", error_chain(&e));
+        }
+        phase("hostname", boot::hostname).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
+        phase("modules", boot::load_modules);
+        steelcup_init::power::watch();
+        phase("network", boot::network).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
+    } else {
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set child subreaper: {e}"))?;
+        sys::mkdir_p(&args.run_dir).map_err(|e| error_chain(&e))?;
+    }
+    let mut sup = phase("units", || {
+        let (found, errors) = units::load_dir(&args.units);
+        for e in &errors {
+            tracing::error!("{}", error_chain(e));
+        }
+        tracing::info!(
+            "{} units in {} ({} refused)",
+            found.len(),
+            args.units.display(),
+            errors.len()
+        );
+        let mut sup = Supervisor::new(found, pid1);
+        sup.start_ready(std::time::Instant::now());
+        sup
+    });
+    match sup.run(&mut sfd) {
+        Ending::Power(action) => Ok(action),
+    }
+}
+
+fn main() {
+    steelcup_init::init_logging();
+    let pid1 = sys::is_pid1();
+    // PID 1 must never unwind out of main: a panic here would panic the kernel.
+    let outcome = std::panic::catch_unwind(|| run(pid1));
+    let action = match outcome {
+        Ok(Ok(action)) => action,
+        Ok(Err(e)) => {
+            tracing::error!("fatal: {e}");
+            if !pid1 {
+                std::process::exit(1);
+            }
+            PowerAction::PowerOff
+        }
+        Err(_) => {
+            tracing::error!("fatal: internal error (panic); powering off");
+            if !pid1 {
+                std::process::exit(101);
+            }
+            PowerAction::PowerOff
+        }
+    };
+    if !pid1 {
+        tracing::info!("all units stopped; exiting");
+        return;
+    }
+    tracing::info!("syncing disks and {}", match action {
+        PowerAction::PowerOff => "powering off",
+        PowerAction::Reboot => "rebooting",
+    });
+    let err = sys::power(action);
+    tracing::error!("{}; halting", error_chain(&err));
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,126 @@
+//! The host's boot, as a sequence of named phases.
+//!
+//! # Design
+//! Each phase logs its start and its duration; a phase that fails is logged
+//! and the boot goes on where it can (a machine without networking still
+//! runs its local units). The phases: `early-mounts`, `hostname`, `modules`,
+//! `network`, `units`.
+//!
+//! # Limitations
+//! kmsg logging, entropy seeding, DHCP and coldplug of drivers by modalias
+//! are still to come.
+
+use crate::modules;
+use crate::sys::{self, SysError};
+use nix::mount::MsFlags;
+use std::path::Path;
+use std::time::Instant;
+
+/// Where the boot configuration lives in the image.
+pub const ETC: &str = "/etc/steelcup";
+
+/// Runs `f` as the named phase, logging start and duration.
+pub fn phase<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    tracing::info!("phase {name}: start");
+    let t0 = Instant::now();
+    let out = f();
+    tracing::info!(
+        "phase {name}: done in {:.1}ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    out
+}
+
+/// `early-mounts`: the pseudo filesystems every process expects.
+pub fn early_mounts() -> Result<(), SysError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mounts: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=0620,ptmxmode=0666")),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate")),
+    ];
+    for (src, target, fstype, flags, data) in mounts {
+        sys::mount(src, Path::new(target), fstype, *flags, *data)?;
+    }
+    // Let child cgroups use every controller the kernel offers.
+    if let Ok(ctrls) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
+        let enable: String = ctrls
+            .split_whitespace()
+            .map(|c| format!("+{c} "))
+            .collect();
+        if let Err(e) = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.trim()) {
+            tracing::warn!("cgroup2: cannot enable controllers: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `hostname`: from `/etc/steelcup/hostname`, else `steelcup`.
+pub fn hostname() -> Result<(), SysError> {
+    let name = std::fs::read_to_string(Path::new(ETC).join("hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "steelcup".into());
+    sys::set_hostname(&name)?;
+    tracing::info!("hostname {name}");
+    Ok(())
+}
+
+/// `modules`: the KVM module for this CPU, then those listed in
+/// `/etc/steelcup/modules` (one name per line, `#` comments).
+pub fn load_modules() {
+    let dir = modules::running_kernel_dir();
+    let db = match modules::read_db(&dir) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!("modules: {}", error_chain(&e));
+            return;
+        }
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut wanted: Vec<String> = Vec::new();
+    match modules::kvm_module_for(&cpuinfo) {
+        Some(m) => wanted.push(m.to_string()),
+        None => tracing::warn!(
+            "modules: this CPU has neither vmx nor svm; KVM is not available and microVMs cannot run"
+        ),
+    }
+    if let Ok(list) = std::fs::read_to_string(Path::new(ETC).join("modules")) {
+        wanted.extend(
+            list.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    for m in wanted {
+        match modules::load(&dir, &db, &m) {
+            Ok(loaded) if loaded.is_empty() => tracing::info!("module {m}: already present"),
+            Ok(loaded) => tracing::info!("module {m}: loaded {}", loaded.join(", ")),
+            Err(e) => tracing::error!("module {m}: {}", error_chain(&e)),
+        }
+    }
+}
+
+/// `network`: loopback up.
+pub fn network() -> Result<(), SysError> {
+    sys::link_up("lo")
+}
+
+/// Formats an error with its whole cause chain, once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,524 @@
+//! Unit files: parsing and validation.
+//!
+//! # Design
+//! A unit is one TOML file in the units directory; its name is the file name
+//! without `.toml`. It has a `[unit]` section and exactly one of `[service]`
+//! (a host process init supervises) or `[microvm]` (a workload vmmd runs).
+//! Unknown fields are errors; every error names the file, the line and the
+//! field. [`load_dir`] keeps the good units and returns the bad ones' errors,
+//! so one bad file never stops the others. Pure: no I/O but reading the files.
+//!
+//! # Limitations
+//! Drop-in directories are not read yet.
+
+pub mod graph;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors in unit files.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("{path}: cannot read unit file")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl UnitError {
+    fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        UnitError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed, validated unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub name: String,
+    pub path: PathBuf,
+    pub unit: UnitSection,
+    pub kind: UnitKind,
+}
+
+/// What a unit runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitKind {
+    Service(ServiceSection),
+    Microvm(MicrovmSection),
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitFile {
+    #[serde(default)]
+    pub unit: UnitSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microvm: Option<MicrovmSection>,
+}
+
+/// `[unit]`: description and ordering.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Start after these units (if they exist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Start after these units, and only if they exist and can start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    /// Start these too; a failure of theirs does not matter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wants: Vec<String>,
+}
+
+/// Restart policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    #[default]
+    No,
+    OnFailure,
+    Always,
+}
+
+/// When a service counts as started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ready {
+    /// As soon as its process is running.
+    #[default]
+    Exec,
+    /// When it says `READY=1` on the notify socket.
+    Notify,
+}
+
+/// `[service]`: a host process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// argv; `exec[0]` must be an absolute path.
+    pub exec: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart: Restart,
+    #[serde(default)]
+    pub ready: Ready,
+    /// Seconds between the stop signal (SIGTERM) and SIGKILL.
+    #[serde(default = "default_stop_timeout", rename = "stop-timeout")]
+    pub stop_timeout: u32,
+}
+
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+/// `[microvm]`: a workload run by vmmd as its own microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicrovmSection {
+    /// OCI image reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Guest kernel; vmmd's default kernel if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (with vminit as `/init`); vmmd's default if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// The workload's argv.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default)]
+    pub memory: MemSize,
+    #[serde(default)]
+    pub restart: Restart,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// A memory size written as `128MiB`, `1GiB`, `512M`, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemSize(pub u64);
+
+impl Default for MemSize {
+    fn default() -> Self {
+        MemSize(128 << 20)
+    }
+}
+
+impl MemSize {
+    pub fn mib(self) -> u64 {
+        self.0 >> 20
+    }
+}
+
+impl TryFrom<&str> for MemSize {
+    type Error = String;
+    fn try_from(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (like 128MiB)"))?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" | "k" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+        };
+        num.checked_mul(1 << shift)
+            .map(MemSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 % (1 << 30) == 0 && self.0 > 0 {
+            write!(f, "{}GiB", self.0 >> 30)
+        } else if self.0 % (1 << 20) == 0 && self.0 > 0 {
+            write!(f, "{}MiB", self.0 >> 20)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl Serialize for MemSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MemSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(MemSize(n)),
+            Raw::Str(s) => MemSize::try_from(s.as_str()).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Checks a unit name: `[a-z0-9][a-z0-9._-]*`, at most 64 bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Parses one unit from its text; `path` names it in errors and gives its name.
+pub fn parse(path: &Path, text: &str) -> Result<Unit, UnitError> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !valid_name(&name) {
+        return Err(UnitError::invalid(
+            path,
+            format!("{name:?} is not a valid unit name (lowercase letters, digits, '.', '_', '-')"),
+        ));
+    }
+    let file: UnitFile = toml::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((1, 1));
+        UnitError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    for dep in file
+        .unit
+        .after
+        .iter()
+        .chain(&file.unit.requires)
+        .chain(&file.unit.wants)
+    {
+        if !valid_name(dep) {
+            return Err(UnitError::invalid(
+                path,
+                format!("[unit]: {dep:?} is not a valid unit name"),
+            ));
+        }
+    }
+    let kind = match (file.service, file.microvm) {
+        (Some(s), None) => {
+            match s.exec.first() {
+                None => return Err(UnitError::invalid(path, "[service] exec: must not be empty")),
+                Some(p) if !p.starts_with('/') => {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[service] exec: {p:?} must be an absolute path"),
+                    ))
+                }
+                _ => {}
+            }
+            UnitKind::Service(s)
+        }
+        (None, Some(m)) => {
+            if m.vcpus == 0 || m.vcpus > 32 {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[microvm] vcpus: {} is out of range 1..=32", m.vcpus),
+                ));
+            }
+            if m.memory.0 < (16 << 20) || m.memory.0 % (1 << 20) != 0 || m.memory.0 > (3 << 30) {
+                return Err(UnitError::invalid(
+                    path,
+                    format!(
+                        "[microvm] memory: {} must be whole MiB between 16MiB and 3GiB",
+                        m.memory
+                    ),
+                ));
+            }
+            if m.cmd.is_empty() && m.image.is_none() {
+                return Err(UnitError::invalid(
+                    path,
+                    "[microvm] cmd: must not be empty when no image gives a default",
+                ));
+            }
+            UnitKind::Microvm(m)
+        }
+        (Some(_), Some(_)) => {
+            return Err(UnitError::invalid(
+                path,
+                "has both [service] and [microvm]; a unit is one or the other",
+            ))
+        }
+        (None, None) => {
+            return Err(UnitError::invalid(
+                path,
+                "has neither [service] nor [microvm]",
+            ))
+        }
+    };
+    Ok(Unit {
+        name,
+        path: path.to_path_buf(),
+        unit: file.unit,
+        kind,
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// Reads every `*.toml` in `dir`, sorted by name. Good units and the errors of
+/// bad ones are returned side by side.
+pub fn load_dir(dir: &Path) -> (Vec<Unit>, Vec<UnitError>) {
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect(),
+        Err(source) => {
+            errors.push(UnitError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+            return (units, errors);
+        }
+    };
+    paths.sort();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match parse(&path, &text) {
+                Ok(u) => units.push(u),
+                Err(e) => errors.push(e),
+            },
+            Err(source) => errors.push(UnitError::Read { path, source }),
+        }
+    }
+    (units, errors)
+}
+
+impl Unit {
+    pub fn stop_timeout(&self) -> Duration {
+        match &self.kind {
+            UnitKind::Service(s) => Duration::from_secs(u64::from(s.stop_timeout)),
+            UnitKind::Microvm(_) => Duration::from_secs(10),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str) -> PathBuf {
+        PathBuf::from(format!("/etc/steelcup/units/{name}.toml"))
+    }
+
+    #[test]
+    fn parses_a_service() {
+        let u = parse(
+            &p("vmmd"),
+            r#"
+[unit]
+description = "VMM daemon"
+[service]
+exec = ["/usr/bin/vmmd"]
+restart = "always"
+ready = "notify"
+"#,
+        )
+        .unwrap();
+        assert_eq!(u.name, "vmmd");
+        let UnitKind::Service(s) = u.kind else { panic!("not a service") };
+        assert_eq!(s.restart, Restart::Always);
+        assert_eq!(s.ready, Ready::Notify);
+        assert_eq!(s.stop_timeout, 10);
+    }
+
+    #[test]
+    fn parses_a_microvm() {
+        let u = parse(
+            &p("hello"),
+            r#"
+[unit]
+after = ["vmmd"]
+[microvm]
+cmd = ["/bin/sh", "-c", "echo hi; exit 7"]
+memory = "64MiB"
+vcpus = 2
+"#,
+        )
+        .unwrap();
+        let UnitKind::Microvm(m) = u.kind else { panic!("not a microvm") };
+        assert_eq!(m.memory, MemSize(64 << 20));
+        assert_eq!(m.vcpus, 2);
+        assert_eq!(u.unit.after, vec!["vmmd"]);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let err = parse(&p("web"), "[service]\nexec = [\"/bin/x\"]\nrestrat = \"always\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/steelcup/units/web.toml:3:1:"), "{err}");
+        assert!(err.contains("restrat"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let err = parse(&p("web"), "[microvm]\ncmd = [\"x\"]\nvcpus = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("web.toml:3:"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let cases = [
+            ("[service]\nexec = []\n", "exec"),
+            ("[service]\nexec = [\"bin/x\"]\n", "absolute"),
+            ("[microvm]\ncmd = [\"x\"]\nvcpus = 0\n", "vcpus"),
+            ("[microvm]\ncmd = [\"x\"]\nmemory = \"1KiB\"\n", "memory"),
+            ("[microvm]\ncmd = [\"x\"]\nmemory = \"12XB\"\n", "unknown size unit"),
+            ("[unit]\n", "neither"),
+            ("[unit]\nafter = [\"Bad Name\"]\n[service]\nexec=[\"/x\"]\n", "valid unit name"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&p("u"), text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn bad_file_name_is_refused() {
+        assert!(parse(Path::new("/x/Bad Name.toml"), "[service]\nexec=[\"/x\"]").is_err());
+    }
+
+    #[test]
+    fn unit_file_round_trips() {
+        let text = r#"
+[unit]
+description = "d"
+after = ["a"]
+[microvm]
+image = "localhost:5000/nginx:latest"
+cmd = ["nginx"]
+memory = "256MiB"
+restart = "on-failure"
+"#;
+        let f: UnitFile = toml::from_str(text).unwrap();
+        let again: UnitFile = toml::from_str(&toml::to_string(&f).unwrap()).unwrap();
+        assert_eq!(f, again);
+    }
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(MemSize::try_from("128MiB").unwrap().0, 128 << 20);
+        assert_eq!(MemSize::try_from("1G").unwrap().0, 1 << 30);
+        assert_eq!(MemSize::try_from("4096").unwrap().0, 4096);
+        assert!(MemSize::try_from("MiB").is_err());
+        assert!(MemSize::try_from("99999999999999999999GiB").is_err());
+        assert_eq!(MemSize(128 << 20).to_string(), "128MiB");
+    }
+
+    #[test]
+    fn load_dir_keeps_good_units_beside_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("steelcup-units-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "[service]\nexec=[\"/bin/a\"]\n").unwrap();
+        std::fs::write(dir.join("b.toml"), "[service\n").unwrap();
+        std::fs::write(dir.join("c.toml"), "[service]\nexec=[\"/bin/c\"]\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a unit").unwrap();
+        let (units, errors) = load_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<_> = units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("b.toml:1:"), "{}", errors[0]);
+    }
+}
