@@ -1,1 +1,23 @@
+//! vmmd: steelcup's virtual machine monitor daemon.
+//!
+//! # Design
+//! In the shape of Firecracker's `vmm`: [`vstate`] wraps KVM (the VM, its
+//! memory and vCPUs, the only place with `unsafe`), [`arch`] sets up the x86_64
+//! boot state (page tables, GDT, zero page, e820), [`devices`] are the emulated
+//! devices on the port-I/O bus, [`builder`] assembles a VM from a
+//! [`config::VmConfig`], [`worker`] is the per-VM process, and [`daemon`] is
+//! the resident supervisor of those workers. vCPUs run on their own threads.
+//!
+//! # Limitations
+//! One vCPU boots (no MP table yet); devices are the serial console, the
+//! i8042 reset line and the status port; virtio devices, the D-Bus API,
+//! seccomp and namespaces for the worker are still to come.
 
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod daemon;
+pub mod devices;
+pub mod image;
+pub mod vstate;
+pub mod worker;

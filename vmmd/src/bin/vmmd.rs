@@ -1,1 +1,42 @@
-fn main(){}
+//! `vmmd`: steelcup's VMM daemon. `vmmd [--units DIR] [--kernel PATH]
+//! [--initramfs PATH]` runs the daemon; `vmmd worker` is the per-VM worker
+//! process the daemon starts (config on stdin).
+
+use std::path::PathBuf;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("worker") {
+        std::process::exit(vmmd::worker::main());
+    }
+    steelcup_init::init_logging();
+    let mut opts = vmmd::daemon::default_options(&PathBuf::from("/etc/steelcup/units"));
+    let mut next = first;
+    while let Some(a) = next {
+        let mut value = |flag: &str| {
+            args.next().map(PathBuf::from).unwrap_or_else(|| {
+                eprintln!("vmmd: {flag} needs a path");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--units" => opts.units = value("--units"),
+            "--kernel" => opts.kernel = value("--kernel"),
+            "--initramfs" => opts.initramfs = value("--initramfs"),
+            "-h" | "--help" => {
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH]\n       vmmd worker   (started by vmmd; VM config as JSON on stdin)");
+                return;
+            }
+            other => {
+                eprintln!("vmmd: unknown argument {other:?}; see --help");
+                std::process::exit(2);
+            }
+        }
+        next = args.next();
+    }
+    if let Err(e) = vmmd::daemon::run(opts) {
+        tracing::error!("fatal: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,163 @@
+//! Builds a ready-to-run VM from a [`VmConfig`]: KVM VM, memory, kernel,
+//! initramfs with the guest config appended, command line, zero page,
+//! devices, and configured vCPUs.
+
+use crate::arch::{self, ArchError};
+use crate::config::VmConfig;
+use crate::devices::{serial::{Output, SerialConsole}, Bus};
+use crate::image::cpio::{CpioError, CpioWriter};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm::Vm;
+use crate::vstate::KvmError;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use std::io::{Read, Seek};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use steelcup_init::guest::CONFIG_PATH;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error("open kernel {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load kernel {path}")]
+    LoadKernel {
+        path: PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    #[error("read initramfs {path}")]
+    ReadInitramfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("write initramfs into guest memory")]
+    WriteInitramfs(#[source] vm_memory::GuestMemoryError),
+    #[error("guest config")]
+    GuestConfig(#[source] CpioError),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("vCPU count {0} is out of range 1..=32")]
+    Vcpus(u8),
+}
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub bus: Arc<Mutex<Bus>>,
+}
+
+/// The guest config as a cpio archive to append to the initramfs.
+pub fn guest_config_cpio(config: &VmConfig) -> Result<Vec<u8>, CpioError> {
+    let json = serde_json::to_vec(&config.guest).map_err(std::io::Error::other)?;
+    let path = CONFIG_PATH.trim_start_matches('/');
+    let mut w = CpioWriter::new(Vec::new(), 0);
+    if let Some((dir, _)) = path.rsplit_once('/') {
+        w.dir(dir, 0o755)?;
+    }
+    w.file(path, 0o644, &json)?;
+    w.finish()
+}
+
+/// Builds the VM described by `config`; guest serial output goes to `out`.
+pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
+    if config.vcpus == 0 || config.vcpus > 32 {
+        return Err(BuildError::Vcpus(config.vcpus));
+    }
+    let vm = Vm::new()?;
+    let mem = memory::create(config.memory_mib)?;
+    vm.register_memory(&mem)?;
+
+    // Kernel: ELF vmlinux enters at its ELF entry, bzImage at its 64-bit entry.
+    let open_err = |source| BuildError::OpenKernel {
+        path: config.kernel.clone(),
+        source,
+    };
+    let mut kernel = std::fs::File::open(&config.kernel).map_err(open_err)?;
+    let mut magic = [0u8; 4];
+    kernel.read_exact(&mut magic).map_err(open_err)?;
+    kernel.rewind().map_err(open_err)?;
+    let load_err = |source| BuildError::LoadKernel {
+        path: config.kernel.clone(),
+        source,
+    };
+    let himem = Some(GuestAddress(arch::HIMEM_START));
+    let (loaded, entry) = if magic == *b"\x7fELF" {
+        let r = Elf::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
+        let entry = r.kernel_load;
+        (r, entry)
+    } else {
+        let r = BzImage::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
+        let entry = GuestAddress(r.kernel_load.0 + 0x200);
+        (r, entry)
+    };
+
+    // Initramfs: the shared base image plus this VM's config.
+    let mut initrd = std::fs::read(&config.initramfs).map_err(|source| {
+        BuildError::ReadInitramfs {
+            path: config.initramfs.clone(),
+            source,
+        }
+    })?;
+    while initrd.len() % 4 != 0 {
+        initrd.push(0);
+    }
+    initrd.extend(guest_config_cpio(config).map_err(BuildError::GuestConfig)?);
+    let initrd_max = loaded
+        .setup_header
+        .map(|h| h.initrd_addr_max)
+        .filter(|m| *m != 0)
+        .unwrap_or(0x37ff_ffff);
+    let initrd_addr = arch::initrd_address(&mem, initrd.len() as u64, initrd_max)?;
+    mem.write_slice(&initrd, initrd_addr)
+        .map_err(BuildError::WriteInitramfs)?;
+
+    let mut cmdline = linux_loader::cmdline::Cmdline::new(arch::CMDLINE_MAX_SIZE)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    cmdline
+        .insert_str(&config.cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    linux_loader::loader::load_cmdline(&mem, GuestAddress(arch::CMDLINE_START), &cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    arch::write_zero_page(
+        &mem,
+        loaded.setup_header,
+        cmdline_len,
+        Some((initrd_addr, initrd.len() as u64)),
+    )?;
+
+    // Devices: the serial console raises GSI 4 through an irqfd.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, 4)?;
+    let bus = Arc::new(Mutex::new(Bus::new(SerialConsole::new(Some(serial_irq), out))));
+
+    let supported = vcpu::supported_cpuid(&vm.kvm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let v = Vcpu::new(&vm.fd, index)?;
+        v.configure(&mem, &supported, entry, config.vcpus)?;
+        vcpus.push(v);
+    }
+    Ok(BuiltVm { vm, mem, vcpus, bus })
+}

@@ -1,0 +1,101 @@
+//! What vmmd hands a worker (the VM to build) and what the worker reports back.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use steelcup_init::guest::GuestConfig;
+
+/// The guest kernel command line vmmd uses unless told otherwise: serial
+/// console, reset through the i8042 (how the VM ends), reboot on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet";
+
+/// Everything a worker needs to build and run one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The workload's name (unit name), for logs.
+    pub name: String,
+    /// Guest kernel: bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Base initramfs with vminit as `/init`; the guest config is appended.
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub guest: GuestConfig,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum VmOutcome {
+    /// The workload exited with this code.
+    Exited { code: u8 },
+    /// The workload was killed by this signal.
+    Killed { signal: u8 },
+    /// vminit could not start the workload.
+    StartFailed { errno: u8 },
+    /// The guest reset without vminit reporting a status (a kernel panic
+    /// with `panic=-1`, or a reboot from inside).
+    GuestReset,
+    /// The guest crashed (triple fault) or halted for good.
+    GuestCrashed { reason: String },
+    /// The VMM could not build or run the VM.
+    VmmError { message: String },
+}
+
+impl VmOutcome {
+    /// True when the workload ran and exited 0.
+    pub fn success(&self) -> bool {
+        matches!(self, VmOutcome::Exited { code: 0 })
+    }
+}
+
+impl std::fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmOutcome::Exited { code } => write!(f, "exited with code {code}"),
+            VmOutcome::Killed { signal } => write!(f, "killed by signal {signal}"),
+            VmOutcome::StartFailed { errno } => write!(
+                f,
+                "could not start: {}",
+                std::io::Error::from_raw_os_error(i32::from(*errno))
+            ),
+            VmOutcome::GuestReset => write!(f, "guest reset without an exit status (kernel panic?)"),
+            VmOutcome::GuestCrashed { reason } => write!(f, "guest crashed: {reason}"),
+            VmOutcome::VmmError { message } => write!(f, "VMM error: {message}"),
+        }
+    }
+}
+
+/// The worker's last word, one JSON line on its stderr after [`REPORT_PREFIX`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    #[serde(flatten)]
+    pub outcome: VmOutcome,
+    /// From the worker's start to the end of the VM.
+    pub run_ms: u64,
+}
+
+/// Marks the report line on a worker's stderr. Only the worker writes its
+/// stderr (guest output goes to stdout), so a guest cannot forge a report.
+pub const REPORT_PREFIX: &str = "steelcup-worker-report: ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trips() {
+        for outcome in [
+            VmOutcome::Exited { code: 7 },
+            VmOutcome::GuestReset,
+            VmOutcome::GuestCrashed { reason: "triple fault".into() },
+            VmOutcome::VmmError { message: "x".into() },
+        ] {
+            let r = WorkerReport { outcome, run_ms: 12 };
+            let s = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<WorkerReport>(&s).unwrap(), r);
+        }
+        assert_eq!(VmOutcome::Exited { code: 7 }.to_string(), "exited with code 7");
+    }
+}

@@ -1,0 +1,3 @@
+//! Image formats shared by vmmd and image-build.
+
+pub mod cpio;

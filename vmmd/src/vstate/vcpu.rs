@@ -1,0 +1,262 @@
+//! A vCPU: its boot state (CPUID, MSRs, registers, FPU, LAPIC) and its run loop.
+
+use super::KvmError;
+use crate::arch::{self, gdt};
+use crate::devices::{Bus, VmAction};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const X86_CR0_PE: u64 = 0x1;
+const X86_CR0_PG: u64 = 0x8000_0000;
+const X86_CR4_PAE: u64 = 0x20;
+const EFER_LME: u64 = 0x100;
+const EFER_LMA: u64 = 0x400;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for a reset (i8042 pulse, the way Linux reboots here).
+    Reset,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// The guest halted with no interrupt controller to wake it.
+    Halted,
+    /// KVM could not run the guest; the reason.
+    Failed(String),
+}
+
+/// One vCPU of a VM.
+#[derive(Debug)]
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+/// The CPUID the host's KVM supports, read once per VM.
+pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<CpuId, KvmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(KvmError::SupportedCpuid)
+}
+
+impl Vcpu {
+    pub fn new(vm: &kvm_ioctls::VmFd, index: u8) -> Result<Self, KvmError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| KvmError::CreateVcpu { index, source })?;
+        Ok(Vcpu { index, fd })
+    }
+
+    fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+        let index = self.index;
+        move |source| KvmError::VcpuSetup { index, what, source }
+    }
+
+    /// Sets up the vCPU to enter the kernel at `entry` in 64-bit mode.
+    pub fn configure(
+        &self,
+        mem: &GuestMemoryMmap,
+        supported: &CpuId,
+        entry: GuestAddress,
+        vcpus: u8,
+    ) -> Result<(), KvmError> {
+        self.setup_cpuid(supported, vcpus)?;
+        self.setup_msrs()?;
+        self.setup_regs(entry)?;
+        self.setup_sregs(mem)?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(self.setup_err("set FPU"))?;
+        self.setup_lapic()
+    }
+
+    fn setup_cpuid(&self, supported: &CpuId, vcpus: u8) -> Result<(), KvmError> {
+        let mut cpuid = supported.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    // Initial APIC ID and logical processor count.
+                    e.ebx = (e.ebx & 0x0000_ffff)
+                        | (u32::from(vcpus) << 16)
+                        | (u32::from(self.index) << 24);
+                    // Tell the guest it runs on a hypervisor.
+                    e.ecx |= 1 << 31;
+                }
+                0xb | 0x1f => e.edx = u32::from(self.index),
+                _ => {}
+            }
+        }
+        self.fd.set_cpuid2(&cpuid).map_err(self.setup_err("set CPUID"))
+    }
+
+    fn setup_msrs(&self) -> Result<(), KvmError> {
+        let entries = [
+            (0x174, 0),               // IA32_SYSENTER_CS
+            (0x175, 0),               // IA32_SYSENTER_ESP
+            (0x176, 0),               // IA32_SYSENTER_EIP
+            (0xc000_0081, 0),         // STAR
+            (0xc000_0082, 0),         // LSTAR
+            (0xc000_0083, 0),         // CSTAR
+            (0xc000_0084, 0),         // SYSCALL_MASK
+            (0xc000_0102, 0),         // KERNEL_GS_BASE
+            (0x10, 0),                // TSC
+            (0x1a0, 1),               // IA32_MISC_ENABLE: fast strings
+            (0x2ff, (1 << 11) | 6),   // MTRR default type: enabled, write-back
+        ];
+        let list: Vec<kvm_msr_entry> = entries
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&list).map_err(|_| KvmError::Msrs {
+            index: self.index,
+            set: 0,
+            wanted: list.len(),
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("set MSRs"))?;
+        if set != list.len() {
+            return Err(KvmError::Msrs {
+                index: self.index,
+                set,
+                wanted: list.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn setup_regs(&self, entry: GuestAddress) -> Result<(), KvmError> {
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: entry.0,
+            rsp: arch::BOOT_STACK_POINTER,
+            rbp: arch::BOOT_STACK_POINTER,
+            rsi: arch::ZERO_PAGE_START,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(self.setup_err("set registers"))
+    }
+
+    fn setup_sregs(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+        let mut sregs = self.fd.get_sregs().map_err(self.setup_err("get sregs"))?;
+        for (i, entry) in gdt::BOOT_GDT.iter().enumerate() {
+            mem.write_obj(*entry, GuestAddress(arch::BOOT_GDT_START + (i as u64) * 8))
+                .map_err(|_| KvmError::VcpuSetup {
+                    index: self.index,
+                    what: "write GDT",
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
+        }
+        mem.write_obj(0u64, GuestAddress(arch::BOOT_IDT_START))
+            .map_err(|_| KvmError::VcpuSetup {
+                index: self.index,
+                what: "write IDT",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let code = gdt::segment(gdt::BOOT_GDT[1], 1);
+        let data = gdt::segment(gdt::BOOT_GDT[2], 2);
+        let tss = gdt::segment(gdt::BOOT_GDT[3], 3);
+        sregs.gdt.base = arch::BOOT_GDT_START;
+        sregs.gdt.limit = (gdt::BOOT_GDT.len() * 8 - 1) as u16;
+        sregs.idt.base = arch::BOOT_IDT_START;
+        sregs.idt.limit = 7;
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = tss;
+        let cr3 = arch::setup_page_tables(mem).map_err(|_| KvmError::VcpuSetup {
+            index: self.index,
+            what: "write page tables",
+            source: kvm_ioctls::Error::new(libc::EFAULT),
+        })?;
+        sregs.cr3 = cr3;
+        sregs.cr4 |= X86_CR4_PAE;
+        sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+        sregs.efer |= EFER_LME | EFER_LMA;
+        self.fd.set_sregs(&sregs).map_err(self.setup_err("set sregs"))
+    }
+
+    /// LINT0 delivers the PIC's ExtINT, LINT1 NMIs: the virtual-wire mode a
+    /// Linux guest expects to find.
+    fn setup_lapic(&self) -> Result<(), KvmError> {
+        let mut lapic = self.fd.get_lapic().map_err(self.setup_err("get LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as i8;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(self.setup_err("set LAPIC"))
+    }
+
+    /// Runs the vCPU until the guest resets, faults or KVM fails. Port I/O
+    /// goes to `bus`; MMIO to nothing (reads return all ones).
+    pub fn run(&mut self, bus: &Arc<Mutex<Bus>>) -> VcpuStop {
+        loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => lock(bus).pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if let Some(VmAction::Reset) = lock(bus).pio_write(port, data) {
+                        return VcpuStop::Reset;
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    lock(bus).unhandled("MMIO read", addr);
+                    data.fill(0xff);
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => lock(bus).unhandled("MMIO write", addr),
+                Ok(VcpuExit::Hlt) => return VcpuStop::Halted,
+                Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault,
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    return match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::Reset,
+                        other => VcpuStop::Failed(format!("system event {other}")),
+                    }
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return VcpuStop::Failed(format!(
+                        "VM entry failed on CPU {cpu}: hardware reason {reason:#x}"
+                    ))
+                }
+                Ok(VcpuExit::InternalError) => {
+                    return VcpuStop::Failed("KVM internal error (emulation failure)".into())
+                }
+                Ok(VcpuExit::Intr) => {}
+                Ok(other) => {
+                    lock(bus).unhandled(&format!("exit {other:?}"), 0);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    return VcpuStop::Failed(
+                        KvmError::Run {
+                            index: self.index,
+                            source: e,
+                        }
+                        .to_string()
+                            + &format!(": {e}"),
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn lock(bus: &Arc<Mutex<Bus>>) -> std::sync::MutexGuard<'_, Bus> {
+    bus.lock().unwrap_or_else(|p| p.into_inner())
+}

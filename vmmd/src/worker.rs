@@ -1,0 +1,115 @@
+//! The per-VM worker process: builds one VM, runs its vCPUs on their own
+//! threads, and reports how it ended.
+//!
+//! # Design
+//! vmmd starts `vmmd worker` with the [`VmConfig`] as JSON on stdin. Guest
+//! serial output goes to the worker's stdout; the worker's own logs and its
+//! final [`WorkerReport`] go to stderr. A VM that crashes, or a worker that
+//! dies, takes nothing else down.
+//!
+//! # Limitations
+//! The worker is not yet jailed (seccomp, namespaces, cgroup).
+
+use crate::builder;
+use crate::config::{VmConfig, VmOutcome, WorkerReport, REPORT_PREFIX};
+use crate::vstate::vcpu::VcpuStop;
+use std::io::Read;
+use std::sync::mpsc;
+use std::time::Instant;
+use steelcup_init::guest::ExitStatus;
+
+/// Builds and runs the VM; returns how it ended.
+pub fn run_vm(config: &VmConfig) -> VmOutcome {
+    let built = match builder::build(config, Box::new(std::io::stdout())) {
+        Ok(b) => b,
+        Err(e) => {
+            return VmOutcome::VmmError {
+                message: error_chain(&e),
+            }
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let mut handles = Vec::new();
+    for mut vcpu in built.vcpus {
+        let bus = built.bus.clone();
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index))
+            .spawn(move || {
+                let stop = vcpu.run(&bus);
+                let _ = tx.send((vcpu.index, stop));
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                return VmOutcome::VmmError {
+                    message: format!("spawn vCPU thread: {e}"),
+                }
+            }
+        }
+    }
+    drop(tx);
+    let Ok((index, stop)) = rx.recv() else {
+        return VmOutcome::VmmError {
+            message: "every vCPU thread ended without a reason".into(),
+        };
+    };
+    tracing::debug!("vCPU {index} stopped: {stop:?}");
+    let status = built
+        .bus
+        .lock()
+        .map(|b| b.status)
+        .unwrap_or_else(|p| p.into_inner().status);
+    // The other vCPUs are left running; the worker process exits right after.
+    match (stop, status) {
+        (VcpuStop::Failed(message), _) => VmOutcome::VmmError { message },
+        (_, Some(ExitStatus::Exited { code })) => VmOutcome::Exited { code },
+        (_, Some(ExitStatus::Killed { signal })) => VmOutcome::Killed { signal },
+        (_, Some(ExitStatus::StartFailed { errno })) => VmOutcome::StartFailed { errno },
+        (VcpuStop::Reset, None) => VmOutcome::GuestReset,
+        (VcpuStop::TripleFault, None) => VmOutcome::GuestCrashed {
+            reason: "triple fault".into(),
+        },
+        (VcpuStop::Halted, None) => VmOutcome::GuestCrashed {
+            reason: "halted".into(),
+        },
+    }
+}
+
+/// `vmmd worker`: reads the config from stdin, runs the VM, writes the report.
+pub fn main() -> i32 {
+    let t0 = Instant::now();
+    let mut input = String::new();
+    let outcome = match std::io::stdin().take(1 << 20).read_to_string(&mut input) {
+        Err(e) => VmOutcome::VmmError {
+            message: format!("read config from stdin: {e}"),
+        },
+        Ok(_) => match serde_json::from_str::<VmConfig>(&input) {
+            Err(e) => VmOutcome::VmmError {
+                message: format!("config on stdin: {e}"),
+            },
+            Ok(config) => run_vm(&config),
+        },
+    };
+    let report = WorkerReport {
+        outcome,
+        run_ms: t0.elapsed().as_millis() as u64,
+    };
+    match serde_json::to_string(&report) {
+        Ok(json) => eprintln!("{REPORT_PREFIX}{json}"),
+        Err(e) => eprintln!("worker: cannot encode report: {e}"),
+    }
+    0
+}
+
+/// Formats an error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
