@@ -1,1 +1,215 @@
+//! image-build: builds the steelcup appliance from a manifest.
+//!
+//! # Design
+//! Inputs: the manifest (`steelcup.toml`: host kernel package, modules,
+//! guest busybox, units directory), the static binaries (`init`, `vminit`,
+//! `vmmd`, `cup`), the guest kernel, and the host kernel package unpacked.
+//! Outputs: the host initramfs (a cpio newc archive written by our own
+//! writer), the host kernel, a PXE set (kernel, initramfs, iPXE script), and
+//! `manifest.json` listing every file with its size and sha256. Every entry is
+//! written in path order with mtime 0, uid/gid 0 and fixed modes, so the same
+//! inputs give the same bytes.
+//!
+//! # Limitations
+//! The host initramfs is not compressed (it boots faster that way and stays
+//! well under the 40 MB budget); the disk image is still to come.
 
+pub mod manifest;
+pub mod modules;
+pub mod tree;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tree::Tree;
+
+/// Inputs that are build products rather than part of the manifest.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub manifest: PathBuf,
+    /// Directory with the static `init`, `vminit`, `vmmd`, `cup`.
+    pub bin_dir: PathBuf,
+    /// The guest kernel (bzImage).
+    pub guest_kernel: PathBuf,
+    /// The host kernel package unpacked (`boot/vmlinuz-*`, `lib/modules/*`).
+    pub host_kernel_root: PathBuf,
+    pub out: PathBuf,
+}
+
+/// One artifact in `manifest.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ArtifactManifest {
+    pub kernel_release: String,
+    /// Host kernel + initramfs: what a machine boots.
+    pub image_bytes: u64,
+    pub artifacts: BTreeMap<String, FileEntry>,
+    /// Every file inside the host initramfs.
+    pub initramfs: BTreeMap<String, FileEntry>,
+}
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// The host kernel's release: the one directory under `lib/modules`.
+pub fn kernel_release(root: &Path) -> Result<String> {
+    let dir = root.join("lib/modules");
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("kernel").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("{}: no kernel modules found", dir.display()),
+        many => bail!("{}: more than one kernel: {}", dir.display(), many.join(", ")),
+    }
+}
+
+/// Builds the guest's default initramfs: vminit as `/init` and busybox.
+pub fn guest_initramfs(inputs: &Inputs, m: &manifest::Manifest) -> Result<Vec<u8>> {
+    let mut t = Tree::default();
+    t.file("init", 0o755, read(&inputs.bin_dir.join("vminit"))?)?;
+    t.file("bin/busybox", 0o755, read(&m.guest.busybox)?)?;
+    for applet in &m.guest.applets {
+        t.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "root"] {
+        t.dir(d, 0o755)?;
+    }
+    t.char_dev("dev/console", 0o600, 5, 1)?;
+    t.char_dev("dev/null", 0o666, 1, 3)?;
+    t.to_cpio()
+}
+
+/// Builds everything into `inputs.out` and returns the manifest.
+pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
+    let m = manifest::Manifest::load(&inputs.manifest)?;
+    let release = kernel_release(&inputs.host_kernel_root)?;
+    let mods_root = inputs.host_kernel_root.join("lib/modules").join(&release);
+
+    let mut t = Tree::default();
+    t.file("init", 0o755, read(&inputs.bin_dir.join("init"))?)?;
+    for b in ["vmmd", "cup"] {
+        t.file(&format!("usr/bin/{b}"), 0o755, read(&inputs.bin_dir.join(b))?)?;
+    }
+    t.file("usr/lib/steelcup/guest/vmlinuz", 0o644, read(&inputs.guest_kernel)?)?;
+    t.file("usr/lib/steelcup/guest/initramfs.cpio", 0o644, guest_initramfs(inputs, &m)?)?;
+
+    // Host modules: the closure of what is loaded and shipped, and its modules.dep.
+    let index = modules::ModuleIndex::scan(&mods_root)?;
+    let mut wanted: Vec<String> = m.host.modules.clone();
+    wanted.extend(m.host.ship.iter().cloned());
+    let closure = index.closure(&wanted)?;
+    let mut dep = String::new();
+    for (name, entry) in &closure {
+        t.file(
+            &format!("lib/modules/{release}/{}", entry.path),
+            0o644,
+            read(&mods_root.join(&entry.path))?,
+        )?;
+        let deps: Vec<&str> = entry
+            .all_deps
+            .iter()
+            .map(|d| closure[d].path.as_str())
+            .collect();
+        dep.push_str(&format!("{}: {}\n", entry.path, deps.join(" ")).replace(": \n", ":\n"));
+        let _ = name;
+    }
+    t.file(&format!("lib/modules/{release}/modules.dep"), 0o644, dep.into_bytes())?;
+    for f in ["modules.builtin", "modules.order"] {
+        let p = mods_root.join(f);
+        if p.exists() {
+            t.file(&format!("lib/modules/{release}/{f}"), 0o644, read(&p)?)?;
+        }
+    }
+
+    // Configuration.
+    let mut modules_list = String::from("# Loaded by init at boot (phase `modules`).\n");
+    for m in &m.host.modules {
+        modules_list.push_str(m);
+        modules_list.push('\n');
+    }
+    t.file("etc/steelcup/modules", 0o644, modules_list.into_bytes())?;
+    t.file("etc/steelcup/hostname", 0o644, format!("{}\n", m.host.hostname).into_bytes())?;
+    let mut units: Vec<PathBuf> = std::fs::read_dir(&m.units.dir)
+        .with_context(|| format!("read units from {}", m.units.dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    units.sort();
+    for u in &units {
+        let text = std::fs::read_to_string(u).with_context(|| format!("read {}", u.display()))?;
+        // A unit that would be refused at boot is refused at build time.
+        steelcup_init::units::parse(u, &text)?;
+        let name = u.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        t.file(&format!("etc/steelcup/units/{name}"), 0o644, text.into_bytes())?;
+    }
+    for d in ["dev", "proc", "sys", "run", "tmp", "var", "root"] {
+        t.dir(d, 0o755)?;
+    }
+    t.char_dev("dev/console", 0o600, 5, 1)?;
+    t.char_dev("dev/null", 0o666, 1, 3)?;
+
+    let initramfs_files = t.digests();
+    let initramfs = t.to_cpio()?;
+    let vmlinuz = read(&inputs.host_kernel_root.join(format!("boot/vmlinuz-{release}")))?;
+
+    std::fs::create_dir_all(inputs.out.join("pxe"))
+        .with_context(|| format!("create {}", inputs.out.display()))?;
+    let ipxe = format!(
+        "#!ipxe\n# steelcup PXE boot: kernel, initramfs, command line.\nkernel vmlinuz {}\ninitrd initramfs.cpio\nboot\n",
+        m.host.cmdline
+    );
+    let outputs: [(&str, &[u8]); 6] = [
+        ("vmlinuz", &vmlinuz),
+        ("initramfs.cpio", &initramfs),
+        ("cmdline", m.host.cmdline.as_bytes()),
+        ("pxe/vmlinuz", &vmlinuz),
+        ("pxe/initramfs.cpio", &initramfs),
+        ("pxe/boot.ipxe", ipxe.as_bytes()),
+    ];
+    let mut artifacts = BTreeMap::new();
+    for (name, data) in outputs {
+        let path = inputs.out.join(name);
+        std::fs::write(&path, data).with_context(|| format!("write {}", path.display()))?;
+        artifacts.insert(
+            name.to_string(),
+            FileEntry {
+                size: data.len() as u64,
+                sha256: sha256(data),
+            },
+        );
+    }
+    let manifest = ArtifactManifest {
+        kernel_release: release,
+        image_bytes: (vmlinuz.len() + initramfs.len()) as u64,
+        artifacts,
+        initramfs: initramfs_files,
+    };
+    let json = serde_json::to_string_pretty(&manifest)?;
+    std::fs::write(inputs.out.join("manifest.json"), json + "\n")
+        .with_context(|| "write manifest.json".to_string())?;
+    Ok(manifest)
+}
+
+pub(crate) fn digest(data: &[u8]) -> FileEntry {
+    FileEntry {
+        size: data.len() as u64,
+        sha256: sha256(data),
+    }
+}

@@ -1,0 +1,53 @@
+//! The image manifest (`steelcup.toml`).
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub host: Host,
+    pub guest: Guest,
+    pub units: Units,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Host {
+    pub kernel_package: String,
+    pub cmdline: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub modules: Vec<String>,
+    #[serde(default)]
+    pub ship: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    pub busybox: PathBuf,
+    #[serde(default)]
+    pub applets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Units {
+    pub dir: PathBuf,
+}
+
+impl Manifest {
+    /// Reads a manifest; relative paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read manifest {}", path.display()))?;
+        let mut m: Manifest =
+            toml::from_str(&text).with_context(|| format!("manifest {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        m.units.dir = base.join(&m.units.dir);
+        m.guest.busybox = base.join(&m.guest.busybox);
+        Ok(m)
+    }
+}
