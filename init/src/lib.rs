@@ -19,6 +19,21 @@ pub mod supervisor;
 pub mod sys;
 pub mod units;
 
+/// Log timestamps in the kernel's own format, `[   12.345678]`, from
+/// CLOCK_BOOTTIME, so init's, vmmd's and the kernel's lines on the console
+/// line up.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for BootTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+            Ok(t) => write!(w, "[{:>5}.{:06}]", t.tv_sec(), t.tv_nsec() / 1000),
+            Err(_) => write!(w, "[    ?.??????]"),
+        }
+    }
+}
+
 /// Sets up logging to the console (stderr) with the time since boot.
 /// `STEELCUP_LOG` takes a tracing filter (`debug`, `init=trace`, ...).
 pub fn init_logging() {
@@ -28,7 +43,7 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_timer(BootTime)
         .with_env_filter(filter)
         .try_init();
 }

@@ -1,1 +1,376 @@
+//! The QEMU harness: boot the built appliance, capture its serial console,
+//! wait for what it prints, press its power button.
+//!
+//! # Design
+//! [`Guest`] is the fixture, in the manner of Cloud Hypervisor's
+//! `test_infra`: [`Guest::boot`] starts QEMU with the serial console on a
+//! pipe, a thread copies it into a buffer and a log file, [`Guest::wait_for`]
+//! polls the buffer with a timeout, and the QMP socket drives the machine
+//! (`system_powerdown` is the power button). The accelerator is KVM only
+//! where `/proc/cpuinfo` shows `vmx` or `svm` and `/dev/kvm` opens; otherwise
+//! TCG with `-cpu max`, an emulated CPU with AMD-V, nested paging and XSAVE,
+//! so that KVM works inside the booted host. A guest dropped while a test is
+//! panicking keeps its serial log and says where it is.
 
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How QEMU runs the appliance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization: the host has vmx/svm and /dev/kvm.
+    Kvm,
+    /// Software emulation of a CPU with AMD-V.
+    Tcg,
+}
+
+impl Accel {
+    /// Picks KVM only where it is real.
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let has_virt = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let kvm_opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if has_virt && kvm_opens && std::env::var_os("STEELCUP_FORCE_TCG").is_none() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let a: &[&str] = match self {
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+        };
+        a.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// QEMU loads the kernel and initramfs itself.
+    Direct {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
+    /// QEMU's iPXE ROM fetches `bootfile` from `dir` over QEMU's built-in TFTP.
+    Pxe { dir: PathBuf, bootfile: String },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// Names the log file and the QMP socket.
+    pub name: String,
+    pub boot: Boot,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Where serial logs go.
+    pub log_dir: PathBuf,
+    /// Copy the serial console to our stdout as it arrives.
+    pub echo: bool,
+}
+
+impl GuestConfig {
+    /// The appliance in `artifacts` (image-build's output), booted directly.
+    pub fn direct(name: &str, artifacts: &Path) -> Result<Self> {
+        let cmdline = std::fs::read_to_string(artifacts.join("cmdline"))
+            .with_context(|| format!("read {}/cmdline", artifacts.display()))?;
+        Ok(GuestConfig {
+            name: name.into(),
+            boot: Boot::Direct {
+                kernel: artifacts.join("vmlinuz"),
+                initrd: artifacts.join("initramfs.cpio"),
+                cmdline: cmdline.trim().into(),
+            },
+            memory_mib: 2048,
+            cpus: 2,
+            log_dir: log_dir(artifacts),
+            echo: false,
+        })
+    }
+
+    /// The appliance's PXE set in `artifacts/pxe`.
+    pub fn pxe(name: &str, artifacts: &Path) -> Self {
+        GuestConfig {
+            name: name.into(),
+            boot: Boot::Pxe {
+                dir: artifacts.join("pxe"),
+                bootfile: "boot.ipxe".into(),
+            },
+            memory_mib: 2048,
+            cpus: 2,
+            log_dir: log_dir(artifacts),
+            echo: false,
+        }
+    }
+}
+
+/// Serial logs go beside the artifacts directory, in `qemu-logs/`.
+fn log_dir(artifacts: &Path) -> PathBuf {
+    artifacts
+        .parent()
+        .map(|p| p.join("qemu-logs"))
+        .unwrap_or_else(|| artifacts.join("qemu-logs"))
+}
+
+/// A running QEMU with the appliance.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    serial: Arc<Mutex<String>>,
+    pub log_path: PathBuf,
+    qmp_path: PathBuf,
+    pub started: Instant,
+    pub accel: Accel,
+}
+
+impl Guest {
+    /// Starts QEMU.
+    pub fn boot(cfg: &GuestConfig) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.log_dir)
+            .with_context(|| format!("create {}", cfg.log_dir.display()))?;
+        let log_path = cfg.log_dir.join(format!("{}.log", cfg.name));
+        let qmp_path = std::env::temp_dir().join(format!(
+            "steelcup-qmp-{}-{}.sock",
+            cfg.name,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&qmp_path);
+        let accel = Accel::detect();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(accel.args())
+            .args(["-m", &cfg.memory_mib.to_string()])
+            .args(["-smp", &cfg.cpus.to_string()])
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .arg("-no-reboot")
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        match &cfg.boot {
+            Boot::Direct {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                for p in [kernel, initrd] {
+                    if !p.exists() {
+                        bail!("{} does not exist; build the appliance with `cargo xtask`", p.display());
+                    }
+                }
+                cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
+                cmd.args(["-append", cmdline, "-nic", "none"]);
+            }
+            Boot::Pxe { dir, bootfile } => {
+                cmd.arg("-nic").arg(format!(
+                    "user,model=e1000,tftp={},bootfile={bootfile}",
+                    dir.display()
+                ));
+                cmd.args(["-boot", "n"]);
+            }
+        }
+        // Its own process group: a Ctrl-C at the terminal is ours to handle.
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().context("start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
+        let started = Instant::now();
+        let serial = Arc::new(Mutex::new(String::new()));
+        let mut log = std::fs::File::create(&log_path)
+            .with_context(|| format!("create {}", log_path.display()))?;
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no qemu stdout"))?;
+        let err = child.stderr.take().ok_or_else(|| anyhow!("no qemu stderr"))?;
+        let buf = serial.clone();
+        let echo = cfg.echo;
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut line) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                let _ = log.write_all(text.as_bytes());
+                if echo {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                }
+                if let Ok(mut b) = buf.lock() {
+                    b.push_str(&text);
+                }
+                line.clear();
+            }
+        });
+        let buf = serial.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(err).read_to_string(&mut s);
+            if !s.is_empty() {
+                if let Ok(mut b) = buf.lock() {
+                    b.push_str(&format!("\n[qemu stderr] {s}\n"));
+                }
+            }
+        });
+        Ok(Guest {
+            child,
+            serial,
+            log_path,
+            qmp_path,
+            started,
+            accel,
+        })
+    }
+
+    /// Everything the console printed so far.
+    pub fn serial(&self) -> String {
+        self.serial.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the console has printed `needle`; returns the time since
+    /// QEMU started. Fails on timeout, on a kernel panic, or if QEMU exits.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        self.wait_until(needle, timeout, |s| s.contains(needle))
+    }
+
+    /// Waits until `done` holds for the console output.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            let s = self.serial();
+            if done(&s) {
+                return Ok(self.started.elapsed());
+            }
+            if s.contains("Kernel panic") {
+                bail!("kernel panic while waiting for {what:?}; serial log: {}", self.log_path.display());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(200));
+                if done(&self.serial()) {
+                    return Ok(self.started.elapsed());
+                }
+                bail!("QEMU exited ({status}) before {what:?}; serial log: {}", self.log_path.display());
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "timed out after {}s waiting for {what:?}; serial log: {}",
+                    timeout.as_secs(),
+                    self.log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends one QMP command and returns its answer.
+    pub fn qmp(&self, command: &str) -> Result<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.qmp_path)
+            .with_context(|| format!("connect to QMP at {}", self.qmp_path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        r.read_line(&mut line)?; // greeting
+        for cmd in ["qmp_capabilities", command] {
+            writeln!(s, "{{\"execute\":\"{cmd}\"}}")?;
+            loop {
+                line.clear();
+                r.read_line(&mut line)?;
+                let v: serde_json::Value = serde_json::from_str(&line)?;
+                if v.get("event").is_some() {
+                    continue;
+                }
+                if let Some(e) = v.get("error") {
+                    bail!("QMP {cmd}: {e}");
+                }
+                if cmd == command {
+                    return Ok(v);
+                }
+                break;
+            }
+        }
+        unreachable!("the loop returns on the last command")
+    }
+
+    /// Presses the power button (ACPI), as on a real server.
+    pub fn power_button(&self) -> Result<()> {
+        self.qmp("system_powerdown").map(|_| ())
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if t0.elapsed() > timeout {
+                bail!("QEMU still running {}s after power-off; serial log: {}", timeout.as_secs(), self.log_path.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// True while QEMU runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills QEMU at once.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.qmp_path);
+        if std::thread::panicking() {
+            eprintln!("serial log kept: {}", self.log_path.display());
+        }
+    }
+}
+
+/// The build outputs the tests run on, as `cargo xtask test` passes them.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub dir: PathBuf,
+}
+
+/// `STEELCUP_ARTIFACTS`, set by `cargo xtask test`.
+pub fn artifacts() -> Option<Artifacts> {
+    std::env::var_os("STEELCUP_ARTIFACTS").map(|d| Artifacts { dir: d.into() })
+}
+
+/// Appends a measurement to `results.txt` beside the artifacts and prints it.
+pub fn record(artifacts: &Artifacts, key: &str, value: &str) {
+    println!("RESULT {key} = {value}");
+    let path = artifacts
+        .dir
+        .parent()
+        .unwrap_or(&artifacts.dir)
+        .join("qemu-results.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{key} = {value}");
+    }
+}

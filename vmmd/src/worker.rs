@@ -66,7 +66,7 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
         (_, Some(ExitStatus::Exited { code })) => VmOutcome::Exited { code },
         (_, Some(ExitStatus::Killed { signal })) => VmOutcome::Killed { signal },
         (_, Some(ExitStatus::StartFailed { errno })) => VmOutcome::StartFailed { errno },
-        (VcpuStop::Reset, None) => VmOutcome::GuestReset,
+        (VcpuStop::Reset | VcpuStop::Exited, None) => VmOutcome::GuestReset,
         (VcpuStop::TripleFault, None) => VmOutcome::GuestCrashed {
             reason: "triple fault".into(),
         },

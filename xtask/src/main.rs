@@ -1,1 +1,265 @@
-fn main(){}
+//! `cargo xtask`: steelcup's two set-up commands and the benchmarks.
+//!
+//! - `cargo xtask run [--once]`: install what is missing, build the guest
+//!   kernel (cached), the static binaries and the appliance image, boot it in
+//!   QEMU with the example units from `configs/`, and show the console. With
+//!   `--once`, or when stdin is not a terminal, press the appliance's power
+//!   button once the example workloads have finished and exit 0.
+//! - `cargo xtask test`: unit tests, then the QEMU end-to-end tests.
+//! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
+//! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
+
+mod deps;
+mod kernel;
+mod sh;
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::{Guest, GuestConfig};
+use sh::step;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+const STATIC_BINS: &[&str] = &["init", "vminit", "vmmd", "cup"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(args.iter().any(|a| a == "--once")),
+        Some("test") => test(),
+        Some("bench") => bench(),
+        Some("build") => build().map(|_| ()),
+        _ => {
+            eprintln!("usage: cargo xtask run [--once] | test | bench | build");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("\x1b[1;31merror:\x1b[0m {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Builds everything; returns the artifacts directory.
+fn build() -> Result<PathBuf> {
+    let t0 = Instant::now();
+    deps::ensure()?;
+    let root = sh::root();
+    let manifest_path = root.join("image-build/steelcup.toml");
+    let manifest = image_build::manifest::Manifest::load(&manifest_path)?;
+    let guest_kernel = kernel::guest_kernel()?;
+    let host_root = kernel::host_kernel(&manifest.host.kernel_package)?;
+
+    step("building static binaries (init, vminit, vmmd, cup)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    sh::run(
+        Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--release", "--target", TARGET, "-p", "steelcup-init", "-p", "vmmd"])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let bin_dir = root.join("target").join(TARGET).join("release");
+    for b in STATIC_BINS {
+        let out = sh::output(Command::new("file").arg(bin_dir.join(b))).unwrap_or_default();
+        if out.contains("dynamically linked") {
+            bail!("{b} is dynamically linked; the image needs static binaries");
+        }
+    }
+
+    step("building the appliance image");
+    let out = sh::out_dir().join("artifacts");
+    let inputs = image_build::Inputs {
+        manifest: manifest_path,
+        bin_dir,
+        guest_kernel,
+        host_kernel_root: host_root,
+        out: out.clone(),
+    };
+    let m = image_build::build(&inputs)?;
+    let recorded = serde_json::json!({
+        "manifest": inputs.manifest,
+        "bin_dir": inputs.bin_dir,
+        "guest_kernel": inputs.guest_kernel,
+        "host_kernel_root": inputs.host_kernel_root,
+    });
+    std::fs::write(sh::out_dir().join("build-inputs.json"), recorded.to_string())?;
+    eprintln!(
+        "host image: {:.1} MB (Debian kernel {} + initramfs {:.1} MB) in {}; built in {}",
+        m.image_bytes as f64 / 1e6,
+        m.kernel_release,
+        m.artifacts["initramfs.cpio"].size as f64 / 1e6,
+        out.display(),
+        sh::elapsed(t0)
+    );
+    Ok(out)
+}
+
+/// The example workloads that run to completion (restart = "no"): `--once`
+/// waits for each to report before powering off.
+fn finite_workloads() -> Vec<String> {
+    let (units, _) = steelcup_init::units::load_dir(&sh::root().join("configs/units"));
+    units
+        .into_iter()
+        .filter_map(|u| match u.kind {
+            steelcup_init::units::UnitKind::Microvm(m)
+                if m.restart == steelcup_init::units::Restart::No =>
+            {
+                Some(u.name)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn run(once: bool) -> Result<()> {
+    let artifacts = build()?;
+    let once = once || !std::io::stdin().is_terminal();
+    let mut cfg = GuestConfig::direct("run", &artifacts)?;
+    cfg.echo = true;
+    let accel = qemu_tests::Accel::detect();
+    step(&format!(
+        "booting the appliance in QEMU ({}); {}",
+        match accel {
+            qemu_tests::Accel::Kvm => "KVM",
+            qemu_tests::Accel::Tcg => "software emulation of an AMD-V CPU; the first boot takes a minute",
+        },
+        if once {
+            "it powers off when the example workloads have finished"
+        } else {
+            "Ctrl-C presses its power button"
+        }
+    ));
+    // Ctrl-C is ours (QEMU runs in its own process group).
+    let sfd = steelcup_init::sys::signalfd(&[
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ])
+    .context("signal handling")?;
+    let mut g = Guest::boot(&cfg)?;
+    let workloads = finite_workloads();
+    let mut pressed: Option<Instant> = None;
+    loop {
+        if !g.running() {
+            break;
+        }
+        if let Ok(Some(_)) = sfd.read_signal() {
+            if pressed.is_some() {
+                eprintln!("\nsecond Ctrl-C: stopping QEMU");
+                g.kill();
+                break;
+            }
+            eprintln!("\n==> pressing the power button (Ctrl-C again to kill QEMU)");
+            g.power_button()?;
+            pressed = Some(Instant::now());
+        }
+        let s = g.serial();
+        if s.contains("Kernel panic") {
+            std::thread::sleep(Duration::from_secs(1));
+            g.kill();
+            bail!("the appliance's kernel panicked; serial log: {}", g.log_path.display());
+        }
+        if once && pressed.is_none() {
+            // vmmd reports each end as "workload NAME: <outcome> after N.NNs".
+            let done = s.contains("phase units: done")
+                && workloads.iter().all(|w| {
+                    s.lines()
+                        .any(|l| l.contains(&format!("workload {w}: ")) && l.contains(" after "))
+                });
+            if done {
+                eprintln!("==> example workloads finished; pressing the power button");
+                g.power_button()?;
+                pressed = Some(Instant::now());
+            } else if g.started.elapsed() > Duration::from_secs(600) {
+                g.kill();
+                bail!("workloads did not finish in 10 minutes; serial log: {}", g.log_path.display());
+            }
+        }
+        if pressed.is_some_and(|t| t.elapsed() > Duration::from_secs(120)) {
+            g.kill();
+            bail!("the appliance did not power off within 2 minutes; serial log: {}", g.log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = g.serial();
+    eprintln!("==> QEMU exited after {:.1}s; serial log: {}", g.started.elapsed().as_secs_f64(), g.log_path.display());
+    if once && !s.contains("reboot: Power down") {
+        bail!("the appliance did not power off cleanly; serial log: {}", g.log_path.display());
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    deps::ensure()?;
+    let root = sh::root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    step("unit and host-side integration tests");
+    sh::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "--workspace", "--exclude", "qemu-tests"]),
+    )?;
+    let artifacts = build()?;
+    let results = sh::out_dir().join("qemu-results.txt");
+    let _ = std::fs::remove_file(&results);
+    step("QEMU end-to-end tests (the appliance booted under QEMU, one test at a time)");
+    sh::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "-p", "qemu-tests", "--", "--test-threads=1", "--nocapture"])
+            .env("STEELCUP_ARTIFACTS", &artifacts)
+            .env("STEELCUP_REQUIRE_ARTIFACTS", "1"),
+    )?;
+    step("results");
+    eprint!("{}", std::fs::read_to_string(&results).unwrap_or_default());
+    Ok(())
+}
+
+fn bench() -> Result<()> {
+    let artifacts = build()?;
+    let manifest: image_build::ArtifactManifest =
+        serde_json::from_slice(&std::fs::read(artifacts.join("manifest.json"))?)?;
+    let runs = 3;
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        step(&format!("boot {}/{runs}", i + 1));
+        let mut g = Guest::boot(&GuestConfig::direct("bench", &artifacts)?)?;
+        let long = Duration::from_secs(300);
+        let init_at = g.wait_for("starting as PID 1", long)?;
+        let units_at = g.wait_for("phase units: done", long)?;
+        let line_at = g.wait_for("hello | hello from a steelcup microVM", long)?;
+        let exit_at = g.wait_for("workload hello: exited with code 7", long)?;
+        g.power_button()?;
+        let t = Instant::now();
+        g.wait_exit(long)?;
+        let off = t.elapsed();
+        let s = g.serial();
+        let vm_secs: f64 = s
+            .lines()
+            .find(|l| l.contains("workload hello: exited with code 7 after"))
+            .and_then(|l| l.rsplit("after ").next())
+            .and_then(|v| v.trim_end_matches('s').parse().ok())
+            .unwrap_or(f64::NAN);
+        rows.push([init_at.as_secs_f64(), units_at.as_secs_f64(), line_at.as_secs_f64(), exit_at.as_secs_f64(), vm_secs, off.as_secs_f64()]);
+    }
+    let accel = format!("{:?}", qemu_tests::Accel::detect());
+    let mut md = String::from("# Performance\n\nWritten by `cargo xtask bench`; numbers from the last run on the machine that ran it.\n\n");
+    md.push_str(&format!(
+        "## Host image\n\n| artifact | bytes |\n|---|---|\n| host kernel (Debian {}) | {} |\n| initramfs | {} |\n| **total** | **{}** ({:.1} MB; budget 40 MB) |\n\n",
+        manifest.kernel_release,
+        manifest.artifacts["vmlinuz"].size,
+        manifest.artifacts["initramfs.cpio"].size,
+        manifest.image_bytes,
+        manifest.image_bytes as f64 / 1e6
+    ));
+    md.push_str(&format!("## Boot to a microVM ({runs} boots, QEMU accelerator: {accel})\n\nSeconds from QEMU's start. Under software emulation (`Tcg`) every instruction of the host and the nested microVM is emulated, so these are far above what KVM hardware gives; compare runs on the same machine only.\n\n| boot | init starts | units started | microVM's line | exit code reported | microVM run (vmmd) | power-off |\n|---|---|---|---|---|---|---|\n"));
+    for (i, r) in rows.iter().enumerate() {
+        md.push_str(&format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n", i + 1, r[0], r[1], r[2], r[3], r[4], r[5]));
+    }
+    md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot. The peer comparisons (QEMU `microvm`, Firecracker, systemd) arrive with the VMM and init benchmarks.\n");
+    let path = sh::root().join("docs/performance.md");
+    std::fs::write(&path, md)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

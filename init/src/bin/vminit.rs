@@ -101,6 +101,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(20));
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
+    // The VMM ends the VM on this write; the reset below is the fallback.
     if let Err(e) = sys::outl(STATUS_PORT, status.encode()) {
         eprintln!("vminit: cannot report exit status: {e}: {}", e_source(&e));
     }

@@ -17,7 +17,10 @@ use steelcup_init::guest::{ExitStatus, STATUS_PORT};
 /// What a device write asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmAction {
+    /// The i8042 reset line: the guest rebooted.
     Reset,
+    /// vminit reported the workload's exit status: the VM is done.
+    Exit,
 }
 
 const SERIAL_BASE: u16 = 0x3f8;
@@ -80,13 +83,16 @@ impl Bus {
             STATUS_PORT if data.len() == 4 => {
                 let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 match ExitStatus::decode(value) {
-                    Some(s) => self.status = Some(s),
+                    Some(s) => {
+                        self.status = Some(s);
+                        Some(VmAction::Exit)
+                    }
                     None => {
                         self.bad_status_writes += 1;
                         self.unhandled("malformed status write", u64::from(value));
+                        None
                     }
                 }
-                None
             }
             // Port 0x80 is the POST-code/delay port; writes to it are normal.
             0x80..=0x8f => None,
@@ -155,7 +161,7 @@ mod tests {
     fn status_port_records_what_vminit_writes() {
         let (mut b, _) = bus();
         let v = ExitStatus::Exited { code: 7 }.encode().to_le_bytes();
-        assert_eq!(b.pio_write(STATUS_PORT, &v), None);
+        assert_eq!(b.pio_write(STATUS_PORT, &v), Some(VmAction::Exit));
         assert_eq!(b.status, Some(ExitStatus::Exited { code: 7 }));
     }
 

@@ -22,6 +22,8 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
+    /// vminit reported the workload's exit status on the status port.
+    Exited,
     /// The guest asked for a reset (i8042 pulse, the way Linux reboots here).
     Reset,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
@@ -211,8 +213,10 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => lock(bus).pio_read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if let Some(VmAction::Reset) = lock(bus).pio_write(port, data) {
-                        return VcpuStop::Reset;
+                    match lock(bus).pio_write(port, data) {
+                        Some(VmAction::Reset) => return VcpuStop::Reset,
+                        Some(VmAction::Exit) => return VcpuStop::Exited,
+                        None => {}
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {

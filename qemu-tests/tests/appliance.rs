@@ -1,0 +1,119 @@
+//! The appliance end to end: boot, a microVM's line and exit code, orderly
+//! power-off; the same through PXE; and reproducible image builds.
+//!
+//! These need the artifacts `cargo xtask test` builds and passes in
+//! `STEELCUP_ARTIFACTS`; run without them, each test says so and does nothing.
+//! `cargo xtask test` sets `STEELCUP_REQUIRE_ARTIFACTS`, so there a missing
+//! artifact fails instead.
+
+use qemu_tests::{artifacts, record, Artifacts, Guest, GuestConfig};
+use std::time::Duration;
+
+/// Under software emulation the host kernel boots in tens of seconds and a
+/// nested microVM in a few; these bounds leave room for a busy CI machine.
+const BOOT: Duration = Duration::from_secs(300);
+const STEP: Duration = Duration::from_secs(120);
+
+const HELLO_LINE: &str = "hello | hello from a steelcup microVM";
+const HELLO_EXIT: &str = "workload hello: exited with code 7";
+
+fn need_artifacts(test: &str) -> Option<Artifacts> {
+    let a = artifacts();
+    if a.is_none() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "{test}: STEELCUP_ARTIFACTS is not set"
+        );
+        eprintln!("{test}: skipped: needs the appliance built by `cargo xtask test`");
+    }
+    a
+}
+
+#[test]
+fn boots_runs_a_microvm_and_powers_off_in_order() {
+    let Some(a) = need_artifacts("boot") else { return };
+    let mut g = Guest::boot(&GuestConfig::direct("boot", &a.dir).unwrap()).unwrap();
+    println!("accelerator: {:?}; serial log: {}", g.accel, g.log_path.display());
+
+    for phase in ["early-mounts", "hostname", "modules", "network", "units"] {
+        g.wait_for(&format!("phase {phase}: done"), BOOT).unwrap();
+    }
+    let s = g.serial();
+    assert!(
+        s.contains("module kvm_amd: loaded") || s.contains("module kvm_intel: loaded"),
+        "init must load the KVM module for the CPU"
+    );
+    g.wait_for("unit vmmd: started", STEP).unwrap();
+    let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
+    g.wait_for(HELLO_EXIT, STEP).unwrap();
+    record(&a, "qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));
+    record(&a, "accelerator", &format!("{:?}", g.accel));
+
+    // The power button: init stops vmmd, syncs and powers off; QEMU exits by itself.
+    g.power_button().unwrap();
+    g.wait_for("power button pressed", STEP).unwrap();
+    g.wait_for("unit vmmd: stopping", STEP).unwrap();
+    g.wait_for("vmmd stopped", STEP).unwrap();
+    g.wait_for("unit vmmd: stopped in", STEP).unwrap();
+    g.wait_for("syncing disks and powering off", STEP).unwrap();
+    let status = g.wait_exit(STEP).unwrap();
+    assert!(status.success(), "QEMU exited with {status}");
+    let s = g.serial();
+    assert!(!s.contains("Kernel panic"), "kernel panic; see {}", g.log_path.display());
+    // Order: the workload's report, then vmmd stops, then init powers off.
+    let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n:?} missing"));
+    assert!(pos(HELLO_EXIT) < pos("unit vmmd: stopping"));
+    assert!(pos("vmmd stopped") < pos("syncing disks and powering off"));
+}
+
+#[test]
+fn pxe_boot_reaches_the_microvm() {
+    let Some(a) = need_artifacts("pxe") else { return };
+    let mut g = Guest::boot(&GuestConfig::pxe("pxe", &a.dir)).unwrap();
+    g.wait_for("iPXE", BOOT).unwrap();
+    g.wait_for("phase units: done", BOOT).unwrap();
+    let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
+    g.wait_for(HELLO_EXIT, STEP).unwrap();
+    record(&a, "pxe_qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));
+}
+
+#[test]
+fn image_build_twice_gives_identical_bytes() {
+    let Some(a) = need_artifacts("reproducible") else { return };
+    let inputs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.join("../build-inputs.json")).unwrap(),
+    )
+    .unwrap();
+    let path = |k: &str| std::path::PathBuf::from(inputs[k].as_str().unwrap());
+    let tmp = std::env::temp_dir().join(format!("steelcup-repro-{}", std::process::id()));
+    let mut built = Vec::new();
+    for run in ["one", "two"] {
+        let out = tmp.join(run);
+        let m = image_build::build(&image_build::Inputs {
+            manifest: path("manifest"),
+            bin_dir: path("bin_dir"),
+            guest_kernel: path("guest_kernel"),
+            host_kernel_root: path("host_kernel_root"),
+            out: out.clone(),
+        })
+        .unwrap();
+        built.push((out, m));
+    }
+    let (one, m1) = &built[0];
+    let (two, m2) = &built[1];
+    assert_eq!(m1, m2, "manifests differ");
+    assert!(!m1.artifacts.is_empty());
+    for name in m1.artifacts.keys() {
+        let b1 = std::fs::read(one.join(name)).unwrap();
+        let b2 = std::fs::read(two.join(name)).unwrap();
+        assert!(b1 == b2, "{name} differs between two builds");
+    }
+    let j1 = std::fs::read(one.join("manifest.json")).unwrap();
+    assert_eq!(j1, std::fs::read(two.join("manifest.json")).unwrap());
+    // And the artifacts under test are those same bytes.
+    let shipped: image_build::ArtifactManifest =
+        serde_json::from_slice(&std::fs::read(a.dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(&shipped, m1, "the tested appliance differs from a fresh build");
+    record(&a, "host_image_bytes", &m1.image_bytes.to_string());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -1,0 +1,64 @@
+//! Debian packages the build and the tests need, installed on demand.
+
+use crate::sh::{self, step};
+use anyhow::{bail, Result};
+use std::process::Command;
+
+/// Packages for building the guest kernel and the image, and for running the
+/// appliance in QEMU (with its iPXE ROMs for PXE boot).
+pub const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "ipxe-qemu",
+    "linux-source-6.1",
+    "busybox-static",
+    "build-essential",
+    "bc",
+    "bison",
+    "flex",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// True once `apt-get update` has run in this process.
+static UPDATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs `apt-get update` once per run.
+pub fn apt_update() -> Result<()> {
+    if !UPDATED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        step("apt-get update");
+        sh::run(Command::new("apt-get").args(["update", "-q"]))?;
+    }
+    Ok(())
+}
+
+/// Installs whatever of [`PACKAGES`] is missing.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "missing Debian packages: {}; run as root or install them with\n  sudo apt-get install {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    apt_update()?;
+    step(&format!("installing {}", missing.join(" ")));
+    sh::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
