@@ -62,8 +62,10 @@ fn build() -> Result<PathBuf> {
     )?;
     let bin_dir = root.join("target").join(TARGET).join("release");
     for b in STATIC_BINS {
-        let out = sh::output(Command::new("file").arg(bin_dir.join(b))).unwrap_or_default();
-        if out.contains("dynamically linked") {
+        let path = bin_dir.join(b);
+        let data = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let elf = object::File::parse(&*data).with_context(|| format!("{} is not ELF", path.display()))?;
+        if object::Object::section_by_name(&elf, ".interp").is_some() {
             bail!("{b} is dynamically linked; the image needs static binaries");
         }
     }
