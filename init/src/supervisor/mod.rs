@@ -15,6 +15,8 @@
 //! `ready = "notify"` is treated as `exec` until the notify socket lands;
 //! reload, cgroup limits, user/group and log files are still to come.
 
+pub mod logs;
+
 use crate::sys::{self, PowerAction};
 use crate::units::{graph, Restart, ServiceSection, Unit, UnitKind};
 use nix::sys::signal::{killpg, Signal};

@@ -115,24 +115,96 @@ pub enum Ready {
 }
 
 /// `[service]`: a host process.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServiceSection {
     /// argv; `exec[0]` must be an absolute path.
+    #[serde(default)]
     pub exec: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+    /// User name or numeric uid to run as (default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Group name or numeric gid (default: the user's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(default)]
     pub restart: Restart,
     #[serde(default)]
     pub ready: Ready,
-    /// Seconds between the stop signal (SIGTERM) and SIGKILL.
-    #[serde(default = "default_stop_timeout", rename = "stop-timeout")]
+    /// Seconds a `notify` service has to say `READY=1`.
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: u32,
+    /// The signal that asks it to stop.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Seconds between the stop signal and SIGKILL.
+    #[serde(default = "default_stop_timeout")]
     pub stop_timeout: u32,
+    /// cgroup v2 `memory.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<MemSize>,
+    /// cgroup v2 `cpu.max`, in CPUs (0.5 = half of one CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<f64>,
+    /// cgroup v2 `pids.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u32>,
+}
+
+impl Eq for ServiceSection {}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            exec: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            group: None,
+            restart: Restart::No,
+            ready: Ready::Exec,
+            ready_timeout: default_ready_timeout(),
+            stop_signal: default_stop_signal(),
+            stop_timeout: default_stop_timeout(),
+            memory_max: None,
+            cpu_max: None,
+            pids_max: None,
+        }
+    }
 }
 
 fn default_stop_timeout() -> u32 {
     10
+}
+
+fn default_ready_timeout() -> u32 {
+    30
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+
+impl ServiceSection {
+    /// The stop signal, validated at parse time.
+    pub fn stop_signal(&self) -> nix::sys::signal::Signal {
+        parse_signal(&self.stop_signal).unwrap_or(nix::sys::signal::Signal::SIGTERM)
+    }
+}
+
+/// `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let name = if s.starts_with("SIG") { s.to_string() } else { format!("SIG{s}") };
+    nix::sys::signal::Signal::from_str(&name).ok()
 }
 
 /// `[microvm]`: a workload run by vmmd as its own microVM.
@@ -246,8 +318,56 @@ pub fn valid_name(name: &str) -> bool {
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
+/// Parses one layer (the unit file or a drop-in) into a TOML table, checking
+/// it against the schema on its own so an error names this file and line.
+fn parse_layer(path: &Path, text: &str) -> Result<toml::Table, UnitError> {
+    let located = |e: toml::de::Error| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((1, 1));
+        UnitError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    };
+    let _: UnitFile = toml::from_str(text).map_err(located)?;
+    toml::from_str(text).map_err(located)
+}
+
+/// Merges `top` into `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parses a unit from its file and drop-ins (`(path, text)`, applied in
+/// order, later wins).
+pub fn parse_layered(path: &Path, text: &str, dropins: &[(PathBuf, String)]) -> Result<Unit, UnitError> {
+    let mut table = parse_layer(path, text)?;
+    for (p, t) in dropins {
+        merge(&mut table, parse_layer(p, t)?);
+    }
+    let file: UnitFile = table
+        .try_into()
+        .map_err(|e: toml::de::Error| UnitError::invalid(path, e.message().trim().to_string()))?;
+    validate(path, file)
+}
+
 /// Parses one unit from its text; `path` names it in errors and gives its name.
 pub fn parse(path: &Path, text: &str) -> Result<Unit, UnitError> {
+    parse_layered(path, text, &[])
+}
+
+fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -259,18 +379,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Unit, UnitError> {
             format!("{name:?} is not a valid unit name (lowercase letters, digits, '.', '_', '-')"),
         ));
     }
-    let file: UnitFile = toml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((1, 1));
-        UnitError::Parse {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: e.message().trim().to_string(),
-        }
-    })?;
     for dep in file
         .unit
         .after
@@ -296,6 +404,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Unit, UnitError> {
                     ))
                 }
                 _ => {}
+            }
+            if parse_signal(&s.stop_signal).is_none() {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[service] stop-signal: {:?} is not a signal", s.stop_signal),
+                ));
+            }
+            if let Some(c) = s.cpu_max {
+                if !(c > 0.0 && c <= 1024.0) {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[service] cpu-max: {c} must be between 0 and 1024 CPUs"),
+                    ));
+                }
+            }
+            if s.workdir.as_ref().is_some_and(|w| !w.is_absolute()) {
+                return Err(UnitError::invalid(path, "[service] workdir: must be an absolute path"));
             }
             UnitKind::Service(s)
         }
@@ -351,8 +476,31 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Reads every `*.toml` in `dir`, sorted by name. Good units and the errors of
-/// bad ones are returned side by side.
+/// The drop-ins of unit file `path`: `NAME.d/*.toml` beside it, by name.
+fn dropins(path: &Path) -> Result<Vec<(PathBuf, String)>, UnitError> {
+    let mut dir = path.as_os_str().to_owned();
+    dir = dir.to_string_lossy().trim_end_matches(".toml").into();
+    dir.push(".d");
+    let dir = PathBuf::from(dir);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| match std::fs::read_to_string(&p) {
+            Ok(t) => Ok((p, t)),
+            Err(source) => Err(UnitError::Read { path: p, source }),
+        })
+        .collect()
+}
+
+/// Reads every `*.toml` in `dir` with its drop-ins, sorted by name. Good
+/// units and the errors of bad ones are returned side by side.
 pub fn load_dir(dir: &Path) -> (Vec<Unit>, Vec<UnitError>) {
     let mut units = Vec::new();
     let mut errors = Vec::new();
@@ -372,7 +520,7 @@ pub fn load_dir(dir: &Path) -> (Vec<Unit>, Vec<UnitError>) {
     paths.sort();
     for path in paths {
         match std::fs::read_to_string(&path) {
-            Ok(text) => match parse(&path, &text) {
+            Ok(text) => match dropins(&path).and_then(|d| parse_layered(&path, &text, &d)) {
                 Ok(u) => units.push(u),
                 Err(e) => errors.push(e),
             },
@@ -520,5 +668,46 @@ restart = "on-failure"
         assert_eq!(names, ["a", "c"]);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("b.toml:1:"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn dropins_layer_over_the_unit_and_name_their_own_errors() {
+        let dir = std::env::temp_dir().join(format!("steelcup-dropins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("web.d")).unwrap();
+        std::fs::write(dir.join("web.toml"), "[service]\nexec=[\"/bin/web\"]\nrestart=\"no\"\n[service.env]\nA=\"1\"\n").unwrap();
+        std::fs::write(dir.join("web.d/10-restart.toml"), "[service]\nrestart=\"always\"\n[service.env]\nB=\"2\"\n").unwrap();
+        std::fs::write(dir.join("web.d/20-more.toml"), "[service]\nrestart=\"on-failure\"\n").unwrap();
+        std::fs::write(dir.join("bad.toml"), "[service]\nexec=[\"/bin/bad\"]\n").unwrap();
+        std::fs::create_dir_all(dir.join("bad.d")).unwrap();
+        std::fs::write(dir.join("bad.d/10-x.toml"), "[service]\n\nbogus = 1\n").unwrap();
+        let (units, errors) = load_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(units.len(), 1);
+        let UnitKind::Service(s) = &units[0].kind else { panic!() };
+        assert_eq!(s.restart, Restart::OnFailure, "later drop-ins win");
+        assert_eq!(s.env.len(), 2, "tables merge");
+        assert_eq!(errors.len(), 1);
+        let e = errors[0].to_string();
+        assert!(e.contains("bad.d/10-x.toml:3:1"), "{e}");
+    }
+
+    #[test]
+    fn service_fields_are_validated() {
+        let ok = parse(&p("s"), "[service]\nexec=[\"/x\"]\nstop-signal=\"SIGINT\"\nmemory-max=\"64MiB\"\ncpu-max=0.5\npids-max=100\nuser=\"nobody\"\nworkdir=\"/tmp\"\n").unwrap();
+        let UnitKind::Service(s) = ok.kind else { panic!() };
+        assert_eq!(s.stop_signal(), nix::sys::signal::Signal::SIGINT);
+        assert_eq!(s.memory_max, Some(MemSize(64 << 20)));
+        for (text, needle) in [
+            ("stop-signal=\"SIGNOPE\"", "stop-signal"),
+            ("cpu-max=0.0", "cpu-max"),
+            ("cpu-max=nan", "cpu-max"),
+            ("workdir=\"rel\"", "workdir"),
+        ] {
+            let err = parse(&p("s"), &format!("[service]\nexec=[\"/x\"]\n{text}\n")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert_eq!(parse_signal("TERM"), Some(nix::sys::signal::Signal::SIGTERM));
+        assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
     }
 }
