@@ -60,6 +60,23 @@ pub fn early_mounts() -> Result<(), SysError> {
     Ok(())
 }
 
+/// The cgroup that holds one cgroup per unit, `/sys/fs/cgroup/steelcup`,
+/// with every controller enabled for the units.
+pub fn unit_cgroups() -> Option<std::path::PathBuf> {
+    let dir = Path::new("/sys/fs/cgroup/steelcup");
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::warn!("cgroup {}: {e}; unit limits are off", dir.display());
+        return None;
+    }
+    if let Ok(ctrls) = std::fs::read_to_string(dir.join("cgroup.controllers")) {
+        let enable: Vec<String> = ctrls.split_whitespace().map(|c| format!("+{c}")).collect();
+        if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), enable.join(" ")) {
+            tracing::warn!("cgroup {}: enable controllers: {e}", dir.display());
+        }
+    }
+    Some(dir.to_path_buf())
+}
+
 /// `hostname`: from `/etc/steelcup/hostname`, else `steelcup`.
 pub fn hostname() -> Result<(), SysError> {
     let name = std::fs::read_to_string(Path::new(ETC).join("hostname"))

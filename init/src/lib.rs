@@ -11,6 +11,7 @@
 //! not there yet; services are supervised with restart and backoff, and their
 //! output is echoed to the console with the unit's name.
 
+pub mod api;
 pub mod boot;
 pub mod guest;
 pub mod modules;

@@ -6,33 +6,43 @@
 //! reboots. It never exits and never panics out of `main`: a fatal error is
 //! logged, the disks synced and the machine powered off.
 //!
-//! Outside PID 1: `init --units DIR [--run-dir DIR]` supervises the units in
-//! DIR as a child subreaper and exits on SIGTERM or SIGINT.
+//! Outside PID 1: `init --units DIR --run-dir DIR [--log-dir DIR] [--cgroup DIR]`
+//! supervises the units in DIR as a child subreaper, serves the API on
+//! `RUN-DIR/init.sock`, and stops its units and exits on SIGTERM or SIGINT.
 
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use steelcup_init::api;
 use steelcup_init::boot::{self, error_chain, phase};
-use steelcup_init::supervisor::{Ending, Supervisor};
+use steelcup_init::supervisor::logs::LogStore;
+use steelcup_init::supervisor::{Ending, Options, Supervisor};
 use steelcup_init::sys::{self, PowerAction};
 use steelcup_init::units;
 
 struct Args {
     units: PathBuf,
     run_dir: PathBuf,
+    log_dir: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         units: PathBuf::from("/etc/steelcup/units"),
         run_dir: PathBuf::from("/run/steelcup"),
+        log_dir: None,
+        cgroup: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--units" => args.units = it.next().ok_or("--units needs a directory")?.into(),
             "--run-dir" => args.run_dir = it.next().ok_or("--run-dir needs a directory")?.into(),
+            "--log-dir" => args.log_dir = Some(it.next().ok_or("--log-dir needs a directory")?.into()),
+            "--cgroup" => args.cgroup = Some(it.next().ok_or("--cgroup needs a cgroup v2 directory")?.into()),
             "-h" | "--help" => {
-                return Err("usage: init [--units DIR] [--run-dir DIR]".into());
+                return Err("usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]".into());
             }
             // The kernel passes unknown command-line words to init; ignore them as PID 1.
             _ if sys::is_pid1() => {}
@@ -67,8 +77,14 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         phase("network", boot::network).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
     } else {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set child subreaper: {e}"))?;
-        sys::mkdir_p(&args.run_dir).map_err(|e| error_chain(&e))?;
     }
+    sys::mkdir_p(&args.run_dir).map_err(|e| error_chain(&e))?;
+    let cgroup = if pid1 { boot::unit_cgroups() } else { args.cgroup.clone() };
+    let log_dir = args.log_dir.clone().or_else(|| {
+        Some(if pid1 { PathBuf::from("/var/log/steelcup") } else { args.run_dir.join("logs") })
+    });
+    let logs = Arc::new(LogStore::new(log_dir, true));
+    let (handle, control) = api::dbus::channel().map_err(|e| format!("API channel: {e}"))?;
     let mut sup = phase("units", || {
         let (found, errors) = units::load_dir(&args.units);
         for e in &errors {
@@ -80,11 +96,21 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
             args.units.display(),
             errors.len()
         );
-        let mut sup = Supervisor::new(found, pid1);
+        let opts = Options {
+            units_dir: args.units.clone(),
+            run_dir: args.run_dir.clone(),
+            cgroup,
+            pid1,
+        };
+        let mut sup = Supervisor::new(found, opts, logs.clone());
+        match api::dbus::serve(&args.run_dir.join(api::SOCKET), handle, logs.clone()) {
+            Ok(observer) => sup.observe(observer),
+            Err(e) => tracing::error!("API socket in {}: {e}; cup cannot reach init", args.run_dir.display()),
+        }
         sup.start_ready(std::time::Instant::now());
         sup
     });
-    match sup.run(&mut sfd) {
+    match sup.run(&mut sfd, Some(&control)) {
         Ending::Power(action) => Ok(action),
     }
 }

@@ -1,32 +1,39 @@
-//! Supervision of service units: start in dependency order, capture output,
-//! restart with backoff, stop in reverse order.
+//! Supervision of service units: start in dependency order, readiness,
+//! output capture, restart with backoff, reload, stop in reverse order.
 //!
 //! # Design
-//! One thread owns all state and waits on a signalfd (SIGCHLD, SIGTERM,
-//! SIGINT, SIGPWR, SIGHUP) with a timeout for the next restart. Children are
-//! reaped with `waitpid(-1, WNOHANG)` until nothing is left, so processes
-//! re-parented to init never linger as zombies. Each service runs in its own
-//! process group; its stdout and stderr are echoed line by line to the
-//! console prefixed with the unit's name. Restart policy is a wrapper around
-//! the start: backoff starts at 0.5 s, doubles up to 30 s, resets after 10 s
-//! of stable running; more than 5 starts in 10 s marks the unit `failed`.
+//! One thread owns all state and waits (poll) on a signalfd (SIGCHLD,
+//! SIGTERM, SIGINT, SIGPWR, SIGHUP), the notify socket, and the API's wake
+//! eventfd, with a timeout for the next timer (restart or readiness
+//! deadline). Children are reaped with `waitpid(-1, WNOHANG)` until nothing
+//! is left, so processes re-parented to init never linger as zombies. Each
+//! service runs in its own process group and, where init has a cgroup tree,
+//! in its own cgroup with its limits; its stdout and stderr go line by line to
+//! the [`logs::LogStore`]. Restart policy is a wrapper around the start:
+//! backoff from 0.5 s doubling to 30 s, reset after 10 s of stable running;
+//! more than 5 starts in 10 s marks the unit `failed`.
+//! `ready = "notify"` services count as started when they send `READY=1` to
+//! `$NOTIFY_SOCKET` (from their main process or its process group).
 //!
 //! # Limitations
-//! `ready = "notify"` is treated as `exec` until the notify socket lands;
-//! reload, cgroup limits, user/group and log files are still to come.
+//! Stopping a unit blocks the loop for up to its stop timeout.
 
 pub mod logs;
 
-use crate::sys::{self, PowerAction};
-use crate::units::{graph, Restart, ServiceSection, Unit, UnitKind};
+use crate::api::{Action, ApiError, ReloadSummary, Reply, Request, UnitInfo};
+use crate::sys::{self, NotifySocket, PowerAction};
+use crate::units::{self, graph, Ready, Restart, ServiceSection, Unit, UnitKind};
+use logs::LogStore;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -40,12 +47,29 @@ const START_WINDOW: Duration = Duration::from_secs(10);
 pub enum State {
     /// Waiting for its dependencies or for its restart time.
     Waiting,
+    /// Running, not yet ready (`ready = "notify"`).
+    Starting,
     Running,
     /// Exited and will not be restarted.
     Exited(i32),
-    /// Refused or gave up on; the reason.
+    /// Refused or given up on; the reason.
     Failed(String),
+    Stopping,
     Stopped,
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Exited(_) => "exited",
+            State::Failed(_) => "failed",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -58,7 +82,29 @@ struct Service {
     starts: VecDeque<Instant>,
     backoff: Duration,
     restart_at: Option<Instant>,
+    ready_deadline: Option<Instant>,
     started_at: Option<Instant>,
+    restarts: u32,
+    last_exit: Option<i32>,
+}
+
+impl Service {
+    fn new(unit: Unit, spec: ServiceSection, deps: Vec<String>, state: State) -> Self {
+        Service {
+            unit,
+            spec,
+            deps,
+            state,
+            pid: None,
+            starts: VecDeque::new(),
+            backoff: BACKOFF_START,
+            restart_at: None,
+            ready_deadline: None,
+            started_at: None,
+            restarts: 0,
+            last_exit: None,
+        }
+    }
 }
 
 /// Why the supervisor's loop ended.
@@ -67,27 +113,109 @@ pub enum Ending {
     Power(PowerAction),
 }
 
+/// Where a supervisor lives and what it may use.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub units_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// A cgroup v2 directory init may create unit cgroups in.
+    pub cgroup: Option<PathBuf>,
+    /// True as PID 1: at the end, everything left is killed.
+    pub pid1: bool,
+}
+
+/// Called on every state change: (unit, new state).
+pub type Observer = Box<dyn Fn(&str, &State) + Send>;
+
 /// The supervisor of a set of service units.
-#[derive(Debug)]
 pub struct Supervisor {
     services: BTreeMap<String, Service>,
+    microvms: BTreeMap<String, Unit>,
     order: Vec<String>,
     started: Vec<String>,
-    pid1: bool,
+    opts: Options,
+    logs: Arc<LogStore>,
+    notify: Option<NotifySocket>,
+    observer: Option<Observer>,
+    shutting_down: bool,
+    boot: Instant,
+    all_started_reported: bool,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Supervisor {
-    /// Plans `units`; microvm units are left to vmmd. Refused units are logged.
-    pub fn new(units: Vec<Unit>, pid1: bool) -> Self {
+    /// Plans `units` (microvm units are left to vmmd); refused units are logged.
+    pub fn new(units: Vec<Unit>, opts: Options, logs: Arc<LogStore>) -> Self {
+        let notify = match NotifySocket::bind(&opts.run_dir.join("notify.sock")) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!("notify socket in {}: {e}; ready = \"notify\" units cannot start", opts.run_dir.display());
+                None
+            }
+        };
+        let mut sup = Supervisor {
+            services: BTreeMap::new(),
+            microvms: BTreeMap::new(),
+            order: Vec::new(),
+            started: Vec::new(),
+            opts,
+            logs,
+            notify,
+            observer: None,
+            shutting_down: false,
+            boot: Instant::now(),
+            all_started_reported: false,
+        };
+        sup.apply(units);
+        sup
+    }
+
+    /// Registers the observer of state changes (the API's signals).
+    pub fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
+    }
+
+    /// The shared log store.
+    pub fn logs(&self) -> Arc<LogStore> {
+        self.logs.clone()
+    }
+
+    fn set_state(&mut self, name: &str, state: State) {
+        if let Some(s) = self.services.get_mut(name) {
+            if s.state != state {
+                s.state = state.clone();
+                if let Some(o) = &self.observer {
+                    o(name, &state);
+                }
+            }
+        }
+    }
+
+    /// Installs a new set of units (at start, or the new side of a reload).
+    /// Existing services with an identical unit keep running.
+    fn apply(&mut self, units: Vec<Unit>) -> ReloadSummary {
         let plan = graph::plan(&units);
         for (name, why) in &plan.refused {
             tracing::error!("unit {name}: refused: {why}");
         }
         let names: Vec<String> = units.iter().map(|u| u.name.clone()).collect();
-        let mut services = BTreeMap::new();
+        let mut summary = ReloadSummary::default();
+        let mut next: BTreeMap<String, Service> = BTreeMap::new();
+        self.microvms.clear();
         for u in units {
-            let UnitKind::Service(spec) = u.kind.clone() else {
-                continue;
+            let spec = match &u.kind {
+                UnitKind::Service(s) => s.clone(),
+                UnitKind::Microvm(_) => {
+                    self.microvms.insert(u.name.clone(), u);
+                    continue;
+                }
             };
             let deps = u
                 .unit
@@ -97,36 +225,73 @@ impl Supervisor {
                 .filter(|d| names.contains(d))
                 .cloned()
                 .collect();
-            let state = match plan.refused.get(&u.name) {
-                Some(why) => State::Failed(why.clone()),
-                None => State::Waiting,
-            };
-            services.insert(
-                u.name.clone(),
-                Service {
-                    unit: u,
-                    spec,
-                    deps,
-                    state,
-                    pid: None,
-                    starts: VecDeque::new(),
-                    backoff: BACKOFF_START,
-                    restart_at: None,
-                    started_at: None,
-                },
-            );
+            let refused = plan.refused.get(&u.name).cloned();
+            match self.services.remove(&u.name) {
+                Some(old) if old.unit == u && refused.is_none() => {
+                    next.insert(u.name.clone(), old);
+                }
+                Some(mut old) => {
+                    // Changed: stop the old one; the new one starts from Waiting.
+                    if old.pid.is_some() {
+                        summary.restarted.push(u.name.clone());
+                        self.services.insert(u.name.clone(), old);
+                        self.stop_one(&u.name);
+                        old = match self.services.remove(&u.name) {
+                            Some(o) => o,
+                            None => continue,
+                        };
+                    }
+                    let state = refused.map(State::Failed).unwrap_or(State::Waiting);
+                    let mut s = Service::new(u, spec, deps, state);
+                    s.restarts = old.restarts;
+                    next.insert(s.unit.name.clone(), s);
+                }
+                None => {
+                    if refused.is_none() {
+                        summary.started.push(u.name.clone());
+                    }
+                    let state = refused.map(State::Failed).unwrap_or(State::Waiting);
+                    next.insert(u.name.clone(), Service::new(u, spec, deps, state));
+                }
+            }
         }
-        let order = plan
+        // What is left in self.services was removed from disk.
+        for name in self.services.keys().cloned().collect::<Vec<_>>() {
+            if self.services[&name].pid.is_some() {
+                summary.stopped.push(name.clone());
+                self.stop_one(&name);
+            }
+            self.remove_cgroup(&name);
+        }
+        self.services = next;
+        self.started.retain(|n| self.services.contains_key(n));
+        self.order = plan
             .order
             .into_iter()
-            .filter(|n| services.contains_key(n))
+            .filter(|n| self.services.contains_key(n))
             .collect();
-        Supervisor {
-            services,
-            order,
-            started: Vec::new(),
-            pid1,
+        self.all_started_reported = false;
+        summary
+    }
+
+    /// Re-reads the units directory and applies only the difference: new
+    /// units start, removed ones stop, changed ones restart.
+    pub fn reload(&mut self) -> ReloadSummary {
+        let (units, errors) = units::load_dir(&self.opts.units_dir);
+        for e in &errors {
+            tracing::error!("{}", crate::boot::error_chain(e));
         }
+        let mut summary = self.apply(units);
+        summary.errors = errors.iter().map(|e| crate::boot::error_chain(e)).collect();
+        tracing::info!(
+            "reload: {} new, {} removed, {} changed, {} bad files",
+            summary.started.len(),
+            summary.stopped.len(),
+            summary.restarted.len(),
+            summary.errors.len()
+        );
+        self.start_ready(Instant::now());
+        summary
     }
 
     /// The state of every service.
@@ -135,6 +300,39 @@ impl Supervisor {
             .iter()
             .map(|(n, s)| (n.clone(), s.state.clone()))
             .collect()
+    }
+
+    /// The order services were (last) started in.
+    pub fn start_order(&self) -> &[String] {
+        &self.started
+    }
+
+    fn info(&self, name: &str) -> Option<UnitInfo> {
+        if let Some(s) = self.services.get(name) {
+            return Some(UnitInfo {
+                name: name.to_string(),
+                kind: "service".into(),
+                state: s.state.name().into(),
+                reason: match &s.state {
+                    State::Failed(r) => r.clone(),
+                    _ => String::new(),
+                },
+                pid: s.pid.map(|p| p.as_raw() as u32).unwrap_or(0),
+                restarts: s.restarts,
+                last_exit: s.last_exit.unwrap_or(-1),
+                description: s.unit.unit.description.clone().unwrap_or_default(),
+            });
+        }
+        self.microvms.get(name).map(|u| UnitInfo {
+            name: name.to_string(),
+            kind: "microvm".into(),
+            state: "vmmd".into(),
+            reason: String::new(),
+            pid: 0,
+            restarts: 0,
+            last_exit: -1,
+            description: u.unit.description.clone().unwrap_or_default(),
+        })
     }
 
     fn dep_started(&self, name: &str) -> bool {
@@ -148,6 +346,9 @@ impl Supervisor {
     /// Starts every waiting service whose dependencies have started and whose
     /// restart time has come.
     pub fn start_ready(&mut self, now: Instant) {
+        if self.shutting_down {
+            return;
+        }
         for name in self.order.clone() {
             let s = &self.services[&name];
             if s.state != State::Waiting || s.restart_at.is_some_and(|t| t > now) {
@@ -157,6 +358,58 @@ impl Supervisor {
                 continue;
             }
             self.start(&name, now);
+        }
+        if !self.all_started_reported
+            && self
+                .services
+                .values()
+                .all(|s| !matches!(s.state, State::Waiting | State::Starting))
+        {
+            self.all_started_reported = true;
+            tracing::info!(
+                "all units started ({} services) in {:.1}ms",
+                self.services.len(),
+                self.boot.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+
+    fn cgroup_of(&self, name: &str) -> Option<PathBuf> {
+        self.opts.cgroup.as_ref().map(|c| c.join(format!("{name}.service")))
+    }
+
+    fn setup_cgroup(&self, name: &str, spec: &ServiceSection) -> Option<PathBuf> {
+        let Some(dir) = self.cgroup_of(name) else {
+            if spec.memory_max.is_some() || spec.cpu_max.is_some() || spec.pids_max.is_some() {
+                tracing::warn!("unit {name}: no cgroup tree; its limits are not applied");
+            }
+            return None;
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!("unit {name}: cgroup {}: {e}", dir.display());
+            return None;
+        }
+        let limits = [
+            ("memory.max", spec.memory_max.map(|m| m.0.to_string())),
+            (
+                "cpu.max",
+                spec.cpu_max.map(|c| format!("{} 100000", (c * 100_000.0).round() as u64)),
+            ),
+            ("pids.max", spec.pids_max.map(|p| p.to_string())),
+        ];
+        for (file, value) in limits {
+            if let Some(v) = value {
+                if let Err(e) = std::fs::write(dir.join(file), &v) {
+                    tracing::warn!("unit {name}: {file} = {v}: {e}");
+                }
+            }
+        }
+        Some(dir.join("cgroup.procs"))
+    }
+
+    fn remove_cgroup(&self, name: &str) {
+        if let Some(dir) = self.cgroup_of(name) {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -172,73 +425,130 @@ impl Supervisor {
                 "unit {name}: failed: started {START_LIMIT} times within {}s; giving up",
                 START_WINDOW.as_secs()
             );
-            s.state = State::Failed("start limit hit".into());
+            self.set_state(name, State::Failed("start limit hit".into()));
             return;
+        }
+        if !s.starts.is_empty() || s.last_exit.is_some() {
+            s.restarts += 1;
         }
         s.starts.push_back(now);
         s.restart_at = None;
-        let mut cmd = Command::new(&s.spec.exec[0]);
-        cmd.args(&s.spec.exec[1..])
+        let spec = s.spec.clone();
+        let procs = self.setup_cgroup(name, &spec);
+        let mut cmd = Command::new(&spec.exec[0]);
+        cmd.args(&spec.exec[1..])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(&s.spec.env)
+            .env("STEELCUP_UNIT", name)
+            .envs(&spec.env)
+            .current_dir(spec.workdir.as_deref().unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(n) = &self.notify {
+            cmd.env("NOTIFY_SOCKET", &n.path);
+        }
+        let mut drop_groups = false;
+        if let Some(user) = &spec.user {
+            match sys::lookup_user(user) {
+                Some((uid, gid)) => {
+                    cmd.uid(uid).gid(gid);
+                    drop_groups = true;
+                }
+                None => {
+                    tracing::error!("unit {name}: no user {user:?} in /etc/passwd");
+                    self.set_state(name, State::Failed(format!("no user {user:?}")));
+                    return;
+                }
+            }
+        }
+        if let Some(group) = &spec.group {
+            match sys::lookup_group(group) {
+                Some(gid) => {
+                    cmd.gid(gid);
+                    drop_groups = true;
+                }
+                None => {
+                    tracing::error!("unit {name}: no group {group:?} in /etc/group");
+                    self.set_state(name, State::Failed(format!("no group {group:?}")));
+                    return;
+                }
+            }
+        }
+        sys::spawn_in(&mut cmd, procs.as_deref(), drop_groups);
         match cmd.spawn() {
             Ok(mut child) => {
                 let pid = Pid::from_raw(child.id() as i32);
                 tracing::info!("unit {name}: started (pid {pid})");
                 if let Some(out) = child.stdout.take() {
-                    echo(name, out);
+                    capture(name, out, self.logs.clone());
                 }
                 if let Some(err) = child.stderr.take() {
-                    echo(name, err);
+                    capture(name, err, self.logs.clone());
                 }
                 // The child is reaped by the supervisor's waitpid(-1) loop.
                 drop(child);
-                s.pid = Some(pid);
-                s.state = State::Running;
-                s.started_at = Some(now);
+                let ready = spec.ready;
+                let timeout = Duration::from_secs(u64::from(spec.ready_timeout));
+                if let Some(s) = self.services.get_mut(name) {
+                    s.pid = Some(pid);
+                    s.started_at = Some(now);
+                    s.ready_deadline = (ready == Ready::Notify).then(|| now + timeout);
+                }
+                self.set_state(
+                    name,
+                    if ready == Ready::Notify { State::Starting } else { State::Running },
+                );
                 self.started.retain(|n| n != name);
                 self.started.push(name.to_string());
             }
             Err(e) => {
-                tracing::error!("unit {name}: cannot start {}: {e}", s.spec.exec[0]);
-                Self::after_exit(name, s, false, now);
+                tracing::error!("unit {name}: cannot start {}: {e}", spec.exec[0]);
+                self.after_exit(name, 127, now);
             }
         }
     }
 
-    fn after_exit(name: &str, s: &mut Service, success: bool, now: Instant) {
+    fn after_exit(&mut self, name: &str, code: i32, now: Instant) {
+        let shutting_down = self.shutting_down;
+        let Some(s) = self.services.get_mut(name) else {
+            return;
+        };
         s.pid = None;
+        s.ready_deadline = None;
+        s.last_exit = Some(code);
+        if s.state == State::Stopping {
+            self.set_state(name, State::Stopped);
+            return;
+        }
         if s.started_at.is_some_and(|t| now.duration_since(t) >= STABLE_AFTER) {
             s.backoff = BACKOFF_START;
         }
-        let restart = match s.spec.restart {
-            Restart::Always => true,
-            Restart::OnFailure => !success,
-            Restart::No => false,
-        };
+        let restart = !shutting_down
+            && match s.spec.restart {
+                Restart::Always => true,
+                Restart::OnFailure => code != 0,
+                Restart::No => false,
+            };
         if restart {
-            tracing::info!(
-                "unit {name}: restarting in {:.1}s",
-                s.backoff.as_secs_f64()
-            );
-            s.state = State::Waiting;
+            tracing::info!("unit {name}: restarting in {:.1}s", s.backoff.as_secs_f64());
             s.restart_at = Some(now + s.backoff);
             s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+            self.set_state(name, State::Waiting);
+        } else {
+            self.set_state(name, State::Exited(code));
         }
     }
 
     /// Handles children reaped by `waitpid`.
     pub fn reaped(&mut self, children: Vec<(Pid, WaitStatus)>, now: Instant) {
         for (pid, status) in children {
-            let Some((name, s)) = self
+            let Some(name) = self
                 .services
-                .iter_mut()
+                .iter()
                 .find(|(_, s)| s.pid == Some(pid))
+                .map(|(n, _)| n.clone())
             else {
                 continue;
             };
@@ -248,11 +558,48 @@ impl Supervisor {
                 _ => continue,
             };
             tracing::info!("unit {name}: {what}");
-            let stopping = s.state == State::Stopped;
-            s.state = if stopping { State::Stopped } else { State::Exited(code) };
-            if !stopping {
-                let name = name.clone();
-                Self::after_exit(&name, s, code == 0, now);
+            self.after_exit(&name, code, now);
+        }
+    }
+
+    /// Handles `READY=1` and friends from a service.
+    pub fn notified(&mut self, pid: i32, message: &str) {
+        if !message.lines().any(|l| l.trim() == "READY=1") {
+            return;
+        }
+        let group = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
+        let found = self
+            .services
+            .iter()
+            .find(|(_, s)| {
+                s.pid.is_some_and(|p| p.as_raw() == pid || Some(p) == group)
+                    && s.state == State::Starting
+            })
+            .map(|(n, _)| n.clone());
+        if let Some(name) = found {
+            tracing::info!("unit {name}: ready");
+            if let Some(s) = self.services.get_mut(&name) {
+                s.ready_deadline = None;
+            }
+            self.set_state(&name, State::Running);
+        }
+    }
+
+    fn check_deadlines(&mut self, now: Instant) {
+        for (name, s) in &self.services {
+            if s.ready_deadline.is_some_and(|d| d <= now) {
+                if let Some(pid) = s.pid {
+                    tracing::error!(
+                        "unit {name}: not ready within {}s; killing it",
+                        s.spec.ready_timeout
+                    );
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+            }
+        }
+        for s in self.services.values_mut() {
+            if s.ready_deadline.is_some_and(|d| d <= now) {
+                s.ready_deadline = None;
             }
         }
     }
@@ -260,22 +607,100 @@ impl Supervisor {
     fn next_deadline(&self) -> Option<Instant> {
         self.services
             .values()
-            .filter(|s| s.state == State::Waiting)
-            .filter_map(|s| s.restart_at)
+            .filter_map(|s| match s.state {
+                State::Waiting => s.restart_at,
+                State::Starting => s.ready_deadline,
+                _ => None,
+            })
             .min()
     }
 
-    /// Runs until a signal asks for power-off or reboot, then stops every
-    /// service in reverse start order.
-    pub fn run(&mut self, sfd: &mut SignalFd) -> Ending {
+    /// Executes an API action.
+    pub fn handle(&mut self, action: Action) -> Result<Reply, ApiError> {
+        if self.shutting_down {
+            return Err(ApiError::ShuttingDown);
+        }
+        let service = |sup: &Self, name: &str| -> Result<(), ApiError> {
+            if sup.services.contains_key(name) {
+                Ok(())
+            } else if sup.microvms.contains_key(name) {
+                Err(ApiError::NotAService(name.into()))
+            } else {
+                Err(ApiError::NoSuchUnit(name.into()))
+            }
+        };
+        match action {
+            Action::ListUnits => {
+                let names: Vec<String> = self
+                    .services
+                    .keys()
+                    .chain(self.microvms.keys())
+                    .cloned()
+                    .collect();
+                Ok(Reply::Units(names.iter().filter_map(|n| self.info(n)).collect()))
+            }
+            Action::Status(name) => self
+                .info(&name)
+                .map(Reply::Unit)
+                .ok_or(ApiError::NoSuchUnit(name)),
+            Action::Start(name) => {
+                service(self, &name)?;
+                let s = &self.services[&name];
+                if matches!(s.state, State::Running | State::Starting) {
+                    return Ok(Reply::Done);
+                }
+                if let State::Failed(why) = &s.state {
+                    if why.starts_with("dependency cycle") || why.starts_with("requires") {
+                        return Err(ApiError::Refused(format!("unit {name} is refused: {why}")));
+                    }
+                }
+                if let Some(s) = self.services.get_mut(&name) {
+                    s.starts.clear();
+                    s.restart_at = None;
+                }
+                self.set_state(&name, State::Waiting);
+                self.start_ready(Instant::now());
+                Ok(Reply::Done)
+            }
+            Action::Stop(name) => {
+                service(self, &name)?;
+                self.stop_one(&name);
+                Ok(Reply::Done)
+            }
+            Action::Restart(name) => {
+                service(self, &name)?;
+                self.stop_one(&name);
+                self.handle(Action::Start(name))
+            }
+            Action::Reload => Ok(Reply::Reloaded(self.reload())),
+            Action::PowerOff | Action::Reboot => Ok(Reply::Done),
+        }
+    }
+
+    /// Runs until a signal or the API asks for power-off or reboot, then
+    /// stops every service in reverse start order.
+    pub fn run(&mut self, sfd: &mut SignalFd, control: Option<&crate::api::dbus::Control>) -> Ending {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
         loop {
             let now = Instant::now();
+            self.check_deadlines(now);
             self.start_ready(now);
             let timeout = self
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(60));
-            wait_readable(sfd, timeout);
+            {
+                let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+                if let Some(n) = &self.notify {
+                    fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+                }
+                if let Some(c) = control {
+                    fds.push(PollFd::new(c.wake.as_fd(), PollFlags::POLLIN));
+                }
+                let ms = timeout.as_millis().clamp(1, 60_000) as u16;
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+            }
             while let Ok(Some(info)) = sfd.read_signal() {
                 let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
                     continue;
@@ -291,104 +716,144 @@ impl Supervisor {
                         self.stop_all();
                         return Ending::Power(PowerAction::Reboot);
                     }
+                    Signal::SIGHUP => {
+                        self.reload();
+                    }
                     _ => {}
                 }
             }
             self.reaped(sys::reap(), Instant::now());
+            let mut messages = Vec::new();
+            if let Some(n) = &self.notify {
+                while let Some(m) = n.recv() {
+                    messages.push(m);
+                }
+            }
+            for (pid, msg) in messages {
+                self.notified(pid, &msg);
+            }
+            if let Some(c) = control {
+                c.drain_wake();
+                while let Ok(req) = c.requests.try_recv() {
+                    let action = req.action.clone();
+                    let result = self.handle(req.action);
+                    let _ = req.reply.send(result);
+                    match action {
+                        Action::PowerOff => {
+                            tracing::info!("API: powering off");
+                            self.stop_all();
+                            return Ending::Power(PowerAction::PowerOff);
+                        }
+                        Action::Reboot => {
+                            tracing::info!("API: rebooting");
+                            self.stop_all();
+                            return Ending::Power(PowerAction::Reboot);
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
     }
 
-    /// Stops every running service, dependents first: the stop signal, then
-    /// SIGKILL after the unit's stop timeout. As PID 1, then kills whatever
-    /// else is left.
-    pub fn stop_all(&mut self) {
-        for name in self.started.clone().iter().rev() {
-            let s = &self.services[name];
-            let (Some(pid), State::Running) = (s.pid, &s.state) else {
-                continue;
-            };
-            let timeout = s.unit.stop_timeout();
-            let t0 = Instant::now();
-            tracing::info!("unit {name}: stopping");
-            if let Some(s) = self.services.get_mut(name) {
-                s.state = State::Stopped;
-            }
-            let _ = killpg(pid, Signal::SIGTERM);
-            while Instant::now() < t0 + timeout && self.services[name].pid.is_some() {
-                std::thread::sleep(Duration::from_millis(20));
-                self.reap_stopping();
-            }
-            if self.services[name].pid.is_some() {
-                tracing::warn!("unit {name}: did not stop in {}s; killing it", timeout.as_secs());
-                let _ = killpg(pid, Signal::SIGKILL);
-                while self.services[name].pid.is_some() && t0.elapsed() < timeout + Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(20));
-                    self.reap_stopping();
+    /// Stops one service: its stop signal to its process group, SIGKILL after
+    /// its stop timeout. It will not be restarted.
+    pub fn stop_one(&mut self, name: &str) {
+        let Some(s) = self.services.get(name) else {
+            return;
+        };
+        let Some(pid) = s.pid else {
+            if matches!(s.state, State::Waiting) {
+                if let Some(s) = self.services.get_mut(name) {
+                    s.restart_at = None;
                 }
+                self.set_state(name, State::Stopped);
             }
-            tracing::info!("unit {name}: stopped in {:.2}s", t0.elapsed().as_secs_f64());
+            return;
+        };
+        let timeout = s.unit.stop_timeout();
+        let signal = s.spec.stop_signal();
+        let t0 = Instant::now();
+        tracing::info!("unit {name}: stopping");
+        self.set_state(name, State::Stopping);
+        let _ = killpg(pid, signal);
+        let gone = |sup: &Self| sup.services.get(name).is_none_or(|s| s.pid.is_none());
+        while t0.elapsed() < timeout && !gone(self) {
+            std::thread::sleep(Duration::from_millis(10));
+            self.reaped(sys::reap(), Instant::now());
         }
-        if self.pid1 {
+        if !gone(self) {
+            tracing::warn!("unit {name}: did not stop in {}s; killing it", timeout.as_secs());
+            let _ = killpg(pid, Signal::SIGKILL);
+            while !gone(self) && t0.elapsed() < timeout + Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+                self.reaped(sys::reap(), Instant::now());
+            }
+        }
+        // Whatever else is left of its process group.
+        let _ = killpg(pid, Signal::SIGKILL);
+        tracing::info!("unit {name}: stopped in {:.2}s", t0.elapsed().as_secs_f64());
+    }
+
+    /// Stops every running service, dependents first. As PID 1, then kills
+    /// whatever else is left.
+    pub fn stop_all(&mut self) {
+        self.shutting_down = true;
+        for name in self.started.clone().iter().rev() {
+            self.stop_one(name);
+        }
+        if self.opts.pid1 {
             let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
             std::thread::sleep(Duration::from_millis(50));
             let _ = sys::reap();
         }
     }
-
-    fn reap_stopping(&mut self) {
-        for (pid, _) in sys::reap() {
-            for s in self.services.values_mut() {
-                if s.pid == Some(pid) {
-                    s.pid = None;
-                }
-            }
-        }
-    }
 }
 
-fn wait_readable(sfd: &SignalFd, timeout: Duration) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let ms = timeout.as_millis().min(60_000) as u16;
-    let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-    let _ = poll(&mut fds, PollTimeout::from(ms));
-}
-
-/// Echoes a child's output to the console, a line at a time, with its unit's name.
-fn echo(name: &str, stream: impl std::io::Read + Send + 'static) {
+/// Feeds a child's output into the log store, a line at a time.
+fn capture(name: &str, stream: impl Read + Send + 'static, logs: Arc<LogStore>) {
     let name = name.to_string();
     let _ = std::thread::Builder::new()
         .name(format!("log-{name}"))
         .spawn(move || {
-            let mut reader = BufReader::new(stream);
+            let mut reader = BufReader::with_capacity(64 * 1024, stream);
             let mut line = Vec::new();
             loop {
                 line.clear();
-                // Lines are capped so one endless line cannot exhaust memory.
-                match std::io::Read::take(&mut reader, 64 * 1024).read_until(b'\n', &mut line) {
+                // A line is cut at the log store's maximum so one endless line
+                // cannot exhaust memory; the rest comes as the next line.
+                match Read::take(&mut reader, logs::MAX_LINE as u64).read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
-                        let mut out = std::io::stdout().lock();
-                        let _ = writeln!(out, "[{name}] {}", text.trim_end_matches(['\n', '\r']));
-                        let _ = out.flush();
+                        logs.push(&name, text.trim_end_matches(['\n', '\r']));
                     }
                 }
             }
         });
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::units::parse;
-    use std::path::PathBuf;
 
     fn svc(name: &str, exec: &str, restart: &str, after: &[&str]) -> Unit {
         let text = format!(
             "[unit]\nafter = {after:?}\n[service]\nexec = [\"/bin/sh\", \"-c\", {exec:?}]\nrestart = {restart:?}\nstop-timeout = 2\n"
         );
         parse(&PathBuf::from(format!("/u/{name}.toml")), &text).unwrap()
+    }
+
+    fn sup(units: Vec<Unit>) -> Supervisor {
+        let run = std::env::temp_dir().join(format!("steelcup-sup-{}-{}", std::process::id(), units.len()));
+        std::fs::create_dir_all(&run).unwrap();
+        let opts = Options {
+            units_dir: run.clone(),
+            run_dir: run,
+            cgroup: None,
+            pid1: false,
+        };
+        Supervisor::new(units, opts, Arc::new(LogStore::new(None, false)))
     }
 
     fn wait_for(sup: &mut Supervisor, mut done: impl FnMut(&Supervisor) -> bool) {
@@ -406,53 +871,66 @@ mod tests {
     #[test]
     fn supervises_services() {
         let _ = nix::sys::prctl::set_child_subreaper(true);
-        // Dependency order and exit codes.
-        let mut sup = Supervisor::new(
-            vec![
-                svc("second", "exit 3", "no", &["first"]),
-                svc("first", "sleep 0.2", "no", &[]),
-            ],
-            false,
-        );
-        sup.start_ready(Instant::now());
+        // Dependency order, exit codes, captured output.
+        let mut s = sup(vec![
+            svc("second", "echo from second; exit 3", "no", &["first"]),
+            svc("first", "sleep 0.2", "no", &[]),
+        ]);
+        s.start_ready(Instant::now());
         // ready = "exec": a dependent starts once its dependency is running.
-        assert_eq!(sup.started, ["first", "second"]);
-        wait_for(&mut sup, |s| {
+        assert_eq!(s.started, ["first", "second"]);
+        wait_for(&mut s, |s| {
             s.states()["second"] == State::Exited(3) && s.states()["first"] == State::Exited(0)
         });
+        let logs = s.logs();
+        let t0 = Instant::now();
+        while logs.tail("second", 1).0.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(logs.tail("second", 1).0[0].1, "from second");
 
         // on-failure restarts until the start limit, then fails.
-        let mut sup = Supervisor::new(vec![svc("crashy", "exit 1", "on-failure", &[])], false);
-        for s in sup.services.values_mut() {
-            s.backoff = Duration::from_millis(1);
+        let mut s = sup(vec![svc("crashy", "exit 1", "on-failure", &[])]);
+        for x in s.services.values_mut() {
+            x.backoff = Duration::from_millis(1);
         }
-        wait_for(&mut sup, |s| matches!(s.states()["crashy"], State::Failed(_)));
-        assert_eq!(sup.services["crashy"].starts.len(), START_LIMIT);
+        wait_for(&mut s, |s| matches!(s.states()["crashy"], State::Failed(_)));
+        assert_eq!(s.services["crashy"].starts.len(), START_LIMIT);
+        assert_eq!(s.services["crashy"].restarts, START_LIMIT as u32 - 1);
 
         // Stop sends SIGTERM, and SIGKILL to one that ignores it.
-        let mut sup = Supervisor::new(
-            vec![
-                svc("polite", "sleep 30", "always", &[]),
-                svc("stubborn", "trap '' TERM; sleep 30 & wait; sleep 30", "always", &[]),
-            ],
-            false,
-        );
-        sup.start_ready(Instant::now());
+        let mut s = sup(vec![
+            svc("polite", "sleep 30", "always", &[]),
+            svc("stubborn", "trap '' TERM; sleep 30 & wait; sleep 30", "always", &[]),
+        ]);
+        s.start_ready(Instant::now());
+        // Let the shell install its trap before it is asked to stop.
+        std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
-        sup.stop_all();
+        s.stop_all();
         assert!(t0.elapsed() >= Duration::from_secs(2), "stubborn must need SIGKILL");
-        assert_eq!(sup.states()["polite"], State::Stopped);
-        assert_eq!(sup.states()["stubborn"], State::Stopped);
-        assert!(sup.services.values().all(|s| s.pid.is_none()));
+        assert_eq!(s.states()["polite"], State::Stopped);
+        assert_eq!(s.states()["stubborn"], State::Stopped);
+        assert!(s.services.values().all(|x| x.pid.is_none()));
+
+        // API actions.
+        let mut s = sup(vec![svc("one", "sleep 30", "no", &[])]);
+        s.start_ready(Instant::now());
+        assert!(matches!(s.handle(Action::Status("one".into())), Ok(Reply::Unit(u)) if u.state == "running" && u.pid > 0));
+        assert_eq!(s.handle(Action::Status("nope".into())), Err(ApiError::NoSuchUnit("nope".into())));
+        assert_eq!(s.handle(Action::Stop("one".into())), Ok(Reply::Done));
+        assert_eq!(s.states()["one"], State::Stopped);
+        assert_eq!(s.handle(Action::Start("one".into())), Ok(Reply::Done));
+        assert_eq!(s.states()["one"], State::Running);
+        s.stop_all();
+        assert_eq!(s.handle(Action::ListUnits), Err(ApiError::ShuttingDown));
     }
 
     #[test]
     fn refused_units_do_not_start() {
-        let sup = Supervisor::new(
-            vec![svc("a", "true", "no", &["b"]), svc("b", "true", "no", &["a"])],
-            false,
-        );
-        assert!(matches!(sup.states()["a"], State::Failed(_)));
-        assert!(matches!(sup.states()["b"], State::Failed(_)));
+        let mut s = sup(vec![svc("a", "true", "no", &["b"]), svc("b", "true", "no", &["a"])]);
+        assert!(matches!(s.states()["a"], State::Failed(_)));
+        assert!(matches!(s.states()["b"], State::Failed(_)));
+        assert!(matches!(s.handle(Action::Start("a".into())), Err(ApiError::Refused(_))));
     }
 }

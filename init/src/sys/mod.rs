@@ -233,3 +233,121 @@ pub fn outl(port: u16, value: u32) -> Result<(), SysError> {
 pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
+
+/// Prepares `cmd` to run in a cgroup and with no supplementary groups: the
+/// child writes `0` to `procs` (its cgroup's `cgroup.procs`) between fork
+/// and exec, so it is inside its cgroup before it can fork.
+pub fn spawn_in(cmd: &mut std::process::Command, procs: Option<&Path>, drop_groups: bool) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let procs = procs.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
+    // SAFETY: the closure runs in the child between fork and exec. It only
+    // makes async-signal-safe syscalls (open, write, close, setgroups) on data
+    // prepared before the fork (`procs` is moved in, not allocated here).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(path) = &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if drop_groups && libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+/// The `sd_notify` socket: a datagram socket that receives `READY=1` from
+/// services, with the sender's pid from SCM_CREDENTIALS.
+#[derive(Debug)]
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl NotifySocket {
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let sock = std::os::unix::net::UnixDatagram::bind(path)?;
+        sock.set_nonblocking(true)?;
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(std::io::Error::from)?;
+        Ok(NotifySocket {
+            sock,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// One pending message and its sender's pid, if any.
+    pub fn recv(&self) -> Option<(i32, String)> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!(UnixCredentials);
+        let msg = recvmsg::<()>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .ok()?;
+        let mut pid = 0;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmCredentials(cred) = c {
+                    pid = cred.pid();
+                }
+            }
+        }
+        let n = msg.bytes;
+        Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+}
+
+impl std::os::fd::AsFd for NotifySocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+/// Looks a user up in `/etc/passwd` (or takes a number): (uid, primary gid).
+/// Parsed directly: static binaries cannot use NSS.
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    if let Ok(uid) = name.parse::<u32>() {
+        let gid = passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2] == name)
+            .and_then(|f| f[3].parse().ok())
+            .unwrap_or(uid);
+        return Some((uid, gid));
+    }
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+}
+
+/// Looks a group up in `/etc/group` (or takes a number).
+pub fn lookup_group(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0] == name)
+        .and_then(|f| f[2].parse().ok())
+}

@@ -1,0 +1,46 @@
+//! A blocking client of `org.steelcup.Init1`, for `cup` and tests.
+
+use super::{ReloadSummary, UnitInfo, SOCKET};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+#[zbus::proxy(interface = "org.steelcup.Init1", default_path = "/org/steelcup/Init1", gen_async = false)]
+pub trait Init1 {
+    fn list_units(&self) -> zbus::Result<Vec<UnitInfo>>;
+    fn status(&self, name: &str) -> zbus::Result<UnitInfo>;
+    fn start(&self, name: &str) -> zbus::Result<()>;
+    fn stop(&self, name: &str) -> zbus::Result<()>;
+    fn restart(&self, name: &str) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<ReloadSummary>;
+    fn logs(&self, name: &str, since: u64, max: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
+    fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
+    fn power_off(&self) -> zbus::Result<()>;
+    fn reboot(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn unit_changed(&self, name: &str, state: &str) -> zbus::Result<()>;
+}
+
+/// `$STEELCUP_RUN_DIR`, else `/run/steelcup`.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("STEELCUP_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/steelcup"))
+}
+
+/// Connects to init's socket in `run_dir`.
+pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, String> {
+    let path = run_dir.join(SOCKET);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach init at {}: {e} (is steelcup's init running? set STEELCUP_RUN_DIR for a supervisor started with --run-dir)",
+            path.display()
+        )
+    })?;
+    let conn = zbus::blocking::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .map_err(|e| format!("D-Bus handshake with {}: {e}", path.display()))?;
+    Init1Proxy::builder(&conn)
+        .build()
+        .map_err(|e| format!("init API: {e}"))
+}
