@@ -18,6 +18,8 @@ pub const PACKAGES: &[&str] = &[
     "libelf-dev",
     "libssl-dev",
     "xz-utils",
+    // dbus-send: the tests drive init's API with a standard D-Bus client.
+    "dbus",
 ];
 
 fn installed(pkg: &str) -> bool {

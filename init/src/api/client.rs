@@ -4,7 +4,14 @@ use super::{ReloadSummary, UnitInfo, SOCKET};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-#[zbus::proxy(interface = "org.steelcup.Init1", default_path = "/org/steelcup/Init1", gen_async = false)]
+// Peer to peer there is no bus to route by name; the destination is
+// required by the proxy and ignored by init.
+#[zbus::proxy(
+    interface = "org.steelcup.Init1",
+    default_service = "org.steelcup.Init1",
+    default_path = "/org/steelcup/Init1",
+    gen_async = false
+)]
 pub trait Init1 {
     fn list_units(&self) -> zbus::Result<Vec<UnitInfo>>;
     fn status(&self, name: &str) -> zbus::Result<UnitInfo>;

@@ -11,7 +11,9 @@
 //! in its own cgroup with its limits; its stdout and stderr go line by line to
 //! the [`logs::LogStore`]. Restart policy is a wrapper around the start:
 //! backoff from 0.5 s doubling to 30 s, reset after 10 s of stable running;
-//! more than 5 starts in 10 s marks the unit `failed`.
+//! 5 starts in a row that each ended within 10 s mark the unit `failed`
+//! instead of spinning (with exponential backoff, a fixed time window would
+//! never fill).
 //! `ready = "notify"` services count as started when they send `READY=1` to
 //! `$NOTIFY_SOCKET` (from their main process or its process group).
 //!
@@ -20,7 +22,7 @@
 
 pub mod logs;
 
-use crate::api::{Action, ApiError, ReloadSummary, Reply, Request, UnitInfo};
+use crate::api::{Action, ApiError, ReloadSummary, Reply, UnitInfo};
 use crate::sys::{self, NotifySocket, PowerAction};
 use crate::units::{self, graph, Ready, Restart, ServiceSection, Unit, UnitKind};
 use logs::LogStore;
@@ -28,7 +30,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -39,8 +41,8 @@ use std::time::{Duration, Instant};
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-const START_LIMIT: usize = 5;
-const START_WINDOW: Duration = Duration::from_secs(10);
+/// Consecutive starts that never ran [`STABLE_AFTER`] before a unit is `failed`.
+const START_LIMIT: u32 = 5;
 
 /// The state of one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +81,8 @@ struct Service {
     deps: Vec<String>,
     state: State,
     pid: Option<Pid>,
-    starts: VecDeque<Instant>,
+    /// Starts in a row that ended before running [`STABLE_AFTER`].
+    quick_exits: u32,
     backoff: Duration,
     restart_at: Option<Instant>,
     ready_deadline: Option<Instant>,
@@ -96,7 +99,7 @@ impl Service {
             deps,
             state,
             pid: None,
-            starts: VecDeque::new(),
+            quick_exits: 0,
             backoff: BACKOFF_START,
             restart_at: None,
             ready_deadline: None,
@@ -417,21 +420,9 @@ impl Supervisor {
         let Some(s) = self.services.get_mut(name) else {
             return;
         };
-        while s.starts.front().is_some_and(|t| now.duration_since(*t) > START_WINDOW) {
-            s.starts.pop_front();
-        }
-        if s.starts.len() >= START_LIMIT {
-            tracing::error!(
-                "unit {name}: failed: started {START_LIMIT} times within {}s; giving up",
-                START_WINDOW.as_secs()
-            );
-            self.set_state(name, State::Failed("start limit hit".into()));
-            return;
-        }
-        if !s.starts.is_empty() || s.last_exit.is_some() {
+        if s.last_exit.is_some() {
             s.restarts += 1;
         }
-        s.starts.push_back(now);
         s.restart_at = None;
         let spec = s.spec.clone();
         let procs = self.setup_cgroup(name, &spec);
@@ -524,6 +515,9 @@ impl Supervisor {
         }
         if s.started_at.is_some_and(|t| now.duration_since(t) >= STABLE_AFTER) {
             s.backoff = BACKOFF_START;
+            s.quick_exits = 0;
+        } else {
+            s.quick_exits += 1;
         }
         let restart = !shutting_down
             && match s.spec.restart {
@@ -531,7 +525,13 @@ impl Supervisor {
                 Restart::OnFailure => code != 0,
                 Restart::No => false,
             };
-        if restart {
+        if restart && s.quick_exits >= START_LIMIT {
+            tracing::error!(
+                "unit {name}: failed: {START_LIMIT} starts in a row ended within {}s; giving up",
+                STABLE_AFTER.as_secs()
+            );
+            self.set_state(name, State::Failed("start limit hit".into()));
+        } else if restart {
             tracing::info!("unit {name}: restarting in {:.1}s", s.backoff.as_secs_f64());
             s.restart_at = Some(now + s.backoff);
             s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
@@ -655,7 +655,8 @@ impl Supervisor {
                     }
                 }
                 if let Some(s) = self.services.get_mut(&name) {
-                    s.starts.clear();
+                    s.quick_exits = 0;
+                    s.backoff = BACKOFF_START;
                     s.restart_at = None;
                 }
                 self.set_state(&name, State::Waiting);
@@ -738,6 +739,10 @@ impl Supervisor {
                     let action = req.action.clone();
                     let result = self.handle(req.action);
                     let _ = req.reply.send(result);
+                    if matches!(action, Action::PowerOff | Action::Reboot) {
+                        // Let the caller's reply go out before the process ends.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                     match action {
                         Action::PowerOff => {
                             tracing::info!("API: powering off");
@@ -895,8 +900,8 @@ mod tests {
             x.backoff = Duration::from_millis(1);
         }
         wait_for(&mut s, |s| matches!(s.states()["crashy"], State::Failed(_)));
-        assert_eq!(s.services["crashy"].starts.len(), START_LIMIT);
-        assert_eq!(s.services["crashy"].restarts, START_LIMIT as u32 - 1);
+        assert_eq!(s.services["crashy"].quick_exits, START_LIMIT);
+        assert_eq!(s.services["crashy"].restarts, START_LIMIT - 1);
 
         // Stop sends SIGTERM, and SIGKILL to one that ignores it.
         let mut s = sup(vec![

@@ -1,18 +1,68 @@
 //! `cup`: steelcup's command-line interface.
 //!
-//! This build has the offline verbs: `cup validate FILE...` checks unit
-//! files the way init and vmmd read them, and `cup version`. The verbs that
-//! talk to a running host (run, ps, logs, ...) need vmmd's D-Bus API.
+//! Host verbs talk to init's `org.steelcup.Init1` on `$STEELCUP_RUN_DIR/init.sock`
+//! (default `/run/steelcup`): `cup units`, `cup unit status|start|stop|restart
+//! NAME`, `cup logs --unit NAME [-f] [-n N]`, `cup reload`, `cup poweroff`,
+//! `cup reboot`. `cup validate FILE...` checks unit files offline.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
+use steelcup_init::api::client::{self, Init1Proxy};
+use steelcup_init::api::UnitInfo;
+
+const USAGE: &str = "usage:
+  cup units [--format json]          list units: name, kind, state, pid, restarts, last exit
+  cup unit status|start|stop|restart NAME [--format json]
+  cup logs --unit NAME [-f] [-n N]   a unit's output (-f: follow)
+  cup reload                         re-read unit files, apply the difference
+  cup poweroff | cup reboot          stop every unit in order, then power off / reboot
+  cup validate UNIT-FILE...          check unit files as the host reads them
+  cup version
+
+cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup).";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn json(args: &[String]) -> bool {
+    args.windows(2).any(|w| w[0] == "--format" && w[1] == "json") || args.iter().any(|a| a == "--format=json")
+}
+
+fn proxy() -> Result<Init1Proxy<'static>, String> {
+    client::connect(&client::run_dir())
+}
+
+fn api_err(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(desc), _) => desc,
+        other => other.to_string(),
+    }
+}
+
+fn print_units(units: &[UnitInfo]) {
+    println!("{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}", "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT", "DESCRIPTION");
+    for u in units {
+        let pid = if u.pid == 0 { "-".to_string() } else { u.pid.to_string() };
+        let exit = if u.last_exit < 0 { "-".to_string() } else { u.last_exit.to_string() };
+        let state = if u.reason.is_empty() { u.state.clone() } else { format!("{} ({})", u.state, u.reason) };
+        println!("{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}", u.name, u.kind, state, pid, u.restarts, exit, u.description);
+    }
+}
+
+fn run(args: &[String]) -> Result<ExitCode, String> {
+    let verb = args.first().map(String::as_str);
+    match verb {
         Some("version") | Some("--version") => {
             println!("cup {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
         }
         Some("validate") if args.len() > 1 => {
             let mut ok = true;
@@ -20,9 +70,7 @@ fn main() -> ExitCode {
                 let path = Path::new(f);
                 let result = std::fs::read_to_string(path)
                     .map_err(|e| format!("{f}: {e}"))
-                    .and_then(|t| {
-                        steelcup_init::units::parse(path, &t).map_err(|e| e.to_string())
-                    });
+                    .and_then(|t| steelcup_init::units::parse(path, &t).map_err(|e| e.to_string()));
                 match result {
                     Ok(u) => println!("{f}: ok ({})", match u.kind {
                         steelcup_init::units::UnitKind::Service(_) => "service",
@@ -34,15 +82,95 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        Some(verb @ ("run" | "ps" | "logs" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect" | "units" | "reboot")) => {
-            eprintln!("cup {verb}: this build of steelcup has no vmmd API yet; declare workloads as unit files in /etc/steelcup/units");
-            ExitCode::from(2)
+        Some("units") => {
+            let units = proxy()?.list_units().map_err(api_err)?;
+            if json(args) {
+                println!("{}", serde_json::to_string_pretty(&units).map_err(|e| e.to_string())?);
+            } else {
+                print_units(&units);
+            }
+        }
+        Some("unit") => {
+            let (Some(action), Some(name)) = (args.get(1), args.get(2)) else {
+                return Err(format!("unit needs an action and a unit name\n{USAGE}"));
+            };
+            let p = proxy()?;
+            match action.as_str() {
+                "status" => {
+                    let u = p.status(name).map_err(api_err)?;
+                    if json(args) {
+                        println!("{}", serde_json::to_string_pretty(&u).map_err(|e| e.to_string())?);
+                    } else {
+                        print_units(&[u]);
+                    }
+                }
+                "start" => p.start(name).map_err(api_err)?,
+                "stop" => p.stop(name).map_err(api_err)?,
+                "restart" => p.restart(name).map_err(api_err)?,
+                other => return Err(format!("unknown unit action {other:?}; use status, start, stop or restart")),
+            }
+        }
+        Some("logs") => {
+            let mut unit = None;
+            let mut follow = false;
+            let mut lines = 100u32;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--unit" | "-u" => unit = it.next().cloned(),
+                    "-f" | "--follow" => follow = true,
+                    "-n" | "--tail" => {
+                        lines = it.next().and_then(|n| n.parse().ok()).ok_or("-n needs a number")?
+                    }
+                    other if unit.is_none() && !other.starts_with('-') => unit = Some(other.to_string()),
+                    other => return Err(format!("unknown logs option {other:?}")),
+                }
+            }
+            let unit = unit.ok_or("logs needs --unit NAME")?;
+            let p = proxy()?;
+            let (first, mut cursor) = p.tail(&unit, lines).map_err(api_err)?;
+            for (_, l) in first {
+                println!("{l}");
+            }
+            while follow {
+                let (more, next) = p.logs(&unit, cursor, 1000).map_err(api_err)?;
+                if more.is_empty() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                for (_, l) in more {
+                    println!("{l}");
+                }
+                cursor = next;
+            }
+        }
+        Some("reload") => {
+            let s = proxy()?.reload().map_err(api_err)?;
+            println!(
+                "reloaded: started [{}], stopped [{}], restarted [{}]",
+                s.started.join(", "),
+                s.stopped.join(", "),
+                s.restarted.join(", ")
+            );
+            for e in &s.errors {
+                eprintln!("{e}");
+            }
+            if !s.errors.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
+        Some("reboot") => proxy()?.reboot().map_err(api_err)?,
+        Some(verb @ ("run" | "ps" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect")) => {
+            return Err(format!(
+                "cup {verb}: workload verbs need vmmd's API, which this build does not have yet; declare workloads as [microvm] unit files"
+            ));
         }
         _ => {
-            eprintln!("usage: cup validate UNIT-FILE...\n       cup version");
-            ExitCode::from(2)
+            eprintln!("{USAGE}");
+            return Ok(ExitCode::from(2));
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
