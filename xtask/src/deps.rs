@@ -18,6 +18,7 @@ pub const PACKAGES: &[&str] = &[
     "libelf-dev",
     "libssl-dev",
     "xz-utils",
+    "lz4", // the guest kernel is LZ4-compressed
     // dbus-send: the tests drive init's API with a standard D-Bus client.
     "dbus",
 ];

@@ -43,7 +43,7 @@ pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, String> {
             path.display()
         )
     })?;
-    let conn = zbus::blocking::connection::Builder::unix_stream(stream)
+    let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
         .p2p()
         .build()
         .map_err(|e| format!("D-Bus handshake with {}: {e}", path.display()))?;

@@ -199,7 +199,7 @@ pub fn serve(
                 // The handshake runs on its own thread: a client that stalls
                 // in it holds up nobody else.
                 let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                    let built = zbus::blocking::connection::Builder::unix_stream(stream)
+                    let built = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
                         .server(guid)
                         .and_then(|b| b.p2p().serve_at(PATH, iface))
                         .and_then(|b| b.build());
@@ -208,7 +208,7 @@ pub fn serve(
                             let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
                             // Bounded: the oldest connection goes first.
                             if list.len() >= 64 {
-                                list.remove(0);
+                                drop(list.remove(0));
                             }
                             list.push(c);
                         }
