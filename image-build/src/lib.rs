@@ -146,18 +146,28 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     }
     t.file("etc/steelcup/modules", 0o644, modules_list.into_bytes())?;
     t.file("etc/steelcup/hostname", 0o644, format!("{}\n", m.host.hostname).into_bytes())?;
-    let mut units: Vec<PathBuf> = std::fs::read_dir(&m.units.dir)
-        .with_context(|| format!("read units from {}", m.units.dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    units.sort();
-    for u in &units {
+    let mut units: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for dir in std::iter::once(&m.units.dir).chain(&m.units.extra) {
+        for e in std::fs::read_dir(dir).with_context(|| format!("read units from {}", dir.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                units.insert(name, p);
+            }
+        }
+    }
+    for u in units.values() {
         let text = std::fs::read_to_string(u).with_context(|| format!("read {}", u.display()))?;
         // A unit that would be refused at boot is refused at build time.
         steelcup_init::units::parse(u, &text)?;
         let name = u.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         t.file(&format!("etc/steelcup/units/{name}"), 0o644, text.into_bytes())?;
+    }
+    if let Some(busybox) = &m.host.busybox {
+        t.file("bin/busybox", 0o755, read(busybox)?)?;
+        for applet in &m.host.busybox_applets {
+            t.symlink(&format!("bin/{applet}"), "busybox")?;
+        }
     }
     for d in ["dev", "proc", "sys", "run", "tmp", "var", "root"] {
         t.dir(d, 0o755)?;

@@ -22,6 +22,12 @@ pub struct Host {
     pub modules: Vec<String>,
     #[serde(default)]
     pub ship: Vec<String>,
+    /// A static busybox for the host, with these applets (test images only:
+    /// the appliance itself has no shell).
+    #[serde(default)]
+    pub busybox: Option<PathBuf>,
+    #[serde(default)]
+    pub busybox_applets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +42,9 @@ pub struct Guest {
 #[serde(deny_unknown_fields)]
 pub struct Units {
     pub dir: PathBuf,
+    /// More unit directories, layered over `dir` (a file of the same name wins).
+    #[serde(default)]
+    pub extra: Vec<PathBuf>,
 }
 
 impl Manifest {
@@ -47,6 +56,12 @@ impl Manifest {
             toml::from_str(&text).with_context(|| format!("manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         m.units.dir = base.join(&m.units.dir);
+        for e in &mut m.units.extra {
+            *e = base.join(&*e);
+        }
+        if let Some(b) = &mut m.host.busybox {
+            *b = base.join(&*b);
+        }
         m.guest.busybox = base.join(&m.guest.busybox);
         Ok(m)
     }

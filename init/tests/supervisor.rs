@@ -210,6 +210,26 @@ fn stops_in_reverse_start_order_and_honours_stop_timeouts() {
     assert!(out.contains("unit c: killed by SIGKILL"), "{out}");
 }
 
+/// Regression: services inherited init's blocked signals (std's Command does
+/// not reset the mask), so a bare `sleep` ignored SIGTERM until SIGKILL.
+#[test]
+fn services_get_an_empty_signal_mask_and_stop_on_sigterm() {
+    let s = Sup::start(
+        "sigmask",
+        &[
+            ("bare", "[service]\nexec = [\"/bin/sleep\", \"300\"]\nstop-timeout = 20\n"),
+            ("mask", &service("grep SigBlk /proc/self/status; sleep 300", "")),
+        ],
+    );
+    s.wait_for("[mask] SigBlk:", Duration::from_secs(10));
+    assert!(s.output().contains("[mask] SigBlk:\t0000000000000000"), "{}", s.output());
+    let api = s.api();
+    let t0 = Instant::now();
+    api.stop("bare").unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "bare sleep ignored SIGTERM");
+    assert!(s.output().contains("unit bare: killed by SIGTERM"), "{}", s.output());
+}
+
 #[test]
 fn bad_files_and_cycles_refuse_only_themselves() {
     let s = Sup::start(

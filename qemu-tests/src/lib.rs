@@ -183,6 +183,18 @@ impl Guest {
                 cmd.args(["-boot", "n"]);
             }
         }
+        // An empty signal mask: the caller may block signals it reads
+        // through a signalfd (xtask does), and QEMU must not inherit that.
+        // SAFETY: sigemptyset and sigprocmask on a stack-local set are
+        // async-signal-safe, as required between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
         // Its own process group: a Ctrl-C at the terminal is ours to handle.
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -355,6 +367,12 @@ impl Drop for Guest {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub dir: PathBuf,
+}
+
+/// `STEELCUP_TEST_ARTIFACTS`, the test image (with qemu-tests/units), set by
+/// `cargo xtask test`.
+pub fn test_artifacts() -> Option<Artifacts> {
+    std::env::var_os("STEELCUP_TEST_ARTIFACTS").map(|d| Artifacts { dir: d.into() })
 }
 
 /// `STEELCUP_ARTIFACTS`, set by `cargo xtask test`.

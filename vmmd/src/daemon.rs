@@ -210,7 +210,9 @@ fn start(
         ));
     }
     let config = serde_json::to_vec(&vm_config(opts, name, spec)).map_err(|e| e.to_string())?;
-    let mut child = Command::new(&opts.worker_exe)
+    let mut cmd = Command::new(&opts.worker_exe);
+    steelcup_init::sys::reset_signal_mask(&mut cmd);
+    let mut child = cmd
         .arg("worker")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

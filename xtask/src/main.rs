@@ -80,6 +80,12 @@ fn build() -> Result<PathBuf> {
         out: out.clone(),
     };
     let m = image_build::build(&inputs)?;
+    // The test image: the same plus a host busybox and qemu-tests/units.
+    image_build::build(&image_build::Inputs {
+        manifest: root.join("qemu-tests/steelcup-test.toml"),
+        out: sh::out_dir().join("test-artifacts"),
+        ..inputs.clone()
+    })?;
     let recorded = serde_json::json!({
         "manifest": inputs.manifest,
         "bin_dir": inputs.bin_dir,
@@ -213,6 +219,7 @@ fn test() -> Result<()> {
             .current_dir(&root)
             .args(["test", "-p", "qemu-tests", "--", "--test-threads=1", "--nocapture"])
             .env("STEELCUP_ARTIFACTS", &artifacts)
+            .env("STEELCUP_TEST_ARTIFACTS", sh::out_dir().join("test-artifacts"))
             .env("STEELCUP_REQUIRE_ARTIFACTS", "1"),
     )?;
     step("results");

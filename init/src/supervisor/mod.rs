@@ -800,11 +800,12 @@ impl Supervisor {
         tracing::info!("unit {name}: stopped in {:.2}s", t0.elapsed().as_secs_f64());
     }
 
-    /// Stops every running service, dependents first. As PID 1, then kills
-    /// whatever else is left.
+    /// Stops every running service, dependents first: the reverse of the
+    /// dependency order (a unit restarted later still stops before what it
+    /// depends on). As PID 1, then kills whatever else is left.
     pub fn stop_all(&mut self) {
         self.shutting_down = true;
-        for name in self.started.clone().iter().rev() {
+        for name in self.order.clone().iter().rev() {
             self.stop_one(name);
         }
         if self.opts.pid1 {

@@ -234,12 +234,35 @@ pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
 
-/// Prepares `cmd` to run in a cgroup and with no supplementary groups: the
-/// child writes `0` to `procs` (its cgroup's `cgroup.procs`) between fork
-/// and exec, so it is inside its cgroup before it can fork.
+/// Unblocks every signal in the child between fork and exec. init and vmmd
+/// block the signals they read through a signalfd, and a child inherits the
+/// mask (std's `Command` does not reset it): without this a service would
+/// never see its SIGTERM.
+pub fn reset_signal_mask(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec and only calls
+    // sigemptyset and sigprocmask on a stack-local set, both
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+/// Prepares `cmd` to run with an empty signal mask, in a cgroup and with no
+/// supplementary groups: the child writes `0` to `procs` (its cgroup's
+/// `cgroup.procs`) between fork and exec, so it is inside its cgroup before
+/// it can fork.
 pub fn spawn_in(cmd: &mut std::process::Command, procs: Option<&Path>, drop_groups: bool) {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
+    reset_signal_mask(cmd);
     let procs = procs.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
     // SAFETY: the closure runs in the child between fork and exec. It only
     // makes async-signal-safe syscalls (open, write, close, setgroups) on data

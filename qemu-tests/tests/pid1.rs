@@ -1,0 +1,65 @@
+//! init as the real PID 1 of the booted appliance: units start, a unit killed
+//! with SIGKILL is restarted, and `cup poweroff` or SIGTERM to PID 1 stops
+//! everything in order and powers the machine off.
+//!
+//! Runs on the test image (`qemu-tests/steelcup-test.toml`): the appliance plus
+//! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
+//! `steelcup.test=MODE` on the kernel command line.
+
+use qemu_tests::{test_artifacts, Boot, Guest, GuestConfig};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(300);
+const STEP: Duration = Duration::from_secs(120);
+
+fn boot(mode: &str) -> Option<Guest> {
+    let Some(a) = test_artifacts() else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "STEELCUP_TEST_ARTIFACTS is not set"
+        );
+        eprintln!("pid1: skipped: needs the test image built by `cargo xtask test`");
+        return None;
+    };
+    let mut cfg = GuestConfig::direct(&format!("pid1-{mode}"), &a.dir).unwrap();
+    if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
+        cmdline.push_str(&format!(" steelcup.test={mode}"));
+    }
+    Some(Guest::boot(&cfg).unwrap())
+}
+
+fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
+    g.wait_for("phase units: done", BOOT).unwrap();
+    for unit in ["vmmd", "victim", "zz-driver"] {
+        g.wait_for(&format!("unit {unit}: started"), STEP).unwrap();
+    }
+    g.wait_for("driver: killing victim", STEP).unwrap();
+    g.wait_for("unit victim: killed by SIGKILL", STEP).unwrap();
+    g.wait_for("unit victim: restarting in 0.5s", STEP).unwrap();
+    g.wait_for("driver: victim restarted (restarts=1", STEP).unwrap();
+    g.wait_for(trigger, STEP).unwrap();
+    g.wait_for(announce, STEP).unwrap();
+    g.wait_for("syncing disks and powering off", STEP).unwrap();
+    let status = g.wait_exit(STEP).unwrap();
+    assert!(status.success(), "QEMU exited with {status}");
+    let s = g.serial();
+    assert!(!s.contains("Kernel panic"), "kernel panic; see {}", g.log_path.display());
+    let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()));
+    // Dependents first: the driver (after vmmd and victim), then the rest.
+    assert!(pos("unit zz-driver: stopping") < pos("unit vmmd: stopping"));
+    assert!(pos("unit zz-driver: stopping") < pos("unit victim: stopping"));
+    assert!(pos("vmmd stopped") < pos("syncing disks and powering off"));
+    assert!(pos("unit victim: stopped in") < pos("syncing disks and powering off"));
+}
+
+#[test]
+fn cup_poweroff_stops_units_in_order_and_powers_off() {
+    let Some(mut g) = boot("poweroff") else { return };
+    shuts_down_in_order(&mut g, "driver: cup poweroff", "API: powering off");
+}
+
+#[test]
+fn sigterm_to_pid1_stops_units_in_order_and_powers_off() {
+    let Some(mut g) = boot("sigterm") else { return };
+    shuts_down_in_order(&mut g, "driver: SIGTERM to PID 1", "SIGTERM: powering off");
+}
