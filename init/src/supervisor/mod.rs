@@ -15,7 +15,10 @@
 //! instead of spinning (with exponential backoff, a fixed time window would
 //! never fill).
 //! `ready = "notify"` services count as started when they send `READY=1` to
-//! `$NOTIFY_SOCKET` (from their main process or its process group).
+//! `$NOTIFY_SOCKET`, a datagram socket of their own (`RUN_DIR/notify/NAME`):
+//! the socket says whose message it is, so a helper that sends and exits at
+//! once cannot be mistaken for someone else (matching senders by pid races
+//! with the sender's exit).
 //!
 //! # Limitations
 //! Stopping a unit blocks the loop for up to its stop timeout.
@@ -87,6 +90,7 @@ struct Service {
     restart_at: Option<Instant>,
     ready_deadline: Option<Instant>,
     started_at: Option<Instant>,
+    notify: Option<NotifySocket>,
     restarts: u32,
     last_exit: Option<i32>,
 }
@@ -104,6 +108,7 @@ impl Service {
             restart_at: None,
             ready_deadline: None,
             started_at: None,
+            notify: None,
             restarts: 0,
             last_exit: None,
         }
@@ -138,7 +143,6 @@ pub struct Supervisor {
     started: Vec<String>,
     opts: Options,
     logs: Arc<LogStore>,
-    notify: Option<NotifySocket>,
     observer: Option<Observer>,
     shutting_down: bool,
     boot: Instant,
@@ -156,13 +160,6 @@ impl std::fmt::Debug for Supervisor {
 impl Supervisor {
     /// Plans `units` (microvm units are left to vmmd); refused units are logged.
     pub fn new(units: Vec<Unit>, opts: Options, logs: Arc<LogStore>) -> Self {
-        let notify = match NotifySocket::bind(&opts.run_dir.join("notify.sock")) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                tracing::warn!("notify socket in {}: {e}; ready = \"notify\" units cannot start", opts.run_dir.display());
-                None
-            }
-        };
         let mut sup = Supervisor {
             services: BTreeMap::new(),
             microvms: BTreeMap::new(),
@@ -170,7 +167,6 @@ impl Supervisor {
             started: Vec::new(),
             opts,
             logs,
-            notify,
             observer: None,
             shutting_down: false,
             boot: Instant::now(),
@@ -437,8 +433,21 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        if let Some(n) = &self.notify {
-            cmd.env("NOTIFY_SOCKET", &n.path);
+        let mut notify = None;
+        if spec.ready == Ready::Notify {
+            let dir = self.opts.run_dir.join("notify");
+            let bound = std::fs::create_dir_all(&dir).and_then(|_| NotifySocket::bind(&dir.join(name)));
+            match bound {
+                Ok(n) => {
+                    cmd.env("NOTIFY_SOCKET", &n.path);
+                    notify = Some(n);
+                }
+                Err(e) => {
+                    tracing::error!("unit {name}: notify socket in {}: {e}", dir.display());
+                    self.set_state(name, State::Failed(format!("notify socket: {e}")));
+                    return;
+                }
+            }
         }
         let mut drop_groups = false;
         if let Some(user) = &spec.user {
@@ -446,6 +455,9 @@ impl Supervisor {
                 Some((uid, gid)) => {
                     cmd.uid(uid).gid(gid);
                     drop_groups = true;
+                    if let Some(n) = &notify {
+                        let _ = std::os::unix::fs::chown(&n.path, Some(uid), Some(gid));
+                    }
                 }
                 None => {
                     tracing::error!("unit {name}: no user {user:?} in /etc/passwd");
@@ -484,6 +496,7 @@ impl Supervisor {
                 let timeout = Duration::from_secs(u64::from(spec.ready_timeout));
                 if let Some(s) = self.services.get_mut(name) {
                     s.pid = Some(pid);
+                    s.notify = notify;
                     s.started_at = Some(now);
                     s.ready_deadline = (ready == Ready::Notify).then(|| now + timeout);
                 }
@@ -508,6 +521,7 @@ impl Supervisor {
         };
         s.pid = None;
         s.ready_deadline = None;
+        s.notify = None;
         s.last_exit = Some(code);
         if s.state == State::Stopping {
             self.set_state(name, State::Stopped);
@@ -562,26 +576,17 @@ impl Supervisor {
         }
     }
 
-    /// Handles `READY=1` and friends from a service.
-    pub fn notified(&mut self, pid: i32, message: &str) {
+    /// Handles `READY=1` and friends from `name`'s notify socket.
+    pub fn notified(&mut self, name: &str, message: &str) {
         if !message.lines().any(|l| l.trim() == "READY=1") {
             return;
         }
-        let group = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
-        let found = self
-            .services
-            .iter()
-            .find(|(_, s)| {
-                s.pid.is_some_and(|p| p.as_raw() == pid || Some(p) == group)
-                    && s.state == State::Starting
-            })
-            .map(|(n, _)| n.clone());
-        if let Some(name) = found {
+        if self.services.get(name).is_some_and(|s| s.state == State::Starting) {
             tracing::info!("unit {name}: ready");
-            if let Some(s) = self.services.get_mut(&name) {
+            if let Some(s) = self.services.get_mut(name) {
                 s.ready_deadline = None;
             }
-            self.set_state(&name, State::Running);
+            self.set_state(name, State::Running);
         }
     }
 
@@ -693,7 +698,7 @@ impl Supervisor {
                 .unwrap_or(Duration::from_secs(60));
             {
                 let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-                if let Some(n) = &self.notify {
+                for n in self.services.values().filter_map(|s| s.notify.as_ref()) {
                     fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
                 }
                 if let Some(c) = control {
@@ -725,13 +730,15 @@ impl Supervisor {
             }
             self.reaped(sys::reap(), Instant::now());
             let mut messages = Vec::new();
-            if let Some(n) = &self.notify {
-                while let Some(m) = n.recv() {
-                    messages.push(m);
+            for (name, s) in &self.services {
+                if let Some(n) = &s.notify {
+                    while let Some((_, m)) = n.recv() {
+                        messages.push((name.clone(), m));
+                    }
                 }
             }
-            for (pid, msg) in messages {
-                self.notified(pid, &msg);
+            for (name, msg) in messages {
+                self.notified(&name, &msg);
             }
             if let Some(c) = control {
                 c.drain_wake();
