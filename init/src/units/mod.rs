@@ -539,6 +539,20 @@ impl Unit {
     }
 }
 
+/// The fuzzing entry point: any bytes as a unit file, alone and layered over
+/// itself as a drop-in. It must return, never panic.
+pub fn fuzz_one(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("/etc/steelcup/units/fuzz.toml");
+    let _ = parse(path, text);
+    let _ = parse_layered(path, text, &[(PathBuf::from("/etc/steelcup/units/fuzz.d/10.toml"), text.to_string())]);
+}
+
+#[cfg(test)]
+mod fuzz_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
