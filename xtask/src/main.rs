@@ -9,6 +9,7 @@
 //! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
+mod bench_init;
 mod deps;
 mod kernel;
 mod sh;
@@ -29,10 +30,11 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(args.iter().any(|a| a == "--once")),
         Some("test") => test(),
+        Some("bench") if args.iter().any(|a| a == "--init-only") => bench_init_only(),
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
         _ => {
-            eprintln!("usage: cargo xtask run [--once] | test | bench | build");
+            eprintln!("usage: cargo xtask run [--once] | test | bench [--init-only] | build");
             std::process::exit(2);
         }
     };
@@ -227,8 +229,19 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench --init-only`: the init benchmark alone, printed.
+fn bench_init_only() -> Result<()> {
+    build()?;
+    let md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
+    print!("{md}");
+    Ok(())
+}
+
 fn bench() -> Result<()> {
     let artifacts = build()?;
+    step("init: 100 services, side by side with runit");
+    let init_md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
+    eprint!("{init_md}");
     let manifest: image_build::ArtifactManifest =
         serde_json::from_slice(&std::fs::read(artifacts.join("manifest.json"))?)?;
     let runs = 3;
@@ -264,6 +277,7 @@ fn bench() -> Result<()> {
         manifest.image_bytes,
         manifest.image_bytes as f64 / 1e6
     ));
+    md.push_str(&init_md);
     md.push_str(&format!("## Boot to a microVM ({runs} boots, QEMU accelerator: {accel})\n\nSeconds from QEMU's start. Under software emulation (`Tcg`) every instruction of the host and the nested microVM is emulated, so these are far above what KVM hardware gives; compare runs on the same machine only.\n\n| boot | init starts | units started | microVM's line | exit code reported | microVM run (vmmd) | power-off |\n|---|---|---|---|---|---|---|\n"));
     for (i, r) in rows.iter().enumerate() {
         md.push_str(&format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n", i + 1, r[0], r[1], r[2], r[3], r[4], r[5]));

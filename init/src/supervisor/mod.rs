@@ -23,6 +23,7 @@
 //! # Limitations
 //! Stopping a unit blocks the loop for up to its stop timeout.
 
+pub mod capture;
 pub mod logs;
 
 use crate::api::{Action, ApiError, ReloadSummary, Reply, UnitInfo};
@@ -34,10 +35,8 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -143,6 +142,7 @@ pub struct Supervisor {
     started: Vec<String>,
     opts: Options,
     logs: Arc<LogStore>,
+    capture: Option<Arc<capture::Capture>>,
     observer: Option<Observer>,
     shutting_down: bool,
     boot: Instant,
@@ -160,6 +160,13 @@ impl std::fmt::Debug for Supervisor {
 impl Supervisor {
     /// Plans `units` (microvm units are left to vmmd); refused units are logged.
     pub fn new(units: Vec<Unit>, opts: Options, logs: Arc<LogStore>) -> Self {
+        let capture = match capture::Capture::start(logs.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!("cannot start the output capture thread: {e}; service output is lost");
+                None
+            }
+        };
         let mut sup = Supervisor {
             services: BTreeMap::new(),
             microvms: BTreeMap::new(),
@@ -167,6 +174,7 @@ impl Supervisor {
             started: Vec::new(),
             opts,
             logs,
+            capture,
             observer: None,
             shutting_down: false,
             boot: Instant::now(),
@@ -422,24 +430,17 @@ impl Supervisor {
         s.restart_at = None;
         let spec = s.spec.clone();
         let procs = self.setup_cgroup(name, &spec);
-        let mut cmd = Command::new(&spec.exec[0]);
-        cmd.args(&spec.exec[1..])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("STEELCUP_UNIT", name)
-            .envs(&spec.env)
-            .current_dir(spec.workdir.as_deref().unwrap_or(Path::new("/")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        env.insert("STEELCUP_UNIT".into(), name.into());
+        env.extend(spec.env.clone());
         let mut notify = None;
         if spec.ready == Ready::Notify {
             let dir = self.opts.run_dir.join("notify");
             let bound = std::fs::create_dir_all(&dir).and_then(|_| NotifySocket::bind(&dir.join(name)));
             match bound {
                 Ok(n) => {
-                    cmd.env("NOTIFY_SOCKET", &n.path);
+                    env.insert("NOTIFY_SOCKET".into(), n.path.to_string_lossy().into_owned());
                     notify = Some(n);
                 }
                 Err(e) => {
@@ -449,14 +450,14 @@ impl Supervisor {
                 }
             }
         }
-        let mut drop_groups = false;
+        let (mut uid, mut gid) = (None, None);
         if let Some(user) = &spec.user {
             match sys::lookup_user(user) {
-                Some((uid, gid)) => {
-                    cmd.uid(uid).gid(gid);
-                    drop_groups = true;
+                Some((u, g)) => {
+                    uid = Some(u);
+                    gid = Some(g);
                     if let Some(n) = &notify {
-                        let _ = std::os::unix::fs::chown(&n.path, Some(uid), Some(gid));
+                        let _ = std::os::unix::fs::chown(&n.path, Some(u), Some(g));
                     }
                 }
                 None => {
@@ -468,10 +469,7 @@ impl Supervisor {
         }
         if let Some(group) = &spec.group {
             match sys::lookup_group(group) {
-                Some(gid) => {
-                    cmd.gid(gid);
-                    drop_groups = true;
-                }
+                Some(g) => gid = Some(g),
                 None => {
                     tracing::error!("unit {name}: no group {group:?} in /etc/group");
                     self.set_state(name, State::Failed(format!("no group {group:?}")));
@@ -479,19 +477,30 @@ impl Supervisor {
                 }
             }
         }
-        sys::spawn_in(&mut cmd, procs.as_deref(), drop_groups);
-        match cmd.spawn() {
-            Ok(mut child) => {
-                let pid = Pid::from_raw(child.id() as i32);
+        let spawned = (|| -> Result<(Pid, OwnedFd, OwnedFd), String> {
+            let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+            let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+            let c = |s: &str| sys::cstring(s).map_err(|e| e.to_string());
+            let spawn = sys::SpawnSpec {
+                argv: spec.exec.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+                envp: env.iter().map(|(k, v)| c(&format!("{k}={v}"))).collect::<Result<_, _>>()?,
+                cwd: sys::cstring(spec.workdir.as_deref().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())?,
+                uid,
+                gid,
+                cgroup_procs: procs.as_deref().map(sys::cstring).transpose().map_err(|e| e.to_string())?,
+                stdout: out_w,
+                stderr: err_w,
+            };
+            let pid = sys::spawn(&spawn).map_err(|e| crate::boot::error_chain(&e))?;
+            Ok((pid, out_r, err_r))
+        })();
+        match spawned {
+            Ok((pid, out, err)) => {
                 tracing::info!("unit {name}: started (pid {pid})");
-                if let Some(out) = child.stdout.take() {
-                    capture(name, out, self.logs.clone());
+                if let Some(cap) = &self.capture {
+                    cap.add(name, out);
+                    cap.add(name, err);
                 }
-                if let Some(err) = child.stderr.take() {
-                    capture(name, err, self.logs.clone());
-                }
-                // The child is reaped by the supervisor's waitpid(-1) loop.
-                drop(child);
                 let ready = spec.ready;
                 let timeout = Duration::from_secs(u64::from(spec.ready_timeout));
                 if let Some(s) = self.services.get_mut(name) {
@@ -823,28 +832,6 @@ impl Supervisor {
     }
 }
 
-/// Feeds a child's output into the log store, a line at a time.
-fn capture(name: &str, stream: impl Read + Send + 'static, logs: Arc<LogStore>) {
-    let name = name.to_string();
-    let _ = std::thread::Builder::new()
-        .name(format!("log-{name}"))
-        .spawn(move || {
-            let mut reader = BufReader::with_capacity(64 * 1024, stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // A line is cut at the log store's maximum so one endless line
-                // cannot exhaust memory; the rest comes as the next line.
-                match Read::take(&mut reader, logs::MAX_LINE as u64).read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line);
-                        logs.push(&name, text.trim_end_matches(['\n', '\r']));
-                    }
-                }
-            }
-        });
-}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -374,3 +374,154 @@ pub fn lookup_group(name: &str) -> Option<u32> {
         .find(|f| f.len() > 2 && f[0] == name)
         .and_then(|f| f[2].parse().ok())
 }
+
+/// What [`spawn`] starts: everything prepared before the fork, so the child
+/// only makes async-signal-safe syscalls.
+#[derive(Debug)]
+pub struct SpawnSpec {
+    /// `argv[0]` is the absolute path that is executed.
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// The child's cgroup's `cgroup.procs`, joined before exec.
+    pub cgroup_procs: Option<CString>,
+    pub stdout: std::os::fd::OwnedFd,
+    pub stderr: std::os::fd::OwnedFd,
+}
+
+/// Errors preparing a spawn.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("fork")]
+    Fork(#[source] Errno),
+    #[error("open /dev/null")]
+    DevNull(#[source] std::io::Error),
+}
+
+/// A C string from `s`, or an error naming it.
+pub fn cstring(s: impl AsRef<std::ffi::OsStr>) -> Result<CString, SpawnError> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = s.as_ref().as_bytes();
+    CString::new(b).map_err(|_| SpawnError::Nul(String::from_utf8_lossy(b).into_owned()))
+}
+
+/// Starts a service the way an init must: fork, set the child up (own
+/// process group, empty signal mask, default SIGPIPE, cgroup, ids, working
+/// directory, stdio), exec — and return at once, without waiting for the exec
+/// as `std::process::Command` does (that wait serializes starts behind every
+/// exec). If the child's setup or exec fails it writes why to its stderr (the
+/// unit's log) and exits with 127, which the supervisor sees like any exit.
+pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
+    use std::os::fd::AsRawFd;
+    let devnull = std::fs::File::open("/dev/null").map_err(SpawnError::DevNull)?;
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let (null_fd, out_fd, err_fd) = (devnull.as_raw_fd(), spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd());
+    // SAFETY: fork in a multi-threaded process. The child touches only memory
+    // prepared above (argv/envp pointer arrays, C strings, raw fds), which
+    // stays valid because this frame is copied into the child, and calls only
+    // async-signal-safe functions (setpgid, sigprocmask, signal, open, write,
+    // close, setgroups, setgid, setuid, chdir, dup2, execve, _exit) before
+    // exec or exit. No allocation, no locks.
+    match unsafe { libc::fork() } {
+        -1 => Err(SpawnError::Fork(Errno::last())),
+        0 => unsafe {
+            // SAFETY: (the child) see above.
+            child_exec(spec, &argv, &envp, null_fd, out_fd, err_fd)
+        },
+        pid => Ok(Pid::from_raw(pid)),
+    }
+}
+
+/// The child's side of [`spawn`]. Never returns.
+///
+/// # Safety
+/// Only to be called in the child right after fork, with pointers prepared
+/// before the fork.
+unsafe fn child_exec(
+    spec: &SpawnSpec,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    null_fd: libc::c_int,
+    out_fd: libc::c_int,
+    err_fd: libc::c_int,
+) -> ! {
+    /// # Safety
+    /// Child side of fork only: async-signal-safe write and _exit.
+    unsafe fn fail(err_fd: libc::c_int, what: &[u8]) -> ! {
+        // SAFETY: errno is thread-local and valid in the forked child.
+        let errno = unsafe { *libc::__errno_location() };
+        let mut digits = [0u8; 12];
+        let mut n = errno.unsigned_abs();
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 || i == 0 {
+                break;
+            }
+        }
+        let msg: [&[u8]; 5] = [b"steelcup init: cannot start: ", what, b": errno ", &digits[i..], b"\n"];
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are
+        // on this stack.
+        unsafe {
+            for part in msg {
+                libc::write(err_fd, part.as_ptr().cast(), part.len());
+            }
+            libc::_exit(127)
+        }
+    }
+    // SAFETY for every call below: async-signal-safe syscalls on values
+    // prepared before the fork (see `spawn`).
+    unsafe {
+        libc::setpgid(0, 0);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // The Rust runtime ignores SIGPIPE; a service expects the default.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::dup2(null_fd, 0) < 0 || libc::dup2(out_fd, 1) < 0 || libc::dup2(err_fd, 2) < 0 {
+            fail(err_fd, b"stdio");
+        }
+        if let Some(procs) = &spec.cgroup_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(2, b"join cgroup");
+            }
+            libc::close(fd);
+        }
+        if spec.uid.is_some() || spec.gid.is_some() {
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                fail(2, b"setgroups");
+            }
+        }
+        if let Some(gid) = spec.gid {
+            if libc::setgid(gid) != 0 {
+                fail(2, b"setgid");
+            }
+        }
+        if let Some(uid) = spec.uid {
+            if libc::setuid(uid) != 0 {
+                fail(2, b"setuid");
+            }
+        }
+        if libc::chdir(spec.cwd.as_ptr()) != 0 {
+            fail(2, b"chdir");
+        }
+        libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+        fail(2, spec.argv[0].as_bytes())
+    }
+}
+
+/// A pipe whose ends are close-on-exec (the child's end is dup2'd to its
+/// stdio, which clears the flag on the copy).
+pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
