@@ -131,6 +131,12 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         let _ = name;
     }
     t.file(&format!("lib/modules/{release}/modules.dep"), 0o644, dep.into_bytes())?;
+    let names: Vec<&String> = closure.keys().collect();
+    t.file(
+        &format!("lib/modules/{release}/modules.alias"),
+        0o644,
+        index.aliases(&names)?.into_bytes(),
+    )?;
     for f in ["modules.builtin", "modules.order"] {
         let p = mods_root.join(f);
         if p.exists() {

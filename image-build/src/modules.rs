@@ -96,22 +96,46 @@ impl ModuleIndex {
     }
 }
 
-/// Reads `depends=` from an ELF module's `.modinfo` section.
-pub fn modinfo_depends(data: &[u8]) -> Result<Vec<String>> {
+/// Every value of `key=` in an ELF module's `.modinfo` section.
+pub fn modinfo(data: &[u8], key: &str) -> Result<Vec<String>> {
     let file = object::File::parse(data).map_err(|e| anyhow!("not an ELF module: {e}"))?;
     let section = file
         .section_by_name(".modinfo")
         .ok_or_else(|| anyhow!("no .modinfo section"))?;
     let info = section.data().map_err(|e| anyhow!(".modinfo: {e}"))?;
+    let prefix = format!("{key}=");
     Ok(info
         .split(|b| *b == 0)
-        .filter_map(|kv| kv.strip_prefix(b"depends="))
+        .filter_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect())
+}
+
+/// Reads `depends=` from an ELF module's `.modinfo` section.
+pub fn modinfo_depends(data: &[u8]) -> Result<Vec<String>> {
+    Ok(modinfo(data, "depends")?
+        .iter()
         .flat_map(|v| {
-            String::from_utf8_lossy(v)
-                .split(',')
+            v.split(',')
                 .filter(|s| !s.is_empty())
                 .map(|s| s.replace('-', "_"))
                 .collect::<Vec<_>>()
         })
         .collect())
+}
+
+impl ModuleIndex {
+    /// `modules.alias` lines (`alias PATTERN NAME`) for `names`, sorted.
+    pub fn aliases(&self, names: &[&String]) -> Result<String> {
+        let mut lines = Vec::new();
+        for n in names {
+            let rel = &self.paths[n.as_str()];
+            let data = std::fs::read(self.root.join(rel)).with_context(|| format!("read {rel}"))?;
+            for a in modinfo(&data, "alias").with_context(|| format!("module {rel}"))? {
+                lines.push(format!("alias {a} {n}"));
+            }
+        }
+        lines.sort();
+        Ok(lines.join("\n") + "\n")
+    }
 }

@@ -123,6 +123,81 @@ pub fn load_modules() {
             Err(e) => tracing::error!("module {m}: {}", error_chain(&e)),
         }
     }
+    coldplug(&dir, &db);
+}
+
+/// Loads the drivers for the devices present (see [`modules::coldplug_matches`]).
+fn coldplug(dir: &Path, db: &modules::ModuleDb) {
+    let aliases = match std::fs::read_to_string(dir.join("modules.alias")) {
+        Ok(t) => modules::parse_aliases(&t),
+        Err(e) => {
+            tracing::warn!("coldplug: {}/modules.alias: {e}", dir.display());
+            return;
+        }
+    };
+    // A bus driver (virtio_pci, say) makes the devices behind it appear, with
+    // their own modaliases: scan again until a round loads nothing new.
+    let mut wanted = std::collections::BTreeSet::new();
+    let mut loaded = Vec::new();
+    let mut devices = Vec::new();
+    for _round in 0..4 {
+        devices = modules::read_modaliases(Path::new("/sys/devices"));
+        let now = modules::coldplug_matches(&aliases, &devices);
+        let new: Vec<String> = now.difference(&wanted).cloned().collect();
+        if new.is_empty() {
+            break;
+        }
+        for m in &new {
+            match modules::load(dir, db, m) {
+                Ok(l) => loaded.extend(l),
+                Err(e) => tracing::error!("coldplug: module {m}: {}", error_chain(&e)),
+            }
+        }
+        wanted.extend(new);
+        // Let the bus probe the devices it just found.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    tracing::info!(
+        "coldplug: {} devices, drivers matched: {}; loaded: {}",
+        devices.len(),
+        if wanted.is_empty() { "none".to_string() } else { wanted.iter().cloned().collect::<Vec<_>>().join(", ") },
+        if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }
+    );
+}
+
+/// `entropy`: mixes a saved seed into the kernel's pool (when /var keeps
+/// one) and reports what the kernel has; RDRAND and virtio-rng feed it too.
+pub fn entropy() {
+    let seed = Path::new("/var/lib/steelcup/random-seed");
+    match std::fs::read(seed) {
+        Ok(bytes) if !bytes.is_empty() => match std::fs::write("/dev/urandom", &bytes) {
+            Ok(()) => tracing::info!("entropy: mixed {} bytes of saved seed", bytes.len()),
+            Err(e) => tracing::warn!("entropy: write /dev/urandom: {e}"),
+        },
+        _ => tracing::info!("entropy: no saved seed"),
+    }
+    let avail = std::fs::read_to_string("/proc/sys/kernel/random/entropy_avail").unwrap_or_default();
+    let rdrand = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.contains(" rdrand"))
+        .unwrap_or(false);
+    tracing::info!(
+        "entropy: {} bits available; CPU RDRAND: {}",
+        avail.trim(),
+        if rdrand { "yes" } else { "no" }
+    );
+}
+
+/// Saves a fresh seed for the next boot when /var is writable and kept.
+pub fn save_seed() {
+    let dir = Path::new("/var/lib/steelcup");
+    if !dir.exists() {
+        return;
+    }
+    let mut buf = [0u8; 512];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf));
+    if read.is_ok() {
+        let _ = std::fs::write(dir.join("random-seed"), buf);
+    }
 }
 
 /// `network`: loopback up.

@@ -35,13 +35,45 @@ impl tracing_subscriber::fmt::time::FormatTime for BootTime {
     }
 }
 
+/// `/dev/kmsg`, once the `kmsg-logging` phase has opened it.
+static KMSG: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Phase `kmsg-logging`: from now on every log line also goes to the kernel
+/// log (`dmesg`), at level 5 (notice): below the console's level, so the
+/// console does not show it twice.
+pub fn log_to_kmsg() -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?;
+    let _ = KMSG.set(f);
+    Ok(())
+}
+
+/// Writes each log record to stderr and, once opened, to /dev/kmsg.
+#[derive(Debug, Clone, Copy)]
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(mut k) = KMSG.get() {
+            // One record per write; the kernel caps records at ~1 KiB.
+            let mut rec = Vec::with_capacity(buf.len().min(900) + 16);
+            rec.extend_from_slice(b"<5>steelcup: ");
+            rec.extend_from_slice(&buf[..buf.len().min(900)]);
+            let _ = k.write(&rec);
+        }
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Sets up logging to the console (stderr) with the time since boot.
 /// `STEELCUP_LOG` takes a tracing filter (`debug`, `init=trace`, ...).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEELCUP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(false)
         .with_target(false)
         .with_timer(BootTime)

@@ -7,9 +7,14 @@
 //! dependencies. [`load_order`] walks the dependencies depth-first so every
 //! module is loaded after what it needs; [`load`] calls `finit_module` on each.
 //!
+//! Coldplug: every device the kernel found has a `modalias` file under
+//! `/sys/devices`; [`coldplug_matches`] matches them against the glob
+//! patterns of `modules.alias` (as udev and modprobe do), so the drivers for
+//! the machine's NICs and disks load without a list per machine.
+//!
 //! # Limitations
 //! Compressed modules (`.ko.xz`, `.ko.zst`) are not decompressed; steelcup's
-//! image ships them uncompressed. Coldplug (modalias matching) is still to come.
+//! image ships them uncompressed. Hotplug after boot is not handled.
 
 use crate::sys::{self, SysError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,6 +142,59 @@ pub fn read_db(dir: &Path) -> Result<ModuleDb, ModuleError> {
         .map_err(|source| ModuleError::ReadDep { path, source })
 }
 
+/// `modules.alias`: (pattern, module) pairs; bad patterns are skipped.
+pub fn parse_aliases(text: &str) -> Vec<(glob::Pattern, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            if it.next()? != "alias" {
+                return None;
+            }
+            let pattern = glob::Pattern::new(it.next()?).ok()?;
+            Some((pattern, it.next()?.replace('-', "_")))
+        })
+        .collect()
+}
+
+/// The modules whose aliases match any of `modaliases`.
+pub fn coldplug_matches(aliases: &[(glob::Pattern, String)], modaliases: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for m in modaliases {
+        for (p, name) in aliases {
+            if p.matches(m) {
+                out.insert(name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Every `modalias` under `root` (normally `/sys/devices`), without
+/// following symlinks.
+pub fn read_modaliases(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && e.file_name() == "modalias" {
+                if let Ok(v) = std::fs::read_to_string(e.path()) {
+                    let v = v.trim();
+                    if !v.is_empty() {
+                        out.push(v.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The KVM module for this CPU: `kvm_amd` with `svm`, `kvm_intel` with `vmx`.
 pub fn kvm_module_for(cpuinfo: &str) -> Option<&'static str> {
     let flags = cpuinfo
@@ -187,6 +245,23 @@ kernel/drivers/input/evdev.ko:
     fn dependency_cycle_terminates() {
         let db = ModuleDb::parse("a.ko: b.ko\nb.ko: a.ko\n");
         assert_eq!(db.load_order("a").unwrap(), ["b", "a"]);
+    }
+
+    #[test]
+    fn coldplug_matches_device_aliases() {
+        let aliases = parse_aliases(
+            "# comment\nalias pci:v00008086d0000100Esv*sd*bc*sc*i* e1000\nalias pci:v00001AF4d00001005sv*sd*bc*sc*i* virtio-rng\nalias virtio:d00000004v* virtio_rng\nalias [bad e1000\nnot an alias line\n",
+        );
+        assert_eq!(aliases.len(), 3);
+        let found = coldplug_matches(
+            &aliases,
+            &[
+                "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00".to_string(),
+                "virtio:d00000004v00001AF4".to_string(),
+                "pci:v0000DEADd0000BEEFsv0sd0bc0sc0i0".to_string(),
+            ],
+        );
+        assert_eq!(found.into_iter().collect::<Vec<_>>(), ["e1000", "virtio_rng"]);
     }
 
     #[test]

@@ -173,7 +173,9 @@ impl Guest {
                     }
                 }
                 cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
-                cmd.args(["-append", cmdline, "-nic", "none"]);
+                // A hardware RNG, as servers have: init's coldplug must load
+                // its driver (virtio_pci, virtio_rng) by modalias.
+                cmd.args(["-append", cmdline, "-nic", "none", "-device", "virtio-rng-pci"]);
             }
             Boot::Pxe { dir, bootfile } => {
                 cmd.arg("-nic").arg(format!(

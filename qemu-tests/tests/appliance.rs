@@ -35,7 +35,7 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
     let mut g = Guest::boot(&GuestConfig::direct("boot", &a.dir).unwrap()).unwrap();
     println!("accelerator: {:?}; serial log: {}", g.accel, g.log_path.display());
 
-    for phase in ["early-mounts", "hostname", "modules", "network", "units"] {
+    for phase in ["early-mounts", "kmsg-logging", "hostname", "modules", "entropy", "network", "units"] {
         g.wait_for(&format!("phase {phase}: done"), BOOT).unwrap();
     }
     let s = g.serial();
@@ -43,6 +43,8 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         s.contains("module kvm_amd: loaded") || s.contains("module kvm_intel: loaded"),
         "init must load the KVM module for the CPU"
     );
+    let coldplug = s.lines().find(|l| l.contains("coldplug:")).unwrap_or_default();
+    assert!(coldplug.contains("virtio_rng"), "coldplug must load the RNG's driver: {coldplug}");
     g.wait_for("unit vmmd: started", STEP).unwrap();
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
@@ -75,6 +77,9 @@ fn pxe_boot_reaches_the_microvm() {
     let mut g = Guest::boot(&GuestConfig::pxe("pxe", &a.dir)).unwrap();
     g.wait_for("starting as PID 1", BOOT).unwrap();
     g.wait_for("phase units: done", BOOT).unwrap();
+    let s = g.serial();
+    let coldplug = s.lines().find(|l| l.contains("coldplug:")).unwrap_or_default();
+    assert!(coldplug.contains("e1000"), "coldplug must load the NIC's driver: {coldplug}");
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
     record(&a, "pxe_qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));

@@ -68,11 +68,14 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     if pid1 {
         tracing::info!("steelcup init {} starting as PID 1", env!("CARGO_PKG_VERSION"));
         phase("early-mounts", boot::early_mounts).map_err(|e| error_chain(&e))?;
+        phase("kmsg-logging", steelcup_init::log_to_kmsg)
+            .unwrap_or_else(|e| tracing::warn!("/dev/kmsg: {e}; logging to the console only"));
         if let Err(e) = sys::disable_ctrl_alt_del() {
             tracing::warn!("{}", error_chain(&e));
         }
         phase("hostname", boot::hostname).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
         phase("modules", boot::load_modules);
+        phase("entropy", boot::entropy);
         steelcup_init::power::watch();
         phase("network", boot::network).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
     } else {
@@ -141,6 +144,7 @@ fn main() {
         tracing::info!("all units stopped; exiting");
         return;
     }
+    boot::save_seed();
     tracing::info!("syncing disks and {}", match action {
         PowerAction::PowerOff => "powering off",
         PowerAction::Reboot => "rebooting",
