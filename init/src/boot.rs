@@ -200,11 +200,6 @@ pub fn save_seed() {
     }
 }
 
-/// `network`: loopback up.
-pub fn network() -> Result<(), SysError> {
-    sys::link_up("lo")
-}
-
 /// Formats an error with its whole cause chain, once.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

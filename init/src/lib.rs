@@ -15,6 +15,7 @@ pub mod api;
 pub mod boot;
 pub mod guest;
 pub mod modules;
+pub mod network;
 pub mod power;
 pub mod supervisor;
 pub mod sys;

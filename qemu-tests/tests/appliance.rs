@@ -80,6 +80,8 @@ fn pxe_boot_reaches_the_microvm() {
     let s = g.serial();
     let coldplug = s.lines().find(|l| l.contains("coldplug:")).unwrap_or_default();
     assert!(coldplug.contains("e1000"), "coldplug must load the NIC's driver: {coldplug}");
+    // No network.toml: DHCP on every physical NIC, from QEMU's DHCP server.
+    g.wait_for("network: eth0 10.0.2.15/24 via DHCP (server 10.0.2.2, router 10.0.2.2", STEP).unwrap();
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
     record(&a, "pxe_qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));

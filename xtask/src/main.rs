@@ -282,7 +282,7 @@ fn bench() -> Result<()> {
     for (i, r) in rows.iter().enumerate() {
         md.push_str(&format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n", i + 1, r[0], r[1], r[2], r[3], r[4], r[5]));
     }
-    md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot. The peer comparisons (QEMU `microvm`, Firecracker, systemd) arrive with the VMM and init benchmarks.\n");
+    md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot. The VMM's side-by-side comparison with QEMU's `microvm` machine arrives with the VMM benchmarks.\n");
     let path = sh::root().join("docs/performance.md");
     std::fs::write(&path, md)?;
     eprintln!("wrote {}", path.display());

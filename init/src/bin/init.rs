@@ -77,7 +77,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         phase("modules", boot::load_modules);
         phase("entropy", boot::entropy);
         steelcup_init::power::watch();
-        phase("network", boot::network).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
+        phase("network", steelcup_init::network::bring_up);
     } else {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set child subreaper: {e}"))?;
     }

@@ -525,3 +525,106 @@ unsafe fn child_exec(
 pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
 }
+
+fn ifreq_for(name: &str) -> std::io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn inet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked and
+    // owned by the returned OwnedFd.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux and
+    // sockaddr is plain old data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Errors configuring an interface, with the interface and the step.
+#[derive(Debug, thiserror::Error)]
+#[error("{iface}: {step}")]
+pub struct NetError {
+    pub iface: String,
+    pub step: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Sets an interface's IPv4 address and prefix (`ip addr add ADDR/PREFIX dev NAME`).
+pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+    use std::os::fd::AsRawFd;
+    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let sock = inet_socket().map_err(|e| err("socket", e))?;
+    let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
+    req.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    // SAFETY: SIOCSIFADDR reads the valid ifreq `req` for the call's duration.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) } < 0 {
+        return Err(err("set address", std::io::Error::last_os_error()));
+    }
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+    req.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask));
+    // SAFETY: as above, SIOCSIFNETMASK only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) } < 0 {
+        return Err(err("set netmask", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets an interface's MTU.
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
+    use std::os::fd::AsRawFd;
+    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let sock = inet_socket().map_err(|e| err("socket", e))?;
+    let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    // SAFETY: SIOCSIFMTU only reads the valid ifreq `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) } < 0 {
+        return Err(err("set MTU", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Adds the default route via `gateway` on `name` (`ip route add default via GW dev NAME`).
+pub fn add_default_route(name: &str, gateway: std::net::Ipv4Addr) -> Result<(), NetError> {
+    use std::os::fd::AsRawFd;
+    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let sock = inet_socket().map_err(|e| err("socket", e))?;
+    let dev = CString::new(name).map_err(|_| err("interface name", std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: rtentry is plain old data; all-zero is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_in(gateway);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    // SAFETY: SIOCADDRT reads `rt` and the NUL-terminated `dev` it points to;
+    // both outlive the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &rt) } < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(err("add default route", e));
+        }
+    }
+    Ok(())
+}
