@@ -76,7 +76,11 @@ pub fn kernel_release(root: &Path) -> Result<String> {
     match found.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!("{}: no kernel modules found", dir.display()),
-        many => bail!("{}: more than one kernel: {}", dir.display(), many.join(", ")),
+        many => bail!(
+            "{}: more than one kernel: {}",
+            dir.display(),
+            many.join(", ")
+        ),
     }
 }
 
@@ -105,10 +109,22 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     let mut t = Tree::default();
     t.file("init", 0o755, read(&inputs.bin_dir.join("init"))?)?;
     for b in ["vmmd", "cup"] {
-        t.file(&format!("usr/bin/{b}"), 0o755, read(&inputs.bin_dir.join(b))?)?;
+        t.file(
+            &format!("usr/bin/{b}"),
+            0o755,
+            read(&inputs.bin_dir.join(b))?,
+        )?;
     }
-    t.file("usr/lib/steelcup/guest/vmlinuz", 0o644, read(&inputs.guest_kernel)?)?;
-    t.file("usr/lib/steelcup/guest/initramfs.cpio", 0o644, guest_initramfs(inputs, &m)?)?;
+    t.file(
+        "usr/lib/steelcup/guest/vmlinuz",
+        0o644,
+        read(&inputs.guest_kernel)?,
+    )?;
+    t.file(
+        "usr/lib/steelcup/guest/initramfs.cpio",
+        0o644,
+        guest_initramfs(inputs, &m)?,
+    )?;
 
     // Host modules: the closure of what is loaded and shipped, and its modules.dep.
     let index = modules::ModuleIndex::scan(&mods_root)?;
@@ -130,7 +146,11 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         dep.push_str(&format!("{}: {}\n", entry.path, deps.join(" ")).replace(": \n", ":\n"));
         let _ = name;
     }
-    t.file(&format!("lib/modules/{release}/modules.dep"), 0o644, dep.into_bytes())?;
+    t.file(
+        &format!("lib/modules/{release}/modules.dep"),
+        0o644,
+        dep.into_bytes(),
+    )?;
     let names: Vec<&String> = closure.keys().collect();
     t.file(
         &format!("lib/modules/{release}/modules.alias"),
@@ -151,13 +171,22 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         modules_list.push('\n');
     }
     t.file("etc/steelcup/modules", 0o644, modules_list.into_bytes())?;
-    t.file("etc/steelcup/hostname", 0o644, format!("{}\n", m.host.hostname).into_bytes())?;
+    t.file(
+        "etc/steelcup/hostname",
+        0o644,
+        format!("{}\n", m.host.hostname).into_bytes(),
+    )?;
     let mut units: BTreeMap<String, PathBuf> = BTreeMap::new();
     for dir in std::iter::once(&m.units.dir).chain(&m.units.extra) {
-        for e in std::fs::read_dir(dir).with_context(|| format!("read units from {}", dir.display()))? {
+        for e in
+            std::fs::read_dir(dir).with_context(|| format!("read units from {}", dir.display()))?
+        {
             let p = e?.path();
             if p.extension().is_some_and(|e| e == "toml") {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 units.insert(name, p);
             }
         }
@@ -167,7 +196,11 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         // A unit that would be refused at boot is refused at build time.
         steelcup_init::units::parse(u, &text)?;
         let name = u.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        t.file(&format!("etc/steelcup/units/{name}"), 0o644, text.into_bytes())?;
+        t.file(
+            &format!("etc/steelcup/units/{name}"),
+            0o644,
+            text.into_bytes(),
+        )?;
     }
     if let Some(busybox) = &m.host.busybox {
         t.file("bin/busybox", 0o755, read(busybox)?)?;
@@ -183,7 +216,11 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
 
     let initramfs_files = t.digests();
     let initramfs = t.to_cpio()?;
-    let vmlinuz = read(&inputs.host_kernel_root.join(format!("boot/vmlinuz-{release}")))?;
+    let vmlinuz = read(
+        &inputs
+            .host_kernel_root
+            .join(format!("boot/vmlinuz-{release}")),
+    )?;
 
     std::fs::create_dir_all(inputs.out.join("pxe"))
         .with_context(|| format!("create {}", inputs.out.display()))?;

@@ -69,7 +69,10 @@ impl ModuleIndex {
                 continue;
             }
             if !self.paths.contains_key(&n) {
-                bail!("module {n:?} is neither in {} nor built in", self.root.display());
+                bail!(
+                    "module {n:?} is neither in {} nor built in",
+                    self.root.display()
+                );
             }
             let deps = self.depends(&n)?;
             todo.extend(deps.iter().cloned());

@@ -22,7 +22,10 @@ pub struct Tree {
 
 impl Tree {
     fn insert(&mut self, path: &str, node: Node) -> Result<()> {
-        if path.is_empty() || path.starts_with('/') || path.split('/').any(|c| c.is_empty() || c == "..") {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.split('/').any(|c| c.is_empty() || c == "..")
+        {
             bail!("{path:?}: not a clean relative path");
         }
         let mut parent = String::new();
@@ -100,7 +103,11 @@ mod tests {
         let cpio = t.to_cpio().unwrap();
         let s = String::from_utf8_lossy(&cpio);
         let pos = |n: &str| s.find(&format!("{n}\0")).unwrap();
-        assert!(pos("init") < pos("usr") && pos("usr") < pos("usr/bin") && pos("usr/bin") < pos("usr/bin/b"));
+        assert!(
+            pos("init") < pos("usr")
+                && pos("usr") < pos("usr/bin")
+                && pos("usr/bin") < pos("usr/bin/b")
+        );
     }
 
     #[test]

@@ -37,22 +37,55 @@ pub fn early_mounts() -> Result<(), SysError> {
     let mounts: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
         ("proc", "/proc", "proc", nosuid, None),
         ("sysfs", "/sys", "sysfs", nosuid, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=0620,ptmxmode=0666")),
-        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
-        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=0620,ptmxmode=0666"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid,
+            Some("nsdelegate"),
+        ),
     ];
     for (src, target, fstype, flags, data) in mounts {
         sys::mount(src, Path::new(target), fstype, *flags, *data)?;
     }
     // Let child cgroups use every controller the kernel offers.
     if let Ok(ctrls) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
-        let enable: String = ctrls
-            .split_whitespace()
-            .map(|c| format!("+{c} "))
-            .collect();
+        let enable: String = ctrls.split_whitespace().map(|c| format!("+{c} ")).collect();
         if let Err(e) = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.trim()) {
             tracing::warn!("cgroup2: cannot enable controllers: {e}");
         }
@@ -160,8 +193,16 @@ fn coldplug(dir: &Path, db: &modules::ModuleDb) {
     tracing::info!(
         "coldplug: {} devices, drivers matched: {}; loaded: {}",
         devices.len(),
-        if wanted.is_empty() { "none".to_string() } else { wanted.iter().cloned().collect::<Vec<_>>().join(", ") },
-        if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }
+        if wanted.is_empty() {
+            "none".to_string()
+        } else {
+            wanted.iter().cloned().collect::<Vec<_>>().join(", ")
+        },
+        if loaded.is_empty() {
+            "none".to_string()
+        } else {
+            loaded.join(", ")
+        }
     );
 }
 
@@ -176,7 +217,8 @@ pub fn entropy() {
         },
         _ => tracing::info!("entropy: no saved seed"),
     }
-    let avail = std::fs::read_to_string("/proc/sys/kernel/random/entropy_avail").unwrap_or_default();
+    let avail =
+        std::fs::read_to_string("/proc/sys/kernel/random/entropy_avail").unwrap_or_default();
     let rdrand = std::fs::read_to_string("/proc/cpuinfo")
         .map(|c| c.contains(" rdrand"))
         .unwrap_or(false);
@@ -194,7 +236,8 @@ pub fn save_seed() {
         return;
     }
     let mut buf = [0u8; 512];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf));
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf));
     if read.is_ok() {
         let _ = std::fs::write(dir.join("random-seed"), buf);
     }

@@ -157,7 +157,10 @@ pub fn parse_aliases(text: &str) -> Vec<(glob::Pattern, String)> {
 }
 
 /// The modules whose aliases match any of `modaliases`.
-pub fn coldplug_matches(aliases: &[(glob::Pattern, String)], modaliases: &[String]) -> BTreeSet<String> {
+pub fn coldplug_matches(
+    aliases: &[(glob::Pattern, String)],
+    modaliases: &[String],
+) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for m in modaliases {
         for (p, name) in aliases {
@@ -175,7 +178,9 @@ pub fn read_modaliases(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
@@ -238,7 +243,10 @@ kernel/drivers/input/evdev.ko:
     #[test]
     fn unknown_module_is_an_error() {
         let db = ModuleDb::parse(DEP);
-        assert!(matches!(db.load_order("nope"), Err(ModuleError::Unknown(_))));
+        assert!(matches!(
+            db.load_order("nope"),
+            Err(ModuleError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -261,12 +269,18 @@ kernel/drivers/input/evdev.ko:
                 "pci:v0000DEADd0000BEEFsv0sd0bc0sc0i0".to_string(),
             ],
         );
-        assert_eq!(found.into_iter().collect::<Vec<_>>(), ["e1000", "virtio_rng"]);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            ["e1000", "virtio_rng"]
+        );
     }
 
     #[test]
     fn picks_the_kvm_module_for_the_cpu() {
-        assert_eq!(kvm_module_for("flags\t: fpu vme svm npt\n"), Some("kvm_amd"));
+        assert_eq!(
+            kvm_module_for("flags\t: fpu vme svm npt\n"),
+            Some("kvm_amd")
+        );
         assert_eq!(kvm_module_for("flags\t: fpu vmx ept\n"), Some("kvm_intel"));
         assert_eq!(kvm_module_for("flags\t: fpu sse2\n"), None);
     }

@@ -80,7 +80,11 @@ impl Sup {
     fn wait_until(&self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) {
         let t0 = Instant::now();
         while !f(&self.output()) {
-            assert!(t0.elapsed() < timeout, "timed out waiting for {what:?}; output:\n{}", self.output());
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what:?}; output:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -94,13 +98,19 @@ impl Sup {
     }
 
     fn terminate(mut self) -> String {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let t0 = Instant::now();
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "init did not exit on SIGTERM");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "init did not exit on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -128,9 +138,16 @@ fn with_unit(section: &str, svc: &str) -> String {
 fn zombies_of(pid: i32) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(|v| v.trim().to_string());
-        let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(|v| v.trim().to_string());
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
         if zombie && ppid.as_deref() == Some(&pid.to_string()) {
             n += 1;
         }
@@ -149,11 +166,21 @@ fn rss_kib(pid: i32) -> u64 {
 
 #[test]
 fn crash_loop_backs_off_then_fails_at_the_start_limit() {
-    let s = Sup::start("crash", &[("crashy", &service("echo boom; exit 1", "restart = \"on-failure\""))]);
+    let s = Sup::start(
+        "crash",
+        &[(
+            "crashy",
+            &service("echo boom; exit 1", "restart = \"on-failure\""),
+        )],
+    );
     let t0 = Instant::now();
     let api = s.api();
     while api.status("crashy").unwrap().state != "failed" {
-        assert!(t0.elapsed() < Duration::from_secs(30), "never failed:\n{}", s.output());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never failed:\n{}",
+            s.output()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let elapsed = t0.elapsed();
@@ -162,9 +189,17 @@ fn crash_loop_backs_off_then_fails_at_the_start_limit() {
     assert_eq!(u.last_exit, 1);
     assert_eq!(u.reason, "start limit hit");
     // Backoff 0.5 + 1 + 2 + 4 s between the five starts.
-    assert!(elapsed >= Duration::from_millis(7000), "no backoff: failed after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(7000),
+        "no backoff: failed after {elapsed:?}"
+    );
     let out = s.output();
-    for step in ["restarting in 0.5s", "restarting in 1.0s", "restarting in 2.0s", "restarting in 4.0s"] {
+    for step in [
+        "restarting in 0.5s",
+        "restarting in 1.0s",
+        "restarting in 2.0s",
+        "restarting in 4.0s",
+    ] {
         assert!(out.contains(step), "{step} missing:\n{out}");
     }
     assert!(out.contains("[crashy] boom"));
@@ -185,7 +220,10 @@ fn reaps_ten_thousand_orphans() {
         if z == 0 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "{z} zombies left under init");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{z} zombies left under init"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -196,17 +234,38 @@ fn stops_in_reverse_start_order_and_honours_stop_timeouts() {
         "order",
         &[
             ("a", &service("sleep 300", "")),
-            ("b", &with_unit("after = [\"a\"]", &service("sleep 300", ""))),
-            ("c", &with_unit("after = [\"b\"]", &service("trap '' TERM; echo trapped; while :; do sleep 1; done", "stop-timeout = 1"))),
+            (
+                "b",
+                &with_unit("after = [\"a\"]", &service("sleep 300", "")),
+            ),
+            (
+                "c",
+                &with_unit(
+                    "after = [\"b\"]",
+                    &service(
+                        "trap '' TERM; echo trapped; while :; do sleep 1; done",
+                        "stop-timeout = 1",
+                    ),
+                ),
+            ),
         ],
     );
     s.wait_for("[c] trapped", Duration::from_secs(10));
     let out = s.terminate();
-    let pos = |n: &str| out.find(n).unwrap_or_else(|| panic!("{n:?} missing:\n{out}"));
-    assert!(pos("unit a: started") < pos("unit b: started") && pos("unit b: started") < pos("unit c: started"));
+    let pos = |n: &str| {
+        out.find(n)
+            .unwrap_or_else(|| panic!("{n:?} missing:\n{out}"))
+    };
+    assert!(
+        pos("unit a: started") < pos("unit b: started")
+            && pos("unit b: started") < pos("unit c: started")
+    );
     assert!(pos("unit c: stopping") < pos("unit b: stopping"));
     assert!(pos("unit b: stopping") < pos("unit a: stopping"));
-    assert!(out.contains("unit c: did not stop in 1s; killing it"), "{out}");
+    assert!(
+        out.contains("unit c: did not stop in 1s; killing it"),
+        "{out}"
+    );
     assert!(out.contains("unit c: killed by SIGKILL"), "{out}");
 }
 
@@ -217,17 +276,34 @@ fn services_get_an_empty_signal_mask_and_stop_on_sigterm() {
     let s = Sup::start(
         "sigmask",
         &[
-            ("bare", "[service]\nexec = [\"/bin/sleep\", \"300\"]\nstop-timeout = 20\n"),
-            ("mask", &service("grep SigBlk /proc/self/status; sleep 300", "")),
+            (
+                "bare",
+                "[service]\nexec = [\"/bin/sleep\", \"300\"]\nstop-timeout = 20\n",
+            ),
+            (
+                "mask",
+                &service("grep SigBlk /proc/self/status; sleep 300", ""),
+            ),
         ],
     );
     s.wait_for("[mask] SigBlk:", Duration::from_secs(10));
-    assert!(s.output().contains("[mask] SigBlk:\t0000000000000000"), "{}", s.output());
+    assert!(
+        s.output().contains("[mask] SigBlk:\t0000000000000000"),
+        "{}",
+        s.output()
+    );
     let api = s.api();
     let t0 = Instant::now();
     api.stop("bare").unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(5), "bare sleep ignored SIGTERM");
-    assert!(s.output().contains("unit bare: killed by SIGTERM"), "{}", s.output());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "bare sleep ignored SIGTERM"
+    );
+    assert!(
+        s.output().contains("unit bare: killed by SIGTERM"),
+        "{}",
+        s.output()
+    );
 }
 
 #[test]
@@ -236,14 +312,26 @@ fn bad_files_and_cycles_refuse_only_themselves() {
         "bad",
         &[
             ("good", &service("echo good; sleep 300", "")),
-            ("typo", "[service]\nexec = [\"/bin/true\"]\nrestrat = \"always\"\n"),
-            ("x", &with_unit("after = [\"y\"]", &service("sleep 300", ""))),
-            ("y", &with_unit("after = [\"x\"]", &service("sleep 300", ""))),
+            (
+                "typo",
+                "[service]\nexec = [\"/bin/true\"]\nrestrat = \"always\"\n",
+            ),
+            (
+                "x",
+                &with_unit("after = [\"y\"]", &service("sleep 300", "")),
+            ),
+            (
+                "y",
+                &with_unit("after = [\"x\"]", &service("sleep 300", "")),
+            ),
         ],
     );
     s.wait_for("[good] good", Duration::from_secs(10));
     let out = s.output();
-    assert!(out.contains("typo.toml:3:1: unknown field `restrat`"), "{out}");
+    assert!(
+        out.contains("typo.toml:3:1: unknown field `restrat`"),
+        "{out}"
+    );
     let api = s.api();
     assert_eq!(api.status("good").unwrap().state, "running");
     for n in ["x", "y"] {
@@ -289,23 +377,50 @@ fn notify_readiness_orders_dependents() {
     let s = Sup::start(
         "notify",
         &[
-            ("slow", &service(&format!("sleep 1; {notify}; echo notified; sleep 300"), "ready = \"notify\"")),
-            ("after-slow", &with_unit("after = [\"slow\"]", &service("echo up; sleep 300", ""))),
-            ("silent", &service("sleep 300", "ready = \"notify\"\nready-timeout = 1")),
+            (
+                "slow",
+                &service(
+                    &format!("sleep 1; {notify}; echo notified; sleep 300"),
+                    "ready = \"notify\"",
+                ),
+            ),
+            (
+                "after-slow",
+                &with_unit("after = [\"slow\"]", &service("echo up; sleep 300", "")),
+            ),
+            (
+                "silent",
+                &service("sleep 300", "ready = \"notify\"\nready-timeout = 1"),
+            ),
         ],
     );
     s.wait_for("[after-slow] up", Duration::from_secs(15));
-    s.wait_for("unit silent: not ready within 1s; killing it", Duration::from_secs(10));
+    s.wait_for(
+        "unit silent: not ready within 1s; killing it",
+        Duration::from_secs(10),
+    );
     let out = s.output();
-    let pos = |n: &str| out.find(n).unwrap_or_else(|| panic!("{n:?} missing:\n{out}"));
-    assert!(pos("unit slow: ready") < pos("unit after-slow: started"), "{out}");
+    let pos = |n: &str| {
+        out.find(n)
+            .unwrap_or_else(|| panic!("{n:?} missing:\n{out}"))
+    };
+    assert!(
+        pos("unit slow: ready") < pos("unit after-slow: started"),
+        "{out}"
+    );
 }
 
 #[test]
 fn logs_stay_bounded_when_a_unit_writes_a_gibibyte() {
     let s = Sup::start(
         "flood",
-        &[("flood", &service("yes $(printf '%0999d' 0) | head -c 1073741824; echo finished; sleep 300", ""))],
+        &[(
+            "flood",
+            &service(
+                "yes $(printf '%0999d' 0) | head -c 1073741824; echo finished; sleep 300",
+                "",
+            ),
+        )],
     );
     let api = s.api();
     let t0 = Instant::now();
@@ -317,7 +432,10 @@ fn logs_stay_bounded_when_a_unit_writes_a_gibibyte() {
         if tail.first().is_some_and(|(_, l)| l.ends_with("finished")) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "1 GiB not through in 5 minutes");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "1 GiB not through in 5 minutes"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(peak < 64 * 1024, "init's RSS reached {peak} KiB");
@@ -325,14 +443,22 @@ fn logs_stay_bounded_when_a_unit_writes_a_gibibyte() {
     assert!(lines.len() <= steelcup_init::supervisor::logs::RING_LINES);
     assert!(next > 1_000_000, "every line was counted ({next})");
     let log_dir = s.dir.join("run/logs");
-    let total: u64 = std::fs::read_dir(&log_dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
-    let cap = (steelcup_init::supervisor::logs::FILE_KEEP as u64 + 1) * steelcup_init::supervisor::logs::FILE_BYTES;
+    let total: u64 = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let cap = (steelcup_init::supervisor::logs::FILE_KEEP as u64 + 1)
+        * steelcup_init::supervisor::logs::FILE_BYTES;
     assert!(total <= cap, "log files hold {total} bytes");
     assert!(s.output().contains("lines not shown on the console"));
 }
 
 fn dbus_send() -> Option<PathBuf> {
-    let found = ["/usr/bin/dbus-send", "/bin/dbus-send"].iter().map(PathBuf::from).find(|p| p.exists());
+    let found = ["/usr/bin/dbus-send", "/bin/dbus-send"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
     if found.is_none() {
         assert!(
             std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
@@ -355,18 +481,27 @@ fn a_standard_dbus_client_drives_the_api() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (ok, out) = call("ListUnits", &[]);
-    assert!(ok && out.contains("\"svc\"") && out.contains("\"running\""), "{out}");
+    assert!(
+        ok && out.contains("\"svc\"") && out.contains("\"running\""),
+        "{out}"
+    );
     let (ok, out) = call("Stop", &["string:svc"]);
     assert!(ok, "{out}");
     let (_, out) = call("Status", &["string:svc"]);
     assert!(out.contains("\"stopped\""), "{out}");
     let (ok, out) = call("Status", &["string:ghost"]);
-    assert!(!ok && out.contains("org.steelcup.Init1.Error.NoSuchUnit"), "{out}");
+    assert!(
+        !ok && out.contains("org.steelcup.Init1.Error.NoSuchUnit"),
+        "{out}"
+    );
     let (ok, out) = call("PowerOff", &[]);
     assert!(ok, "{out}");
     s.wait_for("all units stopped; exiting", Duration::from_secs(10));
 }
-

@@ -169,13 +169,23 @@ impl Guest {
             } => {
                 for p in [kernel, initrd] {
                     if !p.exists() {
-                        bail!("{} does not exist; build the appliance with `cargo xtask`", p.display());
+                        bail!(
+                            "{} does not exist; build the appliance with `cargo xtask`",
+                            p.display()
+                        );
                     }
                 }
                 cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
                 // A hardware RNG, as servers have: init's coldplug must load
                 // its driver (virtio_pci, virtio_rng) by modalias.
-                cmd.args(["-append", cmdline, "-nic", "none", "-device", "virtio-rng-pci"]);
+                cmd.args([
+                    "-append",
+                    cmdline,
+                    "-nic",
+                    "none",
+                    "-device",
+                    "virtio-rng-pci",
+                ]);
             }
             Boot::Pxe { dir, bootfile } => {
                 cmd.arg("-nic").arg(format!(
@@ -202,13 +212,21 @@ impl Guest {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = cmd.spawn().context("start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
+        let mut child = cmd
+            .spawn()
+            .context("start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
         let started = Instant::now();
         let serial = Arc::new(Mutex::new(String::new()));
         let mut log = std::fs::File::create(&log_path)
             .with_context(|| format!("create {}", log_path.display()))?;
-        let out = child.stdout.take().ok_or_else(|| anyhow!("no qemu stdout"))?;
-        let err = child.stderr.take().ok_or_else(|| anyhow!("no qemu stderr"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no qemu stdout"))?;
+        let err = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no qemu stderr"))?;
         let buf = serial.clone();
         let echo = cfg.echo;
         std::thread::spawn(move || {
@@ -275,14 +293,20 @@ impl Guest {
                 return Ok(self.started.elapsed());
             }
             if s.contains("Kernel panic") {
-                bail!("kernel panic while waiting for {what:?}; serial log: {}", self.log_path.display());
+                bail!(
+                    "kernel panic while waiting for {what:?}; serial log: {}",
+                    self.log_path.display()
+                );
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200));
                 if done(&self.serial()) {
                     return Ok(self.started.elapsed());
                 }
-                bail!("QEMU exited ({status}) before {what:?}; serial log: {}", self.log_path.display());
+                bail!(
+                    "QEMU exited ({status}) before {what:?}; serial log: {}",
+                    self.log_path.display()
+                );
             }
             if t0.elapsed() > timeout {
                 bail!(
@@ -337,7 +361,11 @@ impl Guest {
                 return Ok(st);
             }
             if t0.elapsed() > timeout {
-                bail!("QEMU still running {}s after power-off; serial log: {}", timeout.as_secs(), self.log_path.display());
+                bail!(
+                    "QEMU still running {}s after power-off; serial log: {}",
+                    timeout.as_secs(),
+                    self.log_path.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -390,7 +418,11 @@ pub fn record(artifacts: &Artifacts, key: &str, value: &str) {
         .parent()
         .unwrap_or(&artifacts.dir)
         .join("qemu-results.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = writeln!(f, "{key} = {value}");
     }
 }

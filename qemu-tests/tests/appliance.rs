@@ -31,11 +31,25 @@ fn need_artifacts(test: &str) -> Option<Artifacts> {
 
 #[test]
 fn boots_runs_a_microvm_and_powers_off_in_order() {
-    let Some(a) = need_artifacts("boot") else { return };
+    let Some(a) = need_artifacts("boot") else {
+        return;
+    };
     let mut g = Guest::boot(&GuestConfig::direct("boot", &a.dir).unwrap()).unwrap();
-    println!("accelerator: {:?}; serial log: {}", g.accel, g.log_path.display());
+    println!(
+        "accelerator: {:?}; serial log: {}",
+        g.accel,
+        g.log_path.display()
+    );
 
-    for phase in ["early-mounts", "kmsg-logging", "hostname", "modules", "entropy", "network", "units"] {
+    for phase in [
+        "early-mounts",
+        "kmsg-logging",
+        "hostname",
+        "modules",
+        "entropy",
+        "network",
+        "units",
+    ] {
         g.wait_for(&format!("phase {phase}: done"), BOOT).unwrap();
     }
     let s = g.serial();
@@ -43,12 +57,22 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         s.contains("module kvm_amd: loaded") || s.contains("module kvm_intel: loaded"),
         "init must load the KVM module for the CPU"
     );
-    let coldplug = s.lines().find(|l| l.contains("coldplug:")).unwrap_or_default();
-    assert!(coldplug.contains("virtio_rng"), "coldplug must load the RNG's driver: {coldplug}");
+    let coldplug = s
+        .lines()
+        .find(|l| l.contains("coldplug:"))
+        .unwrap_or_default();
+    assert!(
+        coldplug.contains("virtio_rng"),
+        "coldplug must load the RNG's driver: {coldplug}"
+    );
     g.wait_for("unit vmmd: started", STEP).unwrap();
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
-    record(&a, "qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));
+    record(
+        &a,
+        "qemu_start_to_microvm_line_s",
+        &format!("{:.1}", line_at.as_secs_f64()),
+    );
     record(&a, "accelerator", &format!("{:?}", g.accel));
 
     // The power button: init stops vmmd, syncs and powers off; QEMU exits by itself.
@@ -61,7 +85,11 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
     let status = g.wait_exit(STEP).unwrap();
     assert!(status.success(), "QEMU exited with {status}");
     let s = g.serial();
-    assert!(!s.contains("Kernel panic"), "kernel panic; see {}", g.log_path.display());
+    assert!(
+        !s.contains("Kernel panic"),
+        "kernel panic; see {}",
+        g.log_path.display()
+    );
     // Order: the workload's report, then vmmd stops, then init powers off.
     let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n:?} missing"));
     assert!(pos(HELLO_EXIT) < pos("unit vmmd: stopping"));
@@ -70,7 +98,9 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
 
 #[test]
 fn pxe_boot_reaches_the_microvm() {
-    let Some(a) = need_artifacts("pxe") else { return };
+    let Some(a) = need_artifacts("pxe") else {
+        return;
+    };
     // No -kernel/-initrd: QEMU's iPXE ROM must fetch boot.ipxe, the kernel and
     // the initramfs over TFTP, so reaching init proves the PXE path. (SeaBIOS
     // and iPXE print to VGA, not to the serial console.)
@@ -78,22 +108,37 @@ fn pxe_boot_reaches_the_microvm() {
     g.wait_for("starting as PID 1", BOOT).unwrap();
     g.wait_for("phase units: done", BOOT).unwrap();
     let s = g.serial();
-    let coldplug = s.lines().find(|l| l.contains("coldplug:")).unwrap_or_default();
-    assert!(coldplug.contains("e1000"), "coldplug must load the NIC's driver: {coldplug}");
+    let coldplug = s
+        .lines()
+        .find(|l| l.contains("coldplug:"))
+        .unwrap_or_default();
+    assert!(
+        coldplug.contains("e1000"),
+        "coldplug must load the NIC's driver: {coldplug}"
+    );
     // No network.toml: DHCP on every physical NIC, from QEMU's DHCP server.
-    g.wait_for("network: eth0 10.0.2.15/24 via DHCP (server 10.0.2.2, router 10.0.2.2", STEP).unwrap();
+    g.wait_for(
+        "network: eth0 10.0.2.15/24 via DHCP (server 10.0.2.2, router 10.0.2.2",
+        STEP,
+    )
+    .unwrap();
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
-    record(&a, "pxe_qemu_start_to_microvm_line_s", &format!("{:.1}", line_at.as_secs_f64()));
+    record(
+        &a,
+        "pxe_qemu_start_to_microvm_line_s",
+        &format!("{:.1}", line_at.as_secs_f64()),
+    );
 }
 
 #[test]
 fn image_build_twice_gives_identical_bytes() {
-    let Some(a) = need_artifacts("reproducible") else { return };
-    let inputs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.dir.join("../build-inputs.json")).unwrap(),
-    )
-    .unwrap();
+    let Some(a) = need_artifacts("reproducible") else {
+        return;
+    };
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.dir.join("../build-inputs.json")).unwrap())
+            .unwrap();
     let path = |k: &str| std::path::PathBuf::from(inputs[k].as_str().unwrap());
     let tmp = std::env::temp_dir().join(format!("steelcup-repro-{}", std::process::id()));
     let mut built = Vec::new();
@@ -123,7 +168,10 @@ fn image_build_twice_gives_identical_bytes() {
     // And the artifacts under test are those same bytes.
     let shipped: image_build::ArtifactManifest =
         serde_json::from_slice(&std::fs::read(a.dir.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(&shipped, m1, "the tested appliance differs from a fresh build");
+    assert_eq!(
+        &shipped, m1,
+        "the tested appliance differs from a fresh build"
+    );
     record(&a, "host_image_bytes", &m1.image_bytes.to_string());
     let _ = std::fs::remove_dir_all(&tmp);
 }

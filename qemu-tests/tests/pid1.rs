@@ -36,15 +36,23 @@ fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
     g.wait_for("driver: killing victim", STEP).unwrap();
     g.wait_for("unit victim: killed by SIGKILL", STEP).unwrap();
     g.wait_for("unit victim: restarting in 0.5s", STEP).unwrap();
-    g.wait_for("driver: victim restarted (restarts=1", STEP).unwrap();
+    g.wait_for("driver: victim restarted (restarts=1", STEP)
+        .unwrap();
     g.wait_for(trigger, STEP).unwrap();
     g.wait_for(announce, STEP).unwrap();
     g.wait_for("syncing disks and powering off", STEP).unwrap();
     let status = g.wait_exit(STEP).unwrap();
     assert!(status.success(), "QEMU exited with {status}");
     let s = g.serial();
-    assert!(!s.contains("Kernel panic"), "kernel panic; see {}", g.log_path.display());
-    let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()));
+    assert!(
+        !s.contains("Kernel panic"),
+        "kernel panic; see {}",
+        g.log_path.display()
+    );
+    let pos = |n: &str| {
+        s.find(n)
+            .unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()))
+    };
     // Dependents first: the driver (after vmmd and victim), then the rest.
     assert!(pos("unit zz-driver: stopping") < pos("unit vmmd: stopping"));
     assert!(pos("unit zz-driver: stopping") < pos("unit victim: stopping"));
@@ -54,7 +62,9 @@ fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
 
 #[test]
 fn cup_poweroff_stops_units_in_order_and_powers_off() {
-    let Some(mut g) = boot("poweroff") else { return };
+    let Some(mut g) = boot("poweroff") else {
+        return;
+    };
     shuts_down_in_order(&mut g, "driver: cup poweroff", "API: powering off");
 }
 

@@ -4,7 +4,10 @@
 
 use crate::arch::{self, ArchError};
 use crate::config::VmConfig;
-use crate::devices::{serial::{Output, SerialConsole}, Bus};
+use crate::devices::{
+    serial::{Output, SerialConsole},
+    Bus,
+};
 use crate::image::cpio::{CpioError, CpioWriter};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu};
@@ -110,12 +113,11 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     };
 
     // Initramfs: the shared base image plus this VM's config.
-    let mut initrd = std::fs::read(&config.initramfs).map_err(|source| {
-        BuildError::ReadInitramfs {
+    let mut initrd =
+        std::fs::read(&config.initramfs).map_err(|source| BuildError::ReadInitramfs {
             path: config.initramfs.clone(),
             source,
-        }
-    })?;
+        })?;
     while initrd.len() % 4 != 0 {
         initrd.push(0);
     }
@@ -150,7 +152,10 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     // Devices: the serial console raises GSI 4 through an irqfd.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
     vm.register_irqfd(&serial_irq, 4)?;
-    let bus = Arc::new(Mutex::new(Bus::new(SerialConsole::new(Some(serial_irq), out))));
+    let bus = Arc::new(Mutex::new(Bus::new(SerialConsole::new(
+        Some(serial_irq),
+        out,
+    ))));
 
     let supported = vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -159,5 +164,10 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         v.configure(&mem, &supported, entry, config.vcpus)?;
         vcpus.push(v);
     }
-    Ok(BuiltVm { vm, mem, vcpus, bus })
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        bus,
+    })
 }

@@ -60,7 +60,9 @@ impl std::fmt::Display for VmOutcome {
                 "could not start: {}",
                 std::io::Error::from_raw_os_error(i32::from(*errno))
             ),
-            VmOutcome::GuestReset => write!(f, "guest reset without an exit status (kernel panic?)"),
+            VmOutcome::GuestReset => {
+                write!(f, "guest reset without an exit status (kernel panic?)")
+            }
             VmOutcome::GuestCrashed { reason } => write!(f, "guest crashed: {reason}"),
             VmOutcome::VmmError { message } => write!(f, "VMM error: {message}"),
         }
@@ -89,13 +91,23 @@ mod tests {
         for outcome in [
             VmOutcome::Exited { code: 7 },
             VmOutcome::GuestReset,
-            VmOutcome::GuestCrashed { reason: "triple fault".into() },
-            VmOutcome::VmmError { message: "x".into() },
+            VmOutcome::GuestCrashed {
+                reason: "triple fault".into(),
+            },
+            VmOutcome::VmmError {
+                message: "x".into(),
+            },
         ] {
-            let r = WorkerReport { outcome, run_ms: 12 };
+            let r = WorkerReport {
+                outcome,
+                run_ms: 12,
+            };
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<WorkerReport>(&s).unwrap(), r);
         }
-        assert_eq!(VmOutcome::Exited { code: 7 }.to_string(), "exited with code 7");
+        assert_eq!(
+            VmOutcome::Exited { code: 7 }.to_string(),
+            "exited with code 7"
+        );
     }
 }

@@ -126,7 +126,10 @@ pub fn run(opts: Options) -> Result<(), String> {
             .unwrap_or(Duration::from_secs(3600));
         match rx.recv_timeout(timeout) {
             Ok(Event::Signal(sig)) => {
-                tracing::info!("{sig}: stopping {} workloads", workloads.values().filter(|w| w.pid.is_some()).count());
+                tracing::info!(
+                    "{sig}: stopping {} workloads",
+                    workloads.values().filter(|w| w.pid.is_some()).count()
+                );
                 stop_all(&mut workloads, &rx);
                 tracing::info!("vmmd stopped");
                 return Ok(());
@@ -184,7 +187,10 @@ fn vm_config(opts: &Options, name: &str, spec: &MicrovmSection) -> VmConfig {
     VmConfig {
         name: name.to_string(),
         kernel: spec.kernel.clone().unwrap_or_else(|| opts.kernel.clone()),
-        initramfs: spec.initramfs.clone().unwrap_or_else(|| opts.initramfs.clone()),
+        initramfs: spec
+            .initramfs
+            .clone()
+            .unwrap_or_else(|| opts.initramfs.clone()),
         cmdline: DEFAULT_CMDLINE.to_string(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory.mib(),

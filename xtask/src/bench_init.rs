@@ -31,7 +31,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn pids_matching(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) {
@@ -43,7 +45,10 @@ fn pids_matching(needle: &str) -> Vec<u32> {
 
 fn kill_all(needle: &str) {
     for pid in pids_matching(needle) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -92,7 +97,13 @@ pub fn run(init_bin: &Path) -> Result<String> {
         let svdir = sv.join(&name);
         std::fs::create_dir_all(&svdir)?;
         let run = svdir.join("run");
-        std::fs::write(&run, format!("#!/bin/sh\necho > {}/{name}\nexec sleep 1002\n", mark.display()))?;
+        std::fs::write(
+            &run,
+            format!(
+                "#!/bin/sh\necho > {}/{name}\nexec sleep 1002\n",
+                mark.display()
+            ),
+        )?;
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
     let runsvdir = ["/usr/bin/runsvdir", "/usr/sbin/runsvdir", "/sbin/runsvdir"]
@@ -114,9 +125,12 @@ pub fn run(init_bin: &Path) -> Result<String> {
         let _ = std::fs::remove_dir_all(dir.join("run"));
         let t0 = Instant::now();
         let mut child = Command::new(init_bin)
-            .arg("--units").arg(&units)
-            .arg("--run-dir").arg(dir.join("run"))
-            .arg("--log-dir").arg(dir.join("logs"))
+            .arg("--units")
+            .arg(&units)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--log-dir")
+            .arg(dir.join("logs"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -124,8 +138,14 @@ pub fn run(init_bin: &Path) -> Result<String> {
         let pre = t0.elapsed();
         let t = wait_marks(&mark, &mut child)? + pre;
         std::thread::sleep(Duration::from_millis(300));
-        ours.push(Round { start_ms: t.as_secs_f64() * 1000.0, rss_kib: rss_kib(child.id()) });
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        ours.push(Round {
+            start_ms: t.as_secs_f64() * 1000.0,
+            rss_kib: rss_kib(child.id()),
+        });
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = child.wait();
         kill_all("sleep 1001");
 
@@ -144,9 +164,18 @@ pub fn run(init_bin: &Path) -> Result<String> {
         let pre = t0.elapsed();
         let t = wait_marks(&mark, &mut child)? + pre;
         std::thread::sleep(Duration::from_millis(300));
-        let runsv: u64 = pids_matching(&format!("runsv u")).into_iter().map(rss_kib).sum();
-        theirs.push(Round { start_ms: t.as_secs_f64() * 1000.0, rss_kib: rss_kib(child.id()) + runsv });
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGHUP);
+        let runsv: u64 = pids_matching(&format!("runsv u"))
+            .into_iter()
+            .map(rss_kib)
+            .sum();
+        theirs.push(Round {
+            start_ms: t.as_secs_f64() * 1000.0,
+            rss_kib: rss_kib(child.id()) + runsv,
+        });
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        );
         let _ = child.wait();
         kill_all("runsv u");
         kill_all("sleep 1002");
@@ -159,8 +188,14 @@ pub fn run(init_bin: &Path) -> Result<String> {
     let mut md = String::from("## init: 100 services\n\n");
     md.push_str("Each service is `sh -c 'echo > MARK; exec sleep N'`; \"all started\" is when all 100 marker files exist, from just before the supervisor's exec (so it includes reading and ordering the unit files). RSS after all started: init's own; for runit, runsvdir plus its 100 runsv processes (each counts its shared libc pages, so runit's sum overstates its unique memory; per process, runsv is about 1.3 MiB). Median of 5 rounds on this machine (2 cores: the 100 shells compete with the supervisor for CPU). Targets: under 50 ms and under 5 MiB.\n\n");
     md.push_str("| supervisor | exec → all 100 started | RSS |\n|---|---|---|\n");
-    md.push_str(&format!("| steelcup init | {ms_ours:.1} ms | {:.1} MiB |\n", rss_ours / 1024.0));
-    md.push_str(&format!("| runit (runsvdir + runsv) | {ms_theirs:.1} ms | {:.1} MiB |\n", rss_theirs / 1024.0));
+    md.push_str(&format!(
+        "| steelcup init | {ms_ours:.1} ms | {:.1} MiB |\n",
+        rss_ours / 1024.0
+    ));
+    md.push_str(&format!(
+        "| runit (runsvdir + runsv) | {ms_theirs:.1} ms | {:.1} MiB |\n",
+        rss_theirs / 1024.0
+    ));
     md.push_str(&format!(
         "| **ratio init / runit** | **{:.2}×** | **{:.2}×** |\n\n",
         ms_ours / ms_theirs,

@@ -15,9 +15,11 @@ const SOURCE_PKG: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 
 fn package_version(pkg: &str) -> Result<String> {
-    Ok(sh::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg]))?
-        .trim()
-        .to_string())
+    Ok(
+        sh::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg]))?
+            .trim()
+            .to_string(),
+    )
 }
 
 fn fragments() -> Result<Vec<PathBuf>> {
@@ -37,7 +39,11 @@ pub fn guest_kernel_hash() -> Result<String> {
     h.update(RECIPE);
     h.update(package_version(SOURCE_PKG)?);
     for f in fragments()? {
-        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        h.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         h.update(std::fs::read(&f)?);
     }
     Ok(hex::encode(h.finalize())[..16].to_string())
@@ -48,11 +54,17 @@ pub fn requested_options(text: &str) -> Vec<(String, Option<String>)> {
     text.lines()
         .filter_map(|l| {
             let l = l.trim();
-            if let Some(rest) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
-                return rest.starts_with("CONFIG_").then(|| (rest.to_string(), None));
+            if let Some(rest) = l
+                .strip_prefix("# ")
+                .and_then(|r| r.strip_suffix(" is not set"))
+            {
+                return rest
+                    .starts_with("CONFIG_")
+                    .then(|| (rest.to_string(), None));
             }
             let (k, v) = l.split_once('=')?;
-            k.starts_with("CONFIG_").then(|| (k.to_string(), Some(v.to_string())))
+            k.starts_with("CONFIG_")
+                .then(|| (k.to_string(), Some(v.to_string())))
         })
         .collect()
 }
@@ -71,10 +83,15 @@ pub fn check_config(fragments: &[PathBuf], config: &str) -> Result<()> {
                 (None, None) => true,
             };
             if !ok {
-                let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 lost.push(format!(
                     "{name}: {k}{} but .config has {}",
-                    v.as_ref().map(|v| format!("={v}")).unwrap_or_else(|| " unset".into()),
+                    v.as_ref()
+                        .map(|v| format!("={v}"))
+                        .unwrap_or_else(|| " unset".into()),
                     line.unwrap_or("it unset")
                 ));
             }
@@ -117,7 +134,10 @@ pub fn guest_kernel() -> Result<PathBuf> {
     std::fs::create_dir_all(&build)?;
     let make = |args: &[&str]| {
         let mut c = Command::new("make");
-        c.arg("-C").arg(&src).arg(format!("O={}", build.display())).args(args);
+        c.arg("-C")
+            .arg(&src)
+            .arg(format!("O={}", build.display()))
+            .args(args);
         c
     };
     step(&format!("configuring the guest kernel ({hash})"));
@@ -136,15 +156,22 @@ pub fn guest_kernel() -> Result<PathBuf> {
     let config = std::fs::read_to_string(build.join(".config"))?;
     check_config(&frags, &config)?;
 
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    step(&format!("building the guest kernel with {jobs} jobs (about 3-5 minutes on 2 cores)"));
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    step(&format!(
+        "building the guest kernel with {jobs} jobs (about 3-5 minutes on 2 cores)"
+    ));
     let t0 = Instant::now();
     let mut child = make(&[&format!("-j{jobs}"), "bzImage"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("start make")?;
-    let out = child.stdout.take().ok_or_else(|| anyhow!("no make stdout"))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no make stdout"))?;
     let mut compiled = 0usize;
     let mut last = Instant::now();
     for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -152,13 +179,19 @@ pub fn guest_kernel() -> Result<PathBuf> {
             compiled += 1;
         }
         if last.elapsed() > Duration::from_secs(15) {
-            eprintln!("  guest kernel: {compiled} files compiled, {}", sh::elapsed(t0));
+            eprintln!(
+                "  guest kernel: {compiled} files compiled, {}",
+                sh::elapsed(t0)
+            );
             last = Instant::now();
         }
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("guest kernel build failed ({status}); build tree: {}", build.display());
+        bail!(
+            "guest kernel build failed ({status}); build tree: {}",
+            build.display()
+        );
     }
     std::fs::create_dir_all(&dir)?;
     let tmp = dir.join("bzImage.partial");
@@ -204,7 +237,9 @@ pub fn host_kernel(package: &str) -> Result<PathBuf> {
             resolve().with_context(|| format!("resolve Debian package {package}"))?
         }
     };
-    let base = cache_dir().join("host-kernel").join(format!("{real}_{version}"));
+    let base = cache_dir()
+        .join("host-kernel")
+        .join(format!("{real}_{version}"));
     let root = base.join("root");
     if root.join("boot").exists() {
         eprintln!("host kernel: cached {real} {version}");
@@ -242,7 +277,9 @@ mod tests {
 
     #[test]
     fn parses_set_and_unset_options() {
-        let o = requested_options("# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\nnoise\n");
+        let o = requested_options(
+            "# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\nnoise\n",
+        );
         assert_eq!(
             o,
             vec![
@@ -260,7 +297,9 @@ mod tests {
         let f = dir.join("10-x.config");
         std::fs::write(&f, "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n").unwrap();
         assert!(check_config(&[f.clone()], "CONFIG_A=y\nCONFIG_B=y\n").is_ok());
-        let err = check_config(&[f.clone()], "CONFIG_A=y\nCONFIG_C=y\n").unwrap_err().to_string();
+        let err = check_config(&[f.clone()], "CONFIG_A=y\nCONFIG_C=y\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("10-x.config: CONFIG_B=y"), "{err}");
         assert!(err.contains("CONFIG_C unset"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

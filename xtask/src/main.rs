@@ -59,14 +59,24 @@ fn build() -> Result<PathBuf> {
     sh::run(
         Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--release", "--target", TARGET, "-p", "steelcup-init", "-p", "vmmd"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                TARGET,
+                "-p",
+                "steelcup-init",
+                "-p",
+                "vmmd",
+            ])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
     let bin_dir = root.join("target").join(TARGET).join("release");
     for b in STATIC_BINS {
         let path = bin_dir.join(b);
         let data = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-        let elf = object::File::parse(&*data).with_context(|| format!("{} is not ELF", path.display()))?;
+        let elf = object::File::parse(&*data)
+            .with_context(|| format!("{} is not ELF", path.display()))?;
         if object::Object::section_by_name(&elf, ".interp").is_some() {
             bail!("{b} is dynamically linked; the image needs static binaries");
         }
@@ -94,7 +104,10 @@ fn build() -> Result<PathBuf> {
         "guest_kernel": inputs.guest_kernel,
         "host_kernel_root": inputs.host_kernel_root,
     });
-    std::fs::write(sh::out_dir().join("build-inputs.json"), recorded.to_string())?;
+    std::fs::write(
+        sh::out_dir().join("build-inputs.json"),
+        recorded.to_string(),
+    )?;
     eprintln!(
         "host image: {:.1} MB (Debian kernel {} + initramfs {:.1} MB) in {}; built in {}",
         m.image_bytes as f64 / 1e6,
@@ -133,7 +146,8 @@ fn run(once: bool) -> Result<()> {
         "booting the appliance in QEMU ({}); {}",
         match accel {
             qemu_tests::Accel::Kvm => "KVM",
-            qemu_tests::Accel::Tcg => "software emulation of an AMD-V CPU; the first boot takes a minute",
+            qemu_tests::Accel::Tcg =>
+                "software emulation of an AMD-V CPU; the first boot takes a minute",
         },
         if once {
             "it powers off when the example workloads have finished"
@@ -168,7 +182,10 @@ fn run(once: bool) -> Result<()> {
         if s.contains("Kernel panic") {
             std::thread::sleep(Duration::from_secs(1));
             g.kill();
-            bail!("the appliance's kernel panicked; serial log: {}", g.log_path.display());
+            bail!(
+                "the appliance's kernel panicked; serial log: {}",
+                g.log_path.display()
+            );
         }
         if once && pressed.is_none() {
             // vmmd reports each end as "workload NAME: <outcome> after N.NNs".
@@ -183,19 +200,32 @@ fn run(once: bool) -> Result<()> {
                 pressed = Some(Instant::now());
             } else if g.started.elapsed() > Duration::from_secs(600) {
                 g.kill();
-                bail!("workloads did not finish in 10 minutes; serial log: {}", g.log_path.display());
+                bail!(
+                    "workloads did not finish in 10 minutes; serial log: {}",
+                    g.log_path.display()
+                );
             }
         }
         if pressed.is_some_and(|t| t.elapsed() > Duration::from_secs(120)) {
             g.kill();
-            bail!("the appliance did not power off within 2 minutes; serial log: {}", g.log_path.display());
+            bail!(
+                "the appliance did not power off within 2 minutes; serial log: {}",
+                g.log_path.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let s = g.serial();
-    eprintln!("==> QEMU exited after {:.1}s; serial log: {}", g.started.elapsed().as_secs_f64(), g.log_path.display());
+    eprintln!(
+        "==> QEMU exited after {:.1}s; serial log: {}",
+        g.started.elapsed().as_secs_f64(),
+        g.log_path.display()
+    );
     if once && !s.contains("reboot: Power down") {
-        bail!("the appliance did not power off cleanly; serial log: {}", g.log_path.display());
+        bail!(
+            "the appliance did not power off cleanly; serial log: {}",
+            g.log_path.display()
+        );
     }
     Ok(())
 }
@@ -204,6 +234,13 @@ fn test() -> Result<()> {
     deps::ensure()?;
     let root = sh::root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    step("formatting (cargo fmt --check)");
+    sh::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )
+    .context("code is not formatted: run `cargo fmt --all`")?;
     step("unit and host-side integration tests");
     sh::run(
         Command::new(&cargo)
@@ -219,9 +256,19 @@ fn test() -> Result<()> {
     sh::run(
         Command::new(&cargo)
             .current_dir(&root)
-            .args(["test", "-p", "qemu-tests", "--", "--test-threads=1", "--nocapture"])
+            .args([
+                "test",
+                "-p",
+                "qemu-tests",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ])
             .env("STEELCUP_ARTIFACTS", &artifacts)
-            .env("STEELCUP_TEST_ARTIFACTS", sh::out_dir().join("test-artifacts"))
+            .env(
+                "STEELCUP_TEST_ARTIFACTS",
+                sh::out_dir().join("test-artifacts"),
+            )
             .env("STEELCUP_REQUIRE_ARTIFACTS", "1"),
     )?;
     step("results");
@@ -265,7 +312,14 @@ fn bench() -> Result<()> {
             .and_then(|l| l.rsplit("after ").next())
             .and_then(|v| v.trim_end_matches('s').parse().ok())
             .unwrap_or(f64::NAN);
-        rows.push([init_at.as_secs_f64(), units_at.as_secs_f64(), line_at.as_secs_f64(), exit_at.as_secs_f64(), vm_secs, off.as_secs_f64()]);
+        rows.push([
+            init_at.as_secs_f64(),
+            units_at.as_secs_f64(),
+            line_at.as_secs_f64(),
+            exit_at.as_secs_f64(),
+            vm_secs,
+            off.as_secs_f64(),
+        ]);
     }
     let accel = format!("{:?}", qemu_tests::Accel::detect());
     let mut md = String::from("# Performance\n\nWritten by `cargo xtask bench`; numbers from the last run on the machine that ran it.\n\n");
@@ -280,7 +334,16 @@ fn bench() -> Result<()> {
     md.push_str(&init_md);
     md.push_str(&format!("## Boot to a microVM ({runs} boots, QEMU accelerator: {accel})\n\nSeconds from QEMU's start. Under software emulation (`Tcg`) every instruction of the host and the nested microVM is emulated, so these are far above what KVM hardware gives; compare runs on the same machine only.\n\n| boot | init starts | units started | microVM's line | exit code reported | microVM run (vmmd) | power-off |\n|---|---|---|---|---|---|---|\n"));
     for (i, r) in rows.iter().enumerate() {
-        md.push_str(&format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n", i + 1, r[0], r[1], r[2], r[3], r[4], r[5]));
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+            i + 1,
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5]
+        ));
     }
     md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot. The VMM's side-by-side comparison with QEMU's `microvm` machine arrives with the VMM benchmarks.\n");
     let path = sh::root().join("docs/performance.md");

@@ -147,12 +147,21 @@ impl Init1 {
 
     /// Lines of a unit's log with sequence number >= `since` (at most `max`),
     /// and the cursor to continue from: call again with it to follow.
-    async fn logs(&self, name: String, since: u64, max: u32) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
+    async fn logs(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
         Ok(self.logs.read(&name, since, max.min(10_000) as usize))
     }
 
     /// The last `lines` lines of a unit's log and the cursor after them.
-    async fn tail(&self, name: String, lines: u32) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
+    async fn tail(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
         Ok(self.logs.tail(&name, lines.min(10_000) as usize))
     }
 
@@ -166,7 +175,8 @@ impl Init1 {
 
     /// Emitted on every unit state change.
     #[zbus(signal)]
-    async fn unit_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str) -> zbus::Result<()>;
+    async fn unit_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str)
+        -> zbus::Result<()>;
 }
 
 /// Live client connections, for signals.
@@ -198,23 +208,26 @@ pub fn serve(
                 let conns = accept_conns.clone();
                 // The handshake runs on its own thread: a client that stalls
                 // in it holds up nobody else.
-                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                    let built = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
-                        .server(guid)
-                        .and_then(|b| b.p2p().serve_at(PATH, iface))
-                        .and_then(|b| b.build());
-                    match built {
-                        Ok(c) => {
-                            let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                            // Bounded: the oldest connection goes first.
-                            if list.len() >= 64 {
-                                drop(list.remove(0));
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        let built =
+                            zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+                                .server(guid)
+                                .and_then(|b| b.p2p().serve_at(PATH, iface))
+                                .and_then(|b| b.build());
+                        match built {
+                            Ok(c) => {
+                                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+                                // Bounded: the oldest connection goes first.
+                                if list.len() >= 64 {
+                                    drop(list.remove(0));
+                                }
+                                list.push(c);
                             }
-                            list.push(c);
+                            Err(e) => tracing::debug!("API connection failed: {e}"),
                         }
-                        Err(e) => tracing::debug!("API connection failed: {e}"),
-                    }
-                });
+                    });
             }
         })?;
     let (tx, rx) = mpsc::channel::<(String, String)>();
@@ -233,11 +246,13 @@ pub fn serve(
         })?;
     let tx = Mutex::new(tx);
     tracing::info!("API {INTERFACE} on {}", socket.display());
-    Ok(Box::new(move |name: &str, state: &crate::supervisor::State| {
-        if let Ok(tx) = tx.lock() {
-            let _ = tx.send((name.to_string(), state.name().to_string()));
-        }
-    }))
+    Ok(Box::new(
+        move |name: &str, state: &crate::supervisor::State| {
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send((name.to_string(), state.name().to_string()));
+            }
+        },
+    ))
 }
 
 #[cfg(test)]

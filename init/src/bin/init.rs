@@ -39,10 +39,21 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--units" => args.units = it.next().ok_or("--units needs a directory")?.into(),
             "--run-dir" => args.run_dir = it.next().ok_or("--run-dir needs a directory")?.into(),
-            "--log-dir" => args.log_dir = Some(it.next().ok_or("--log-dir needs a directory")?.into()),
-            "--cgroup" => args.cgroup = Some(it.next().ok_or("--cgroup needs a cgroup v2 directory")?.into()),
+            "--log-dir" => {
+                args.log_dir = Some(it.next().ok_or("--log-dir needs a directory")?.into())
+            }
+            "--cgroup" => {
+                args.cgroup = Some(
+                    it.next()
+                        .ok_or("--cgroup needs a cgroup v2 directory")?
+                        .into(),
+                )
+            }
             "-h" | "--help" => {
-                return Err("usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]".into());
+                return Err(
+                    "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]"
+                        .into(),
+                );
             }
             // The kernel passes unknown command-line words to init; ignore them as PID 1.
             _ if sys::is_pid1() => {}
@@ -66,25 +77,38 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     // Block signals before any thread exists, so every thread inherits the mask.
     let mut sfd = sys::signalfd(&signals).map_err(|e| error_chain(&e))?;
     if pid1 {
-        tracing::info!("steelcup init {} starting as PID 1", env!("CARGO_PKG_VERSION"));
+        tracing::info!(
+            "steelcup init {} starting as PID 1",
+            env!("CARGO_PKG_VERSION")
+        );
         phase("early-mounts", boot::early_mounts).map_err(|e| error_chain(&e))?;
         phase("kmsg-logging", steelcup_init::log_to_kmsg)
             .unwrap_or_else(|e| tracing::warn!("/dev/kmsg: {e}; logging to the console only"));
         if let Err(e) = sys::disable_ctrl_alt_del() {
             tracing::warn!("{}", error_chain(&e));
         }
-        phase("hostname", boot::hostname).unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
+        phase("hostname", boot::hostname)
+            .unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
         phase("modules", boot::load_modules);
         phase("entropy", boot::entropy);
         steelcup_init::power::watch();
         phase("network", steelcup_init::network::bring_up);
     } else {
-        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set child subreaper: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| format!("set child subreaper: {e}"))?;
     }
     sys::mkdir_p(&args.run_dir).map_err(|e| error_chain(&e))?;
-    let cgroup = if pid1 { boot::unit_cgroups() } else { args.cgroup.clone() };
+    let cgroup = if pid1 {
+        boot::unit_cgroups()
+    } else {
+        args.cgroup.clone()
+    };
     let log_dir = args.log_dir.clone().or_else(|| {
-        Some(if pid1 { PathBuf::from("/var/log/steelcup") } else { args.run_dir.join("logs") })
+        Some(if pid1 {
+            PathBuf::from("/var/log/steelcup")
+        } else {
+            args.run_dir.join("logs")
+        })
     });
     let logs = Arc::new(LogStore::new(log_dir, true));
     let (handle, control) = api::dbus::channel().map_err(|e| format!("API channel: {e}"))?;
@@ -108,7 +132,10 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         let mut sup = Supervisor::new(found, opts, logs.clone());
         match api::dbus::serve(&args.run_dir.join(api::SOCKET), handle, logs.clone()) {
             Ok(observer) => sup.observe(observer),
-            Err(e) => tracing::error!("API socket in {}: {e}; cup cannot reach init", args.run_dir.display()),
+            Err(e) => tracing::error!(
+                "API socket in {}: {e}; cup cannot reach init",
+                args.run_dir.display()
+            ),
         }
         sup.start_ready(std::time::Instant::now());
         sup
@@ -145,10 +172,13 @@ fn main() {
         return;
     }
     boot::save_seed();
-    tracing::info!("syncing disks and {}", match action {
-        PowerAction::PowerOff => "powering off",
-        PowerAction::Reboot => "rebooting",
-    });
+    tracing::info!(
+        "syncing disks and {}",
+        match action {
+            PowerAction::PowerOff => "powering off",
+            PowerAction::Reboot => "rebooting",
+        }
+    );
     let err = sys::power(action);
     tracing::error!("{}; halting", error_chain(&err));
     loop {

@@ -20,10 +20,34 @@ fn mounts() -> Result<(), sys::SysError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     sys::mount("proc", Path::new("/proc"), "proc", nosuid, None)?;
     sys::mount("sysfs", Path::new("/sys"), "sysfs", nosuid, None)?;
-    sys::mount("devtmpfs", Path::new("/dev"), "devtmpfs", MsFlags::MS_NOSUID, None)?;
-    sys::mount("devpts", Path::new("/dev/pts"), "devpts", MsFlags::MS_NOSUID, Some("ptmxmode=0666"))?;
-    sys::mount("tmpfs", Path::new("/run"), "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
-    sys::mount("tmpfs", Path::new("/tmp"), "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    sys::mount(
+        "devtmpfs",
+        Path::new("/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        None,
+    )?;
+    sys::mount(
+        "devpts",
+        Path::new("/dev/pts"),
+        "devpts",
+        MsFlags::MS_NOSUID,
+        Some("ptmxmode=0666"),
+    )?;
+    sys::mount(
+        "tmpfs",
+        Path::new("/run"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )?;
+    sys::mount(
+        "tmpfs",
+        Path::new("/tmp"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )?;
     Ok(())
 }
 
@@ -43,7 +67,12 @@ fn run() -> ExitStatus {
             Ok(c) => c,
             Err(e) => return fail(&format!("{CONFIG_PATH}: {e}"), libc::EINVAL),
         },
-        Err(e) => return fail(&format!("{CONFIG_PATH}: {e}"), e.raw_os_error().unwrap_or(libc::EIO)),
+        Err(e) => {
+            return fail(
+                &format!("{CONFIG_PATH}: {e}"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        }
     };
     if let Some(h) = &config.hostname {
         let _ = sys::set_hostname(h);
@@ -55,7 +84,10 @@ fn run() -> ExitStatus {
     let mut cmd = Command::new(program);
     cmd.args(&config.cmd[1..])
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .envs(&config.env)
         .process_group(0);
     if let Some(dir) = &config.workdir {

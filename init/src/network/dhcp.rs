@@ -29,7 +29,12 @@ fn prefix_of(mask: Ipv4Addr) -> u8 {
 }
 
 /// A request of `kind` from `mac` with transaction `xid`.
-pub fn request(kind: MessageType, xid: u32, mac: [u8; 6], requested: Option<(Ipv4Addr, Ipv4Addr)>) -> Message {
+pub fn request(
+    kind: MessageType,
+    xid: u32,
+    mac: [u8; 6],
+    requested: Option<(Ipv4Addr, Ipv4Addr)>,
+) -> Message {
     let mut m = Message::new_with_id(
         xid,
         Ipv4Addr::UNSPECIFIED,
@@ -89,23 +94,40 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6], kind: MessageType) -> O
 }
 
 fn socket(iface: &str) -> std::io::Result<UdpSocket> {
-    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let fd = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::Broadcast, &true)?;
     setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(iface))?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, 68))?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(0, 0, 0, 0, 68),
+    )?;
     Ok(UdpSocket::from(fd))
 }
 
 fn xid() -> u32 {
     let mut b = [0u8; 4];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     u32::from_ne_bytes(b) ^ std::process::id()
 }
 
 /// Sends `msg` until a reply of `kind` arrives, retrying with backoff.
-fn exchange(sock: &UdpSocket, msg: &Message, mac: [u8; 6], kind: MessageType, tries: u32) -> Option<Lease> {
+fn exchange(
+    sock: &UdpSocket,
+    msg: &Message,
+    mac: [u8; 6],
+    kind: MessageType,
+    tries: u32,
+) -> Option<Lease> {
     let bytes = msg.to_vec().ok()?;
     let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
     let mut wait = Duration::from_secs(1);
@@ -114,7 +136,11 @@ fn exchange(sock: &UdpSocket, msg: &Message, mac: [u8; 6], kind: MessageType, tr
         let _ = sock.send_to(&bytes, dest);
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
-            let _ = sock.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))));
+            let _ = sock.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ));
             match sock.recv_from(&mut buf) {
                 Ok((n, _)) => {
                     if let Some(l) = parse_reply(&buf[..n], msg.xid(), mac, kind) {
@@ -155,12 +181,29 @@ pub fn run(iface: &str, mac: [u8; 6]) {
         let id = xid();
         let lease = match &current {
             // Renewing: ask the same server for the same address.
-            Some(l) => exchange(&sock, &request(MessageType::Request, id, mac, Some((l.address, l.server))), mac, MessageType::Ack, 4),
-            None => exchange(&sock, &request(MessageType::Discover, id, mac, None), mac, MessageType::Offer, 6)
-                .and_then(|offer| {
-                    let req = request(MessageType::Request, id, mac, Some((offer.address, offer.server)));
-                    exchange(&sock, &req, mac, MessageType::Ack, 4)
-                }),
+            Some(l) => exchange(
+                &sock,
+                &request(MessageType::Request, id, mac, Some((l.address, l.server))),
+                mac,
+                MessageType::Ack,
+                4,
+            ),
+            None => exchange(
+                &sock,
+                &request(MessageType::Discover, id, mac, None),
+                mac,
+                MessageType::Offer,
+                6,
+            )
+            .and_then(|offer| {
+                let req = request(
+                    MessageType::Request,
+                    id,
+                    mac,
+                    Some((offer.address, offer.server)),
+                );
+                exchange(&sock, &req, mac, MessageType::Ack, 4)
+            }),
         };
         match lease {
             Some(l) => {
@@ -171,7 +214,9 @@ pub fn run(iface: &str, mac: [u8; 6]) {
                             l.address,
                             l.prefix,
                             l.server,
-                            l.router.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+                            l.router
+                                .map(|r| r.to_string())
+                                .unwrap_or_else(|| "none".into()),
                             l.lease_secs
                         ),
                         Err(e) => tracing::error!("network: {}", crate::boot::error_chain(&e)),
@@ -201,13 +246,22 @@ mod tests {
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
     fn reply(kind: MessageType, xid: u32, mac: [u8; 6]) -> Vec<u8> {
-        let mut m = Message::new_with_id(xid, Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2), Ipv4Addr::UNSPECIFIED, &mac);
+        let mut m = Message::new_with_id(
+            xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(10, 0, 2, 15),
+            Ipv4Addr::new(10, 0, 2, 2),
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
         m.set_opcode(Opcode::BootReply);
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(kind));
         o.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)));
         o.insert(DhcpOption::Router(vec![Ipv4Addr::new(10, 0, 2, 2)]));
-        o.insert(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(10, 0, 2, 3)]));
+        o.insert(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+            10, 0, 2, 3,
+        )]));
         o.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 0, 2, 2)));
         o.insert(DhcpOption::AddressLeaseTime(86400));
         m.to_vec().unwrap()
@@ -215,29 +269,66 @@ mod tests {
 
     #[test]
     fn requests_are_broadcast_with_our_identity() {
-        let m = request(MessageType::Request, 7, MAC, Some((Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2))));
+        let m = request(
+            MessageType::Request,
+            7,
+            MAC,
+            Some((Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2))),
+        );
         let back = Message::from_bytes(&m.to_vec().unwrap()).unwrap();
         assert!(back.flags().broadcast());
         assert_eq!(back.xid(), 7);
         assert_eq!(&back.chaddr()[..6], &MAC);
         assert_eq!(back.opts().msg_type(), Some(MessageType::Request));
-        assert!(matches!(back.opts().get(OptionCode::RequestedIpAddress), Some(DhcpOption::RequestedIpAddress(a)) if *a == Ipv4Addr::new(10, 0, 2, 15)));
+        assert!(
+            matches!(back.opts().get(OptionCode::RequestedIpAddress), Some(DhcpOption::RequestedIpAddress(a)) if *a == Ipv4Addr::new(10, 0, 2, 15))
+        );
     }
 
     #[test]
     fn replies_become_leases_only_when_they_are_ours() {
-        let l = parse_reply(&reply(MessageType::Offer, 9, MAC), 9, MAC, MessageType::Offer).unwrap();
-        assert_eq!(l, Lease {
-            address: Ipv4Addr::new(10, 0, 2, 15),
-            prefix: 24,
-            router: Some(Ipv4Addr::new(10, 0, 2, 2)),
-            dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
-            server: Ipv4Addr::new(10, 0, 2, 2),
-            lease_secs: 86400,
-        });
-        assert!(parse_reply(&reply(MessageType::Offer, 9, MAC), 10, MAC, MessageType::Offer).is_none(), "other xid");
-        assert!(parse_reply(&reply(MessageType::Offer, 9, [1; 6]), 9, MAC, MessageType::Offer).is_none(), "other client");
-        assert!(parse_reply(&reply(MessageType::Ack, 9, MAC), 9, MAC, MessageType::Offer).is_none(), "other kind");
+        let l = parse_reply(
+            &reply(MessageType::Offer, 9, MAC),
+            9,
+            MAC,
+            MessageType::Offer,
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            Lease {
+                address: Ipv4Addr::new(10, 0, 2, 15),
+                prefix: 24,
+                router: Some(Ipv4Addr::new(10, 0, 2, 2)),
+                dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+                server: Ipv4Addr::new(10, 0, 2, 2),
+                lease_secs: 86400,
+            }
+        );
+        assert!(
+            parse_reply(
+                &reply(MessageType::Offer, 9, MAC),
+                10,
+                MAC,
+                MessageType::Offer
+            )
+            .is_none(),
+            "other xid"
+        );
+        assert!(
+            parse_reply(
+                &reply(MessageType::Offer, 9, [1; 6]),
+                9,
+                MAC,
+                MessageType::Offer
+            )
+            .is_none(),
+            "other client"
+        );
+        assert!(
+            parse_reply(&reply(MessageType::Ack, 9, MAC), 9, MAC, MessageType::Offer).is_none(),
+            "other kind"
+        );
         assert!(parse_reply(b"garbage", 9, MAC, MessageType::Offer).is_none());
         assert!(parse_reply(&[], 9, MAC, MessageType::Offer).is_none());
     }

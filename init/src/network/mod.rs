@@ -50,28 +50,54 @@ pub struct InterfaceRule {
 
 /// `192.168.1.10/24` -> (address, prefix).
 pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
-    let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: prefix must be 0..=32"))?;
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
+    let addr: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("{s:?}: prefix must be 0..=32"))?;
     Ok((addr, prefix))
 }
 
 impl NetworkConfig {
     /// Parses and checks the file's text; errors name the file and field.
     pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
-        let c: NetworkConfig = toml::from_str(text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        let c: NetworkConfig =
+            toml::from_str(text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         for r in &c.interfaces {
-            glob::Pattern::new(&r.pattern).map_err(|e| format!("{}: match {:?}: {e}", path.display(), r.pattern))?;
+            glob::Pattern::new(&r.pattern)
+                .map_err(|e| format!("{}: match {:?}: {e}", path.display(), r.pattern))?;
             match (&r.address, r.dhcp) {
-                (Some(_), true) => return Err(format!("{}: {:?}: dhcp and address are exclusive", path.display(), r.pattern)),
+                (Some(_), true) => {
+                    return Err(format!(
+                        "{}: {:?}: dhcp and address are exclusive",
+                        path.display(),
+                        r.pattern
+                    ))
+                }
                 (Some(a), false) => {
                     parse_cidr(a).map_err(|e| format!("{}: address {e}", path.display()))?;
                 }
-                (None, false) => return Err(format!("{}: {:?}: needs dhcp = true or an address", path.display(), r.pattern)),
+                (None, false) => {
+                    return Err(format!(
+                        "{}: {:?}: needs dhcp = true or an address",
+                        path.display(),
+                        r.pattern
+                    ))
+                }
                 (None, true) => {}
             }
             if r.mtu.is_some_and(|m| !(68..=65535).contains(&m)) {
-                return Err(format!("{}: {:?}: mtu must be 68..=65535", path.display(), r.pattern));
+                return Err(format!(
+                    "{}: {:?}: mtu must be 68..=65535",
+                    path.display(),
+                    r.pattern
+                ));
             }
         }
         Ok(c)
@@ -102,7 +128,9 @@ impl NetworkConfig {
 /// Physical Ethernet interfaces (a `device` in sysfs, type 1) and their MACs.
 pub fn physical_interfaces() -> Vec<(String, [u8; 6])> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/sys/class/net") else { return out };
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
+        return out;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let p = e.path();
@@ -111,7 +139,11 @@ pub fn physical_interfaces() -> Vec<(String, [u8; 6])> {
             continue;
         }
         let mac = std::fs::read_to_string(p.join("address")).unwrap_or_default();
-        let bytes: Vec<u8> = mac.trim().split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        let bytes: Vec<u8> = mac
+            .trim()
+            .split(':')
+            .filter_map(|b| u8::from_str_radix(b, 16).ok())
+            .collect();
         if let Ok(mac) = <[u8; 6]>::try_from(bytes.as_slice()) {
             out.push((name, mac));
         }
@@ -175,14 +207,20 @@ pub fn bring_up() {
             }
             continue;
         }
-        let Some(Ok((addr, prefix))) = rule.address.as_deref().map(parse_cidr) else { continue };
-        let applied = sys::set_ipv4(&name, addr, prefix)
-            .and_then(|_| rule.gateway.map_or(Ok(()), |g| sys::add_default_route(&name, g)));
+        let Some(Ok((addr, prefix))) = rule.address.as_deref().map(parse_cidr) else {
+            continue;
+        };
+        let applied = sys::set_ipv4(&name, addr, prefix).and_then(|_| {
+            rule.gateway
+                .map_or(Ok(()), |g| sys::add_default_route(&name, g))
+        });
         match applied {
             Ok(()) => {
                 tracing::info!(
                     "network: {name} {addr}/{prefix}{} (static)",
-                    rule.gateway.map(|g| format!(" via {g}")).unwrap_or_default()
+                    rule.gateway
+                        .map(|g| format!(" via {g}"))
+                        .unwrap_or_default()
                 );
                 write_resolv_conf(&rule.dns);
             }
@@ -197,7 +235,10 @@ mod tests {
 
     #[test]
     fn cidr() {
-        assert_eq!(parse_cidr("10.0.0.5/8").unwrap(), (Ipv4Addr::new(10, 0, 0, 5), 8));
+        assert_eq!(
+            parse_cidr("10.0.0.5/8").unwrap(),
+            (Ipv4Addr::new(10, 0, 0, 5), 8)
+        );
         assert!(parse_cidr("10.0.0.5").is_err());
         assert!(parse_cidr("10.0.0.5/33").is_err());
         assert!(parse_cidr("10.0.0/8").is_err());
@@ -211,19 +252,42 @@ mod tests {
             "[[interface]]\nmatch = \"eth0\"\naddress = \"192.168.1.10/24\"\ngateway = \"192.168.1.1\"\ndns = [\"1.1.1.1\"]\n[[interface]]\nmatch = \"e*\"\ndhcp = true\n",
         )
         .unwrap();
-        assert_eq!(c.rule_for("eth0").unwrap().address.as_deref(), Some("192.168.1.10/24"));
+        assert_eq!(
+            c.rule_for("eth0").unwrap().address.as_deref(),
+            Some("192.168.1.10/24")
+        );
         assert!(c.rule_for("eth1").unwrap().dhcp);
         assert!(c.rule_for("wlan0").is_none());
         for (text, needle) in [
             ("[[interface]]\nmatch = \"x\"\n", "needs dhcp"),
-            ("[[interface]]\nmatch = \"x\"\ndhcp = true\naddress = \"1.2.3.4/8\"\n", "exclusive"),
-            ("[[interface]]\nmatch = \"x\"\naddress = \"1.2.3.4\"\n", "ADDRESS/PREFIX"),
-            ("[[interface]]\nmatch = \"x\"\ndhcp = true\nmtu = 10\n", "mtu"),
-            ("[[interface]]\nmatch = \"x\"\ndhcp = true\nbogus = 1\n", "bogus"),
+            (
+                "[[interface]]\nmatch = \"x\"\ndhcp = true\naddress = \"1.2.3.4/8\"\n",
+                "exclusive",
+            ),
+            (
+                "[[interface]]\nmatch = \"x\"\naddress = \"1.2.3.4\"\n",
+                "ADDRESS/PREFIX",
+            ),
+            (
+                "[[interface]]\nmatch = \"x\"\ndhcp = true\nmtu = 10\n",
+                "mtu",
+            ),
+            (
+                "[[interface]]\nmatch = \"x\"\ndhcp = true\nbogus = 1\n",
+                "bogus",
+            ),
         ] {
             let e = NetworkConfig::parse(p, text).unwrap_err();
-            assert!(e.contains(needle) && e.contains("network.toml"), "{text}: {e}");
+            assert!(
+                e.contains(needle) && e.contains("network.toml"),
+                "{text}: {e}"
+            );
         }
-        assert!(NetworkConfig::default_dhcp().rule_for("enp3s0").unwrap().dhcp);
+        assert!(
+            NetworkConfig::default_dhcp()
+                .rule_for("enp3s0")
+                .unwrap()
+                .dhcp
+        );
     }
 }

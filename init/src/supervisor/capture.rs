@@ -81,12 +81,17 @@ impl Capture {
             let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             for ev in &events[..n] {
                 let raw = ev.data() as RawFd;
-                let Some(s) = streams.get_mut(&raw) else { continue };
+                let Some(s) = streams.get_mut(&raw) else {
+                    continue;
+                };
                 match nix::unistd::read(&s.fd, &mut chunk) {
                     Ok(0) => {
                         if !s.buf.is_empty() {
                             let rest = std::mem::take(&mut s.buf);
-                            self.logs.push(&s.unit, String::from_utf8_lossy(&rest).trim_end_matches('\r'));
+                            self.logs.push(
+                                &s.unit,
+                                String::from_utf8_lossy(&rest).trim_end_matches('\r'),
+                            );
                         }
                         let _ = self.epoll.delete(&s.fd);
                         streams.remove(&raw);
@@ -116,7 +121,10 @@ fn flush_lines(logs: &LogStore, unit: &str, buf: &mut Vec<u8>) {
         start += i + 1;
     }
     while buf.len() - start >= MAX_LINE {
-        logs.push(unit, &String::from_utf8_lossy(&buf[start..start + MAX_LINE]));
+        logs.push(
+            unit,
+            &String::from_utf8_lossy(&buf[start..start + MAX_LINE]),
+        );
         start += MAX_LINE;
     }
     buf.drain(..start);

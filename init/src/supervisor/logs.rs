@@ -33,7 +33,10 @@ struct RotatingFile {
 
 impl RotatingFile {
     fn open(path: PathBuf) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
         let size = file.metadata()?.len();
         Ok(RotatingFile { path, file, size })
     }
@@ -129,9 +132,18 @@ impl LogStore {
         }
         if self.echo {
             let now = Instant::now();
-            if log.window.is_none_or(|w| now.duration_since(w) >= CONSOLE_PERIOD) {
+            if log
+                .window
+                .is_none_or(|w| now.duration_since(w) >= CONSOLE_PERIOD)
+            {
                 if log.suppressed > 0 {
-                    echo(unit, &format!("({} lines not shown on the console; see its log)", log.suppressed));
+                    echo(
+                        unit,
+                        &format!(
+                            "({} lines not shown on the console; see its log)",
+                            log.suppressed
+                        ),
+                    );
                     log.suppressed = 0;
                 }
                 log.window = Some(now);
@@ -226,7 +238,10 @@ mod tests {
         assert!(none.is_empty());
         assert_eq!(same, next2);
         let (t, _) = s.tail("u", 2);
-        assert_eq!(t.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>(), [format!("line {}", RING_LINES + 499).as_str(), "new"]);
+        assert_eq!(
+            t.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>(),
+            [format!("line {}", RING_LINES + 499).as_str(), "new"]
+        );
     }
 
     #[test]

@@ -163,7 +163,9 @@ impl Supervisor {
         let capture = match capture::Capture::start(logs.clone()) {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!("cannot start the output capture thread: {e}; service output is lost");
+                tracing::error!(
+                    "cannot start the output capture thread: {e}; service output is lost"
+                );
                 None
             }
         };
@@ -382,7 +384,10 @@ impl Supervisor {
     }
 
     fn cgroup_of(&self, name: &str) -> Option<PathBuf> {
-        self.opts.cgroup.as_ref().map(|c| c.join(format!("{name}.service")))
+        self.opts
+            .cgroup
+            .as_ref()
+            .map(|c| c.join(format!("{name}.service")))
     }
 
     fn setup_cgroup(&self, name: &str, spec: &ServiceSection) -> Option<PathBuf> {
@@ -400,7 +405,8 @@ impl Supervisor {
             ("memory.max", spec.memory_max.map(|m| m.0.to_string())),
             (
                 "cpu.max",
-                spec.cpu_max.map(|c| format!("{} 100000", (c * 100_000.0).round() as u64)),
+                spec.cpu_max
+                    .map(|c| format!("{} 100000", (c * 100_000.0).round() as u64)),
             ),
             ("pids.max", spec.pids_max.map(|p| p.to_string())),
         ];
@@ -437,10 +443,14 @@ impl Supervisor {
         let mut notify = None;
         if spec.ready == Ready::Notify {
             let dir = self.opts.run_dir.join("notify");
-            let bound = std::fs::create_dir_all(&dir).and_then(|_| NotifySocket::bind(&dir.join(name)));
+            let bound =
+                std::fs::create_dir_all(&dir).and_then(|_| NotifySocket::bind(&dir.join(name)));
             match bound {
                 Ok(n) => {
-                    env.insert("NOTIFY_SOCKET".into(), n.path.to_string_lossy().into_owned());
+                    env.insert(
+                        "NOTIFY_SOCKET".into(),
+                        n.path.to_string_lossy().into_owned(),
+                    );
                     notify = Some(n);
                 }
                 Err(e) => {
@@ -483,11 +493,19 @@ impl Supervisor {
             let c = |s: &str| sys::cstring(s).map_err(|e| e.to_string());
             let spawn = sys::SpawnSpec {
                 argv: spec.exec.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
-                envp: env.iter().map(|(k, v)| c(&format!("{k}={v}"))).collect::<Result<_, _>>()?,
-                cwd: sys::cstring(spec.workdir.as_deref().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())?,
+                envp: env
+                    .iter()
+                    .map(|(k, v)| c(&format!("{k}={v}")))
+                    .collect::<Result<_, _>>()?,
+                cwd: sys::cstring(spec.workdir.as_deref().unwrap_or(Path::new("/")))
+                    .map_err(|e| e.to_string())?,
                 uid,
                 gid,
-                cgroup_procs: procs.as_deref().map(sys::cstring).transpose().map_err(|e| e.to_string())?,
+                cgroup_procs: procs
+                    .as_deref()
+                    .map(sys::cstring)
+                    .transpose()
+                    .map_err(|e| e.to_string())?,
                 stdout: out_w,
                 stderr: err_w,
             };
@@ -511,7 +529,11 @@ impl Supervisor {
                 }
                 self.set_state(
                     name,
-                    if ready == Ready::Notify { State::Starting } else { State::Running },
+                    if ready == Ready::Notify {
+                        State::Starting
+                    } else {
+                        State::Running
+                    },
                 );
                 self.started.retain(|n| n != name);
                 self.started.push(name.to_string());
@@ -536,7 +558,9 @@ impl Supervisor {
             self.set_state(name, State::Stopped);
             return;
         }
-        if s.started_at.is_some_and(|t| now.duration_since(t) >= STABLE_AFTER) {
+        if s.started_at
+            .is_some_and(|t| now.duration_since(t) >= STABLE_AFTER)
+        {
             s.backoff = BACKOFF_START;
             s.quick_exits = 0;
         } else {
@@ -590,7 +614,11 @@ impl Supervisor {
         if !message.lines().any(|l| l.trim() == "READY=1") {
             return;
         }
-        if self.services.get(name).is_some_and(|s| s.state == State::Starting) {
+        if self
+            .services
+            .get(name)
+            .is_some_and(|s| s.state == State::Starting)
+        {
             tracing::info!("unit {name}: ready");
             if let Some(s) = self.services.get_mut(name) {
                 s.ready_deadline = None;
@@ -651,7 +679,9 @@ impl Supervisor {
                     .chain(self.microvms.keys())
                     .cloned()
                     .collect();
-                Ok(Reply::Units(names.iter().filter_map(|n| self.info(n)).collect()))
+                Ok(Reply::Units(
+                    names.iter().filter_map(|n| self.info(n)).collect(),
+                ))
             }
             Action::Status(name) => self
                 .info(&name)
@@ -694,7 +724,11 @@ impl Supervisor {
 
     /// Runs until a signal or the API asks for power-off or reboot, then
     /// stops every service in reverse start order.
-    pub fn run(&mut self, sfd: &mut SignalFd, control: Option<&crate::api::dbus::Control>) -> Ending {
+    pub fn run(
+        &mut self,
+        sfd: &mut SignalFd,
+        control: Option<&crate::api::dbus::Control>,
+    ) -> Ending {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         loop {
@@ -804,7 +838,10 @@ impl Supervisor {
             self.reaped(sys::reap(), Instant::now());
         }
         if !gone(self) {
-            tracing::warn!("unit {name}: did not stop in {}s; killing it", timeout.as_secs());
+            tracing::warn!(
+                "unit {name}: did not stop in {}s; killing it",
+                timeout.as_secs()
+            );
             let _ = killpg(pid, Signal::SIGKILL);
             while !gone(self) && t0.elapsed() < timeout + Duration::from_secs(5) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -845,7 +882,11 @@ mod tests {
     }
 
     fn sup(units: Vec<Unit>) -> Supervisor {
-        let run = std::env::temp_dir().join(format!("steelcup-sup-{}-{}", std::process::id(), units.len()));
+        let run = std::env::temp_dir().join(format!(
+            "steelcup-sup-{}-{}",
+            std::process::id(),
+            units.len()
+        ));
         std::fs::create_dir_all(&run).unwrap();
         let opts = Options {
             units_dir: run.clone(),
@@ -859,7 +900,11 @@ mod tests {
     fn wait_for(sup: &mut Supervisor, mut done: impl FnMut(&Supervisor) -> bool) {
         let t0 = Instant::now();
         while !done(sup) {
-            assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {:?}", sup.states());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "timed out: {:?}",
+                sup.states()
+            );
             std::thread::sleep(Duration::from_millis(20));
             sup.reaped(sys::reap(), Instant::now());
             sup.start_ready(Instant::now());
@@ -901,14 +946,22 @@ mod tests {
         // Stop sends SIGTERM, and SIGKILL to one that ignores it.
         let mut s = sup(vec![
             svc("polite", "sleep 30", "always", &[]),
-            svc("stubborn", "trap '' TERM; sleep 30 & wait; sleep 30", "always", &[]),
+            svc(
+                "stubborn",
+                "trap '' TERM; sleep 30 & wait; sleep 30",
+                "always",
+                &[],
+            ),
         ]);
         s.start_ready(Instant::now());
         // Let the shell install its trap before it is asked to stop.
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
         s.stop_all();
-        assert!(t0.elapsed() >= Duration::from_secs(2), "stubborn must need SIGKILL");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(2),
+            "stubborn must need SIGKILL"
+        );
         assert_eq!(s.states()["polite"], State::Stopped);
         assert_eq!(s.states()["stubborn"], State::Stopped);
         assert!(s.services.values().all(|x| x.pid.is_none()));
@@ -916,8 +969,13 @@ mod tests {
         // API actions.
         let mut s = sup(vec![svc("one", "sleep 30", "no", &[])]);
         s.start_ready(Instant::now());
-        assert!(matches!(s.handle(Action::Status("one".into())), Ok(Reply::Unit(u)) if u.state == "running" && u.pid > 0));
-        assert_eq!(s.handle(Action::Status("nope".into())), Err(ApiError::NoSuchUnit("nope".into())));
+        assert!(
+            matches!(s.handle(Action::Status("one".into())), Ok(Reply::Unit(u)) if u.state == "running" && u.pid > 0)
+        );
+        assert_eq!(
+            s.handle(Action::Status("nope".into())),
+            Err(ApiError::NoSuchUnit("nope".into()))
+        );
         assert_eq!(s.handle(Action::Stop("one".into())), Ok(Reply::Done));
         assert_eq!(s.states()["one"], State::Stopped);
         assert_eq!(s.handle(Action::Start("one".into())), Ok(Reply::Done));
@@ -928,9 +986,15 @@ mod tests {
 
     #[test]
     fn refused_units_do_not_start() {
-        let mut s = sup(vec![svc("a", "true", "no", &["b"]), svc("b", "true", "no", &["a"])]);
+        let mut s = sup(vec![
+            svc("a", "true", "no", &["b"]),
+            svc("b", "true", "no", &["a"]),
+        ]);
         assert!(matches!(s.states()["a"], State::Failed(_)));
         assert!(matches!(s.states()["b"], State::Failed(_)));
-        assert!(matches!(s.handle(Action::Start("a".into())), Err(ApiError::Refused(_))));
+        assert!(matches!(
+            s.handle(Action::Start("a".into())),
+            Err(ApiError::Refused(_))
+        ));
     }
 }

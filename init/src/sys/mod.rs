@@ -422,7 +422,11 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let (null_fd, out_fd, err_fd) = (devnull.as_raw_fd(), spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd());
+    let (null_fd, out_fd, err_fd) = (
+        devnull.as_raw_fd(),
+        spec.stdout.as_raw_fd(),
+        spec.stderr.as_raw_fd(),
+    );
     // SAFETY: fork in a multi-threaded process. The child touches only memory
     // prepared above (argv/envp pointer arrays, C strings, raw fds), which
     // stays valid because this frame is copied into the child, and calls only
@@ -468,7 +472,13 @@ unsafe fn child_exec(
                 break;
             }
         }
-        let msg: [&[u8]; 5] = [b"steelcup init: cannot start: ", what, b": errno ", &digits[i..], b"\n"];
+        let msg: [&[u8]; 5] = [
+            b"steelcup init: cannot start: ",
+            what,
+            b": errno ",
+            &digits[i..],
+            b"\n",
+        ];
         // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are
         // on this stack.
         unsafe {
@@ -553,7 +563,9 @@ fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size on Linux and
@@ -574,7 +586,11 @@ pub struct NetError {
 /// Sets an interface's IPv4 address and prefix (`ip addr add ADDR/PREFIX dev NAME`).
 pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), NetError> {
     use std::os::fd::AsRawFd;
-    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let err = |step, source| NetError {
+        iface: name.to_string(),
+        step,
+        source,
+    };
     let sock = inet_socket().map_err(|e| err("socket", e))?;
     let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
     req.ifr_ifru.ifru_addr = sockaddr_in(addr);
@@ -582,7 +598,11 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), 
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) } < 0 {
         return Err(err("set address", std::io::Error::last_os_error()));
     }
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
     req.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask));
     // SAFETY: as above, SIOCSIFNETMASK only reads `req`.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) } < 0 {
@@ -594,7 +614,11 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), 
 /// Sets an interface's MTU.
 pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
     use std::os::fd::AsRawFd;
-    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let err = |step, source| NetError {
+        iface: name.to_string(),
+        step,
+        source,
+    };
     let sock = inet_socket().map_err(|e| err("socket", e))?;
     let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
     req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
@@ -608,9 +632,14 @@ pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
 /// Adds the default route via `gateway` on `name` (`ip route add default via GW dev NAME`).
 pub fn add_default_route(name: &str, gateway: std::net::Ipv4Addr) -> Result<(), NetError> {
     use std::os::fd::AsRawFd;
-    let err = |step, source| NetError { iface: name.to_string(), step, source };
+    let err = |step, source| NetError {
+        iface: name.to_string(),
+        step,
+        source,
+    };
     let sock = inet_socket().map_err(|e| err("socket", e))?;
-    let dev = CString::new(name).map_err(|_| err("interface name", std::io::ErrorKind::InvalidInput.into()))?;
+    let dev = CString::new(name)
+        .map_err(|_| err("interface name", std::io::ErrorKind::InvalidInput.into()))?;
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
     rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);

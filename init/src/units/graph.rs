@@ -78,7 +78,15 @@ pub fn plan(units: &[Unit]) -> Plan {
     let mut remaining: BTreeMap<&str, BTreeSet<&str>> = deps
         .iter()
         .filter(|(n, _)| !refused.contains_key(**n))
-        .map(|(n, d)| (*n, d.iter().copied().filter(|d| !refused.contains_key(*d)).collect()))
+        .map(|(n, d)| {
+            (
+                *n,
+                d.iter()
+                    .copied()
+                    .filter(|d| !refused.contains_key(*d))
+                    .collect(),
+            )
+        })
         .collect();
     let mut order = Vec::new();
     while !remaining.is_empty() {
@@ -200,7 +208,11 @@ mod tests {
             unit("fine", &[], &[]),
         ]);
         for n in ["a", "b", "c"] {
-            assert!(p.refused[n].contains("dependency cycle: a -> b -> c"), "{:?}", p.refused);
+            assert!(
+                p.refused[n].contains("dependency cycle: a -> b -> c"),
+                "{:?}",
+                p.refused
+            );
         }
         assert!(p.refused["needs-a"].contains("refused"));
         assert_eq!(p.order, ["after-a", "fine"]);

@@ -203,7 +203,11 @@ pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
     if let Ok(n) = s.parse::<i32>() {
         return nix::sys::signal::Signal::try_from(n).ok();
     }
-    let name = if s.starts_with("SIG") { s.to_string() } else { format!("SIG{s}") };
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
     nix::sys::signal::Signal::from_str(&name).ok()
 }
 
@@ -322,10 +326,7 @@ pub fn valid_name(name: &str) -> bool {
 /// it against the schema on its own so an error names this file and line.
 fn parse_layer(path: &Path, text: &str) -> Result<toml::Table, UnitError> {
     let located = |e: toml::de::Error| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((1, 1));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         UnitError::Parse {
             path: path.to_path_buf(),
             line,
@@ -351,7 +352,11 @@ fn merge(base: &mut toml::Table, top: toml::Table) {
 
 /// Parses a unit from its file and drop-ins (`(path, text)`, applied in
 /// order, later wins).
-pub fn parse_layered(path: &Path, text: &str, dropins: &[(PathBuf, String)]) -> Result<Unit, UnitError> {
+pub fn parse_layered(
+    path: &Path,
+    text: &str,
+    dropins: &[(PathBuf, String)],
+) -> Result<Unit, UnitError> {
     let mut table = parse_layer(path, text)?;
     for (p, t) in dropins {
         merge(&mut table, parse_layer(p, t)?);
@@ -396,7 +401,12 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
     let kind = match (file.service, file.microvm) {
         (Some(s), None) => {
             match s.exec.first() {
-                None => return Err(UnitError::invalid(path, "[service] exec: must not be empty")),
+                None => {
+                    return Err(UnitError::invalid(
+                        path,
+                        "[service] exec: must not be empty",
+                    ))
+                }
                 Some(p) if !p.starts_with('/') => {
                     return Err(UnitError::invalid(
                         path,
@@ -420,7 +430,10 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                 }
             }
             if s.workdir.as_ref().is_some_and(|w| !w.is_absolute()) {
-                return Err(UnitError::invalid(path, "[service] workdir: must be an absolute path"));
+                return Err(UnitError::invalid(
+                    path,
+                    "[service] workdir: must be an absolute path",
+                ));
             }
             UnitKind::Service(s)
         }
@@ -547,7 +560,14 @@ pub fn fuzz_one(data: &[u8]) {
     };
     let path = Path::new("/etc/steelcup/units/fuzz.toml");
     let _ = parse(path, text);
-    let _ = parse_layered(path, text, &[(PathBuf::from("/etc/steelcup/units/fuzz.d/10.toml"), text.to_string())]);
+    let _ = parse_layered(
+        path,
+        text,
+        &[(
+            PathBuf::from("/etc/steelcup/units/fuzz.d/10.toml"),
+            text.to_string(),
+        )],
+    );
 }
 
 #[cfg(test)]
@@ -576,7 +596,9 @@ ready = "notify"
         )
         .unwrap();
         assert_eq!(u.name, "vmmd");
-        let UnitKind::Service(s) = u.kind else { panic!("not a service") };
+        let UnitKind::Service(s) = u.kind else {
+            panic!("not a service")
+        };
         assert_eq!(s.restart, Restart::Always);
         assert_eq!(s.ready, Ready::Notify);
         assert_eq!(s.stop_timeout, 10);
@@ -596,7 +618,9 @@ vcpus = 2
 "#,
         )
         .unwrap();
-        let UnitKind::Microvm(m) = u.kind else { panic!("not a microvm") };
+        let UnitKind::Microvm(m) = u.kind else {
+            panic!("not a microvm")
+        };
         assert_eq!(m.memory, MemSize(64 << 20));
         assert_eq!(m.vcpus, 2);
         assert_eq!(u.unit.after, vec!["vmmd"]);
@@ -604,10 +628,16 @@ vcpus = 2
 
     #[test]
     fn unknown_field_names_file_line_and_field() {
-        let err = parse(&p("web"), "[service]\nexec = [\"/bin/x\"]\nrestrat = \"always\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("/etc/steelcup/units/web.toml:3:1:"), "{err}");
+        let err = parse(
+            &p("web"),
+            "[service]\nexec = [\"/bin/x\"]\nrestrat = \"always\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("/etc/steelcup/units/web.toml:3:1:"),
+            "{err}"
+        );
         assert!(err.contains("restrat"), "{err}");
     }
 
@@ -626,9 +656,15 @@ vcpus = 2
             ("[service]\nexec = [\"bin/x\"]\n", "absolute"),
             ("[microvm]\ncmd = [\"x\"]\nvcpus = 0\n", "vcpus"),
             ("[microvm]\ncmd = [\"x\"]\nmemory = \"1KiB\"\n", "memory"),
-            ("[microvm]\ncmd = [\"x\"]\nmemory = \"12XB\"\n", "unknown size unit"),
+            (
+                "[microvm]\ncmd = [\"x\"]\nmemory = \"12XB\"\n",
+                "unknown size unit",
+            ),
             ("[unit]\n", "neither"),
-            ("[unit]\nafter = [\"Bad Name\"]\n[service]\nexec=[\"/x\"]\n", "valid unit name"),
+            (
+                "[unit]\nafter = [\"Bad Name\"]\n[service]\nexec=[\"/x\"]\n",
+                "valid unit name",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(&p("u"), text).unwrap_err().to_string();
@@ -689,16 +725,30 @@ restart = "on-failure"
         let dir = std::env::temp_dir().join(format!("steelcup-dropins-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("web.d")).unwrap();
-        std::fs::write(dir.join("web.toml"), "[service]\nexec=[\"/bin/web\"]\nrestart=\"no\"\n[service.env]\nA=\"1\"\n").unwrap();
-        std::fs::write(dir.join("web.d/10-restart.toml"), "[service]\nrestart=\"always\"\n[service.env]\nB=\"2\"\n").unwrap();
-        std::fs::write(dir.join("web.d/20-more.toml"), "[service]\nrestart=\"on-failure\"\n").unwrap();
+        std::fs::write(
+            dir.join("web.toml"),
+            "[service]\nexec=[\"/bin/web\"]\nrestart=\"no\"\n[service.env]\nA=\"1\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("web.d/10-restart.toml"),
+            "[service]\nrestart=\"always\"\n[service.env]\nB=\"2\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("web.d/20-more.toml"),
+            "[service]\nrestart=\"on-failure\"\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("bad.toml"), "[service]\nexec=[\"/bin/bad\"]\n").unwrap();
         std::fs::create_dir_all(dir.join("bad.d")).unwrap();
         std::fs::write(dir.join("bad.d/10-x.toml"), "[service]\n\nbogus = 1\n").unwrap();
         let (units, errors) = load_dir(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(units.len(), 1);
-        let UnitKind::Service(s) = &units[0].kind else { panic!() };
+        let UnitKind::Service(s) = &units[0].kind else {
+            panic!()
+        };
         assert_eq!(s.restart, Restart::OnFailure, "later drop-ins win");
         assert_eq!(s.env.len(), 2, "tables merge");
         assert_eq!(errors.len(), 1);
@@ -709,7 +759,9 @@ restart = "on-failure"
     #[test]
     fn service_fields_are_validated() {
         let ok = parse(&p("s"), "[service]\nexec=[\"/x\"]\nstop-signal=\"SIGINT\"\nmemory-max=\"64MiB\"\ncpu-max=0.5\npids-max=100\nuser=\"nobody\"\nworkdir=\"/tmp\"\n").unwrap();
-        let UnitKind::Service(s) = ok.kind else { panic!() };
+        let UnitKind::Service(s) = ok.kind else {
+            panic!()
+        };
         assert_eq!(s.stop_signal(), nix::sys::signal::Signal::SIGINT);
         assert_eq!(s.memory_max, Some(MemSize(64 << 20)));
         for (text, needle) in [
@@ -718,10 +770,15 @@ restart = "on-failure"
             ("cpu-max=nan", "cpu-max"),
             ("workdir=\"rel\"", "workdir"),
         ] {
-            let err = parse(&p("s"), &format!("[service]\nexec=[\"/x\"]\n{text}\n")).unwrap_err().to_string();
+            let err = parse(&p("s"), &format!("[service]\nexec=[\"/x\"]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
-        assert_eq!(parse_signal("TERM"), Some(nix::sys::signal::Signal::SIGTERM));
+        assert_eq!(
+            parse_signal("TERM"),
+            Some(nix::sys::signal::Signal::SIGTERM)
+        );
         assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
     }
 }

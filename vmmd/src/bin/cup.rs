@@ -34,7 +34,9 @@ fn main() -> ExitCode {
 }
 
 fn json(args: &[String]) -> bool {
-    args.windows(2).any(|w| w[0] == "--format" && w[1] == "json") || args.iter().any(|a| a == "--format=json")
+    args.windows(2)
+        .any(|w| w[0] == "--format" && w[1] == "json")
+        || args.iter().any(|a| a == "--format=json")
 }
 
 fn proxy() -> Result<Init1Proxy<'static>, String> {
@@ -49,12 +51,30 @@ fn api_err(e: zbus::Error) -> String {
 }
 
 fn print_units(units: &[UnitInfo]) {
-    println!("{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}", "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT", "DESCRIPTION");
+    println!(
+        "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}",
+        "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT", "DESCRIPTION"
+    );
     for u in units {
-        let pid = if u.pid == 0 { "-".to_string() } else { u.pid.to_string() };
-        let exit = if u.last_exit < 0 { "-".to_string() } else { u.last_exit.to_string() };
-        let state = if u.reason.is_empty() { u.state.clone() } else { format!("{} ({})", u.state, u.reason) };
-        println!("{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}", u.name, u.kind, state, pid, u.restarts, exit, u.description);
+        let pid = if u.pid == 0 {
+            "-".to_string()
+        } else {
+            u.pid.to_string()
+        };
+        let exit = if u.last_exit < 0 {
+            "-".to_string()
+        } else {
+            u.last_exit.to_string()
+        };
+        let state = if u.reason.is_empty() {
+            u.state.clone()
+        } else {
+            format!("{} ({})", u.state, u.reason)
+        };
+        println!(
+            "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}",
+            u.name, u.kind, state, pid, u.restarts, exit, u.description
+        );
     }
 }
 
@@ -72,22 +92,32 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                     .map_err(|e| format!("{f}: {e}"))
                     .and_then(|t| steelcup_init::units::parse(path, &t).map_err(|e| e.to_string()));
                 match result {
-                    Ok(u) => println!("{f}: ok ({})", match u.kind {
-                        steelcup_init::units::UnitKind::Service(_) => "service",
-                        steelcup_init::units::UnitKind::Microvm(_) => "microvm",
-                    }),
+                    Ok(u) => println!(
+                        "{f}: ok ({})",
+                        match u.kind {
+                            steelcup_init::units::UnitKind::Service(_) => "service",
+                            steelcup_init::units::UnitKind::Microvm(_) => "microvm",
+                        }
+                    ),
                     Err(e) => {
                         eprintln!("{e}");
                         ok = false;
                     }
                 }
             }
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Some("units") => {
             let units = proxy()?.list_units().map_err(api_err)?;
             if json(args) {
-                println!("{}", serde_json::to_string_pretty(&units).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&units).map_err(|e| e.to_string())?
+                );
             } else {
                 print_units(&units);
             }
@@ -101,7 +131,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 "status" => {
                     let u = p.status(name).map_err(api_err)?;
                     if json(args) {
-                        println!("{}", serde_json::to_string_pretty(&u).map_err(|e| e.to_string())?);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&u).map_err(|e| e.to_string())?
+                        );
                     } else {
                         print_units(&[u]);
                     }
@@ -109,7 +142,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 "start" => p.start(name).map_err(api_err)?,
                 "stop" => p.stop(name).map_err(api_err)?,
                 "restart" => p.restart(name).map_err(api_err)?,
-                other => return Err(format!("unknown unit action {other:?}; use status, start, stop or restart")),
+                other => {
+                    return Err(format!(
+                        "unknown unit action {other:?}; use status, start, stop or restart"
+                    ))
+                }
             }
         }
         Some("logs") => {
@@ -122,9 +159,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                     "--unit" | "-u" => unit = it.next().cloned(),
                     "-f" | "--follow" => follow = true,
                     "-n" | "--tail" => {
-                        lines = it.next().and_then(|n| n.parse().ok()).ok_or("-n needs a number")?
+                        lines = it
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .ok_or("-n needs a number")?
                     }
-                    other if unit.is_none() && !other.starts_with('-') => unit = Some(other.to_string()),
+                    other if unit.is_none() && !other.starts_with('-') => {
+                        unit = Some(other.to_string())
+                    }
                     other => return Err(format!("unknown logs option {other:?}")),
                 }
             }
@@ -162,7 +204,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
         Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
         Some("reboot") => proxy()?.reboot().map_err(api_err)?,
-        Some(verb @ ("run" | "ps" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect")) => {
+        Some(
+            verb @ ("run" | "ps" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi"
+            | "inspect"),
+        ) => {
             return Err(format!(
                 "cup {verb}: workload verbs need vmmd's API, which this build does not have yet; declare workloads as [microvm] unit files"
             ));

@@ -87,7 +87,13 @@ impl<W: Write> CpioWriter<W> {
     }
 
     pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> Result<(), CpioError> {
-        self.header(path, S_IFREG | (perm & 0o7777), data.len() as u64, (0, 0), 1)?;
+        self.header(
+            path,
+            S_IFREG | (perm & 0o7777),
+            data.len() as u64,
+            (0, 0),
+            1,
+        )?;
         self.put(data)?;
         self.pad()
     }
@@ -98,7 +104,13 @@ impl<W: Write> CpioWriter<W> {
         self.pad()
     }
 
-    pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> Result<(), CpioError> {
+    pub fn char_dev(
+        &mut self,
+        path: &str,
+        perm: u32,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), CpioError> {
         self.header(path, S_IFCHR | (perm & 0o7777), 0, (major, minor), 1)
     }
 

@@ -28,6 +28,9 @@ mod tests {
         assert!(super::create(8).is_err());
         assert!(super::create(4096).is_err());
         let m = super::create(16).unwrap();
-        assert_eq!(vm_memory::GuestMemoryBackend::last_addr(&m).0, (16 << 20) - 1);
+        assert_eq!(
+            vm_memory::GuestMemoryBackend::last_addr(&m).0,
+            (16 << 20) - 1
+        );
     }
 }

@@ -50,7 +50,11 @@ pub enum KvmError {
         source: kvm_ioctls::Error,
     },
     #[error("vCPU {index}: set MSRs: only {set} of {wanted} were accepted")]
-    Msrs { index: u8, set: usize, wanted: usize },
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
     #[error("vCPU {index}: KVM_RUN")]
     Run {
         index: u8,

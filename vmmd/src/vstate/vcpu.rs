@@ -57,7 +57,11 @@ impl Vcpu {
 
     fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
         let index = self.index;
-        move |source| KvmError::VcpuSetup { index, what, source }
+        move |source| KvmError::VcpuSetup {
+            index,
+            what,
+            source,
+        }
     }
 
     /// Sets up the vCPU to enter the kernel at `entry` in 64-bit mode.
@@ -97,22 +101,24 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd.set_cpuid2(&cpuid).map_err(self.setup_err("set CPUID"))
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("set CPUID"))
     }
 
     fn setup_msrs(&self) -> Result<(), KvmError> {
         let entries = [
-            (0x174, 0),               // IA32_SYSENTER_CS
-            (0x175, 0),               // IA32_SYSENTER_ESP
-            (0x176, 0),               // IA32_SYSENTER_EIP
-            (0xc000_0081, 0),         // STAR
-            (0xc000_0082, 0),         // LSTAR
-            (0xc000_0083, 0),         // CSTAR
-            (0xc000_0084, 0),         // SYSCALL_MASK
-            (0xc000_0102, 0),         // KERNEL_GS_BASE
-            (0x10, 0),                // TSC
-            (0x1a0, 1),               // IA32_MISC_ENABLE: fast strings
-            (0x2ff, (1 << 11) | 6),   // MTRR default type: enabled, write-back
+            (0x174, 0),             // IA32_SYSENTER_CS
+            (0x175, 0),             // IA32_SYSENTER_ESP
+            (0x176, 0),             // IA32_SYSENTER_EIP
+            (0xc000_0081, 0),       // STAR
+            (0xc000_0082, 0),       // LSTAR
+            (0xc000_0083, 0),       // CSTAR
+            (0xc000_0084, 0),       // SYSCALL_MASK
+            (0xc000_0102, 0),       // KERNEL_GS_BASE
+            (0x10, 0),              // TSC
+            (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+            (0x2ff, (1 << 11) | 6), // MTRR default type: enabled, write-back
         ];
         let list: Vec<kvm_msr_entry> = entries
             .iter()
@@ -127,7 +133,10 @@ impl Vcpu {
             set: 0,
             wanted: list.len(),
         })?;
-        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("set MSRs"))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.setup_err("set MSRs"))?;
         if set != list.len() {
             return Err(KvmError::Msrs {
                 index: self.index,
@@ -147,7 +156,9 @@ impl Vcpu {
             rsi: arch::ZERO_PAGE_START,
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(self.setup_err("set registers"))
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.setup_err("set registers"))
     }
 
     fn setup_sregs(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
@@ -189,7 +200,9 @@ impl Vcpu {
         sregs.cr4 |= X86_CR4_PAE;
         sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
-        self.fd.set_sregs(&sregs).map_err(self.setup_err("set sregs"))
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.setup_err("set sregs"))
     }
 
     /// LINT0 delivers the PIC's ExtINT, LINT1 NMIs: the virtual-wire mode a
@@ -203,7 +216,9 @@ impl Vcpu {
                 lapic.regs[reg + i] = *b as i8;
             }
         }
-        self.fd.set_lapic(&lapic).map_err(self.setup_err("set LAPIC"))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.setup_err("set LAPIC"))
     }
 
     /// Runs the vCPU until the guest resets, faults or KVM fails. Port I/O
@@ -212,13 +227,11 @@ impl Vcpu {
         loop {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => lock(bus).pio_read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    match lock(bus).pio_write(port, data) {
-                        Some(VmAction::Reset) => return VcpuStop::Reset,
-                        Some(VmAction::Exit) => return VcpuStop::Exited,
-                        None => {}
-                    }
-                }
+                Ok(VcpuExit::IoOut(port, data)) => match lock(bus).pio_write(port, data) {
+                    Some(VmAction::Reset) => return VcpuStop::Reset,
+                    Some(VmAction::Exit) => return VcpuStop::Exited,
+                    None => {}
+                },
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     lock(bus).unhandled("MMIO read", addr);
                     data.fill(0xff);
