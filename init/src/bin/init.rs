@@ -148,6 +148,19 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
 fn main() {
     steelcup_init::init_logging();
     let pid1 = sys::is_pid1();
+    if pid1 {
+        // Release builds abort on panic, so nothing unwinds to main: the hook
+        // is PID 1's last word. Log, sync, power off — never let the kernel
+        // panic because init died.
+        std::panic::set_hook(Box::new(|info| {
+            tracing::error!("fatal: internal error: {info}; syncing disks and powering off");
+            let err = sys::power(PowerAction::PowerOff);
+            tracing::error!("{}; halting", error_chain(&err));
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }));
+    }
     // PID 1 must never unwind out of main: a panic here would panic the kernel.
     let outcome = std::panic::catch_unwind(|| run(pid1));
     let action = match outcome {

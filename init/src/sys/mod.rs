@@ -657,3 +657,100 @@ pub fn add_default_route(name: &str, gateway: std::net::Ipv4Addr) -> Result<(), 
     }
     Ok(())
 }
+
+/// Filesystems that hold no data to lose: left mounted at shutdown.
+const PSEUDO_FS: &[&str] = &[
+    "rootfs",
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "tmpfs",
+    "ramfs",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "mqueue",
+    "hugetlbfs",
+    "pstore",
+    "configfs",
+    "fusectl",
+    "efivarfs",
+    "autofs",
+    "binfmt_misc",
+];
+
+/// The mount points in `mounts` (the text of `/proc/self/mounts`) that hold
+/// data, in the order to unmount them: the reverse of mounting, so a mount
+/// inside another goes first.
+pub fn data_mounts(mounts: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, target, fstype) = (f.next()?, f.next()?, f.next()?);
+            if PSEUDO_FS.contains(&fstype) || target == "/" {
+                return None;
+            }
+            // /proc/mounts escapes space, tab, newline and backslash as octal.
+            let target = target
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\");
+            Some(PathBuf::from(target))
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// Unmounts every filesystem that holds data (after sync), or remounts it
+/// read-only when it is busy; returns what happened, a line per mount.
+pub fn unmount_all() -> Vec<String> {
+    nix::unistd::sync();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    data_mounts(&mounts)
+        .into_iter()
+        .map(
+            |target| match nix::mount::umount2(&target, nix::mount::MntFlags::empty()) {
+                Ok(()) => format!("unmounted {}", target.display()),
+                Err(e) => {
+                    let ro = nix::mount::mount(
+                        None::<&str>,
+                        &target,
+                        None::<&str>,
+                        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    );
+                    match ro {
+                        Ok(()) => format!("{} busy ({e}); remounted read-only", target.display()),
+                        Err(e2) => format!(
+                            "{}: cannot unmount ({e}) or remount read-only ({e2})",
+                            target.display()
+                        ),
+                    }
+                }
+            },
+        )
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_mounts_skip_pseudo_filesystems_and_go_in_reverse() {
+        let m = "rootfs / rootfs rw 0 0\nproc /proc proc rw 0 0\n/dev/vda3 /var ext4 rw 0 0\n/dev/vda4 /var/lib/steelcup\\040data xfs rw 0 0\ntmpfs /run tmpfs rw 0 0\n";
+        let d = super::data_mounts(m);
+        assert_eq!(
+            d,
+            [
+                std::path::PathBuf::from("/var/lib/steelcup data"),
+                std::path::PathBuf::from("/var")
+            ]
+        );
+    }
+}
