@@ -68,6 +68,14 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
     g.wait_for("unit vmmd: started", STEP).unwrap();
     let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
     g.wait_for(HELLO_EXIT, STEP).unwrap();
+    // The example microVM has two vCPUs: the MP table must bring both up.
+    let hello = g
+        .serial()
+        .lines()
+        .find(|l| l.contains(HELLO_LINE))
+        .unwrap_or_default()
+        .to_string();
+    assert!(hello.ends_with("CPUs 0-1"), "both vCPUs online: {hello}");
     record(
         &a,
         "qemu_start_to_microvm_line_s",

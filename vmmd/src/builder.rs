@@ -56,6 +56,8 @@ pub enum BuildError {
     Cmdline(String),
     #[error("vCPU count {0} is out of range 1..=32")]
     Vcpus(u8),
+    #[error(transparent)]
+    Mptable(#[from] crate::arch::mptable::MptableError),
 }
 
 /// A VM ready to run.
@@ -142,6 +144,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         .as_cstring()
         .map(|c| c.as_bytes().len())
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    crate::arch::mptable::write(&mem, config.vcpus)?;
     arch::write_zero_page(
         &mem,
         loaded.setup_header,

@@ -9,8 +9,7 @@
 //! the resident supervisor of those workers. vCPUs run on their own threads.
 //!
 //! # Limitations
-//! One vCPU boots (no MP table yet); devices are the serial console, the
-//! i8042 reset line and the status port; virtio devices, the D-Bus API,
+//! Devices are the serial console, the i8042 reset line and the status port; virtio devices, the D-Bus API,
 //! seccomp and namespaces for the worker are still to come.
 
 pub mod arch;

@@ -8,6 +8,7 @@
 //! of memory. Pure functions over [`GuestMemoryMmap`] so they are unit tested.
 
 pub mod gdt;
+pub mod mptable;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
