@@ -181,5 +181,11 @@ fn image_build_twice_gives_identical_bytes() {
         "the tested appliance differs from a fresh build"
     );
     record(&a, "host_image_bytes", &m1.image_bytes.to_string());
+    // The host image budget: kernel + initramfs under 40 MB.
+    assert!(
+        m1.image_bytes < 40_000_000,
+        "host image is {} bytes; the budget is 40 MB",
+        m1.image_bytes
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
