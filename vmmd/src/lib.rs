@@ -18,5 +18,6 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod image;
+pub mod selftest;
 pub mod vstate;
 pub mod worker;

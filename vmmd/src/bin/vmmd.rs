@@ -10,6 +10,9 @@ fn main() {
     if first.as_deref() == Some("worker") {
         std::process::exit(vmmd::worker::main());
     }
+    if first.as_deref() == Some("selftest") {
+        std::process::exit(vmmd::selftest::main());
+    }
     steelcup_init::init_logging();
     let mut opts = vmmd::daemon::default_options(&PathBuf::from("/etc/steelcup/units"));
     let mut next = first;
@@ -25,7 +28,7 @@ fn main() {
             "--kernel" => opts.kernel = value("--kernel"),
             "--initramfs" => opts.initramfs = value("--initramfs"),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH]\n       vmmd worker   (started by vmmd; VM config as JSON on stdin)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH]\n       vmmd worker   (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)");
                 return;
             }
             other => {
