@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod image;
+pub mod jail;
 pub mod selftest;
 pub mod vstate;
 pub mod worker;

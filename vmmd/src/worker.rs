@@ -7,8 +7,11 @@
 //! final [`WorkerReport`] go to stderr. A VM that crashes, or a worker that
 //! dies, takes nothing else down.
 //!
+//! Once the VM is built, a seccomp filter (see [`crate::jail::seccomp`]) is
+//! installed on every worker thread before any guest instruction runs.
+//!
 //! # Limitations
-//! The worker is not yet jailed (seccomp, namespaces, cgroup).
+//! The worker does not yet have its own mount namespace or cgroup.
 
 use crate::builder;
 use crate::config::{VmConfig, VmOutcome, WorkerReport, REPORT_PREFIX};
@@ -28,14 +31,31 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
             }
         }
     };
+    let program = match crate::jail::seccomp::filter() {
+        Ok(p) => p,
+        Err(e) => {
+            return VmOutcome::VmmError {
+                message: format!("build seccomp filter: {e}"),
+            }
+        }
+    };
     let (tx, rx) = mpsc::channel();
+    // Two rendezvous: `ready` once every vCPU thread is up (a new thread
+    // makes its own start-up syscalls, which the filter would refuse), `go`
+    // once the filter is on every thread.
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 1));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 1));
     let mut handles = Vec::new();
     for mut vcpu in built.vcpus {
         let bus = built.bus.clone();
         let tx = tx.clone();
+        let start = start.clone();
+        let ready = ready.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || {
+                ready.wait();
+                start.wait();
                 let stop = vcpu.run(&bus);
                 let _ = tx.send((vcpu.index, stop));
             });
@@ -48,6 +68,15 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
             }
         }
     }
+    ready.wait();
+    if let Err(e) = crate::jail::seccomp::apply_all_threads(&program) {
+        // Never run a guest unconfined: the waiting vCPU threads die with
+        // the process when the report is written.
+        return VmOutcome::VmmError {
+            message: format!("install seccomp filter: {e}"),
+        };
+    }
+    start.wait();
     drop(tx);
     let Ok((index, stop)) = rx.recv() else {
         return VmOutcome::VmmError {

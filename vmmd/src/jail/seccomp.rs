@@ -1,0 +1,106 @@
+//! The worker's seccomp filter: the syscalls a running VM needs, and no more.
+//!
+//! # Design
+//! The list below is data, reviewed line by line: each syscall says why the
+//! worker needs it once the VM is built. Everything set up before (opening
+//! /dev/kvm, creating the VM, vCPUs, memory, irqfds, threads) happens before
+//! the filter is installed; after it, `ioctl` is allowed only with
+//! `KVM_RUN`. Any other call kills the whole worker process (and only it:
+//! vmmd and the other VMs run on). The filter is installed on every thread
+//! at once (TSYNC) while the vCPU threads wait on a barrier, so no guest
+//! instruction runs unfiltered.
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use std::collections::BTreeMap;
+
+/// `KVM_RUN` (`_IO(KVMIO, 0x80)`).
+pub const KVM_RUN: u64 = 0xae80;
+
+/// Syscalls a running worker makes, and why.
+pub const ALLOWED: &[(i64, &str)] = &[
+    (libc::SYS_read, "read: rare std I/O paths"),
+    (
+        libc::SYS_write,
+        "write: guest serial output to stdout, irqfd eventfd writes, the report on stderr",
+    ),
+    (
+        libc::SYS_futex,
+        "futex: the device bus mutex, the vCPU stop channel, the start barrier",
+    ),
+    (libc::SYS_sched_yield, "sched_yield: lock contention"),
+    (libc::SYS_mmap, "mmap: the allocator"),
+    (libc::SYS_munmap, "munmap: the allocator"),
+    (libc::SYS_mremap, "mremap: the allocator growing a buffer"),
+    (libc::SYS_brk, "brk: the allocator"),
+    (libc::SYS_madvise, "madvise: the allocator returning memory"),
+    (
+        libc::SYS_rt_sigreturn,
+        "rt_sigreturn: returning from a signal handler",
+    ),
+    (
+        libc::SYS_rt_sigprocmask,
+        "rt_sigprocmask: std at thread exit",
+    ),
+    (
+        libc::SYS_sigaltstack,
+        "sigaltstack: std tearing down a thread's signal stack",
+    ),
+    (
+        libc::SYS_clock_gettime,
+        "clock_gettime: the log rate limiter when the vDSO is not used",
+    ),
+    (libc::SYS_close, "close: dropping descriptors at exit"),
+    (libc::SYS_exit, "exit: a vCPU thread ending"),
+    (libc::SYS_exit_group, "exit_group: the worker ending"),
+];
+
+/// Builds the filter: [`ALLOWED`] plus `ioctl(fd, KVM_RUN, ...)`; anything
+/// else kills the process.
+pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|(nr, _)| (*nr, vec![])).collect();
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            KVM_RUN,
+        )?])?],
+    );
+    SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        seccompiler::TargetArch::x86_64,
+    )?
+    .try_into()
+}
+
+/// Installs `program` on every thread of the process.
+pub fn apply_all_threads(program: &BpfProgram) -> Result<(), seccompiler::Error> {
+    seccompiler::apply_filter_all_threads(program)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_list_has_no_duplicates_and_every_entry_says_why() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (nr, why) in super::ALLOWED {
+            assert!(seen.insert(*nr), "syscall {nr} listed twice");
+            assert!(
+                why.contains(": ") && why.len() > 10,
+                "{why:?} does not say why"
+            );
+        }
+        assert!(
+            !seen.contains(&libc::SYS_ioctl),
+            "ioctl is allowed only with KVM_RUN"
+        );
+        assert!(super::filter().is_ok());
+    }
+}
