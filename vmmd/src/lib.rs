@@ -7,10 +7,12 @@
 //! devices on the port-I/O bus, [`builder`] assembles a VM from a
 //! [`config::VmConfig`], [`worker`] is the per-VM process, and [`daemon`] is
 //! the resident supervisor of those workers. vCPUs run on their own threads.
+//! [`jail`] confines the worker; [`selftest`] checks KVM with a tiny guest.
 //!
 //! # Limitations
-//! Devices are the serial console, the i8042 reset line and the status port; virtio devices, the D-Bus API,
-//! seccomp and namespaces for the worker are still to come.
+//! Devices are the serial console, the i8042 reset line and the status
+//! port; virtio devices, the D-Bus API, and a mount namespace and cgroup for
+//! the worker (it already runs under seccomp, see [`jail`]) are still to come.
 
 pub mod arch;
 pub mod builder;
