@@ -16,6 +16,12 @@ struct Sup {
 
 impl Sup {
     fn start(test: &str, units: &[(&str, &str)]) -> Sup {
+        Self::start_with(test, units, true)
+    }
+
+    /// `read_console: false` leaves init's stdout (where unit output is
+    /// echoed) a pipe nobody reads, like a console that cannot keep up.
+    fn start_with(test: &str, units: &[(&str, &str)], read_console: bool) -> Sup {
         let dir = std::env::temp_dir().join(format!("steelcup-it-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("units")).unwrap();
@@ -44,10 +50,15 @@ impl Sup {
             .spawn()
             .unwrap();
         let out = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
+        let mut streams: Vec<Box<dyn Read + Send>> = vec![Box::new(child.stderr.take().unwrap())];
+        let stdout = child.stdout.take().unwrap();
+        if read_console {
+            streams.push(Box::new(stdout));
+        } else {
+            // Held open, never read: the pipe fills and writes to it block.
+            std::mem::forget(stdout);
+        }
+        for stream in streams {
             let out = out.clone();
             std::thread::spawn(move || {
                 let mut stream = stream;
@@ -452,6 +463,41 @@ fn logs_stay_bounded_when_a_unit_writes_a_gibibyte() {
         * steelcup_init::supervisor::logs::FILE_BYTES;
     assert!(total <= cap, "log files hold {total} bytes");
     assert!(s.output().contains("lines not shown on the console"));
+}
+
+/// Regression: the console echo was written from the capture thread, so a
+/// console that could not keep up (a 115200-baud serial line) blocked the
+/// capture of every unit's output, and then the units themselves.
+#[test]
+fn a_stuck_console_does_not_stall_log_capture() {
+    let s = Sup::start_with(
+        "console",
+        &[(
+            "chatty",
+            // 1000-byte lines: the first burst of console echo (200 lines)
+            // is more than a pipe holds.
+            &service(
+                "yes $(printf '%0999d' 0) | head -n 20000; echo finished; sleep 300",
+                "",
+            ),
+        )],
+        false,
+    );
+    let api = s.api();
+    let t0 = Instant::now();
+    loop {
+        let (tail, _) = api.tail("chatty", 1).unwrap();
+        if tail.first().is_some_and(|(_, l)| l == "finished") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "capture stalled behind the console: {tail:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, next) = api.tail("chatty", 1).unwrap();
+    assert_eq!(next, 20_001, "every line was captured");
 }
 
 fn dbus_send() -> Option<PathBuf> {

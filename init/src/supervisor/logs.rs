@@ -8,7 +8,12 @@
 //! at [`FILE_BYTES`] keeping [`FILE_KEEP`] old ones; lines are cut at
 //! [`MAX_LINE`] bytes. The console echo is rate-limited per unit (a unit that
 //! floods must not stall the serial console); what it drops is counted and
-//! reported, and still reaches the ring and the file.
+//! reported, and still reaches the ring and the file. The echo itself goes
+//! through a bounded queue to a writer thread: a serial console at 115200
+//! baud drains about 11 KB/s, and a blocked console must never block the
+//! capture of every service's output (their pipes would fill and stall
+//! them). When the queue is full, lines are dropped from the console only,
+//! and the count is reported once the console catches up.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -81,12 +86,52 @@ struct UnitLog {
     suppressed: u64,
 }
 
+/// Lines queued for the console at most; beyond that they are dropped there.
+const CONSOLE_QUEUE: usize = 1024;
+
+/// The console writer: a bounded queue and a thread that drains it.
+#[derive(Debug)]
+struct Console {
+    tx: std::sync::mpsc::SyncSender<String>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Console {
+    fn start() -> Option<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(CONSOLE_QUEUE);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = dropped.clone();
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || {
+                for line in rx {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let n = counter.swap(0, std::sync::atomic::Ordering::Relaxed);
+                    if n > 0 {
+                        let _ = writeln!(out, "[console] {n} lines dropped: the console could not keep up (they are in the units' logs)");
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .ok()?;
+        Some(Console { tx, dropped })
+    }
+
+    fn send(&self, line: String) {
+        if self.tx.try_send(line).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// All units' logs.
 #[derive(Debug)]
 pub struct LogStore {
     units: Mutex<BTreeMap<String, UnitLog>>,
     dir: Option<PathBuf>,
-    echo: bool,
+    console: Option<Console>,
 }
 
 impl LogStore {
@@ -97,7 +142,7 @@ impl LogStore {
         LogStore {
             units: Mutex::new(BTreeMap::new()),
             dir,
-            echo,
+            console: if echo { Console::start() } else { None },
         }
     }
 
@@ -130,20 +175,17 @@ impl LogStore {
                 None => break,
             }
         }
-        if self.echo {
+        if let Some(console) = &self.console {
             let now = Instant::now();
             if log
                 .window
                 .is_none_or(|w| now.duration_since(w) >= CONSOLE_PERIOD)
             {
                 if log.suppressed > 0 {
-                    echo(
-                        unit,
-                        &format!(
-                            "({} lines not shown on the console; see its log)",
-                            log.suppressed
-                        ),
-                    );
+                    console.send(format!(
+                        "[{unit}] ({} lines not shown on the console; see its log)",
+                        log.suppressed
+                    ));
                     log.suppressed = 0;
                 }
                 log.window = Some(now);
@@ -151,7 +193,7 @@ impl LogStore {
             }
             if log.echoed < CONSOLE_BURST {
                 log.echoed += 1;
-                echo(unit, line);
+                console.send(format!("[{unit}] {line}"));
             } else {
                 log.suppressed += 1;
             }
@@ -202,12 +244,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-fn echo(unit: &str, line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "[{unit}] {line}");
-    let _ = out.flush();
 }
 
 #[cfg(test)]
