@@ -75,7 +75,12 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         .find(|l| l.contains(HELLO_LINE))
         .unwrap_or_default()
         .to_string();
-    assert!(hello.ends_with("CPUs 0-1"), "both vCPUs online: {hello}");
+    assert!(hello.contains("CPUs 0-1,"), "both vCPUs online: {hello}");
+    // Every microVM has a virtio-rng device on the MMIO transport.
+    assert!(
+        hello.ends_with("RNG virtio_rng.0 (16 bytes read)"),
+        "the guest's RNG is vmmd's virtio-rng: {hello}"
+    );
     record(
         &a,
         "qemu_start_to_microvm_line_s",

@@ -56,9 +56,16 @@ pub enum BuildError {
     Cmdline(String),
     #[error("vCPU count {0} is out of range 1..=32")]
     Vcpus(u8),
+    #[error("open /dev/urandom for the guest's entropy device")]
+    Rng(#[source] std::io::Error),
     #[error(transparent)]
     Mptable(#[from] crate::arch::mptable::MptableError),
 }
+
+/// Where the virtio-rng device's registers are (the start of the MMIO hole).
+pub const RNG_MMIO_BASE: u64 = arch::MMIO_HOLE_START;
+/// Its interrupt line.
+pub const RNG_IRQ: u32 = 5;
 
 /// A VM ready to run.
 #[derive(Debug)]
@@ -138,6 +145,12 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    // virtio-mmio devices are declared on the command line: SIZE@ADDR:IRQ.
+    cmdline
+        .insert_str(format!(
+            "virtio_mmio.device=4K@{RNG_MMIO_BASE:#x}:{RNG_IRQ}"
+        ))
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
     linux_loader::loader::load_cmdline(&mem, GuestAddress(arch::CMDLINE_START), &cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
     let cmdline_len = cmdline
@@ -159,6 +172,19 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         Some(serial_irq),
         out,
     ))));
+    // An entropy device for every guest (the kernel's RNG needs it early).
+    let rng_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+    vm.register_irqfd(&rng_irq, RNG_IRQ)?;
+    let rng = crate::devices::virtio::rng::Rng::new().map_err(BuildError::Rng)?;
+    let transport = crate::devices::virtio::mmio::MmioTransport::new(
+        Box::new(rng),
+        mem.clone(),
+        crate::devices::serial::IrqTrigger(Some(rng_irq)),
+    );
+    bus.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .mmio
+        .push((RNG_MMIO_BASE, transport));
 
     let supported = vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));

@@ -10,8 +10,8 @@
 //! [`jail`] confines the worker; [`selftest`] checks KVM with a tiny guest.
 //!
 //! # Limitations
-//! Devices are the serial console, the i8042 reset line and the status
-//! port; virtio devices, the D-Bus API, and a mount namespace and cgroup for
+//! Devices are the serial console, the i8042 reset line, the status port
+//! and virtio-rng; virtio block, net and vsock, the D-Bus API, and a mount namespace and cgroup for
 //! the worker (it already runs under seccomp, see [`jail`]) are still to come.
 
 pub mod arch;

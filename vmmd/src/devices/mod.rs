@@ -10,6 +10,7 @@
 //! is logged at a bounded rate.
 
 pub mod serial;
+pub mod virtio;
 
 use std::time::{Duration, Instant};
 use steelcup_init::guest::{ExitStatus, STATUS_PORT};
@@ -31,6 +32,8 @@ const I8042_RESET: u8 = 0xfe;
 /// The port-I/O bus of one VM.
 pub struct Bus {
     pub serial: serial::SerialConsole,
+    /// virtio-mmio devices by base address.
+    pub mmio: Vec<(u64, virtio::mmio::MmioTransport)>,
     /// The last exit status vminit reported.
     pub status: Option<ExitStatus>,
     /// A value on the status port that vminit would never write.
@@ -50,6 +53,7 @@ impl Bus {
     pub fn new(serial: serial::SerialConsole) -> Self {
         Bus {
             serial,
+            mmio: Vec::new(),
             status: None,
             bad_status_writes: 0,
             limiter: RateLimiter::new(10, Duration::from_secs(1)),
@@ -102,6 +106,36 @@ impl Bus {
                 self.unhandled("port write", u64::from(port));
                 None
             }
+        }
+    }
+
+    fn mmio_device(
+        &mut self,
+        addr: u64,
+        len: usize,
+    ) -> Option<(u64, &mut virtio::mmio::MmioTransport)> {
+        self.mmio.iter_mut().find_map(|(base, t)| {
+            let off = addr.checked_sub(*base)?;
+            (off.checked_add(len as u64)? <= virtio::mmio::MMIO_SIZE).then_some((off, t))
+        })
+    }
+
+    /// A guest read from MMIO space: a virtio device's window, or all ones.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.mmio_device(addr, data.len()) {
+            Some((off, t)) => t.read(off, data),
+            None => {
+                data.fill(0xff);
+                self.unhandled("MMIO read", addr);
+            }
+        }
+    }
+
+    /// A guest write to MMIO space.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        match self.mmio_device(addr, data.len()) {
+            Some((off, t)) => t.write(off, data),
+            None => self.unhandled("MMIO write", addr),
         }
     }
 

@@ -232,11 +232,8 @@ impl Vcpu {
                     Some(VmAction::Exit) => return VcpuStop::Exited,
                     None => {}
                 },
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    lock(bus).unhandled("MMIO read", addr);
-                    data.fill(0xff);
-                }
-                Ok(VcpuExit::MmioWrite(addr, _)) => lock(bus).unhandled("MMIO write", addr),
+                Ok(VcpuExit::MmioRead(addr, data)) => lock(bus).mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => lock(bus).mmio_write(addr, data),
                 Ok(VcpuExit::Hlt) => return VcpuStop::Halted,
                 Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault,
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
