@@ -84,19 +84,32 @@ pub fn kernel_release(root: &Path) -> Result<String> {
     }
 }
 
-/// Builds the guest's default initramfs: vminit as `/init` and busybox.
-pub fn guest_initramfs(inputs: &Inputs, m: &manifest::Manifest) -> Result<Vec<u8>> {
-    let mut t = Tree::default();
-    t.file("init", 0o755, read(&inputs.bin_dir.join("vminit"))?)?;
-    t.file("bin/busybox", 0o755, read(&m.guest.busybox)?)?;
-    for applet in &m.guest.applets {
+/// A static busybox at `bin/busybox` with a symlink per applet.
+fn add_busybox(t: &mut Tree, busybox: &Path, applets: &[String]) -> Result<()> {
+    t.file("bin/busybox", 0o755, read(busybox)?)?;
+    for applet in applets {
         t.symlink(&format!("bin/{applet}"), "busybox")?;
     }
-    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "root"] {
+    Ok(())
+}
+
+/// The mount points an init expects, and the device nodes the kernel needs
+/// before devtmpfs is mounted (`/dev/console` for init's stdio).
+fn add_base(t: &mut Tree, dirs: &[&str]) -> Result<()> {
+    for d in dirs {
         t.dir(d, 0o755)?;
     }
     t.char_dev("dev/console", 0o600, 5, 1)?;
     t.char_dev("dev/null", 0o666, 1, 3)?;
+    Ok(())
+}
+
+/// Builds the guest's default initramfs: vminit as `/init` and busybox.
+pub fn guest_initramfs(inputs: &Inputs, m: &manifest::Manifest) -> Result<Vec<u8>> {
+    let mut t = Tree::default();
+    t.file("init", 0o755, read(&inputs.bin_dir.join("vminit"))?)?;
+    add_busybox(&mut t, &m.guest.busybox, &m.guest.applets)?;
+    add_base(&mut t, &["dev", "proc", "sys", "run", "tmp", "etc", "root"])?;
     t.to_cpio()
 }
 
@@ -203,16 +216,9 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         )?;
     }
     if let Some(busybox) = &m.host.busybox {
-        t.file("bin/busybox", 0o755, read(busybox)?)?;
-        for applet in &m.host.busybox_applets {
-            t.symlink(&format!("bin/{applet}"), "busybox")?;
-        }
+        add_busybox(&mut t, busybox, &m.host.busybox_applets)?;
     }
-    for d in ["dev", "proc", "sys", "run", "tmp", "var", "root"] {
-        t.dir(d, 0o755)?;
-    }
-    t.char_dev("dev/console", 0o600, 5, 1)?;
-    t.char_dev("dev/null", 0o666, 1, 3)?;
+    add_base(&mut t, &["dev", "proc", "sys", "run", "tmp", "var", "root"])?;
 
     let initramfs_files = t.digests();
     let initramfs = t.to_cpio()?;

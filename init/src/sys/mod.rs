@@ -583,8 +583,13 @@ pub struct NetError {
     pub source: std::io::Error,
 }
 
-/// Sets an interface's IPv4 address and prefix (`ip addr add ADDR/PREFIX dev NAME`).
-pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+/// One `ioctl(request, &ifreq)` on `name`, `fill` setting the request's data.
+fn ifreq_ioctl(
+    name: &str,
+    step: &'static str,
+    request: libc::Ioctl,
+    fill: impl FnOnce(&mut libc::ifreq),
+) -> Result<(), NetError> {
     use std::os::fd::AsRawFd;
     let err = |step, source| NetError {
         iface: name.to_string(),
@@ -593,40 +598,35 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), 
     };
     let sock = inet_socket().map_err(|e| err("socket", e))?;
     let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
-    req.ifr_ifru.ifru_addr = sockaddr_in(addr);
-    // SAFETY: SIOCSIFADDR reads the valid ifreq `req` for the call's duration.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) } < 0 {
-        return Err(err("set address", std::io::Error::last_os_error()));
+    fill(&mut req);
+    // SAFETY: the SIOCSIF* requests used here only read the valid ifreq `req`
+    // for the duration of the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &req) } < 0 {
+        return Err(err(step, std::io::Error::last_os_error()));
     }
+    Ok(())
+}
+
+/// Sets an interface's IPv4 address and prefix (`ip addr add ADDR/PREFIX dev NAME`).
+pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+    ifreq_ioctl(name, "set address", libc::SIOCSIFADDR, |r| {
+        r.ifr_ifru.ifru_addr = sockaddr_in(addr)
+    })?;
     let mask = if prefix == 0 {
         0
     } else {
         u32::MAX << (32 - u32::from(prefix.min(32)))
     };
-    req.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask));
-    // SAFETY: as above, SIOCSIFNETMASK only reads `req`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) } < 0 {
-        return Err(err("set netmask", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    ifreq_ioctl(name, "set netmask", libc::SIOCSIFNETMASK, |r| {
+        r.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask))
+    })
 }
 
 /// Sets an interface's MTU.
 pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
-    use std::os::fd::AsRawFd;
-    let err = |step, source| NetError {
-        iface: name.to_string(),
-        step,
-        source,
-    };
-    let sock = inet_socket().map_err(|e| err("socket", e))?;
-    let mut req = ifreq_for(name).map_err(|e| err("interface name", e))?;
-    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
-    // SAFETY: SIOCSIFMTU only reads the valid ifreq `req`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) } < 0 {
-        return Err(err("set MTU", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    ifreq_ioctl(name, "set MTU", libc::SIOCSIFMTU, |r| {
+        r.ifr_ifru.ifru_mtu = mtu as libc::c_int
+    })
 }
 
 /// Adds the default route via `gateway` on `name` (`ip route add default via GW dev NAME`).
