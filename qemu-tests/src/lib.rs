@@ -197,16 +197,7 @@ impl Guest {
         }
         // An empty signal mask: the caller may block signals it reads
         // through a signalfd (xtask does), and QEMU must not inherit that.
-        // SAFETY: sigemptyset and sigprocmask on a stack-local set are
-        // async-signal-safe, as required between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                Ok(())
-            });
-        }
+        steelcup_init::sys::reset_signal_mask(&mut cmd);
         // Its own process group: a Ctrl-C at the terminal is ours to handle.
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -369,6 +360,24 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits for QEMU to exit by itself after a power-off, and checks it
+    /// exited successfully with no kernel panic on the console; returns the
+    /// console output.
+    pub fn wait_clean_poweroff(&mut self, timeout: Duration) -> Result<String> {
+        let status = self.wait_exit(timeout)?;
+        if !status.success() {
+            bail!(
+                "QEMU exited with {status}; serial log: {}",
+                self.log_path.display()
+            );
+        }
+        let s = self.serial();
+        if s.contains("Kernel panic") {
+            bail!("kernel panic; serial log: {}", self.log_path.display());
+        }
+        Ok(s)
     }
 
     /// True while QEMU runs.

@@ -775,7 +775,7 @@ impl Supervisor {
             let mut messages = Vec::new();
             for (name, s) in &self.services {
                 if let Some(n) = &s.notify {
-                    while let Some((_, m)) = n.recv() {
+                    while let Some(m) = n.recv() {
                         messages.push((name.clone(), m));
                     }
                 }

@@ -119,27 +119,14 @@ pub fn set_hostname(name: &str) -> Result<(), SysError> {
 
 /// Brings a network interface up (`ip link set NAME up`).
 pub fn link_up(name: &str) -> Result<(), SysError> {
+    use std::os::fd::AsRawFd;
     let err = |source| SysError::LinkUp {
         name: name.to_string(),
         source,
     };
-    // SAFETY: socket(2) with constant arguments; the returned descriptor is
-    // checked and owned by `fd` below, which closes it.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= req.ifr_name.len() {
-        return Err(err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
+    let sock = inet_socket().map_err(err)?;
+    let fd = sock.as_raw_fd();
+    let mut req = ifreq_for(name).map_err(err)?;
     // SAFETY: SIOCGIFFLAGS reads the interface named in `req` and writes only
     // `req.ifr_ifru`; `req` is a valid, NUL-terminated ifreq that outlives the call.
     if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
@@ -255,41 +242,8 @@ pub fn reset_signal_mask(cmd: &mut std::process::Command) {
     };
 }
 
-/// Prepares `cmd` to run with an empty signal mask, in a cgroup and with no
-/// supplementary groups: the child writes `0` to `procs` (its cgroup's
-/// `cgroup.procs`) between fork and exec, so it is inside its cgroup before
-/// it can fork.
-pub fn spawn_in(cmd: &mut std::process::Command, procs: Option<&Path>, drop_groups: bool) {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::process::CommandExt;
-    reset_signal_mask(cmd);
-    let procs = procs.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
-    // SAFETY: the closure runs in the child between fork and exec. It only
-    // makes async-signal-safe syscalls (open, write, close, setgroups) on data
-    // prepared before the fork (`procs` is moved in, not allocated here).
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(path) = &procs {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if drop_groups && libc::setgroups(0, std::ptr::null()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
-}
-
-/// The `sd_notify` socket: a datagram socket that receives `READY=1` from
-/// services, with the sender's pid from SCM_CREDENTIALS.
+/// A unit's `sd_notify` socket: a datagram socket that receives `READY=1`.
+/// Each unit has its own, so the socket says whose a message is.
 #[derive(Debug)]
 pub struct NotifySocket {
     sock: std::os::unix::net::UnixDatagram,
@@ -301,38 +255,17 @@ impl NotifySocket {
         let _ = std::fs::remove_file(path);
         let sock = std::os::unix::net::UnixDatagram::bind(path)?;
         sock.set_nonblocking(true)?;
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true)
-            .map_err(std::io::Error::from)?;
         Ok(NotifySocket {
             sock,
             path: path.to_path_buf(),
         })
     }
 
-    /// One pending message and its sender's pid, if any.
-    pub fn recv(&self) -> Option<(i32, String)> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-        use std::os::fd::AsRawFd;
+    /// One pending message, if any.
+    pub fn recv(&self) -> Option<String> {
         let mut buf = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut cmsg = nix::cmsg_space!(UnixCredentials);
-        let msg = recvmsg::<()>(
-            self.sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .ok()?;
-        let mut pid = 0;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmCredentials(cred) = c {
-                    pid = cred.pid();
-                }
-            }
-        }
-        let n = msg.bytes;
-        Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 }
 
