@@ -35,6 +35,9 @@ pub struct Inputs {
     /// The host kernel package unpacked (`boot/vmlinuz-*`, `lib/modules/*`).
     pub host_kernel_root: PathBuf,
     pub out: PathBuf,
+    /// More files for the host initramfs, as (path in the image, source
+    /// file): the test image's disk images.
+    pub extra_files: Vec<(String, PathBuf)>,
 }
 
 /// One artifact in `manifest.json`.
@@ -217,6 +220,9 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     }
     if let Some(busybox) = &m.host.busybox {
         add_busybox(&mut t, busybox, &m.host.busybox_applets)?;
+    }
+    for (path, source) in &inputs.extra_files {
+        t.file(path.trim_start_matches('/'), 0o644, read(source)?)?;
     }
     add_base(&mut t, &["dev", "proc", "sys", "run", "tmp", "var", "root"])?;
 

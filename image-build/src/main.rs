@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         guest_kernel: a.guest_kernel,
         host_kernel_root: a.host_kernel_root,
         out: a.out.clone(),
+        extra_files: Vec::new(),
     })?;
     for (name, f) in &m.artifacts {
         println!("{:>12}  {}  {name}", f.size, &f.sha256[..16]);

@@ -35,6 +35,39 @@ pub struct GuestConfig {
     /// Hostname of the microVM.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The block device holding the read-only root filesystem (ext4 or
+    /// erofs); vminit puts a writable layer in memory over it and runs the
+    /// workload inside. Without it the workload runs in the initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// Data disks to mount; a blank one is formatted (ext2 through
+    /// busybox's mke2fs, mounted with the ext4 driver) on first use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A data disk as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestVolume {
+    /// The block device, like `/dev/vdb`.
+    pub device: String,
+    /// Where the workload sees it.
+    pub path: String,
+}
+
+/// The guest device name of the `index`-th virtio disk (0 is `/dev/vda`).
+pub fn disk_device(index: usize) -> String {
+    let mut name = String::new();
+    let mut i = index;
+    loop {
+        name.insert(0, char::from(b'a' + (i % 26) as u8));
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    format!("/dev/vd{name}")
 }
 
 /// How the workload ended, as vminit reports it.
@@ -47,6 +80,12 @@ pub enum ExitStatus {
     Killed { signal: u8 },
     /// vminit could not start the workload (bad config, missing program, ...).
     StartFailed { errno: u8 },
+    /// Something in the guest asked vminit to reboot (busybox `reboot`
+    /// signals PID 1 with SIGTERM, Ctrl-Alt-Del with SIGINT).
+    Rebooted,
+    /// Something in the guest asked vminit to power off or halt (SIGUSR2,
+    /// SIGUSR1).
+    PoweredOff,
 }
 
 impl ExitStatus {
@@ -57,6 +96,8 @@ impl ExitStatus {
             ExitStatus::Exited { code } => (1u32, code),
             ExitStatus::Killed { signal } => (2, signal),
             ExitStatus::StartFailed { errno } => (3, errno),
+            ExitStatus::Rebooted => (4, 0),
+            ExitStatus::PoweredOff => (5, 0),
         };
         (0x5c00 << 16) | (kind << 8) | u32::from(code)
     }
@@ -72,6 +113,8 @@ impl ExitStatus {
             1 => Some(ExitStatus::Exited { code }),
             2 => Some(ExitStatus::Killed { signal: code }),
             3 => Some(ExitStatus::StartFailed { errno: code }),
+            4 if code == 0 => Some(ExitStatus::Rebooted),
+            5 if code == 0 => Some(ExitStatus::PoweredOff),
             _ => None,
         }
     }
@@ -82,6 +125,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn disk_devices_are_named_like_the_kernel_names_them() {
+        assert_eq!(disk_device(0), "/dev/vda");
+        assert_eq!(disk_device(1), "/dev/vdb");
+        assert_eq!(disk_device(25), "/dev/vdz");
+        assert_eq!(disk_device(26), "/dev/vdaa");
+        assert_eq!(disk_device(27), "/dev/vdab");
+    }
+
+    #[test]
     fn status_round_trips() {
         for s in [
             ExitStatus::Exited { code: 0 },
@@ -89,6 +141,8 @@ mod tests {
             ExitStatus::Exited { code: 255 },
             ExitStatus::Killed { signal: 9 },
             ExitStatus::StartFailed { errno: 2 },
+            ExitStatus::Rebooted,
+            ExitStatus::PoweredOff,
         ] {
             assert_eq!(ExitStatus::decode(s.encode()), Some(s));
         }
@@ -99,6 +153,7 @@ mod tests {
         assert_eq!(ExitStatus::decode(0), None);
         assert_eq!(ExitStatus::decode(0xffff_ffff), None);
         assert_eq!(ExitStatus::decode((0x5c00 << 16) | (9 << 8)), None);
+        assert_eq!(ExitStatus::decode((0x5c00 << 16) | (4 << 8) | 1), None);
     }
 
     #[test]
@@ -108,6 +163,11 @@ mod tests {
             env: [("PATH".to_string(), "/bin".to_string())].into(),
             workdir: Some("/".into()),
             hostname: Some("hello".into()),
+            root: Some("/dev/vda".into()),
+            volumes: vec![GuestVolume {
+                device: "/dev/vdb".into(),
+                path: "/data".into(),
+            }],
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);

@@ -435,3 +435,23 @@ pub fn record(artifacts: &Artifacts, key: &str, value: &str) {
         let _ = writeln!(f, "{key} = {value}");
     }
 }
+
+/// Boots the test image (`qemu-tests/steelcup-test.toml`) with
+/// `steelcup.test=MODE` on its command line, for the driver unit in
+/// `qemu-tests/units/`. `None` (after saying so) when the test image was not
+/// built; a failure instead under `cargo xtask test`.
+pub fn boot_test_image(mode: &str) -> Option<Guest> {
+    let Some(a) = test_artifacts() else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "STEELCUP_TEST_ARTIFACTS is not set"
+        );
+        eprintln!("{mode}: skipped: needs the test image built by `cargo xtask test`");
+        return None;
+    };
+    let mut cfg = GuestConfig::direct(&format!("test-{mode}"), &a.dir).unwrap();
+    if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
+        cmdline.push_str(&format!(" steelcup.test={mode}"));
+    }
+    Some(Guest::boot(&cfg).unwrap())
+}

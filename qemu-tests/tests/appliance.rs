@@ -156,6 +156,7 @@ fn image_build_twice_gives_identical_bytes() {
             guest_kernel: path("guest_kernel"),
             host_kernel_root: path("host_kernel_root"),
             out: out.clone(),
+            extra_files: Vec::new(),
         })
         .unwrap();
         built.push((out, m));

@@ -6,26 +6,14 @@
 //! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
 //! `steelcup.test=MODE` on the kernel command line.
 
-use qemu_tests::{test_artifacts, Boot, Guest, GuestConfig};
+use qemu_tests::Guest;
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(120);
 
 fn boot(mode: &str) -> Option<Guest> {
-    let Some(a) = test_artifacts() else {
-        assert!(
-            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
-            "STEELCUP_TEST_ARTIFACTS is not set"
-        );
-        eprintln!("pid1: skipped: needs the test image built by `cargo xtask test`");
-        return None;
-    };
-    let mut cfg = GuestConfig::direct(&format!("pid1-{mode}"), &a.dir).unwrap();
-    if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
-        cmdline.push_str(&format!(" steelcup.test={mode}"));
-    }
-    Some(Guest::boot(&cfg).unwrap())
+    qemu_tests::boot_test_image(mode)
 }
 
 fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {

@@ -4,8 +4,14 @@
 
 use crate::arch::{self, ArchError};
 use crate::config::VmConfig;
+use crate::devices::event_loop::DeviceLoop;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{
-    serial::{Output, SerialConsole},
+    serial::{IrqTrigger, Output, SerialConsole},
     Bus,
 };
 use crate::image::cpio::{CpioError, CpioWriter};
@@ -60,12 +66,24 @@ pub enum BuildError {
     Rng(#[source] std::io::Error),
     #[error(transparent)]
     Mptable(#[from] crate::arch::mptable::MptableError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
+    #[error("vsock socket {path}")]
+    Vsock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} virtio devices do not fit the 19 interrupt lines")]
+    TooManyDevices(usize),
 }
 
-/// Where the virtio-rng device's registers are (the start of the MMIO hole).
-pub const RNG_MMIO_BASE: u64 = arch::MMIO_HOLE_START;
-/// Its interrupt line.
-pub const RNG_IRQ: u32 = 5;
+/// The first virtio-mmio device's interrupt line; device `i` uses
+/// `FIRST_VIRTIO_IRQ + i` and has its registers at
+/// `MMIO_HOLE_START + i * 4 KiB`.
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
+/// The last usable I/O APIC line.
+const LAST_IRQ: u32 = 23;
 
 /// A VM ready to run.
 #[derive(Debug)]
@@ -74,6 +92,27 @@ pub struct BuiltVm {
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<Vcpu>,
     pub bus: Arc<Mutex<Bus>>,
+    /// What the device thread waits on.
+    pub devices: DeviceLoop,
+}
+
+/// The virtio devices of a VM in slot order: the entropy device first, then
+/// the disks in the order given (so the first disk is the guest's `vda`),
+/// then vsock.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    devices.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
+    for d in &config.disks {
+        devices.push(Box::new(Block::open(&d.path, d.read_only, &d.id)?));
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.cid, &v.uds).map_err(|source| BuildError::Vsock {
+            path: v.uds.clone(),
+            source,
+        })?;
+        devices.push(Box::new(vsock));
+    }
+    Ok(devices)
 }
 
 /// The guest config as a cpio archive to append to the initramfs.
@@ -145,12 +184,17 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    let devices = virtio_devices(config)?;
+    if devices.len() > (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
+        return Err(BuildError::TooManyDevices(devices.len()));
+    }
     // virtio-mmio devices are declared on the command line: SIZE@ADDR:IRQ.
-    cmdline
-        .insert_str(format!(
-            "virtio_mmio.device=4K@{RNG_MMIO_BASE:#x}:{RNG_IRQ}"
-        ))
-        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    for i in 0..devices.len() {
+        let (base, irq) = virtio_slot(i);
+        cmdline
+            .insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+            .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    }
     linux_loader::loader::load_cmdline(&mem, GuestAddress(arch::CMDLINE_START), &cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
     let cmdline_len = cmdline
@@ -172,19 +216,36 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         Some(serial_irq),
         out,
     ))));
-    // An entropy device for every guest (the kernel's RNG needs it early).
-    let rng_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
-    vm.register_irqfd(&rng_irq, RNG_IRQ)?;
-    let rng = crate::devices::virtio::rng::Rng::new().map_err(BuildError::Rng)?;
-    let transport = crate::devices::virtio::mmio::MmioTransport::new(
-        Box::new(rng),
-        mem.clone(),
-        crate::devices::serial::IrqTrigger(Some(rng_irq)),
-    );
-    bus.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .mmio
-        .push((RNG_MMIO_BASE, transport));
+    // Each virtio device: an irqfd for its interrupt, an ioeventfd per queue
+    // for the device thread.
+    let mut device_loop = DeviceLoop::new().map_err(KvmError::EventFd)?;
+    for (i, device) in devices.into_iter().enumerate() {
+        let (base, gsi) = virtio_slot(i);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+        vm.register_irqfd(&irq, gsi)?;
+        let host_fd = device.host_event_fd();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            IrqTrigger(Some(irq)),
+        )));
+        for q in 0..crate::devices::virtio::lock(&transport).queue_count() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+            vm.register_ioevent(&evt, base + QUEUE_NOTIFY, q as u32)?;
+            device_loop
+                .add_queue(transport.clone(), q, evt)
+                .map_err(KvmError::EventFd)?;
+        }
+        if let Some(fd) = host_fd {
+            device_loop
+                .add_host(transport.clone(), fd)
+                .map_err(KvmError::EventFd)?;
+        }
+        bus.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mmio
+            .push((base, transport));
+    }
 
     let supported = vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -198,5 +259,14 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         mem,
         vcpus,
         bus,
+        devices: device_loop,
     })
+}
+
+/// Register base and interrupt line of virtio slot `i`.
+pub fn virtio_slot(i: usize) -> (u64, u32) {
+    (
+        arch::MMIO_HOLE_START + i as u64 * MMIO_SIZE,
+        FIRST_VIRTIO_IRQ + i as u32,
+    )
 }

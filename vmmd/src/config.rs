@@ -22,6 +22,36 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub guest: GuestConfig,
+    /// Block devices in order (the guest sees `/dev/vda`, `/dev/vdb`, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock device, its host side on Unix sockets.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A disk image file the guest sees as a virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// Opened read-only and offered to the guest as such (a root image that
+    /// many VMs share); a writable disk is locked to this VM.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk's id as the guest reads it (at most 20 bytes are used).
+    pub id: String,
+}
+
+/// The host side of a VM's vsock device (Firecracker's convention): a host
+/// process connects to `uds` and writes `CONNECT PORT\n` to reach guest port
+/// PORT; a guest connecting to host port P reaches `{uds}_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    pub uds: PathBuf,
 }
 
 /// How a VM ended.
@@ -34,8 +64,12 @@ pub enum VmOutcome {
     Killed { signal: u8 },
     /// vminit could not start the workload.
     StartFailed { errno: u8 },
+    /// The workload asked for a reboot (`reboot` inside the guest).
+    Rebooted,
+    /// The workload asked for a power-off (`poweroff` or `halt`).
+    PoweredOff,
     /// The guest reset without vminit reporting a status (a kernel panic
-    /// with `panic=-1`, or a reboot from inside).
+    /// with `panic=-1`, or `reboot -f` from inside).
     GuestReset,
     /// The guest crashed (triple fault) or halted for good.
     GuestCrashed { reason: String },
@@ -46,7 +80,7 @@ pub enum VmOutcome {
 impl VmOutcome {
     /// True when the workload ran and exited 0.
     pub fn success(&self) -> bool {
-        matches!(self, VmOutcome::Exited { code: 0 })
+        matches!(self, VmOutcome::Exited { code: 0 } | VmOutcome::PoweredOff)
     }
 }
 
@@ -60,9 +94,12 @@ impl std::fmt::Display for VmOutcome {
                 "could not start: {}",
                 std::io::Error::from_raw_os_error(i32::from(*errno))
             ),
-            VmOutcome::GuestReset => {
-                write!(f, "guest reset without an exit status (kernel panic?)")
-            }
+            VmOutcome::Rebooted => write!(f, "rebooted from inside the guest"),
+            VmOutcome::PoweredOff => write!(f, "powered off from inside the guest"),
+            VmOutcome::GuestReset => write!(
+                f,
+                "guest reset without an exit status (reboot -f or a kernel panic)"
+            ),
             VmOutcome::GuestCrashed { reason } => write!(f, "guest crashed: {reason}"),
             VmOutcome::VmmError { message } => write!(f, "VMM error: {message}"),
         }

@@ -13,7 +13,9 @@
 //! No D-Bus API, no reload, no replicas, no warm pool yet; stop kills the
 //! worker rather than asking the guest first.
 
-use crate::config::{VmConfig, VmOutcome, WorkerReport, DEFAULT_CMDLINE, REPORT_PREFIX};
+use crate::config::{
+    DiskConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, DEFAULT_CMDLINE, REPORT_PREFIX,
+};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use steelcup_init::guest::GuestConfig;
+use steelcup_init::guest::{disk_device, GuestConfig, GuestVolume};
 use steelcup_init::units::{self, MicrovmSection, Restart, UnitKind};
 
 /// Where the image puts the default guest kernel and initramfs.
@@ -39,7 +41,17 @@ pub struct Options {
     pub initramfs: PathBuf,
     /// Path of the `vmmd` binary to start workers with.
     pub worker_exe: PathBuf,
+    /// vmmd's state: volumes under `volumes/UNIT/NAME.img`.
+    pub state_dir: PathBuf,
+    /// Runtime files: each VM's vsock socket under `vsock/NAME.sock`.
+    pub run_dir: PathBuf,
 }
+
+/// Where vmmd keeps runtime files on the appliance.
+pub const DEFAULT_RUN_DIR: &str = "/run/steelcup/vmmd";
+
+/// Where vmmd keeps its state on the appliance.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/steelcup";
 
 enum Event {
     Ended { name: String, report: WorkerReport },
@@ -48,6 +60,8 @@ enum Event {
 
 struct Workload {
     spec: MicrovmSection,
+    /// The guest's vsock context id, fixed for the daemon's life.
+    cid: u32,
     pid: Option<i32>,
     restart_at: Option<Instant>,
     backoff: Duration,
@@ -81,22 +95,41 @@ pub fn run(opts: Options) -> Result<(), String> {
     for e in &errors {
         tracing::error!("{}", crate::worker::error_chain(e));
     }
+    let cmdline = units::kernel_cmdline();
     let mut workloads: BTreeMap<String, Workload> = found
         .into_iter()
+        .filter(|u| match u.unit.unmet_condition(&cmdline) {
+            Some(c) => {
+                tracing::info!(
+                    "workload {}: skipped: condition-kernel-cmdline {c:?} not met",
+                    u.name
+                );
+                false
+            }
+            None => true,
+        })
         .filter_map(|u| match u.kind {
-            UnitKind::Microvm(spec) => Some((
-                u.name,
+            UnitKind::Microvm(spec) => Some((u.name, spec)),
+            UnitKind::Service(_) => None,
+        })
+        .enumerate()
+        .map(|(i, (name, spec))| {
+            (
+                name,
                 Workload {
                     spec,
+                    cid: 3 + i as u32,
                     pid: None,
                     restart_at: Some(Instant::now()),
                     backoff: Duration::from_secs(1),
                     runs: 0,
                 },
-            )),
-            UnitKind::Service(_) => None,
+            )
         })
         .collect();
+    let vsock_dir = opts.run_dir.join("vsock");
+    std::fs::create_dir_all(&vsock_dir)
+        .map_err(|e| format!("create {}: {e}", vsock_dir.display()))?;
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
         env!("CARGO_PKG_VERSION"),
@@ -110,7 +143,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             if w.pid.is_none() && w.restart_at.is_some_and(|t| t <= now) {
                 w.restart_at = None;
                 w.runs += 1;
-                match start(&opts, name, &w.spec, tx.clone()) {
+                match start(&opts, name, &w.spec, w.cid, tx.clone()) {
                     Ok(pid) => w.pid = Some(pid),
                     Err(e) => {
                         tracing::error!("workload {name}: cannot start worker: {e}");
@@ -130,7 +163,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                     "{sig}: stopping {} workloads",
                     workloads.values().filter(|w| w.pid.is_some()).count()
                 );
-                stop_all(&mut workloads, &rx);
+                stop_all(&opts, &mut workloads, &rx);
                 tracing::info!("vmmd stopped");
                 return Ok(());
             }
@@ -146,7 +179,10 @@ pub fn run(opts: Options) -> Result<(), String> {
                 );
                 let again = match w.spec.restart {
                     Restart::Always => true,
-                    Restart::OnFailure => !report.outcome.success(),
+                    // A reboot from inside asks for the workload again.
+                    Restart::OnFailure => {
+                        !report.outcome.success() || report.outcome == VmOutcome::Rebooted
+                    }
                     Restart::No => false,
                 };
                 if again {
@@ -161,30 +197,143 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
 }
 
-fn stop_all(workloads: &mut BTreeMap<String, Workload>, rx: &mpsc::Receiver<Event>) {
+/// How long a guest has to end its workload after being asked to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Stops every running workload: asks each guest's vminit over vsock, waits
+/// up to [`STOP_GRACE`], then kills the workers that are left.
+fn stop_all(
+    opts: &Options,
+    workloads: &mut BTreeMap<String, Workload>,
+    rx: &mpsc::Receiver<Event>,
+) {
+    for (name, w) in workloads.iter() {
+        if w.pid.is_some() {
+            match ask_guest(&vsock_path(opts, name), GUEST_CONTROL_PORT, "stop") {
+                Ok(answer) => tracing::info!("workload {name}: asked to stop; guest: {answer}"),
+                Err(e) => tracing::warn!("workload {name}: cannot ask the guest to stop: {e}"),
+            }
+        }
+    }
+    let wait = |workloads: &mut BTreeMap<String, Workload>, deadline: Instant| {
+        while workloads.values().any(|w| w.pid.is_some()) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Event::Ended { name, report }) => {
+                    if let Some(w) = workloads.get_mut(&name) {
+                        w.pid = None;
+                        tracing::info!("workload {name}: {}", report.outcome);
+                    }
+                }
+                Ok(Event::Signal(_)) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    wait(workloads, Instant::now() + STOP_GRACE);
     for (name, w) in workloads.iter() {
         if let Some(pid) = w.pid {
-            tracing::info!("workload {name}: stopping");
+            tracing::warn!(
+                "workload {name}: still running after {}s; killing its worker",
+                STOP_GRACE.as_secs()
+            );
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while workloads.values().any(|w| w.pid.is_some()) {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Event::Ended { name, .. }) => {
-                if let Some(w) = workloads.get_mut(&name) {
-                    w.pid = None;
-                    tracing::info!("workload {name}: stopped");
-                }
-            }
-            Ok(Event::Signal(_)) => {}
-            Err(_) => break,
-        }
-    }
+    wait(workloads, Instant::now() + Duration::from_secs(5));
 }
 
-fn vm_config(opts: &Options, name: &str, spec: &MicrovmSection) -> VmConfig {
-    VmConfig {
+/// The vsock port vminit answers control requests on (`stop`, `ping`).
+pub const GUEST_CONTROL_PORT: u32 = 1024;
+
+/// The host side of workload `name`'s vsock device.
+pub fn vsock_path(opts: &Options, name: &str) -> PathBuf {
+    opts.run_dir.join("vsock").join(format!("{name}.sock"))
+}
+
+/// Sends one request line to a guest's vsock `port` through the VM's Unix
+/// socket and returns the guest's one-line answer.
+pub fn ask_guest(uds: &Path, port: u32, request: &str) -> Result<String, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(uds)
+        .map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "CONNECT {port}").map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .map_err(|e| format!("no answer from vsock: {e}"))?;
+    if !line.starts_with("OK ") {
+        return Err(format!("vsock refused port {port}: {:?}", line.trim()));
+    }
+    writeln!(s, "{request}").map_err(|e| format!("write: {e}"))?;
+    line.clear();
+    r.read_line(&mut line)
+        .map_err(|e| format!("no answer from the guest: {e}"))?;
+    Ok(line.trim().to_string())
+}
+
+/// The disk file of volume `volume` of workload `unit`, created empty
+/// (sparse) at its size if it does not exist yet. An existing disk is kept
+/// as it is: its data outlives any change to the unit.
+pub fn ensure_volume(
+    state_dir: &Path,
+    unit: &str,
+    volume: &steelcup_init::units::VolumeSpec,
+) -> Result<PathBuf, String> {
+    let dir = state_dir.join("volumes").join(unit);
+    let path = dir.join(format!("{}.img", volume.name));
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // Create under a temporary name and rename, so a crash never leaves a
+    // disk of the wrong size behind.
+    let tmp = dir.join(format!(".{}.img.new", volume.name));
+    let f = std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    f.set_len(volume.size.0)
+        .map_err(|e| format!("size {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    tracing::info!(
+        "workload {unit}: created volume {} ({}) at {}",
+        volume.name,
+        volume.size,
+        path.display()
+    );
+    Ok(path)
+}
+
+fn vm_config(
+    opts: &Options,
+    name: &str,
+    spec: &MicrovmSection,
+    cid: u32,
+) -> Result<VmConfig, String> {
+    let mut disks = Vec::new();
+    let mut root = None;
+    if let Some(path) = &spec.root {
+        root = Some(disk_device(disks.len()));
+        disks.push(DiskConfig {
+            path: path.clone(),
+            read_only: true,
+            id: "root".into(),
+        });
+    }
+    let mut volumes = Vec::new();
+    for v in &spec.volumes {
+        let path = ensure_volume(&opts.state_dir, name, v)?;
+        volumes.push(GuestVolume {
+            device: disk_device(disks.len()),
+            path: v.mount.display().to_string(),
+        });
+        disks.push(DiskConfig {
+            path,
+            read_only: false,
+            id: v.name.clone(),
+        });
+    }
+    Ok(VmConfig {
         name: name.to_string(),
         kernel: spec.kernel.clone().unwrap_or_else(|| opts.kernel.clone()),
         initramfs: spec
@@ -199,8 +348,15 @@ fn vm_config(opts: &Options, name: &str, spec: &MicrovmSection) -> VmConfig {
             env: spec.env.clone(),
             workdir: None,
             hostname: Some(name.to_string()),
+            root,
+            volumes,
         },
-    }
+        disks,
+        vsock: Some(VsockConfig {
+            cid,
+            uds: vsock_path(opts, name),
+        }),
+    })
 }
 
 /// Starts a worker for `name`; a monitor thread reports its end on `tx`.
@@ -208,6 +364,7 @@ fn start(
     opts: &Options,
     name: &str,
     spec: &MicrovmSection,
+    cid: u32,
     tx: mpsc::Sender<Event>,
 ) -> Result<i32, String> {
     if let Some(image) = &spec.image {
@@ -215,11 +372,12 @@ fn start(
             "image {image:?}: running OCI images is not supported by this vmmd yet"
         ));
     }
-    let config = serde_json::to_vec(&vm_config(opts, name, spec)).map_err(|e| e.to_string())?;
+    let config =
+        serde_json::to_vec(&vm_config(opts, name, spec, cid)?).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&opts.worker_exe);
     steelcup_init::sys::reset_signal_mask(&mut cmd);
     let mut child = cmd
-        .arg("worker")
+        .args(["worker", name])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -248,7 +406,7 @@ fn start(
             }
             let report = report.unwrap_or_else(|| WorkerReport {
                 outcome: VmOutcome::VmmError {
-                    message: format!("worker ended without a report ({status:?})"),
+                    message: worker_death(&status),
                 },
                 run_ms: 0,
             });
@@ -256,6 +414,26 @@ fn start(
         })
         .map_err(|e| format!("spawn monitor thread: {e}"))?;
     Ok(pid)
+}
+
+/// Why a worker ended without a report.
+fn worker_death(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.signal(), s.code()) {
+            (Some(sig), _) => match Signal::try_from(sig) {
+                // SIGSYS: the seccomp filter killed it for a forbidden call.
+                Ok(Signal::SIGSYS) => {
+                    "worker killed by SIGSYS (a syscall its seccomp filter forbids)".into()
+                }
+                Ok(sig) => format!("worker killed by {sig}"),
+                Err(_) => format!("worker killed by signal {sig}"),
+            },
+            (None, Some(code)) => format!("worker exited with code {code} without a report"),
+            _ => "worker ended without a report".into(),
+        },
+        Err(e) => format!("wait for worker: {e}"),
+    }
 }
 
 /// Passes guest output on as `NAME | line`, lines capped at [`MAX_LINE`].
@@ -300,5 +478,7 @@ pub fn default_options(units: &Path) -> Options {
         kernel: DEFAULT_KERNEL.into(),
         initramfs: DEFAULT_INITRAMFS.into(),
         worker_exe: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/vmmd".into()),
+        state_dir: DEFAULT_STATE_DIR.into(),
+        run_dir: DEFAULT_RUN_DIR.into(),
     }
 }

@@ -43,8 +43,9 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
     // Two rendezvous: `ready` once every vCPU thread is up (a new thread
     // makes its own start-up syscalls, which the filter would refuse), `go`
     // once the filter is on every thread.
-    let ready = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 1));
-    let start = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 1));
+    // Parties: the vCPU threads, the device thread and this one.
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 2));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 2));
     let mut handles = Vec::new();
     for mut vcpu in built.vcpus {
         let bus = built.bus.clone();
@@ -67,6 +68,23 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
                 }
             }
         }
+    }
+    // The device thread: virtio queue work and host-side device events.
+    let devices = built.devices;
+    let (dready, dstart) = (ready.clone(), start.clone());
+    let dtx = tx.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            dready.wait();
+            dstart.wait();
+            let err = devices.run();
+            let _ = dtx.send((u8::MAX, VcpuStop::Failed(format!("device thread: {err}"))));
+        })
+    {
+        return VmOutcome::VmmError {
+            message: format!("spawn device thread: {e}"),
+        };
     }
     ready.wait();
     if let Err(e) = crate::jail::seccomp::apply_all_threads(&program) {
@@ -95,6 +113,8 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
         (_, Some(ExitStatus::Exited { code })) => VmOutcome::Exited { code },
         (_, Some(ExitStatus::Killed { signal })) => VmOutcome::Killed { signal },
         (_, Some(ExitStatus::StartFailed { errno })) => VmOutcome::StartFailed { errno },
+        (_, Some(ExitStatus::Rebooted)) => VmOutcome::Rebooted,
+        (_, Some(ExitStatus::PoweredOff)) => VmOutcome::PoweredOff,
         (VcpuStop::Reset | VcpuStop::Exited, None) => VmOutcome::GuestReset,
         (VcpuStop::TripleFault, None) => VmOutcome::GuestCrashed {
             reason: "triple fault".into(),
@@ -108,6 +128,15 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
 /// `vmmd worker`: reads the config from stdin, runs the VM, writes the report.
 pub fn main() -> i32 {
     let t0 = Instant::now();
+    // vmmd alone decides when a VM ends: a SIGTERM or SIGINT meant for vmmd's
+    // whole process group (init stopping the vmmd unit, Ctrl-C on a
+    // terminal) must not kill the VM before vmmd has asked the guest to stop.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: sets a signal to be ignored; no handler code runs.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
     let mut input = String::new();
     let outcome = match std::io::stdin().take(1 << 20).read_to_string(&mut input) {
         Err(e) => VmOutcome::VmmError {

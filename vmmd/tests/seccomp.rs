@@ -54,7 +54,7 @@ fn allowed_calls_pass() {
 }
 
 #[test]
-fn a_socket_kills_the_worker() {
+fn a_network_socket_kills_the_worker() {
     // SAFETY: socket(2) with constant arguments; the child dies at the call.
     let status = in_filtered_child(|| unsafe {
         libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);

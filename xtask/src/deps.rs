@@ -21,6 +21,8 @@ pub const PACKAGES: &[&str] = &[
     "lz4", // the guest kernel is LZ4-compressed
     // dbus-send: the tests drive init's API with a standard D-Bus client.
     "dbus",
+    // mkfs.ext4 -d: the root disk image the QEMU tests boot a workload from.
+    "e2fsprogs",
 ];
 
 fn installed(pkg: &str) -> bool {

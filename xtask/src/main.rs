@@ -90,12 +90,16 @@ fn build() -> Result<PathBuf> {
         guest_kernel,
         host_kernel_root: host_root,
         out: out.clone(),
+        extra_files: Vec::new(),
     };
     let m = image_build::build(&inputs)?;
-    // The test image: the same plus a host busybox and qemu-tests/units.
+    // The test image: the same plus a host busybox, qemu-tests/units and a
+    // root disk image for a workload.
+    let root_disk = test_root_disk()?;
     image_build::build(&image_build::Inputs {
         manifest: root.join("qemu-tests/steelcup-test.toml"),
         out: sh::out_dir().join("test-artifacts"),
+        extra_files: vec![(TEST_ROOT_DISK.into(), root_disk)],
         ..inputs.clone()
     })?;
     let recorded = serde_json::json!({
@@ -117,6 +121,51 @@ fn build() -> Result<PathBuf> {
         sh::elapsed(t0)
     );
     Ok(out)
+}
+
+/// Where the test image carries the root disk of qemu-tests/units/disks.toml.
+const TEST_ROOT_DISK: &str = "var/lib/steelcup/test/root.ext4";
+
+/// An ext4 root filesystem image for a test workload, made with Debian's
+/// mkfs.ext4 (not our code): a static busybox and a file to read.
+fn test_root_disk() -> Result<PathBuf> {
+    let dir = sh::out_dir().join("test-root");
+    let _ = std::fs::remove_dir_all(&dir);
+    for d in [
+        "bin",
+        "etc/steelcup-test",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "data",
+    ] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copy /bin/busybox")?;
+    for applet in [
+        "sh", "cat", "echo", "touch", "sync", "grep", "mount", "rm", "reboot",
+    ] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))?;
+    }
+    std::fs::write(
+        dir.join("etc/steelcup-test/message"),
+        "read from the read-only root disk\n",
+    )?;
+    let image = sh::out_dir().join("test-root.ext4");
+    let _ = std::fs::remove_file(&image);
+    sh::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-L", "steelcup-test", "-U", "clear", "-E"])
+            .arg("root_owner=0:0,hash_seed=5e5e5e5e-0000-4000-8000-000000000001")
+            .arg("-d")
+            .arg(&dir)
+            .arg(&image)
+            .arg("16M")
+            .env("E2FSPROGS_FAKE_TIME", "1700000000"),
+    )?;
+    Ok(image)
 }
 
 /// The example workloads that run to completion (restart = "no"): `--once`

@@ -6,14 +6,17 @@
 //! the status port and resets the VM.
 
 use nix::mount::MsFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use steelcup_init::guest::{ExitStatus, GuestConfig, CONFIG_PATH, STATUS_PORT};
+use steelcup_init::guest::{ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, STATUS_PORT};
 use steelcup_init::sys;
 
 fn mounts() -> Result<(), sys::SysError> {
@@ -51,6 +54,183 @@ fn mounts() -> Result<(), sys::SysError> {
     Ok(())
 }
 
+/// Filesystems vminit recognises on a disk, by their superblock magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fs {
+    /// ext2/3/4, mounted with the ext4 driver.
+    Ext,
+    Erofs,
+    /// All zeros at the start: a new volume.
+    Blank,
+    Unknown,
+}
+
+fn probe(device: &str) -> std::io::Result<Fs> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)?;
+    let mut head = vec![0u8; 64 << 10];
+    let n = f.read_at(&mut head, 0)?;
+    let head = &head[..n];
+    Ok(if head.get(1080..1082) == Some(&[0x53, 0xef]) {
+        Fs::Ext
+    } else if head.get(1024..1028) == Some(&[0xe2, 0xe1, 0xf5, 0xe0]) {
+        Fs::Erofs
+    } else if head.iter().all(|b| *b == 0) {
+        Fs::Blank
+    } else {
+        Fs::Unknown
+    })
+}
+
+/// Waits (briefly) for the kernel to create a disk's device node.
+fn wait_for(device: &str) -> Result<(), String> {
+    for _ in 0..250 {
+        if Path::new(device).exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("{device} did not appear within 5s"))
+}
+
+/// Mounts the read-only root image with a writable tmpfs layer over it,
+/// moves the API filesystems across and makes it the root.
+fn switch_root(device: &str, volumes: &[GuestVolume]) -> Result<(), String> {
+    let err = |e: sys::SysError| format!("{e}: {}", e_source(&e));
+    wait_for(device)?;
+    let fstype = match probe(device).map_err(|e| format!("{device}: {e}"))? {
+        Fs::Ext => "ext4",
+        Fs::Erofs => "erofs",
+        other => return Err(format!("{device}: no ext4 or erofs filesystem ({other:?})")),
+    };
+    let lower = Path::new("/mnt/lower");
+    let rw = Path::new("/mnt/rw");
+    let new = Path::new("/mnt/root");
+    sys::mount(device, lower, fstype, MsFlags::MS_RDONLY, None).map_err(err)?;
+    sys::mount("tmpfs", rw, "tmpfs", MsFlags::empty(), Some("mode=0755")).map_err(err)?;
+    for d in ["upper", "work"] {
+        sys::mkdir_p(&rw.join(d)).map_err(err)?;
+    }
+    sys::mount(
+        "overlay",
+        new,
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work"),
+    )
+    .map_err(err)?;
+    // Volumes first: their device nodes are in this /dev, mke2fs in this /bin.
+    mount_volumes(new, volumes)?;
+    for m in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
+        let target = new.join(m.trim_start_matches('/'));
+        sys::mkdir_p(&target).map_err(err)?;
+        nix::mount::mount(
+            Some(m),
+            &target,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("move {m} into the new root: {e}"))?;
+    }
+    std::env::set_current_dir(new).map_err(|e| format!("chdir {}: {e}", new.display()))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move the new root to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// Mounts each data disk under `root`, formatting a blank one first.
+fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
+    for v in volumes {
+        wait_for(&v.device)?;
+        match probe(&v.device).map_err(|e| format!("{}: {e}", v.device))? {
+            Fs::Ext => {}
+            Fs::Blank => {
+                eprintln!("vminit: formatting new volume {} for {}", v.device, v.path);
+                let status = Command::new("/bin/mke2fs")
+                    .args(["-q", &v.device])
+                    .status()
+                    .map_err(|e| format!("run mke2fs: {e}"))?;
+                if !status.success() {
+                    return Err(format!("mke2fs {}: {status}", v.device));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "{}: not an ext filesystem and not blank ({other:?}); refusing to format it",
+                    v.device
+                ))
+            }
+        }
+        let target = root.join(v.path.trim_start_matches('/'));
+        sys::mount(&v.device, &target, "ext4", MsFlags::MS_NODEV, None)
+            .map_err(|e| format!("{e}: {}", e_source(&e)))?;
+    }
+    Ok(())
+}
+
+/// The vsock port vmmd sends control requests to.
+const CONTROL_PORT: u32 = 1024;
+
+/// Listens on vsock [`CONTROL_PORT`] for vmmd's one-line requests: `stop`
+/// (SIGTERM to the workload's process group; vmmd kills the VM if it does
+/// not end in time) and `ping`.
+fn serve_control(workload: Pid) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // address is a fully initialised sockaddr_vm of the right length.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = CONTROL_PORT;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        if libc::bind(raw, std::ptr::addr_of!(addr).cast(), len) != 0 || libc::listen(raw, 4) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        fd
+    };
+    loop {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // SAFETY: accept4 on our listening socket; the new descriptor is
+        // owned by the File below.
+        let conn = unsafe {
+            libc::accept4(
+                raw,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: `conn` is a new descriptor nobody else owns.
+        let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
+        let mut line = String::new();
+        let _ = BufReader::new((&stream).take(128)).read_line(&mut line);
+        let answer = match line.trim() {
+            "stop" => {
+                eprintln!("vminit: vmmd asks the workload to stop (SIGTERM)");
+                let _ = kill(Pid::from_raw(-workload.as_raw()), Signal::SIGTERM);
+                "stopping"
+            }
+            "ping" => "pong",
+            _ => "error: unknown request",
+        };
+        let _ = writeln!(stream, "{answer}");
+    }
+}
+
 fn fail(msg: &str, errno: i32) -> ExitStatus {
     eprintln!("vminit: {msg}");
     ExitStatus::StartFailed {
@@ -78,10 +258,30 @@ fn run() -> ExitStatus {
         let _ = sys::set_hostname(h);
     }
     let _ = sys::link_up("lo");
+    let prepared = match &config.root {
+        Some(device) => switch_root(device, &config.volumes),
+        None => mount_volumes(Path::new("/"), &config.volumes),
+    };
+    if let Err(e) = prepared {
+        return fail(&e, libc::EIO);
+    }
     let Some(program) = config.cmd.first() else {
         return fail("no command to run", libc::EINVAL);
     };
+    // Signals reach PID 1 only through handlers or a signalfd: read the
+    // guest's reboot/poweroff requests and child exits from one.
+    let signals = match sys::signalfd(&[
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ]) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("{e}: {}", e_source(&e)), libc::EIO),
+    };
     let mut cmd = Command::new(program);
+    sys::reset_signal_mask(&mut cmd);
     cmd.args(&config.cmd[1..])
         .env_clear()
         .env(
@@ -102,18 +302,41 @@ fn run() -> ExitStatus {
             )
         }
     };
-    // Reap everything; the workload's own exit decides the VM's status.
+    std::thread::spawn(move || {
+        if let Err(e) = serve_control(main) {
+            eprintln!("vminit: no vsock control port: {e}");
+        }
+    });
+    // Reap everything; the workload's own exit, or a reboot/poweroff request
+    // from inside the guest, decides the VM's status.
     loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main => {
-                return ExitStatus::Exited { code: code as u8 }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == main => {
+                    return ExitStatus::Exited { code: code as u8 }
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                    return ExitStatus::Killed { signal: sig as u8 }
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return fail(&format!("waitpid: {e}"), e as i32),
             }
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
-                return ExitStatus::Killed { signal: sig as u8 }
+        }
+        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::NONE);
+        while let Ok(Some(info)) = signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                    eprintln!("vminit: reboot requested");
+                    return ExitStatus::Rebooted;
+                }
+                Ok(Signal::SIGUSR1 | Signal::SIGUSR2) => {
+                    eprintln!("vminit: power-off requested");
+                    return ExitStatus::PoweredOff;
+                }
+                _ => {}
             }
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return fail(&format!("waitpid: {e}"), e as i32),
         }
     }
 }
@@ -128,9 +351,16 @@ fn main() {
         std::process::exit(2);
     }
     let status = std::panic::catch_unwind(run).unwrap_or(ExitStatus::StartFailed { errno: 0 });
-    // Give the rest of the guest's processes a moment, then end them.
+    // Ask the rest of the guest's processes to end, give them up to two
+    // seconds, then kill what is left.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..100 {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::ECHILD) => break,
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(20)),
+            _ => {}
+        }
+    }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
     // The VMM ends the VM on this write; the reset below is the fallback.

@@ -60,6 +60,8 @@ pub enum State {
     Failed(String),
     Stopping,
     Stopped,
+    /// Not started: its condition is not met (the condition).
+    Skipped(String),
 }
 
 impl State {
@@ -72,6 +74,7 @@ impl State {
             State::Failed(_) => "failed",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
+            State::Skipped(_) => "skipped",
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct Supervisor {
     capture: Option<Arc<capture::Capture>>,
     observer: Option<Observer>,
     shutting_down: bool,
+    /// For `condition-kernel-cmdline`, read once at start.
+    pub kernel_cmdline: String,
     boot: Instant,
     all_started_reported: bool,
 }
@@ -179,6 +184,7 @@ impl Supervisor {
             capture,
             observer: None,
             shutting_down: false,
+            kernel_cmdline: crate::units::kernel_cmdline(),
             boot: Instant::now(),
             all_started_reported: false,
         };
@@ -324,6 +330,7 @@ impl Supervisor {
                 state: s.state.name().into(),
                 reason: match &s.state {
                     State::Failed(r) => r.clone(),
+                    State::Skipped(c) => format!("condition not met: {c}"),
                     _ => String::new(),
                 },
                 pid: s.pid.map(|p| p.as_raw() as u32).unwrap_or(0),
@@ -348,7 +355,11 @@ impl Supervisor {
         match self.services.get(name) {
             // A microvm unit (vmmd's) or an unknown one does not hold services back.
             None => true,
-            Some(s) => matches!(s.state, State::Running | State::Exited(0)),
+            // A skipped unit does not hold its dependents back (as in systemd).
+            Some(s) => matches!(
+                s.state,
+                State::Running | State::Exited(0) | State::Skipped(_)
+            ),
         }
     }
 
@@ -434,6 +445,12 @@ impl Supervisor {
             s.restarts += 1;
         }
         s.restart_at = None;
+        if let Some(c) = s.unit.unit.unmet_condition(&self.kernel_cmdline) {
+            let c = c.to_string();
+            tracing::info!("unit {name}: skipped: condition-kernel-cmdline {c:?} not met");
+            self.set_state(name, State::Skipped(c));
+            return;
+        }
         let spec = s.spec.clone();
         let procs = self.setup_cgroup(name, &spec);
         let mut env: BTreeMap<String, String> = BTreeMap::new();

@@ -91,6 +91,45 @@ pub struct UnitSection {
     /// Start these too; a failure of theirs does not matter.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wants: Vec<String>,
+    /// Run only if the kernel command line has each of these words: `KEY`
+    /// (present, with or without a value), `KEY=VALUE`, or `!KEY`/`!KEY=VALUE`
+    /// (absent). A unit whose condition fails is skipped, not failed.
+    #[serde(
+        default,
+        rename = "condition-kernel-cmdline",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub condition_kernel_cmdline: Vec<String>,
+}
+
+impl UnitSection {
+    /// The first condition `cmdline` does not meet, if any.
+    pub fn unmet_condition(&self, cmdline: &str) -> Option<&str> {
+        self.condition_kernel_cmdline
+            .iter()
+            .find(|c| !cmdline_matches(cmdline, c))
+            .map(String::as_str)
+    }
+}
+
+fn cmdline_matches(cmdline: &str, condition: &str) -> bool {
+    let (negate, want) = match condition.strip_prefix('!') {
+        Some(rest) => (true, rest),
+        None => (false, condition),
+    };
+    let found = cmdline.split_whitespace().any(|word| {
+        if want.contains('=') {
+            word == want
+        } else {
+            word == want || word.split_once('=').is_some_and(|(k, _)| k == want)
+        }
+    });
+    found != negate
+}
+
+/// The running kernel's command line (empty if it cannot be read).
+pub fn kernel_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
 
 /// Restart policy.
@@ -235,7 +274,31 @@ pub struct MicrovmSection {
     pub memory: MemSize,
     #[serde(default)]
     pub restart: Restart,
+    /// A read-only root filesystem image (ext4 or erofs) the workload runs
+    /// in, with a writable layer in guest memory on top; without it the
+    /// workload runs in the guest initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Persistent data disks: created empty by vmmd on first use, formatted
+    /// by the guest, kept across restarts of the workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
 }
+
+/// A persistent data disk of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Names the disk file (`VOLUMES/UNIT/NAME.img`); letters, digits, `-`, `_`.
+    pub name: String,
+    /// Size of the disk when vmmd creates it.
+    pub size: MemSize,
+    /// Where the guest mounts it (absolute).
+    pub mount: PathBuf,
+}
+
+/// The most volumes a workload may have.
+pub const MAX_VOLUMES: usize = 8;
 
 fn default_vcpus() -> u8 {
     1
@@ -451,6 +514,59 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                         "[microvm] memory: {} must be whole MiB between 16MiB and 3GiB",
                         m.memory
                     ),
+                ));
+            }
+            if m.volumes.len() > MAX_VOLUMES {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[microvm] volumes: at most {MAX_VOLUMES}"),
+                ));
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for v in &m.volumes {
+                let ok_name = !v.name.is_empty()
+                    && v.name.len() <= 64
+                    && v.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !ok_name {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: name {:?} must be 1-64 letters, digits, '-' or '_'",
+                            v.name
+                        ),
+                    ));
+                }
+                if !names.insert(v.name.as_str()) {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[microvm] volumes: name {:?} is used twice", v.name),
+                    ));
+                }
+                if !v.mount.is_absolute() || v.mount == Path::new("/") {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: mount {} must be an absolute path other than /",
+                            v.mount.display()
+                        ),
+                    ));
+                }
+                if v.size.0 < (1 << 20) || v.size.0 % (1 << 20) != 0 {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: size {} of {:?} must be whole MiB, at least 1MiB",
+                            v.size, v.name
+                        ),
+                    ));
+                }
+            }
+            if m.root.as_ref().is_some_and(|r| !r.is_absolute()) {
+                return Err(UnitError::invalid(
+                    path,
+                    "[microvm] root: must be an absolute path",
                 ));
             }
             if m.cmd.is_empty() && m.image.is_none() {
@@ -702,6 +818,34 @@ restart = "on-failure"
         assert!(MemSize::try_from("MiB").is_err());
         assert!(MemSize::try_from("99999999999999999999GiB").is_err());
         assert_eq!(MemSize(128 << 20).to_string(), "128MiB");
+    }
+
+    #[test]
+    fn kernel_cmdline_conditions() {
+        let u = |c: &[&str]| UnitSection {
+            condition_kernel_cmdline: c.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let cmdline = "console=ttyS0 steelcup.test=vms quiet\n";
+        assert_eq!(u(&[]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["steelcup.test=vms"]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["steelcup.test"]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["quiet", "!debug"]).unmet_condition(cmdline), None);
+        assert_eq!(
+            u(&["quiet", "steelcup.test=poweroff"]).unmet_condition(cmdline),
+            Some("steelcup.test=poweroff")
+        );
+        assert_eq!(u(&["!quiet"]).unmet_condition(cmdline), Some("!quiet"));
+        assert_eq!(u(&["steelcup"]).unmet_condition(cmdline), Some("steelcup"));
+        let parsed = parse(
+            &p("x"),
+            "[unit]\ncondition-kernel-cmdline = [\"steelcup.test=vms\"]\n[service]\nexec = [\"/bin/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.unit.condition_kernel_cmdline,
+            vec!["steelcup.test=vms".to_string()]
+        );
     }
 
     #[test]

@@ -23,6 +23,13 @@ const USAGE: &str = "usage:
 cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup).";
 
 fn main() -> ExitCode {
+    // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
+    // reader goes away, instead of a panic on a broken pipe.
+    // SAFETY: restores the default disposition of SIGPIPE before any thread
+    // or I/O exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(code) => code,

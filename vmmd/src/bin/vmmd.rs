@@ -1,6 +1,7 @@
 //! `vmmd`: steelcup's VMM daemon. `vmmd [--units DIR] [--kernel PATH]
-//! [--initramfs PATH]` runs the daemon; `vmmd worker` is the per-VM worker
-//! process the daemon starts (config on stdin).
+//! [--initramfs PATH] [--state DIR]` runs the daemon; `vmmd worker NAME` is
+//! the per-VM worker process the daemon starts (config on stdin; NAME only
+//! shows in `ps`).
 
 use std::path::PathBuf;
 
@@ -27,8 +28,9 @@ fn main() {
             "--units" => opts.units = value("--units"),
             "--kernel" => opts.kernel = value("--kernel"),
             "--initramfs" => opts.initramfs = value("--initramfs"),
+            "--state" => opts.state_dir = value("--state"),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH]\n       vmmd worker   (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)");
                 return;
             }
             other => {

@@ -9,6 +9,7 @@
 //! access to a port nobody owns reads as all ones, is otherwise ignored, and
 //! is logged at a bounded rate.
 
+pub mod event_loop;
 pub mod serial;
 pub mod virtio;
 
@@ -33,7 +34,7 @@ const I8042_RESET: u8 = 0xfe;
 pub struct Bus {
     pub serial: serial::SerialConsole,
     /// virtio-mmio devices by base address.
-    pub mmio: Vec<(u64, virtio::mmio::MmioTransport)>,
+    pub mmio: Vec<(u64, virtio::SharedTransport)>,
     /// The last exit status vminit reported.
     pub status: Option<ExitStatus>,
     /// A value on the status port that vminit would never write.
@@ -109,21 +110,17 @@ impl Bus {
         }
     }
 
-    fn mmio_device(
-        &mut self,
-        addr: u64,
-        len: usize,
-    ) -> Option<(u64, &mut virtio::mmio::MmioTransport)> {
-        self.mmio.iter_mut().find_map(|(base, t)| {
+    fn mmio_device(&self, addr: u64, len: usize) -> Option<(u64, virtio::SharedTransport)> {
+        self.mmio.iter().find_map(|(base, t)| {
             let off = addr.checked_sub(*base)?;
-            (off.checked_add(len as u64)? <= virtio::mmio::MMIO_SIZE).then_some((off, t))
+            (off.checked_add(len as u64)? <= virtio::mmio::MMIO_SIZE).then(|| (off, t.clone()))
         })
     }
 
     /// A guest read from MMIO space: a virtio device's window, or all ones.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
         match self.mmio_device(addr, data.len()) {
-            Some((off, t)) => t.read(off, data),
+            Some((off, t)) => virtio::lock(&t).read(off, data),
             None => {
                 data.fill(0xff);
                 self.unhandled("MMIO read", addr);
@@ -134,7 +131,7 @@ impl Bus {
     /// A guest write to MMIO space.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         match self.mmio_device(addr, data.len()) {
-            Some((off, t)) => t.write(off, data),
+            Some((off, t)) => virtio::lock(&t).write(off, data),
             None => self.unhandled("MMIO write", addr),
         }
     }

@@ -5,8 +5,9 @@
 //! worker needs it once the VM is built. Everything set up before (opening
 //! /dev/kvm, creating the VM, vCPUs, memory, irqfds, threads) happens before
 //! the filter is installed; after it, `ioctl` is allowed only with
-//! `KVM_RUN`. Any other call kills the whole worker process (and only it:
-//! vmmd and the other VMs run on). The filter is installed on every thread
+//! `KVM_RUN` (and `FIONBIO` for vsock's new host connections) and `socket`
+//! only for Unix sockets. Any other call kills the whole worker process (and
+//! only it: vmmd and the other VMs run on). The filter is installed on every thread
 //! at once (TSYNC) while the vCPU threads wait on a barrier, so no guest
 //! instruction runs unfiltered.
 
@@ -18,10 +19,15 @@ use std::collections::BTreeMap;
 
 /// `KVM_RUN` (`_IO(KVMIO, 0x80)`).
 pub const KVM_RUN: u64 = 0xae80;
+/// `FIONBIO`: vsock making a new host connection non-blocking.
+pub const FIONBIO: u64 = 0x5421;
 
 /// Syscalls a running worker makes, and why.
 pub const ALLOWED: &[(i64, &str)] = &[
-    (libc::SYS_read, "read: rare std I/O paths"),
+    (
+        libc::SYS_read,
+        "read: draining ioeventfds on the device thread, rare std I/O paths",
+    ),
     (
         libc::SYS_write,
         "write: guest serial output to stdout, irqfd eventfd writes, the report on stderr",
@@ -53,22 +59,66 @@ pub const ALLOWED: &[(i64, &str)] = &[
         "clock_gettime: the log rate limiter when the vDSO is not used",
     ),
     (libc::SYS_close, "close: dropping descriptors at exit"),
+    (
+        libc::SYS_epoll_wait,
+        "epoll_wait: the device thread waiting for queue notifications",
+    ),
+    (
+        libc::SYS_epoll_pwait,
+        "epoll_pwait: the same, where libc implements epoll_wait with it",
+    ),
+    (
+        libc::SYS_pread64,
+        "pread64: virtio-blk reads from a disk image",
+    ),
+    (
+        libc::SYS_pwrite64,
+        "pwrite64: virtio-blk writes to a disk image",
+    ),
+    (libc::SYS_fdatasync, "fdatasync: virtio-blk flush"),
+    (
+        libc::SYS_epoll_ctl,
+        "epoll_ctl: vsock adding and removing its host connections",
+    ),
+    (
+        libc::SYS_accept4,
+        "accept4: vsock accepting a host client on the VM's socket",
+    ),
+    (
+        libc::SYS_connect,
+        "connect: vsock connecting a guest to {uds}_PORT",
+    ),
+    (
+        libc::SYS_shutdown,
+        "shutdown: vsock passing on a guest's half-close",
+    ),
     (libc::SYS_exit, "exit: a vCPU thread ending"),
     (libc::SYS_exit_group, "exit_group: the worker ending"),
 ];
 
-/// Builds the filter: [`ALLOWED`] plus `ioctl(fd, KVM_RUN, ...)`; anything
-/// else kills the process.
+/// Builds the filter: [`ALLOWED`] plus `ioctl` with `KVM_RUN` or `FIONBIO`
+/// and `socket` for `AF_UNIX`; anything else kills the process.
 pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|(nr, _)| (*nr, vec![])).collect();
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
+    let ioctl = |request: u64| -> Result<SeccompRule, seccompiler::BackendError> {
+        SeccompRule::new(vec![SeccompCondition::new(
             1,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::Eq,
-            KVM_RUN,
+            request,
+        )?])
+    };
+    rules.insert(libc::SYS_ioctl, vec![ioctl(KVM_RUN)?, ioctl(FIONBIO)?]);
+    // socket: only Unix sockets, for vsock connecting a guest to a host
+    // listener (`{uds}_PORT`); no network sockets.
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
         )?])?],
     );
     SeccompFilter::new(

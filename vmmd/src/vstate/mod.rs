@@ -63,4 +63,10 @@ pub enum KvmError {
     },
     #[error("create eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("register ioeventfd at {addr:#x}")]
+    Ioevent {
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }

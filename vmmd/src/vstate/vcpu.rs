@@ -47,6 +47,68 @@ pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<CpuId, KvmError> {
         .map_err(KvmError::SupportedCpuid)
 }
 
+/// Makes the CPUID KVM supports describe this VM: vCPU `index` of `vcpus`,
+/// each its own core (one thread per core, one socket), on a hypervisor,
+/// without a performance-monitoring unit to program.
+pub fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], index: u8, vcpus: u8) {
+    let (index, vcpus) = (u32::from(index), u32::from(vcpus.max(1)));
+    // Bits of APIC ID that number the cores.
+    let core_bits = 32 - (vcpus - 1).leading_zeros();
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                // Initial APIC ID and logical processor count.
+                e.ebx = (e.ebx & 0x0000_ffff) | (vcpus << 16) | (index << 24);
+                // Tell the guest it runs on a hypervisor.
+                e.ecx |= 1 << 31;
+                // HTT: the count in EBX[23:16] is valid.
+                if vcpus > 1 {
+                    e.edx |= 1 << 28;
+                } else {
+                    e.edx &= !(1 << 28);
+                }
+            }
+            // Deterministic cache parameters (Intel): cores per package, and
+            // which caches are shared (the last level, by all).
+            4 => {
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { vcpus - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((vcpus - 1) << 26);
+            }
+            // Architectural performance monitoring: none.
+            0xa => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            // Extended topology: an SMT level of one thread, then a core level.
+            0xb | 0x1f => {
+                let (eax, ebx, kind) = match e.index {
+                    0 => (0, 1, 1),
+                    1 => (core_bits, vcpus, 2),
+                    _ => (0, 0, 0),
+                };
+                e.eax = eax;
+                e.ebx = ebx;
+                e.ecx = (kind << 8) | (e.index & 0xff);
+                e.edx = index;
+            }
+            // AMD: core count and APIC ID size.
+            0x8000_0008 => {
+                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (vcpus - 1);
+            }
+            // AMD: one thread per core, one node; the extended APIC ID.
+            0x8000_001e => {
+                e.eax = index;
+                e.ebx = (e.ebx & !0xff00) | (index & 0xff);
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Vcpu {
     pub fn new(vm: &kvm_ioctls::VmFd, index: u8) -> Result<Self, KvmError> {
         let fd = vm
@@ -87,20 +149,7 @@ impl Vcpu {
 
     fn setup_cpuid(&self, supported: &CpuId, vcpus: u8) -> Result<(), KvmError> {
         let mut cpuid = supported.clone();
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                1 => {
-                    // Initial APIC ID and logical processor count.
-                    e.ebx = (e.ebx & 0x0000_ffff)
-                        | (u32::from(vcpus) << 16)
-                        | (u32::from(self.index) << 24);
-                    // Tell the guest it runs on a hypervisor.
-                    e.ecx |= 1 << 31;
-                }
-                0xb | 0x1f => e.edx = u32::from(self.index),
-                _ => {}
-            }
-        }
+        normalize_cpuid(cpuid.as_mut_slice(), self.index, vcpus);
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.setup_err("set CPUID"))
@@ -273,4 +322,68 @@ impl Vcpu {
 
 fn lock(bus: &Arc<Mutex<Bus>>) -> std::sync::MutexGuard<'_, Bus> {
     bus.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn leaf(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpuid_describes_the_vm_topology() {
+        let mut e = vec![
+            leaf(1, 0, 0x000a_0f12, 0xff00_0800, 0x7ed8_320b, 0x178b_fbff),
+            leaf(4, 0, 0x1c00_4121, 0, 0, 0), // L1d, shared by 2 on the host
+            leaf(4, 3, 0x1c03_c163, 0, 0, 0), // L3
+            leaf(0xa, 0, 0x0704_0002, 0xff, 0, 0x603),
+            leaf(0xb, 0, 1, 2, 0x100, 9),
+            leaf(0xb, 1, 4, 16, 0x201, 9),
+            leaf(0xb, 2, 0, 0, 2, 9),
+            leaf(0x8000_0008, 0, 0x3030, 0, 0x700f, 0),
+            leaf(0x8000_001e, 0, 9, 0x0100, 0x0303, 0),
+        ];
+        normalize_cpuid(&mut e, 2, 3);
+        // APIC ID 2 of 3 logical CPUs, HTT set, hypervisor bit set.
+        assert_eq!(e[0].ebx >> 24, 2);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 3);
+        assert_eq!(e[0].ebx & 0xffff, 0x0800);
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_ne!(e[0].edx & (1 << 28), 0);
+        // Three cores per package; L1 per core, L3 shared by all three.
+        assert_eq!(e[1].eax >> 26, 2);
+        assert_eq!((e[1].eax >> 14) & 0xfff, 0);
+        assert_eq!((e[2].eax >> 14) & 0xfff, 2);
+        assert_eq!(e[1].eax & 0x3fff, 0x0121);
+        // No PMU.
+        assert_eq!((e[3].eax, e[3].ebx, e[3].edx), (0, 0, 0));
+        // Topology: 1 thread per core, 3 cores (2 bits), x2APIC ID 2.
+        assert_eq!((e[4].eax, e[4].ebx, e[4].ecx, e[4].edx), (0, 1, 0x100, 2));
+        assert_eq!((e[5].eax, e[5].ebx, e[5].ecx, e[5].edx), (2, 3, 0x201, 2));
+        assert_eq!((e[6].eax, e[6].ebx, e[6].ecx), (0, 0, 2));
+        // AMD: NC = 2, APIC ID size 2 bits.
+        assert_eq!(e[7].ecx & 0xff, 2);
+        assert_eq!((e[7].ecx >> 12) & 0xf, 2);
+        assert_eq!(e[8].eax, 2);
+        assert_eq!(e[8].ebx & 0xff00, 0, "one thread per core");
+    }
+
+    #[test]
+    fn a_single_vcpu_has_no_htt() {
+        let mut e = vec![leaf(1, 0, 0, 0, 0, 1 << 28)];
+        normalize_cpuid(&mut e, 0, 1);
+        assert_eq!(e[0].edx & (1 << 28), 0);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 1);
+    }
 }

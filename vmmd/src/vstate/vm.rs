@@ -81,4 +81,12 @@ impl Vm {
             .register_irqfd(evt, gsi)
             .map_err(|source| KvmError::Irqfd { gsi, source })
     }
+
+    /// Makes a 32-bit guest write of `value` to MMIO address `addr` signal
+    /// `evt` inside KVM, without a VM exit to the worker.
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(|source| KvmError::Ioevent { addr, source })
+    }
 }

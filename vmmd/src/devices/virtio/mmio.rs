@@ -11,6 +11,8 @@ const VERSION: u32 = 2;
 const VENDOR: u32 = 0x5354_4355; // "STCU"
 /// Bytes of register space per device (the command line says 4K).
 pub const MMIO_SIZE: u64 = 0x1000;
+/// The QueueNotify register (the driver writes a queue's index).
+pub const QUEUE_NOTIFY: u64 = 0x50;
 
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
@@ -192,23 +194,51 @@ impl MmioTransport {
         }
     }
 
-    fn notify(&mut self, index: usize) {
+    /// The driver notified queue `index` (a write to QueueNotify, or the
+    /// queue's ioeventfd firing on the device thread).
+    pub fn notify(&mut self, index: usize) {
         if self.status & STATUS_DRIVER_OK == 0 {
             self.ignored += 1;
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            self.ignored += 1;
-            return;
-        };
-        if !queue.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             self.ignored += 1;
             return;
         }
-        if self.device.process_queue(index, queue, &self.mem) {
-            self.interrupt_status |= 1;
-            let _ = self.irq.trigger();
+        if self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem)
+        {
+            self.interrupt();
         }
+    }
+
+    /// The device's host-side descriptor became ready (see
+    /// [`VirtioDevice::host_event_fd`]).
+    pub fn host_event(&mut self) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            // Let the device drain its host side; nothing reaches the guest.
+            self.device.process_host_event(&mut [], &self.mem);
+            return;
+        }
+        if self.device.process_host_event(&mut self.queues, &self.mem) {
+            self.interrupt();
+        }
+    }
+
+    fn interrupt(&mut self) {
+        self.interrupt_status |= 1;
+        let _ = self.irq.trigger();
+    }
+
+    /// The number of queues the device has.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        &*self.device
     }
 }
 

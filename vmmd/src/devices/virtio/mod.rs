@@ -9,10 +9,23 @@
 //! wrongly is ignored; descriptor chains are walked by `virtio-queue`, which
 //! bounds them; each request's size is capped by the device.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::GuestMemoryMmap;
+
+/// A transport shared by the vCPU threads (register accesses) and the
+/// device thread (queue notifications and host-side events).
+pub type SharedTransport = Arc<Mutex<mmio::MmioTransport>>;
+
+/// Locks a transport; a panic on another thread (impossible with
+/// panic=abort) would not make its state unusable.
+pub fn lock(t: &SharedTransport) -> MutexGuard<'_, mmio::MmioTransport> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// `VIRTIO_F_VERSION_1`: the modern interface, required on MMIO version 2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -31,12 +44,26 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    /// Handles the available buffers of queue `index`; true if any was used
-    /// (the guest gets an interrupt).
+    /// Handles the available buffers of queue `index` (of `queues`, all the
+    /// device's queues); true if any was used (the guest gets an interrupt).
     fn process_queue(
         &mut self,
         index: usize,
-        queue: &mut virtio_queue::Queue,
+        queues: &mut [virtio_queue::Queue],
         mem: &GuestMemoryMmap,
     ) -> bool;
+    /// A descriptor the device thread watches for the device's host side
+    /// (vsock's own epoll set); `None` for devices driven only by the guest.
+    fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The host side is ready; `queues` is empty while the driver is not
+    /// running the device. True if the guest should get an interrupt.
+    fn process_host_event(
+        &mut self,
+        _queues: &mut [virtio_queue::Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> bool {
+        false
+    }
 }

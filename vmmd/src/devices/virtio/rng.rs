@@ -50,10 +50,13 @@ impl VirtioDevice for Rng {
 
     fn process_queue(
         &mut self,
-        _index: usize,
-        queue: &mut virtio_queue::Queue,
+        index: usize,
+        queues: &mut [virtio_queue::Queue],
         mem: &GuestMemoryMmap,
     ) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         let mut used = false;
         let mut buf = vec![0u8; 4096];
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
