@@ -89,6 +89,14 @@ pub const ALLOWED: &[(i64, &str)] = &[
         "connect: vsock connecting a guest to {uds}_PORT",
     ),
     (
+        libc::SYS_recvfrom,
+        "recvfrom: vsock reading a host connection (std reads sockets with recv)",
+    ),
+    (
+        libc::SYS_sendto,
+        "sendto: vsock writing a host connection (std sends with MSG_NOSIGNAL)",
+    ),
+    (
         libc::SYS_shutdown,
         "shutdown: vsock passing on a guest's half-close",
     ),
@@ -110,6 +118,33 @@ pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
         )?])
     };
     rules.insert(libc::SYS_ioctl, vec![ioctl(KVM_RUN)?, ioctl(FIONBIO)?]);
+    // fcntl: only descriptor and status flags (std checks a new socket's
+    // close-on-exec flag).
+    rules.insert(
+        libc::SYS_fcntl,
+        [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
+            .into_iter()
+            .map(|cmd| {
+                SeccompRule::new(vec![SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    cmd as u64,
+                )?])
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    // mprotect: glibc grows a thread's malloc arena with it (the device
+    // thread's buffers); never to make memory executable.
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?],
+    );
     // socket: only Unix sockets, for vsock connecting a guest to a host
     // listener (`{uds}_PORT`); no network sockets.
     rules.insert(
