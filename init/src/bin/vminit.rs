@@ -218,16 +218,19 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
         let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
         let mut line = String::new();
         let _ = BufReader::new((&stream).take(128)).read_line(&mut line);
-        let answer = match line.trim() {
-            "stop" => {
-                eprintln!("vminit: vmmd asks the workload to stop (SIGTERM)");
-                let _ = kill(Pid::from_raw(-workload.as_raw()), Signal::SIGTERM);
-                "stopping"
-            }
+        let request = line.trim();
+        let answer = match request {
+            "stop" => "stopping",
             "ping" => "pong",
             _ => "error: unknown request",
         };
+        // Answer first: once the workload ends, the VM ends with it.
         let _ = writeln!(stream, "{answer}");
+        let _ = stream.flush();
+        if request == "stop" {
+            eprintln!("vminit: vmmd asks the workload to stop (SIGTERM)");
+            let _ = kill(Pid::from_raw(-workload.as_raw()), Signal::SIGTERM);
+        }
     }
 }
 
