@@ -6,15 +6,11 @@
 //! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
 //! `steelcup.test=MODE` on the kernel command line.
 
-use qemu_tests::Guest;
+use qemu_tests::{boot_test_image, Guest};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(120);
-
-fn boot(mode: &str) -> Option<Guest> {
-    qemu_tests::boot_test_image(mode)
-}
 
 fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
     g.wait_for("phase units: done", BOOT).unwrap();
@@ -46,7 +42,7 @@ fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
 
 #[test]
 fn cup_poweroff_stops_units_in_order_and_powers_off() {
-    let Some(mut g) = boot("poweroff") else {
+    let Some(mut g) = boot_test_image("poweroff") else {
         return;
     };
     shuts_down_in_order(&mut g, "driver: cup poweroff", "API: powering off");
@@ -54,6 +50,8 @@ fn cup_poweroff_stops_units_in_order_and_powers_off() {
 
 #[test]
 fn sigterm_to_pid1_stops_units_in_order_and_powers_off() {
-    let Some(mut g) = boot("sigterm") else { return };
+    let Some(mut g) = boot_test_image("sigterm") else {
+        return;
+    };
     shuts_down_in_order(&mut g, "driver: SIGTERM to PID 1", "SIGTERM: powering off");
 }

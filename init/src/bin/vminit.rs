@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use steelcup_init::boot::error_chain;
 use steelcup_init::guest::{ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, STATUS_PORT};
 use steelcup_init::sys;
 
@@ -96,7 +97,7 @@ fn wait_for(device: &str) -> Result<(), String> {
 /// Mounts the read-only root image with a writable tmpfs layer over it,
 /// moves the API filesystems across and makes it the root.
 fn switch_root(device: &str, volumes: &[GuestVolume]) -> Result<(), String> {
-    let err = |e: sys::SysError| format!("{e}: {}", e_source(&e));
+    let err = |e: sys::SysError| error_chain(&e);
     wait_for(device)?;
     let fstype = match probe(device).map_err(|e| format!("{device}: {e}"))? {
         Fs::Ext => "ext4",
@@ -166,7 +167,7 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
         }
         let target = root.join(v.path.trim_start_matches('/'));
         sys::mount(&v.device, &target, "ext4", MsFlags::MS_NODEV, None)
-            .map_err(|e| format!("{e}: {}", e_source(&e)))?;
+            .map_err(|e| error_chain(&e))?;
     }
     Ok(())
 }
@@ -243,7 +244,7 @@ fn fail(msg: &str, errno: i32) -> ExitStatus {
 
 fn run() -> ExitStatus {
     if let Err(e) = mounts() {
-        return fail(&format!("{e}: {}", e_source(&e)), libc::EIO);
+        return fail(&error_chain(&e), libc::EIO);
     }
     let config: GuestConfig = match std::fs::read(CONFIG_PATH) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -281,7 +282,7 @@ fn run() -> ExitStatus {
         Signal::SIGUSR2,
     ]) {
         Ok(s) => s,
-        Err(e) => return fail(&format!("{e}: {}", e_source(&e)), libc::EIO),
+        Err(e) => return fail(&error_chain(&e), libc::EIO),
     };
     let mut cmd = Command::new(program);
     sys::reset_signal_mask(&mut cmd);
@@ -344,10 +345,6 @@ fn run() -> ExitStatus {
     }
 }
 
-fn e_source(e: &dyn std::error::Error) -> String {
-    e.source().map(|s| s.to_string()).unwrap_or_default()
-}
-
 fn main() {
     if !sys::is_pid1() {
         eprintln!("vminit: must run as PID 1 inside a steelcup microVM");
@@ -368,7 +365,7 @@ fn main() {
     nix::unistd::sync();
     // The VMM ends the VM on this write; the reset below is the fallback.
     if let Err(e) = sys::outl(STATUS_PORT, status.encode()) {
-        eprintln!("vminit: cannot report exit status: {e}: {}", e_source(&e));
+        eprintln!("vminit: cannot report exit status: {}", error_chain(&e));
     }
     let _ = sys::power(sys::PowerAction::Reboot);
     loop {

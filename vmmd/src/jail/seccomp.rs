@@ -109,53 +109,36 @@ pub const ALLOWED: &[(i64, &str)] = &[
 pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|(nr, _)| (*nr, vec![])).collect();
-    let ioctl = |request: u64| -> Result<SeccompRule, seccompiler::BackendError> {
-        SeccompRule::new(vec![SeccompCondition::new(
-            1,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            request,
-        )?])
-    };
-    rules.insert(libc::SYS_ioctl, vec![ioctl(KVM_RUN)?, ioctl(FIONBIO)?]);
+    // Allowed when argument `arg` compares with `value` by `op`.
+    let when =
+        |arg: u8, op: SeccompCmpOp, value: u64| -> Result<SeccompRule, seccompiler::BackendError> {
+            SeccompRule::new(vec![SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                op,
+                value,
+            )?])
+        };
+    let eq = |arg: u8, value: u64| when(arg, SeccompCmpOp::Eq, value);
+    rules.insert(libc::SYS_ioctl, vec![eq(1, KVM_RUN)?, eq(1, FIONBIO)?]);
     // fcntl: only descriptor and status flags (std checks a new socket's
     // close-on-exec flag).
     rules.insert(
         libc::SYS_fcntl,
         [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
             .into_iter()
-            .map(|cmd| {
-                SeccompRule::new(vec![SeccompCondition::new(
-                    1,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    cmd as u64,
-                )?])
-            })
+            .map(|cmd| eq(1, cmd as u64))
             .collect::<Result<Vec<_>, _>>()?,
     );
     // mprotect: glibc grows a thread's malloc arena with it (the device
     // thread's buffers); never to make memory executable.
     rules.insert(
         libc::SYS_mprotect,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-            0,
-        )?])?],
+        vec![when(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?],
     );
     // socket: only Unix sockets, for vsock connecting a guest to a host
     // listener (`{uds}_PORT`); no network sockets.
-    rules.insert(
-        libc::SYS_socket,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            libc::AF_UNIX as u64,
-        )?])?],
-    );
+    rules.insert(libc::SYS_socket, vec![eq(0, libc::AF_UNIX as u64)?]);
     SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

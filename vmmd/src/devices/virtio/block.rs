@@ -21,7 +21,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -300,12 +299,10 @@ impl Block {
         if req.data_len % SECTOR_SIZE != 0 {
             return None;
         }
-        let end = req
-            .sector
+        req.sector
             .checked_add(req.data_len / SECTOR_SIZE)
-            .filter(|end| *end <= self.capacity_sectors)?;
-        let _ = end;
-        Some(req.sector * SECTOR_SIZE)
+            .filter(|end| *end <= self.capacity_sectors)
+            .map(|_| req.sector * SECTOR_SIZE)
     }
 
     fn transfer(
@@ -369,14 +366,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| c.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn process_queue(
@@ -388,17 +378,15 @@ impl VirtioDevice for Block {
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
-        let mut used = false;
         let mut segments = Vec::with_capacity(usize::from(QUEUE_SIZE));
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        super::serve_chains(queue, mem, |chain| {
             segments.clear();
             segments.extend(chain.map(|d| Segment {
                 addr: d.addr(),
                 len: d.len(),
                 write: d.is_write_only(),
             }));
-            let written = match parse(&segments, mem) {
+            match parse(&segments, mem) {
                 Ok(req) => {
                     let (status, n) = self.execute(&req, mem);
                     match mem.write_obj(status, req.status) {
@@ -416,13 +404,8 @@ impl VirtioDevice for Block {
                         _ => 0,
                     }
                 }
-            };
-            if queue.add_used(mem, head, written).is_err() {
-                break;
             }
-            used = true;
-        }
-        used
+        })
     }
 }
 

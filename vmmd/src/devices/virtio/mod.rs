@@ -30,6 +30,40 @@ pub fn lock(t: &SharedTransport) -> MutexGuard<'_, mmio::MmioTransport> {
 /// `VIRTIO_F_VERSION_1`: the modern interface, required on MMIO version 2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// Copies the bytes of a device's configuration space `config` at `offset`
+/// into `data`; bytes past its end (or an offset that overflows) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+/// Pops every available chain of `queue`, lets `serve` handle it (returning
+/// the bytes it wrote into the chain's buffers) and hands it back to the
+/// guest; stops if the used ring cannot be written. True if any chain was
+/// returned (the guest gets an interrupt).
+pub fn serve_chains<'m>(
+    queue: &mut virtio_queue::Queue,
+    mem: &'m GuestMemoryMmap,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+) -> bool {
+    use virtio_queue::QueueT;
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let written = serve(chain);
+        if queue.add_used(mem, head, written).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
 /// A device behind a transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (4: entropy source).

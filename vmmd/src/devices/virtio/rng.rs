@@ -4,7 +4,6 @@
 
 use super::VirtioDevice;
 use std::io::Read;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// At most this many bytes per request, whatever the guest asks.
@@ -57,10 +56,8 @@ impl VirtioDevice for Rng {
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
-        let mut used = false;
         let mut buf = vec![0u8; 4096];
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        super::serve_chains(queue, mem, |chain| {
             let mut written: u32 = 0;
             for desc in chain.writable() {
                 let mut left = desc.len().min(MAX_REQUEST - written);
@@ -84,11 +81,7 @@ impl VirtioDevice for Rng {
                 }
             }
             self.served += u64::from(written);
-            if queue.add_used(mem, head, written).is_err() {
-                break;
-            }
-            used = true;
-        }
-        used
+            written
+        })
     }
 }

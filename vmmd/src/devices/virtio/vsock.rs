@@ -139,7 +139,6 @@ struct Conn {
     /// The guest will send no more: shut the host socket's write side once
     /// `pending` is flushed.
     guest_done_sending: bool,
-    host_eof: bool,
 }
 
 impl Conn {
@@ -158,8 +157,12 @@ impl Conn {
             line: Vec::new(),
             readable: false,
             guest_done_sending: false,
-            host_eof: false,
         }
+    }
+
+    /// The guest can take data the host socket may have.
+    fn has_data_for_guest(&self) -> bool {
+        self.state == State::Established && self.readable && self.peer_credit() > 0
     }
 
     /// Bytes the guest can still take from this connection.
@@ -201,6 +204,8 @@ pub struct Vsock {
     next_local_port: u32,
     /// Control packets waiting for a guest receive buffer.
     control: VecDeque<Header>,
+    /// Host data on its way into a guest receive buffer.
+    rx_buf: Vec<u8>,
     limiter: RateLimiter,
     /// Packets from the guest that were refused.
     pub refused: u64,
@@ -245,6 +250,7 @@ impl Vsock {
             next_id: 1,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
+            rx_buf: vec![0; MAX_PKT_DATA as usize],
             limiter: RateLimiter::new(10, Duration::from_secs(1)),
             refused: 0,
         })
@@ -293,9 +299,6 @@ impl Vsock {
             .map(|(id, _)| *id)
     }
 
-    fn reply(&self, c: &Conn, op: u16) -> Header {
-        reply(self.cid, c, op)
-    }
     fn reset_for(&mut self, h: &Header) {
         if h.op == OP_RST {
             return;
@@ -319,7 +322,7 @@ impl Vsock {
                 EpollEvent::default(),
             );
             if tell_guest && c.state != State::AwaitingConnect {
-                let rst = self.reply(&c, OP_RST);
+                let rst = reply(self.cid, &c, OP_RST);
                 self.control.push_back(rst);
             }
         }
@@ -394,7 +397,7 @@ impl Vsock {
             (OP_RST, Some(id)) => self.close(id, false),
             (OP_CREDIT_REQUEST, Some(id)) => {
                 if let Some(c) = self.conns.get(&id) {
-                    let up = self.reply(c, OP_CREDIT_UPDATE);
+                    let up = reply(self.cid, c, OP_CREDIT_UPDATE);
                     self.control.push_back(up);
                 }
             }
@@ -441,7 +444,7 @@ impl Vsock {
         let mut c = Conn::new(stream, State::Established, h.dst_port, h.src_port);
         c.peer_buf_alloc = h.buf_alloc;
         c.peer_fwd_cnt = h.fwd_cnt;
-        let response = self.reply(&c, OP_RESPONSE);
+        let response = reply(self.cid, &c, OP_RESPONSE);
         match self.add_conn(c) {
             Some(_) => self.control.push_back(response),
             None => self.reset_for(h),
@@ -548,13 +551,18 @@ impl Vsock {
     /// Fills guest receive buffers: control packets first, then data from
     /// readable host sockets within the guest's credit. True if any was used.
     fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        // The payload buffer lives with the device: this runs on every
+        // notification and host event.
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        let used = self.fill_rx_with(&mut buf, queue, mem);
+        self.rx_buf = buf;
+        used
+    }
+
+    fn fill_rx_with(&mut self, buf: &mut [u8], queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        let mut buf = vec![0u8; MAX_PKT_DATA as usize];
         loop {
-            let have_data = self
-                .conns
-                .values()
-                .any(|c| c.state == State::Established && c.readable && c.peer_credit() > 0);
+            let have_data = self.conns.values().any(Conn::has_data_for_guest);
             if self.control.is_empty() && !have_data {
                 return used;
             }
@@ -576,7 +584,7 @@ impl Vsock {
             let packet = if let Some(h) = self.control.pop_front() {
                 Some((h, 0))
             } else {
-                self.read_host_data(&mut buf, (room - HDR_LEN as u64) as u32)
+                self.read_host_data(buf, (room - HDR_LEN as u64) as u32)
             };
             let Some((h, n)) = packet else {
                 queue.go_to_previous_position();
@@ -595,7 +603,7 @@ impl Vsock {
         let ids: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.state == State::Established && c.readable && c.peer_credit() > 0)
+            .filter(|(_, c)| c.has_data_for_guest())
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -608,7 +616,6 @@ impl Vsock {
                     // The host side closed: tell the guest, then forget it
                     // when the guest resets.
                     c.readable = false;
-                    c.host_eof = true;
                     let mut h = reply(self.cid, c, OP_SHUTDOWN);
                     h.flags = SHUT_RCV | SHUT_SEND;
                     return Some((h, 0));
@@ -725,14 +732,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| c.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
