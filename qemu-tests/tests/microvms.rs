@@ -57,6 +57,17 @@ fn disks_reboot_and_a_killed_worker() {
         STEP,
     )
     .unwrap();
+    // Pause and resume through vmmd's API (`cup pause`, `cup unpause`).
+    g.wait_for("driver: cup: no workload named \"nosuch\"", STEP)
+        .unwrap();
+    g.wait_for("driver: paused vm-b", STEP).unwrap();
+    g.wait_for("driver: ps: vm-b             paused", STEP)
+        .unwrap();
+    g.wait_for("driver: vm-b printed 0 ticks in 4 s while paused", STEP)
+        .unwrap();
+    g.wait_for("driver: resumed vm-b", STEP).unwrap();
+    g.wait_for("driver: vm-b ticks again after resume", STEP)
+        .unwrap();
     g.wait_for("driver: cup poweroff", STEP).unwrap();
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the

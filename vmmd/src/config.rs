@@ -118,6 +118,8 @@ pub struct WorkerReport {
 /// Marks the report line on a worker's stderr. Only the worker writes its
 /// stderr (guest output goes to stdout), so a guest cannot forge a report.
 pub const REPORT_PREFIX: &str = "steelcup-worker-report: ";
+/// Starts a worker's answer to a control command on its stderr.
+pub const CONTROL_PREFIX: &str = "steelcup-control: ";
 
 #[cfg(test)]
 mod tests {

@@ -13,14 +13,16 @@
 //! No D-Bus API, no reload, no replicas, no warm pool yet; stop kills the
 //! worker rather than asking the guest first.
 
+use crate::api::{self, Action, ApiError, Reply, VmInfo};
 use crate::config::{
-    DiskConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, DEFAULT_CMDLINE, REPORT_PREFIX,
+    DiskConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, CONTROL_PREFIX, DEFAULT_CMDLINE,
+    REPORT_PREFIX,
 };
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use steelcup_init::guest::{disk_device, GuestConfig, GuestVolume};
@@ -45,6 +47,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Runtime files: each VM's vsock socket under `vsock/NAME.sock`.
     pub run_dir: PathBuf,
+    /// The API socket (`org.steelcup.Vmm1`).
+    pub api_socket: PathBuf,
 }
 
 /// Where vmmd keeps runtime files on the appliance.
@@ -56,6 +60,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/steelcup";
 enum Event {
     Ended { name: String, report: WorkerReport },
     Signal(Signal),
+    Api(api::Request),
 }
 
 struct Workload {
@@ -63,9 +68,42 @@ struct Workload {
     /// The guest's vsock context id, fixed for the daemon's life.
     cid: u32,
     pid: Option<i32>,
+    /// The running worker's control channel.
+    control: Option<WorkerControl>,
+    paused: bool,
     restart_at: Option<Instant>,
     backoff: Duration,
     runs: u64,
+    last_outcome: String,
+}
+
+/// A worker's stdin (commands) and its answers (from its stderr).
+struct WorkerControl {
+    commands: ChildStdin,
+    answers: mpsc::Receiver<String>,
+}
+
+/// How long a worker has to answer a control command.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl WorkerControl {
+    /// Sends `command`; Ok with the worker's answer, Err with why not.
+    fn ask(&mut self, command: &str) -> Result<String, String> {
+        while self.answers.try_recv().is_ok() {}
+        writeln!(self.commands, "{command}")
+            .and_then(|_| self.commands.flush())
+            .map_err(|e| format!("worker control channel: {e}"))?;
+        match self.answers.recv_timeout(CONTROL_TIMEOUT) {
+            Ok(a) => match a.strip_prefix("error: ") {
+                Some(e) => Err(e.to_string()),
+                None => Ok(a),
+            },
+            Err(_) => Err(format!(
+                "the worker did not answer {command:?} within {}s",
+                CONTROL_TIMEOUT.as_secs()
+            )),
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -120,9 +158,12 @@ pub fn run(opts: Options) -> Result<(), String> {
                     spec,
                     cid: 3 + i as u32,
                     pid: None,
+                    control: None,
+                    paused: false,
                     restart_at: Some(Instant::now()),
                     backoff: Duration::from_secs(1),
                     runs: 0,
+                    last_outcome: String::new(),
                 },
             )
         })
@@ -130,6 +171,20 @@ pub fn run(opts: Options) -> Result<(), String> {
     let vsock_dir = opts.run_dir.join("vsock");
     std::fs::create_dir_all(&vsock_dir)
         .map_err(|e| format!("create {}: {e}", vsock_dir.display()))?;
+    let (api_tx, api_rx) = mpsc::channel::<api::Request>();
+    api::serve(&opts.api_socket, api_tx)
+        .map_err(|e| format!("serve the API on {}: {e}", opts.api_socket.display()))?;
+    let fwd = tx.clone();
+    std::thread::Builder::new()
+        .name("api-forward".into())
+        .spawn(move || {
+            for r in api_rx {
+                if fwd.send(Event::Api(r)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("spawn API thread: {e}"))?;
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
         env!("CARGO_PKG_VERSION"),
@@ -144,7 +199,11 @@ pub fn run(opts: Options) -> Result<(), String> {
                 w.restart_at = None;
                 w.runs += 1;
                 match start(&opts, name, &w.spec, w.cid, tx.clone()) {
-                    Ok(pid) => w.pid = Some(pid),
+                    Ok((pid, control)) => {
+                        w.pid = Some(pid);
+                        w.control = Some(control);
+                        w.paused = false;
+                    }
                     Err(e) => {
                         tracing::error!("workload {name}: cannot start worker: {e}");
                     }
@@ -172,6 +231,9 @@ pub fn run(opts: Options) -> Result<(), String> {
                     continue;
                 };
                 w.pid = None;
+                w.control = None;
+                w.paused = false;
+                w.last_outcome = report.outcome.to_string();
                 tracing::info!(
                     "workload {name}: {} after {:.2}s",
                     report.outcome,
@@ -191,8 +253,70 @@ pub fn run(opts: Options) -> Result<(), String> {
                     w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
                 }
             }
+            Ok(Event::Api(req)) => {
+                let answer = execute(&mut workloads, req.action);
+                let _ = req.reply.send(answer);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
+        }
+    }
+}
+
+/// Executes an API action on the daemon's state.
+fn execute(workloads: &mut BTreeMap<String, Workload>, action: Action) -> Result<Reply, ApiError> {
+    fn running<'w>(
+        workloads: &'w mut BTreeMap<String, Workload>,
+        name: &str,
+    ) -> Result<&'w mut Workload, ApiError> {
+        let w = workloads
+            .get_mut(name)
+            .ok_or_else(|| ApiError::NoSuchVm(name.to_string()))?;
+        if w.control.is_none() {
+            return Err(ApiError::Refused(format!(
+                "workload {name:?} is not running"
+            )));
+        }
+        Ok(w)
+    }
+    match action {
+        Action::List => Ok(Reply::Vms(
+            workloads
+                .iter()
+                .map(|(name, w)| VmInfo {
+                    name: name.clone(),
+                    state: match (w.pid, w.paused, w.restart_at) {
+                        (Some(_), true, _) => "paused",
+                        (Some(_), false, _) => "running",
+                        (None, _, Some(_)) => "waiting",
+                        (None, _, None) => "ended",
+                    }
+                    .into(),
+                    last_outcome: w.last_outcome.clone(),
+                    pid: w.pid.unwrap_or(0) as u32,
+                    runs: w.runs as u32,
+                    vcpus: u32::from(w.spec.vcpus),
+                    memory_mib: w.spec.memory.mib() as u32,
+                })
+                .collect(),
+        )),
+        Action::Pause(name) => {
+            let w = running(workloads, &name)?;
+            if let Some(c) = w.control.as_mut() {
+                c.ask("pause").map_err(ApiError::Refused)?;
+            }
+            w.paused = true;
+            tracing::info!("workload {name}: paused");
+            Ok(Reply::Done)
+        }
+        Action::Resume(name) => {
+            let w = running(workloads, &name)?;
+            if let Some(c) = w.control.as_mut() {
+                c.ask("resume").map_err(ApiError::Refused)?;
+            }
+            w.paused = false;
+            tracing::info!("workload {name}: resumed");
+            Ok(Reply::Done)
         }
     }
 }
@@ -225,6 +349,9 @@ fn stop_all(
                     }
                 }
                 Ok(Event::Signal(_)) => {}
+                Ok(Event::Api(req)) => {
+                    let _ = req.reply.send(Err(ApiError::ShuttingDown));
+                }
                 Err(_) => break,
             }
         }
@@ -366,14 +493,15 @@ fn start(
     spec: &MicrovmSection,
     cid: u32,
     tx: mpsc::Sender<Event>,
-) -> Result<i32, String> {
+) -> Result<(i32, WorkerControl), String> {
     if let Some(image) = &spec.image {
         return Err(format!(
             "image {image:?}: running OCI images is not supported by this vmmd yet"
         ));
     }
-    let config =
+    let mut config =
         serde_json::to_vec(&vm_config(opts, name, spec, cid)?).map_err(|e| e.to_string())?;
+    config.push(b'\n');
     let mut cmd = Command::new(&opts.worker_exe);
     steelcup_init::sys::reset_signal_mask(&mut cmd);
     let mut child = cmd
@@ -385,21 +513,23 @@ fn start(
         .map_err(|e| format!("{}: {e}", opts.worker_exe.display()))?;
     let pid = child.id() as i32;
     tracing::info!("workload {name}: starting microVM (worker pid {pid})");
-    let mut stdin = child.stdin.take();
+    let mut commands = child.stdin.take().ok_or("worker has no stdin")?;
+    // One line; the pipe holds it whatever the worker does.
+    commands
+        .write_all(&config)
+        .map_err(|e| format!("send config to the worker: {e}"))?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let name = name.to_string();
+    let (answer_tx, answers) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("worker-{name}"))
         .spawn(move || {
-            if let Some(mut s) = stdin.take() {
-                let _ = s.write_all(&config);
-            }
             let out_thread = stdout.map(|o| {
                 let name = name.clone();
                 std::thread::spawn(move || echo_guest(&name, o))
             });
-            let report = stderr.and_then(|e| read_report(&name, e));
+            let report = stderr.and_then(|e| read_report(&name, e, &answer_tx));
             let status = child.wait();
             if let Some(t) = out_thread {
                 let _ = t.join();
@@ -413,7 +543,7 @@ fn start(
             let _ = tx.send(Event::Ended { name, report });
         })
         .map_err(|e| format!("spawn monitor thread: {e}"))?;
-    Ok(pid)
+    Ok((pid, WorkerControl { commands, answers }))
 }
 
 /// Why a worker ended without a report.
@@ -455,11 +585,14 @@ fn echo_guest(name: &str, out: impl Read) {
     }
 }
 
-/// Passes worker logs on and returns its report.
-fn read_report(name: &str, err: impl Read) -> Option<WorkerReport> {
+/// Passes worker logs on, control answers to `answers`, and returns its
+/// report.
+fn read_report(name: &str, err: impl Read, answers: &mpsc::Sender<String>) -> Option<WorkerReport> {
     let mut report = None;
     for line in BufReader::new(err).lines().map_while(Result::ok) {
-        if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
+        if let Some(answer) = line.strip_prefix(CONTROL_PREFIX) {
+            let _ = answers.send(answer.to_string());
+        } else if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
             match serde_json::from_str(json) {
                 Ok(r) => report = Some(r),
                 Err(e) => tracing::error!("workload {name}: unreadable worker report: {e}"),
@@ -480,5 +613,6 @@ pub fn default_options(units: &Path) -> Options {
         worker_exe: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/vmmd".into()),
         state_dir: DEFAULT_STATE_DIR.into(),
         run_dir: DEFAULT_RUN_DIR.into(),
+        api_socket: api::DEFAULT_SOCKET.into(),
     }
 }

@@ -14,11 +14,13 @@
 //! and virtio-rng; virtio block, net and vsock, the D-Bus API, and a mount namespace and cgroup for
 //! the worker (it already runs under seccomp, see [`jail`]) are still to come.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod daemon;
 pub mod devices;
+pub mod fuzz;
 pub mod image;
 pub mod jail;
 pub mod selftest;

@@ -2,7 +2,10 @@
 //! threads, and reports how it ended.
 //!
 //! # Design
-//! vmmd starts `vmmd worker` with the [`VmConfig`] as JSON on stdin. Guest
+//! vmmd starts `vmmd worker` with the [`VmConfig`] as one line of JSON on
+//! stdin, and keeps stdin open as the control channel: each further line is
+//! a command (`pause`, `resume`), answered on stderr by a line starting
+//! with [`CONTROL_PREFIX`] (`paused`, `resumed`, or `error: ...`). Guest
 //! serial output goes to the worker's stdout; the worker's own logs and its
 //! final [`WorkerReport`] go to stderr. A VM that crashes, or a worker that
 //! dies, takes nothing else down.
@@ -14,15 +17,27 @@
 //! The worker does not yet have its own mount namespace or cgroup.
 
 use crate::builder;
-use crate::config::{VmConfig, VmOutcome, WorkerReport, REPORT_PREFIX};
+use crate::config::{VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX};
+use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
-use std::io::Read;
+use std::io::{BufRead, Read};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 use steelcup_init::guest::ExitStatus;
 
-/// Builds and runs the VM; returns how it ended.
-pub fn run_vm(config: &VmConfig) -> VmOutcome {
+/// How long a pause may take before it is given up.
+const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Builds and runs the VM; returns how it ended. Commands are read from
+/// `control` (see the module docs) while the VM runs.
+pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome {
+    if let Err(e) = pause::install_kick_handler() {
+        return VmOutcome::VmmError {
+            message: format!("install the vCPU kick handler: {e}"),
+        };
+    }
     let built = match builder::build(config, Box::new(std::io::stdout())) {
         Ok(b) => b,
         Err(e) => {
@@ -43,12 +58,15 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
     // Two rendezvous: `ready` once every vCPU thread is up (a new thread
     // makes its own start-up syscalls, which the filter would refuse), `go`
     // once the filter is on every thread.
-    // Parties: the vCPU threads, the device thread and this one.
-    let ready = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 2));
-    let start = std::sync::Arc::new(std::sync::Barrier::new(built.vcpus.len() + 2));
+    // Parties: the vCPU threads, the device thread, the control thread and
+    // this one.
+    let ready = Arc::new(std::sync::Barrier::new(built.vcpus.len() + 3));
+    let start = Arc::new(std::sync::Barrier::new(built.vcpus.len() + 3));
+    let gate = Arc::new(PauseGate::default());
     let mut handles = Vec::new();
     for mut vcpu in built.vcpus {
         let bus = built.bus.clone();
+        let gate = gate.clone();
         let tx = tx.clone();
         let start = start.clone();
         let ready = ready.clone();
@@ -57,7 +75,7 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
             .spawn(move || {
                 ready.wait();
                 start.wait();
-                let stop = vcpu.run(&bus);
+                let stop = vcpu.run(&bus, &gate);
                 let _ = tx.send((vcpu.index, stop));
             });
         match spawned {
@@ -84,6 +102,21 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
     {
         return VmOutcome::VmmError {
             message: format!("spawn device thread: {e}"),
+        };
+    }
+    // The control thread: pause and resume from vmmd.
+    let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
+    let (cready, cstart) = (ready.clone(), start.clone());
+    if let Err(e) = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            cready.wait();
+            cstart.wait();
+            serve_control(control, &gate, &threads);
+        })
+    {
+        return VmOutcome::VmmError {
+            message: format!("spawn control thread: {e}"),
         };
     }
     ready.wait();
@@ -125,6 +158,25 @@ pub fn run_vm(config: &VmConfig) -> VmOutcome {
     }
 }
 
+/// Answers vmmd's commands until stdin closes.
+fn serve_control(control: Box<dyn BufRead + Send>, gate: &PauseGate, threads: &[libc::pthread_t]) {
+    for line in control.take(1 << 20).lines() {
+        let Ok(line) = line else { return };
+        let answer = match line.trim() {
+            "pause" => match gate.pause(threads, PAUSE_TIMEOUT) {
+                Ok(()) => "paused".to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+            "resume" => {
+                gate.resume();
+                "resumed".to_string()
+            }
+            other => format!("error: unknown command {other:?} (pause, resume)"),
+        };
+        eprintln!("{CONTROL_PREFIX}{answer}");
+    }
+}
+
 /// `vmmd worker`: reads the config from stdin, runs the VM, writes the report.
 pub fn main() -> i32 {
     let t0 = Instant::now();
@@ -137,16 +189,17 @@ pub fn main() -> i32 {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
-    let mut input = String::new();
-    let outcome = match std::io::stdin().take(1 << 20).read_to_string(&mut input) {
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let mut input = Vec::new();
+    let outcome = match (&mut stdin).take(1 << 20).read_until(b'\n', &mut input) {
         Err(e) => VmOutcome::VmmError {
             message: format!("read config from stdin: {e}"),
         },
-        Ok(_) => match serde_json::from_str::<VmConfig>(&input) {
+        Ok(_) => match serde_json::from_slice::<VmConfig>(&input) {
             Err(e) => VmOutcome::VmmError {
                 message: format!("config on stdin: {e}"),
             },
-            Ok(config) => run_vm(&config),
+            Ok(config) => run_vm(&config, Box::new(stdin)),
         },
     };
     let report = WorkerReport {

@@ -44,6 +44,90 @@ fn in_filtered_child(forbidden: fn()) -> WaitStatus {
     }
 }
 
+/// Like [`in_filtered_child`], with the filter built for the child's own
+/// pid (the `tgkill` rule names the process): the parent builds it after
+/// the fork and sends its instructions over a pipe into a buffer the child
+/// allocated before.
+fn in_child_with_own_filter(call: fn() -> bool) -> WaitStatus {
+    let _one = FORK.lock().unwrap_or_else(|p| p.into_inner());
+    let len = vmmd::jail::seccomp::filter().unwrap().len();
+    let mut buf: Vec<libc::sock_filter> = vec![
+        libc::sock_filter {
+            code: 0,
+            jt: 0,
+            jf: 0,
+            k: 0
+        };
+        len
+    ];
+    let bytes = len * std::mem::size_of::<libc::sock_filter>();
+    let (r, w) = nix::unistd::pipe().unwrap();
+    // SAFETY: the child only reads a pipe into memory it owns, calls prctl
+    // and seccomp, the call under test, and _exit.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+            let mut got = 0;
+            while got < bytes {
+                // SAFETY: reads into the child's own buffer, within its size.
+                let n = unsafe {
+                    libc::read(
+                        fd,
+                        buf.as_mut_ptr().cast::<u8>().add(got).cast(),
+                        bytes - got,
+                    )
+                };
+                if n <= 0 {
+                    unsafe { libc::_exit(92) };
+                }
+                got += n as usize;
+            }
+            let prog = libc::sock_fprog {
+                len: len as u16,
+                filter: buf.as_mut_ptr(),
+            };
+            // SAFETY: prctl and seccomp with a valid program.
+            unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if libc::syscall(libc::SYS_seccomp, 1, 0, &prog as *const libc::sock_fprog) != 0 {
+                    libc::_exit(90);
+                }
+            }
+            let ok = call();
+            // SAFETY: _exit is allowed (exit_group).
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            drop(r);
+            let program = vmmd::jail::seccomp::filter_for(child.as_raw() as u32).unwrap();
+            assert_eq!(program.len(), len);
+            // SAFETY: sock_filter is plain data; the slice covers the vector.
+            let raw = unsafe { std::slice::from_raw_parts(program.as_ptr().cast::<u8>(), bytes) };
+            nix::unistd::write(&w, raw).unwrap();
+            drop(w);
+            waitpid(child, None).unwrap()
+        }
+    }
+}
+
+fn kicking_its_own_vcpu_threads_passes() {
+    // tgkill(own pid, own main thread, 0): the pause kick, minus the signal.
+    // SAFETY: tgkill with signal 0 to this process's own thread.
+    let status = in_child_with_own_filter(|| unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::getpid(), 0) == 0
+    });
+    assert_eq!(status, WaitStatus::Exited(status.pid().unwrap(), 0));
+}
+
+fn signalling_another_process_kills_the_worker() {
+    // SAFETY: tgkill with signal 0 to PID 1; the child dies at the call.
+    let status = in_child_with_own_filter(|| unsafe {
+        libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+        true
+    });
+    assert!(killed_by_sigsys(status), "{status:?}");
+}
+
 fn killed_by_sigsys(status: WaitStatus) -> bool {
     matches!(
         status,
@@ -190,4 +274,6 @@ fn seccomp_filter() {
     the_calls_vsock_makes_pass();
     allocating_on_another_thread_passes();
     making_memory_executable_kills_the_worker();
+    kicking_its_own_vcpu_threads_passes();
+    signalling_another_process_kills_the_worker();
 }

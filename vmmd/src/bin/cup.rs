@@ -3,7 +3,10 @@
 //! Host verbs talk to init's `org.steelcup.Init1` on `$STEELCUP_RUN_DIR/init.sock`
 //! (default `/run/steelcup`): `cup units`, `cup unit status|start|stop|restart
 //! NAME`, `cup logs --unit NAME [-f] [-n N]`, `cup reload`, `cup poweroff`,
-//! `cup reboot`. `cup validate FILE...` checks unit files offline.
+//! `cup reboot`. Workload verbs talk to vmmd's `org.steelcup.Vmm1` on
+//! `$STEELCUP_VMMD_SOCKET` (default `/run/steelcup/vmmd.sock`): `cup ps`,
+//! `cup pause NAME`, `cup unpause NAME`. `cup validate FILE...` checks unit
+//! files offline.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,9 +21,12 @@ const USAGE: &str = "usage:
   cup reload                         re-read unit files, apply the difference
   cup poweroff | cup reboot          stop every unit in order, then power off / reboot
   cup validate UNIT-FILE...          check unit files as the host reads them
+  cup ps [--format json]             microVM workloads: name, state, pid, runs, vCPUs, memory
+  cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
   cup version
 
-cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup).";
+cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
+to vmmd at $STEELCUP_VMMD_SOCKET (default /run/steelcup/vmmd.sock).";
 
 fn main() -> ExitCode {
     // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
@@ -48,6 +54,13 @@ fn json(args: &[String]) -> bool {
 
 fn proxy() -> Result<Init1Proxy<'static>, String> {
     client::connect(&client::run_dir())
+}
+
+fn vmmd() -> Result<vmmd::api::Vmm1ClientProxy<'static>, String> {
+    let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| vmmd::api::DEFAULT_SOCKET.into());
+    vmmd::api::connect(&socket)
 }
 
 fn api_err(e: zbus::Error) -> String {
@@ -211,9 +224,51 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
         Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
         Some("reboot") => proxy()?.reboot().map_err(api_err)?,
+        Some("ps") => {
+            let vms = vmmd()?.list().map_err(api_err)?;
+            if json(args) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&vms).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{:<16} {:<8} {:>7} {:>5} {:>5} {:>7}  LAST OUTCOME",
+                    "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY"
+                );
+                for v in &vms {
+                    println!(
+                        "{:<16} {:<8} {:>7} {:>5} {:>5} {:>6}M  {}",
+                        v.name,
+                        v.state,
+                        if v.pid == 0 {
+                            "-".to_string()
+                        } else {
+                            v.pid.to_string()
+                        },
+                        v.runs,
+                        v.vcpus,
+                        v.memory_mib,
+                        v.last_outcome
+                    );
+                }
+            }
+        }
+        Some(verb @ ("pause" | "unpause")) => {
+            let name = args
+                .get(1)
+                .ok_or_else(|| format!("{verb} needs a workload name (see `cup ps`)"))?;
+            let p = vmmd()?;
+            if verb == "pause" {
+                p.pause(name).map_err(api_err)?;
+            } else {
+                p.resume(name).map_err(api_err)?;
+            }
+            println!("{name}");
+        }
         Some(
-            verb @ ("run" | "ps" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi"
-            | "inspect"),
+            verb
+            @ ("run" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect"),
         ) => {
             return Err(format!(
                 "cup {verb}: workload verbs need vmmd's API, which this build does not have yet; declare workloads as [microvm] unit files"

@@ -100,13 +100,24 @@ pub const ALLOWED: &[(i64, &str)] = &[
         libc::SYS_shutdown,
         "shutdown: vsock passing on a guest's half-close",
     ),
+    (
+        libc::SYS_getpid,
+        "getpid: pthread_kill naming this process when pausing vCPUs",
+    ),
     (libc::SYS_exit, "exit: a vCPU thread ending"),
     (libc::SYS_exit_group, "exit_group: the worker ending"),
 ];
 
-/// Builds the filter: [`ALLOWED`] plus `ioctl` with `KVM_RUN` or `FIONBIO`
-/// and `socket` for `AF_UNIX`; anything else kills the process.
+/// Builds the filter: [`ALLOWED`] plus `ioctl` with `KVM_RUN` or `FIONBIO`,
+/// `socket` for `AF_UNIX` and `tgkill` within this process; anything else
+/// kills the process. Build it in the process that installs it (the
+/// `tgkill` rule names this process).
 pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
+    filter_for(std::process::id())
+}
+
+/// The filter for process `pid` (tests build it for a forked child).
+pub fn filter_for(pid: u32) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|(nr, _)| (*nr, vec![])).collect();
     // Allowed when argument `arg` compares with `value` by `op`.
@@ -139,6 +150,9 @@ pub fn filter() -> Result<BpfProgram, seccompiler::BackendError> {
     // socket: only Unix sockets, for vsock connecting a guest to a host
     // listener (`{uds}_PORT`); no network sockets.
     rules.insert(libc::SYS_socket, vec![eq(0, libc::AF_UNIX as u64)?]);
+    // tgkill: kicking this process's own vCPU threads out of KVM_RUN to
+    // pause the VM; never a signal to another process.
+    rules.insert(libc::SYS_tgkill, vec![eq(0, u64::from(pid))?]);
     SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

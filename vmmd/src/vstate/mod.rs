@@ -2,6 +2,7 @@
 //! `unsafe`, each block with the invariant it relies on.
 
 pub mod memory;
+pub mod pause;
 pub mod vcpu;
 pub mod vm;
 

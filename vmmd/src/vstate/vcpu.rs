@@ -271,9 +271,11 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the guest resets, faults or KVM fails. Port I/O
-    /// goes to `bus`; MMIO to nothing (reads return all ones).
-    pub fn run(&mut self, bus: &Arc<Mutex<Bus>>) -> VcpuStop {
+    /// and MMIO go to `bus`; before each entry into the guest the vCPU
+    /// passes `gate`, where it parks while the VM is paused.
+    pub fn run(&mut self, bus: &Arc<Mutex<Bus>>, gate: &super::pause::PauseGate) -> VcpuStop {
         loop {
+            gate.checkpoint();
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => lock(bus).pio_read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => match lock(bus).pio_write(port, data) {
