@@ -57,6 +57,17 @@ fn disks_reboot_and_a_killed_worker() {
         STEP,
     )
     .unwrap();
+    // The worker's confinement: cgroup limits from the unit (64 MiB guest
+    // plus 64 MiB overhead, 1 vCPU), a mount namespace with only /run.
+    g.wait_for(
+        "driver: vm-b worker cgroup 0::/vms/vm-b memory.max 134217728 pids.max 9 cpu.max 100000 100000",
+        STEP,
+    )
+    .unwrap();
+    g.wait_for("driver: vm-b worker root holds: [run ]", STEP)
+        .unwrap();
+    g.wait_for("driver: vm-b worker has its own mount namespace", STEP)
+        .unwrap();
     // Pause and resume through vmmd's API (`cup pause`, `cup unpause`).
     g.wait_for("driver: cup: no workload named \"nosuch\"", STEP)
         .unwrap();

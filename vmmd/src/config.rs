@@ -28,6 +28,11 @@ pub struct VmConfig {
     /// A virtio-vsock device, its host side on Unix sockets.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Once the VM is built, the worker moves into a mount namespace that
+    /// holds only the vsock socket's directory, built on this empty
+    /// directory (see `jail::mount`). None: no jail (a worker run by hand).
+    #[serde(default)]
+    pub jail_scratch: Option<PathBuf>,
 }
 
 /// A disk image file the guest sees as a virtio block device.

@@ -49,6 +49,10 @@ pub struct Options {
     pub run_dir: PathBuf,
     /// The API socket (`org.steelcup.Vmm1`).
     pub api_socket: PathBuf,
+    /// Where each VM gets a cgroup v2 with its limits; None: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
+    /// Workers jail themselves in a mount namespace (needs root).
+    pub jail: bool,
 }
 
 /// Where vmmd keeps runtime files on the appliance.
@@ -168,9 +172,12 @@ pub fn run(opts: Options) -> Result<(), String> {
             )
         })
         .collect();
-    let vsock_dir = opts.run_dir.join("vsock");
-    std::fs::create_dir_all(&vsock_dir)
-        .map_err(|e| format!("create {}: {e}", vsock_dir.display()))?;
+    for dir in [
+        opts.run_dir.join("vsock"),
+        crate::jail::mount::scratch_dir(&opts.run_dir),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
     let (api_tx, api_rx) = mpsc::channel::<api::Request>();
     api::serve(&opts.api_socket, api_tx)
         .map_err(|e| format!("serve the API on {}: {e}", opts.api_socket.display()))?;
@@ -483,6 +490,9 @@ fn vm_config(
             cid,
             uds: vsock_path(opts, name),
         }),
+        jail_scratch: opts
+            .jail
+            .then(|| crate::jail::mount::scratch_dir(&opts.run_dir)),
     })
 }
 
@@ -502,8 +512,31 @@ fn start(
     let mut config =
         serde_json::to_vec(&vm_config(opts, name, spec, cid)?).map_err(|e| e.to_string())?;
     config.push(b'\n');
+    let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
+        let limits = crate::jail::cgroup::Limits::for_vm(spec.vcpus, spec.memory.mib());
+        crate::jail::cgroup::VmCgroup::create(root, name, limits)
+            .map_err(|e| tracing::warn!("workload {name}: no cgroup, limits are off: {e}"))
+            .ok()
+    });
     let mut cmd = Command::new(&opts.worker_exe);
     steelcup_init::sys::reset_signal_mask(&mut cmd);
+    let procs_fd = cgroup.as_ref().map(|c| c.procs_fd());
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe calls (prctl, write).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            // A worker never outlives vmmd (its control channel and output
+            // go to vmmd).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = procs_fd {
+                crate::jail::cgroup::join_self(fd)?;
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .args(["worker", name])
         .stdin(Stdio::piped())
@@ -531,6 +564,9 @@ fn start(
             });
             let report = stderr.and_then(|e| read_report(&name, e, &answer_tx));
             let status = child.wait();
+            if let Some(c) = cgroup {
+                c.remove();
+            }
             if let Some(t) = out_thread {
                 let _ = t.join();
             }
@@ -614,5 +650,9 @@ pub fn default_options(units: &Path) -> Options {
         state_dir: DEFAULT_STATE_DIR.into(),
         run_dir: DEFAULT_RUN_DIR.into(),
         api_socket: api::DEFAULT_SOCKET.into(),
+        cgroup_root: Path::new("/sys/fs/cgroup/cgroup.controllers")
+            .exists()
+            .then(|| crate::jail::cgroup::DEFAULT_ROOT.into()),
+        jail: nix::unistd::geteuid().is_root(),
     }
 }

@@ -13,8 +13,9 @@
 //! Once the VM is built, a seccomp filter (see [`crate::jail::seccomp`]) is
 //! installed on every worker thread before any guest instruction runs.
 //!
-//! # Limitations
-//! The worker does not yet have its own mount namespace or cgroup.
+//! Before that, still single threaded, the worker moves into its own mount
+//! namespace holding only its vsock directory (see [`crate::jail::mount`]);
+//! vmmd has already put it in its cgroup (see [`crate::jail::cgroup`]).
 
 use crate::builder;
 use crate::config::{VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX};
@@ -46,6 +47,16 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             }
         }
     };
+    // Still single threaded: the new mount namespace covers the whole
+    // process only if it is entered before the vCPU threads exist.
+    if let (Some(scratch), Some(vsock)) = (&config.jail_scratch, &config.vsock) {
+        let keep = vsock.uds.parent().unwrap_or(std::path::Path::new("/"));
+        if let Err(e) = crate::jail::mount::enter(scratch, keep) {
+            return VmOutcome::VmmError {
+                message: format!("jail the worker: {}", error_chain(&e)),
+            };
+        }
+    }
     let program = match crate::jail::seccomp::filter() {
         Ok(p) => p,
         Err(e) => {
@@ -149,8 +160,8 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
         (_, Some(ExitStatus::Rebooted)) => VmOutcome::Rebooted,
         (_, Some(ExitStatus::PoweredOff)) => VmOutcome::PoweredOff,
         (VcpuStop::Reset | VcpuStop::Exited, None) => VmOutcome::GuestReset,
-        (VcpuStop::TripleFault, None) => VmOutcome::GuestCrashed {
-            reason: "triple fault".into(),
+        (VcpuStop::TripleFault(state), None) => VmOutcome::GuestCrashed {
+            reason: format!("triple fault ({state})"),
         },
         (VcpuStop::Halted, None) => VmOutcome::GuestCrashed {
             reason: "halted".into(),

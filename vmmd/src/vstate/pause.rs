@@ -172,9 +172,13 @@ mod tests {
         gate.pause(&threads, Duration::from_secs(5)).unwrap();
         stop.store(true, Ordering::SeqCst);
         gate.resume();
-        for h in &handles {
-            // SAFETY: as in `pause`: the threads are alive until joined.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+        // Kick until each has left its sleep and seen `stop`.
+        while handles.iter().any(|h| !h.is_finished()) {
+            for h in handles.iter().filter(|h| !h.is_finished()) {
+                // SAFETY: as in `pause`: the threads are alive until joined.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         for h in handles {
             h.join().unwrap();

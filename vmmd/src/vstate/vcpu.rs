@@ -27,7 +27,8 @@ pub enum VcpuStop {
     /// The guest asked for a reset (i8042 pulse, the way Linux reboots here).
     Reset,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault,
+    /// A triple fault, with where the vCPU was (see [`Vcpu::describe_state`]).
+    TripleFault(String),
     /// The guest halted with no interrupt controller to wake it.
     Halted,
     /// KVM could not run the guest; the reason.
@@ -110,6 +111,18 @@ pub fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], index: u8
 }
 
 impl Vcpu {
+    /// Where the vCPU stands, for a crash report: instruction and stack
+    /// pointers, control registers, EFER.
+    pub fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "vCPU {} at rip {:#x} rsp {:#x}, cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                self.index, r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("vCPU {} (registers unreadable: {e})", self.index),
+        }
+    }
+
     pub fn new(vm: &kvm_ioctls::VmFd, index: u8) -> Result<Self, KvmError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -286,7 +299,7 @@ impl Vcpu {
                 Ok(VcpuExit::MmioRead(addr, data)) => lock(bus).mmio_read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => lock(bus).mmio_write(addr, data),
                 Ok(VcpuExit::Hlt) => return VcpuStop::Halted,
-                Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault,
+                Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault(self.describe_state()),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     return match kind {
                         kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,

@@ -1,0 +1,77 @@
+//! The worker's mount-namespace jail, entered by a forked child on this
+//! host: afterwards only the kept directory is there, writable, on a
+//! read-only root. Needs root (CAP_SYS_ADMIN for a mount namespace); says
+//! so and skips without it. The appliance covers the same in
+//! `qemu-tests/tests/microvms.rs` (a real worker's /proc/PID/root).
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+use std::path::Path;
+
+/// Exit codes of the child, one per check.
+const CHECKS: &[&str] = &[
+    "ok",
+    "enter failed",
+    "/etc/passwd is still visible",
+    "the kept file is missing",
+    "the kept directory is not writable",
+    "the root is writable",
+    "the host does not see what was written in the kept directory",
+];
+
+#[test]
+fn the_jail_holds_only_the_kept_directory() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: the mount-namespace jail needs root");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("steelcup-jail-test-{}", std::process::id()));
+    let (scratch, keep) = (base.join("scratch"), base.join("run/vsock"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::create_dir_all(&keep).unwrap();
+    std::fs::write(keep.join("vm.sock_52"), b"listener").unwrap();
+
+    // SAFETY: the child runs the jail code and exits with _exit; the test
+    // binary's other threads are idle while this single test forks.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = child(&scratch, &keep);
+            // SAFETY: ends the child without running the parent's atexit.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            let status = waitpid(child, None).unwrap();
+            let written = keep.join("from-inside");
+            let seen = written.exists();
+            let _ = std::fs::remove_dir_all(&base);
+            match status {
+                WaitStatus::Exited(_, 7) => {
+                    eprintln!("SKIP: no mount namespaces on this host (no CAP_SYS_ADMIN)");
+                }
+                WaitStatus::Exited(_, 0) => assert!(seen, "{}", CHECKS[6]),
+                WaitStatus::Exited(_, c) => panic!("{}", CHECKS.get(c as usize).unwrap_or(&"?")),
+                other => panic!("child ended {other:?}"),
+            }
+        }
+    }
+}
+
+fn child(scratch: &Path, keep: &Path) -> i32 {
+    if let Err(e) = vmmd::jail::mount::enter(scratch, keep) {
+        eprintln!("jail: {}", vmmd::worker::error_chain(&e));
+        return if e.is_unsupported() { 7 } else { 1 };
+    }
+    if Path::new("/etc/passwd").exists() {
+        return 2;
+    }
+    if std::fs::read(keep.join("vm.sock_52")).ok().as_deref() != Some(b"listener".as_slice()) {
+        return 3;
+    }
+    if std::fs::write(keep.join("from-inside"), b"x").is_err() {
+        return 4;
+    }
+    if std::fs::create_dir("/new-dir").is_ok() {
+        return 5;
+    }
+    0
+}
