@@ -44,6 +44,23 @@ pub struct GuestConfig {
     /// busybox's mke2fs, mounted with the ext4 driver) on first use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<GuestVolume>,
+    /// `eth0`'s address; no network when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The guest's interface, configured by vminit before the workload starts
+/// (no DHCP round trip).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNetwork {
+    /// The interface, `eth0`.
+    pub interface: String,
+    /// Address and prefix length, like `10.200.3.2/30`.
+    pub address: String,
+    /// The default route's next hop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 /// A data disk as the guest sees it.
@@ -168,6 +185,11 @@ mod tests {
                 device: "/dev/vdb".into(),
                 path: "/data".into(),
             }],
+            network: Some(GuestNetwork {
+                interface: "eth0".into(),
+                address: "10.200.3.2/30".into(),
+                gateway: Some(std::net::Ipv4Addr::new(10, 200, 3, 1)),
+            }),
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);

@@ -68,6 +68,10 @@ fn disks_reboot_and_a_killed_worker() {
         .unwrap();
     g.wait_for("driver: vm-b worker has its own mount namespace", STEP)
         .unwrap();
+    // virtio-net over the workload's tap: the host's bytes reach the
+    // guest's echo server and come back.
+    g.wait_for("driver: net at 10.200.", STEP).unwrap();
+    g.wait_for("answered: ping from the host", STEP).unwrap();
     // Pause and resume through vmmd's API (`cup pause`, `cup unpause`).
     g.wait_for("driver: cup: no workload named \"nosuch\"", STEP)
         .unwrap();

@@ -49,6 +49,8 @@ pub struct VmInfo {
     pub runs: u32,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The guest's IPv4 address; empty without a network.
+    pub address: String,
 }
 
 /// The answer to an action.
@@ -120,7 +122,8 @@ impl Vmm1 {
 
 #[zbus::interface(name = "org.steelcup.Vmm1")]
 impl Vmm1 {
-    /// Every workload: (name, state, last outcome, pid, runs, vcpus, memory MiB).
+    /// Every workload: (name, state, last outcome, pid, runs, vcpus, memory
+    /// MiB, address).
     async fn list(&self) -> Result<Vec<VmInfo>, Vmm1Error> {
         match self.call(Action::List).await? {
             Reply::Vms(v) => Ok(v),

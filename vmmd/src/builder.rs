@@ -7,6 +7,7 @@ use crate::config::VmConfig;
 use crate::devices::event_loop::DeviceLoop;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -68,6 +69,12 @@ pub enum BuildError {
     Mptable(#[from] crate::arch::mptable::MptableError),
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
+    #[error("network on tap {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("vsock socket {path}")]
     Vsock {
         path: PathBuf,
@@ -98,12 +105,21 @@ pub struct BuiltVm {
 
 /// The virtio devices of a VM in slot order: the entropy device first, then
 /// the disks in the order given (so the first disk is the guest's `vda`),
-/// then vsock.
+/// then the network device, then vsock.
 fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     devices.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
     for d in &config.disks {
         devices.push(Box::new(Block::open(&d.path, d.read_only, &d.id)?));
+    }
+    if let Some(n) = &config.net {
+        let err = |source| BuildError::Net {
+            tap: n.tap.clone(),
+            source,
+        };
+        let tap = crate::devices::virtio::net::open_tap(&n.tap).map_err(err)?;
+        host_side(n).map_err(err)?;
+        devices.push(Box::new(Net::new(tap, n.mac).map_err(err)?));
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds).map_err(|source| BuildError::Vsock {
@@ -113,6 +129,17 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
         devices.push(Box::new(vsock));
     }
     Ok(devices)
+}
+
+/// Gives the host's end of the tap its address and brings it up.
+fn host_side(n: &crate::config::NetConfig) -> std::io::Result<()> {
+    use steelcup_init::sys;
+    let (addr, prefix) = steelcup_init::network::parse_cidr(&n.host_address)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let other = |e: &dyn std::error::Error| std::io::Error::other(crate::worker::error_chain(e));
+    sys::set_ipv4(&n.tap, addr, prefix).map_err(|e| other(&e))?;
+    sys::link_up(&n.tap).map_err(|e| other(&e))?;
+    Ok(())
 }
 
 /// The guest config as a cpio archive to append to the initramfs.

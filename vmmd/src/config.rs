@@ -6,7 +6,11 @@ use steelcup_init::guest::GuestConfig;
 
 /// The guest kernel command line vmmd uses unless told otherwise: serial
 /// console, reset through the i8042 (how the VM ends), reboot on panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet";
+/// `no_timer_check`: the guest skips checking that the PIT's IRQ 0
+/// reaches it (its clock is the TSC-deadline LAPIC timer), a check that
+/// only costs boot time on a VM.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule no_timer_check quiet";
 
 /// Everything a worker needs to build and run one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +32,25 @@ pub struct VmConfig {
     /// A virtio-vsock device, its host side on Unix sockets.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
     /// Once the VM is built, the worker moves into a mount namespace that
     /// holds only the vsock socket's directory, built on this empty
     /// directory (see `jail::mount`). None: no jail (a worker run by hand).
     #[serde(default)]
     pub jail_scratch: Option<PathBuf>,
+}
+
+/// A network device: the worker creates tap `tap` (it goes away with the
+/// worker), gives the host side `host_address` and brings it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// Like `10.200.3.1/30`.
+    pub host_address: String,
 }
 
 /// A disk image file the guest sees as a virtio block device.

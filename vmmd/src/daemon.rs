@@ -15,8 +15,8 @@
 
 use crate::api::{self, Action, ApiError, Reply, VmInfo};
 use crate::config::{
-    DiskConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, CONTROL_PREFIX, DEFAULT_CMDLINE,
-    REPORT_PREFIX,
+    DiskConfig, NetConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, CONTROL_PREFIX,
+    DEFAULT_CMDLINE, REPORT_PREFIX,
 };
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use steelcup_init::guest::{disk_device, GuestConfig, GuestVolume};
-use steelcup_init::units::{self, MicrovmSection, Restart, UnitKind};
+use steelcup_init::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume};
+use steelcup_init::units::{self, MicrovmSection, Network, Restart, UnitKind};
 
 /// Where the image puts the default guest kernel and initramfs.
 pub const DEFAULT_KERNEL: &str = "/usr/lib/steelcup/guest/vmlinuz";
@@ -304,6 +304,11 @@ fn execute(workloads: &mut BTreeMap<String, Workload>, action: Action) -> Result
                     runs: w.runs as u32,
                     vcpus: u32::from(w.spec.vcpus),
                     memory_mib: w.spec.memory.mib() as u32,
+                    address: tap_index(&w.spec, w.cid)
+                        .ok()
+                        .flatten()
+                        .map(|n| format!("10.200.{n}.2"))
+                        .unwrap_or_default(),
                 })
                 .collect(),
         )),
@@ -438,6 +443,20 @@ pub fn ensure_volume(
     Ok(path)
 }
 
+/// The VM's index for `network = "tap"` (its tap `sctapN`, host
+/// `10.200.N.1`, guest `10.200.N.2`); None without a network.
+fn tap_index(spec: &MicrovmSection, cid: u32) -> Result<Option<u32>, String> {
+    match spec.network {
+        Network::None => Ok(None),
+        // cid - 3 is the VM's index among the units.
+        Network::Tap if cid - 3 > 255 => Err(format!(
+            "network = \"tap\" has addresses for 256 VMs; this is VM {}",
+            cid - 2
+        )),
+        Network::Tap => Ok(Some(cid - 3)),
+    }
+}
+
 fn vm_config(
     opts: &Options,
     name: &str,
@@ -467,6 +486,21 @@ fn vm_config(
             id: v.name.clone(),
         });
     }
+    let (net, network) = match tap_index(spec, cid)? {
+        None => (None, None),
+        Some(n) => (
+            Some(NetConfig {
+                tap: format!("sctap{n}"),
+                mac: crate::devices::virtio::net::mac_for(n),
+                host_address: format!("10.200.{n}.1/30"),
+            }),
+            Some(GuestNetwork {
+                interface: "eth0".into(),
+                address: format!("10.200.{n}.2/30"),
+                gateway: Some(std::net::Ipv4Addr::new(10, 200, n as u8, 1)),
+            }),
+        ),
+    };
     Ok(VmConfig {
         name: name.to_string(),
         kernel: spec.kernel.clone().unwrap_or_else(|| opts.kernel.clone()),
@@ -484,12 +518,14 @@ fn vm_config(
             hostname: Some(name.to_string()),
             root,
             volumes,
+            network,
         },
         disks,
         vsock: Some(VsockConfig {
             cid,
             uds: vsock_path(opts, name),
         }),
+        net,
         jail_scratch: opts
             .jail
             .then(|| crate::jail::mount::scratch_dir(&opts.run_dir)),

@@ -160,8 +160,8 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
         (_, Some(ExitStatus::Rebooted)) => VmOutcome::Rebooted,
         (_, Some(ExitStatus::PoweredOff)) => VmOutcome::PoweredOff,
         (VcpuStop::Reset | VcpuStop::Exited, None) => VmOutcome::GuestReset,
-        (VcpuStop::TripleFault(state), None) => VmOutcome::GuestCrashed {
-            reason: format!("triple fault ({state})"),
+        (VcpuStop::TripleFault, None) => VmOutcome::GuestCrashed {
+            reason: "triple fault".into(),
         },
         (VcpuStop::Halted, None) => VmOutcome::GuestCrashed {
             reason: "halted".into(),

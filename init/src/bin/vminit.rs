@@ -235,6 +235,17 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
     }
 }
 
+/// Brings the interface up with its address and default route.
+fn configure_network(net: &steelcup_init::guest::GuestNetwork) -> Result<(), String> {
+    let (addr, prefix) = steelcup_init::network::parse_cidr(&net.address)?;
+    sys::link_up(&net.interface).map_err(|e| error_chain(&e))?;
+    sys::set_ipv4(&net.interface, addr, prefix).map_err(|e| error_chain(&e))?;
+    if let Some(gw) = net.gateway {
+        sys::add_default_route(&net.interface, gw).map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
+}
+
 fn fail(msg: &str, errno: i32) -> ExitStatus {
     eprintln!("vminit: {msg}");
     ExitStatus::StartFailed {
@@ -262,6 +273,11 @@ fn run() -> ExitStatus {
         let _ = sys::set_hostname(h);
     }
     let _ = sys::link_up("lo");
+    if let Some(net) = &config.network {
+        if let Err(e) = configure_network(net) {
+            return fail(&format!("network {}: {e}", net.interface), libc::ENETDOWN);
+        }
+    }
     let prepared = match &config.root {
         Some(device) => switch_root(device, &config.volumes),
         None => mount_volumes(Path::new("/"), &config.volumes),

@@ -132,6 +132,19 @@ pub fn kernel_cmdline() -> String {
     std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
 
+/// A microVM's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// No network device.
+    #[default]
+    None,
+    /// A virtio-net device on a tap of its own, point to point with the
+    /// host: the host side is `10.200.N.1/30`, the guest `10.200.N.2/30`
+    /// with the host as its gateway (N: the VM's index).
+    Tap,
+}
+
 /// Restart policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -283,6 +296,8 @@ pub struct MicrovmSection {
     /// by the guest, kept across restarts of the workload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    #[serde(default)]
+    pub network: Network,
 }
 
 /// A persistent data disk of a workload.

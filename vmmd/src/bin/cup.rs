@@ -233,12 +233,12 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 );
             } else {
                 println!(
-                    "{:<16} {:<8} {:>7} {:>5} {:>5} {:>7}  LAST OUTCOME",
-                    "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY"
+                    "{:<16} {:<8} {:>7} {:>5} {:>5} {:>7}  {:<15}  LAST OUTCOME",
+                    "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY", "ADDRESS"
                 );
                 for v in &vms {
                     println!(
-                        "{:<16} {:<8} {:>7} {:>5} {:>5} {:>6}M  {}",
+                        "{:<16} {:<8} {:>7} {:>5} {:>5} {:>6}M  {:<15}  {}",
                         v.name,
                         v.state,
                         if v.pid == 0 {
@@ -249,6 +249,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                         v.runs,
                         v.vcpus,
                         v.memory_mib,
+                        if v.address.is_empty() {
+                            "-"
+                        } else {
+                            &v.address
+                        },
                         v.last_outcome
                     );
                 }

@@ -3,6 +3,10 @@
 use super::KvmError;
 use crate::arch::KVM_TSS_ADDRESS;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::os::fd::AsRawFd;
+
+/// `KVM_REINJECT_CONTROL`: `_IO(KVMIO, 0x71)`.
+const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,6 +36,7 @@ impl Vm {
             (Cap::Pit2, "KVM_CAP_PIT2"),
             (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
             (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+            (Cap::TscDeadlineTimer, "KVM_CAP_TSC_DEADLINE_TIMER"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(KvmError::MissingCap(name));
@@ -45,6 +50,18 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(KvmError::Pit)?;
+        // Ticks the PIT could not deliver on time are dropped, not
+        // replayed: a slow or paused VM must not come back to a storm of
+        // timer interrupts (and the host's kvm-pit thread to a busy loop).
+        let no_reinject = kvm_bindings::kvm_reinject_control {
+            pit_reinject: 0,
+            reserved: [0; 31],
+        };
+        // SAFETY: KVM_REINJECT_CONTROL (_IO(KVMIO, 0x71)) reads a
+        // kvm_reinject_control from the pointer, which outlives the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL, &no_reinject) } < 0 {
+            return Err(KvmError::Pit(kvm_ioctls::Error::last()));
+        }
         Ok(Vm { kvm, fd })
     }
 

@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -62,6 +63,59 @@ pub fn serve_chains<'m>(
         used = true;
     }
     used
+}
+
+/// Gathers the readable bytes of `chain` into `out` (at most `max`).
+/// Err if the chain has a writable buffer, points outside guest memory or
+/// holds more than `max` bytes.
+pub fn read_chain(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), &'static str> {
+    use vm_memory::Bytes;
+    out.clear();
+    for d in chain {
+        if d.is_write_only() {
+            return Err("a writable buffer in a chain the device only reads");
+        }
+        let start = out.len();
+        let end = start
+            .checked_add(d.len() as usize)
+            .filter(|e| *e <= max)
+            .ok_or("a chain larger than the device accepts")?;
+        out.resize(end, 0);
+        mem.read_slice(&mut out[start..], d.addr())
+            .map_err(|_| "a buffer outside guest memory")?;
+    }
+    Ok(())
+}
+
+/// Writes `header` then `payload` across writable buffers `bufs`; returns
+/// the bytes written (short if the buffers are, or one is unwritable).
+pub fn write_chain(
+    mem: &GuestMemoryMmap,
+    bufs: &[(vm_memory::GuestAddress, u32)],
+    header: &[u8],
+    payload: &[u8],
+) -> u32 {
+    use vm_memory::Bytes;
+    let mut written = 0u32;
+    let mut src = header.iter().chain(payload.iter()).copied();
+    let mut chunk = Vec::new();
+    for (addr, len) in bufs {
+        chunk.clear();
+        chunk.extend(src.by_ref().take(*len as usize));
+        if chunk.is_empty() {
+            break;
+        }
+        if mem.write_slice(&chunk, *addr).is_err() {
+            break;
+        }
+        written += chunk.len() as u32;
+    }
+    written
 }
 
 /// A device behind a transport.

@@ -27,7 +27,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// The host's context id.
@@ -590,7 +590,7 @@ impl Vsock {
                 queue.go_to_previous_position();
                 return used;
             };
-            let written = write_chain(mem, &bufs, &h.bytes(), &buf[..n]);
+            let written = super::write_chain(mem, &bufs, &h.bytes(), &buf[..n]);
             if queue.add_used(mem, head, written).is_err() {
                 return used;
             }
@@ -639,33 +639,16 @@ impl Vsock {
 
     /// Reads the guest's packets from the transmit queue.
     fn drain_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut bytes = Vec::new();
-            let mut ok = true;
-            for d in chain {
-                if d.is_write_only() {
-                    ok = false;
-                    break;
-                }
-                let room = (HDR_LEN + MAX_PKT_DATA as usize).saturating_sub(bytes.len());
-                let n = (d.len() as usize).min(room);
-                let start = bytes.len();
-                bytes.resize(start + n, 0);
-                if mem.read_slice(&mut bytes[start..], d.addr()).is_err() {
-                    ok = false;
-                    break;
-                }
+        let mut bytes = Vec::new();
+        super::serve_chains(queue, mem, |chain| {
+            let max = HDR_LEN + MAX_PKT_DATA as usize;
+            match super::read_chain(chain, mem, &mut bytes, max).map(|_| parse_packet(&bytes)) {
+                Ok(Some((h, payload))) => self.handle_guest_packet(&h, payload),
+                Ok(None) => self.refuse(&"malformed packet from the guest"),
+                Err(why) => self.refuse(&why),
             }
-            let _ = queue.add_used(mem, head, 0);
-            used = true;
-            match parse_packet(&bytes) {
-                Some((h, payload)) if ok => self.handle_guest_packet(&h, payload),
-                _ => self.refuse(&"malformed packet from the guest"),
-            }
-        }
-        used
+            0
+        })
     }
 }
 
@@ -695,31 +678,6 @@ pub fn parse_packet(bytes: &[u8]) -> Option<(Header, &[u8])> {
     }
     let payload = bytes.get(HDR_LEN..HDR_LEN + h.len as usize)?;
     Some((h, payload))
-}
-
-/// Writes a header and payload across a chain's writable buffers; returns
-/// the bytes written.
-fn write_chain(
-    mem: &GuestMemoryMmap,
-    bufs: &[(GuestAddress, u32)],
-    header: &[u8],
-    payload: &[u8],
-) -> u32 {
-    let mut written = 0u32;
-    let mut src = header.iter().chain(payload.iter()).copied();
-    let mut chunk = Vec::new();
-    for (addr, len) in bufs {
-        chunk.clear();
-        chunk.extend(src.by_ref().take(*len as usize));
-        if chunk.is_empty() {
-            break;
-        }
-        if mem.write_slice(&chunk, *addr).is_err() {
-            break;
-        }
-        written += chunk.len() as u32;
-    }
-    written
 }
 
 impl VirtioDevice for Vsock {
