@@ -11,8 +11,10 @@
 //! unshares its mount namespace, makes every mount private (nothing
 //! propagates back to the host), mounts an empty tmpfs, bind-mounts the
 //! vsock directory into it at the same path, makes the tmpfs read-only,
-//! `pivot_root`s into it and detaches the old root. A worker compromised
-//! through its device models sees a read-only tree holding one directory.
+//! `pivot_root`s into it and detaches the old root (on an initramfs root,
+//! which cannot be pivoted, it moves the tmpfs over `/` and chroots, as
+//! `switch_root` does). A worker compromised through its device models
+//! sees a read-only tree holding one directory.
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::{Path, PathBuf};
@@ -80,10 +82,32 @@ pub fn enter(scratch: &Path, keep: &Path) -> Result<(), JailError> {
         step: format!("create {}", old.display()),
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
     })?;
-    nix::unistd::pivot_root(scratch, &old).map_err(step("pivot_root into the jail"))?;
-    nix::unistd::chdir("/").map_err(step("chdir to the new root"))?;
-    umount2("/.old-root", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
-    let _ = std::fs::remove_dir("/.old-root");
+    match nix::unistd::pivot_root(scratch, &old) {
+        Ok(()) => {
+            nix::unistd::chdir("/").map_err(step("chdir to the new root"))?;
+            umount2("/.old-root", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+            let _ = std::fs::remove_dir("/.old-root");
+        }
+        // The root is the initramfs (rootfs), which cannot be pivoted away:
+        // move the new root over it and chroot, as switch_root does. The
+        // old root stays underneath, unreachable by any path, and the
+        // worker's seccomp filter allows neither chroot nor mount.
+        Err(nix::Error::EINVAL) => {
+            let _ = std::fs::remove_dir(&old);
+            nix::unistd::chdir(scratch).map_err(step("chdir to the new root"))?;
+            mount(
+                Some("."),
+                "/",
+                None::<&str>,
+                MsFlags::MS_MOVE,
+                None::<&str>,
+            )
+            .map_err(step("move the jail over the initramfs root"))?;
+            nix::unistd::chroot(".").map_err(step("chroot into the jail"))?;
+            nix::unistd::chdir("/").map_err(step("chdir to the new root"))?;
+        }
+        Err(e) => return Err(step("pivot_root into the jail")(e)),
+    }
     // Read-only from here on; the kept directory is its own mount and
     // stays writable.
     mount(
