@@ -222,7 +222,12 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         add_busybox(&mut t, busybox, &m.host.busybox_applets)?;
     }
     for (path, source) in &inputs.extra_files {
-        t.file(path.trim_start_matches('/'), 0o644, read(source)?)?;
+        // Executables stay executable (0755); everything else is 0644.
+        let exec = std::fs::metadata(source)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+            .unwrap_or(false);
+        let mode = if exec { 0o755 } else { 0o644 };
+        t.file(path.trim_start_matches('/'), mode, read(source)?)?;
     }
     add_base(&mut t, &["dev", "proc", "sys", "run", "tmp", "var", "root"])?;
 

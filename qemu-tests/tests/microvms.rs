@@ -1,11 +1,13 @@
 //! vmmd's microVMs on the appliance's real (nested) KVM: a workload on a
 //! read-only ext4 root disk whose data volume keeps its contents across a
 //! restart, `reboot` inside a guest, a worker killed with SIGKILL while
-//! vmmd and another VM run on, and a graceful stop asked over vsock.
+//! vmmd and another VM run on, the worker's cgroup and mount namespace,
+//! data to and from a guest over virtio-net, pause and resume through
+//! vmmd's API, and a graceful stop asked over vsock.
 //!
 //! Runs on the test image with `steelcup.test=vms`: the units in
-//! `qemu-tests/units/` (disks, rebooter, vm-a, vm-b) run only then, and the
-//! driver unit kills vm-a's worker and powers off when all is done.
+//! `qemu-tests/units/` (disks, rebooter, net, vm-a, vm-b) run only then,
+//! and the driver unit drives the rest and powers off when all is done.
 
 use std::time::Duration;
 
@@ -13,7 +15,6 @@ const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(240);
 
 #[test]
-#[ignore = "the appliance under TCG resets (QEMU exits 0, no panic) in about a third of runs while a nested guest formats its volume; run with --ignored until that is found"]
 fn disks_reboot_and_a_killed_worker() {
     let Some(mut g) = qemu_tests::boot_test_image("vms") else {
         return;

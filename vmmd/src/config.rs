@@ -35,6 +35,10 @@ pub struct VmConfig {
     /// A virtio-net device on a tap.
     #[serde(default)]
     pub net: Option<NetConfig>,
+    /// Print [`TIMING_PREFIX`]`first-kvm-run NS` on stderr when vCPU 0
+    /// first enters the guest (CLOCK_MONOTONIC), for `vmmd bench`.
+    #[serde(default)]
+    pub report_timing: bool,
     /// Once the VM is built, the worker moves into a mount namespace that
     /// holds only the vsock socket's directory, built on this empty
     /// directory (see `jail::mount`). None: no jail (a worker run by hand).
@@ -141,6 +145,8 @@ pub struct WorkerReport {
 /// Marks the report line on a worker's stderr. Only the worker writes its
 /// stderr (guest output goes to stdout), so a guest cannot forge a report.
 pub const REPORT_PREFIX: &str = "steelcup-worker-report: ";
+/// Starts a worker's timing line on its stderr (see `VmConfig::report_timing`).
+pub const TIMING_PREFIX: &str = "steelcup-timing: ";
 /// Starts a worker's answer to a control command on its stderr.
 pub const CONTROL_PREFIX: &str = "steelcup-control: ";
 

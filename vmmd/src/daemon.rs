@@ -9,9 +9,12 @@
 //! Restart policy: `no`, `on-failure`, `always`, with backoff from 1 s
 //! doubling to 30 s.
 //!
+//! The API (`org.steelcup.Vmm1`, see [`crate::api`]) reaches the loop as
+//! events too; pause and resume go to the worker over its stdin.
+//!
 //! # Limitations
-//! No D-Bus API, no reload, no replicas, no warm pool yet; stop kills the
-//! worker rather than asking the guest first.
+//! The API has list, pause and resume only; no reload, no replicas, no
+//! warm pool yet.
 
 use crate::api::{self, Action, ApiError, Reply, VmInfo};
 use crate::config::{
@@ -526,6 +529,7 @@ fn vm_config(
             uds: vsock_path(opts, name),
         }),
         net,
+        report_timing: false,
         jail_scratch: opts
             .jail
             .then(|| crate::jail::mount::scratch_dir(&opts.run_dir)),
@@ -581,6 +585,7 @@ fn start(
         .spawn()
         .map_err(|e| format!("{}: {e}", opts.worker_exe.display()))?;
     let pid = child.id() as i32;
+    let started = Instant::now();
     tracing::info!("workload {name}: starting microVM (worker pid {pid})");
     let mut commands = child.stdin.take().ok_or("worker has no stdin")?;
     // One line; the pipe holds it whatever the worker does.
@@ -600,6 +605,7 @@ fn start(
             });
             let report = stderr.and_then(|e| read_report(&name, e, &answer_tx));
             let status = child.wait();
+            let ran = started.elapsed();
             if let Some(c) = cgroup {
                 c.remove();
             }
@@ -610,7 +616,7 @@ fn start(
                 outcome: VmOutcome::VmmError {
                     message: worker_death(&status),
                 },
-                run_ms: 0,
+                run_ms: ran.as_millis() as u64,
             });
             let _ = tx.send(Event::Ended { name, report });
         })

@@ -9,13 +9,19 @@
 //! the resident supervisor of those workers. vCPUs run on their own threads.
 //! [`jail`] confines the worker; [`selftest`] checks KVM with a tiny guest.
 //!
+//! [`api`] is the daemon's D-Bus interface; [`fuzz`] drives the device
+//! models with hostile bytes.
+//!
+//! Devices: the serial console, the i8042 reset line, the status port, and
+//! virtio-mmio rng, block, net (tap) and vsock. The worker is confined by
+//! seccomp, its own mount namespace and a cgroup (see [`jail`]).
+//!
 //! # Limitations
-//! Devices are the serial console, the i8042 reset line, the status port
-//! and virtio-rng; virtio block, net and vsock, the D-Bus API, and a mount namespace and cgroup for
-//! the worker (it already runs under seccomp, see [`jail`]) are still to come.
+//! No snapshots, no hotplug, no vhost offload.
 
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod config;
 pub mod daemon;

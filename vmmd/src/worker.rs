@@ -18,7 +18,9 @@
 //! vmmd has already put it in its cgroup (see [`crate::jail::cgroup`]).
 
 use crate::builder;
-use crate::config::{VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX};
+use crate::config::{
+    VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX, TIMING_PREFIX,
+};
 use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
 use std::io::{BufRead, Read};
@@ -75,6 +77,7 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
     let start = Arc::new(std::sync::Barrier::new(built.vcpus.len() + 3));
     let gate = Arc::new(PauseGate::default());
     let mut handles = Vec::new();
+    let report_timing = config.report_timing;
     for mut vcpu in built.vcpus {
         let bus = built.bus.clone();
         let gate = gate.clone();
@@ -86,6 +89,9 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             .spawn(move || {
                 ready.wait();
                 start.wait();
+                if report_timing && vcpu.index == 0 {
+                    eprintln!("{TIMING_PREFIX}first-kvm-run {}", monotonic_ns());
+                }
                 let stop = vcpu.run(&bus, &gate);
                 let _ = tx.send((vcpu.index, stop));
             });
@@ -167,6 +173,17 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             reason: "halted".into(),
         },
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the same clock in every process).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Answers vmmd's commands until stdin closes.

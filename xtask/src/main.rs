@@ -10,6 +10,7 @@
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
 mod bench_init;
+mod bench_vmm;
 mod deps;
 mod kernel;
 mod sh;
@@ -124,7 +125,7 @@ fn build() -> Result<PathBuf> {
 }
 
 /// Where the test image carries the root disk of qemu-tests/units/disks.toml.
-const TEST_ROOT_DISK: &str = "var/lib/steelcup/test/root.ext4";
+pub const TEST_ROOT_DISK: &str = "var/lib/steelcup/test/root.ext4";
 
 /// An ext4 root filesystem image for a test workload, made with Debian's
 /// mkfs.ext4 (not our code): a static busybox and a file to read.
@@ -335,6 +336,8 @@ fn bench_init_only() -> Result<()> {
 
 fn bench() -> Result<()> {
     let artifacts = build()?;
+    let vmm_md = bench_vmm::run()?;
+    eprint!("{vmm_md}");
     step("init: 100 services, side by side with runit");
     let init_md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
     eprint!("{init_md}");
@@ -394,7 +397,8 @@ fn bench() -> Result<()> {
             r[5]
         ));
     }
-    md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot. The VMM's side-by-side comparison with QEMU's `microvm` machine arrives with the VMM benchmarks.\n");
+    md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot.\n\n");
+    md.push_str(&vmm_md);
     let path = sh::root().join("docs/performance.md");
     std::fs::write(&path, md)?;
     eprintln!("wrote {}", path.display());

@@ -11,6 +11,10 @@ fn main() {
     if first.as_deref() == Some("worker") {
         std::process::exit(vmmd::worker::main());
     }
+    if first.as_deref() == Some("bench") {
+        let rest: Vec<String> = args.collect();
+        std::process::exit(vmmd::bench::main(&rest));
+    }
     if first.as_deref() == Some("selftest") {
         std::process::exit(vmmd::selftest::main());
     }
@@ -30,7 +34,7 @@ fn main() {
             "--initramfs" => opts.initramfs = value("--initramfs"),
             "--state" => opts.state_dir = value("--state"),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
                 return;
             }
             other => {

@@ -95,14 +95,8 @@ pub fn enter(scratch: &Path, keep: &Path) -> Result<(), JailError> {
         Err(nix::Error::EINVAL) => {
             let _ = std::fs::remove_dir(&old);
             nix::unistd::chdir(scratch).map_err(step("chdir to the new root"))?;
-            mount(
-                Some("."),
-                "/",
-                None::<&str>,
-                MsFlags::MS_MOVE,
-                None::<&str>,
-            )
-            .map_err(step("move the jail over the initramfs root"))?;
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(step("move the jail over the initramfs root"))?;
             nix::unistd::chroot(".").map_err(step("chroot into the jail"))?;
             nix::unistd::chdir("/").map_err(step("chdir to the new root"))?;
         }

@@ -1,0 +1,164 @@
+//! The VMM benchmark: the test image plus Debian's QEMU, booted with
+//! `steelcup.bench=vmm`, where the `bench-vmm` unit runs `vmmd bench`
+//! (steelcup's worker beside QEMU's `microvm` machine on the appliance's
+//! real, nested KVM) and prints a Markdown table, which lands in
+//! `docs/performance.md` with a plot.
+
+use crate::sh::{self, step};
+use anyhow::{bail, Context, Result};
+use qemu_tests::{Boot, Guest, GuestConfig};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// QEMU, the shared libraries it loads (by their path, with the content of
+/// the file behind any symlink), and the microvm firmware.
+fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
+    let mut files = vec![(QEMU.to_string(), PathBuf::from(QEMU))];
+    let out = Command::new("ldd").arg(QEMU).output().context("ldd")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let real = std::fs::canonicalize(p).with_context(|| format!("resolve {p}"))?;
+            files.push((p.to_string(), real));
+        }
+    }
+    for fw in [
+        "/usr/share/qemu/qboot.rom",
+        "/usr/share/qemu/bios-microvm.bin",
+    ] {
+        let real = std::fs::canonicalize(fw).with_context(|| format!("QEMU firmware {fw}"))?;
+        files.push((fw.to_string(), real));
+    }
+    Ok(files)
+}
+
+/// Builds the bench image beside the others; returns its directory.
+fn build_image() -> Result<PathBuf> {
+    let inputs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sh::out_dir().join("build-inputs.json"))?)?;
+    let path = |k: &str| -> Result<PathBuf> {
+        Ok(PathBuf::from(
+            inputs[k]
+                .as_str()
+                .with_context(|| format!("build-inputs.json: {k}"))?,
+        ))
+    };
+    let root = sh::root();
+    let out = sh::out_dir().join("bench-artifacts");
+    let mut extra = qemu_files()?;
+    extra.push((
+        crate::TEST_ROOT_DISK.into(),
+        sh::out_dir().join("test-root.ext4"),
+    ));
+    image_build::build(&image_build::Inputs {
+        manifest: root.join("qemu-tests/steelcup-test.toml"),
+        bin_dir: path("bin_dir")?,
+        guest_kernel: path("guest_kernel")?,
+        host_kernel_root: path("host_kernel_root")?,
+        out: out.clone(),
+        extra_files: extra,
+    })?;
+    Ok(out)
+}
+
+/// Runs the benchmark; returns the Markdown section for performance.md.
+pub fn run() -> Result<String> {
+    step("VMM: steelcup's worker beside QEMU microvm, inside the appliance");
+    let dir = build_image()?;
+    let mut cfg = GuestConfig::direct("bench-vmm", &dir)?;
+    cfg.memory_mib = 3072;
+    if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
+        cmdline.push_str(" steelcup.bench=vmm");
+    }
+    let mut g = Guest::boot(&cfg)?;
+    g.wait_for("vmm-bench: done", Duration::from_secs(900))
+        .with_context(|| format!("see {}", g.log_path.display()))?;
+    let serial = g.serial();
+    g.wait_exit(Duration::from_secs(120))?;
+    let lines: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.split_once("vmm-bench| ").map(|(_, t)| t.trim_end()))
+        .collect();
+    if lines.len() < 6 {
+        bail!(
+            "the benchmark printed no table; see {}",
+            g.log_path.display()
+        );
+    }
+    let table: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with('|'))
+        .collect();
+    let rounds = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("rounds: "))
+        .unwrap_or("");
+    let svg = plot(&table);
+    let svg_path = sh::root().join("docs/performance-vmm.svg");
+    std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
+    let mut md = String::from("## VMM: steelcup beside QEMU `microvm`\n\n");
+    md.push_str(METHOD);
+    md.push('\n');
+    for l in &table {
+        md.push_str(l);
+        md.push('\n');
+    }
+    md.push_str(&format!(
+        "\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n"
+    ));
+    Ok(md)
+}
+
+const METHOD: &str = "Run inside the booted test image (QEMU TCG with an emulated AMD-V CPU, so the VMMs run on real, nested KVM) by `vmmd bench`, with Debian's QEMU added to the image. Each round starts steelcup's per-VM worker and then `qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -accel kvm -cpu host -nodefaults -no-user-config -serial stdio`, both with the same guest kernel, the same initramfs with the same guest config appended (vminit runs `echo` of a marker), the same command line, 1 vCPU and 128 MiB. Time: from just before the process is spawned to the marker on its serial console. Setup: spawn to vCPU 0's first `KVM_RUN`, reported by the worker on CLOCK_MONOTONIC. Peak RSS: `ru_maxrss` from `wait4`. Overhead: RSS when the marker arrives minus the RSS of the guest-memory mapping (from `/proc/PID/smaps`). Medians of 5 rounds. Targets: setup under 10 ms, overhead under 5 MiB, time and peak RSS at most 0.5× QEMU's. Under TCG every instruction of the host is emulated, so absolute times are far above KVM hardware; the ratios are the comparison.\n";
+
+/// A small SVG: steelcup's value relative to QEMU's (QEMU = 1) for time,
+/// peak RSS and overhead, from the ratio row of `table`.
+fn plot(table: &[&str]) -> String {
+    let ratios: Vec<f64> = table
+        .iter()
+        .find(|l| l.contains("ratio"))
+        .map(|l| {
+            l.split('|')
+                .filter_map(|c| {
+                    c.trim()
+                        .trim_matches('*')
+                        .trim_end_matches('×')
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let labels = ["time to guest userspace", "peak RSS", "VMM overhead"];
+    let (w, bar_h, gap, left) = (520.0, 22.0, 14.0, 170.0);
+    let scale = (w - left - 60.0) / 1.2;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"4\" y=\"16\">steelcup / QEMU microvm (QEMU = 1; lower is better)</text>\n",
+        40.0 + 3.0 * (bar_h + gap)
+    );
+    for (i, (label, r)) in labels.iter().zip(ratios.iter()).enumerate() {
+        let y = 30.0 + i as f64 * (bar_h + gap);
+        let len = (r.min(1.2) * scale).max(1.0);
+        svg.push_str(&format!(
+            "<text x=\"4\" y=\"{:.0}\">{label}</text>\n<rect x=\"{left}\" y=\"{y:.0}\" width=\"{len:.0}\" height=\"{bar_h}\" fill=\"#3b7dd8\"/>\n<text x=\"{:.0}\" y=\"{:.0}\">{r:.2}×</text>\n",
+            y + 15.0,
+            left + len + 4.0,
+            y + 15.0
+        ));
+    }
+    let x1 = left + scale;
+    svg.push_str(&format!(
+        "<line x1=\"{x1:.0}\" y1=\"26\" x2=\"{x1:.0}\" y2=\"{:.0}\" stroke=\"#c33\" stroke-dasharray=\"4 3\"/>\n</svg>\n",
+        30.0 + 3.0 * (bar_h + gap)
+    ));
+    svg
+}
