@@ -14,8 +14,7 @@
 //! API.
 
 use serde::{Deserialize, Serialize};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use zbus::zvariant::Type;
@@ -144,50 +143,12 @@ impl Vmm1 {
 
 /// Serves the API on `socket` (mode 0600), forwarding to `requests`.
 pub fn serve(socket: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(socket);
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let guid = zbus::Guid::generate();
-    let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    std::thread::Builder::new()
-        .name("api-accept".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let iface = Vmm1 {
-                    requests: requests.clone(),
-                };
-                let (guid, conns) = (guid.clone(), conns.clone());
-                // The handshake runs on its own thread: a client that
-                // stalls in it holds up nobody else.
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        let built =
-                            zbus::blocking::connection::Builder::async_io_unix_stream(stream)
-                                .server(guid)
-                                .and_then(|b| b.p2p().serve_at(PATH, iface))
-                                .and_then(|b| b.build());
-                        match built {
-                            Ok(c) => {
-                                let mut list: std::sync::MutexGuard<
-                                    '_,
-                                    Vec<zbus::blocking::Connection>,
-                                > = conns.lock().unwrap_or_else(|p| p.into_inner());
-                                // Bounded: the oldest connection goes first.
-                                if list.len() >= 64 {
-                                    drop(list.remove(0));
-                                }
-                                list.push(c);
-                            }
-                            Err(e) => tracing::debug!("API connection failed: {e}"),
-                        }
-                    });
-            }
-        })?;
+    use steelcup_init::api::dbus::{accept_p2p, bind_private};
+    let listener = bind_private(socket)?;
+    // The connections live in the accept thread's list; nothing signals them yet.
+    let _conns = accept_p2p(listener, PATH, move || Vmm1 {
+        requests: requests.clone(),
+    })?;
     tracing::info!("API {INTERFACE} on {}", socket.display());
     Ok(())
 }

@@ -180,18 +180,32 @@ impl Init1 {
 }
 
 /// Live client connections, for signals.
-type Connections = Arc<Mutex<Vec<zbus::blocking::Connection>>>;
+pub type Connections = Arc<Mutex<Vec<zbus::blocking::Connection>>>;
 
-/// Serves the API on `socket`; returns the observer that emits
-/// `UnitChanged` for the supervisor to call on state changes.
-pub fn serve(
-    socket: &Path,
-    handle: Handle,
-    logs: Arc<LogStore>,
-) -> std::io::Result<crate::supervisor::Observer> {
+/// Binds a Unix socket at `socket` (replacing a stale one) that only root
+/// may connect to (mode 0600).
+pub fn bind_private(socket: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts connections on `listener` and speaks D-Bus peer to peer on
+/// each, serving `iface()` at `path`. Each handshake runs on its own
+/// thread, so a client that stalls in it holds up nobody else. Returns the
+/// live connections (at most 64: the oldest goes first).
+pub fn accept_p2p<I>(
+    listener: UnixListener,
+    path: &'static str,
+    iface: impl Fn() -> I + Send + 'static,
+) -> std::io::Result<Connections>
+where
+    I: zbus::object_server::Interface,
+{
     let conns: Connections = Arc::new(Mutex::new(Vec::new()));
     let guid = zbus::Guid::generate();
     let accept_conns = conns.clone();
@@ -200,26 +214,20 @@ pub fn serve(
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let iface = Init1 {
-                    handle: handle.clone(),
-                    logs: logs.clone(),
-                };
+                let iface = iface();
                 let guid = guid.clone();
                 let conns = accept_conns.clone();
-                // The handshake runs on its own thread: a client that stalls
-                // in it holds up nobody else.
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
                         let built =
                             zbus::blocking::connection::Builder::async_io_unix_stream(stream)
                                 .server(guid)
-                                .and_then(|b| b.p2p().serve_at(PATH, iface))
+                                .and_then(|b| b.p2p().serve_at(path, iface))
                                 .and_then(|b| b.build());
                         match built {
                             Ok(c) => {
                                 let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                                // Bounded: the oldest connection goes first.
                                 if list.len() >= 64 {
                                     drop(list.remove(0));
                                 }
@@ -230,6 +238,21 @@ pub fn serve(
                     });
             }
         })?;
+    Ok(conns)
+}
+
+/// Serves the API on `socket`; returns the observer that emits
+/// `UnitChanged` for the supervisor to call on state changes.
+pub fn serve(
+    socket: &Path,
+    handle: Handle,
+    logs: Arc<LogStore>,
+) -> std::io::Result<crate::supervisor::Observer> {
+    let listener = bind_private(socket)?;
+    let conns = accept_p2p(listener, PATH, move || Init1 {
+        handle: handle.clone(),
+        logs: logs.clone(),
+    })?;
     let (tx, rx) = mpsc::channel::<(String, String)>();
     std::thread::Builder::new()
         .name("api-signals".into())

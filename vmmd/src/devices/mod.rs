@@ -154,6 +154,33 @@ pub struct RateLimiter {
     pub dropped: u64,
 }
 
+/// Guest input a device refused: counted, and logged at most 10 times a
+/// second so a hostile guest cannot flood the host's log.
+#[derive(Debug)]
+pub struct Refusals {
+    what: &'static str,
+    pub count: u64,
+    limiter: RateLimiter,
+}
+
+impl Refusals {
+    /// `what` starts each log line (`virtio-blk: request refused`).
+    pub fn new(what: &'static str) -> Self {
+        Refusals {
+            what,
+            count: 0,
+            limiter: RateLimiter::new(10, Duration::from_secs(1)),
+        }
+    }
+
+    pub fn note(&mut self, why: &dyn std::fmt::Display) {
+        self.count += 1;
+        if self.limiter.allow() {
+            tracing::warn!("{}: {why} ({} so far)", self.what, self.count);
+        }
+    }
+}
+
 impl RateLimiter {
     pub fn new(burst: u32, period: Duration) -> Self {
         RateLimiter {

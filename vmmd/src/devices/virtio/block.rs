@@ -16,11 +16,10 @@
 //! with a rate-limited log line; the device never panics.
 
 use super::VirtioDevice;
-use crate::devices::RateLimiter;
+use crate::devices::Refusals;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -150,9 +149,8 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
-    limiter: RateLimiter,
     /// Requests refused as malformed or failed.
-    pub errors: u64,
+    pub refusals: Refusals,
 }
 
 impl std::fmt::Debug for Block {
@@ -228,16 +226,12 @@ impl Block {
             capacity_sectors,
             id: id_bytes,
             bounce: vec![0; BOUNCE_BYTES],
-            limiter: RateLimiter::new(10, Duration::from_secs(1)),
-            errors: 0,
+            refusals: Refusals::new("virtio-blk: request refused"),
         })
     }
 
     fn refuse(&mut self, why: &dyn std::fmt::Display) {
-        self.errors += 1;
-        if self.limiter.allow() {
-            tracing::warn!("virtio-blk: request refused: {why}");
-        }
+        self.refusals.note(why);
     }
 
     /// Carries out a parsed request; returns its status and the bytes written
@@ -545,7 +539,7 @@ mod tests {
         assert_eq!(run(&mut b, &m, &c).0, S_IOERR);
         header(&m, 77, 0);
         assert_eq!(run(&mut b, &m, &chain(&[])).0, S_UNSUPP);
-        assert!(b.errors >= 6);
+        assert!(b.refusals.count >= 6);
     }
 
     #[test]

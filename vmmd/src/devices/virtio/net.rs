@@ -20,12 +20,11 @@
 //! lands in is dropped. Memory stays bounded: one frame in flight.
 
 use super::VirtioDevice;
-use crate::devices::RateLimiter;
+use crate::devices::Refusals;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -109,15 +108,15 @@ pub struct Net {
     /// A frame read from the backend that found no guest buffer yet.
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
-    limiter: RateLimiter,
-    pub dropped: u64,
+    /// Frames dropped (malformed, too large, or with nowhere to go).
+    pub dropped: Refusals,
 }
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
             .field("mac", &self.mac)
-            .field("dropped", &self.dropped)
+            .field("dropped", &self.dropped.count)
             .finish_non_exhaustive()
     }
 }
@@ -138,8 +137,7 @@ impl Net {
             mac,
             pending: None,
             buf: vec![0; MAX_FRAME],
-            limiter: RateLimiter::new(10, Duration::from_secs(1)),
-            dropped: 0,
+            dropped: Refusals::new("virtio-net: dropped a frame"),
         })
     }
 
@@ -164,13 +162,7 @@ impl Net {
     }
 
     fn drop_frame(&mut self, why: &dyn std::fmt::Display) {
-        self.dropped += 1;
-        if self.limiter.allow() {
-            tracing::warn!(
-                "virtio-net: dropped a frame: {why} ({} so far)",
-                self.dropped
-            );
-        }
+        self.dropped.note(why);
     }
 
     /// Sends every frame the guest queued for transmission.
@@ -291,7 +283,7 @@ impl VirtioDevice for Net {
             // The driver is not up: frames from the network are dropped.
             _ => {
                 while self.backend.read(&mut self.buf).is_ok_and(|n| n > 0) {
-                    self.dropped += 1;
+                    self.dropped.count += 1;
                 }
                 false
             }
@@ -380,7 +372,7 @@ mod tests {
         let mut got = vec![0u8; 100];
         let n = net_end.read(&mut got).unwrap();
         assert_eq!(&got[..n], frame(b"ethernet frame").as_slice());
-        assert_eq!(net.dropped, 0);
+        assert_eq!(net.dropped.count, 0);
     }
 
     #[test]
@@ -400,7 +392,7 @@ mod tests {
             &[(0x8000, 0x8000, false), (0x8000, 0x8000, false)],
         );
         assert!(net.process_queue(TXQ, &mut queues, &m));
-        assert_eq!(net.dropped, 3);
+        assert_eq!(net.dropped.count, 3);
         let mut got = [0u8; 16];
         assert_eq!(
             net_end.read(&mut got).unwrap_err().kind(),
@@ -446,7 +438,7 @@ mod tests {
         offer(&m, 0, 0, &[(0x8000, 100, true)]);
         assert!(net.process_host_event(&mut queues, &m));
         assert_eq!(used_len(&m, 0), 0);
-        assert_eq!(net.dropped, 1);
+        assert_eq!(net.dropped.count, 1);
     }
 
     #[test]

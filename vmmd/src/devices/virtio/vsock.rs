@@ -19,13 +19,12 @@
 //! its credit or a header cut short gets a reset, never a panic.
 
 use super::VirtioDevice;
-use crate::devices::RateLimiter;
+use crate::devices::Refusals;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -206,9 +205,8 @@ pub struct Vsock {
     control: VecDeque<Header>,
     /// Host data on its way into a guest receive buffer.
     rx_buf: Vec<u8>,
-    limiter: RateLimiter,
     /// Packets from the guest that were refused.
-    pub refused: u64,
+    pub refusals: Refusals,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -251,16 +249,12 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             rx_buf: vec![0; MAX_PKT_DATA as usize],
-            limiter: RateLimiter::new(10, Duration::from_secs(1)),
-            refused: 0,
+            refusals: Refusals::new("virtio-vsock"),
         })
     }
 
     fn refuse(&mut self, why: &dyn std::fmt::Display) {
-        self.refused += 1;
-        if self.limiter.allow() {
-            tracing::warn!("virtio-vsock: {why}");
-        }
+        self.refusals.note(why);
     }
 
     fn add_conn(&mut self, conn: Conn) -> Option<u64> {
@@ -866,7 +860,7 @@ mod tests {
             }
         }
         assert!(dev.conns.is_empty(), "over-credit data must reset");
-        assert!(dev.refused >= 4);
+        assert!(dev.refusals.count >= 4);
         let _ = std::fs::remove_file(format!("{}_6000", path.display()));
     }
 
