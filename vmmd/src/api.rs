@@ -14,7 +14,6 @@
 //! API.
 
 use serde::{Deserialize, Serialize};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use zbus::zvariant::Type;
@@ -169,16 +168,11 @@ pub trait Vmm1Client {
 
 /// Connects to vmmd at `socket`.
 pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach vmmd at {}: {e} (is the vmmd unit running? `cup unit status vmmd`)",
-            socket.display()
-        )
-    })?;
-    let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
-        .p2p()
-        .build()
-        .map_err(|e| format!("D-Bus handshake with {}: {e}", socket.display()))?;
+    let conn = steelcup_init::api::client::connect_p2p(
+        "vmmd",
+        socket,
+        "is the vmmd unit running? `cup unit status vmmd`",
+    )?;
     Vmm1ClientProxy::builder(&conn)
         .build()
         .map_err(|e| format!("vmmd API: {e}"))

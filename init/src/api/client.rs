@@ -34,19 +34,29 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/steelcup"))
 }
 
+/// A peer-to-peer D-Bus connection to `who` at `socket`; errors say where
+/// it looked and `hint`.
+pub fn connect_p2p(
+    who: &str,
+    socket: &Path,
+    hint: &str,
+) -> Result<zbus::blocking::Connection, String> {
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach {who} at {}: {e} ({hint})", socket.display()))?;
+    zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+        .p2p()
+        .build()
+        .map_err(|e| format!("D-Bus handshake with {}: {e}", socket.display()))
+}
+
 /// Connects to init's socket in `run_dir`.
 pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, String> {
     let path = run_dir.join(SOCKET);
-    let stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "cannot reach init at {}: {e} (is steelcup's init running? set STEELCUP_RUN_DIR for a supervisor started with --run-dir)",
-            path.display()
-        )
-    })?;
-    let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
-        .p2p()
-        .build()
-        .map_err(|e| format!("D-Bus handshake with {}: {e}", path.display()))?;
+    let conn = connect_p2p(
+        "init",
+        &path,
+        "is steelcup's init running? set STEELCUP_RUN_DIR for a supervisor started with --run-dir",
+    )?;
     Init1Proxy::builder(&conn)
         .build()
         .map_err(|e| format!("init API: {e}"))
