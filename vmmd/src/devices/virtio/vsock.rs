@@ -138,6 +138,8 @@ struct Conn {
     /// The guest will send no more: shut the host socket's write side once
     /// `pending` is flushed.
     guest_done_sending: bool,
+    /// The host socket reached EOF and the guest was told (once).
+    host_closed: bool,
 }
 
 impl Conn {
@@ -156,12 +158,16 @@ impl Conn {
             line: Vec::new(),
             readable: false,
             guest_done_sending: false,
+            host_closed: false,
         }
     }
 
     /// The guest can take data the host socket may have.
     fn has_data_for_guest(&self) -> bool {
-        self.state == State::Established && self.readable && self.peer_credit() > 0
+        self.state == State::Established
+            && self.readable
+            && !self.host_closed
+            && self.peer_credit() > 0
     }
 
     /// Bytes the guest can still take from this connection.
@@ -610,6 +616,7 @@ impl Vsock {
                     // The host side closed: tell the guest, then forget it
                     // when the guest resets.
                     c.readable = false;
+                    c.host_closed = true;
                     let mut h = reply(self.cid, c, OP_SHUTDOWN);
                     h.flags = SHUT_RCV | SHUT_SEND;
                     return Some((h, 0));
@@ -803,6 +810,11 @@ mod tests {
         dev.poll_host();
         let (h, _) = dev.read_host_data(&mut buf, 1024).unwrap();
         assert_eq!((h.op, h.flags), (OP_SHUTDOWN, 3));
+        // Told once, however often the closed socket shows up as readable.
+        for c in dev.conns.values_mut() {
+            c.readable = true;
+        }
+        assert!(dev.read_host_data(&mut buf, 1024).is_none());
         dev.handle_guest_packet(&guest_hdr(OP_RST, 1024, req.src_port), &[]);
         assert!(dev.conns.is_empty());
     }
