@@ -69,6 +69,8 @@ fn disks_reboot_and_a_killed_worker() {
         .unwrap();
     g.wait_for("driver: vm-b worker has its own mount namespace", STEP)
         .unwrap();
+    g.wait_for("driver: vm-b guest memory is a memfd", STEP)
+        .unwrap();
     // virtio-net over the workload's tap: the host's bytes reach the
     // guest's echo server and come back.
     g.wait_for("driver: net at 10.200.", STEP).unwrap();

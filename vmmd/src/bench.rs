@@ -92,6 +92,8 @@ fn run(args: &[String]) -> Result<(), String> {
         cmdline: DEFAULT_CMDLINE.into(),
         vcpus: 1,
         memory_mib: a.memory_mib,
+        memory_backing: Default::default(),
+        huge_pages: false,
         guest: GuestConfig {
             cmd: vec!["/bin/echo".into(), MARKER.into()],
             env: Default::default(),

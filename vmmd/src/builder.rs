@@ -160,7 +160,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         return Err(BuildError::Vcpus(config.vcpus));
     }
     let vm = Vm::new()?;
-    let mem = memory::create(config.memory_mib)?;
+    let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
     vm.register_memory(&mem)?;
 
     // Kernel: ELF vmlinux enters at its ELF entry, bzImage at its 64-bit entry.

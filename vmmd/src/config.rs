@@ -25,6 +25,10 @@ pub struct VmConfig {
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_mib: u64,
+    #[serde(default)]
+    pub memory_backing: crate::vstate::memory::Backing,
+    #[serde(default)]
+    pub huge_pages: bool,
     pub guest: GuestConfig,
     /// Block devices in order (the guest sees `/dev/vda`, `/dev/vdb`, ...).
     #[serde(default)]

@@ -514,6 +514,8 @@ fn vm_config(
         cmdline: DEFAULT_CMDLINE.to_string(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory.mib(),
+        memory_backing: spec.memory_backing,
+        huge_pages: spec.huge_pages,
         guest: GuestConfig {
             cmd: spec.cmd.clone(),
             env: spec.env.clone(),

@@ -132,6 +132,17 @@ pub fn kernel_cmdline() -> String {
     std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
 
+/// Where a microVM's memory comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryBacking {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A shared mapping of a memfd (memory as a file descriptor).
+    Memfd,
+}
+
 /// A microVM's network.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -298,6 +309,12 @@ pub struct MicrovmSection {
     pub volumes: Vec<VolumeSpec>,
     #[serde(default)]
     pub network: Network,
+    #[serde(default, rename = "memory-backing")]
+    pub memory_backing: MemoryBacking,
+    /// Huge pages for guest memory: transparent ones on anonymous memory,
+    /// 2 MiB hugetlb pages (reserved on the host) on a memfd.
+    #[serde(default, rename = "huge-pages")]
+    pub huge_pages: bool,
 }
 
 /// A persistent data disk of a workload.

@@ -1,7 +1,26 @@
-//! Guest memory: one anonymous mapping below the 32-bit MMIO hole.
+//! Guest memory: one mapping below the 32-bit MMIO hole, anonymous or on a
+//! memfd, optionally with huge pages.
+//!
+//! # Design
+//! [`Backing::Anonymous`] is private anonymous memory (the default).
+//! [`Backing::Memfd`] is a shared mapping of a memfd the worker creates:
+//! the memory is a file descriptor, which another process (a snapshotter,
+//! a vhost-user backend) could map too. Huge pages: on anonymous memory,
+//! transparent huge pages are asked for with `madvise(MADV_HUGEPAGE)` (a
+//! hint; no reservation needed); on a memfd, `MFD_HUGETLB` takes 2 MiB
+//! pages from the host's reserved pool (`/proc/sys/vm/nr_hugepages`) and
+//! fails clearly if there are not enough.
 
 use crate::arch::MMIO_HOLE_START;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::os::fd::FromRawFd;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+/// Where guest memory comes from (a unit's `memory-backing`).
+pub use steelcup_init::units::MemoryBacking as Backing;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -10,27 +29,121 @@ pub enum MemoryError {
     Size { mib: u64 },
     #[error("map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("create the guest memory memfd{}", if *.huge { " with 2 MiB huge pages (are enough reserved in /proc/sys/vm/nr_hugepages?)" } else { "" })]
+    Memfd {
+        huge: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map the guest memory memfd")]
+    MapMemfd(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
-/// Creates `mib` MiB of guest memory starting at guest address 0.
+/// Creates `mib` MiB of anonymous guest memory at guest address 0.
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    create_with(mib, Backing::Anonymous, false)
+}
+
+/// Creates `mib` MiB of guest memory at guest address 0 from `backing`,
+/// with huge pages if `huge_pages`.
+pub fn create_with(
+    mib: u64,
+    backing: Backing,
+    huge_pages: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let bytes = mib << 20;
     if !(16..=3072).contains(&mib) || bytes > MMIO_HOLE_START {
         return Err(MemoryError::Size { mib });
     }
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).map_err(MemoryError::Map)
+    let mem = match backing {
+        Backing::Anonymous => GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
+            .map_err(MemoryError::Map)?,
+        Backing::Memfd => {
+            let memfd_err = |source| MemoryError::Memfd {
+                huge: huge_pages,
+                source,
+            };
+            let mut flags = libc::MFD_CLOEXEC;
+            if huge_pages {
+                flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            }
+            // SAFETY: memfd_create with a static C string; the fd is owned
+            // by the File below.
+            let fd = unsafe { libc::memfd_create(c"steelcup-guest-memory".as_ptr(), flags) };
+            if fd < 0 {
+                return Err(memfd_err(std::io::Error::last_os_error()));
+            }
+            // SAFETY: fd is a fresh descriptor nothing else owns.
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            file.set_len(bytes).map_err(memfd_err)?;
+            let region = MmapRegion::build(
+                Some(FileOffset::new(file, 0)),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(MemoryError::MapMemfd)?;
+            let region =
+                GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Size { mib })?;
+            GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?
+        }
+    };
+    if huge_pages && backing == Backing::Anonymous {
+        for r in mem.iter() {
+            // SAFETY: madvise on a mapping this process owns, with its
+            // exact address and length; a hint that changes no contents.
+            unsafe {
+                libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    Ok(mem)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
     #[test]
     fn sizes_are_checked() {
-        assert!(super::create(8).is_err());
-        assert!(super::create(4096).is_err());
-        let m = super::create(16).unwrap();
-        assert_eq!(
-            vm_memory::GuestMemoryBackend::last_addr(&m).0,
-            (16 << 20) - 1
-        );
+        assert!(create(8).is_err());
+        assert!(create(4096).is_err());
+        let m = create(16).unwrap();
+        assert_eq!(m.last_addr().0, (16 << 20) - 1);
+    }
+
+    #[test]
+    fn memfd_memory_is_a_shared_file_mapping() {
+        let m = create_with(32, Backing::Memfd, false).unwrap();
+        assert_eq!(m.last_addr().0, (32 << 20) - 1);
+        let r = m.iter().next().unwrap();
+        assert!(r.file_offset().is_some(), "backed by the memfd");
+        m.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        // The bytes are in the file: read them back through the descriptor.
+        let f = r.file_offset().unwrap().file();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(f, &mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_a_hint_on_anonymous_memory() {
+        let m = create_with(32, Backing::Anonymous, true).unwrap();
+        m.write_obj(1u8, GuestAddress(31 << 20)).unwrap();
+    }
+
+    #[test]
+    fn hugetlb_memfd_works_or_says_what_is_missing() {
+        match create_with(16, Backing::Memfd, true) {
+            Ok(m) => assert_eq!(m.last_addr().0, (16 << 20) - 1),
+            Err(e) => {
+                let msg = crate::worker::error_chain(&e);
+                assert!(msg.contains("nr_hugepages"), "{msg}");
+                eprintln!("no huge pages reserved on this host: {msg}");
+            }
+        }
     }
 }
