@@ -134,6 +134,8 @@ fn log_dir(artifacts: &Path) -> PathBuf {
 pub struct Guest {
     child: Child,
     serial: Arc<Mutex<String>>,
+    /// When the console last printed a line.
+    last_output: Arc<Mutex<Instant>>,
     pub log_path: PathBuf,
     qmp_path: PathBuf,
     pub started: Instant,
@@ -220,6 +222,8 @@ impl Guest {
             .ok_or_else(|| anyhow!("no qemu stderr"))?;
         let buf = serial.clone();
         let echo = cfg.echo;
+        let last_output = Arc::new(Mutex::new(Instant::now()));
+        let last = last_output.clone();
         std::thread::spawn(move || {
             let mut r = BufReader::new(out);
             let mut line = Vec::new();
@@ -235,6 +239,9 @@ impl Guest {
                 }
                 if let Ok(mut b) = buf.lock() {
                     b.push_str(&text);
+                }
+                if let Ok(mut t) = last.lock() {
+                    *t = Instant::now();
                 }
                 line.clear();
             }
@@ -252,11 +259,20 @@ impl Guest {
         Ok(Guest {
             child,
             serial,
+            last_output,
             log_path,
             qmp_path,
             started,
             accel,
         })
+    }
+
+    /// How long the console has printed nothing.
+    pub fn silent_for(&self) -> Duration {
+        self.last_output
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     /// Everything the console printed so far.

@@ -9,92 +9,131 @@
 //! `qemu-tests/units/` (disks, rebooter, net, vm-a, vm-b) run only then,
 //! and the driver unit drives the rest and powers off when all is done.
 
+use anyhow::Result;
+use qemu_tests::{Accel, Guest};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
-const STEP: Duration = Duration::from_secs(240);
+const STEP: Duration = Duration::from_secs(150);
+
+/// Signs, under software emulation, that the emulated host itself failed
+/// underneath the test rather than anything steelcup does: QEMU's TCG
+/// emulation of nested AMD-V now and then hangs or resets the emulated
+/// host, or triple-faults a nested guest at boot (see the Limitations in
+/// docs/architecture.md). On KVM hardware none of this happens, and no run
+/// is repeated.
+fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<String> {
+    if g.accel != Accel::Tcg {
+        return None;
+    }
+    let s = g.serial();
+    let why = if s.contains("guest crashed: triple fault") {
+        "a nested guest triple-faulted"
+    } else if s.contains("soft lockup") {
+        "the emulated host locked up"
+    } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
+        "the emulated host reset"
+    } else if g.silent_for() > Duration::from_secs(90) {
+        "the emulated host stopped (no console output for 90 s)"
+    } else {
+        return None;
+    };
+    Some(why.to_string())
+}
 
 #[test]
-fn disks_reboot_and_a_killed_worker() {
-    let Some(mut g) = qemu_tests::boot_test_image("vms") else {
-        return;
-    };
-    g.wait_for("phase units: done", BOOT).unwrap();
+fn microvms_on_nested_kvm() {
+    for attempt in 1..=2 {
+        let Some(mut g) = qemu_tests::boot_test_image("vms") else {
+            return;
+        };
+        match scenario(&mut g) {
+            Ok(s) => {
+                check_log(&s, &g);
+                return;
+            }
+            Err(e) => match emulation_fault(&g, &e) {
+                Some(why) if attempt == 1 => {
+                    let kept = g.log_path.with_extension("attempt1.log");
+                    let _ = std::fs::copy(&g.log_path, &kept);
+                    eprintln!(
+                        "microvms: attempt 1 ended by the emulation, not by steelcup: {why} ({e:#}); its log is {}; booting once more",
+                        kept.display()
+                    );
+                }
+                _ => panic!("{e:#}; serial log: {}", g.log_path.display()),
+            },
+        }
+    }
+}
+
+/// The whole run on one boot; Err at the first step that does not come.
+fn scenario(g: &mut Guest) -> Result<String> {
+    g.wait_for("phase units: done", BOOT)?;
 
     // The root disk is mounted read-only (ext4 by mkfs.ext4) under a
     // writable layer; the data volume is formatted on first use and keeps
     // the first boot's count for the second.
-    g.wait_for("workload disks: created volume data (16MiB)", STEP)
-        .unwrap();
+    g.wait_for("workload disks: created volume data (16MiB)", STEP)?;
     g.wait_for(
         "disks | disks: boot 1: read from the read-only root disk; root device read-only: yes",
         STEP,
-    )
-    .unwrap();
-    g.wait_for("workload disks: exited with code 1", STEP)
-        .unwrap();
+    )?;
+    g.wait_for("workload disks: exited with code 1", STEP)?;
     g.wait_for(
         "disks | disks: boot 2: read from the read-only root disk; root device read-only: yes",
         STEP,
-    )
-    .unwrap();
-    g.wait_for("workload disks: exited with code 0", STEP)
-        .unwrap();
+    )?;
+    g.wait_for("workload disks: exited with code 0", STEP)?;
 
     // `reboot` inside a guest ends its VM with that status, and restart = "no"
     // keeps it ended.
-    g.wait_for("rebooter | rebooter: asking for a reboot", STEP)
-        .unwrap();
-    g.wait_for("workload rebooter: rebooted from inside the guest", STEP)
-        .unwrap();
+    g.wait_for("rebooter | rebooter: asking for a reboot", STEP)?;
+    g.wait_for("workload rebooter: rebooted from inside the guest", STEP)?;
 
     // One worker killed: its VM ends with that reason, vmmd and vm-b run on.
-    g.wait_for("driver: killing the worker of vm-a", STEP)
-        .unwrap();
-    g.wait_for("workload vm-a: VMM error: worker killed by SIGKILL", STEP)
-        .unwrap();
+    g.wait_for("driver: killing the worker of vm-a", STEP)?;
+    g.wait_for("workload vm-a: VMM error: worker killed by SIGKILL", STEP)?;
     g.wait_for(
         "driver: vm-b still runs after vm-a's worker was killed",
         STEP,
-    )
-    .unwrap();
+    )?;
     // The worker's confinement: cgroup limits from the unit (64 MiB guest
     // plus 64 MiB overhead, 1 vCPU), a mount namespace with only /run.
     g.wait_for(
         "driver: vm-b worker cgroup 0::/vms/vm-b memory.max 134217728 pids.max 9 cpu.max 100000 100000",
         STEP,
-    )
-    .unwrap();
-    g.wait_for("driver: vm-b worker root holds: [run ]", STEP)
-        .unwrap();
-    g.wait_for("driver: vm-b worker has its own mount namespace", STEP)
-        .unwrap();
-    g.wait_for("driver: vm-b guest memory is a memfd", STEP)
-        .unwrap();
+    )?;
+    g.wait_for("driver: vm-b worker root holds: [run ]", STEP)?;
+    g.wait_for("driver: vm-b worker has its own mount namespace", STEP)?;
+    g.wait_for("driver: vm-b guest memory is a memfd", STEP)?;
     // virtio-net over the workload's tap: the host's bytes reach the
     // guest's echo server and come back.
-    g.wait_for("driver: net at 10.200.", STEP).unwrap();
-    g.wait_for("answered: ping from the host", STEP).unwrap();
+    g.wait_for("driver: net at 10.200.", STEP)?;
+    g.wait_for("answered: ping from the host", STEP)?;
+    // Stop through the API: the guest is asked over vsock, the call returns
+    // once the VM has ended; start brings it back.
+    g.wait_for("workload net: asked to stop; guest: stopping", STEP)?;
+    g.wait_for("driver: cup stop net returned: ended", STEP)?;
+    g.wait_for("driver: net started again: running", STEP)?;
     // Pause and resume through vmmd's API (`cup pause`, `cup unpause`).
-    g.wait_for("driver: cup: no workload named \"nosuch\"", STEP)
-        .unwrap();
-    g.wait_for("driver: paused vm-b", STEP).unwrap();
-    g.wait_for("driver: ps: vm-b             paused", STEP)
-        .unwrap();
-    g.wait_for("driver: vm-b printed 0 ticks in 4 s while paused", STEP)
-        .unwrap();
-    g.wait_for("driver: resumed vm-b", STEP).unwrap();
-    g.wait_for("driver: vm-b ticks again after resume", STEP)
-        .unwrap();
-    g.wait_for("driver: cup poweroff", STEP).unwrap();
+    g.wait_for("driver: cup: no workload named \"nosuch\"", STEP)?;
+    g.wait_for("driver: paused vm-b", STEP)?;
+    g.wait_for("driver: ps: vm-b             paused", STEP)?;
+    g.wait_for("driver: vm-b printed 0 ticks in 4 s while paused", STEP)?;
+    g.wait_for("driver: resumed vm-b", STEP)?;
+    g.wait_for("driver: vm-b ticks again after resume", STEP)?;
+    g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the
     // workload ends by that SIGTERM.
-    g.wait_for("workload vm-b: asked to stop; guest: stopping", STEP)
-        .unwrap();
-    g.wait_for("workload vm-b: killed by signal 15", STEP)
-        .unwrap();
-    let s = g.wait_clean_poweroff(STEP).unwrap();
+    g.wait_for("workload vm-b: asked to stop; guest: stopping", STEP)?;
+    g.wait_for("workload vm-b: killed by signal 15", STEP)?;
+    g.wait_clean_poweroff(STEP)
+}
+
+/// What the whole serial log must show once the run is through.
+fn check_log(s: &str, g: &Guest) {
     let pos = |n: &str| {
         s.find(n)
             .unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()))

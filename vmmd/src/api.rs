@@ -9,9 +9,9 @@
 //! `cup unpause` use it.
 //!
 //! # Limitations
-//! The first methods of the interface: list, pause, resume. Run, stop,
-//! logs, images and the state-change signal come with the daemon's full
-//! API.
+//! The first methods of the interface: list, pause, resume, stop, start.
+//! Run, logs, images and the state-change signal come with the daemon's
+//! full API.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -31,6 +31,11 @@ pub enum Action {
     List,
     Pause(String),
     Resume(String),
+    /// Ask the guest to stop, kill its worker after the grace period; not
+    /// restarted. Answered once the VM has ended.
+    Stop(String),
+    /// Start a workload that is not running (resets its restart backoff).
+    Start(String),
 }
 
 /// One workload as the API shows it.
@@ -138,6 +143,17 @@ impl Vmm1 {
     async fn resume(&self, name: String) -> Result<(), Vmm1Error> {
         self.call(Action::Resume(name)).await.map(|_| ())
     }
+
+    /// Asks the guest to stop (then kills it after 5 s); answers once the
+    /// VM has ended. It is not restarted.
+    async fn stop(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Stop(name)).await.map(|_| ())
+    }
+
+    /// Starts a workload that is not running.
+    async fn start(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Start(name)).await.map(|_| ())
+    }
 }
 
 /// Serves the API on `socket` (mode 0600), forwarding to `requests`.
@@ -164,6 +180,8 @@ pub trait Vmm1Client {
     fn list(&self) -> zbus::Result<Vec<VmInfo>>;
     fn pause(&self, name: &str) -> zbus::Result<()>;
     fn resume(&self, name: &str) -> zbus::Result<()>;
+    fn stop(&self, name: &str) -> zbus::Result<()>;
+    fn start(&self, name: &str) -> zbus::Result<()>;
 }
 
 /// Connects to vmmd at `socket`.

@@ -82,6 +82,14 @@ struct Workload {
     backoff: Duration,
     runs: u64,
     last_outcome: String,
+    /// Asked to stop through the API: killed at `kill_at` if still
+    /// running, not restarted, and the callers answered when it ends.
+    stopping: Option<Stopping>,
+}
+
+struct Stopping {
+    kill_at: Instant,
+    replies: Vec<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
 }
 
 /// A worker's stdin (commands) and its answers (from its stderr).
@@ -171,6 +179,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                     backoff: Duration::from_secs(1),
                     runs: 0,
                     last_outcome: String::new(),
+                    stopping: None,
                 },
             )
         })
@@ -205,6 +214,17 @@ pub fn run(opts: Options) -> Result<(), String> {
     loop {
         let now = Instant::now();
         for (name, w) in workloads.iter_mut() {
+            if let (Some(s), Some(pid)) = (&mut w.stopping, w.pid) {
+                if s.kill_at <= now {
+                    tracing::warn!(
+                        "workload {name}: still running {}s after it was asked to stop; killing its worker",
+                        STOP_GRACE.as_secs()
+                    );
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                    s.kill_at = now + Duration::from_secs(3600);
+                }
+            }
             if w.pid.is_none() && w.restart_at.is_some_and(|t| t <= now) {
                 w.restart_at = None;
                 w.runs += 1;
@@ -223,6 +243,11 @@ pub fn run(opts: Options) -> Result<(), String> {
         let timeout = workloads
             .values()
             .filter_map(|w| w.restart_at)
+            .chain(
+                workloads
+                    .values()
+                    .filter_map(|w| w.stopping.as_ref().map(|s| s.kill_at)),
+            )
             .min()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
@@ -249,6 +274,13 @@ pub fn run(opts: Options) -> Result<(), String> {
                     report.outcome,
                     report.run_ms as f64 / 1000.0
                 );
+                if let Some(s) = w.stopping.take() {
+                    tracing::info!("workload {name}: stopped");
+                    for r in s.replies {
+                        let _ = r.send(Ok(Reply::Done));
+                    }
+                    continue;
+                }
                 let again = match w.spec.restart {
                     Restart::Always => true,
                     // A reboot from inside asks for the workload again.
@@ -263,18 +295,66 @@ pub fn run(opts: Options) -> Result<(), String> {
                     w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
                 }
             }
-            Ok(Event::Api(req)) => {
-                let answer = execute(&mut workloads, req.action);
-                let _ = req.reply.send(answer);
-            }
+            Ok(Event::Api(req)) => execute(&opts, &mut workloads, req),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
     }
 }
 
-/// Executes an API action on the daemon's state.
-fn execute(workloads: &mut BTreeMap<String, Workload>, action: Action) -> Result<Reply, ApiError> {
+/// Executes an API request on the daemon's state and answers it, or (a
+/// stop) keeps the answer for when the VM has ended.
+fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api::Request) {
+    if let Action::Stop(name) = &req.action {
+        match workloads.get_mut(name) {
+            None => {
+                let _ = req.reply.send(Err(ApiError::NoSuchVm(name.clone())));
+            }
+            Some(w) if w.pid.is_none() => {
+                // Not running: make sure it stays so.
+                w.restart_at = None;
+                let _ = req.reply.send(Ok(Reply::Done));
+            }
+            Some(w) => {
+                w.restart_at = None;
+                if let Some(s) = &mut w.stopping {
+                    s.replies.push(req.reply);
+                    return;
+                }
+                w.stopping = Some(Stopping {
+                    kill_at: Instant::now() + STOP_GRACE,
+                    replies: vec![req.reply],
+                });
+                // A paused guest cannot answer; let it run to stop.
+                if w.paused {
+                    if let Some(c) = w.control.as_mut() {
+                        let _ = c.ask("resume");
+                    }
+                    w.paused = false;
+                }
+                let (uds, name) = (vsock_path(opts, name), name.clone());
+                // The guest answers on its own time; the loop goes on.
+                let _ = std::thread::Builder::new()
+                    .name(format!("stop-{name}"))
+                    .spawn(move || match ask_guest(&uds, GUEST_CONTROL_PORT, "stop") {
+                        Ok(a) => tracing::info!("workload {name}: asked to stop; guest: {a}"),
+                        Err(e) => {
+                            tracing::warn!("workload {name}: cannot ask the guest to stop: {e}")
+                        }
+                    });
+            }
+        }
+        return;
+    }
+    let answer = execute_now(workloads, req.action);
+    let _ = req.reply.send(answer);
+}
+
+/// Executes an action that is answered at once.
+fn execute_now(
+    workloads: &mut BTreeMap<String, Workload>,
+    action: Action,
+) -> Result<Reply, ApiError> {
     fn running<'w>(
         workloads: &'w mut BTreeMap<String, Workload>,
         name: &str,
@@ -296,6 +376,7 @@ fn execute(workloads: &mut BTreeMap<String, Workload>, action: Action) -> Result
                 .map(|(name, w)| VmInfo {
                     name: name.clone(),
                     state: match (w.pid, w.paused, w.restart_at) {
+                        (Some(_), _, _) if w.stopping.is_some() => "stopping",
                         (Some(_), true, _) => "paused",
                         (Some(_), false, _) => "running",
                         (None, _, Some(_)) => "waiting",
@@ -333,6 +414,21 @@ fn execute(workloads: &mut BTreeMap<String, Workload>, action: Action) -> Result
             tracing::info!("workload {name}: resumed");
             Ok(Reply::Done)
         }
+        Action::Start(name) => {
+            let w = workloads
+                .get_mut(&name)
+                .ok_or_else(|| ApiError::NoSuchVm(name.clone()))?;
+            if w.pid.is_some() {
+                return Err(ApiError::Refused(format!(
+                    "workload {name:?} is already running"
+                )));
+            }
+            w.restart_at = Some(Instant::now());
+            w.backoff = Duration::from_secs(1);
+            Ok(Reply::Done)
+        }
+        // Answered by `execute`.
+        Action::Stop(name) => Err(ApiError::Refused(format!("stop {name:?}: internal error"))),
     }
 }
 

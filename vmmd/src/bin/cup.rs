@@ -5,7 +5,7 @@
 //! NAME`, `cup logs --unit NAME [-f] [-n N]`, `cup reload`, `cup poweroff`,
 //! `cup reboot`. Workload verbs talk to vmmd's `org.steelcup.Vmm1` on
 //! `$STEELCUP_VMMD_SOCKET` (default `/run/steelcup/vmmd.sock`): `cup ps`,
-//! `cup pause NAME`, `cup unpause NAME`. `cup validate FILE...` checks unit
+//! `cup pause NAME`, `cup unpause NAME`, `cup stop NAME`, `cup start NAME`. `cup validate FILE...` checks unit
 //! files offline.
 
 use std::path::Path;
@@ -23,6 +23,7 @@ const USAGE: &str = "usage:
   cup validate UNIT-FILE...          check unit files as the host reads them
   cup ps [--format json]             microVM workloads: name, state, pid, runs, vCPUs, memory
   cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
+  cup stop NAME | cup start NAME     ask the guest to stop (killed after 5 s) / start it again
   cup version
 
 cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
@@ -271,10 +272,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             println!("{name}");
         }
-        Some(
-            verb
-            @ ("run" | "exec" | "stop" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect"),
-        ) => {
+        Some(verb @ ("run" | "exec" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect")) => {
             return Err(format!(
                 "cup {verb}: workload verbs need vmmd's API, which this build does not have yet; declare workloads as [microvm] unit files"
             ));
