@@ -260,16 +260,18 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 }
             }
         }
-        Some(verb @ ("pause" | "unpause")) => {
+        Some(verb @ ("pause" | "unpause" | "stop" | "start")) => {
             let name = args
                 .get(1)
                 .ok_or_else(|| format!("{verb} needs a workload name (see `cup ps`)"))?;
             let p = vmmd()?;
-            if verb == "pause" {
-                p.pause(name).map_err(api_err)?;
-            } else {
-                p.resume(name).map_err(api_err)?;
+            match verb {
+                "pause" => p.pause(name),
+                "unpause" => p.resume(name),
+                "stop" => p.stop(name),
+                _ => p.start(name),
             }
+            .map_err(api_err)?;
             println!("{name}");
         }
         Some(verb @ ("run" | "exec" | "kill" | "rm" | "images" | "pull" | "rmi" | "inspect")) => {
