@@ -166,6 +166,7 @@ fn run(args: &[String]) -> Result<(), String> {
         println!("{PREFIX}{l}");
     }
     println!("{PREFIX}rounds: {}", rounds_line(&ours, &qemu));
+    println!("{PREFIX}targets: {}", verdict(&ours, &qemu));
     println!("vmm-bench: done");
     Ok(())
 }
@@ -317,6 +318,23 @@ fn table(ours: &[Sample], qemu: &[Sample], memory_mib: u64) -> Vec<String> {
             m(ours, over) / m(qemu, over)
         ),
     ]
+}
+
+/// Each target, met or not, with the number.
+fn verdict(ours: &[Sample], qemu: &[Sample]) -> String {
+    let m = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let setup = m(ours, |s| s.setup_ms.unwrap_or(f64::NAN));
+    let over = m(ours, |s| s.overhead_kib as f64 / 1024.0);
+    let time = m(ours, |s| s.to_line_ms) / m(qemu, |s| s.to_line_ms);
+    let peak = m(ours, |s| s.peak_rss_kib as f64) / m(qemu, |s| s.peak_rss_kib as f64);
+    let mark = |ok: bool| if ok { "met" } else { "not met" };
+    format!(
+        "setup under 10 ms: {} ({setup:.1} ms); overhead under 5 MiB: {} ({over:.1} MiB); time at most 0.5× QEMU's: {} ({time:.2}×); peak RSS at most 0.5× QEMU's: {} ({peak:.2}×)",
+        mark(setup < 10.0),
+        mark(over < 5.0),
+        mark(time <= 0.5),
+        mark(peak <= 0.5)
+    )
 }
 
 /// Every round's time to the line, ours / QEMU, in ms.
