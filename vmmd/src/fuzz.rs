@@ -6,7 +6,8 @@
 //! (register writes and reads on a virtio-mmio transport, writes anywhere in
 //! guest memory, which forges descriptor tables and rings, queue
 //! notifications) against a real device model — block over an in-memory
-//! disk, vsock, rng or net; [`block_request`] and [`vsock_packet`] feed one
+//! disk, vsock, rng or net (over a socket pair); [`block_request`] and
+//! [`vsock_packet`] feed one
 //! request straight to a parser. None may panic, whatever the bytes.
 //!
 //! The same functions back the libFuzzer targets in `fuzz/` (coverage
@@ -17,6 +18,7 @@
 use crate::devices::serial::IrqTrigger;
 use crate::devices::virtio::block::{self, Block, Segment};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{self, Vsock, HDR_LEN};
 use crate::devices::virtio::VirtioDevice;
@@ -82,13 +84,29 @@ fn vsock_path() -> PathBuf {
     ))
 }
 
-/// Which device sits behind the fuzzed transport (the first input byte).
-fn device(selector: u8) -> Box<dyn VirtioDevice> {
-    match selector % 4 {
-        0 => Box::new(disk(false)),
-        1 => Box::new(disk(true)),
-        2 => Box::new(Rng::with_source(Box::new(std::io::repeat(0x5a)))),
-        _ => Box::new(Vsock::new(3, &vsock_path()).expect("vsock for fuzzing")),
+/// Which device sits behind the fuzzed transport (the first input byte),
+/// and for net the network's end of its socket pair (kept open for the run).
+fn device(selector: u8) -> (Box<dyn VirtioDevice>, Option<std::fs::File>) {
+    match selector % 5 {
+        0 => (Box::new(disk(false)), None),
+        1 => (Box::new(disk(true)), None),
+        2 => (
+            Box::new(Rng::with_source(Box::new(std::io::repeat(0x5a)))),
+            None,
+        ),
+        3 => (
+            Box::new(Vsock::new(3, &vsock_path()).expect("vsock for fuzzing")),
+            None,
+        ),
+        _ => {
+            // A frame waits on the network's end, so RX has work too.
+            let (dev_end, mut net_end) = Net::socketpair().expect("socket pair for fuzzing");
+            let mut frame = vec![0u8; net::VNET_HDR_LEN];
+            frame.extend_from_slice(&[0xab; 60]);
+            let _ = std::io::Write::write_all(&mut net_end, &frame);
+            let dev = Net::new(dev_end, net::mac_for(7)).expect("net for fuzzing");
+            (Box::new(dev), Some(net_end))
+        }
     }
 }
 
@@ -97,10 +115,12 @@ fn device(selector: u8) -> Box<dyn VirtioDevice> {
 pub fn virtio_mmio(data: &[u8]) {
     let mut input = Input(data);
     let mem = memory();
-    let mut t = MmioTransport::new(device(input.u8()), mem.clone(), IrqTrigger(None));
+    let (dev, _network) = device(input.u8());
+    let mut t = MmioTransport::new(dev, mem.clone(), IrqTrigger(None));
     let mut steps = 0;
     while !input.is_empty() && steps < 4096 {
         steps += 1;
+
         match input.u8() % 7 {
             // A register write of any width at any offset in the window.
             0 => {
