@@ -198,15 +198,30 @@ fn measure(
     let timing = std::thread::spawn(move || {
         let mut first_run = None;
         let mut tail = Vec::new();
+        let mut phases = Vec::new();
         for l in BufReader::new(stderr?).lines().map_while(Result::ok) {
             if let Some(ns) = l
                 .strip_prefix(TIMING_PREFIX)
                 .and_then(|r| r.strip_prefix("first-kvm-run "))
             {
                 first_run = ns.trim().parse::<u64>().ok();
+            } else if let Some((name, ns)) = l
+                .strip_prefix(TIMING_PREFIX)
+                .and_then(|r| r.strip_prefix("phase "))
+                .and_then(|r| r.split_once(' '))
+            {
+                if let Ok(ns) = ns.trim().parse::<u64>() {
+                    phases.push(format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6));
+                }
             } else if tail.len() < 20 {
                 tail.push(l);
             }
+        }
+        if !phases.is_empty() {
+            eprintln!(
+                "vmmd bench: worker phases (ms after spawn): {}",
+                phases.join(", ")
+            );
         }
         Some((first_run, tail))
     });

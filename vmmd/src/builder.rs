@@ -160,8 +160,10 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         return Err(BuildError::Vcpus(config.vcpus));
     }
     let vm = Vm::new()?;
+    crate::worker::mark("vm-created");
     let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
     vm.register_memory(&mem)?;
+    crate::worker::mark("memory");
 
     // Kernel: ELF vmlinux enters at its ELF entry, bzImage at its 64-bit entry.
     let open_err = |source| BuildError::OpenKernel {
@@ -177,6 +179,9 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         source,
     };
     let himem = Some(GuestAddress(arch::HIMEM_START));
+    // Fault in where the kernel goes in one call, not page by page.
+    let kernel_len = kernel.metadata().map(|m| m.len()).unwrap_or(0);
+    memory::populate(&mem, GuestAddress(arch::HIMEM_START), kernel_len);
     let (loaded, entry) = if magic == *b"\x7fELF" {
         let r = Elf::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
         let entry = r.kernel_load;
@@ -187,23 +192,28 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         (r, entry)
     };
 
-    // Initramfs: the shared base image plus this VM's config.
-    let mut initrd =
-        std::fs::read(&config.initramfs).map_err(|source| BuildError::ReadInitramfs {
-            path: config.initramfs.clone(),
-            source,
-        })?;
-    while initrd.len() % 4 != 0 {
-        initrd.push(0);
-    }
-    initrd.extend(guest_config_cpio(config).map_err(BuildError::GuestConfig)?);
+    // Initramfs: the shared base image, read straight into guest memory,
+    // then this VM's config (a cpio the kernel unpacks on top) at the next
+    // 4-byte boundary.
+    let read_err = |source| BuildError::ReadInitramfs {
+        path: config.initramfs.clone(),
+        source,
+    };
+    let mut base = std::fs::File::open(&config.initramfs).map_err(read_err)?;
+    let base_len = base.metadata().map_err(read_err)?.len();
+    let extra = guest_config_cpio(config).map_err(BuildError::GuestConfig)?;
+    let config_at = base_len.next_multiple_of(4);
+    let initrd_len = config_at + extra.len() as u64;
     let initrd_max = loaded
         .setup_header
         .map(|h| h.initrd_addr_max)
         .filter(|m| *m != 0)
         .unwrap_or(0x37ff_ffff);
-    let initrd_addr = arch::initrd_address(&mem, initrd.len() as u64, initrd_max)?;
-    mem.write_slice(&initrd, initrd_addr)
+    let initrd_addr = arch::initrd_address(&mem, initrd_len, initrd_max)?;
+    memory::populate(&mem, initrd_addr, initrd_len);
+    mem.read_exact_volatile_from(initrd_addr, &mut base, base_len as usize)
+        .map_err(|e| read_err(std::io::Error::other(e)))?;
+    mem.write_slice(&extra, GuestAddress(initrd_addr.0 + config_at))
         .map_err(BuildError::WriteInitramfs)?;
 
     let mut cmdline = linux_loader::cmdline::Cmdline::new(arch::CMDLINE_MAX_SIZE)
@@ -211,6 +221,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    crate::worker::mark("kernel-initramfs-loaded");
     let devices = virtio_devices(config)?;
     if devices.len() > (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
         return Err(BuildError::TooManyDevices(devices.len()));
@@ -233,7 +244,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         &mem,
         loaded.setup_header,
         cmdline_len,
-        Some((initrd_addr, initrd.len() as u64)),
+        Some((initrd_addr, initrd_len)),
     )?;
 
     // Devices: the serial console raises GSI 4 through an irqfd.
@@ -274,6 +285,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
             .push((base, transport));
     }
 
+    crate::worker::mark("devices");
     let supported = vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {

@@ -36,6 +36,8 @@ const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Builds and runs the VM; returns how it ended. Commands are read from
 /// `control` (see the module docs) while the VM runs.
 pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome {
+    TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
+    mark("config-read");
     if let Err(e) = pause::install_kick_handler() {
         return VmOutcome::VmmError {
             message: format!("install the vCPU kick handler: {e}"),
@@ -49,6 +51,7 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             }
         }
     };
+    mark("built");
     // Still single threaded: the new mount namespace covers the whole
     // process only if it is entered before the vCPU threads exist.
     if let (Some(scratch), Some(vsock)) = (&config.jail_scratch, &config.vsock) {
@@ -59,6 +62,7 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             };
         }
     }
+    mark("jailed");
     let program = match crate::jail::seccomp::filter() {
         Ok(p) => p,
         Err(e) => {
@@ -136,6 +140,7 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
             message: format!("spawn control thread: {e}"),
         };
     }
+    mark("threads");
     ready.wait();
     if let Err(e) = crate::jail::seccomp::apply_all_threads(&program) {
         // Never run a guest unconfined: the waiting vCPU threads die with
@@ -172,6 +177,16 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
         (VcpuStop::Halted, None) => VmOutcome::GuestCrashed {
             reason: "halted".into(),
         },
+    }
+}
+
+static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `report_timing`, notes on stderr when a phase of the worker's start
+/// ended (for `vmmd bench`).
+pub fn mark(phase: &str) {
+    if TIMING.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{TIMING_PREFIX}phase {phase} {}", monotonic_ns());
     }
 }
 

@@ -102,6 +102,34 @@ pub fn create_with(
     Ok(mem)
 }
 
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in, writable.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Faults in `len` bytes of guest memory at `addr` in one call, before the
+/// VMM writes them (the kernel, the initramfs): one system call instead of
+/// a page fault per page. A hint: where it fails (an older host kernel),
+/// the writes fault the pages in as usual.
+pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+    let Ok(host) = mem.get_host_address(addr) else {
+        return;
+    };
+    let start = host as usize & !0xfff;
+    let end = host as usize + len as usize;
+    // The range must lie in the one region that holds `addr`.
+    let fits = mem
+        .find_region(addr)
+        .is_some_and(|r| addr.0 + len <= r.start_addr().0 + r.len());
+    if len == 0 || !fits {
+        return;
+    }
+    // SAFETY: the range is inside a mapping this process owns (checked
+    // above); MADV_POPULATE_WRITE only faults pages in, changing no
+    // contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +155,17 @@ mod tests {
         let mut b = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(f, &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+    }
+
+    #[test]
+    fn populate_keeps_contents_and_ignores_ranges_out_of_memory() {
+        let m = create(16).unwrap();
+        m.write_obj(0x5au8, GuestAddress(0x20_0000)).unwrap();
+        populate(&m, GuestAddress(0x10_0000), 4 << 20);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 0x5a);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), 0);
+        populate(&m, GuestAddress(15 << 20), 8 << 20);
+        populate(&m, GuestAddress(64 << 20), 1);
     }
 
     #[test]
