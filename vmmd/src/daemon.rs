@@ -396,24 +396,8 @@ fn execute_now(
                 })
                 .collect(),
         )),
-        Action::Pause(name) => {
-            let w = running(workloads, &name)?;
-            if let Some(c) = w.control.as_mut() {
-                c.ask("pause").map_err(ApiError::Refused)?;
-            }
-            w.paused = true;
-            tracing::info!("workload {name}: paused");
-            Ok(Reply::Done)
-        }
-        Action::Resume(name) => {
-            let w = running(workloads, &name)?;
-            if let Some(c) = w.control.as_mut() {
-                c.ask("resume").map_err(ApiError::Refused)?;
-            }
-            w.paused = false;
-            tracing::info!("workload {name}: resumed");
-            Ok(Reply::Done)
-        }
+        Action::Pause(name) => set_paused(running(workloads, &name)?, &name, true),
+        Action::Resume(name) => set_paused(running(workloads, &name)?, &name, false),
         Action::Start(name) => {
             let w = workloads
                 .get_mut(&name)
@@ -430,6 +414,21 @@ fn execute_now(
         // Answered by `execute`.
         Action::Stop(name) => Err(ApiError::Refused(format!("stop {name:?}: internal error"))),
     }
+}
+
+/// Pauses or resumes a running workload's vCPUs through its worker.
+fn set_paused(w: &mut Workload, name: &str, pause: bool) -> Result<Reply, ApiError> {
+    let (command, done) = if pause {
+        ("pause", "paused")
+    } else {
+        ("resume", "resumed")
+    };
+    if let Some(c) = w.control.as_mut() {
+        c.ask(command).map_err(ApiError::Refused)?;
+    }
+    w.paused = pause;
+    tracing::info!("workload {name}: {done}");
+    Ok(Reply::Done)
 }
 
 /// How long a guest has to end its workload after being asked to stop.

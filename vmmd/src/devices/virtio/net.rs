@@ -345,6 +345,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A device on a socket pair, the network's end, guest memory and two
+    /// ready queues.
+    fn fixture() -> (Net, File, GuestMemoryMmap, Vec<Queue>) {
+        let (dev_end, net_end) = Net::socketpair().unwrap();
+        let net = Net::new(dev_end, mac_for(1)).unwrap();
+        let m = mem();
+        let queues = vec![queue(&m), queue(&m)];
+        (net, net_end, m, queues)
+    }
+
     fn frame(payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; VNET_HDR_LEN];
         f.extend_from_slice(payload);
@@ -353,10 +363,7 @@ mod tests {
 
     #[test]
     fn transmits_the_guests_frames_one_write_each() {
-        let (dev_end, mut net_end) = Net::socketpair().unwrap();
-        let mut net = Net::new(dev_end, mac_for(1)).unwrap();
-        let m = mem();
-        let mut queues = vec![queue(&m), queue(&m)];
+        let (mut net, mut net_end, m, mut queues) = fixture();
         // Header and frame split over two buffers.
         m.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(0x8000))
             .unwrap();
@@ -377,10 +384,7 @@ mod tests {
 
     #[test]
     fn hostile_tx_chains_are_dropped_not_sent() {
-        let (dev_end, mut net_end) = Net::socketpair().unwrap();
-        let mut net = Net::new(dev_end, mac_for(1)).unwrap();
-        let m = mem();
-        let mut queues = vec![queue(&m), queue(&m)];
+        let (mut net, mut net_end, m, mut queues) = fixture();
         // A writable buffer in a TX chain; then one outside guest memory;
         // then one larger than any frame.
         offer(&m, 0, 0, &[(0x8000, 20, true)]);
@@ -403,10 +407,7 @@ mod tests {
 
     #[test]
     fn receives_into_guest_buffers_and_waits_for_more() {
-        let (dev_end, mut net_end) = Net::socketpair().unwrap();
-        let mut net = Net::new(dev_end, mac_for(1)).unwrap();
-        let m = mem();
-        let mut queues = vec![queue(&m), queue(&m)];
+        let (mut net, mut net_end, m, mut queues) = fixture();
         net_end.write_all(&frame(b"first")).unwrap();
         net_end.write_all(&frame(b"second")).unwrap();
         // One buffer posted: the first frame lands, the second waits.
@@ -430,10 +431,7 @@ mod tests {
 
     #[test]
     fn a_frame_too_big_for_its_buffer_is_dropped() {
-        let (dev_end, mut net_end) = Net::socketpair().unwrap();
-        let mut net = Net::new(dev_end, mac_for(1)).unwrap();
-        let m = mem();
-        let mut queues = vec![queue(&m), queue(&m)];
+        let (mut net, mut net_end, m, mut queues) = fixture();
         net_end.write_all(&frame(&[7u8; 1000])).unwrap();
         offer(&m, 0, 0, &[(0x8000, 100, true)]);
         assert!(net.process_host_event(&mut queues, &m));
