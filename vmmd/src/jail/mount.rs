@@ -13,7 +13,9 @@
 //! vsock directory into it at the same path, makes the tmpfs read-only,
 //! `pivot_root`s into it and detaches the old root (on an initramfs root,
 //! which cannot be pivoted, it moves the tmpfs over `/` and chroots, as
-//! `switch_root` does). A worker compromised through its device models
+//! `switch_root` does). In a chroot, whose `/` is no mount point, mounts
+//! cannot be kept from propagating to the host, and there is no jail (an
+//! error that says so). A worker compromised through its device models
 //! sees a read-only tree holding one directory.
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -29,10 +31,14 @@ pub struct JailError {
 }
 
 impl JailError {
-    /// The host has no mount namespaces for us (no CAP_SYS_ADMIN, e.g. an
-    /// unprivileged container).
+    /// Where vmmd runs gives no way to a jail: no mount namespaces (no
+    /// CAP_SYS_ADMIN, an unprivileged container), or a root that is no
+    /// mount point (a chroot), so mounts could not be kept from
+    /// propagating back to the host.
     pub fn is_unsupported(&self) -> bool {
-        self.step.starts_with("unshare") && self.source == nix::Error::EPERM
+        (self.step.starts_with("unshare") && self.source == nix::Error::EPERM)
+            || (self.step.starts_with("make every mount private")
+                && self.source == nix::Error::EINVAL)
     }
 }
 
