@@ -471,3 +471,57 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
     }
     Some(Guest::boot(&cfg).unwrap())
 }
+
+/// Signs, under software emulation, that the emulated host itself failed
+/// underneath a test rather than anything steelcup does: QEMU's TCG
+/// emulation of nested AMD-V now and then hangs or resets the emulated
+/// host (seen right after a VM ended and a new VMM process started), or
+/// triple-faults a nested guest (see the Limitations in
+/// docs/architecture.md). None on KVM hardware.
+pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
+    if g.accel != Accel::Tcg {
+        return None;
+    }
+    let s = g.serial();
+    if s.contains("guest crashed: triple fault") {
+        Some("a nested guest triple-faulted")
+    } else if s.contains("soft lockup") {
+        Some("the emulated host locked up")
+    } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
+        Some("the emulated host reset")
+    } else if g.silent_for() > Duration::from_secs(90) {
+        Some("the emulated host stopped (no console output for 90 s)")
+    } else {
+        None
+    }
+}
+
+/// Runs `body` on the guest `boot` starts. When the run fails because the
+/// emulated host failed underneath it ([`emulation_fault`]), boots once
+/// more, saying why and keeping the first serial log beside the second;
+/// any other failure, or a second one, panics with the error and the log.
+/// `boot` returning None (no artifacts) skips.
+pub fn run_booted<T>(
+    name: &str,
+    mut boot: impl FnMut() -> Option<Guest>,
+    body: impl Fn(&mut Guest) -> Result<T>,
+) -> Option<T> {
+    for attempt in 1..=2 {
+        let mut g = boot()?;
+        match body(&mut g) {
+            Ok(v) => return Some(v),
+            Err(e) => match emulation_fault(&g, &e) {
+                Some(why) if attempt == 1 => {
+                    let kept = g.log_path.with_extension("attempt1.log");
+                    let _ = std::fs::copy(&g.log_path, &kept);
+                    eprintln!(
+                        "{name}: attempt 1 ended by the emulation, not by steelcup: {why} ({e:#}); its log is {}; booting once more",
+                        kept.display()
+                    );
+                }
+                _ => panic!("{name}: {e:#}; serial log: {}", g.log_path.display()),
+            },
+        }
+    }
+    None
+}

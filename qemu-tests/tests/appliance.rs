@@ -6,7 +6,7 @@
 //! `cargo xtask test` sets `STEELCUP_REQUIRE_ARTIFACTS`, so there a missing
 //! artifact fails instead.
 
-use qemu_tests::{artifacts, record, Artifacts, Guest, GuestConfig};
+use qemu_tests::{artifacts, record, run_booted, Artifacts, Guest, GuestConfig};
 use std::time::Duration;
 
 /// Under software emulation the host kernel boots in tens of seconds and a
@@ -34,7 +34,14 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
     let Some(a) = need_artifacts("boot") else {
         return;
     };
-    let mut g = Guest::boot(&GuestConfig::direct("boot", &a.dir).unwrap()).unwrap();
+    run_booted(
+        "boot",
+        || Some(Guest::boot(&GuestConfig::direct("boot", &a.dir).unwrap()).unwrap()),
+        |g| boot_run_power_off(g, &a),
+    );
+}
+
+fn boot_run_power_off(g: &mut Guest, a: &Artifacts) -> anyhow::Result<()> {
     println!(
         "accelerator: {:?}; serial log: {}",
         g.accel,
@@ -50,7 +57,7 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         "network",
         "units",
     ] {
-        g.wait_for(&format!("phase {phase}: done"), BOOT).unwrap();
+        g.wait_for(&format!("phase {phase}: done"), BOOT)?;
     }
     let s = g.serial();
     assert!(
@@ -65,9 +72,9 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         coldplug.contains("virtio_rng"),
         "coldplug must load the RNG's driver: {coldplug}"
     );
-    g.wait_for("unit vmmd: started", STEP).unwrap();
-    let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
-    g.wait_for(HELLO_EXIT, STEP).unwrap();
+    g.wait_for("unit vmmd: started", STEP)?;
+    let line_at = g.wait_for(HELLO_LINE, STEP)?;
+    g.wait_for(HELLO_EXIT, STEP)?;
     // The example microVM has two vCPUs: the MP table must bring both up.
     let hello = g
         .serial()
@@ -82,24 +89,25 @@ fn boots_runs_a_microvm_and_powers_off_in_order() {
         "the guest's RNG is vmmd's virtio-rng: {hello}"
     );
     record(
-        &a,
+        a,
         "qemu_start_to_microvm_line_s",
         &format!("{:.1}", line_at.as_secs_f64()),
     );
-    record(&a, "accelerator", &format!("{:?}", g.accel));
+    record(a, "accelerator", &format!("{:?}", g.accel));
 
     // The power button: init stops vmmd, syncs and powers off; QEMU exits by itself.
-    g.power_button().unwrap();
-    g.wait_for("power button pressed", STEP).unwrap();
-    g.wait_for("unit vmmd: stopping", STEP).unwrap();
-    g.wait_for("vmmd stopped", STEP).unwrap();
-    g.wait_for("unit vmmd: stopped in", STEP).unwrap();
-    g.wait_for("syncing disks and powering off", STEP).unwrap();
-    let s = g.wait_clean_poweroff(STEP).unwrap();
+    g.power_button()?;
+    g.wait_for("power button pressed", STEP)?;
+    g.wait_for("unit vmmd: stopping", STEP)?;
+    g.wait_for("vmmd stopped", STEP)?;
+    g.wait_for("unit vmmd: stopped in", STEP)?;
+    g.wait_for("syncing disks and powering off", STEP)?;
+    let s = g.wait_clean_poweroff(STEP)?;
     // Order: the workload's report, then vmmd stops, then init powers off.
     let pos = |n: &str| s.find(n).unwrap_or_else(|| panic!("{n:?} missing"));
     assert!(pos(HELLO_EXIT) < pos("unit vmmd: stopping"));
     assert!(pos("vmmd stopped") < pos("syncing disks and powering off"));
+    Ok(())
 }
 
 #[test]
@@ -110,9 +118,16 @@ fn pxe_boot_reaches_the_microvm() {
     // No -kernel/-initrd: QEMU's iPXE ROM must fetch boot.ipxe, the kernel and
     // the initramfs over TFTP, so reaching init proves the PXE path. (SeaBIOS
     // and iPXE print to VGA, not to the serial console.)
-    let mut g = Guest::boot(&GuestConfig::pxe("pxe", &a.dir)).unwrap();
-    g.wait_for("starting as PID 1", BOOT).unwrap();
-    g.wait_for("phase units: done", BOOT).unwrap();
+    run_booted(
+        "pxe",
+        || Some(Guest::boot(&GuestConfig::pxe("pxe", &a.dir)).unwrap()),
+        |g| pxe_boot(g, &a),
+    );
+}
+
+fn pxe_boot(g: &mut Guest, a: &Artifacts) -> anyhow::Result<()> {
+    g.wait_for("starting as PID 1", BOOT)?;
+    g.wait_for("phase units: done", BOOT)?;
     let s = g.serial();
     let coldplug = s
         .lines()
@@ -126,15 +141,15 @@ fn pxe_boot_reaches_the_microvm() {
     g.wait_for(
         "network: eth0 10.0.2.15/24 via DHCP (server 10.0.2.2, router 10.0.2.2",
         STEP,
-    )
-    .unwrap();
-    let line_at = g.wait_for(HELLO_LINE, STEP).unwrap();
-    g.wait_for(HELLO_EXIT, STEP).unwrap();
+    )?;
+    let line_at = g.wait_for(HELLO_LINE, STEP)?;
+    g.wait_for(HELLO_EXIT, STEP)?;
     record(
-        &a,
+        a,
         "pxe_qemu_start_to_microvm_line_s",
         &format!("{:.1}", line_at.as_secs_f64()),
     );
+    Ok(())
 }
 
 #[test]

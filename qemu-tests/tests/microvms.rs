@@ -10,60 +10,18 @@
 //! and the driver unit drives the rest and powers off when all is done.
 
 use anyhow::Result;
-use qemu_tests::{Accel, Guest};
+use qemu_tests::Guest;
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(150);
 
-/// Signs, under software emulation, that the emulated host itself failed
-/// underneath the test rather than anything steelcup does: QEMU's TCG
-/// emulation of nested AMD-V now and then hangs or resets the emulated
-/// host, or triple-faults a nested guest at boot (see the Limitations in
-/// docs/architecture.md). On KVM hardware none of this happens, and no run
-/// is repeated.
-fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<String> {
-    if g.accel != Accel::Tcg {
-        return None;
-    }
-    let s = g.serial();
-    let why = if s.contains("guest crashed: triple fault") {
-        "a nested guest triple-faulted"
-    } else if s.contains("soft lockup") {
-        "the emulated host locked up"
-    } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
-        "the emulated host reset"
-    } else if g.silent_for() > Duration::from_secs(90) {
-        "the emulated host stopped (no console output for 90 s)"
-    } else {
-        return None;
-    };
-    Some(why.to_string())
-}
-
 #[test]
 fn microvms_on_nested_kvm() {
-    for attempt in 1..=2 {
-        let Some(mut g) = qemu_tests::boot_test_image("vms") else {
-            return;
-        };
-        match scenario(&mut g) {
-            Ok(s) => {
-                check_log(&s, &g);
-                return;
-            }
-            Err(e) => match emulation_fault(&g, &e) {
-                Some(why) if attempt == 1 => {
-                    let kept = g.log_path.with_extension("attempt1.log");
-                    let _ = std::fs::copy(&g.log_path, &kept);
-                    eprintln!(
-                        "microvms: attempt 1 ended by the emulation, not by steelcup: {why} ({e:#}); its log is {}; booting once more",
-                        kept.display()
-                    );
-                }
-                _ => panic!("{e:#}; serial log: {}", g.log_path.display()),
-            },
-        }
+    if let Some(s) =
+        qemu_tests::run_booted("microvms", || qemu_tests::boot_test_image("vms"), scenario)
+    {
+        check_log(&s);
     }
 }
 
@@ -133,10 +91,10 @@ fn scenario(g: &mut Guest) -> Result<String> {
 }
 
 /// What the whole serial log must show once the run is through.
-fn check_log(s: &str, g: &Guest) {
+fn check_log(s: &str) {
     let pos = |n: &str| {
         s.find(n)
-            .unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()))
+            .unwrap_or_else(|| panic!("{n:?} missing; see target/steelcup/qemu-logs/test-vms.log"))
     };
     assert_eq!(
         s.matches("created volume data").count(),

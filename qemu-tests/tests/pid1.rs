@@ -6,29 +6,27 @@
 //! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
 //! `steelcup.test=MODE` on the kernel command line.
 
-use qemu_tests::{boot_test_image, Guest};
+use qemu_tests::{boot_test_image, run_booted, Guest};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(120);
 
-fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
-    g.wait_for("phase units: done", BOOT).unwrap();
+fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) -> anyhow::Result<()> {
+    g.wait_for("phase units: done", BOOT)?;
     // vmmd's tiny hand-written guest on the appliance's (real) KVM.
-    g.wait_for("[kvm-selftest] kvm selftest: ok: 6 exits as expected", STEP)
-        .unwrap();
+    g.wait_for("[kvm-selftest] kvm selftest: ok: 6 exits as expected", STEP)?;
     for unit in ["vmmd", "victim", "zz-driver"] {
-        g.wait_for(&format!("unit {unit}: started"), STEP).unwrap();
+        g.wait_for(&format!("unit {unit}: started"), STEP)?;
     }
-    g.wait_for("driver: killing victim", STEP).unwrap();
-    g.wait_for("unit victim: killed by SIGKILL", STEP).unwrap();
-    g.wait_for("unit victim: restarting in 0.5s", STEP).unwrap();
-    g.wait_for("driver: victim restarted (restarts=1", STEP)
-        .unwrap();
-    g.wait_for(trigger, STEP).unwrap();
-    g.wait_for(announce, STEP).unwrap();
-    g.wait_for("syncing disks and powering off", STEP).unwrap();
-    let s = g.wait_clean_poweroff(STEP).unwrap();
+    g.wait_for("driver: killing victim", STEP)?;
+    g.wait_for("unit victim: killed by SIGKILL", STEP)?;
+    g.wait_for("unit victim: restarting in 0.5s", STEP)?;
+    g.wait_for("driver: victim restarted (restarts=1", STEP)?;
+    g.wait_for(trigger, STEP)?;
+    g.wait_for(announce, STEP)?;
+    g.wait_for("syncing disks and powering off", STEP)?;
+    let s = g.wait_clean_poweroff(STEP)?;
     let pos = |n: &str| {
         s.find(n)
             .unwrap_or_else(|| panic!("{n:?} missing; see {}", g.log_path.display()))
@@ -38,20 +36,23 @@ fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) {
     assert!(pos("unit zz-driver: stopping") < pos("unit victim: stopping"));
     assert!(pos("vmmd stopped") < pos("syncing disks and powering off"));
     assert!(pos("unit victim: stopped in") < pos("syncing disks and powering off"));
+    Ok(())
 }
 
 #[test]
 fn cup_poweroff_stops_units_in_order_and_powers_off() {
-    let Some(mut g) = boot_test_image("poweroff") else {
-        return;
-    };
-    shuts_down_in_order(&mut g, "driver: cup poweroff", "API: powering off");
+    run_booted(
+        "poweroff",
+        || boot_test_image("poweroff"),
+        |g| shuts_down_in_order(g, "driver: cup poweroff", "API: powering off"),
+    );
 }
 
 #[test]
 fn sigterm_to_pid1_stops_units_in_order_and_powers_off() {
-    let Some(mut g) = boot_test_image("sigterm") else {
-        return;
-    };
-    shuts_down_in_order(&mut g, "driver: SIGTERM to PID 1", "SIGTERM: powering off");
+    run_booted(
+        "sigterm",
+        || boot_test_image("sigterm"),
+        |g| shuts_down_in_order(g, "driver: SIGTERM to PID 1", "SIGTERM: powering off"),
+    );
 }
