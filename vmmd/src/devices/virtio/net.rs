@@ -105,9 +105,12 @@ pub struct Net {
     backend: File,
     epoll: Epoll,
     mac: [u8; 6],
-    /// A frame read from the backend that found no guest buffer yet.
-    pending: Option<Vec<u8>>,
-    buf: Vec<u8>,
+    /// Frames from the backend land here; one that found no guest buffer
+    /// yet stays, its length in `rx_pending`.
+    rx_buf: Vec<u8>,
+    rx_pending: Option<usize>,
+    /// A frame from the guest on its way to the backend.
+    tx_buf: Vec<u8>,
     /// Frames dropped (malformed, too large, or with nowhere to go).
     pub dropped: Refusals,
 }
@@ -135,8 +138,9 @@ impl Net {
             backend,
             epoll,
             mac,
-            pending: None,
-            buf: vec![0; MAX_FRAME],
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: None,
+            tx_buf: Vec::with_capacity(MAX_FRAME),
             dropped: Refusals::new("virtio-net: dropped a frame"),
         })
     }
@@ -167,7 +171,7 @@ impl Net {
 
     /// Sends every frame the guest queued for transmission.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut frame = std::mem::take(&mut self.buf);
+        let mut frame = std::mem::take(&mut self.tx_buf);
         let used = super::serve_chains(queue, mem, |chain| {
             match super::read_chain(chain, mem, &mut frame, MAX_FRAME) {
                 Err(why) => self.drop_frame(&why),
@@ -182,8 +186,7 @@ impl Net {
             }
             0
         });
-        frame.resize(MAX_FRAME, 0);
-        self.buf = frame;
+        self.tx_buf = frame;
         used
     }
 
@@ -191,15 +194,15 @@ impl Net {
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         loop {
-            let frame = match self.pending.take() {
-                Some(f) => f,
-                None => match self.backend.read(&mut self.buf) {
+            let len = match self.rx_pending.take() {
+                Some(n) => n,
+                None => match self.backend.read(&mut self.rx_buf) {
                     Ok(0) => return used,
                     Ok(n) if n < VNET_HDR_LEN => {
                         self.drop_frame(&"a frame shorter than its header");
                         continue;
                     }
-                    Ok(n) => self.buf[..n].to_vec(),
+                    Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return used,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -210,7 +213,7 @@ impl Net {
             };
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 // No buffer: keep the frame until the guest posts some.
-                self.pending = Some(frame);
+                self.rx_pending = Some(len);
                 return used;
             };
             let head = chain.head_index();
@@ -219,10 +222,10 @@ impl Net {
                 .map(|d| (d.addr(), d.len()))
                 .collect();
             let room: u64 = bufs.iter().map(|(_, l)| u64::from(*l)).sum();
-            let written = if room < frame.len() as u64 {
+            let frame = &self.rx_buf[..len];
+            let written = if room < len as u64 {
                 self.drop_frame(&format!(
-                    "{} bytes do not fit the guest's {room}-byte buffer",
-                    frame.len()
+                    "{len} bytes do not fit the guest's {room}-byte buffer"
                 ));
                 0
             } else {
@@ -282,7 +285,10 @@ impl VirtioDevice for Net {
             Some(q) if q.ready() => self.receive(q, mem),
             // The driver is not up: frames from the network are dropped.
             _ => {
-                while self.backend.read(&mut self.buf).is_ok_and(|n| n > 0) {
+                // Into a scratch buffer (a frame read short is discarded
+                // whole), so a frame kept in `rx_buf` stays.
+                let mut sink = [0u8; 64];
+                while self.backend.read(&mut sink).is_ok_and(|n| n > 0) {
                     self.dropped.count += 1;
                 }
                 false
@@ -418,7 +424,7 @@ mod tests {
         m.read_slice(&mut hdr, GuestAddress(0x8000)).unwrap();
         assert_eq!(&hdr[10..12], &1u16.to_le_bytes(), "num_buffers");
         assert_eq!(&hdr[VNET_HDR_LEN..], b"first");
-        assert!(net.pending.is_some());
+        assert!(net.rx_pending.is_some());
         // The guest posts another buffer and notifies the RX queue.
         offer(&m, 1, 1, &[(0x9000, 1526, true)]);
         assert!(net.process_queue(RXQ, &mut queues, &m));
@@ -426,7 +432,7 @@ mod tests {
         m.read_slice(&mut second, GuestAddress(0x9000 + VNET_HDR_LEN as u64))
             .unwrap();
         assert_eq!(&second, b"second");
-        assert!(net.pending.is_none());
+        assert!(net.rx_pending.is_none());
     }
 
     #[test]
