@@ -325,23 +325,12 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
                     kill_at: Instant::now() + STOP_GRACE,
                     replies: vec![req.reply],
                 });
-                // A paused guest cannot answer; let it run to stop.
-                if w.paused {
-                    if let Some(c) = w.control.as_mut() {
-                        let _ = c.ask("resume");
-                    }
-                    w.paused = false;
-                }
+                resume_if_paused(w);
                 let (uds, name) = (vsock_path(opts, name), name.clone());
                 // The guest answers on its own time; the loop goes on.
                 let _ = std::thread::Builder::new()
                     .name(format!("stop-{name}"))
-                    .spawn(move || match ask_guest(&uds, GUEST_CONTROL_PORT, "stop") {
-                        Ok(a) => tracing::info!("workload {name}: asked to stop; guest: {a}"),
-                        Err(e) => {
-                            tracing::warn!("workload {name}: cannot ask the guest to stop: {e}")
-                        }
-                    });
+                    .spawn(move || ask_to_stop(&uds, &name));
             }
         }
         return;
@@ -441,12 +430,10 @@ fn stop_all(
     workloads: &mut BTreeMap<String, Workload>,
     rx: &mpsc::Receiver<Event>,
 ) {
-    for (name, w) in workloads.iter() {
+    for (name, w) in workloads.iter_mut() {
         if w.pid.is_some() {
-            match ask_guest(&vsock_path(opts, name), GUEST_CONTROL_PORT, "stop") {
-                Ok(answer) => tracing::info!("workload {name}: asked to stop; guest: {answer}"),
-                Err(e) => tracing::warn!("workload {name}: cannot ask the guest to stop: {e}"),
-            }
+            resume_if_paused(w);
+            ask_to_stop(&vsock_path(opts, name), name);
         }
     }
     let wait = |workloads: &mut BTreeMap<String, Workload>, deadline: Instant| {
@@ -477,6 +464,25 @@ fn stop_all(
         }
     }
     wait(workloads, Instant::now() + Duration::from_secs(5));
+}
+
+/// A paused guest cannot answer a stop: let it run first.
+fn resume_if_paused(w: &mut Workload) {
+    if w.paused {
+        if let Some(c) = w.control.as_mut() {
+            let _ = c.ask("resume");
+        }
+        w.paused = false;
+    }
+}
+
+/// Asks workload `name`'s vminit, over its vsock socket `uds`, to stop,
+/// and logs the answer.
+fn ask_to_stop(uds: &Path, name: &str) {
+    match ask_guest(uds, GUEST_CONTROL_PORT, "stop") {
+        Ok(a) => tracing::info!("workload {name}: asked to stop; guest: {a}"),
+        Err(e) => tracing::warn!("workload {name}: cannot ask the guest to stop: {e}"),
+    }
 }
 
 /// The vsock port vminit answers control requests on (`stop`, `ping`).
