@@ -1,0 +1,623 @@
+//! Layer application with hostile and ordinary layers, and the erofs image
+//! checked by erofs-utils' own reader.
+
+use super::tree::{FileData, Kind, Limits, MemorySink, Tree, TreeError};
+use super::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+/// One tar entry of a test layer.
+enum T<'a> {
+    Dir(&'a str),
+    File(&'a str, &'a [u8]),
+    Sym(&'a str, &'a str),
+    Link(&'a str, &'a str),
+    Chr(&'a str, u32, u32),
+    Fifo(&'a str),
+    Xattr(&'a str, &'a str, &'a [u8]),
+}
+
+/// A tar stream of `items`, names written as given (no checks: hostile
+/// names are the point).
+fn tar(items: &[T]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for item in items {
+        let mut h = tar::Header::new_gnu();
+        let (path, ty, data, link): (&str, tar::EntryType, &[u8], &str) = match item {
+            T::Dir(p) => (p, tar::EntryType::Directory, b"", ""),
+            T::File(p, d) => (p, tar::EntryType::Regular, d, ""),
+            T::Sym(p, l) => (p, tar::EntryType::Symlink, b"", l),
+            T::Link(p, l) => (p, tar::EntryType::Link, b"", l),
+            T::Chr(p, ..) => (p, tar::EntryType::Char, b"", ""),
+            T::Fifo(p) => (p, tar::EntryType::Fifo, b"", ""),
+            T::Xattr(p, ..) => (p, tar::EntryType::Regular, b"x", ""),
+        };
+        if let T::Xattr(_, name, value) = item {
+            let mut rec = format!(" SCHILY.xattr.{name}=").into_bytes();
+            rec.extend_from_slice(value);
+            rec.push(b'\n');
+            let mut len = rec.len() + 1;
+            while rec.len() + len.to_string().len() != len {
+                len = rec.len() + len.to_string().len();
+            }
+            let mut pax = len.to_string().into_bytes();
+            pax.extend_from_slice(&rec);
+            assert_eq!(pax.len(), len, "PAX record length");
+            let mut x = tar::Header::new_ustar();
+            x.set_entry_type(tar::EntryType::XHeader);
+            x.set_size(pax.len() as u64);
+            x.set_path("pax").unwrap();
+            x.set_cksum();
+            b.append(&x, &pax[..]).unwrap();
+        }
+        let old = h.as_old_mut();
+        old.name = [0; 100];
+        old.name[..path.len()].copy_from_slice(path.as_bytes());
+        old.linkname = [0; 100];
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(ty);
+        h.set_mode(if matches!(item, T::Dir(_)) {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_uid(1000);
+        h.set_gid(100);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if let T::Chr(_, major, minor) = item {
+            h.set_device_major(*major).unwrap();
+            h.set_device_minor(*minor).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn apply_all(layers: &[Vec<u8>], limits: Limits) -> Result<(Tree, MemorySink), LayerError> {
+    let mut tree = Tree::new(limits);
+    let mut sink = MemorySink::default();
+    let mut used = 0;
+    for (i, l) in layers.iter().enumerate() {
+        let (_, n) = layer::apply_layer(&mut tree, &mut sink, &mut &l[..], i as u32, used)?;
+        used += n;
+    }
+    Ok((tree, sink))
+}
+
+/// Every path in the tree with its kind, e.g. `/etc/x file`.
+fn paths(tree: &Tree) -> Vec<String> {
+    let mut out = Vec::new();
+    tree.walk(|p, ino| {
+        let kind = match &tree.inode(ino).kind {
+            Kind::Dir(_) => "dir".to_string(),
+            Kind::File(_) => "file".to_string(),
+            Kind::Symlink(t) => format!("-> {}", String::from_utf8_lossy(t)),
+            Kind::CharDevice { major, minor } => format!("chr {major}:{minor}"),
+            Kind::BlockDevice { .. } => "blk".to_string(),
+            Kind::Fifo => "fifo".to_string(),
+        };
+        out.push(format!("{} {kind}", String::from_utf8_lossy(p)));
+    });
+    out
+}
+
+fn file_bytes(tree: &Tree, sink: &MemorySink, ino: usize) -> Vec<u8> {
+    match &tree.inode(ino).kind {
+        Kind::File(FileData::Inline(v)) => v.clone(),
+        Kind::File(FileData::Blocks {
+            start,
+            blocks,
+            size,
+            tail,
+        }) => {
+            let from = *start as usize * 4096;
+            let mut v = sink.bytes[from..from + *blocks as usize * 4096].to_vec();
+            if let Some(t) = tail {
+                v.extend_from_slice(t);
+            }
+            v.truncate(*size as usize);
+            v
+        }
+        other => panic!("not a file: {other:?}"),
+    }
+}
+
+#[test]
+fn dot_dot_names_are_refused_and_nothing_is_created() {
+    let err = apply_all(
+        &[tar(&[T::File(
+            "../../etc/passwd",
+            b"root::0:0::/:/bin/sh\n",
+        )])],
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::Entry {
+                index: 1,
+                source: TreeError::Traversal { .. }
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("../../etc/passwd"), "{err}");
+    let err = apply_all(
+        &[tar(&[T::Link("h", "a/../../etc/shadow")])],
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::Entry {
+                source: TreeError::Traversal { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn absolute_names_land_inside_the_image() {
+    let (tree, _) = apply_all(
+        &[tar(&[T::File("/etc/hostname", b"box\n")])],
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(paths(&tree), ["/ dir", "/etc dir", "/etc/hostname file"]);
+}
+
+#[test]
+fn a_symlink_to_an_absolute_directory_is_followed_inside_the_image() {
+    let (tree, _) = apply_all(
+        &[tar(&[
+            T::Dir("etc"),
+            T::Sym("link", "/etc"),
+            T::File("link/x", b"x"),
+        ])],
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        paths(&tree),
+        ["/ dir", "/etc dir", "/etc/x file", "/link -> /etc"]
+    );
+}
+
+#[test]
+fn a_symlink_to_dot_dot_stays_at_the_root() {
+    let (tree, _) = apply_all(
+        &[tar(&[T::Sym("x", ".."), T::File("x/a/b", b"b")])],
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(paths(&tree), ["/ dir", "/a dir", "/a/b file", "/x -> .."]);
+    let (tree, _) = apply_all(
+        &[tar(&[
+            T::Sym("up", "../../../.."),
+            T::Sym("abs", "/up/up"),
+            T::File("abs/escape", b"e"),
+        ])],
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        paths(&tree),
+        [
+            "/ dir",
+            "/abs -> /up/up",
+            "/escape file",
+            "/up -> ../../../.."
+        ]
+    );
+}
+
+#[test]
+fn symlink_loops_are_an_error() {
+    let err = apply_all(
+        &[tar(&[
+            T::Sym("a", "b"),
+            T::Sym("b", "a"),
+            T::File("a/x", b""),
+        ])],
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::Entry {
+                source: TreeError::SymlinkLoop { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn hardlinks_resolve_inside_the_image_and_never_to_a_directory_or_nothing() {
+    let mut tree_sink = apply_all(
+        &[tar(&[
+            T::File("etc/passwd", b"root:x:0:0\n"),
+            T::Sym("l", "/etc"),
+            T::Link("h", "l/passwd"),
+        ])],
+        Limits::default(),
+    )
+    .unwrap();
+    let a = tree_sink.0.lookup("/etc/passwd").unwrap();
+    let h = tree_sink.0.lookup("/h").unwrap();
+    assert_eq!(a, h, "the hard link shares the inode");
+    assert_eq!(file_bytes(&tree_sink.0, &tree_sink.1, h), b"root:x:0:0\n");
+
+    for (link, want) in [
+        ("nothing", "does not exist"),
+        ("etc", "is a directory"),
+        ("/", "is a directory"),
+    ] {
+        let err = apply_all(
+            &[tar(&[T::Dir("etc"), T::Link("h", link)])],
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(want), "{link}: {err}");
+    }
+}
+
+#[test]
+fn whiteouts_hide_lower_layers_only() {
+    let lower = tar(&[
+        T::Dir("a"),
+        T::File("a/1", b"1"),
+        T::File("a/2", b"2"),
+        T::Sym("b", "a"),
+        T::File("c", b"c"),
+        T::Dir("d"),
+        T::File("d/old", b"old"),
+    ]);
+    // Opaque marker first, as most tools write it.
+    let upper = tar(&[
+        T::File("a/.wh..wh..opq", b""),
+        T::File("a/3", b"3"),
+        T::File(".wh.b", b""),
+    ]);
+    let (tree, _) = apply_all(&[lower.clone(), upper], Limits::default()).unwrap();
+    assert_eq!(
+        paths(&tree),
+        [
+            "/ dir",
+            "/a dir",
+            "/a/3 file",
+            "/c file",
+            "/d dir",
+            "/d/old file"
+        ],
+        "the whiteout of the symlink b removed b, not a"
+    );
+    // A late opaque marker keeps what this layer put there before it.
+    let upper = tar(&[
+        T::File("a/3", b"3"),
+        T::Dir("a/sub"),
+        T::File("a/.wh..wh..opq", b""),
+    ]);
+    let (tree, _) = apply_all(&[lower.clone(), upper], Limits::default()).unwrap();
+    assert_eq!(
+        paths(&tree),
+        [
+            "/ dir",
+            "/a dir",
+            "/a/3 file",
+            "/a/sub dir",
+            "/b -> a",
+            "/c file",
+            "/d dir",
+            "/d/old file"
+        ]
+    );
+    // Whiteouts of a directory, of nothing, and of a name under a missing
+    // directory are fine; a whiteout never shows up itself.
+    let upper = tar(&[
+        T::File(".wh.d", b""),
+        T::File(".wh.nothing", b""),
+        T::File("zz/.wh.y", b""),
+    ]);
+    let (tree, _) = apply_all(&[lower, upper], Limits::default()).unwrap();
+    assert_eq!(
+        paths(&tree),
+        [
+            "/ dir",
+            "/a dir",
+            "/a/1 file",
+            "/a/2 file",
+            "/b -> a",
+            "/c file"
+        ]
+    );
+}
+
+#[test]
+fn a_root_entry_that_is_not_a_directory_is_an_error() {
+    for root in ["./", ".", "/"] {
+        let err = apply_all(&[tar(&[T::File(root, b"not a dir")])], Limits::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LayerError::Entry {
+                    source: TreeError::RootNotDirectory { .. },
+                    ..
+                }
+            ),
+            "{root}: {err}"
+        );
+    }
+    let (tree, _) = apply_all(&[tar(&[T::Dir("./")])], Limits::default()).unwrap();
+    assert_eq!(
+        tree.inode(tree::ROOT).uid,
+        1000,
+        "a root directory entry sets the root's owner"
+    );
+}
+
+#[test]
+fn bombs_stop_at_the_caps() {
+    let many: Vec<T> = (0..50).map(|_| T::Dir("d")).collect();
+    let limits = Limits {
+        max_entries: 40,
+        ..Limits::default()
+    };
+    let err = apply_all(&[tar(&many)], limits).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::Entry {
+                source: TreeError::TooManyEntries { limit: 40 },
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let big = vec![7u8; 1 << 20];
+    let limits = Limits {
+        max_bytes: 512 << 10,
+        ..Limits::default()
+    };
+    let err = apply_all(&[tar(&[T::File("big", &big)])], limits).unwrap_err();
+    assert!(
+        matches!(err, LayerError::TooLarge { limit } if limit == 512 << 10),
+        "{err}"
+    );
+
+    let limits = Limits {
+        max_header: 64,
+        ..Limits::default()
+    };
+    let err = apply_all(&[tar(&[T::Xattr("f", "user.big", &[b'v'; 200])])], limits).unwrap_err();
+    assert!(err.to_string().contains("extension header"), "{err}");
+
+    // The cap counts all layers together.
+    let half = vec![1u8; 300 << 10];
+    let limits = Limits {
+        max_bytes: 512 << 10,
+        ..Limits::default()
+    };
+    let err = apply_all(
+        &[tar(&[T::File("a", &half)]), tar(&[T::File("b", &half)])],
+        limits,
+    )
+    .unwrap_err();
+    assert!(matches!(err, LayerError::TooLarge { .. }), "{err}");
+}
+
+#[test]
+fn a_truncated_layer_is_an_error() {
+    let mut t = tar(&[T::File("f", &[1u8; 10000])]);
+    t.truncate(512 + 5000);
+    let err = apply_all(&[t], Limits::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::Entry {
+                source: TreeError::ShortFile { .. },
+                ..
+            } | LayerError::Io(_)
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_diff_id_is_the_sha256_of_the_whole_stream() {
+    use sha2::Digest;
+    let t = tar(&[T::File("f", b"hello")]);
+    let mut tree = Tree::new(Limits::default());
+    let (digest, n) =
+        layer::apply_layer(&mut tree, &mut MemorySink::default(), &mut &t[..], 0, 0).unwrap();
+    assert_eq!(n, t.len() as u64);
+    assert_eq!(digest, <[u8; 32]>::from(sha2::Sha256::digest(&t)));
+}
+
+#[test]
+fn file_contents_survive_in_memory_and_in_blocks() {
+    let small = b"small".to_vec();
+    let tail: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let exact = vec![9u8; 8192];
+    let (mut tree, sink) = apply_all(
+        &[tar(&[
+            T::File("small", &small),
+            T::File("tail", &tail),
+            T::File("exact", &exact),
+            T::File("empty", b""),
+        ])],
+        Limits::default(),
+    )
+    .unwrap();
+    for (name, want) in [
+        ("small", &small),
+        ("tail", &tail),
+        ("exact", &exact),
+        ("empty", &Vec::new()),
+    ] {
+        let ino = tree.lookup(name).unwrap();
+        assert_eq!(&file_bytes(&tree, &sink, ino), want, "{name}");
+    }
+    // With no memory budget everything goes to blocks and still reads back.
+    let limits = Limits {
+        max_inline_total: 0,
+        ..Limits::default()
+    };
+    let (mut tree, sink) = apply_all(
+        &[tar(&[T::File("small", &small), T::File("tail", &tail)])],
+        limits,
+    )
+    .unwrap();
+    for (name, want) in [("small", &small), ("tail", &tail)] {
+        let ino = tree.lookup(name).unwrap();
+        assert!(matches!(
+            tree.inode(ino).kind,
+            Kind::File(FileData::Blocks { tail: None, .. })
+        ));
+        assert_eq!(&file_bytes(&tree, &sink, ino), want, "{name}");
+    }
+}
+
+/// What a path on disk is, for comparing an extracted image.
+fn describe(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let rel = format!("/{}", p.strip_prefix(root).unwrap().display());
+        let ft = m.file_type();
+        let what = if ft.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+            "dir".to_string()
+        } else if ft.is_symlink() {
+            format!("-> {}", std::fs::read_link(&p).unwrap().display())
+        } else if ft.is_file() {
+            let data = std::fs::read(&p).unwrap();
+            format!(
+                "file {} {}",
+                data.len(),
+                crate::image::hex(&sha2::Sha256::digest(&data))
+            )
+        } else if ft.is_char_device() {
+            format!("chr {}", m.rdev())
+        } else if ft.is_fifo() {
+            "fifo".to_string()
+        } else {
+            "other".to_string()
+        };
+        out.insert(
+            rel,
+            format!("{what} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid()),
+        );
+    }
+    out
+}
+
+use sha2::Digest;
+
+#[test]
+fn the_erofs_image_reads_back_with_erofs_utils() {
+    if Command::new("fsck.erofs").arg("-V").output().is_err() {
+        eprintln!("SKIP: fsck.erofs (Debian's erofs-utils) is not installed; `cargo xtask test` installs it");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let many: Vec<String> = (0..400)
+        .map(|i| format!("many/a-rather-long-file-name-number-{i:04}"))
+        .collect();
+    let mut items = vec![
+        T::Dir("etc"),
+        T::File("etc/hostname", b"box\n"),
+        T::File("big", &big),
+        T::File("page", &[3u8; 4096]),
+        T::File("empty", b""),
+        T::Sym("etc/link", "../big"),
+        T::Link("hard", "etc/hostname"),
+        T::Chr("null", 1, 3),
+        T::Fifo("fifo"),
+        T::Xattr("cap", "security.capability", b"\x01\x00\x00\x02"),
+        T::Dir("many"),
+    ];
+    items.extend(many.iter().map(|m| T::File(m.as_str(), b"m")));
+    let layers = [
+        tar(&items),
+        tar(&[T::File("etc/.wh.hostname", b""), T::File("added", b"later")]),
+    ];
+
+    let image = dir.path().join("root.erofs");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&image)
+        .unwrap();
+    let mut b = RootfsBuilder::new(file, Limits::default());
+    for l in &layers {
+        b.add_layer(&mut &l[..]).unwrap();
+    }
+    let stats = b.finish().unwrap();
+    assert_eq!(stats.xattrs_dropped, 0);
+
+    let out = dir.path().join("x");
+    let fsck = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", out.display()))
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck.erofs: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let got = describe(&out);
+    let sum = |d: &[u8]| crate::image::hex(&sha2::Sha256::digest(d));
+    assert_eq!(got["/etc"], "dir 755 1000:100");
+    assert!(!got.contains_key("/etc/hostname"), "whited out");
+    assert_eq!(
+        got["/hard"],
+        format!("file 4 {} 644 1000:100", sum(b"box\n")),
+        "the hard link kept the contents"
+    );
+    assert_eq!(
+        got["/big"],
+        format!("file 100000 {} 644 1000:100", sum(&big))
+    );
+    assert_eq!(
+        got["/page"],
+        format!("file 4096 {} 644 1000:100", sum(&[3u8; 4096]))
+    );
+    assert_eq!(got["/empty"], format!("file 0 {} 644 1000:100", sum(b"")));
+    assert_eq!(
+        got["/added"],
+        format!("file 5 {} 644 1000:100", sum(b"later"))
+    );
+    assert_eq!(got["/etc/link"], "-> ../big 777 1000:100");
+    assert_eq!(
+        got["/null"],
+        format!("chr {} 644 1000:100", libc::makedev(1, 3))
+    );
+    assert_eq!(got["/fifo"], "fifo 644 1000:100");
+    assert_eq!(
+        got.keys().filter(|k| k.starts_with("/many/")).count(),
+        400,
+        "a directory of many blocks"
+    );
+    assert_eq!(
+        got[many[399].replace("many", "/many").as_str()],
+        format!("file 1 {} 644 1000:100", sum(b"m"))
+    );
+}
