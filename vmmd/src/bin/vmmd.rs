@@ -1,7 +1,8 @@
 //! `vmmd`: steelcup's VMM daemon. `vmmd [--units DIR] [--kernel PATH]
 //! [--initramfs PATH] [--state DIR]` runs the daemon; `vmmd worker NAME` is
 //! the per-VM worker process the daemon starts (config on stdin; NAME only
-//! shows in `ps`).
+//! shows in `ps`); `vmmd image …` works the image store (see
+//! [`vmmd::image::cli`]).
 
 use std::path::PathBuf;
 
@@ -14,6 +15,10 @@ fn main() {
     if first.as_deref() == Some("bench") {
         let rest: Vec<String> = args.collect();
         std::process::exit(vmmd::bench::main(&rest));
+    }
+    if first.as_deref() == Some("image") {
+        let rest: Vec<String> = args.collect();
+        std::process::exit(vmmd::image::cli::main(&rest));
     }
     if first.as_deref() == Some("selftest") {
         std::process::exit(vmmd::selftest::main());
@@ -34,7 +39,7 @@ fn main() {
             "--initramfs" => opts.initramfs = value("--initramfs"),
             "--state" => opts.state_dir = value("--state"),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
                 return;
             }
             other => {

@@ -1,7 +1,10 @@
 //! Image formats shared by vmmd and image-build.
 
+pub mod cli;
 pub mod cpio;
 pub mod rootfs;
+pub mod source;
+pub mod store;
 
 /// Lower-case hex of `bytes`, as digests are written.
 pub fn hex(bytes: &[u8]) -> String {

@@ -1,0 +1,651 @@
+//! Where images come from: registries, OCI layout directories, and the
+//! archives `skopeo copy` and `docker save` write.
+//!
+//! # Design
+//! A source string names the transport the way skopeo does:
+//!
+//! | source | what |
+//! |---|---|
+//! | `REGISTRY/REPO[:TAG\|@DIGEST]`, `docker://…` | the OCI distribution API (oci-client) |
+//! | `oci:DIR[:TAG]` | an OCI image layout directory |
+//! | `oci-archive:FILE[:TAG]` | a tar of an OCI image layout |
+//! | `docker-archive:FILE[:REPO:TAG]` | `docker save` output |
+//!
+//! Every blob goes through [`Store::put_blob`] or
+//! [`Store::commit_partial`], so it is checked before it is used. Indexes
+//! resolve to their linux/amd64 manifest. A registry is spoken to over
+//! HTTPS unless it is listed as insecure; a download cut short resumes
+//! from where it stopped.
+
+use super::store::{
+    parse_manifest, Digest, Store, StoreError, INDEX_DOCKER, INDEX_OCI, MANIFEST_DOCKER,
+    MANIFEST_OCI, MAX_JSON,
+};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Errors getting an image.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{source_str:?}: {what}")]
+    BadReference { source_str: String, what: String },
+    #[error("{path}: {what}")]
+    BadArchive { path: PathBuf, what: String },
+    #[error("{reference}: {what}")]
+    Registry { reference: String, what: String },
+    #[error("{reference}: no linux/amd64 image in the index")]
+    NoPlatform { reference: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A parsed source string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Registry {
+        reference: String,
+    },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    DockerArchive {
+        file: PathBuf,
+        reference: Option<String>,
+    },
+}
+
+fn split_tag(rest: &str) -> (PathBuf, Option<String>) {
+    match rest.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') && !t.is_empty() => {
+            (PathBuf::from(p), Some(t.to_string()))
+        }
+        _ => (PathBuf::from(rest), None),
+    }
+}
+
+impl Source {
+    /// Parses a source string (see the module documentation).
+    pub fn parse(s: &str) -> Result<Source, SourceError> {
+        let bad = |what: &str| SourceError::BadReference {
+            source_str: s.to_string(),
+            what: what.to_string(),
+        };
+        if s.is_empty() || s.len() > 4096 || s.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad("not an image reference"));
+        }
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, tag) = split_tag(rest);
+            return Ok(Source::Layout { dir, tag });
+        }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (file, tag) = split_tag(rest);
+            return Ok(Source::OciArchive { file, tag });
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            // The reference inside may hold a `:` itself (REPO:TAG).
+            let (file, reference) = match rest.split_once(':') {
+                Some((f, r)) => (PathBuf::from(f), Some(r.to_string())),
+                None => (PathBuf::from(rest), None),
+            };
+            return Ok(Source::DockerArchive { file, reference });
+        }
+        let r = s.strip_prefix("docker://").unwrap_or(s);
+        let parsed: oci_client::Reference = r
+            .parse()
+            .map_err(|e: oci_client::ParseError| bad(&e.to_string()))?;
+        Ok(Source::Registry {
+            reference: parsed.whole(),
+        })
+    }
+
+    /// The name the image gets in the store.
+    pub fn name(&self, original: &str) -> String {
+        match self {
+            Source::Registry { reference } => reference.clone(),
+            _ => original.to_string(),
+        }
+    }
+}
+
+/// Registry settings.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Basic credentials; a bearer token is fetched with them (or
+    /// anonymously) when the registry asks for one.
+    pub credentials: Option<(String, String)>,
+}
+
+/// Progress of a pull: `done` of `total` bytes of blob `digest`.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub digest: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Gets the image named by `source` into `store` and names it there;
+/// returns the store name and the manifest digest.
+pub fn pull(
+    store: &Store,
+    source: &str,
+    opts: &PullOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(String, Digest), SourceError> {
+    let parsed = Source::parse(source)?;
+    let digest = match &parsed {
+        Source::Layout { dir, tag } => import_layout(store, dir, tag.as_deref())?,
+        Source::OciArchive { file, tag } => import_oci_archive(store, file, tag.as_deref())?,
+        Source::DockerArchive { file, reference } => {
+            import_docker_archive(store, file, reference.as_deref())?
+        }
+        Source::Registry { reference } => pull_registry(store, reference, opts, progress)?,
+    };
+    let name = parsed.name(source);
+    store.tag(&name, &digest)?;
+    Ok((name, digest))
+}
+
+/// The linux/amd64 manifest of an index (OCI or Docker manifest list).
+fn pick_platform(index: &serde_json::Value) -> Option<(Digest, u64)> {
+    let manifests = index.get("manifests")?.as_array()?;
+    let single = manifests.len() == 1;
+    manifests.iter().find_map(|m| {
+        let p = m.get("platform");
+        let ok = match p {
+            Some(p) => {
+                p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64"
+            }
+            None => single,
+        };
+        if !ok {
+            return None;
+        }
+        Some((
+            m.get("digest")?.as_str()?.parse().ok()?,
+            m.get("size")?.as_u64()?,
+        ))
+    })
+}
+
+fn media_type(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    Some(v.get("mediaType")?.as_str()?.to_string())
+}
+
+/// From a descriptor in a layout to the image manifest (through nested
+/// indexes), copying blobs with `fetch` into the store.
+fn resolve_manifest(
+    store: &Store,
+    what: &str,
+    mut d: Digest,
+    mut size: u64,
+    fetch: &mut dyn FnMut(&Digest, u64) -> Result<(), SourceError>,
+) -> Result<Digest, SourceError> {
+    for _ in 0..4 {
+        if size > MAX_JSON {
+            return Err(StoreError::BadManifest {
+                digest: d,
+                what: format!("{size} bytes is too large"),
+            }
+            .into());
+        }
+        fetch(&d, size)?;
+        let bytes = store.read_small(&d)?;
+        match media_type(&bytes).as_deref() {
+            Some(INDEX_OCI) | Some(INDEX_DOCKER) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
+                        digest: d.clone(),
+                        what: e.to_string(),
+                    })?;
+                (d, size) = pick_platform(&v).ok_or_else(|| SourceError::NoPlatform {
+                    reference: what.to_string(),
+                })?;
+            }
+            _ => {
+                let m = parse_manifest(&d, &bytes)?;
+                let config: Digest = m.config().digest().to_string().parse()?;
+                fetch(&config, m.config().size())?;
+                for l in m.layers() {
+                    fetch(&l.digest().to_string().parse()?, l.size())?;
+                }
+                return Ok(d);
+            }
+        }
+    }
+    Err(SourceError::NoPlatform {
+        reference: what.to_string(),
+    })
+}
+
+/// The descriptor an `index.json` names `tag` (or its only one).
+fn pick_from_index(
+    what: &Path,
+    index: &[u8],
+    tag: Option<&str>,
+) -> Result<(Digest, u64), SourceError> {
+    let bad = |w: String| SourceError::BadArchive {
+        path: what.to_path_buf(),
+        what: w,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(index).map_err(|e| bad(format!("index.json: {e}")))?;
+    let manifests = v
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| bad("index.json has no manifests".into()))?;
+    let chosen = match tag {
+        Some(t) => manifests.iter().find(|m| {
+            m.pointer("/annotations/org.opencontainers.image.ref.name")
+                .and_then(|n| n.as_str())
+                == Some(t)
+        }),
+        None if manifests.len() == 1 => manifests.first(),
+        None => {
+            return Err(bad(format!(
+                "{} images in index.json; name one with :TAG",
+                manifests.len()
+            )))
+        }
+    };
+    let m = chosen.ok_or_else(|| bad(format!("no image tagged {:?}", tag.unwrap_or(""))))?;
+    let digest = m
+        .get("digest")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("a manifest without a digest".into()))?;
+    let size = m
+        .get("size")
+        .and_then(|d| d.as_u64())
+        .ok_or_else(|| bad("a manifest without a size".into()))?;
+    Ok((digest.parse()?, size))
+}
+
+fn import_layout(store: &Store, dir: &Path, tag: Option<&str>) -> Result<Digest, SourceError> {
+    let index_path = dir.join("index.json");
+    let index = fs::read(&index_path).map_err(|e| SourceError::BadArchive {
+        path: index_path.clone(),
+        what: e.to_string(),
+    })?;
+    let (d, size) = pick_from_index(dir, &index, tag)?;
+    let mut fetch = |d: &Digest, size: u64| -> Result<(), SourceError> {
+        if store.has_blob(d) {
+            return Ok(());
+        }
+        let p = dir.join("blobs/sha256").join(d.hex());
+        let mut f = File::open(&p).map_err(|e| SourceError::BadArchive {
+            path: p.clone(),
+            what: e.to_string(),
+        })?;
+        store.put_blob(d, size, &mut f)?;
+        Ok(())
+    };
+    resolve_manifest(store, &dir.display().to_string(), d, size, &mut fetch)
+}
+
+fn import_oci_archive(
+    store: &Store,
+    file: &Path,
+    tag: Option<&str>,
+) -> Result<Digest, SourceError> {
+    let bad = |what: String| SourceError::BadArchive {
+        path: file.to_path_buf(),
+        what,
+    };
+    let f = File::open(file).map_err(|e| bad(e.to_string()))?;
+    let mut archive = tar::Archive::new(io::BufReader::new(f));
+    let mut index = None;
+    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
+        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| bad(e.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        let path = path.trim_start_matches("./").to_string();
+        let size = entry.size();
+        if path == "index.json" {
+            if size > MAX_JSON {
+                return Err(bad("index.json is too large".into()));
+            }
+            let mut v = Vec::new();
+            entry.read_to_end(&mut v).map_err(|e| bad(e.to_string()))?;
+            index = Some(v);
+        } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+            let d: Digest = format!("sha256:{hex}").parse()?;
+            store.put_blob(&d, size, &mut entry)?;
+        }
+    }
+    let index = index.ok_or_else(|| bad("no index.json: not an OCI archive".into()))?;
+    let (d, size) = pick_from_index(file, &index, tag)?;
+    let mut fetch = |d: &Digest, _size: u64| -> Result<(), SourceError> {
+        if store.has_blob(d) {
+            Ok(())
+        } else {
+            Err(bad(format!("blob {d} is not in the archive")))
+        }
+    };
+    resolve_manifest(store, &file.display().to_string(), d, size, &mut fetch)
+}
+
+/// `docker save` output: every file becomes a blob (named by its own
+/// digest), then `manifest.json` says which are the config and layers.
+fn import_docker_archive(
+    store: &Store,
+    file: &Path,
+    reference: Option<&str>,
+) -> Result<Digest, SourceError> {
+    let bad = |what: String| SourceError::BadArchive {
+        path: file.to_path_buf(),
+        what,
+    };
+    let f = File::open(file).map_err(|e| bad(e.to_string()))?;
+    let mut archive = tar::Archive::new(io::BufReader::new(f));
+    let mut files: BTreeMap<String, (Digest, u64)> = BTreeMap::new();
+    let mut links: BTreeMap<String, String> = BTreeMap::new();
+    let mut manifest = None;
+    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
+        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        let path = entry
+            .path()
+            .map_err(|e| bad(e.to_string()))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let ty = entry.header().entry_type();
+        if ty.is_symlink() {
+            if let Some(target) = entry.link_name().map_err(|e| bad(e.to_string()))? {
+                let base = Path::new(&path).parent().unwrap_or(Path::new(""));
+                let joined = base.join(target);
+                let mut norm: Vec<String> = Vec::new();
+                for c in joined.components() {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            norm.pop();
+                        }
+                        std::path::Component::Normal(n) => {
+                            norm.push(n.to_string_lossy().into_owned())
+                        }
+                        _ => {}
+                    }
+                }
+                links.insert(path, norm.join("/"));
+            }
+            continue;
+        }
+        if !ty.is_file() {
+            continue;
+        }
+        if path == "manifest.json" {
+            if entry.size() > MAX_JSON {
+                return Err(bad("manifest.json is too large".into()));
+            }
+            let mut v = Vec::new();
+            entry.read_to_end(&mut v).map_err(|e| bad(e.to_string()))?;
+            manifest = Some(v);
+            continue;
+        }
+        let size = entry.size();
+        let d = put_by_content(store, &mut entry)?;
+        files.insert(path, (d, size));
+    }
+    let manifest = manifest.ok_or_else(|| bad("no manifest.json: not a docker-archive".into()))?;
+    let list: serde_json::Value =
+        serde_json::from_slice(&manifest).map_err(|e| bad(format!("manifest.json: {e}")))?;
+    let list = list
+        .as_array()
+        .ok_or_else(|| bad("manifest.json is not a list".into()))?;
+    let chosen = match reference {
+        Some(r) => list.iter().find(|m| {
+            m.get("RepoTags")
+                .and_then(|t| t.as_array())
+                .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(r)))
+        }),
+        None if list.len() == 1 => list.first(),
+        None => {
+            return Err(bad(format!(
+                "{} images in the archive; name one with :REPO:TAG",
+                list.len()
+            )))
+        }
+    };
+    let m = chosen.ok_or_else(|| bad(format!("no image tagged {:?}", reference.unwrap_or(""))))?;
+    let lookup = |name: &str| -> Result<(Digest, u64), SourceError> {
+        let name = links.get(name).map(String::as_str).unwrap_or(name);
+        files.get(name).cloned().ok_or_else(|| {
+            bad(format!(
+                "{name} is named in manifest.json but not in the archive"
+            ))
+        })
+    };
+    let config_name = m
+        .get("Config")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| bad("an image without Config".into()))?;
+    let (config, config_size) = lookup(config_name)?;
+    let mut layers = Vec::new();
+    for l in m
+        .get("Layers")
+        .and_then(|l| l.as_array())
+        .ok_or_else(|| bad("an image without Layers".into()))?
+    {
+        let (d, size) = lookup(
+            l.as_str()
+                .ok_or_else(|| bad("a layer name that is not text".into()))?,
+        )?;
+        let mut head = [0u8; 4];
+        let n = store.open_blob(&d)?.read(&mut head).unwrap_or(0);
+        let media_type = match super::rootfs::Compression::sniff(&head[..n]) {
+            super::rootfs::Compression::None => "application/vnd.docker.image.rootfs.diff.tar",
+            super::rootfs::Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            super::rootfs::Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        };
+        layers.push(
+            serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": size}),
+        );
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_DOCKER,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config.to_string(), "size": config_size},
+        "layers": layers,
+    });
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
+    Ok(store.put_bytes(&bytes)?)
+}
+
+/// Stores what `data` holds under its own digest.
+fn put_by_content(store: &Store, data: &mut dyn Read) -> Result<Digest, SourceError> {
+    use sha2::Digest as _;
+    let tmp_dir = store.root().join("tmp");
+    let io_err = |e: io::Error| StoreError::Io {
+        path: tmp_dir.clone(),
+        source: e,
+    };
+    let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err)?;
+    let mut hash = sha2::Sha256::new();
+    let mut w = io::BufWriter::new(tmp.as_file());
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = data.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        w.write_all(&buf[..n]).map_err(io_err)?;
+    }
+    w.flush().map_err(io_err)?;
+    drop(w);
+    let d = Digest::from_raw(hash.finalize().into());
+    if !store.has_blob(&d) {
+        let dest = store.blob_path(&d);
+        tmp.persist(&dest).map_err(|e| StoreError::Io {
+            path: dest,
+            source: e.error,
+        })?;
+    }
+    Ok(d)
+}
+
+fn pull_registry(
+    store: &Store,
+    reference: &str,
+    opts: &PullOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Digest, SourceError> {
+    use futures_util::StreamExt;
+    use oci_client::client::{ClientConfig, ClientProtocol};
+    use oci_client::secrets::RegistryAuth;
+
+    let err = |what: String| SourceError::Registry {
+        reference: reference.to_string(),
+        what,
+    };
+    let chain = |e: &dyn std::error::Error| {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(c) = src {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            src = c.source();
+        }
+        s
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let image: oci_client::Reference = reference
+        .parse()
+        .map_err(|e: oci_client::ParseError| err(e.to_string()))?;
+    let protocol = if opts.insecure.is_empty() {
+        ClientProtocol::Https
+    } else {
+        ClientProtocol::HttpsExcept(opts.insecure.clone())
+    };
+    let client = oci_client::Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    });
+    let auth = match &opts.credentials {
+        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(format!("start the pull: {e}")))?;
+    rt.block_on(async {
+        let accepted = [MANIFEST_OCI, MANIFEST_DOCKER, INDEX_OCI, INDEX_DOCKER];
+        let mut target = image.clone();
+        for _ in 0..3 {
+            let (bytes, _) = client
+                .pull_manifest_raw(&target, &auth, &accepted)
+                .await
+                .map_err(|e| err(chain(&e)))?;
+            if bytes.len() as u64 > MAX_JSON {
+                return Err(err("the manifest is too large".into()));
+            }
+            let d = store.put_bytes(&bytes)?;
+            if let Some(pinned) = target.digest() {
+                if pinned != d.to_string() {
+                    return Err(err(format!("the registry sent manifest {d} for {pinned}")));
+                }
+            }
+            match media_type(&bytes).as_deref() {
+                Some(INDEX_OCI) | Some(INDEX_DOCKER) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&bytes).map_err(|e| err(format!("index: {e}")))?;
+                    let (pd, _) = pick_platform(&v).ok_or_else(|| SourceError::NoPlatform {
+                        reference: reference.to_string(),
+                    })?;
+                    target = image.clone_with_digest(pd.to_string());
+                    continue;
+                }
+                _ => {}
+            }
+            let m = parse_manifest(&d, &bytes)?;
+            let mut blobs = vec![(m.config().digest().to_string(), m.config().size())];
+            blobs.extend(
+                m.layers()
+                    .iter()
+                    .map(|l| (l.digest().to_string(), l.size())),
+            );
+            for (digest, size) in blobs {
+                let bd: Digest = digest.parse()?;
+                if store.has_blob(&bd) {
+                    progress(Progress {
+                        digest,
+                        done: size,
+                        total: size,
+                    });
+                    continue;
+                }
+                let partial = store.partial_path(&bd);
+                let mut offset = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+                if offset > size {
+                    let _ = fs::remove_file(&partial);
+                    offset = 0;
+                }
+                if offset < size {
+                    let response = client
+                        .pull_blob_stream_partial(&target, digest.as_str(), offset, None)
+                        .await
+                        .map_err(|e| err(format!("blob {digest}: {}", chain(&e))))?;
+                    let (stream, append) = match response {
+                        oci_client::client::BlobResponse::Full(s) => (s, false),
+                        oci_client::client::BlobResponse::Partial(s) => (s, true),
+                    };
+                    let mut file = fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .append(append)
+                        .truncate(!append)
+                        .open(&partial)
+                        .map_err(|e| StoreError::Io {
+                            path: partial.clone(),
+                            source: e,
+                        })?;
+                    let mut done = if append { offset } else { 0 };
+                    let mut stream = stream.stream;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(|e| err(format!("blob {digest}: {e}")))?;
+                        done += chunk.len() as u64;
+                        if done > size {
+                            let _ = fs::remove_file(&partial);
+                            return Err(StoreError::SizeMismatch {
+                                digest: bd,
+                                got: done,
+                                want: size,
+                            }
+                            .into());
+                        }
+                        file.write_all(&chunk).map_err(|e| StoreError::Io {
+                            path: partial.clone(),
+                            source: e,
+                        })?;
+                        progress(Progress {
+                            digest: digest.clone(),
+                            done,
+                            total: size,
+                        });
+                    }
+                }
+                store.commit_partial(&partial, &bd, size)?;
+            }
+            return Ok(d);
+        }
+        Err(SourceError::NoPlatform {
+            reference: reference.to_string(),
+        })
+    })
+}
