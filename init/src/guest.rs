@@ -47,6 +47,116 @@ pub struct GuestConfig {
     /// `eth0`'s address; no network when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<GuestNetwork>,
+    /// Who the workload runs as, as an OCI image config says it: `USER`,
+    /// `UID`, `USER:GROUP`, `UID:GID` (names from the root's `/etc/passwd`
+    /// and `/etc/group`); root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// The ids a workload runs with, resolved inside its root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the primary group included).
+    pub groups: Vec<u32>,
+    /// The home directory from `/etc/passwd`, `/` without an entry.
+    pub home: String,
+}
+
+/// Parses an id that must fit 32 bits and not be -1 (`(uid_t)-1` means
+/// "unchanged" to the kernel); `None` if `s` is not a number at all.
+fn parse_id(s: &str, what: &str) -> Option<Result<u32, String>> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(match s.parse::<u64>() {
+        Ok(n) if n < u64::from(u32::MAX) => Ok(n as u32),
+        _ => Err(format!("{what} {s} does not fit a 32-bit id")),
+    })
+}
+
+/// Resolves an OCI `User` (`user[:group]`, names or ids) against the
+/// contents of `/etc/passwd` and `/etc/group`, as runc does: a name must
+/// exist; a numeric uid without an entry gets gid 0 and home `/`;
+/// supplementary groups are those of `/etc/group` that list the user.
+pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Credentials, String> {
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    // name:x:uid:gid:gecos:home:shell
+    let passwd_entries = passwd.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7).then(|| {
+            (
+                f[0],
+                f[2].parse::<u32>().ok(),
+                f[3].parse::<u32>().ok(),
+                f[5],
+            )
+        })
+    });
+    let entry = match parse_id(user, "uid") {
+        Some(uid) => {
+            let uid = uid?;
+            passwd_entries
+                .clone()
+                .find(|e| e.1 == Some(uid))
+                .map(|e| (e.0, uid, e.2.unwrap_or(0), e.3))
+                .or(Some(("", uid, 0, "/")))
+        }
+        None if user.is_empty() => Some(("root", 0, 0, "/root")),
+        None => passwd_entries
+            .clone()
+            .find(|e| e.0 == user)
+            .map(|e| (e.0, e.1.unwrap_or(0), e.2.unwrap_or(0), e.3)),
+    };
+    let Some((name, uid, mut gid, home)) = entry else {
+        return Err(format!("user {user:?} is not in the image's /etc/passwd"));
+    };
+    // name:x:gid:member,member
+    let groups: Vec<(&str, Option<u32>, Vec<&str>)> = group
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4).then(|| {
+                (
+                    f[0],
+                    f[2].parse::<u32>().ok(),
+                    f[3].split(',').filter(|m| !m.is_empty()).collect(),
+                )
+            })
+        })
+        .collect();
+    if let Some(g) = grp {
+        gid = match parse_id(g, "gid") {
+            Some(id) => id?,
+            None => groups
+                .iter()
+                .find(|e| e.0 == g)
+                .and_then(|e| e.1)
+                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+        };
+    }
+    let mut supplementary = vec![gid];
+    if !name.is_empty() && grp.is_none() {
+        for (_, id, members) in &groups {
+            if let Some(id) = id {
+                if members.contains(&name) && !supplementary.contains(id) {
+                    supplementary.push(*id);
+                }
+            }
+        }
+    }
+    let home = if home.is_empty() { "/" } else { home };
+    Ok(Credentials {
+        uid,
+        gid,
+        groups: supplementary,
+        home: home.to_string(),
+    })
 }
 
 /// The guest's interface, configured by vminit before the workload starts
@@ -190,9 +300,46 @@ mod tests {
                 address: "10.200.3.2/30".into(),
                 gateway: Some(std::net::Ipv4Addr::new(10, 200, 3, 1)),
             }),
+            user: Some("app:staff".into()),
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);
         assert!(serde_json::from_str::<GuestConfig>(r#"{"cmd":[],"bogus":1}"#).is_err());
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234:app:/work:/bin/sh\nnohome:x:7:8:::/bin/false\nbroken line\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:app,other\nwheel:x:10:app\napp:x:1234:\n";
+
+    #[test]
+    fn users_resolve_like_runc() {
+        let r = |s: &str| resolve_user(s, PASSWD, GROUP);
+        let c = |uid, gid, groups: &[u32], home: &str| Credentials {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            home: home.into(),
+        };
+        assert_eq!(r(""), Ok(c(0, 0, &[0], "/root")));
+        assert_eq!(r("app"), Ok(c(1234, 1234, &[1234, 50, 10], "/work")));
+        assert_eq!(r("1234"), Ok(c(1234, 1234, &[1234, 50, 10], "/work")));
+        assert_eq!(r("app:staff"), Ok(c(1234, 50, &[50], "/work")));
+        assert_eq!(r("app:99"), Ok(c(1234, 99, &[99], "/work")));
+        assert_eq!(
+            r("4000"),
+            Ok(c(4000, 0, &[0], "/")),
+            "a numeric uid needs no entry"
+        );
+        assert_eq!(r("4000:4001"), Ok(c(4000, 4001, &[4001], "/")));
+        assert_eq!(r("nohome"), Ok(c(7, 8, &[8], "/")));
+        assert!(r("nobody")
+            .unwrap_err()
+            .contains("\"nobody\" is not in the image's /etc/passwd"));
+        assert!(r("app:nogroup").unwrap_err().contains("/etc/group"));
+        assert!(
+            r("4294967295").unwrap_err().contains("does not fit"),
+            "-1 is refused"
+        );
+        assert!(r("99999999999").unwrap_err().contains("does not fit"));
+        assert!(r("0:4294967296").unwrap_err().contains("does not fit"));
     }
 }

@@ -102,6 +102,7 @@ fn run(args: &[String]) -> Result<(), String> {
             root: None,
             volumes: vec![],
             network: None,
+            user: None,
         },
         disks: vec![],
         vsock: None,

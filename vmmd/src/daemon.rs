@@ -21,6 +21,8 @@ use crate::config::{
     DiskConfig, NetConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, CONTROL_PREFIX,
     DEFAULT_CMDLINE, REPORT_PREFIX,
 };
+use crate::image::source::PullOptions;
+use crate::image::workload::{Merged, Prepared};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -56,6 +58,8 @@ pub struct Options {
     pub cgroup_root: Option<PathBuf>,
     /// Workers jail themselves in a mount namespace (needs root).
     pub jail: bool,
+    /// Registries (`host[:port]`) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Where vmmd keeps runtime files on the appliance.
@@ -65,9 +69,17 @@ pub const DEFAULT_RUN_DIR: &str = "/run/steelcup/vmmd";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/steelcup";
 
 enum Event {
-    Ended { name: String, report: WorkerReport },
+    Ended {
+        name: String,
+        report: WorkerReport,
+    },
     Signal(Signal),
     Api(api::Request),
+    /// A workload's image is pulled and its root image built (or not).
+    Prepared {
+        name: String,
+        result: Result<Prepared, String>,
+    },
 }
 
 struct Workload {
@@ -85,6 +97,10 @@ struct Workload {
     /// Asked to stop through the API: killed at `kill_at` if still
     /// running, not restarted, and the callers answered when it ends.
     stopping: Option<Stopping>,
+    /// The workload's image, ready to boot (units with `image`).
+    prepared: Option<Prepared>,
+    /// A thread is pulling the image or building its root image.
+    preparing: bool,
 }
 
 struct Stopping {
@@ -180,6 +196,8 @@ pub fn run(opts: Options) -> Result<(), String> {
                     runs: 0,
                     last_outcome: String::new(),
                     stopping: None,
+                    prepared: None,
+                    preparing: false,
                 },
             )
         })
@@ -227,8 +245,15 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
             if w.pid.is_none() && w.restart_at.is_some_and(|t| t <= now) {
                 w.restart_at = None;
+                if let (Some(image), None) = (&w.spec.image, &w.prepared) {
+                    if !w.preparing {
+                        w.preparing = true;
+                        spawn_prepare(&opts, name, image, tx.clone());
+                    }
+                    continue;
+                }
                 w.runs += 1;
-                match start(&opts, name, &w.spec, w.cid, tx.clone()) {
+                match start(&opts, name, &w.spec, w.prepared.as_ref(), w.cid, tx.clone()) {
                     Ok((pid, control)) => {
                         w.pid = Some(pid);
                         w.control = Some(control);
@@ -296,6 +321,29 @@ pub fn run(opts: Options) -> Result<(), String> {
                 }
             }
             Ok(Event::Api(req)) => execute(&opts, &mut workloads, req),
+            Ok(Event::Prepared { name, result }) => {
+                let Some(w) = workloads.get_mut(&name) else {
+                    continue;
+                };
+                w.preparing = false;
+                match result {
+                    Ok(p) => {
+                        tracing::info!("workload {name}: image {} ready", p.digest);
+                        w.prepared = Some(p);
+                        w.restart_at = Some(Instant::now());
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "workload {name}: image {}: {e}; trying again in {}s",
+                            w.spec.image.as_deref().unwrap_or_default(),
+                            w.backoff.as_secs()
+                        );
+                        w.last_outcome = format!("image failed: {e}");
+                        w.restart_at = Some(Instant::now() + w.backoff);
+                        w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
@@ -445,7 +493,7 @@ fn stop_all(
                         tracing::info!("workload {name}: {}", report.outcome);
                     }
                 }
-                Ok(Event::Signal(_)) => {}
+                Ok(Event::Signal(_) | Event::Prepared { .. }) => {}
                 Ok(Event::Api(req)) => {
                     let _ = req.reply.send(Err(ApiError::ShuttingDown));
                 }
@@ -561,15 +609,43 @@ fn tap_index(spec: &MicrovmSection, cid: u32) -> Result<Option<u32>, String> {
     }
 }
 
+/// Pulls a workload's image and builds its root image off the main
+/// thread; the answer comes back as [`Event::Prepared`].
+fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event>) {
+    let (store, image, name) = (opts.state_dir.clone(), image.to_string(), name.to_string());
+    let pull = PullOptions {
+        insecure: opts.insecure_registries.clone(),
+        credentials: None,
+    };
+    let spawned = std::thread::Builder::new()
+        .name(format!("prepare-{name}"))
+        .spawn({
+            let tx = tx.clone();
+            let name = name.clone();
+            move || {
+                let result = crate::image::workload::prepare(&store, &image, &pull);
+                let _ = tx.send(Event::Prepared { name, result });
+            }
+        });
+    if let Err(e) = spawned {
+        let _ = tx.send(Event::Prepared {
+            name,
+            result: Err(format!("spawn a thread: {e}")),
+        });
+    }
+}
+
 fn vm_config(
     opts: &Options,
     name: &str,
     spec: &MicrovmSection,
+    prepared: Option<&Prepared>,
     cid: u32,
 ) -> Result<VmConfig, String> {
     let mut disks = Vec::new();
     let mut root = None;
-    if let Some(path) = &spec.root {
+    let root_image = prepared.map(|p| &p.rootfs).or(spec.root.as_ref());
+    if let Some(path) = root_image {
         root = Some(disk_device(disks.len()));
         disks.push(DiskConfig {
             path: path.clone(),
@@ -605,6 +681,15 @@ fn vm_config(
             }),
         ),
     };
+    let process = match prepared {
+        Some(p) => p.process.merge(&spec.cmd, &spec.env)?,
+        None => Merged {
+            argv: spec.cmd.clone(),
+            env: spec.env.clone(),
+            workdir: None,
+            user: None,
+        },
+    };
     Ok(VmConfig {
         name: name.to_string(),
         kernel: spec.kernel.clone().unwrap_or_else(|| opts.kernel.clone()),
@@ -618,13 +703,14 @@ fn vm_config(
         memory_backing: spec.memory_backing,
         huge_pages: spec.huge_pages,
         guest: GuestConfig {
-            cmd: spec.cmd.clone(),
-            env: spec.env.clone(),
-            workdir: None,
+            cmd: process.argv,
+            env: process.env,
+            workdir: process.workdir,
             hostname: Some(name.to_string()),
             root,
             volumes,
             network,
+            user: process.user,
         },
         disks,
         vsock: Some(VsockConfig {
@@ -644,16 +730,12 @@ fn start(
     opts: &Options,
     name: &str,
     spec: &MicrovmSection,
+    prepared: Option<&Prepared>,
     cid: u32,
     tx: mpsc::Sender<Event>,
 ) -> Result<(i32, WorkerControl), String> {
-    if let Some(image) = &spec.image {
-        return Err(format!(
-            "image {image:?}: running OCI images is not supported by this vmmd yet"
-        ));
-    }
-    let mut config =
-        serde_json::to_vec(&vm_config(opts, name, spec, cid)?).map_err(|e| e.to_string())?;
+    let mut config = serde_json::to_vec(&vm_config(opts, name, spec, prepared, cid)?)
+        .map_err(|e| e.to_string())?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
         let limits = crate::jail::cgroup::Limits::for_vm(spec.vcpus, spec.memory.mib());
@@ -799,5 +881,6 @@ pub fn default_options(units: &Path) -> Options {
             .exists()
             .then(|| crate::jail::cgroup::DEFAULT_ROOT.into()),
         jail: nix::unistd::geteuid().is_root(),
+        insecure_registries: Vec::new(),
     }
 }

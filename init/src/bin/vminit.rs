@@ -313,6 +313,20 @@ fn run() -> ExitStatus {
     if let Some(dir) = &config.workdir {
         cmd.current_dir(dir);
     }
+    if let Some(user) = &config.user {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        match steelcup_init::guest::resolve_user(user, &read("/etc/passwd"), &read("/etc/group")) {
+            Ok(c) => {
+                if !config.env.contains_key("HOME") {
+                    cmd.env("HOME", &c.home);
+                }
+                sys::run_as(&mut cmd, c.uid, c.gid, c.groups);
+            }
+            Err(e) => return fail(&format!("user {user:?}: {e}"), libc::EINVAL),
+        }
+    } else if !config.env.contains_key("HOME") {
+        cmd.env("HOME", "/root");
+    }
     let main = match cmd.spawn() {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => {

@@ -242,6 +242,28 @@ pub fn reset_signal_mask(cmd: &mut std::process::Command) {
     };
 }
 
+/// Makes `cmd`'s child drop to `uid`, `gid` and the supplementary `groups`
+/// before exec (in that order: groups and gid while still root).
+pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups;
+    // SAFETY: runs in the child between fork and exec; setgroups reads
+    // `groups.len()` ids from the vector moved into the closure, which
+    // lives until exec; setgid and setuid take plain integers. All three
+    // are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
 /// A unit's `sd_notify` socket: a datagram socket that receives `READY=1`.
 /// Each unit has its own, so the socket says whose a message is.
 #[derive(Debug)]

@@ -5,6 +5,7 @@ pub mod cpio;
 pub mod rootfs;
 pub mod source;
 pub mod store;
+pub mod workload;
 
 /// Lower-case hex of `bytes`, as digests are written.
 pub fn hex(bytes: &[u8]) -> String {

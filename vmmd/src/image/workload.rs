@@ -1,0 +1,199 @@
+//! From an image reference in a unit to what a VM of it needs: the shared
+//! root image and the process the image config describes.
+//!
+//! # Design
+//! [`prepare`] finds the image in the store (pulling it when it is not
+//! there), builds its root image once, and reads its config. [`Process::merge`]
+//! then applies the workload's overrides the way `docker run` does: a
+//! command given by the workload replaces the image's `Cmd` and keeps its
+//! `Entrypoint`; the workload's environment wins over the image's.
+
+use super::source::{self, PullOptions};
+use super::store::Store;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What the image config says to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// A prepared image: its root image and process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub rootfs: PathBuf,
+    pub digest: String,
+    pub process: Process,
+}
+
+/// The merged process of a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+impl Process {
+    /// Reads the process part of an image config.
+    pub fn from_config(config: &oci_spec::image::ImageConfiguration) -> Process {
+        let Some(c) = config.config() else {
+            return Process::default();
+        };
+        let env = c
+            .env()
+            .iter()
+            .flatten()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (kv.clone(), String::new()),
+            })
+            .collect();
+        Process {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env,
+            workdir: c.working_dir().clone().filter(|w| !w.is_empty()),
+            user: c.user().clone().filter(|u| !u.is_empty()),
+        }
+    }
+
+    /// Applies a workload's command and environment; an error when nothing
+    /// is left to run.
+    pub fn merge(&self, cmd: &[String], env: &BTreeMap<String, String>) -> Result<Merged, String> {
+        let mut argv = self.entrypoint.clone();
+        argv.extend(
+            if cmd.is_empty() {
+                self.cmd.iter()
+            } else {
+                cmd.iter()
+            }
+            .cloned(),
+        );
+        if argv.is_empty() {
+            return Err(
+                "the image has no Entrypoint or Cmd and the workload gives no command".into(),
+            );
+        }
+        let mut merged: BTreeMap<String, String> = self.env.iter().cloned().collect();
+        merged.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(Merged {
+            argv,
+            env: merged,
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+        })
+    }
+}
+
+/// Makes `image` ready to boot from the store at `store_dir`: pulled if
+/// it is not there, its root image built.
+pub fn prepare(store_dir: &Path, image: &str, opts: &PullOptions) -> Result<Prepared, String> {
+    let store = Store::open(store_dir).map_err(|e| e.to_string())?;
+    let name = source::Source::parse(image)
+        .map_err(|e| e.to_string())?
+        .name(image);
+    let digest = match store.resolve(&name) {
+        Ok(d) => d,
+        Err(_) => {
+            tracing::info!("image {image}: pulling");
+            source::pull(&store, image, opts, &mut |_| {})
+                .map_err(|e| chain(&e))?
+                .1
+        }
+    };
+    let img = store.image(&digest).map_err(|e| chain(&e))?;
+    let started = std::time::Instant::now();
+    let built = !store.rootfs_path(&img).is_file();
+    let rootfs = store.rootfs(&img).map_err(|e| chain(&e))?;
+    if built {
+        tracing::info!(
+            "image {image}: root image built in {} ms",
+            started.elapsed().as_millis()
+        );
+    }
+    Ok(Prepared {
+        rootfs,
+        digest: digest.to_string(),
+        process: Process::from_config(&img.config),
+    })
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn workload_overrides_apply_like_docker_run() {
+        let p = Process {
+            entrypoint: v(&["/entry"]),
+            cmd: v(&["default"]),
+            env: vec![("PATH".into(), "/bin".into()), ("A".into(), "image".into())],
+            workdir: Some("/work".into()),
+            user: Some("app".into()),
+        };
+        let m = p.merge(&[], &BTreeMap::new()).unwrap();
+        assert_eq!(m.argv, v(&["/entry", "default"]));
+        let env: BTreeMap<String, String> = [("A".to_string(), "unit".to_string())].into();
+        let m = p.merge(&v(&["other", "arg"]), &env).unwrap();
+        assert_eq!(
+            m.argv,
+            v(&["/entry", "other", "arg"]),
+            "a command replaces Cmd, not Entrypoint"
+        );
+        assert_eq!(m.env["A"], "unit");
+        assert_eq!(m.env["PATH"], "/bin");
+        assert_eq!(
+            (m.workdir.as_deref(), m.user.as_deref()),
+            (Some("/work"), Some("app"))
+        );
+        assert!(Process::default()
+            .merge(&[], &BTreeMap::new())
+            .unwrap_err()
+            .contains("no Entrypoint"));
+    }
+
+    #[test]
+    fn the_process_comes_from_the_image_config() {
+        let config: oci_spec::image::ImageConfiguration = serde_json::from_str(
+            r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin","EMPTY=","X=a=b"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
+        let p = Process::from_config(&config);
+        assert_eq!(p.cmd, v(&["sh"]));
+        assert_eq!(
+            p.env,
+            vec![
+                ("PATH".into(), "/bin".into()),
+                ("EMPTY".into(), "".into()),
+                ("X".into(), "a=b".into())
+            ]
+        );
+        assert_eq!(p.workdir.as_deref(), Some("/w"));
+        assert_eq!(p.user.as_deref(), Some("1000:1000"));
+    }
+}
