@@ -81,6 +81,21 @@ fn scenario(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: vm-b printed 0 ticks in 4 s while paused", STEP)?;
     g.wait_for("driver: resumed vm-b", STEP)?;
     g.wait_for("driver: vm-b ticks again after resume", STEP)?;
+    // OCI images: oci-a runs the image's own Cmd as its user `app` in its
+    // WorkingDir with its Env; oci-b overrides the command and one
+    // variable; both boot from the one erofs root image built from the
+    // image's layers, with a writable layer over it.
+    g.wait_for(
+        "oci-a | hi from hello as 1234:1234 groups 1234 50 in /work home /work",
+        STEP,
+    )?;
+    g.wait_for("workload oci-a: exited with code 3", STEP)?;
+    g.wait_for(
+        "oci-b | oci-b: overridden in /work as app; root overlay; 9 programs",
+        STEP,
+    )?;
+    g.wait_for("oci-b | written", STEP)?;
+    g.wait_for("driver: root images in the store: 1", STEP)?;
     g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the

@@ -97,10 +97,14 @@ fn build() -> Result<PathBuf> {
     // The test image: the same plus a host busybox, qemu-tests/units and a
     // root disk image for a workload.
     let root_disk = test_root_disk()?;
+    let oci_archive = test_oci_archive()?;
     image_build::build(&image_build::Inputs {
         manifest: root.join("qemu-tests/steelcup-test.toml"),
         out: sh::out_dir().join("test-artifacts"),
-        extra_files: vec![(TEST_ROOT_DISK.into(), root_disk)],
+        extra_files: vec![
+            (TEST_ROOT_DISK.into(), root_disk),
+            (TEST_OCI_ARCHIVE.into(), oci_archive),
+        ],
         ..inputs.clone()
     })?;
     let recorded = serde_json::json!({
@@ -126,6 +130,77 @@ fn build() -> Result<PathBuf> {
 
 /// Where the test image carries the root disk of qemu-tests/units/disks.toml.
 pub const TEST_ROOT_DISK: &str = "var/lib/steelcup/test/root.ext4";
+
+/// Where the test image carries the OCI image of qemu-tests/units/oci-*.toml.
+pub const TEST_OCI_ARCHIVE: &str = "var/lib/steelcup/test/busybox-oci.tar";
+
+/// A busybox OCI image made by Debian's umoci and written as an
+/// `oci-archive` by skopeo (tools no one here wrote): a user `app`
+/// (1234:1234), a working directory, an environment and a default command.
+pub fn test_oci_archive() -> Result<PathBuf> {
+    deps::ensure_packages(&["umoci", "skopeo"])?;
+    let dir = sh::out_dir().join("test-oci");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let layout = dir.join("layout");
+    let image = format!("{}:latest", layout.display());
+    let umoci = |args: &[&str]| sh::run(Command::new("umoci").args(args));
+    umoci(&["init", "--layout", &layout.display().to_string()])?;
+    umoci(&["new", "--image", &image])?;
+    let bundle = dir.join("bundle");
+    umoci(&["unpack", "--image", &image, &bundle.display().to_string()])?;
+    let rootfs = bundle.join("rootfs");
+    for d in ["bin", "etc", "work", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copy /bin/busybox")?;
+    for applet in ["sh", "echo", "id", "pwd", "cat", "ls", "sleep", "wc"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234:app:/work:/bin/sh\n",
+    )?;
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\napp:x:1234:\nstaff:x:50:app\n",
+    )?;
+    umoci(&["repack", "--image", &image, &bundle.display().to_string()])?;
+    umoci(&[
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/bin",
+        "--config.env",
+        "GREETING=hello",
+        "--config.workingdir",
+        "/work",
+        "--config.user",
+        "app",
+        "--config.cmd",
+        "sh",
+        "--config.cmd",
+        "-c",
+        "--config.cmd",
+        "echo \"hi from $GREETING as $(id -u):$(id -g) groups $(id -G) in $(pwd) home $HOME\"; exit 3",
+    ])?;
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )?;
+    let archive = dir.join("busybox-oci.tar");
+    sh::run(
+        Command::new("skopeo")
+            .arg("--policy")
+            .arg(&policy)
+            .args(["copy", "--quiet"])
+            .arg(format!("oci:{image}"))
+            .arg(format!("oci-archive:{}:latest", archive.display())),
+    )?;
+    Ok(archive)
+}
 
 /// An ext4 root filesystem image for a test workload, made with Debian's
 /// mkfs.ext4 (not our code): a static busybox and a file to read.

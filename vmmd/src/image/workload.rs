@@ -95,6 +95,10 @@ impl Process {
 /// Makes `image` ready to boot from the store at `store_dir`: pulled if
 /// it is not there, its root image built.
 pub fn prepare(store_dir: &Path, image: &str, opts: &PullOptions) -> Result<Prepared, String> {
+    // One preparation at a time: two units of one image pull it and build
+    // its root image once, not side by side.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let store = Store::open(store_dir).map_err(|e| e.to_string())?;
     let name = source::Source::parse(image)
         .map_err(|e| e.to_string())?
