@@ -95,7 +95,7 @@ impl GuestConfig {
             name: name.into(),
             boot: Boot::Direct {
                 kernel: artifacts.join("vmlinuz"),
-                initrd: artifacts.join("initramfs.cpio"),
+                initrd: artifacts.join("initramfs.cpio.zst"),
                 cmdline: cmdline.trim().into(),
             },
             memory_mib: 2048,

@@ -23,6 +23,12 @@ pub const PACKAGES: &[&str] = &[
     "dbus",
     // mkfs.ext4 -d: the root disk image the QEMU tests boot a workload from.
     "e2fsprogs",
+    // OCI images made by tools no one here wrote (umoci, skopeo), a real
+    // registry on loopback, and erofs-utils reading back our root images.
+    "umoci",
+    "skopeo",
+    "docker-registry",
+    "erofs-utils",
 ];
 
 fn installed(pkg: &str) -> bool {

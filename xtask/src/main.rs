@@ -121,7 +121,7 @@ fn build() -> Result<PathBuf> {
         "host image: {:.1} MB (Debian kernel {} + initramfs {:.1} MB) in {}; built in {}",
         m.image_bytes as f64 / 1e6,
         m.kernel_release,
-        m.artifacts["initramfs.cpio"].size as f64 / 1e6,
+        m.artifacts["initramfs.cpio.zst"].size as f64 / 1e6,
         out.display(),
         sh::elapsed(t0)
     );
@@ -454,7 +454,7 @@ fn bench() -> Result<()> {
         "## Host image\n\n| artifact | bytes |\n|---|---|\n| host kernel (Debian {}) | {} |\n| initramfs | {} |\n| **total** | **{}** ({:.1} MB; budget 40 MB) |\n\n",
         manifest.kernel_release,
         manifest.artifacts["vmlinuz"].size,
-        manifest.artifacts["initramfs.cpio"].size,
+        manifest.artifacts["initramfs.cpio.zst"].size,
         manifest.image_bytes,
         manifest.image_bytes as f64 / 1e6
     ));
