@@ -88,6 +88,14 @@ fn boot_run_power_off(g: &mut Guest, a: &Artifacts) -> anyhow::Result<()> {
         hello.ends_with("RNG virtio_rng.0 (16 bytes read)"),
         "the guest's RNG is vmmd's virtio-rng: {hello}"
     );
+    // The example OCI workload: its image (an oci-archive in the appliance)
+    // becomes an erofs root image, run as the image's user in its working
+    // directory with its environment.
+    g.wait_for(
+        "hello-oci | hello from an OCI image: hello from app (uid 1234) in /work, root filesystem overlay over erofs",
+        STEP,
+    )?;
+    g.wait_for("workload hello-oci: exited with code 0", STEP)?;
     record(
         a,
         "qemu_start_to_microvm_line_s",
@@ -171,7 +179,7 @@ fn image_build_twice_gives_identical_bytes() {
             guest_kernel: path("guest_kernel"),
             host_kernel_root: path("host_kernel_root"),
             out: out.clone(),
-            extra_files: Vec::new(),
+            extra_files: serde_json::from_value(inputs["extra_files"].clone()).unwrap(),
         })
         .unwrap();
         built.push((out, m));

@@ -62,3 +62,74 @@ fn block_requests_survive_random_chains() {
 fn vsock_survives_random_packets() {
     rounds(0x5eed_0004, 3000, 1024, vmmd::fuzz::vsock_packet);
 }
+
+/// A small valid layer to mutate: directories, files, a symlink, a hard
+/// link and whiteouts.
+fn seed_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, ty: tar::EntryType, data: &[u8], link: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_entry_type(ty);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        if !link.is_empty() {
+            h.set_link_name(link).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    add("etc/", tar::EntryType::Directory, b"", "");
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        b"root:x:0:0::/:/bin/sh\n",
+        "",
+    );
+    add("l", tar::EntryType::Symlink, b"", "/etc");
+    add("l/x", tar::EntryType::Regular, &[7; 5000], "");
+    add("h", tar::EntryType::Link, b"", "etc/passwd");
+    add("etc/.wh.passwd", tar::EntryType::Regular, b"", "");
+    add("etc/.wh..wh..opq", tar::EntryType::Regular, b"", "");
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn the_layer_applier_survives_random_and_mutated_tars() {
+    rounds(0x5eed_0010, 500, 4096, vmmd::fuzz::layer_tar);
+    let seed = seed_layer();
+    vmmd::fuzz::layer_tar(&seed);
+    let mut r = Rand(0x5eed_0011);
+    for _ in 0..1500 {
+        let mut t = seed.clone();
+        for _ in 0..(1 + r.next() % 8) {
+            let at = (r.next() as usize) % t.len();
+            t[at] = r.next() as u8;
+        }
+        if r.next() % 4 == 0 {
+            t.truncate((r.next() as usize) % t.len());
+        }
+        vmmd::fuzz::layer_tar(&t);
+    }
+}
+
+#[test]
+fn manifest_and_config_parsing_survive_random_and_mutated_json() {
+    rounds(0x5eed_0012, 1000, 512, vmmd::fuzz::image_json);
+    let seeds: [&[u8]; 2] = [
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#,
+        br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=b"],"Entrypoint":["/x"],"Cmd":["y"],"User":"1:2"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+    ];
+    let mut r = Rand(0x5eed_0013);
+    for seed in seeds {
+        vmmd::fuzz::image_json(seed);
+        for _ in 0..1000 {
+            let mut t = seed.to_vec();
+            for _ in 0..(1 + r.next() % 4) {
+                let at = (r.next() as usize) % t.len();
+                t[at] = b"{}[]\":,0a-9 "[(r.next() % 12) as usize];
+            }
+            vmmd::fuzz::image_json(&t);
+        }
+    }
+}

@@ -85,26 +85,25 @@ fn build() -> Result<PathBuf> {
 
     step("building the appliance image");
     let out = sh::out_dir().join("artifacts");
+    let oci_archive = example_oci_archive()?;
     let inputs = image_build::Inputs {
         manifest: manifest_path,
         bin_dir,
         guest_kernel,
         host_kernel_root: host_root,
         out: out.clone(),
-        extra_files: Vec::new(),
+        extra_files: vec![(EXAMPLE_OCI_ARCHIVE.into(), oci_archive)],
     };
     let m = image_build::build(&inputs)?;
     // The test image: the same plus a host busybox, qemu-tests/units and a
     // root disk image for a workload.
     let root_disk = test_root_disk()?;
-    let oci_archive = test_oci_archive()?;
+    let mut extra_files = inputs.extra_files.clone();
+    extra_files.push((TEST_ROOT_DISK.into(), root_disk));
     image_build::build(&image_build::Inputs {
         manifest: root.join("qemu-tests/steelcup-test.toml"),
         out: sh::out_dir().join("test-artifacts"),
-        extra_files: vec![
-            (TEST_ROOT_DISK.into(), root_disk),
-            (TEST_OCI_ARCHIVE.into(), oci_archive),
-        ],
+        extra_files,
         ..inputs.clone()
     })?;
     let recorded = serde_json::json!({
@@ -112,6 +111,7 @@ fn build() -> Result<PathBuf> {
         "bin_dir": inputs.bin_dir,
         "guest_kernel": inputs.guest_kernel,
         "host_kernel_root": inputs.host_kernel_root,
+        "extra_files": inputs.extra_files,
     });
     std::fs::write(
         sh::out_dir().join("build-inputs.json"),
@@ -131,13 +131,14 @@ fn build() -> Result<PathBuf> {
 /// Where the test image carries the root disk of qemu-tests/units/disks.toml.
 pub const TEST_ROOT_DISK: &str = "var/lib/steelcup/test/root.ext4";
 
-/// Where the test image carries the OCI image of qemu-tests/units/oci-*.toml.
-pub const TEST_OCI_ARCHIVE: &str = "var/lib/steelcup/test/busybox-oci.tar";
+/// Where the appliance carries the example OCI image of
+/// configs/units/hello-oci.toml (the test units use it too).
+pub const EXAMPLE_OCI_ARCHIVE: &str = "usr/lib/steelcup/examples/busybox.oci.tar";
 
 /// A busybox OCI image made by Debian's umoci and written as an
 /// `oci-archive` by skopeo (tools no one here wrote): a user `app`
 /// (1234:1234), a working directory, an environment and a default command.
-pub fn test_oci_archive() -> Result<PathBuf> {
+pub fn example_oci_archive() -> Result<PathBuf> {
     deps::ensure_packages(&["umoci", "skopeo"])?;
     let dir = sh::out_dir().join("test-oci");
     let _ = std::fs::remove_dir_all(&dir);
