@@ -9,6 +9,7 @@
 //! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
+mod bench_image;
 mod bench_init;
 mod bench_vmm;
 mod deps;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 const STATIC_BINS: &[&str] = &["init", "vminit", "vmmd", "cup"];
 
 fn main() {
@@ -32,10 +33,13 @@ fn main() {
         Some("run") => run(args.iter().any(|a| a == "--once")),
         Some("test") => test(),
         Some("bench") if args.iter().any(|a| a == "--init-only") => bench_init_only(),
+        Some("bench") if args.iter().any(|a| a == "--image-only") => bench_image_only(),
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
         _ => {
-            eprintln!("usage: cargo xtask run [--once] | test | bench [--init-only] | build");
+            eprintln!(
+                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only] | build"
+            );
             std::process::exit(2);
         }
     };
@@ -410,10 +414,36 @@ fn bench_init_only() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench --image-only`: the image benchmark alone, printed and
+/// written over its section of docs/performance.md.
+fn bench_image_only() -> Result<()> {
+    let md = bench_image::run()?;
+    print!("{md}");
+    let path = sh::root().join("docs/performance.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let heading = md.lines().next().unwrap_or_default();
+    let new = match old.find(heading) {
+        Some(start) => {
+            let rest = &old[start + heading.len()..];
+            let end = rest
+                .find("\n## ")
+                .map_or(old.len(), |i| start + heading.len() + i + 1);
+            format!("{}{md}{}", &old[..start], &old[end..])
+        }
+        None => format!("{}\n{md}", old.trim_end()),
+    };
+    std::fs::write(&path, new)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 fn bench() -> Result<()> {
     let artifacts = build()?;
     let vmm_md = bench_vmm::run()?;
     eprint!("{vmm_md}");
+    step("OCI image to root image, beside umoci unpack + mkfs.erofs");
+    let image_md = bench_image::run()?;
+    eprint!("{image_md}");
     step("init: 100 services, side by side with runit");
     let init_md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
     eprint!("{init_md}");
@@ -475,6 +505,7 @@ fn bench() -> Result<()> {
     }
     md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot.\n\n");
     md.push_str(&vmm_md);
+    md.push_str(&image_md);
     let path = sh::root().join("docs/performance.md");
     std::fs::write(&path, md)?;
     eprintln!("wrote {}", path.display());
