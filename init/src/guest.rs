@@ -52,6 +52,14 @@ pub struct GuestConfig {
     /// and `/etc/group`); root when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Wait (up to a minute) for the host to connect to
+    /// [`crate::stdio::ATTACH_PORT`] and give the workload that connection
+    /// as its standard streams (`cup run` without `-d`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attach: bool,
+    /// With `attach`: the workload gets a terminal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
 }
 
 /// The ids a workload runs with, resolved inside its root filesystem.
@@ -301,6 +309,8 @@ mod tests {
                 gateway: Some(std::net::Ipv4Addr::new(10, 200, 3, 1)),
             }),
             user: Some("app:staff".into()),
+            attach: true,
+            tty: false,
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);

@@ -96,6 +96,34 @@ fn scenario(g: &mut Guest) -> Result<String> {
     )?;
     g.wait_for("oci-b | written", STEP)?;
     g.wait_for("driver: root images in the store: 1", STEP)?;
+    // cup run: attached stdio (stdout and stderr), the workload's exit code
+    // as cup's, stdin from the host, env overrides; cup exec into a
+    // detached workload as its user or another, with exit codes; --rm
+    // leaves nothing behind.
+    g.wait_for("driver: run says: hi", STEP)?;
+    g.wait_for("driver: run says: oops", STEP)?;
+    g.wait_for("driver: cup run exited 3", STEP)?;
+    g.wait_for("driver: hey, got: a line from the host", STEP)?;
+    g.wait_for("driver: detached: sleeper", STEP)?;
+    g.wait_for("driver: exec as app in /work with hello", STEP)?;
+    g.wait_for("driver: exec -u root: 0", STEP)?;
+    g.wait_for("driver: exec of a failing command exited 1", STEP)?;
+    g.wait_for("driver: cannot run /no/such/program", STEP)?;
+    g.wait_for("driver: exec of a missing program exited 127", STEP)?;
+    g.wait_for(
+        "driver: run of a missing program exited 127 saying: vminit: cannot run /no/such/program",
+        STEP,
+    )?;
+    g.wait_for(
+        "driver: cup: workload \"sleeper\" is running; stop it first",
+        STEP,
+    )?;
+    g.wait_for("driver: removed sleeper", STEP)?;
+    g.wait_for(
+        "driver: images: oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest",
+        STEP,
+    )?;
+    g.wait_for("driver: leftover cup run workloads: 0", STEP)?;
     g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the

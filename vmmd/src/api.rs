@@ -36,6 +36,62 @@ pub enum Action {
     Stop(String),
     /// Start a workload that is not running (resets its restart backoff).
     Start(String),
+    /// A new workload from an image (`cup run`); answered with its name.
+    Run(RunSpec),
+    /// The Unix socket of a running workload's vsock device (the host
+    /// side of `cup run`'s attach and `cup exec`).
+    Socket(String),
+    /// Forget a workload that is not running (`cup rm`); units come back
+    /// with their unit files.
+    Remove(String),
+    /// Pull an image into the store (answered when it is there).
+    Pull(String),
+    Images,
+    RemoveImage(String),
+    /// Garbage-collect the store.
+    Prune,
+}
+
+/// What `cup run` asks for (JSON on the bus; unknown fields are refused).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// The image source (see docs/images.md).
+    pub image: String,
+    /// Replaces the image's `Cmd`.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// Over the image's `Env`.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// A name for the workload; `run-N` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// Like `128MiB`.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// The workload waits for `cup` to attach to its stdio.
+    #[serde(default)]
+    pub attach: bool,
+    /// With `attach`: a terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// Forget the workload once it has ended.
+    #[serde(default)]
+    pub rm: bool,
+}
+
+/// An image in the store as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ImageInfo {
+    pub name: String,
+    pub digest: String,
+    /// Compressed bytes of its layers.
+    pub size: u64,
+    /// Whether its root image is built.
+    pub rootfs: bool,
 }
 
 /// One workload as the API shows it.
@@ -61,6 +117,13 @@ pub struct VmInfo {
 pub enum Reply {
     Vms(Vec<VmInfo>),
     Done,
+    /// A name or a path.
+    Text(String),
+    Pulled {
+        name: String,
+        digest: String,
+    },
+    Images(Vec<ImageInfo>),
 }
 
 /// Why an action was refused.
@@ -154,6 +217,60 @@ impl Vmm1 {
     async fn start(&self, name: String) -> Result<(), Vmm1Error> {
         self.call(Action::Start(name)).await.map(|_| ())
     }
+
+    /// Runs an image as a new workload; `spec` is a JSON [`RunSpec`].
+    /// Answers the workload's name at once (the image is pulled and the VM
+    /// booted after).
+    async fn run(&self, spec: String) -> Result<String, Vmm1Error> {
+        let spec: RunSpec = serde_json::from_str(&spec)
+            .map_err(|e| Vmm1Error::from(ApiError::Refused(format!("run spec: {e}"))))?;
+        self.text(Action::Run(spec)).await
+    }
+
+    /// The Unix socket of a workload's vsock device (`CONNECT PORT`).
+    async fn socket(&self, name: String) -> Result<String, Vmm1Error> {
+        self.text(Action::Socket(name)).await
+    }
+
+    /// Forgets a workload that is not running.
+    async fn remove(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Remove(name)).await.map(|_| ())
+    }
+
+    /// Pulls an image into the store; answers its name and manifest digest.
+    async fn pull(&self, source: String) -> Result<(String, String), Vmm1Error> {
+        match self.call(Action::Pull(source)).await? {
+            Reply::Pulled { name, digest } => Ok((name, digest)),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// The images in the store: (name, digest, size, root image built).
+    async fn images(&self) -> Result<Vec<ImageInfo>, Vmm1Error> {
+        match self.call(Action::Images).await? {
+            Reply::Images(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Forgets an image's name (its blobs go with the next prune).
+    async fn remove_image(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::RemoveImage(name)).await.map(|_| ())
+    }
+
+    /// Removes what no image name reaches; answers what went.
+    async fn prune(&self) -> Result<String, Vmm1Error> {
+        self.text(Action::Prune).await
+    }
+}
+
+impl Vmm1 {
+    async fn text(&self, action: Action) -> Result<String, Vmm1Error> {
+        match self.call(action).await? {
+            Reply::Text(t) => Ok(t),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
 }
 
 /// Serves the API on `socket` (mode 0600), forwarding to `requests`.
@@ -182,6 +299,13 @@ pub trait Vmm1Client {
     fn resume(&self, name: &str) -> zbus::Result<()>;
     fn stop(&self, name: &str) -> zbus::Result<()>;
     fn start(&self, name: &str) -> zbus::Result<()>;
+    fn run(&self, spec: &str) -> zbus::Result<String>;
+    fn socket(&self, name: &str) -> zbus::Result<String>;
+    fn remove(&self, name: &str) -> zbus::Result<()>;
+    fn pull(&self, source: &str) -> zbus::Result<(String, String)>;
+    fn images(&self) -> zbus::Result<Vec<ImageInfo>>;
+    fn remove_image(&self, name: &str) -> zbus::Result<()>;
+    fn prune(&self) -> zbus::Result<String>;
 }
 
 /// Connects to vmmd at `socket`.

@@ -103,6 +103,8 @@ fn run(args: &[String]) -> Result<(), String> {
             volumes: vec![],
             network: None,
             user: None,
+            attach: false,
+            tty: false,
         },
         disks: vec![],
         vsock: None,

@@ -101,6 +101,37 @@ struct Workload {
     prepared: Option<Prepared>,
     /// A thread is pulling the image or building its root image.
     preparing: bool,
+    /// Made by `cup run`, not by a unit file.
+    transient: bool,
+    /// Forgotten once it has ended (`cup run --rm`).
+    remove_when_done: bool,
+    /// The next boot waits for `cup` to attach to the workload's stdio
+    /// (with a terminal when `tty`).
+    attach: bool,
+    tty: bool,
+}
+
+impl Workload {
+    fn new(spec: MicrovmSection, cid: u32) -> Workload {
+        Workload {
+            spec,
+            cid,
+            pid: None,
+            control: None,
+            paused: false,
+            restart_at: Some(Instant::now()),
+            backoff: Duration::from_secs(1),
+            runs: 0,
+            last_outcome: String::new(),
+            stopping: None,
+            prepared: None,
+            preparing: false,
+            transient: false,
+            remove_when_done: false,
+            attach: false,
+            tty: false,
+        }
+    }
 }
 
 struct Stopping {
@@ -182,25 +213,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             UnitKind::Service(_) => None,
         })
         .enumerate()
-        .map(|(i, (name, spec))| {
-            (
-                name,
-                Workload {
-                    spec,
-                    cid: 3 + i as u32,
-                    pid: None,
-                    control: None,
-                    paused: false,
-                    restart_at: Some(Instant::now()),
-                    backoff: Duration::from_secs(1),
-                    runs: 0,
-                    last_outcome: String::new(),
-                    stopping: None,
-                    prepared: None,
-                    preparing: false,
-                },
-            )
-        })
+        .map(|(i, (name, spec))| (name, Workload::new(spec, 3 + i as u32)))
         .collect();
     for dir in [
         opts.run_dir.join("vsock"),
@@ -253,7 +266,16 @@ pub fn run(opts: Options) -> Result<(), String> {
                     continue;
                 }
                 w.runs += 1;
-                match start(&opts, name, &w.spec, w.prepared.as_ref(), w.cid, tx.clone()) {
+                let stdio = (std::mem::take(&mut w.attach), w.tty);
+                match start(
+                    &opts,
+                    name,
+                    &w.spec,
+                    w.prepared.as_ref(),
+                    stdio,
+                    w.cid,
+                    tx.clone(),
+                ) {
                     Ok((pid, control)) => {
                         w.pid = Some(pid);
                         w.control = Some(control);
@@ -304,6 +326,9 @@ pub fn run(opts: Options) -> Result<(), String> {
                     for r in s.replies {
                         let _ = r.send(Ok(Reply::Done));
                     }
+                    if w.remove_when_done {
+                        forget(&opts, &mut workloads, &name);
+                    }
                     continue;
                 }
                 let again = match w.spec.restart {
@@ -318,6 +343,8 @@ pub fn run(opts: Options) -> Result<(), String> {
                     tracing::info!("workload {name}: restarting in {}s", w.backoff.as_secs());
                     w.restart_at = Some(Instant::now() + w.backoff);
                     w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
+                } else if w.remove_when_done {
+                    forget(&opts, &mut workloads, &name);
                 }
             }
             Ok(Event::Api(req)) => execute(&opts, &mut workloads, req),
@@ -331,6 +358,18 @@ pub fn run(opts: Options) -> Result<(), String> {
                         tracing::info!("workload {name}: image {} ready", p.digest);
                         w.prepared = Some(p);
                         w.restart_at = Some(Instant::now());
+                    }
+                    Err(e) if w.transient => {
+                        // `cup run` reports it; nobody asked for retries.
+                        tracing::error!(
+                            "workload {name}: image {}: {e}",
+                            w.spec.image.as_deref().unwrap_or_default()
+                        );
+                        w.last_outcome = format!("image failed: {e}");
+                        if w.remove_when_done {
+                            // Kept a little so `cup run` can read why.
+                            w.restart_at = None;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(
@@ -383,8 +422,177 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
         }
         return;
     }
-    let answer = execute_now(workloads, req.action);
+    if let Action::Pull(source) = &req.action {
+        let (store, source) = (opts.state_dir.clone(), source.clone());
+        let pull = PullOptions {
+            insecure: opts.insecure_registries.clone(),
+            credentials: None,
+        };
+        let reply = req.reply;
+        let _ = std::thread::Builder::new()
+            .name("pull".into())
+            .spawn(move || {
+                let answer = crate::image::store::Store::open(&store)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        crate::image::source::pull(&s, &source, &pull, &mut |_| {})
+                            .map_err(|e| chain(&e))
+                    })
+                    .map(|(name, d)| Reply::Pulled {
+                        name,
+                        digest: d.to_string(),
+                    })
+                    .map_err(ApiError::Refused);
+                let _ = reply.send(answer);
+            });
+        return;
+    }
+    let answer = match req.action {
+        Action::Run(spec) => run_workload(workloads, spec),
+        Action::Socket(name) => match workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+                "workload {name:?} is not running"
+            ))),
+            Some(_) => Ok(Reply::Text(vsock_path(opts, &name).display().to_string())),
+        },
+        Action::Remove(name) => match workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) if w.pid.is_some() || w.preparing => Err(ApiError::Refused(format!(
+                "workload {name:?} is running; stop it first (or cup rm -f)"
+            ))),
+            Some(_) => {
+                forget(opts, workloads, &name);
+                Ok(Reply::Done)
+            }
+        },
+        Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
+        action => execute_now(workloads, action),
+    };
     let _ = req.reply.send(answer);
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// Forgets a workload that has ended (its vsock socket goes with it).
+fn forget(opts: &Options, workloads: &mut BTreeMap<String, Workload>, name: &str) {
+    if workloads.remove(name).is_some() {
+        let _ = std::fs::remove_file(vsock_path(opts, name));
+        tracing::info!("workload {name}: removed");
+    }
+}
+
+/// A workload for `cup run`.
+fn run_workload(
+    workloads: &mut BTreeMap<String, Workload>,
+    spec: api::RunSpec,
+) -> Result<Reply, ApiError> {
+    let refused = |s: String| Err(ApiError::Refused(s));
+    crate::image::source::Source::parse(&spec.image)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let name = match spec.name {
+        Some(n) => {
+            if !units::valid_name(&n) {
+                return refused(format!(
+                    "name {n:?}: lowercase letters, digits, '.', '_', '-', at most 64"
+                ));
+            }
+            if workloads.contains_key(&n) {
+                return refused(format!(
+                    "a workload named {n:?} exists; `cup rm {n}` first or pick another name"
+                ));
+            }
+            n
+        }
+        None => (1..)
+            .map(|i| format!("run-{i}"))
+            .find(|n| !workloads.contains_key(n))
+            .unwrap_or_default(),
+    };
+    let memory = match &spec.memory {
+        Some(m) => units::MemSize::try_from(m.as_str())
+            .map_err(|e| ApiError::Refused(format!("memory {m:?}: {e}")))?,
+        None => units::MemSize::default(),
+    };
+    let vcpus = spec.vcpus.unwrap_or(1);
+    if !(1..=32).contains(&vcpus) {
+        return refused(format!("{vcpus} vCPUs: 1 to 32"));
+    }
+    if memory.mib() < 16 || memory.mib() > 3072 {
+        return refused(format!("memory {}MiB: 16 MiB to 3 GiB", memory.mib()));
+    }
+    let section = MicrovmSection {
+        image: Some(spec.image),
+        cmd: spec.cmd,
+        env: spec.env,
+        vcpus,
+        memory,
+        restart: Restart::No,
+        kernel: None,
+        initramfs: None,
+        root: None,
+        volumes: Vec::new(),
+        network: Network::None,
+        memory_backing: Default::default(),
+        huge_pages: false,
+    };
+    let cid = workloads.values().map(|w| w.cid).max().unwrap_or(2) + 1;
+    let mut w = Workload::new(section, cid);
+    w.transient = true;
+    w.remove_when_done = spec.rm;
+    w.attach = spec.attach;
+    w.tty = spec.tty;
+    tracing::info!("workload {name}: created by cup run");
+    workloads.insert(name.clone(), w);
+    Ok(Reply::Text(name))
+}
+
+/// The image store's actions, answered at once.
+fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
+    let store = crate::image::store::Store::open(&opts.state_dir)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let err = |e: crate::image::store::StoreError| ApiError::Refused(chain(&e));
+    match action {
+        Action::Images => Ok(Reply::Images(
+            store
+                .list()
+                .map_err(err)?
+                .into_iter()
+                .map(|i| api::ImageInfo {
+                    name: i.name,
+                    digest: i.digest,
+                    size: i.size,
+                    rootfs: i.rootfs,
+                })
+                .collect(),
+        )),
+        Action::RemoveImage(name) => match store.untag(&name).map_err(err)? {
+            true => Ok(Reply::Done),
+            false => Err(ApiError::Refused(format!(
+                "no image named {name:?}; see `cup images`"
+            ))),
+        },
+        Action::Prune => {
+            let r = store.gc().map_err(err)?;
+            Ok(Reply::Text(format!(
+                "removed {} blobs, {} root images, {} temporary files ({} bytes)",
+                r.blobs, r.rootfs, r.tmp, r.bytes
+            )))
+        }
+        other => Err(ApiError::Refused(format!("{other:?}: not an image action"))),
+    }
 }
 
 /// Executes an action that is answered at once.
@@ -449,7 +657,7 @@ fn execute_now(
             Ok(Reply::Done)
         }
         // Answered by `execute`.
-        Action::Stop(name) => Err(ApiError::Refused(format!("stop {name:?}: internal error"))),
+        other => Err(ApiError::Refused(format!("{other:?}: internal error"))),
     }
 }
 
@@ -711,6 +919,8 @@ fn vm_config(
             volumes,
             network,
             user: process.user,
+            attach: false,
+            tty: false,
         },
         disks,
         vsock: Some(VsockConfig {
@@ -731,11 +941,13 @@ fn start(
     name: &str,
     spec: &MicrovmSection,
     prepared: Option<&Prepared>,
+    (attach, tty): (bool, bool),
     cid: u32,
     tx: mpsc::Sender<Event>,
 ) -> Result<(i32, WorkerControl), String> {
-    let mut config = serde_json::to_vec(&vm_config(opts, name, spec, prepared, cid)?)
-        .map_err(|e| e.to_string())?;
+    let mut vm = vm_config(opts, name, spec, prepared, cid)?;
+    (vm.guest.attach, vm.guest.tty) = (attach, tty);
+    let mut config = serde_json::to_vec(&vm).map_err(|e| e.to_string())?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
         let limits = crate::jail::cgroup::Limits::for_vm(spec.vcpus, spec.memory.mib());

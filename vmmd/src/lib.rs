@@ -10,7 +10,9 @@
 //! [`jail`] confines the worker; [`selftest`] checks KVM with a tiny guest.
 //!
 //! [`api`] is the daemon's D-Bus interface; [`fuzz`] drives the device
-//! models with hostile bytes.
+//! models with hostile bytes. [`image`] is the image store (registries,
+//! layouts, archives; layers to erofs root images); [`attach`] is cup's
+//! side of a workload's stdio over vsock.
 //!
 //! Devices: the serial console, the i8042 reset line, the status port, and
 //! virtio-mmio rng, block, net (tap) and vsock. The worker is confined by
@@ -21,9 +23,11 @@
 
 pub mod api;
 pub mod arch;
+pub mod attach;
 pub mod bench;
 pub mod builder;
 pub mod config;
+pub mod cup_workloads;
 pub mod daemon;
 pub mod devices;
 pub mod fuzz;

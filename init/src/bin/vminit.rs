@@ -10,14 +10,17 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 use steelcup_init::boot::error_chain;
 use steelcup_init::guest::{ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, STATUS_PORT};
+use steelcup_init::stdio;
 use steelcup_init::sys;
 
 fn mounts() -> Result<(), sys::SysError> {
@@ -37,6 +40,14 @@ fn mounts() -> Result<(), sys::SysError> {
         "devpts",
         MsFlags::MS_NOSUID,
         Some("ptmxmode=0666"),
+    )?;
+    sys::mkdir_p(Path::new("/dev/shm"))?;
+    sys::mount(
+        "tmpfs",
+        Path::new("/dev/shm"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
     )?;
     sys::mount(
         "tmpfs",
@@ -235,6 +246,137 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
     }
 }
 
+/// How long vminit waits for `cup run` to attach.
+const ATTACH_WAIT: Duration = Duration::from_secs(60);
+
+/// The command for `argv` inside the workload's root: the workload's
+/// environment with `env` over it, its working directory or `workdir`, its
+/// user or `user`.
+fn command(
+    config: &GuestConfig,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    workdir: Option<&str>,
+    user: Option<&str>,
+) -> Result<Command, String> {
+    let program = argv.first().ok_or("no command to run")?;
+    let mut cmd = Command::new(program);
+    sys::reset_signal_mask(&mut cmd);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(&config.env)
+        .envs(env);
+    if let Some(dir) = workdir.or(config.workdir.as_deref()) {
+        cmd.current_dir(dir);
+    }
+    let has_home = config.env.contains_key("HOME") || env.contains_key("HOME");
+    match user.or(config.user.as_deref()) {
+        Some(user) => {
+            let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+            let c =
+                steelcup_init::guest::resolve_user(user, &read("/etc/passwd"), &read("/etc/group"))
+                    .map_err(|e| format!("user {user:?}: {e}"))?;
+            if !has_home {
+                cmd.env("HOME", &c.home);
+            }
+            sys::run_as(&mut cmd, c.uid, c.gid, c.groups);
+        }
+        None if !has_home => {
+            cmd.env("HOME", "/root");
+        }
+        None => {}
+    }
+    Ok(cmd)
+}
+
+/// Processes started by `cup exec`, by pid: where their status goes. The
+/// main loop reaps every child and hands these theirs.
+static EXECS: Mutex<BTreeMap<i32, mpsc::Sender<ExitStatus>>> = Mutex::new(BTreeMap::new());
+
+fn exec_ended(execs: &BTreeMap<i32, mpsc::Sender<ExitStatus>>, pid: Pid, status: ExitStatus) {
+    if let Some(tx) = execs.get(&pid.as_raw()) {
+        let _ = tx.send(status);
+    }
+}
+
+/// `cup exec`: each connection to the exec port asks for one process.
+fn serve_exec(config: &GuestConfig) -> std::io::Result<()> {
+    let listener = stdio::guest::listen(stdio::EXEC_PORT)?;
+    loop {
+        let Ok(Some(conn)) = stdio::guest::accept(&listener, None) else {
+            continue;
+        };
+        let config = config.clone();
+        std::thread::spawn(move || exec_one(&config, conn));
+    }
+}
+
+fn exec_one(config: &GuestConfig, conn: std::fs::File) {
+    // Byte by byte: what follows the line (stdin frames) stays unread.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = loop {
+        match (&conn).read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break Ok(()),
+            Ok(1) if (line.len() as u64) < stdio::MAX_REQUEST => line.push(byte[0]),
+            Ok(1) => break Err("the request is too long".to_string()),
+            Ok(_) => break Err("the connection ended".to_string()),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let request: stdio::ExecRequest =
+        match read.and_then(|_| serde_json::from_slice(&line).map_err(|e| e.to_string())) {
+            Ok(r) => r,
+            Err(e) => {
+                return stdio::guest::refuse(conn, &format!("bad exec request: {e}"), libc::EINVAL)
+            }
+        };
+    let cmd = match command(
+        config,
+        &request.argv,
+        &request.env,
+        request.workdir.as_deref(),
+        request.user.as_deref(),
+    ) {
+        Ok(c) => c,
+        Err(e) => return stdio::guest::refuse(conn, &e, libc::EINVAL),
+    };
+    let (tx, rx) = mpsc::channel();
+    // Registered before the main loop can reap it: the lock is held from
+    // before the fork until the pid is in the map.
+    let attached = {
+        let mut execs = EXECS.lock().unwrap_or_else(|p| p.into_inner());
+        let refuse_conn = conn.try_clone();
+        match stdio::guest::spawn(cmd, conn, request.tty) {
+            Ok(a) => {
+                execs.insert(a.pid as i32, tx);
+                a
+            }
+            Err(e) => {
+                if let Ok(c) = refuse_conn {
+                    stdio::guest::refuse(
+                        c,
+                        &format!(
+                            "cannot run {}: {e}",
+                            request.argv.first().map(String::as_str).unwrap_or("")
+                        ),
+                        e.raw_os_error().unwrap_or(libc::ENOENT),
+                    );
+                }
+                return;
+            }
+        }
+    };
+    let pid = attached.pid as i32;
+    let status = rx.recv().unwrap_or(ExitStatus::StartFailed { errno: 0 });
+    EXECS.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+    attached.finish(status);
+}
+
 /// Brings the interface up with its address and default route.
 fn configure_network(net: &steelcup_init::guest::GuestNetwork) -> Result<(), String> {
     let (addr, prefix) = steelcup_init::network::parse_cidr(&net.address)?;
@@ -300,40 +442,60 @@ fn run() -> ExitStatus {
         Ok(s) => s,
         Err(e) => return fail(&error_chain(&e), libc::EIO),
     };
-    let mut cmd = Command::new(program);
-    sys::reset_signal_mask(&mut cmd);
-    cmd.args(&config.cmd[1..])
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .envs(&config.env)
-        .process_group(0);
-    if let Some(dir) = &config.workdir {
-        cmd.current_dir(dir);
-    }
-    if let Some(user) = &config.user {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        match steelcup_init::guest::resolve_user(user, &read("/etc/passwd"), &read("/etc/group")) {
-            Ok(c) => {
-                if !config.env.contains_key("HOME") {
-                    cmd.env("HOME", &c.home);
-                }
-                sys::run_as(&mut cmd, c.uid, c.gid, c.groups);
-            }
-            Err(e) => return fail(&format!("user {user:?}: {e}"), libc::EINVAL),
+    let cmd = match command(&config, &config.cmd, &BTreeMap::new(), None, None) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, libc::EINVAL),
+    };
+    let exec_config = config.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = serve_exec(&exec_config) {
+            eprintln!("vminit: no vsock exec port: {e}");
         }
-    } else if !config.env.contains_key("HOME") {
-        cmd.env("HOME", "/root");
-    }
-    let main = match cmd.spawn() {
-        Ok(child) => Pid::from_raw(child.id() as i32),
-        Err(e) => {
-            return fail(
-                &format!("cannot run {program}: {e}"),
-                e.raw_os_error().unwrap_or(libc::ENOENT),
-            )
+    });
+    // `cup run`: the workload's stdio is the host's connection, once it comes.
+    let conn = if config.attach {
+        match stdio::guest::listen(stdio::ATTACH_PORT)
+            .and_then(|l| stdio::guest::accept(&l, Some(ATTACH_WAIT)))
+        {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => {
+                eprintln!(
+                    "vminit: nobody attached within {}s; output goes to the console",
+                    ATTACH_WAIT.as_secs()
+                );
+                None
+            }
+            Err(e) => return fail(&format!("attach port: {e}"), libc::EIO),
+        }
+    } else {
+        None
+    };
+    let (main, mut attached) = match conn {
+        Some(conn) => {
+            let told = conn.try_clone();
+            match stdio::guest::spawn(cmd, conn, config.tty) {
+                Ok(a) => (Pid::from_raw(a.pid as i32), Some(a)),
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::ENOENT);
+                    let why = format!("cannot run {program}: {e}");
+                    if let Ok(c) = told {
+                        stdio::guest::refuse(c, &format!("vminit: {why}"), errno);
+                    }
+                    return fail(&why, errno);
+                }
+            }
+        }
+        None => {
+            let mut cmd = cmd;
+            match cmd.process_group(0).spawn() {
+                Ok(child) => (Pid::from_raw(child.id() as i32), None),
+                Err(e) => {
+                    return fail(
+                        &format!("cannot run {program}: {e}"),
+                        e.raw_os_error().unwrap_or(libc::ENOENT),
+                    )
+                }
+            }
         }
     };
     std::thread::spawn(move || {
@@ -341,33 +503,50 @@ fn run() -> ExitStatus {
             eprintln!("vminit: no vsock control port: {e}");
         }
     });
+    let finish = |attached: &mut Option<stdio::guest::Attached>, status: ExitStatus| {
+        if let Some(a) = attached.take() {
+            a.finish(status);
+        }
+        status
+    };
     // Reap everything; the workload's own exit, or a reboot/poweroff request
     // from inside the guest, decides the VM's status.
     loop {
+        // Never reap while an exec is being spawned: std's spawn waits for
+        // a child whose exec failed, and must find it (EXECS is held across
+        // the spawn).
+        let execs = EXECS.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) if pid == main => {
-                    return ExitStatus::Exited { code: code as u8 }
+                    return finish(&mut attached, ExitStatus::Exited { code: code as u8 });
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
-                    return ExitStatus::Killed { signal: sig as u8 }
+                    return finish(&mut attached, ExitStatus::Killed { signal: sig as u8 });
+                }
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    exec_ended(&execs, pid, ExitStatus::Exited { code: code as u8 })
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    exec_ended(&execs, pid, ExitStatus::Killed { signal: sig as u8 })
                 }
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return fail(&format!("waitpid: {e}"), e as i32),
             }
         }
+        drop(execs);
         let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::NONE);
         while let Ok(Some(info)) = signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => {
                     eprintln!("vminit: reboot requested");
-                    return ExitStatus::Rebooted;
+                    return finish(&mut attached, ExitStatus::Rebooted);
                 }
                 Ok(Signal::SIGUSR1 | Signal::SIGUSR2) => {
                     eprintln!("vminit: power-off requested");
-                    return ExitStatus::PoweredOff;
+                    return finish(&mut attached, ExitStatus::PoweredOff);
                 }
                 _ => {}
             }
@@ -383,6 +562,8 @@ fn main() {
     let status = std::panic::catch_unwind(run).unwrap_or(ExitStatus::StartFailed { errno: 0 });
     // Ask the rest of the guest's processes to end, give them up to two
     // seconds, then kill what is left.
+    // No exec may be spawning from here on (see the main loop).
+    let _no_more_execs = EXECS.lock().unwrap_or_else(|p| p.into_inner());
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     for _ in 0..100 {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {

@@ -264,6 +264,53 @@ pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u
     };
 }
 
+/// Makes `cmd`'s child the leader of a new session whose controlling
+/// terminal is its stdin (a pty slave).
+pub fn new_session_with_tty(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec; setsid and the
+    // TIOCSCTTY ioctl on fd 0 (already the pty slave) are
+    // async-signal-safe and touch no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+/// The size (rows, columns) of the terminal `tty`, if it is one.
+pub fn window_size(tty: &impl std::os::fd::AsRawFd) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize through the pointer, which
+    // points at a live local of that type.
+    let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Sets the size of the terminal `tty` (a pty master).
+pub fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which points
+    // at a live local of that type.
+    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A unit's `sd_notify` socket: a datagram socket that receives `READY=1`.
 /// Each unit has its own, so the socket says whose a message is.
 #[derive(Debug)]

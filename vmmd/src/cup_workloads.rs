@@ -1,0 +1,332 @@
+//! `cup run`, `cup exec`, `cup rm` and the image verbs (`pull`, `images`,
+//! `rmi`, `image prune`): docker-like, against vmmd's `org.steelcup.Vmm1`.
+
+use crate::api::{RunSpec, Vmm1ClientProxy};
+use crate::attach;
+use std::time::Duration;
+use steelcup_init::stdio::{ExecRequest, ATTACH_PORT};
+
+/// A D-Bus error as the daemon worded it.
+pub fn api_err(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(desc), _) => desc,
+        other => other.to_string(),
+    }
+}
+
+fn env_pair(v: &str) -> Result<(String, String), String> {
+    match v.split_once('=') {
+        Some((k, val)) if !k.is_empty() => Ok((k.to_string(), val.to_string())),
+        _ => match std::env::var(v) {
+            // `-e NAME` passes cup's own value, as docker does.
+            Ok(val) if !v.is_empty() => Ok((v.to_string(), val)),
+            _ => Err(format!("-e {v:?}: expected NAME=VALUE")),
+        },
+    }
+}
+
+/// Splits `-it`-style flag clusters; stops at the first non-flag (the
+/// image or the workload name), after which everything is the command.
+fn flags(
+    args: &[String],
+    with_value: &[&str],
+) -> Result<(Vec<(String, Option<String>)>, Vec<String>), String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "--" {
+            i += 1;
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            break;
+        }
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        if with_value.contains(&name.as_str()) {
+            let v = match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    args.get(i)
+                        .cloned()
+                        .ok_or_else(|| format!("{name} needs a value"))?
+                }
+            };
+            out.push((name, Some(v)));
+        } else if !name.starts_with("--") && name.len() > 2 {
+            // -it, -dt, ...
+            for c in name[1..].chars() {
+                out.push((format!("-{c}"), None));
+            }
+        } else {
+            out.push((name, None));
+        }
+        i += 1;
+    }
+    Ok((out, args[i..].to_vec()))
+}
+
+/// `cup run [-d] [--rm] [-i] [-t] [--name N] [-e K=V]... [--cpus N]
+/// [--memory SIZE] IMAGE [CMD...]`; returns cup's exit code.
+pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    let (flags, rest) = flags(
+        args,
+        &[
+            "--name",
+            "-e",
+            "--env",
+            "--cpus",
+            "--memory",
+            "-m",
+            "-v",
+            "--volume",
+            "-p",
+            "--publish",
+        ],
+    )?;
+    let mut spec = RunSpec {
+        attach: true,
+        ..Default::default()
+    };
+    let mut stdin = false;
+    for (f, v) in flags {
+        let v = v.unwrap_or_default();
+        match f.as_str() {
+            "-d" | "--detach" => spec.attach = false,
+            "--rm" => spec.rm = true,
+            "-i" | "--interactive" => stdin = true,
+            "-t" | "--tty" => spec.tty = true,
+            "--name" => spec.name = Some(v),
+            "-e" | "--env" => {
+                let (k, val) = env_pair(&v)?;
+                spec.env.insert(k, val);
+            }
+            "--cpus" => spec.vcpus = Some(v.parse().map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?),
+            "--memory" | "-m" => spec.memory = Some(v),
+            "-v" | "--volume" | "-p" | "--publish" => {
+                return Err(format!("{f}: volumes and published ports for `cup run` are not supported yet; declare volumes in a [microvm] unit"))
+            }
+            other => return Err(format!("run: unknown flag {other:?}; see `cup help`")),
+        }
+    }
+    let Some((image, cmd)) = rest.split_first() else {
+        return Err(
+            "run needs an image, like `cup run --rm oci-archive:/path/image.tar sh -c 'echo hi'`"
+                .into(),
+        );
+    };
+    spec.image = image.clone();
+    spec.cmd = cmd.to_vec();
+    if !spec.attach {
+        spec.tty = false;
+    }
+    let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+    let name = p.run(&json).map_err(api_err)?;
+    if !spec.attach {
+        println!("{name}");
+        return Ok(0);
+    }
+    let conn = attach::connect_when_ready(
+        &mut || vm_socket(p, &name),
+        ATTACH_PORT,
+        Duration::from_secs(900),
+    )?;
+    match attach::session(conn, stdin, spec.tty) {
+        Ok(status) => Ok(attach::exit_code(status)),
+        Err(e) => Err(format!("{name}: {e}{}", outcome(p, &name))),
+    }
+}
+
+/// How workload `name` last ended, as `; OUTCOME`, if vmmd still knows it.
+fn outcome(p: &Vmm1ClientProxy<'static>, name: &str) -> String {
+    std::thread::sleep(Duration::from_millis(200));
+    p.list()
+        .ok()
+        .and_then(|l| l.into_iter().find(|v| v.name == name))
+        .filter(|v| !v.last_outcome.is_empty())
+        .map(|v| format!("; {}", v.last_outcome))
+        .unwrap_or_default()
+}
+
+/// The VM's vsock socket once it runs; an error once it will not.
+fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>, String> {
+    if let Ok(path) = p.socket(name) {
+        return Ok(Some(path));
+    }
+    let vms = p.list().map_err(api_err)?;
+    match vms.into_iter().find(|v| v.name == name) {
+        None => Err(format!("workload {name} is gone")),
+        Some(v) if v.state == "ended" && !v.last_outcome.is_empty() => {
+            Err(format!("{name}: {}", v.last_outcome))
+        }
+        Some(_) => Ok(None),
+    }
+}
+
+/// `cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...`.
+pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    let (flags, rest) = flags(args, &["-e", "--env", "-w", "--workdir", "-u", "--user"])?;
+    let mut request = ExecRequest::default();
+    let mut stdin = false;
+    for (f, v) in flags {
+        let v = v.unwrap_or_default();
+        match f.as_str() {
+            "-i" | "--interactive" => stdin = true,
+            "-t" | "--tty" => request.tty = true,
+            "-e" | "--env" => {
+                let (k, val) = env_pair(&v)?;
+                request.env.insert(k, val);
+            }
+            "-w" | "--workdir" => request.workdir = Some(v),
+            "-u" | "--user" => request.user = Some(v),
+            other => return Err(format!("exec: unknown flag {other:?}; see `cup help`")),
+        }
+    }
+    let (name, argv) = match rest.split_first() {
+        Some((n, a)) if !a.is_empty() => (n, a),
+        _ => return Err("exec needs a workload and a command, like `cup exec web ls /`".into()),
+    };
+    request.argv = argv.to_vec();
+    let uds = p.socket(name).map_err(api_err)?;
+    let conn = attach::start_exec(std::path::Path::new(&uds), &request)?;
+    let status = attach::session(conn, stdin, request.tty).map_err(|e| format!("{name}: {e}"))?;
+    Ok(attach::exit_code(status))
+}
+
+/// `cup rm [-f] NAME...`: forgets ended workloads (`-f` stops them first).
+pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    let force = args.iter().any(|a| a == "-f" || a == "--force");
+    let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if names.is_empty() {
+        return Err("rm needs a workload name (see `cup ps`)".into());
+    }
+    for n in names {
+        if force {
+            let _ = p.stop(n);
+        }
+        p.remove(n).map_err(api_err)?;
+        println!("{n}");
+    }
+    Ok(0)
+}
+
+/// `cup pull SOURCE`, `cup images`, `cup rmi NAME`, `cup image prune`.
+pub fn image_verb(
+    p: &Vmm1ClientProxy<'static>,
+    verb: &str,
+    args: &[String],
+    json: bool,
+) -> Result<u8, String> {
+    match verb {
+        "pull" => {
+            let source = args
+                .first()
+                .ok_or("pull needs an image, like `cup pull localhost:5000/app:1`")?;
+            let started = std::time::Instant::now();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let spinner = tty.then(|| {
+                let done = done.clone();
+                let source = source.clone();
+                std::thread::spawn(move || {
+                    let frames = ['|', '/', '-', '\\'];
+                    let mut i = 0;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprint!(
+                            "\rpulling {source} {} {:.0}s",
+                            frames[i % 4],
+                            started.elapsed().as_secs_f64()
+                        );
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    eprint!("\r\x1b[2K");
+                })
+            });
+            let result = p.pull(source);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(s) = spinner {
+                let _ = s.join();
+            }
+            let (name, digest) = result.map_err(api_err)?;
+            println!("{name} {digest}");
+        }
+        "images" => {
+            let images = p.images().map_err(api_err)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&images).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("{:<56} {:<19} {:>10}  ROOT IMAGE", "NAME", "DIGEST", "SIZE");
+                for i in images {
+                    println!(
+                        "{:<56} {:<19} {:>10}  {}",
+                        i.name,
+                        &i.digest[..19.min(i.digest.len())],
+                        crate::image::cli::human(i.size),
+                        if i.rootfs { "built" } else { "-" }
+                    );
+                }
+            }
+        }
+        "rmi" => {
+            let name = args
+                .first()
+                .ok_or("rmi needs an image name (see `cup images`)")?;
+            p.remove_image(name).map_err(api_err)?;
+            println!("untagged {name}");
+        }
+        "prune" => println!("{}", p.prune().map_err(api_err)?),
+        other => return Err(format!("unknown image verb {other:?}")),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_stop_at_the_image_and_split_clusters() {
+        let (f, rest) = flags(
+            &s(&[
+                "-it", "--rm", "--name", "web", "-e", "A=1", "img", "sh", "-c", "x",
+            ]),
+            &["--name", "-e"],
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            vec![
+                ("-i".to_string(), None),
+                ("-t".to_string(), None),
+                ("--rm".to_string(), None),
+                ("--name".to_string(), Some("web".to_string())),
+                ("-e".to_string(), Some("A=1".to_string())),
+            ]
+        );
+        assert_eq!(rest, s(&["img", "sh", "-c", "x"]));
+        let (f, rest) = flags(&s(&["--memory=64MiB", "--", "-img"]), &["--memory"]).unwrap();
+        assert_eq!(f, vec![("--memory".to_string(), Some("64MiB".to_string()))]);
+        assert_eq!(rest, s(&["-img"]));
+        assert!(flags(&s(&["--name"]), &["--name"])
+            .unwrap_err()
+            .contains("needs a value"));
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(env_pair("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(env_pair("=x").is_err());
+    }
+}
