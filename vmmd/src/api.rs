@@ -50,6 +50,18 @@ pub enum Action {
     RemoveImage(String),
     /// Garbage-collect the store.
     Prune,
+    /// Pulls in flight and how far each is.
+    Pulls,
+}
+
+/// How far a pull is: the blob it is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct PullInfo {
+    /// What is being pulled, as asked.
+    pub source: String,
+    pub digest: String,
+    pub done: u64,
+    pub total: u64,
 }
 
 /// What `cup run` asks for (JSON on the bus; unknown fields are refused).
@@ -124,6 +136,7 @@ pub enum Reply {
         digest: String,
     },
     Images(Vec<ImageInfo>),
+    Pulls(Vec<PullInfo>),
 }
 
 /// Why an action was refused.
@@ -258,6 +271,16 @@ impl Vmm1 {
         self.call(Action::RemoveImage(name)).await.map(|_| ())
     }
 
+    /// Pulls in flight (by `Pull` or for a unit): (source, blob digest,
+    /// bytes done, bytes in the blob). `cup pull` draws its progress bar
+    /// from this.
+    async fn pulls(&self) -> Result<Vec<PullInfo>, Vmm1Error> {
+        match self.call(Action::Pulls).await? {
+            Reply::Pulls(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
     /// Removes what no image name reaches; answers what went.
     async fn prune(&self) -> Result<String, Vmm1Error> {
         self.text(Action::Prune).await
@@ -306,6 +329,7 @@ pub trait Vmm1Client {
     fn images(&self) -> zbus::Result<Vec<ImageInfo>>;
     fn remove_image(&self, name: &str) -> zbus::Result<()>;
     fn prune(&self) -> zbus::Result<String>;
+    fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
 }
 
 /// Connects to vmmd at `socket`.

@@ -154,12 +154,13 @@ fn outcome(p: &Vmm1ClientProxy<'static>, name: &str) -> String {
 
 /// The VM's vsock socket once it runs; an error once it will not.
 fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>, String> {
-    if let Ok(path) = p.socket(name) {
-        return Ok(Some(path));
-    }
+    let why = match p.socket(name) {
+        Ok(path) => return Ok(Some(path)),
+        Err(e) => api_err(e),
+    };
     let vms = p.list().map_err(api_err)?;
     match vms.into_iter().find(|v| v.name == name) {
-        None => Err(format!("workload {name} is gone")),
+        None => Err(why),
         Some(v) if v.state == "ended" && !v.last_outcome.is_empty() => {
             Err(format!("{name}: {}", v.last_outcome))
         }
@@ -214,6 +215,32 @@ pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
     Ok(0)
 }
 
+/// One line of progress: `sha256:0123456789ab [#####     ] 12.0 MiB/40.1 MiB`.
+pub fn progress_bar(p: &crate::api::PullInfo) -> String {
+    let width = 30;
+    let filled = if p.total == 0 {
+        width
+    } else {
+        ((p.done.min(p.total) * width as u64) / p.total) as usize
+    };
+    format!(
+        "{} [{}{}] {}/{}",
+        &p.digest[..19.min(p.digest.len())],
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        crate::image::cli::human(p.done),
+        crate::image::cli::human(p.total)
+    )
+}
+
+/// A new connection to vmmd (for a call made from another thread).
+fn connect_again() -> Result<Vmm1ClientProxy<'static>, String> {
+    let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::api::DEFAULT_SOCKET.into());
+    crate::api::connect(&socket)
+}
+
 /// `cup pull SOURCE`, `cup images`, `cup rmi NAME`, `cup image prune`.
 pub fn image_verb(
     p: &Vmm1ClientProxy<'static>,
@@ -225,34 +252,37 @@ pub fn image_verb(
         "pull" => {
             let source = args
                 .first()
-                .ok_or("pull needs an image, like `cup pull localhost:5000/app:1`")?;
-            let started = std::time::Instant::now();
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let spinner = tty.then(|| {
-                let done = done.clone();
+                .ok_or("pull needs an image, like `cup pull localhost:5000/app:1`")?
+                .clone();
+            // The pull is one call on its own connection; this one polls
+            // `Pulls` to draw the bar meanwhile.
+            let call = std::thread::spawn({
                 let source = source.clone();
-                std::thread::spawn(move || {
-                    let frames = ['|', '/', '-', '\\'];
-                    let mut i = 0;
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        eprint!(
-                            "\rpulling {source} {} {:.0}s",
-                            frames[i % 4],
-                            started.elapsed().as_secs_f64()
-                        );
-                        i += 1;
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    eprint!("\r\x1b[2K");
-                })
+                move || -> Result<(String, String), String> {
+                    connect_again()?.pull(&source).map_err(api_err)
+                }
             });
-            let result = p.pull(source);
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(s) = spinner {
-                let _ = s.join();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut drawn = false;
+            while !call.is_finished() {
+                if tty {
+                    if let Some(pi) = p
+                        .pulls()
+                        .ok()
+                        .and_then(|v| v.into_iter().find(|x| x.source == source))
+                    {
+                        eprint!("\r\x1b[2K{}", progress_bar(&pi));
+                        drawn = true;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(150));
             }
-            let (name, digest) = result.map_err(api_err)?;
+            if drawn {
+                eprint!("\r\x1b[2K");
+            }
+            let (name, digest) = call
+                .join()
+                .map_err(|_| "the pull thread failed".to_string())??;
             println!("{name} {digest}");
         }
         "images" => {
@@ -322,6 +352,32 @@ mod tests {
         assert!(flags(&s(&["--name"]), &["--name"])
             .unwrap_err()
             .contains("needs a value"));
+    }
+
+    #[test]
+    fn the_progress_bar_fills_with_the_bytes() {
+        let p = |done, total| crate::api::PullInfo {
+            source: "s".into(),
+            digest: "sha256:0123456789abcdef".into(),
+            done,
+            total,
+        };
+        assert_eq!(
+            progress_bar(&p(0, 100)),
+            format!("sha256:0123456789ab [{}] 0 B/100 B", " ".repeat(30))
+        );
+        assert_eq!(
+            progress_bar(&p(50, 100)),
+            format!(
+                "sha256:0123456789ab [{}{}] 50 B/100 B",
+                "#".repeat(15),
+                " ".repeat(15)
+            )
+        );
+        assert!(
+            progress_bar(&p(200, 100)).contains(&"#".repeat(30)),
+            "never past full"
+        );
     }
 
     #[test]

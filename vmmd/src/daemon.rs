@@ -60,6 +60,47 @@ pub struct Options {
     pub jail: bool,
     /// Registries (`host[:port]`) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Pulls in flight, by source: shared by the threads doing them and
+    /// the API.
+    pub pulls: Pulls,
+    /// How the last removed workloads (`cup run --rm`) ended, newest last,
+    /// so `cup run` can say why a VM it waited for is gone.
+    pub removed: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, String)>>>,
+}
+
+/// How many removed workloads' outcomes vmmd remembers.
+const REMEMBER_REMOVED: usize = 64;
+
+/// Pulls in flight, by source.
+pub type Pulls = std::sync::Arc<std::sync::Mutex<BTreeMap<String, api::PullInfo>>>;
+
+/// A progress callback that records a pull of `source` in `pulls`, and a
+/// guard that forgets it when dropped.
+fn track(pulls: &Pulls, source: &str) -> (impl FnMut(crate::image::source::Progress), PullGuard) {
+    let (p, s) = (pulls.clone(), source.to_string());
+    let report = move |x: crate::image::source::Progress| {
+        let info = api::PullInfo {
+            source: s.clone(),
+            digest: x.digest,
+            done: x.done,
+            total: x.total,
+        };
+        p.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s.clone(), info);
+    };
+    (report, PullGuard(pulls.clone(), source.to_string()))
+}
+
+struct PullGuard(Pulls, String);
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
 }
 
 /// Where vmmd keeps runtime files on the appliance.
@@ -366,9 +407,9 @@ pub fn run(opts: Options) -> Result<(), String> {
                             w.spec.image.as_deref().unwrap_or_default()
                         );
                         w.last_outcome = format!("image failed: {e}");
+                        w.restart_at = None;
                         if w.remove_when_done {
-                            // Kept a little so `cup run` can read why.
-                            w.restart_at = None;
+                            forget(&opts, &mut workloads, &name);
                         }
                     }
                     Err(e) => {
@@ -429,13 +470,15 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
             credentials: None,
         };
         let reply = req.reply;
+        let pulls = opts.pulls.clone();
         let _ = std::thread::Builder::new()
             .name("pull".into())
             .spawn(move || {
+                let (mut progress, _guard) = track(&pulls, &source);
                 let answer = crate::image::store::Store::open(&store)
                     .map_err(|e| e.to_string())
                     .and_then(|s| {
-                        crate::image::source::pull(&s, &source, &pull, &mut |_| {})
+                        crate::image::source::pull(&s, &source, &pull, &mut progress)
                             .map_err(|e| chain(&e))
                     })
                     .map(|(name, d)| Reply::Pulled {
@@ -450,7 +493,15 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
     let answer = match req.action {
         Action::Run(spec) => run_workload(workloads, spec),
         Action::Socket(name) => match workloads.get(&name) {
-            None => Err(ApiError::NoSuchVm(name)),
+            None => {
+                let removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
+                match removed.iter().rev().find(|(n, _)| *n == name) {
+                    Some((_, outcome)) => Err(ApiError::Refused(format!(
+                        "workload {name:?} ended ({outcome}) and was removed"
+                    ))),
+                    None => Err(ApiError::NoSuchVm(name)),
+                }
+            }
             Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
                 "workload {name:?} is not running"
             ))),
@@ -467,6 +518,14 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
             }
         },
         Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
+        Action::Pulls => Ok(Reply::Pulls(
+            opts.pulls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+        )),
         action => execute_now(workloads, action),
     };
     let _ = req.reply.send(answer);
@@ -488,7 +547,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Forgets a workload that has ended (its vsock socket goes with it).
 fn forget(opts: &Options, workloads: &mut BTreeMap<String, Workload>, name: &str) {
-    if workloads.remove(name).is_some() {
+    if let Some(w) = workloads.remove(name) {
+        let mut removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
+        removed.retain(|(n, _)| n != name);
+        removed.push_back((name.to_string(), w.last_outcome));
+        while removed.len() > REMEMBER_REMOVED {
+            removed.pop_front();
+        }
         let _ = std::fs::remove_file(vsock_path(opts, name));
         tracing::info!("workload {name}: removed");
     }
@@ -825,13 +890,15 @@ fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event
         insecure: opts.insecure_registries.clone(),
         credentials: None,
     };
+    let pulls = opts.pulls.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("prepare-{name}"))
         .spawn({
             let tx = tx.clone();
             let name = name.clone();
             move || {
-                let result = crate::image::workload::prepare(&store, &image, &pull);
+                let (mut progress, _guard) = track(&pulls, &image);
+                let result = crate::image::workload::prepare(&store, &image, &pull, &mut progress);
                 let _ = tx.send(Event::Prepared { name, result });
             }
         });
@@ -1094,5 +1161,7 @@ pub fn default_options(units: &Path) -> Options {
             .then(|| crate::jail::cgroup::DEFAULT_ROOT.into()),
         jail: nix::unistd::geteuid().is_root(),
         insecure_registries: Vec::new(),
+        pulls: Default::default(),
+        removed: Default::default(),
     }
 }

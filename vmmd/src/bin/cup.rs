@@ -275,7 +275,16 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 }
             }
         }
-        Some("run") => return code(vmmd::cup_workloads::run(&vmmd()?, &args[1..])),
+        // As docker run: 125 when cup run itself fails, else the workload's code.
+        Some("run") => {
+            return match vmmd().and_then(|p| vmmd::cup_workloads::run(&p, &args[1..])) {
+                Ok(c) => Ok(ExitCode::from(c)),
+                Err(e) => {
+                    eprintln!("cup: {e}");
+                    Ok(ExitCode::from(125))
+                }
+            }
+        }
         Some("exec") => return code(vmmd::cup_workloads::exec(&vmmd()?, &args[1..])),
         Some("rm") => return code(vmmd::cup_workloads::rm(&vmmd()?, &args[1..])),
         Some(verb @ ("pull" | "images" | "rmi")) => {

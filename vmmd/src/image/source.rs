@@ -551,7 +551,13 @@ fn pull_registry(
             let (bytes, _) = client
                 .pull_manifest_raw(&target, &auth, &accepted)
                 .await
-                .map_err(|e| err(chain(&e)))?;
+                .map_err(|e| {
+                    let mut what = chain(&e);
+                    if what.contains("InvalidContentType") {
+                        what.push_str(" (an HTTPS request got a plain-HTTP answer: is this an insecure registry? Name it with --insecure-registry HOST:PORT)");
+                    }
+                    err(what)
+                })?;
             if bytes.len() as u64 > MAX_JSON {
                 return Err(err("the manifest is too large".into()));
             }

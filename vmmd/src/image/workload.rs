@@ -94,7 +94,12 @@ impl Process {
 
 /// Makes `image` ready to boot from the store at `store_dir`: pulled if
 /// it is not there, its root image built.
-pub fn prepare(store_dir: &Path, image: &str, opts: &PullOptions) -> Result<Prepared, String> {
+pub fn prepare(
+    store_dir: &Path,
+    image: &str,
+    opts: &PullOptions,
+    progress: &mut dyn FnMut(source::Progress),
+) -> Result<Prepared, String> {
     // One preparation at a time: two units of one image pull it and build
     // its root image once, not side by side.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -107,7 +112,7 @@ pub fn prepare(store_dir: &Path, image: &str, opts: &PullOptions) -> Result<Prep
         Ok(d) => d,
         Err(_) => {
             tracing::info!("image {image}: pulling");
-            source::pull(&store, image, opts, &mut |_| {})
+            source::pull(&store, image, opts, progress)
                 .map_err(|e| chain(&e))?
                 .1
         }
