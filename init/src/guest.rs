@@ -60,6 +60,53 @@ pub struct GuestConfig {
     /// With `attach`: the workload gets a terminal.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tty: bool,
+    /// Resource limits (soft and hard) by name; `nofile` is 1048576 unless
+    /// given, as container runtimes set it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rlimits: BTreeMap<String, u64>,
+}
+
+/// The resource limits a workload may set, by the names `ulimit` and
+/// `docker run --ulimit` use.
+pub const RLIMITS: &[(&str, i32)] = &[
+    ("as", libc::RLIMIT_AS as i32),
+    ("core", libc::RLIMIT_CORE as i32),
+    ("cpu", libc::RLIMIT_CPU as i32),
+    ("data", libc::RLIMIT_DATA as i32),
+    ("fsize", libc::RLIMIT_FSIZE as i32),
+    ("locks", libc::RLIMIT_LOCKS as i32),
+    ("memlock", libc::RLIMIT_MEMLOCK as i32),
+    ("msgqueue", libc::RLIMIT_MSGQUEUE as i32),
+    ("nice", libc::RLIMIT_NICE as i32),
+    ("nofile", libc::RLIMIT_NOFILE as i32),
+    ("nproc", libc::RLIMIT_NPROC as i32),
+    ("rss", libc::RLIMIT_RSS as i32),
+    ("rtprio", libc::RLIMIT_RTPRIO as i32),
+    ("rttime", libc::RLIMIT_RTTIME as i32),
+    ("sigpending", libc::RLIMIT_SIGPENDING as i32),
+    ("stack", libc::RLIMIT_STACK as i32),
+];
+
+/// The default open-files limit of a workload.
+pub const DEFAULT_NOFILE: u64 = 1 << 20;
+
+/// Checks limit names (and that `nofile` stays within what Linux allows).
+pub fn check_rlimits(limits: &BTreeMap<String, u64>) -> Result<(), String> {
+    for (name, value) in limits {
+        if !RLIMITS.iter().any(|(n, _)| n == name) {
+            let known: Vec<&str> = RLIMITS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "unknown limit {name:?} (one of {})",
+                known.join(", ")
+            ));
+        }
+        if name == "nofile" && *value > DEFAULT_NOFILE {
+            return Err(format!(
+                "nofile {value}: at most {DEFAULT_NOFILE} (the kernel's nr_open)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The ids a workload runs with, resolved inside its root filesystem.
@@ -311,6 +358,7 @@ mod tests {
             user: Some("app:staff".into()),
             attach: true,
             tty: false,
+            rlimits: [("nofile".to_string(), 1024)].into(),
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);
@@ -319,6 +367,19 @@ mod tests {
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234:app:/work:/bin/sh\nnohome:x:7:8:::/bin/false\nbroken line\n";
     const GROUP: &str = "root:x:0:\nstaff:x:50:app,other\nwheel:x:10:app\napp:x:1234:\n";
+
+    #[test]
+    fn rlimit_names_are_checked() {
+        let l = |n: &str, v| [(n.to_string(), v)].into();
+        assert!(check_rlimits(&l("nofile", 1024)).is_ok());
+        assert!(check_rlimits(&l("nproc", 10)).is_ok());
+        assert!(check_rlimits(&l("files", 1))
+            .unwrap_err()
+            .contains("unknown limit \"files\""));
+        assert!(check_rlimits(&l("nofile", 1 << 30))
+            .unwrap_err()
+            .contains("at most"));
+    }
 
     #[test]
     fn users_resolve_like_runc() {

@@ -100,8 +100,9 @@ fn scenario(g: &mut Guest) -> Result<String> {
     // as cup's, stdin from the host, env overrides; cup exec into a
     // detached workload as its user or another, with exit codes; --rm
     // leaves nothing behind.
-    g.wait_for("driver: run says: hi", STEP)?;
+    g.wait_for("driver: run says: hi, open files 1048576", STEP)?;
     g.wait_for("driver: run says: oops", STEP)?;
+    g.wait_for("driver: limited: open files 512", STEP)?;
     g.wait_for("driver: cup run exited 3", STEP)?;
     g.wait_for("driver: hey, got: a line from the host", STEP)?;
     g.wait_for("driver: detached: sleeper", STEP)?;

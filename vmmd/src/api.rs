@@ -93,6 +93,9 @@ pub struct RunSpec {
     /// Forget the workload once it has ended.
     #[serde(default)]
     pub rm: bool,
+    /// Resource limits by name (`nofile`, `nproc`, ...).
+    #[serde(default)]
+    pub rlimits: std::collections::BTreeMap<String, u64>,
 }
 
 /// An image in the store as the API shows it.

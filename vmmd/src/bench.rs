@@ -105,6 +105,7 @@ fn run(args: &[String]) -> Result<(), String> {
             user: None,
             attach: false,
             tty: false,
+            rlimits: Default::default(),
         },
         disks: vec![],
         vsock: None,

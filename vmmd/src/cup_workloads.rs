@@ -71,7 +71,8 @@ fn flags(
 }
 
 /// `cup run [-d] [--rm] [-i] [-t] [--name N] [-e K=V]... [--cpus N]
-/// [--memory SIZE] IMAGE [CMD...]`; returns cup's exit code.
+/// [--memory SIZE] [--ulimit NAME=N]... IMAGE [CMD...]`; returns cup's
+/// exit code.
 pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
     let (flags, rest) = flags(
         args,
@@ -82,6 +83,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "--cpus",
             "--memory",
             "-m",
+            "--ulimit",
             "-v",
             "--volume",
             "-p",
@@ -107,6 +109,13 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             }
             "--cpus" => spec.vcpus = Some(v.parse().map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?),
             "--memory" | "-m" => spec.memory = Some(v),
+            "--ulimit" => {
+                // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
+                let (n, val) = v.split_once('=').ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;
+                let val = val.rsplit(':').next().unwrap_or(val);
+                let val = val.parse().map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
+                spec.rlimits.insert(n.to_string(), val);
+            }
             "-v" | "--volume" | "-p" | "--publish" => {
                 return Err(format!("{f}: volumes and published ports for `cup run` are not supported yet; declare volumes in a [microvm] unit"))
             }

@@ -591,6 +591,8 @@ fn run_workload(
             .map_err(|e| ApiError::Refused(format!("memory {m:?}: {e}")))?,
         None => units::MemSize::default(),
     };
+    steelcup_init::guest::check_rlimits(&spec.rlimits)
+        .map_err(|e| ApiError::Refused(format!("--ulimit: {e}")))?;
     let vcpus = spec.vcpus.unwrap_or(1);
     if !(1..=32).contains(&vcpus) {
         return refused(format!("{vcpus} vCPUs: 1 to 32"));
@@ -612,6 +614,7 @@ fn run_workload(
         network: Network::None,
         memory_backing: Default::default(),
         huge_pages: false,
+        rlimits: spec.rlimits,
     };
     let cid = workloads.values().map(|w| w.cid).max().unwrap_or(2) + 1;
     let mut w = Workload::new(section, cid);
@@ -988,6 +991,7 @@ fn vm_config(
             user: process.user,
             attach: false,
             tty: false,
+            rlimits: spec.rlimits.clone(),
         },
         disks,
         vsock: Some(VsockConfig {

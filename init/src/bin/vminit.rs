@@ -442,6 +442,22 @@ fn run() -> ExitStatus {
         Ok(s) => s,
         Err(e) => return fail(&error_chain(&e), libc::EIO),
     };
+    // Limits for the workload and every exec: vminit's own, inherited.
+    let mut limits = BTreeMap::from([("nofile".to_string(), steelcup_init::guest::DEFAULT_NOFILE)]);
+    limits.extend(config.rlimits.clone());
+    for (name, value) in &limits {
+        match steelcup_init::guest::RLIMITS
+            .iter()
+            .find(|(n, _)| n == name)
+        {
+            Some((_, resource)) => {
+                if let Err(e) = sys::set_rlimit(*resource, *value) {
+                    return fail(&format!("rlimit {name}={value}: {e}"), libc::EINVAL);
+                }
+            }
+            None => return fail(&format!("unknown rlimit {name:?}"), libc::EINVAL),
+        }
+    }
     let cmd = match command(&config, &config.cmd, &BTreeMap::new(), None, None) {
         Ok(c) => c,
         Err(e) => return fail(&e, libc::EINVAL),

@@ -281,6 +281,21 @@ pub fn new_session_with_tty(cmd: &mut std::process::Command) {
     };
 }
 
+/// Sets resource limit `resource` (a `libc::RLIMIT_*`) of this process,
+/// soft and hard, to `value`; children inherit it.
+pub fn set_rlimit(resource: i32, value: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: setrlimit reads one rlimit through the pointer, which points
+    // at a live local of that type.
+    if unsafe { libc::setrlimit(resource as libc::__rlimit_resource_t, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The size (rows, columns) of the terminal `tty`, if it is one.
 pub fn window_size(tty: &impl std::os::fd::AsRawFd) -> Option<(u16, u16)> {
     let mut ws = libc::winsize {

@@ -315,6 +315,10 @@ pub struct MicrovmSection {
     /// 2 MiB hugetlb pages (reserved on the host) on a memfd.
     #[serde(default, rename = "huge-pages")]
     pub huge_pages: bool,
+    /// Resource limits of the workload's processes, by name (`nofile`,
+    /// `nproc`, ... see [`crate::guest::RLIMITS`]); soft and hard alike.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rlimits: BTreeMap<String, u64>,
 }
 
 /// A persistent data disk of a workload.
@@ -553,6 +557,9 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                     path,
                     format!("[microvm] volumes: at most {MAX_VOLUMES}"),
                 ));
+            }
+            if let Err(e) = crate::guest::check_rlimits(&m.rlimits) {
+                return Err(UnitError::invalid(path, format!("[microvm] rlimits: {e}")));
             }
             let mut names = std::collections::BTreeSet::new();
             for v in &m.volumes {
