@@ -496,26 +496,31 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
+/// How many times a test boots when the emulated host fails under it.
+/// A boot of the microVM test starts about twenty nested VMs, and under
+/// TCG now and then one of them triple-faults.
+const ATTEMPTS: u32 = 3;
+
 /// Runs `body` on the guest `boot` starts. When the run fails because the
-/// emulated host failed underneath it ([`emulation_fault`]), boots once
-/// more, saying why and keeping the first serial log beside the second;
-/// any other failure, or a second one, panics with the error and the log.
-/// `boot` returning None (no artifacts) skips.
+/// emulated host failed underneath it ([`emulation_fault`]), boots again
+/// (up to [`ATTEMPTS`] in all), saying why and keeping each failed serial
+/// log beside the last; any other failure, or the last, panics with the
+/// error and the log. `boot` returning None (no artifacts) skips.
 pub fn run_booted<T>(
     name: &str,
     mut boot: impl FnMut() -> Option<Guest>,
     body: impl Fn(&mut Guest) -> Result<T>,
 ) -> Option<T> {
-    for attempt in 1..=2 {
+    for attempt in 1..=ATTEMPTS {
         let mut g = boot()?;
         match body(&mut g) {
             Ok(v) => return Some(v),
             Err(e) => match emulation_fault(&g, &e) {
-                Some(why) if attempt == 1 => {
-                    let kept = g.log_path.with_extension("attempt1.log");
+                Some(why) if attempt < ATTEMPTS => {
+                    let kept = g.log_path.with_extension(format!("attempt{attempt}.log"));
                     let _ = std::fs::copy(&g.log_path, &kept);
                     eprintln!(
-                        "{name}: attempt 1 ended by the emulation, not by steelcup: {why} ({e:#}); its log is {}; booting once more",
+                        "{name}: attempt {attempt} ended by the emulation, not by steelcup: {why} ({e:#}); its log is {}; booting again",
                         kept.display()
                     );
                 }
