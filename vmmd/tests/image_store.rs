@@ -22,6 +22,10 @@ fn have(tool: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "{tool} is missing (a Debian package `cargo xtask test` installs)"
+        );
         eprintln!("SKIP: {tool} is not installed (Debian package; `cargo xtask test` installs it)");
     }
     found
@@ -132,14 +136,12 @@ fn describe(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-#[test]
-fn a_root_image_holds_what_umoci_unpack_makes_of_the_image() {
-    if !(have("umoci") && have("fsck.erofs")) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = busybox_layout(dir.path());
-    let store = Store::open(&dir.path().join("store")).unwrap();
+/// Builds the root image of `image` (an OCI layout reference) in a new
+/// store under `dir` and compares it, path by path, with `umoci unpack` of
+/// the same image; returns our description, whether it was read by the
+/// kernel (a loop mount), the store and the root image.
+fn compare_with_umoci(dir: &Path, image: &str) -> (BTreeMap<String, String>, bool, Store, PathBuf) {
+    let store = Store::open(&dir.join("store")).unwrap();
     let (name, digest) = source::pull(
         &store,
         &format!("oci:{image}"),
@@ -149,13 +151,12 @@ fn a_root_image_holds_what_umoci_unpack_makes_of_the_image() {
     .unwrap();
     assert_eq!(store.resolve(&name).unwrap(), digest);
     let img = store.image(&digest).unwrap();
-    assert_eq!(img.manifest.layers().len(), 2);
     let rootfs = store.rootfs(&img).unwrap();
 
     // Read back by the kernel's erofs driver where this machine may mount
     // a loop device; else by fsck.erofs, which extracts hard links as
     // copies (so link counts are left out of that comparison).
-    let ours = dir.path().join("ours");
+    let ours = dir.join("ours");
     std::fs::create_dir_all(&ours).unwrap();
     let mounted = Command::new("mount")
         .args(["-t", "erofs", "-o", "loop,ro"])
@@ -173,7 +174,7 @@ fn a_root_image_holds_what_umoci_unpack_makes_of_the_image() {
             .arg(format!("--extract={}", ours.display()))
             .arg(&rootfs));
     }
-    let theirs = dir.path().join("theirs");
+    let theirs = dir.join("theirs");
     umoci(&["unpack", "--image", &image, &theirs.display().to_string()]);
     let (mut a, mut b) = (describe(&ours), describe(&theirs.join("rootfs")));
     if mounted {
@@ -194,6 +195,21 @@ fn a_root_image_holds_what_umoci_unpack_makes_of_the_image() {
         )
         .collect();
     assert!(diff.is_empty(), "the trees differ:\n{}", diff.join("\n"));
+    let _ = std::fs::remove_dir_all(&theirs);
+    (a, mounted, store, rootfs)
+}
+
+#[test]
+fn a_root_image_holds_what_umoci_unpack_makes_of_the_image() {
+    if !(have("umoci") && have("fsck.erofs")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_layout(dir.path());
+    let (a, mounted, store, rootfs) = compare_with_umoci(dir.path(), &image);
+    let only = store.list().unwrap();
+    let img = store.image(&only[0].digest.parse().unwrap()).unwrap();
+    assert_eq!(img.manifest.layers().len(), 2);
     assert!(
         !a.contains_key("/usr/share/doc/gone") && !a.contains_key("/etc/old/a"),
         "whiteouts applied"
@@ -560,4 +576,32 @@ fn pulls_from_a_real_registry_resume_and_fail_clearly() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("Connection refused"), "{err}");
+}
+
+/// A debootstrapped Debian (`cargo xtask test` makes it with Debian's
+/// debootstrap and umoci and names its layout in STEELCUP_DEBIAN_IMAGE):
+/// thousands of files, hard links, setuid programs.
+#[test]
+fn a_debootstrapped_debian_converts_as_umoci_unpacks_it() {
+    let Some(image) = std::env::var_os("STEELCUP_DEBIAN_IMAGE") else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "STEELCUP_DEBIAN_IMAGE is not set"
+        );
+        eprintln!(
+            "SKIP: no debootstrapped image (STEELCUP_DEBIAN_IMAGE); `cargo xtask test` makes one"
+        );
+        return;
+    };
+    if !(have("umoci") && have("fsck.erofs")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _, _, _) = compare_with_umoci(dir.path(), &image.to_string_lossy());
+    assert!(a.len() > 5000, "a whole Debian: {} paths", a.len());
+    assert!(
+        a["/usr/bin/su"].contains(" 4755 "),
+        "setuid kept: {}",
+        a["/usr/bin/su"]
+    );
 }

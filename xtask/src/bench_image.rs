@@ -43,8 +43,12 @@ fn mirror() -> String {
     "http://deb.debian.org/debian".to_string()
 }
 
-/// A debootstrapped Debian (minbase) as a one-layer OCI image made by umoci.
-fn debian_image(dir: &Path) -> Result<String> {
+/// A debootstrapped Debian (minbase) as a one-layer OCI image made by
+/// umoci, made once in the cache; returns its `LAYOUT:TAG`.
+pub fn debian_image() -> Result<String> {
+    let dir = sh::cache_dir().join("debian-bookworm-oci");
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.as_path();
     let layout = dir.join("layout");
     let image = format!("{}:bookworm", layout.display());
     if layout.join("index.json").is_file() {
@@ -102,8 +106,9 @@ pub fn run() -> Result<String> {
     let vmmd: PathBuf = sh::root().join("target").join(TARGET).join("release/vmmd");
     let dir = sh::out_dir().join("bench-image");
     std::fs::create_dir_all(&dir)?;
-    let image = debian_image(&dir)?;
-    let layer_bytes: u64 = std::fs::read_dir(dir.join("layout/blobs/sha256"))?
+    let image = debian_image()?;
+    let layout = PathBuf::from(image.rsplit_once(':').map_or(image.as_str(), |(l, _)| l));
+    let layer_bytes: u64 = std::fs::read_dir(layout.join("blobs/sha256"))?
         .flatten()
         .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
         .max()

@@ -29,6 +29,8 @@ pub const PACKAGES: &[&str] = &[
     "skopeo",
     "docker-registry",
     "erofs-utils",
+    // A whole Debian as a test and benchmark image.
+    "debootstrap",
 ];
 
 fn installed(pkg: &str) -> bool {

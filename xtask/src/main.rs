@@ -371,13 +371,16 @@ fn test() -> Result<()> {
             .args(["fmt", "--all", "--", "--check"]),
     )
     .context("code is not formatted: run `cargo fmt --all`")?;
+    step("a debootstrapped Debian as an OCI image, for the image store's tests");
+    let debian = bench_image::debian_image()?;
     step("unit and host-side integration tests");
     sh::run(
         Command::new(&cargo)
             .current_dir(&root)
             .args(["test", "--workspace", "--exclude", "qemu-tests"])
             // Tests that need a tool from Debian fail instead of skipping.
-            .env("STEELCUP_REQUIRE_TOOLS", "1"),
+            .env("STEELCUP_REQUIRE_TOOLS", "1")
+            .env("STEELCUP_DEBIAN_IMAGE", &debian),
     )?;
     let artifacts = build()?;
     let results = sh::out_dir().join("qemu-results.txt");
