@@ -243,13 +243,18 @@ pub fn save_seed() {
     }
 }
 
-/// Formats an error with its whole cause chain, once.
+/// Formats an error with its whole cause chain, once: a cause whose text
+/// the message already holds (errors that print their source) is not
+/// repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

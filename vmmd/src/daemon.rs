@@ -479,7 +479,7 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
                     .map_err(|e| e.to_string())
                     .and_then(|s| {
                         crate::image::source::pull(&s, &source, &pull, &mut progress)
-                            .map_err(|e| chain(&e))
+                            .map_err(|e| steelcup_init::boot::error_chain(&e))
                     })
                     .map(|(name, d)| Reply::Pulled {
                         name,
@@ -529,20 +529,6 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
         action => execute_now(workloads, action),
     };
     let _ = req.reply.send(answer);
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let c_s = c.to_string();
-        if !s.contains(&c_s) {
-            s.push_str(": ");
-            s.push_str(&c_s);
-        }
-        src = c.source();
-    }
-    s
 }
 
 /// Forgets a workload that has ended (its vsock socket goes with it).
@@ -631,7 +617,9 @@ fn run_workload(
 fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
     let store = crate::image::store::Store::open(&opts.state_dir)
         .map_err(|e| ApiError::Refused(e.to_string()))?;
-    let err = |e: crate::image::store::StoreError| ApiError::Refused(chain(&e));
+    let err = |e: crate::image::store::StoreError| {
+        ApiError::Refused(steelcup_init::boot::error_chain(&e))
+    };
     match action {
         Action::Images => Ok(Reply::Images(
             store

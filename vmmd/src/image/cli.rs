@@ -123,8 +123,8 @@ fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), String> {
             );
         }
     };
-    let (name, digest) =
-        source::pull(store, src, opts, &mut report).map_err(|e| error_chain(&e))?;
+    let (name, digest) = source::pull(store, src, opts, &mut report)
+        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
     println!("{name} {digest}");
     Ok(())
 }
@@ -133,24 +133,12 @@ fn rootfs(store: &Store, name: &str) -> Result<(), String> {
     let d = store.resolve(name).map_err(|e| e.to_string())?;
     let image = store.image(&d).map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
-    let path = store.rootfs(&image).map_err(|e| error_chain(&e))?;
+    let path = store
+        .rootfs(&image)
+        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
     println!("{}", path.display());
     eprintln!("({} ms)", started.elapsed().as_millis());
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let c_s = c.to_string();
-        if !s.contains(&c_s) {
-            s.push_str(": ");
-            s.push_str(&c_s);
-        }
-        src = c.source();
-    }
-    s
 }
 
 /// `1.2 MB` style sizes.

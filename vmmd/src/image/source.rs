@@ -513,16 +513,6 @@ fn pull_registry(
         reference: reference.to_string(),
         what,
     };
-    let chain = |e: &dyn std::error::Error| {
-        let mut s = e.to_string();
-        let mut src = e.source();
-        while let Some(c) = src {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
-            src = c.source();
-        }
-        s
-    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let image: oci_client::Reference = reference
         .parse()
@@ -552,7 +542,7 @@ fn pull_registry(
                 .pull_manifest_raw(&target, &auth, &accepted)
                 .await
                 .map_err(|e| {
-                    let mut what = chain(&e);
+                    let mut what = steelcup_init::boot::error_chain(&e);
                     if what.contains("InvalidContentType") {
                         what.push_str(" (an HTTPS request got a plain-HTTP answer: is this an insecure registry? Name it with --insecure-registry HOST:PORT)");
                     }
@@ -606,7 +596,7 @@ fn pull_registry(
                     let response = client
                         .pull_blob_stream_partial(&target, digest.as_str(), offset, None)
                         .await
-                        .map_err(|e| err(format!("blob {digest}: {}", chain(&e))))?;
+                        .map_err(|e| err(format!("blob {digest}: {}", steelcup_init::boot::error_chain(&e))))?;
                     let (stream, append) = match response {
                         oci_client::client::BlobResponse::Full(s) => (s, false),
                         oci_client::client::BlobResponse::Partial(s) => (s, true),

@@ -113,14 +113,18 @@ pub fn prepare(
         Err(_) => {
             tracing::info!("image {image}: pulling");
             source::pull(&store, image, opts, progress)
-                .map_err(|e| chain(&e))?
+                .map_err(|e| steelcup_init::boot::error_chain(&e))?
                 .1
         }
     };
-    let img = store.image(&digest).map_err(|e| chain(&e))?;
+    let img = store
+        .image(&digest)
+        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
     let started = std::time::Instant::now();
     let built = !store.rootfs_path(&img).is_file();
-    let rootfs = store.rootfs(&img).map_err(|e| chain(&e))?;
+    let rootfs = store
+        .rootfs(&img)
+        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
     if built {
         tracing::info!(
             "image {image}: root image built in {} ms",
@@ -132,20 +136,6 @@ pub fn prepare(
         digest: digest.to_string(),
         process: Process::from_config(&img.config),
     })
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let c_s = c.to_string();
-        if !s.contains(&c_s) {
-            s.push_str(": ");
-            s.push_str(&c_s);
-        }
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
