@@ -108,6 +108,7 @@ fn scenario(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: detached: sleeper", STEP)?;
     g.wait_for("driver: exec as app in /work with hello", STEP)?;
     g.wait_for("driver: exec -u root: 0", STEP)?;
+    g.wait_for("driver: exec -t: stdin is /dev/pts/0", STEP)?;
     g.wait_for("driver: exec of a failing command exited 1", STEP)?;
     g.wait_for("driver: cannot run /no/such/program", STEP)?;
     g.wait_for("driver: exec of a missing program exited 127", STEP)?;

@@ -453,10 +453,33 @@ impl Drop for Registry {
 }
 
 fn registry() -> Option<Registry> {
+    registry_with(None)
+}
+
+/// A registry that wants basic credentials `user:password` (an htpasswd
+/// file made by Apache's htpasswd) when `auth` is given.
+fn registry_with(auth: Option<(&str, &str)>) -> Option<Registry> {
     if !have("docker-registry") || !have("skopeo") || !have("umoci") {
         return None;
     }
+    if auth.is_some() && !have("htpasswd") {
+        return None;
+    }
     let dir = tempfile::tempdir().unwrap();
+    let mut auth_config = String::new();
+    if let Some((user, password)) = auth {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let file = dir.path().join("htpasswd");
+        std::fs::write(&file, out.stdout).unwrap();
+        auth_config = format!(
+            "auth:\n  htpasswd:\n    realm: steelcup-test\n    path: {}\n",
+            file.display()
+        );
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -467,7 +490,7 @@ fn registry() -> Option<Registry> {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth_config}",
             dir.path().join("data").display()
         ),
     )
@@ -604,4 +627,52 @@ fn a_debootstrapped_debian_converts_as_umoci_unpacks_it() {
         "setuid kept: {}",
         a["/usr/bin/su"]
     );
+}
+
+#[test]
+fn a_registry_that_wants_credentials_gets_them_or_refuses_clearly() {
+    let Some(reg) = registry_with(Some(("alice", "s3cret"))) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_layout(dir.path());
+    let p = policy(dir.path());
+    run(Command::new("skopeo")
+        .arg("--policy")
+        .arg(&p)
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:s3cret",
+        ])
+        .arg(format!("oci:{image}"))
+        .arg(format!("docker://{}/private:1", reg.addr)));
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let reference = format!("{}/private:1", reg.addr);
+    let opts = |credentials: Option<(&str, &str)>| PullOptions {
+        insecure: vec![reg.addr.clone()],
+        credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+    };
+    for (who, creds) in [
+        ("anonymous", None),
+        ("a wrong password", Some(("alice", "nope"))),
+    ] {
+        let err = source::pull(&store, &reference, &opts(creds), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("Not authorized"), "{who}: {err}");
+        assert!(
+            err.to_string().contains(&reference),
+            "{who}: names the image: {err}"
+        );
+    }
+    assert!(store.refs().unwrap().is_empty());
+    let (name, _) = source::pull(
+        &store,
+        &reference,
+        &opts(Some(("alice", "s3cret"))),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(name, reference);
 }

@@ -31,6 +31,8 @@ pub const PACKAGES: &[&str] = &[
     "erofs-utils",
     // A whole Debian as a test and benchmark image.
     "debootstrap",
+    // htpasswd: a registry that asks for credentials.
+    "apache2-utils",
 ];
 
 fn installed(pkg: &str) -> bool {
