@@ -505,7 +505,7 @@ unsafe fn child_exec(
             libc::_exit(127)
         }
     }
-    // SAFETY for every call below: async-signal-safe syscalls on values
+    // SAFETY: every call below is an async-signal-safe syscall on values
     // prepared before the fork (see `spawn`).
     unsafe {
         libc::setpgid(0, 0);
@@ -524,10 +524,8 @@ unsafe fn child_exec(
             }
             libc::close(fd);
         }
-        if spec.uid.is_some() || spec.gid.is_some() {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
-                fail(2, b"setgroups");
-            }
+        if (spec.uid.is_some() || spec.gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
+            fail(2, b"setgroups");
         }
         if let Some(gid) = spec.gid {
             if libc::setgid(gid) != 0 {
