@@ -1157,3 +1157,83 @@ pub fn default_options(units: &Path) -> Options {
         removed: Default::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> api::RunSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn refused(r: Result<Reply, ApiError>) -> String {
+        match r {
+            Err(ApiError::Refused(m)) => m,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cup_run_specs_are_checked_before_a_workload_exists() {
+        let mut w = BTreeMap::new();
+        let img = r#""image":"oci-archive:/x.tar:latest""#;
+        assert!(
+            refused(run_workload(&mut w, spec(r#"{"image":"Not A Ref"}"#)))
+                .contains("not an image reference")
+        );
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"name":"Bad Name"}}"#))
+        ))
+        .contains("lowercase"));
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"memory":"8MiB"}}"#))
+        ))
+        .contains("16 MiB to 3 GiB"));
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"memory":"lots"}}"#))
+        ))
+        .contains("not a size"));
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"vcpus":0}}"#))
+        ))
+        .contains("1 to 32"));
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"rlimits":{{"files":1}}}}"#))
+        ))
+        .contains("unknown limit"));
+        assert!(w.is_empty(), "nothing half-made");
+        assert!(serde_json::from_str::<api::RunSpec>(&format!(r#"{{{img},"bogus":1}}"#)).is_err());
+
+        // Names: given, or run-N; a taken one is refused.
+        let named = run_workload(
+            &mut w,
+            spec(&format!(
+                r#"{{{img},"name":"web","attach":true,"rm":true}}"#
+            )),
+        );
+        assert_eq!(named, Ok(Reply::Text("web".into())));
+        assert!(refused(run_workload(
+            &mut w,
+            spec(&format!(r#"{{{img},"name":"web"}}"#))
+        ))
+        .contains("exists"));
+        assert_eq!(
+            run_workload(&mut w, spec(&format!("{{{img}}}"))),
+            Ok(Reply::Text("run-1".into()))
+        );
+        assert_eq!(
+            run_workload(&mut w, spec(&format!("{{{img}}}"))),
+            Ok(Reply::Text("run-2".into()))
+        );
+        let web = &w["web"];
+        assert!(web.transient && web.attach && web.remove_when_done && !web.tty);
+        assert_eq!(web.spec.restart, Restart::No);
+        let cids: std::collections::BTreeSet<u32> = w.values().map(|x| x.cid).collect();
+        assert_eq!(cids.len(), 3, "every VM its own vsock context id");
+    }
+}
