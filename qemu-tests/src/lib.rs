@@ -483,8 +483,17 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
         return None;
     }
     let s = g.serial();
+    // The emulated host's own kernel (not a nested guest's, whose lines
+    // vmmd prefixes) panicking in KVM; a dying init is steelcup's fault.
+    let host_panic = s.lines().any(|l| {
+        !l.starts_with("[vmmd]")
+            && l.contains("Kernel panic - not syncing")
+            && !l.contains("Attempted to kill init")
+    });
     if s.contains("guest crashed: triple fault") {
         Some("a nested guest triple-faulted")
+    } else if host_panic {
+        Some("the emulated host's kernel panicked")
     } else if s.contains("soft lockup") {
         Some("the emulated host locked up")
     } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
