@@ -38,11 +38,13 @@ fn main() {
             "--kernel" => opts.kernel = value("--kernel"),
             "--initramfs" => opts.initramfs = value("--initramfs"),
             "--state" => opts.state_dir = value("--state"),
+            "--run-dir" => opts.run_dir = value("--run-dir"),
+            "--api-socket" => opts.api_socket = value("--api-socket"),
             "--insecure-registry" => opts
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--insecure-registry HOST[:PORT]]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
                 return;
             }
             other => {

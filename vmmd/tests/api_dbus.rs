@@ -1,0 +1,176 @@
+//! vmmd's `org.steelcup.Vmm1` driven by a standard D-Bus client from
+//! Debian's packages (`dbus-send`), on a daemon started for the test with
+//! no workloads (no KVM needed): every answer and every typed error as any
+//! D-Bus client sees them, and a hostile call that leaves the daemon up.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn dbus_send() -> Option<PathBuf> {
+    let found = ["/usr/bin/dbus-send", "/bin/dbus-send"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "dbus-send is missing (Debian package dbus-bin)"
+        );
+        eprintln!("SKIP: dbus-send (Debian package dbus-bin) is not installed; `cargo xtask test` installs it");
+    }
+    found
+}
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("units")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
+        .arg("--units")
+        .arg(dir.path().join("units"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--api-socket")
+        .arg(dir.path().join("vmmd.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !dir.path().join("vmmd.sock").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "vmmd did not serve its API"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon { child, dir }
+}
+
+#[test]
+fn a_standard_dbus_client_drives_vmm1() {
+    let Some(dbus_send) = dbus_send() else { return };
+    let mut d = start();
+    let addr = format!(
+        "--peer=unix:path={}",
+        d.dir.path().join("vmmd.sock").display()
+    );
+    let call = |method: &str, args: &[&str]| {
+        let out = Command::new(&dbus_send)
+            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
+            .arg(format!("org.steelcup.Vmm1.{method}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = call("List", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Images", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Pulls", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Prune", &[]);
+    assert!(ok && out.contains("removed 0 blobs"), "{out}");
+
+    // Typed errors.
+    let (ok, out) = call("Pause", &["string:ghost"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.NoSuchVm") && out.contains("ghost"),
+        "{out}"
+    );
+    let (ok, out) = call("Remove", &["string:ghost"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.NoSuchVm"),
+        "{out}"
+    );
+    let (ok, out) = call("Run", &["string:{\"image\":\"oci:/x\",\"bogus\":1}"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.Refused") && out.contains("bogus"),
+        "{out}"
+    );
+    let (ok, out) = call("Run", &["string:not json"]);
+    assert!(!ok && out.contains("Refused"), "{out}");
+    let (ok, out) = call("Pull", &["string:oci:/nonexistent:latest"]);
+    assert!(
+        !ok && out.contains("Refused") && out.contains("/nonexistent/index.json"),
+        "{out}"
+    );
+    let (ok, out) = call("RemoveImage", &["string:nothing"]);
+    assert!(!ok && out.contains("no image named"), "{out}");
+    // Wrong argument types and unknown methods are the bus's errors.
+    let (ok, out) = call("Pause", &["uint32:7"]);
+    assert!(!ok, "{out}");
+    let (ok, out) = call("Explode", &[]);
+    assert!(!ok && out.contains("UnknownMethod"), "{out}");
+
+    // A workload made through the API, listed, refused twice, removed.
+    let (ok, out) = call(
+        "Run",
+        &["string:{\"image\":\"oci:/nonexistent:latest\",\"name\":\"web\"}"],
+    );
+    assert!(ok && out.contains("\"web\""), "{out}");
+    let (ok, out) = call(
+        "Run",
+        &["string:{\"image\":\"oci:/nonexistent:latest\",\"name\":\"web\"}"],
+    );
+    assert!(!ok && out.contains("exists"), "{out}");
+    let t = Instant::now();
+    loop {
+        let (_, out) = call("List", &[]);
+        if out.contains("image failed") {
+            assert!(
+                out.contains("\"web\"") && out.contains("\"ended\""),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the failed pull is not reported: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out) = call("Remove", &["string:web"]);
+    assert!(ok, "{out}");
+    let (_, out) = call("List", &[]);
+    assert!(!out.contains("\"web\""), "{out}");
+
+    // Still serving after all that; SIGTERM ends it cleanly.
+    assert!(call("List", &[]).0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "vmmd exited with {status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "vmmd did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
