@@ -276,6 +276,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
         })
         .map_err(|e| format!("spawn API thread: {e}"))?;
+    notify_ready();
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
         env!("CARGO_PKG_VERSION"),
@@ -427,6 +428,22 @@ pub fn run(opts: Options) -> Result<(), String> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
+    }
+}
+
+/// Tells the supervisor (init, or anything speaking sd_notify) that the API
+/// is served: `READY=1` to `$NOTIFY_SOCKET`, when there is one.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent =
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", &path));
+    if let Err(e) = sent {
+        tracing::warn!(
+            "cannot tell {} that vmmd is ready: {e}",
+            Path::new(&path).display()
+        );
     }
 }
 
