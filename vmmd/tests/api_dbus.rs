@@ -37,7 +37,13 @@ impl Drop for Daemon {
 fn start() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("units")).unwrap();
+    // vmmd says READY=1 (sd_notify) once its API is served.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
         .arg("--units")
         .arg(dir.path().join("units"))
         .arg("--state")
@@ -50,14 +56,13 @@ fn start() -> Daemon {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !dir.path().join("vmmd.sock").exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "vmmd did not serve its API"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("vmmd did not say it is ready");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        dir.path().join("vmmd.sock").exists(),
+        "ready before the API socket exists"
+    );
     Daemon { child, dir }
 }
 
