@@ -120,6 +120,10 @@ fn scenario(g: &mut Guest) -> Result<String> {
         "driver: cup: workload \"sleeper\" is running; stop it first",
         STEP,
     )?;
+    g.wait_for("driver: inspect: \"state\": \"running\"", STEP)?;
+    g.wait_for("driver: inspect: \"from\": \"cup run\"", STEP)?;
+    g.wait_for("driver: killed sleeper", STEP)?;
+    g.wait_for("workload sleeper: killed by signal 9", STEP)?;
     g.wait_for("driver: removed sleeper", STEP)?;
     g.wait_for(
         "driver: images: oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest",

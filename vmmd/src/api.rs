@@ -9,9 +9,8 @@
 //! `cup unpause` use it.
 //!
 //! # Limitations
-//! The first methods of the interface: list, pause, resume, stop, start.
-//! Run, logs, images and the state-change signal come with the daemon's
-//! full API.
+//! No logs of a workload (its output is in vmmd's own log) and no
+//! state-change signal yet.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -50,6 +49,10 @@ pub enum Action {
     RemoveImage(String),
     /// Garbage-collect the store.
     Prune,
+    /// Send a signal (a number) to the workload's processes in the guest.
+    Kill(String, i32),
+    /// Everything vmmd knows of a workload, as JSON.
+    Inspect(String),
     /// Pulls in flight and how far each is.
     Pulls,
 }
@@ -284,6 +287,18 @@ impl Vmm1 {
         }
     }
 
+    /// Sends signal `signal` (a number, like 9) to the workload's process
+    /// group inside its VM; answers once the guest has it.
+    async fn kill(&self, name: String, signal: i32) -> Result<(), Vmm1Error> {
+        self.call(Action::Kill(name, signal)).await.map(|_| ())
+    }
+
+    /// A workload as JSON: its spec, image, state, pid, runs, address,
+    /// last outcome and vsock socket.
+    async fn inspect(&self, name: String) -> Result<String, Vmm1Error> {
+        self.text(Action::Inspect(name)).await
+    }
+
     /// Removes what no image name reaches; answers what went.
     async fn prune(&self) -> Result<String, Vmm1Error> {
         self.text(Action::Prune).await
@@ -333,6 +348,8 @@ pub trait Vmm1Client {
     fn remove_image(&self, name: &str) -> zbus::Result<()>;
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
+    fn kill(&self, name: &str, signal: i32) -> zbus::Result<()>;
+    fn inspect(&self, name: &str) -> zbus::Result<String>;
 }
 
 /// Connects to vmmd at `socket`.

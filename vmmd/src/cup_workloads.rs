@@ -207,6 +207,62 @@ pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String>
     Ok(attach::exit_code(status))
 }
 
+/// A signal by name (`KILL`, `SIGTERM`) or number.
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|_| n)
+            .map_err(|_| format!("{n} is not a signal"));
+    }
+    let name = s.to_ascii_uppercase();
+    let name = if name.starts_with("SIG") {
+        name
+    } else {
+        format!("SIG{name}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("{s:?} is not a signal (like KILL, TERM, HUP or 9)"))
+}
+
+/// `cup kill [-s SIGNAL] NAME...`: a signal (KILL unless given) to each
+/// workload's processes in its VM.
+pub fn kill(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    let (flags, names) = flags(args, &["-s", "--signal"])?;
+    let mut signal = libc::SIGKILL;
+    for (f, v) in flags {
+        match f.as_str() {
+            "-s" | "--signal" => signal = parse_signal(&v.unwrap_or_default())?,
+            other => return Err(format!("kill: unknown flag {other:?}")),
+        }
+    }
+    if names.is_empty() {
+        return Err("kill needs a workload name (see `cup ps`)".into());
+    }
+    for n in &names {
+        p.kill(n, signal).map_err(api_err)?;
+        println!("{n}");
+    }
+    Ok(0)
+}
+
+/// `cup inspect NAME...`: what vmmd knows of each, as a JSON array.
+pub fn inspect(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    if args.is_empty() {
+        return Err("inspect needs a workload name (see `cup ps`)".into());
+    }
+    let mut all = Vec::new();
+    for n in args {
+        let json = p.inspect(n).map_err(api_err)?;
+        all.push(serde_json::from_str::<serde_json::Value>(&json).map_err(|e| e.to_string())?);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
+    );
+    Ok(0)
+}
+
 /// `cup rm [-f] NAME...`: forgets ended workloads (`-f` stops them first).
 pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
     let force = args.iter().any(|a| a == "-f" || a == "--force");
@@ -387,6 +443,15 @@ mod tests {
             progress_bar(&p(200, 100)).contains(&"#".repeat(30)),
             "never past full"
         );
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL"), Ok(libc::SIGKILL));
+        assert_eq!(parse_signal("sigterm"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("1"), Ok(libc::SIGHUP));
+        assert!(parse_signal("NOPE").unwrap_err().contains("not a signal"));
+        assert!(parse_signal("99").unwrap_err().contains("not a signal"));
     }
 
     #[test]

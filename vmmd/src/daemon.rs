@@ -12,9 +12,12 @@
 //! The API (`org.steelcup.Vmm1`, see [`crate::api`]) reaches the loop as
 //! events too; pause and resume go to the worker over its stdin.
 //!
+//! Workloads come from unit files and from `cup run` (transient; `--rm`
+//! ones are forgotten when they end). A workload with an image is
+//! prepared (pulled, root image built) by a thread before its first boot.
+//!
 //! # Limitations
-//! The API has list, pause and resume only; no reload, no replicas, no
-//! warm pool yet.
+//! No reload, no replicas, no health checks, no warm pool yet.
 
 use crate::api::{self, Action, ApiError, Reply, VmInfo};
 use crate::config::{
@@ -535,6 +538,44 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
             }
         },
         Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
+        Action::Inspect(name) => match workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) => Ok(Reply::Text(inspect(opts, &name, w))),
+        },
+        Action::Kill(name, signal) => {
+            match workloads.get(&name) {
+                None => Err(ApiError::NoSuchVm(name)),
+                Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+                    "workload {name:?} is not running"
+                ))),
+                Some(_) if Signal::try_from(signal).is_err() => {
+                    Err(ApiError::Refused(format!("{signal} is not a signal")))
+                }
+                Some(_) => {
+                    // The guest answers on its own time; the loop goes on.
+                    let uds = vsock_path(opts, &name);
+                    let reply = req.reply;
+                    let _ = std::thread::Builder::new()
+                        .name(format!("kill-{name}"))
+                        .spawn(move || {
+                            let answer =
+                                ask_guest(&uds, GUEST_CONTROL_PORT, &format!("kill {signal}"))
+                                    .and_then(|a| {
+                                        if a == "signalled" {
+                                            Ok(Reply::Done)
+                                        } else {
+                                            Err(a)
+                                        }
+                                    })
+                                    .map_err(|e| {
+                                        ApiError::Refused(format!("workload {name:?}: {e}"))
+                                    });
+                            let _ = reply.send(answer);
+                        });
+                    return;
+                }
+            }
+        }
         Action::Pulls => Ok(Reply::Pulls(
             opts.pulls
                 .lock()
@@ -546,6 +587,35 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
         action => execute_now(workloads, action),
     };
     let _ = req.reply.send(answer);
+}
+
+/// `cup inspect`: what vmmd knows of a workload.
+fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
+    let state = match (w.pid, w.paused, w.restart_at) {
+        (Some(_), _, _) if w.stopping.is_some() => "stopping",
+        (Some(_), true, _) => "paused",
+        (Some(_), false, _) => "running",
+        (None, _, _) if w.preparing => "preparing",
+        (None, _, Some(_)) => "waiting",
+        (None, _, None) => "ended",
+    };
+    let v = serde_json::json!({
+        "name": name,
+        "state": state,
+        "pid": w.pid,
+        "runs": w.runs,
+        "last_outcome": w.last_outcome,
+        "from": if w.transient { "cup run" } else { "unit" },
+        "remove_when_done": w.remove_when_done,
+        "vsock_cid": w.cid,
+        "vsock_socket": vsock_path(opts, name),
+        "address": tap_index(&w.spec, w.cid).ok().flatten().map(|n| format!("10.200.{n}.2")),
+        "image": w.spec.image,
+        "image_digest": w.prepared.as_ref().map(|p| p.digest.clone()),
+        "root_image": w.prepared.as_ref().map(|p| p.rootfs.clone()),
+        "spec": w.spec,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
 /// Forgets a workload that has ended (its vsock socket goes with it).

@@ -231,9 +231,15 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
         let mut line = String::new();
         let _ = BufReader::new((&stream).take(128)).read_line(&mut line);
         let request = line.trim();
-        let answer = match request {
-            "stop" => "stopping",
-            "ping" => "pong",
+        // `kill N`: signal N to the workload's process group.
+        let signal = request
+            .strip_prefix("kill ")
+            .and_then(|n| n.parse::<i32>().ok())
+            .and_then(|n| Signal::try_from(n).ok());
+        let answer = match (request, signal) {
+            ("stop", _) => "stopping",
+            ("ping", _) => "pong",
+            (_, Some(_)) => "signalled",
             _ => "error: unknown request",
         };
         // Answer first: once the workload ends, the VM ends with it.
@@ -242,6 +248,9 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
         if request == "stop" {
             eprintln!("vminit: vmmd asks the workload to stop (SIGTERM)");
             let _ = kill(Pid::from_raw(-workload.as_raw()), Signal::SIGTERM);
+        } else if let Some(sig) = signal {
+            eprintln!("vminit: vmmd sends the workload {sig}");
+            let _ = kill(Pid::from_raw(-workload.as_raw()), sig);
         }
     }
 }

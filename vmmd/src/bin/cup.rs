@@ -31,6 +31,8 @@ const USAGE: &str = "usage:
   cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...
                                      run a process inside a running workload
   cup rm [-f] NAME...                forget ended workloads (-f: stop them first)
+  cup kill [-s SIGNAL] NAME...       a signal (KILL unless given) to a workload's processes
+  cup inspect NAME...                what vmmd knows of workloads, as JSON
   cup pull IMAGE | cup images [--format json] | cup rmi NAME | cup image prune
                                      the image store (IMAGE: REGISTRY/REPO:TAG, oci:DIR:TAG,
                                      oci-archive:FILE:TAG, docker-archive:FILE)
@@ -317,11 +319,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             .map_err(api_err)?;
             println!("{name}");
         }
-        Some(verb @ ("kill" | "inspect")) => {
-            return Err(format!(
-                "cup {verb}: not in this build yet; `cup stop` asks a workload to end, `cup ps --format json` shows it"
-            ));
-        }
+        Some("kill") => return code(vmmd::cup_workloads::kill(&vmmd()?, &args[1..])),
+        Some("inspect") => return code(vmmd::cup_workloads::inspect(&vmmd()?, &args[1..])),
         _ => {
             eprintln!("{USAGE}");
             return Ok(ExitCode::from(2));
