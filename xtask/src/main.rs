@@ -485,7 +485,7 @@ fn bench() -> Result<()> {
     let accel = format!("{:?}", qemu_tests::Accel::detect());
     let mut md = String::from("# Performance\n\nWritten by `cargo xtask bench`; numbers from the last run on the machine that ran it.\n\n");
     md.push_str(&format!(
-        "## Host image\n\n| artifact | bytes |\n|---|---|\n| host kernel (Debian {}) | {} |\n| initramfs | {} |\n| **total** | **{}** ({:.1} MB; budget 40 MB) |\n\n",
+        "## Host image\n\n| artifact | bytes |\n|---|---|\n| host kernel (Debian {}) | {} |\n| initramfs (zstd) | {} |\n| **total** | **{}** ({:.1} MB; budget 40 MB) |\n\n",
         manifest.kernel_release,
         manifest.artifacts["vmlinuz"].size,
         manifest.artifacts["initramfs.cpio.zst"].size,
