@@ -116,7 +116,8 @@ pub struct ImageInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct VmInfo {
     pub name: String,
-    /// `running`, `paused`, `waiting` (for a restart) or `ended`.
+    /// `running`, `paused`, `stopping`, `preparing` (its image), `waiting`
+    /// (for a restart) or `ended`.
     pub state: String,
     /// How its last run ended; empty while it has not ended.
     pub last_outcome: String,

@@ -156,6 +156,19 @@ struct Workload {
 }
 
 impl Workload {
+    /// `running`, `paused`, `stopping`, `preparing` (its image), `waiting`
+    /// (for a restart) or `ended`.
+    fn state(&self) -> &'static str {
+        match (self.pid, self.paused, self.restart_at) {
+            (Some(_), _, _) if self.stopping.is_some() => "stopping",
+            (Some(_), true, _) => "paused",
+            (Some(_), false, _) => "running",
+            (None, _, _) if self.preparing => "preparing",
+            (None, _, Some(_)) => "waiting",
+            (None, _, None) => "ended",
+        }
+    }
+
     fn new(spec: MicrovmSection, cid: u32) -> Workload {
         Workload {
             spec,
@@ -591,17 +604,9 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
 
 /// `cup inspect`: what vmmd knows of a workload.
 fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
-    let state = match (w.pid, w.paused, w.restart_at) {
-        (Some(_), _, _) if w.stopping.is_some() => "stopping",
-        (Some(_), true, _) => "paused",
-        (Some(_), false, _) => "running",
-        (None, _, _) if w.preparing => "preparing",
-        (None, _, Some(_)) => "waiting",
-        (None, _, None) => "ended",
-    };
     let v = serde_json::json!({
         "name": name,
-        "state": state,
+        "state": w.state(),
         "pid": w.pid,
         "runs": w.runs,
         "last_outcome": w.last_outcome,
@@ -763,14 +768,7 @@ fn execute_now(
                 .iter()
                 .map(|(name, w)| VmInfo {
                     name: name.clone(),
-                    state: match (w.pid, w.paused, w.restart_at) {
-                        (Some(_), _, _) if w.stopping.is_some() => "stopping",
-                        (Some(_), true, _) => "paused",
-                        (Some(_), false, _) => "running",
-                        (None, _, Some(_)) => "waiting",
-                        (None, _, None) => "ended",
-                    }
-                    .into(),
+                    state: w.state().into(),
                     last_outcome: w.last_outcome.clone(),
                     pid: w.pid.unwrap_or(0) as u32,
                     runs: w.runs as u32,
@@ -895,23 +893,15 @@ pub fn vsock_path(opts: &Options, name: &str) -> PathBuf {
 /// Sends one request line to a guest's vsock `port` through the VM's Unix
 /// socket and returns the guest's one-line answer.
 pub fn ask_guest(uds: &Path, port: u32, request: &str) -> Result<String, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(uds)
-        .map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    let mut s = crate::attach::connect(uds, port)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    writeln!(s, "CONNECT {port}").map_err(|e| format!("write: {e}"))?;
-    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-    let mut line = String::new();
-    r.read_line(&mut line)
-        .map_err(|e| format!("no answer from vsock: {e}"))?;
-    if !line.starts_with("OK ") {
-        return Err(format!("vsock refused port {port}: {:?}", line.trim()));
-    }
     writeln!(s, "{request}").map_err(|e| format!("write: {e}"))?;
-    line.clear();
-    r.read_line(&mut line)
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
         .map_err(|e| format!("no answer from the guest: {e}"))?;
     Ok(line.trim().to_string())
 }
