@@ -599,6 +599,10 @@ fn main() {
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
+    // Everything the workload wrote to the console leaves the serial port
+    // before the VM ends (the kernel sends it a byte at a time from its
+    // tty queue; the status write would cut the tail of the last line).
+    let _ = nix::sys::termios::tcdrain(std::io::stderr());
     // The VMM ends the VM on this write; the reset below is the fallback.
     if let Err(e) = sys::outl(STATUS_PORT, status.encode()) {
         eprintln!("vminit: cannot report exit status: {}", error_chain(&e));
