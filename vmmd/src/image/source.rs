@@ -398,7 +398,7 @@ fn import_docker_archive(
             continue;
         }
         let size = entry.size();
-        let d = put_by_content(store, &mut entry)?;
+        let d = store.put_by_content(&mut entry)?;
         files.insert(path, (d, size));
     }
     let manifest = manifest.ok_or_else(|| bad("no manifest.json: not a docker-archive".into()))?;
@@ -464,39 +464,6 @@ fn import_docker_archive(
     });
     let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
     Ok(store.put_bytes(&bytes)?)
-}
-
-/// Stores what `data` holds under its own digest.
-fn put_by_content(store: &Store, data: &mut dyn Read) -> Result<Digest, SourceError> {
-    use sha2::Digest as _;
-    let tmp_dir = store.root().join("tmp");
-    let io_err = |e: io::Error| StoreError::Io {
-        path: tmp_dir.clone(),
-        source: e,
-    };
-    let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err)?;
-    let mut hash = sha2::Sha256::new();
-    let mut w = io::BufWriter::new(tmp.as_file());
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = data.read(&mut buf).map_err(io_err)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        w.write_all(&buf[..n]).map_err(io_err)?;
-    }
-    w.flush().map_err(io_err)?;
-    drop(w);
-    let d = Digest::from_raw(hash.finalize().into());
-    if !store.has_blob(&d) {
-        let dest = store.blob_path(&d);
-        tmp.persist(&dest).map_err(|e| StoreError::Io {
-            path: dest,
-            source: e.error,
-        })?;
-    }
-    Ok(d)
 }
 
 fn pull_registry(

@@ -312,6 +312,31 @@ impl Store {
         Ok(())
     }
 
+    /// Stores what `data` holds under its own digest (content that comes
+    /// with no digest to check, like `docker save` files) and returns it.
+    pub fn put_by_content(&self, data: &mut dyn Read) -> Result<Digest, StoreError> {
+        let tmp =
+            tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_at(&self.root))?;
+        let mut w = HashingWriter {
+            inner: io::BufWriter::new(tmp.as_file()),
+            hash: Sha256::new(),
+            len: 0,
+        };
+        io::copy(data, &mut w).map_err(io_at(tmp.path()))?;
+        w.flush().map_err(io_at(tmp.path()))?;
+        let hash = w.hash.clone();
+        drop(w);
+        let d = Digest::from_raw(hash.finalize().into());
+        if !self.has_blob(&d) {
+            let dest = self.blob_path(&d);
+            tmp.persist(&dest).map_err(|e| StoreError::Io {
+                path: dest,
+                source: e.error,
+            })?;
+        }
+        Ok(d)
+    }
+
     /// Stores `bytes` as a blob and returns its digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let d = Digest::of(bytes);
