@@ -17,6 +17,7 @@ pub mod guest;
 pub mod modules;
 pub mod network;
 pub mod power;
+pub mod probe;
 pub mod stdio;
 pub mod supervisor;
 pub mod sys;

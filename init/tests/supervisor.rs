@@ -383,6 +383,40 @@ fn reload_applies_only_the_difference() {
 }
 
 #[test]
+fn reload_signals_unchanged_services_that_ask_for_it() {
+    let hup = "trap 'echo got HUP' HUP; echo up; while :; do sleep 0.1; done";
+    let s = Sup::start(
+        "reload-signal",
+        &[
+            ("listener", &service(hup, "reload-signal = \"SIGHUP\"")),
+            ("deaf", &service("sleep 300", "")),
+        ],
+    );
+    let api = s.api();
+    s.wait_for("[listener] up", Duration::from_secs(10));
+    let (listener, deaf) = (
+        api.status("listener").unwrap().pid,
+        api.status("deaf").unwrap().pid,
+    );
+    // A microvm unit appearing is part of the summary (vmmd runs it).
+    std::fs::write(
+        s.dir.join("units/web.toml"),
+        "[microvm]\ncmd = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.started, ["web"]);
+    s.wait_for("[listener] got HUP", Duration::from_secs(10));
+    assert_eq!(
+        api.status("listener").unwrap().pid,
+        listener,
+        "signalled, not restarted"
+    );
+    assert_eq!(api.status("deaf").unwrap().pid, deaf);
+    assert_eq!(api.status("deaf").unwrap().state, "running");
+}
+
+#[test]
 fn notify_readiness_orders_dependents() {
     let notify = "perl -MIO::Socket::UNIX -e 'my $s = IO::Socket::UNIX->new(Type => SOCK_DGRAM, Peer => $ENV{NOTIFY_SOCKET}) or die; $s->send(qq(READY=1\\n))'";
     let s = Sup::start(

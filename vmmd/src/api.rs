@@ -9,8 +9,7 @@
 //! `cup unpause` use it.
 //!
 //! # Limitations
-//! No logs of a workload (its output is in vmmd's own log) and no
-//! state-change signal yet.
+//! No state-change signal yet.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -55,6 +54,13 @@ pub enum Action {
     Inspect(String),
     /// Pulls in flight and how far each is.
     Pulls,
+    /// A workload's console output: lines from sequence number `since`
+    /// (or the last `max` when None), at most `max`.
+    Logs {
+        name: String,
+        since: Option<u64>,
+        max: u32,
+    },
 }
 
 /// How far a pull is: the blob it is on.
@@ -121,6 +127,10 @@ pub struct VmInfo {
     pub state: String,
     /// How its last run ended; empty while it has not ended.
     pub last_outcome: String,
+    /// `healthy`, `unhealthy`, `starting`; empty without a health check.
+    pub health: String,
+    /// Its unit; empty for a `cup run` workload.
+    pub unit: String,
     /// Worker process, 0 if none.
     pub pid: u32,
     /// Runs started since vmmd started.
@@ -144,6 +154,9 @@ pub enum Reply {
     },
     Images(Vec<ImageInfo>),
     Pulls(Vec<PullInfo>),
+    /// Lines with their sequence numbers, the cursor to go on from, and
+    /// whether the workload still runs.
+    Logs(Vec<(u64, String)>, u64, bool),
 }
 
 /// Why an action was refused.
@@ -300,6 +313,27 @@ impl Vmm1 {
         self.text(Action::Inspect(name)).await
     }
 
+    /// The last `lines` lines of a workload's console output: (lines as
+    /// (sequence number, text), cursor after them, still running).
+    async fn tail(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        self.logs_of(name, None, lines).await
+    }
+
+    /// A workload's console output from sequence number `since`, at most
+    /// `max` lines: (lines, cursor to go on from, still running).
+    async fn logs(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        self.logs_of(name, Some(since), max).await
+    }
+
     /// Removes what no image name reaches; answers what went.
     async fn prune(&self) -> Result<String, Vmm1Error> {
         self.text(Action::Prune).await
@@ -307,6 +341,18 @@ impl Vmm1 {
 }
 
 impl Vmm1 {
+    async fn logs_of(
+        &self,
+        name: String,
+        since: Option<u64>,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        match self.call(Action::Logs { name, since, max }).await? {
+            Reply::Logs(lines, next, running) => Ok((lines, next, running)),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
     async fn text(&self, action: Action) -> Result<String, Vmm1Error> {
         match self.call(action).await? {
             Reply::Text(t) => Ok(t),
@@ -351,6 +397,13 @@ pub trait Vmm1Client {
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn kill(&self, name: &str, signal: i32) -> zbus::Result<()>;
     fn inspect(&self, name: &str) -> zbus::Result<String>;
+    fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;
+    fn logs(
+        &self,
+        name: &str,
+        since: u64,
+        max: u32,
+    ) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;
 }
 
 /// Connects to vmmd at `socket`.

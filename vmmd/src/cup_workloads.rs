@@ -3,6 +3,7 @@
 
 use crate::api::{RunSpec, Vmm1ClientProxy};
 use crate::attach;
+use std::io::Write;
 use std::time::Duration;
 use steelcup_init::stdio::{ExecRequest, ATTACH_PORT};
 
@@ -379,6 +380,38 @@ pub fn image_verb(
         }
         "prune" => println!("{}", p.prune().map_err(api_err)?),
         other => return Err(format!("unknown image verb {other:?}")),
+    }
+    Ok(0)
+}
+
+/// `cup logs [-f] [-n N] NAME`: a workload's console output; with `-f`,
+/// new lines as they come until the workload has ended.
+pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result<u8, String> {
+    let api = |e: zbus::Error| match e {
+        zbus::Error::MethodError(n, _, _) if n.as_str().ends_with(".NoSuchVm") => format!(
+            "no workload named {name:?} (see `cup ps`; a unit's log is `cup logs --unit {name}`)"
+        ),
+        e => api_err(e),
+    };
+    let (first, mut cursor, mut running) = p.tail(name, lines).map_err(api)?;
+    let mut out = std::io::stdout().lock();
+    for (_, l) in first {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+    while follow {
+        let (more, next, still) = p.logs(name, cursor, 1000).map_err(api)?;
+        if more.is_empty() {
+            if !running {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (_, l) in more {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+        (cursor, running) = (next, still);
     }
     Ok(0)
 }

@@ -1,23 +1,24 @@
-//! The resident daemon: turns `[microvm]` units into running VMs, one worker
-//! process each, and reports how each one ended.
+//! The resident daemon: turns `[microvm]` units and `cup run` into
+//! running VMs, one worker process each, and reports how each one ended.
 //!
 //! # Design
-//! The main thread owns all state and waits on one channel for events: a
-//! worker ended (with its report), a signal arrived, a restart is due. Each
-//! worker has a monitor thread that feeds it its config, echoes its guest
-//! output as `NAME | line` and its logs, waits for it, and sends the report.
-//! Restart policy: `no`, `on-failure`, `always`, with backoff from 1 s
-//! doubling to 30 s.
+//! The main thread owns all state (a [`Core`], see [`crate::reconcile`]
+//! for the policy: replicas, rolling replace, restarts, health) and waits
+//! on one channel for events: a worker ended (with its report), an image
+//! is prepared, a health probe answered, a signal arrived, an API request.
+//! Each worker has a monitor thread that feeds it its config, passes its
+//! guest output on (as `NAME | line` and into the workload's log), waits
+//! for it, and sends the report. [`WorkerBackend`] is how the core's
+//! decisions reach the world: workers, vsock requests to vminit, threads
+//! that pull images and run probes.
 //!
 //! The API (`org.steelcup.Vmm1`, see [`crate::api`]) reaches the loop as
-//! events too; pause and resume go to the worker over its stdin.
-//!
-//! Workloads come from unit files and from `cup run` (transient; `--rm`
-//! ones are forgotten when they end). A workload with an image is
-//! prepared (pulled, root image built) by a thread before its first boot.
+//! events too; pause and resume go to the worker over its stdin. SIGHUP
+//! (init sends it on `cup reload`) re-reads the unit files.
 //!
 //! # Limitations
-//! No reload, no replicas, no health checks, no warm pool yet.
+//! No warm pool yet; a restarted vmmd does not find VMs of the one before
+//! (its workers die with it: they run with PR_SET_PDEATHSIG).
 
 use crate::api::{self, Action, ApiError, Reply, VmInfo};
 use crate::config::{
@@ -26,15 +27,19 @@ use crate::config::{
 };
 use crate::image::source::PullOptions;
 use crate::image::workload::{Merged, Prepared};
+use crate::reconcile::{AfterStop, Backend, Core, Workload};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use steelcup_init::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume};
-use steelcup_init::units::{self, MicrovmSection, Network, Restart, UnitKind};
+use steelcup_init::supervisor::logs::LogStore;
+use steelcup_init::units::{self, HealthCheck, MicrovmSection, Network, Restart, UnitKind};
+
+pub use crate::reconcile::STOP_GRACE;
 
 /// Where the image puts the default guest kernel and initramfs.
 pub const DEFAULT_KERNEL: &str = "/usr/lib/steelcup/guest/vmlinuz";
@@ -68,11 +73,10 @@ pub struct Options {
     pub pulls: Pulls,
     /// How the last removed workloads (`cup run --rm`) ended, newest last,
     /// so `cup run` can say why a VM it waited for is gone.
-    pub removed: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, String)>>>,
+    pub removed: crate::reconcile::Removed,
+    /// Each workload's console output (`cup logs`), in memory.
+    pub logs: Arc<LogStore>,
 }
-
-/// How many removed workloads' outcomes vmmd remembers.
-const REMEMBER_REMOVED: usize = 64;
 
 /// Pulls in flight, by source.
 pub type Pulls = std::sync::Arc<std::sync::Mutex<BTreeMap<String, api::PullInfo>>>;
@@ -124,79 +128,15 @@ enum Event {
         name: String,
         result: Result<Prepared, String>,
     },
-}
-
-struct Workload {
-    spec: MicrovmSection,
-    /// The guest's vsock context id, fixed for the daemon's life.
-    cid: u32,
-    pid: Option<i32>,
-    /// The running worker's control channel.
-    control: Option<WorkerControl>,
-    paused: bool,
-    restart_at: Option<Instant>,
-    backoff: Duration,
-    runs: u64,
-    last_outcome: String,
-    /// Asked to stop through the API: killed at `kill_at` if still
-    /// running, not restarted, and the callers answered when it ends.
-    stopping: Option<Stopping>,
-    /// The workload's image, ready to boot (units with `image`).
-    prepared: Option<Prepared>,
-    /// A thread is pulling the image or building its root image.
-    preparing: bool,
-    /// Made by `cup run`, not by a unit file.
-    transient: bool,
-    /// Forgotten once it has ended (`cup run --rm`).
-    remove_when_done: bool,
-    /// The next boot waits for `cup` to attach to the workload's stdio
-    /// (with a terminal when `tty`).
-    attach: bool,
-    tty: bool,
-}
-
-impl Workload {
-    /// `running`, `paused`, `stopping`, `preparing` (its image), `waiting`
-    /// (for a restart) or `ended`.
-    fn state(&self) -> &'static str {
-        match (self.pid, self.paused, self.restart_at) {
-            (Some(_), _, _) if self.stopping.is_some() => "stopping",
-            (Some(_), true, _) => "paused",
-            (Some(_), false, _) => "running",
-            (None, _, _) if self.preparing => "preparing",
-            (None, _, Some(_)) => "waiting",
-            (None, _, None) => "ended",
-        }
-    }
-
-    fn new(spec: MicrovmSection, cid: u32) -> Workload {
-        Workload {
-            spec,
-            cid,
-            pid: None,
-            control: None,
-            paused: false,
-            restart_at: Some(Instant::now()),
-            backoff: Duration::from_secs(1),
-            runs: 0,
-            last_outcome: String::new(),
-            stopping: None,
-            prepared: None,
-            preparing: false,
-            transient: false,
-            remove_when_done: false,
-            attach: false,
-            tty: false,
-        }
-    }
-}
-
-struct Stopping {
-    kill_at: Instant,
-    replies: Vec<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
+    /// A health probe's answer.
+    Probed {
+        name: String,
+        result: Result<(), String>,
+    },
 }
 
 /// A worker's stdin (commands) and its answers (from its stderr).
+#[derive(Debug)]
 struct WorkerControl {
     commands: ChildStdin,
     answers: mpsc::Receiver<String>,
@@ -225,9 +165,149 @@ impl WorkerControl {
     }
 }
 
+/// The real backend: jailed workers, vsock requests to vminit, threads.
+#[derive(Debug)]
+pub struct WorkerBackend {
+    opts: Options,
+    tx: mpsc::Sender<Event>,
+    controls: BTreeMap<String, WorkerControl>,
+}
+
+impl Backend for WorkerBackend {
+    fn prepare(&mut self, name: &str, image: &str) {
+        spawn_prepare(&self.opts, name, image, self.tx.clone());
+    }
+
+    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String> {
+        let (pid, control) = start(&self.opts, name, w, attach, self.tx.clone())?;
+        self.controls.insert(name.to_string(), control);
+        Ok(pid)
+    }
+
+    fn ask_stop(&mut self, name: &str) {
+        let (uds, name) = (vsock_path(&self.opts, name), name.to_string());
+        // The guest answers on its own time; the loop goes on.
+        let _ = std::thread::Builder::new()
+            .name(format!("stop-{name}"))
+            .spawn(move || ask_to_stop(&uds, &name));
+    }
+
+    fn kill(&mut self, _name: &str, pid: i32) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+
+    fn probe(&mut self, name: &str, check: &HealthCheck) {
+        let (uds, check, tx) = (vsock_path(&self.opts, name), check.clone(), self.tx.clone());
+        let name = name.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("probe-{name}"))
+            .spawn(move || {
+                let result = probe(&uds, &check);
+                let _ = tx.send(Event::Probed { name, result });
+            });
+    }
+
+    fn control(&mut self, name: &str, command: &str) -> Result<String, String> {
+        match self.controls.get_mut(name) {
+            Some(c) => c.ask(command),
+            None => Err(format!("workload {name:?} is not running")),
+        }
+    }
+
+    fn forgotten(&mut self, name: &str) {
+        self.controls.remove(name);
+        self.opts.logs.forget(name);
+        let _ = std::fs::remove_file(vsock_path(&self.opts, name));
+    }
+}
+
+/// Runs a health check inside the VM behind `uds`.
+fn probe(uds: &Path, check: &HealthCheck) -> Result<(), String> {
+    use steelcup_init::probe::Probe;
+    let timeout = Duration::from_secs(u64::from(check.timeout));
+    let p = match (check.tcp, check.http) {
+        (Some(port), _) => Probe::Tcp(port),
+        (None, Some(port)) => Probe::Http(port, check.path.clone()),
+        (None, None) => return probe_command(uds, &check.command, timeout),
+    };
+    let answer = ask_guest_within(
+        uds,
+        GUEST_CONTROL_PORT,
+        &p.request(timeout),
+        timeout + Duration::from_secs(2),
+    )?;
+    match answer.strip_prefix("fail: ") {
+        None if answer == "ok" => Ok(()),
+        None => Err(format!("the guest answered {answer:?}")),
+        Some(why) => Err(why.to_string()),
+    }
+}
+
+/// Runs `argv` inside the VM as `cup exec` does; Ok when it exits 0.
+fn probe_command(uds: &Path, argv: &[String], timeout: Duration) -> Result<(), String> {
+    use steelcup_init::stdio::{read_frame, ExecRequest, EXIT, STDIN_EOF};
+    let request = ExecRequest {
+        argv: argv.to_vec(),
+        env: BTreeMap::new(),
+        workdir: None,
+        user: None,
+        tty: false,
+    };
+    let mut conn = crate::attach::start_exec(uds, &request)?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let _ = steelcup_init::stdio::write_frame(&mut conn, STDIN_EOF, b"");
+    let deadline = Instant::now() + timeout;
+    let mut r = BufReader::new(conn);
+    loop {
+        if Instant::now() > deadline {
+            return Err(format!("{argv:?} took more than {}s", timeout.as_secs()));
+        }
+        match read_frame(&mut r) {
+            Ok(Some((EXIT, d))) => {
+                let status: steelcup_init::guest::ExitStatus = serde_json::from_slice(&d)
+                    .map_err(|e| format!("a bad exit status from the guest: {e}"))?;
+                return match crate::attach::exit_code(status) {
+                    0 => Ok(()),
+                    code => Err(format!("{argv:?} exited with {code}")),
+                };
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("{argv:?}: the guest closed the connection")),
+            Err(e) => return Err(format!("{argv:?}: {e}")),
+        }
+    }
+}
+
+/// The `[microvm]` units in `dir` whose conditions hold.
+fn load_units(dir: &Path) -> BTreeMap<String, MicrovmSection> {
+    let (found, errors) = units::load_dir(dir);
+    for e in &errors {
+        tracing::error!("{}", crate::worker::error_chain(e));
+    }
+    let cmdline = units::kernel_cmdline();
+    found
+        .into_iter()
+        .filter(|u| match u.unit.unmet_condition(&cmdline) {
+            Some(c) => {
+                tracing::info!(
+                    "unit {}: skipped: condition-kernel-cmdline {c:?} not met",
+                    u.name
+                );
+                false
+            }
+            None => true,
+        })
+        .filter_map(|u| match u.kind {
+            UnitKind::Microvm(spec) => Some((u.name, spec)),
+            UnitKind::Service(_) => None,
+        })
+        .collect()
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<(), String> {
-    let sfd = steelcup_init::sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT])
+    let sfd = steelcup_init::sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| crate::worker::error_chain(&e))?;
     let (tx, rx) = mpsc::channel::<Event>();
     let sig_tx = tx.clone();
@@ -248,30 +328,13 @@ pub fn run(opts: Options) -> Result<(), String> {
         })
         .map_err(|e| format!("spawn signal thread: {e}"))?;
 
-    let (found, errors) = units::load_dir(&opts.units);
-    for e in &errors {
-        tracing::error!("{}", crate::worker::error_chain(e));
-    }
-    let cmdline = units::kernel_cmdline();
-    let mut workloads: BTreeMap<String, Workload> = found
-        .into_iter()
-        .filter(|u| match u.unit.unmet_condition(&cmdline) {
-            Some(c) => {
-                tracing::info!(
-                    "workload {}: skipped: condition-kernel-cmdline {c:?} not met",
-                    u.name
-                );
-                false
-            }
-            None => true,
-        })
-        .filter_map(|u| match u.kind {
-            UnitKind::Microvm(spec) => Some((u.name, spec)),
-            UnitKind::Service(_) => None,
-        })
-        .enumerate()
-        .map(|(i, (name, spec))| (name, Workload::new(spec, 3 + i as u32)))
-        .collect();
+    let backend = WorkerBackend {
+        opts: opts.clone(),
+        tx: tx.clone(),
+        controls: BTreeMap::new(),
+    };
+    let mut core = Core::new(backend, opts.removed.clone());
+    core.set_units(load_units(&opts.units));
     for dir in [
         opts.run_dir.join("vsock"),
         crate::jail::mount::scratch_dir(&opts.run_dir),
@@ -296,151 +359,40 @@ pub fn run(opts: Options) -> Result<(), String> {
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
         env!("CARGO_PKG_VERSION"),
-        workloads.len(),
+        core.units.len(),
         opts.units.display()
     );
 
     loop {
-        let now = Instant::now();
-        for (name, w) in workloads.iter_mut() {
-            if let (Some(s), Some(pid)) = (&mut w.stopping, w.pid) {
-                if s.kill_at <= now {
-                    tracing::warn!(
-                        "workload {name}: still running {}s after it was asked to stop; killing its worker",
-                        STOP_GRACE.as_secs()
-                    );
-                    let _ =
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-                    s.kill_at = now + Duration::from_secs(3600);
-                }
-            }
-            if w.pid.is_none() && w.restart_at.is_some_and(|t| t <= now) {
-                w.restart_at = None;
-                if let (Some(image), None) = (&w.spec.image, &w.prepared) {
-                    if !w.preparing {
-                        w.preparing = true;
-                        spawn_prepare(&opts, name, image, tx.clone());
-                    }
-                    continue;
-                }
-                w.runs += 1;
-                let stdio = (std::mem::take(&mut w.attach), w.tty);
-                match start(
-                    &opts,
-                    name,
-                    &w.spec,
-                    w.prepared.as_ref(),
-                    stdio,
-                    w.cid,
-                    tx.clone(),
-                ) {
-                    Ok((pid, control)) => {
-                        w.pid = Some(pid);
-                        w.control = Some(control);
-                        w.paused = false;
-                    }
-                    Err(e) => {
-                        tracing::error!("workload {name}: cannot start worker: {e}");
-                    }
-                }
-            }
-        }
-        let timeout = workloads
-            .values()
-            .filter_map(|w| w.restart_at)
-            .chain(
-                workloads
-                    .values()
-                    .filter_map(|w| w.stopping.as_ref().map(|s| s.kill_at)),
-            )
-            .min()
+        core.tick(Instant::now());
+        let timeout = core
+            .next_wakeup()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
+        let now = || Instant::now();
         match rx.recv_timeout(timeout) {
-            Ok(Event::Signal(sig)) => {
+            Ok(Event::Signal(Signal::SIGHUP)) => {
+                let c = core.set_units(load_units(&opts.units));
                 tracing::info!(
-                    "{sig}: stopping {} workloads",
-                    workloads.values().filter(|w| w.pid.is_some()).count()
+                    "reload: units new [{}], removed [{}], changed [{}]",
+                    c.added.join(", "),
+                    c.removed.join(", "),
+                    c.changed.join(", ")
                 );
-                stop_all(&opts, &mut workloads, &rx);
+            }
+            Ok(Event::Signal(sig)) => {
+                tracing::info!("{sig}: stopping {} workloads", core.running());
+                stop_all(&mut core, &rx);
                 tracing::info!("vmmd stopped");
                 return Ok(());
             }
             Ok(Event::Ended { name, report }) => {
-                let Some(w) = workloads.get_mut(&name) else {
-                    continue;
-                };
-                w.pid = None;
-                w.control = None;
-                w.paused = false;
-                w.last_outcome = report.outcome.to_string();
-                tracing::info!(
-                    "workload {name}: {} after {:.2}s",
-                    report.outcome,
-                    report.run_ms as f64 / 1000.0
-                );
-                if let Some(s) = w.stopping.take() {
-                    tracing::info!("workload {name}: stopped");
-                    for r in s.replies {
-                        let _ = r.send(Ok(Reply::Done));
-                    }
-                    if w.remove_when_done {
-                        forget(&opts, &mut workloads, &name);
-                    }
-                    continue;
-                }
-                let again = match w.spec.restart {
-                    Restart::Always => true,
-                    // A reboot from inside asks for the workload again.
-                    Restart::OnFailure => {
-                        !report.outcome.success() || report.outcome == VmOutcome::Rebooted
-                    }
-                    Restart::No => false,
-                };
-                if again {
-                    tracing::info!("workload {name}: restarting in {}s", w.backoff.as_secs());
-                    w.restart_at = Some(Instant::now() + w.backoff);
-                    w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
-                } else if w.remove_when_done {
-                    forget(&opts, &mut workloads, &name);
-                }
+                core.backend.controls.remove(&name);
+                core.ended(&name, report, now());
             }
-            Ok(Event::Api(req)) => execute(&opts, &mut workloads, req),
-            Ok(Event::Prepared { name, result }) => {
-                let Some(w) = workloads.get_mut(&name) else {
-                    continue;
-                };
-                w.preparing = false;
-                match result {
-                    Ok(p) => {
-                        tracing::info!("workload {name}: image {} ready", p.digest);
-                        w.prepared = Some(p);
-                        w.restart_at = Some(Instant::now());
-                    }
-                    Err(e) if w.transient => {
-                        // `cup run` reports it; nobody asked for retries.
-                        tracing::error!(
-                            "workload {name}: image {}: {e}",
-                            w.spec.image.as_deref().unwrap_or_default()
-                        );
-                        w.last_outcome = format!("image failed: {e}");
-                        w.restart_at = None;
-                        if w.remove_when_done {
-                            forget(&opts, &mut workloads, &name);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(
-                            "workload {name}: image {}: {e}; trying again in {}s",
-                            w.spec.image.as_deref().unwrap_or_default(),
-                            w.backoff.as_secs()
-                        );
-                        w.last_outcome = format!("image failed: {e}");
-                        w.restart_at = Some(Instant::now() + w.backoff);
-                        w.backoff = (w.backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
+            Ok(Event::Api(req)) => execute(&opts, &mut core, req),
+            Ok(Event::Prepared { name, result }) => core.prepared(&name, result, now()),
+            Ok(Event::Probed { name, result }) => core.probed(&name, result, now()),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
@@ -463,37 +415,18 @@ fn notify_ready() {
     }
 }
 
+type Daemon = Core<WorkerBackend>;
+
 /// Executes an API request on the daemon's state and answers it, or (a
 /// stop) keeps the answer for when the VM has ended.
-fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api::Request) {
+fn execute(opts: &Options, core: &mut Daemon, req: api::Request) {
+    let now = Instant::now();
     if let Action::Stop(name) = &req.action {
-        match workloads.get_mut(name) {
-            None => {
-                let _ = req.reply.send(Err(ApiError::NoSuchVm(name.clone())));
-            }
-            Some(w) if w.pid.is_none() => {
-                // Not running: make sure it stays so.
-                w.restart_at = None;
-                let _ = req.reply.send(Ok(Reply::Done));
-            }
-            Some(w) => {
-                w.restart_at = None;
-                if let Some(s) = &mut w.stopping {
-                    s.replies.push(req.reply);
-                    return;
-                }
-                w.stopping = Some(Stopping {
-                    kill_at: Instant::now() + STOP_GRACE,
-                    replies: vec![req.reply],
-                });
-                resume_if_paused(w);
-                let (uds, name) = (vsock_path(opts, name), name.clone());
-                // The guest answers on its own time; the loop goes on.
-                let _ = std::thread::Builder::new()
-                    .name(format!("stop-{name}"))
-                    .spawn(move || ask_to_stop(&uds, &name));
-            }
+        if !core.workloads.contains_key(name) {
+            let _ = req.reply.send(Err(ApiError::NoSuchVm(name.clone())));
+            return;
         }
+        core.stop(name, Some(req.reply), AfterStop::Stay, now);
         return;
     }
     if let Action::Pull(source) = &req.action {
@@ -524,8 +457,13 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
         return;
     }
     let answer = match req.action {
-        Action::Run(spec) => run_workload(workloads, spec),
-        Action::Socket(name) => match workloads.get(&name) {
+        Action::Run(spec) => {
+            run_workload(&core.workloads, &core.units, spec, now).map(|(name, w)| {
+                core.add(name.clone(), w);
+                Reply::Text(name)
+            })
+        }
+        Action::Socket(name) => match core.workloads.get(&name) {
             None => {
                 let removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
                 match removed.iter().rev().find(|(n, _)| *n == name) {
@@ -540,23 +478,23 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
             ))),
             Some(_) => Ok(Reply::Text(vsock_path(opts, &name).display().to_string())),
         },
-        Action::Remove(name) => match workloads.get(&name) {
+        Action::Remove(name) => match core.workloads.get(&name) {
             None => Err(ApiError::NoSuchVm(name)),
             Some(w) if w.pid.is_some() || w.preparing => Err(ApiError::Refused(format!(
                 "workload {name:?} is running; stop it first (or cup rm -f)"
             ))),
             Some(_) => {
-                forget(opts, workloads, &name);
+                core.forget(&name);
                 Ok(Reply::Done)
             }
         },
         Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
-        Action::Inspect(name) => match workloads.get(&name) {
+        Action::Inspect(name) => match core.workloads.get(&name) {
             None => Err(ApiError::NoSuchVm(name)),
             Some(w) => Ok(Reply::Text(inspect(opts, &name, w))),
         },
         Action::Kill(name, signal) => {
-            match workloads.get(&name) {
+            match core.workloads.get(&name) {
                 None => Err(ApiError::NoSuchVm(name)),
                 Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
                     "workload {name:?} is not running"
@@ -597,7 +535,22 @@ fn execute(opts: &Options, workloads: &mut BTreeMap<String, Workload>, req: api:
                 .cloned()
                 .collect(),
         )),
-        action => execute_now(workloads, action),
+        Action::Logs { name, since, max } => match core.workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) => {
+                let max = max.min(10_000) as usize;
+                let (lines, next) = match since {
+                    Some(s) => opts.logs.read(&name, s, max),
+                    None => opts.logs.tail(&name, max),
+                };
+                Ok(Reply::Logs(
+                    lines,
+                    next,
+                    w.pid.is_some() || w.restart_at.is_some() || w.preparing,
+                ))
+            }
+        },
+        action => execute_now(core, action),
     };
     let _ = req.reply.send(answer);
 }
@@ -607,10 +560,14 @@ fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
     let v = serde_json::json!({
         "name": name,
         "state": w.state(),
+        "health": w.health_name(),
+        "last_probe": w.last_probe,
         "pid": w.pid,
         "runs": w.runs,
         "last_outcome": w.last_outcome,
-        "from": if w.transient { "cup run" } else { "unit" },
+        "from": if w.unit.is_some() { "unit" } else { "cup run" },
+        "unit": w.unit,
+        "replica": w.unit.as_ref().map(|_| w.slot + 1),
         "remove_when_done": w.remove_when_done,
         "vsock_cid": w.cid,
         "vsock_socket": vsock_path(opts, name),
@@ -623,28 +580,17 @@ fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
-/// Forgets a workload that has ended (its vsock socket goes with it).
-fn forget(opts: &Options, workloads: &mut BTreeMap<String, Workload>, name: &str) {
-    if let Some(w) = workloads.remove(name) {
-        let mut removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
-        removed.retain(|(n, _)| n != name);
-        removed.push_back((name.to_string(), w.last_outcome));
-        while removed.len() > REMEMBER_REMOVED {
-            removed.pop_front();
-        }
-        let _ = std::fs::remove_file(vsock_path(opts, name));
-        tracing::info!("workload {name}: removed");
-    }
-}
-
-/// A workload for `cup run`.
+/// A workload for `cup run`: its name and the workload, checked.
 fn run_workload(
-    workloads: &mut BTreeMap<String, Workload>,
+    workloads: &BTreeMap<String, Workload>,
+    units: &BTreeMap<String, MicrovmSection>,
     spec: api::RunSpec,
-) -> Result<Reply, ApiError> {
+    now: Instant,
+) -> Result<(String, Workload), ApiError> {
     let refused = |s: String| Err(ApiError::Refused(s));
     crate::image::source::Source::parse(&spec.image)
         .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let taken = |n: &str| workloads.contains_key(n) || units.contains_key(n);
     let name = match spec.name {
         Some(n) => {
             if !units::valid_name(&n) {
@@ -652,16 +598,16 @@ fn run_workload(
                     "name {n:?}: lowercase letters, digits, '.', '_', '-', at most 64"
                 ));
             }
-            if workloads.contains_key(&n) {
+            if taken(&n) {
                 return refused(format!(
-                    "a workload named {n:?} exists; `cup rm {n}` first or pick another name"
+                    "a workload or unit named {n:?} exists; `cup rm {n}` first or pick another name"
                 ));
             }
             n
         }
         None => (1..)
             .map(|i| format!("run-{i}"))
-            .find(|n| !workloads.contains_key(n))
+            .find(|n| !taken(n))
             .unwrap_or_default(),
     };
     let memory = match &spec.memory {
@@ -693,16 +639,16 @@ fn run_workload(
         memory_backing: Default::default(),
         huge_pages: false,
         rlimits: spec.rlimits,
+        replicas: 1,
+        health: None,
     };
-    let cid = workloads.values().map(|w| w.cid).max().unwrap_or(2) + 1;
-    let mut w = Workload::new(section, cid);
-    w.transient = true;
+    let used: std::collections::BTreeSet<u32> = workloads.values().map(|w| w.cid).collect();
+    let cid = (3..).find(|c| !used.contains(c)).unwrap_or(3);
+    let mut w = Workload::new(section, cid, now);
     w.remove_when_done = spec.rm;
     w.attach = spec.attach;
     w.tty = spec.tty;
-    tracing::info!("workload {name}: created by cup run");
-    workloads.insert(name.clone(), w);
-    Ok(Reply::Text(name))
+    Ok((name, w))
 }
 
 /// The image store's actions, answered at once.
@@ -744,31 +690,24 @@ fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
 }
 
 /// Executes an action that is answered at once.
-fn execute_now(
-    workloads: &mut BTreeMap<String, Workload>,
-    action: Action,
-) -> Result<Reply, ApiError> {
-    fn running<'w>(
-        workloads: &'w mut BTreeMap<String, Workload>,
-        name: &str,
-    ) -> Result<&'w mut Workload, ApiError> {
-        let w = workloads
-            .get_mut(name)
-            .ok_or_else(|| ApiError::NoSuchVm(name.to_string()))?;
-        if w.control.is_none() {
-            return Err(ApiError::Refused(format!(
-                "workload {name:?} is not running"
-            )));
-        }
-        Ok(w)
-    }
+fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
+    let running = |core: &Daemon, name: &str| match core.workloads.get(name) {
+        None => Err(ApiError::NoSuchVm(name.to_string())),
+        Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+            "workload {name:?} is not running"
+        ))),
+        Some(_) => Ok(()),
+    };
+    let pause = matches!(action, Action::Pause(_));
     match action {
         Action::List => Ok(Reply::Vms(
-            workloads
+            core.workloads
                 .iter()
                 .map(|(name, w)| VmInfo {
                     name: name.clone(),
                     state: w.state().into(),
+                    health: w.health_name().into(),
+                    unit: w.unit.clone().unwrap_or_default(),
                     last_outcome: w.last_outcome.clone(),
                     pid: w.pid.unwrap_or(0) as u32,
                     runs: w.runs as u32,
@@ -782,10 +721,25 @@ fn execute_now(
                 })
                 .collect(),
         )),
-        Action::Pause(name) => set_paused(running(workloads, &name)?, &name, true),
-        Action::Resume(name) => set_paused(running(workloads, &name)?, &name, false),
+        Action::Pause(name) | Action::Resume(name) => {
+            running(core, &name)?;
+            let (command, done) = if pause {
+                ("pause", "paused")
+            } else {
+                ("resume", "resumed")
+            };
+            core.backend
+                .control(&name, command)
+                .map_err(ApiError::Refused)?;
+            if let Some(w) = core.workloads.get_mut(&name) {
+                w.paused = pause;
+            }
+            tracing::info!("workload {name}: {done}");
+            Ok(Reply::Done)
+        }
         Action::Start(name) => {
-            let w = workloads
+            let w = core
+                .workloads
                 .get_mut(&name)
                 .ok_or_else(|| ApiError::NoSuchVm(name.clone()))?;
             if w.pid.is_some() {
@@ -802,47 +756,24 @@ fn execute_now(
     }
 }
 
-/// Pauses or resumes a running workload's vCPUs through its worker.
-fn set_paused(w: &mut Workload, name: &str, pause: bool) -> Result<Reply, ApiError> {
-    let (command, done) = if pause {
-        ("pause", "paused")
-    } else {
-        ("resume", "resumed")
-    };
-    if let Some(c) = w.control.as_mut() {
-        c.ask(command).map_err(ApiError::Refused)?;
-    }
-    w.paused = pause;
-    tracing::info!("workload {name}: {done}");
-    Ok(Reply::Done)
-}
-
-/// How long a guest has to end its workload after being asked to stop.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// Stops every running workload: asks each guest's vminit over vsock, waits
 /// up to [`STOP_GRACE`], then kills the workers that are left.
-fn stop_all(
-    opts: &Options,
-    workloads: &mut BTreeMap<String, Workload>,
-    rx: &mpsc::Receiver<Event>,
-) {
-    for (name, w) in workloads.iter_mut() {
-        if w.pid.is_some() {
-            resume_if_paused(w);
-            ask_to_stop(&vsock_path(opts, name), name);
-        }
+fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
+    let now = Instant::now();
+    let running: Vec<String> = core
+        .workloads
+        .iter()
+        .filter(|(_, w)| w.pid.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in &running {
+        core.stop(name, None, AfterStop::Stay, now);
     }
-    let wait = |workloads: &mut BTreeMap<String, Workload>, deadline: Instant| {
-        while workloads.values().any(|w| w.pid.is_some()) {
+    let wait = |core: &mut Daemon, deadline: Instant| {
+        while core.running() > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(Event::Ended { name, report }) => {
-                    if let Some(w) = workloads.get_mut(&name) {
-                        w.pid = None;
-                        tracing::info!("workload {name}: {}", report.outcome);
-                    }
-                }
-                Ok(Event::Signal(_) | Event::Prepared { .. }) => {}
+                Ok(Event::Ended { name, report }) => core.ended(&name, report, Instant::now()),
+                Ok(Event::Signal(_) | Event::Prepared { .. } | Event::Probed { .. }) => {}
                 Ok(Event::Api(req)) => {
                     let _ = req.reply.send(Err(ApiError::ShuttingDown));
                 }
@@ -850,8 +781,8 @@ fn stop_all(
             }
         }
     };
-    wait(workloads, Instant::now() + STOP_GRACE);
-    for (name, w) in workloads.iter() {
+    wait(core, now + STOP_GRACE);
+    for (name, w) in core.workloads.iter() {
         if let Some(pid) = w.pid {
             tracing::warn!(
                 "workload {name}: still running after {}s; killing its worker",
@@ -860,17 +791,7 @@ fn stop_all(
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    wait(workloads, Instant::now() + Duration::from_secs(5));
-}
-
-/// A paused guest cannot answer a stop: let it run first.
-fn resume_if_paused(w: &mut Workload) {
-    if w.paused {
-        if let Some(c) = w.control.as_mut() {
-            let _ = c.ask("resume");
-        }
-        w.paused = false;
-    }
+    wait(core, Instant::now() + Duration::from_secs(5));
 }
 
 /// Asks workload `name`'s vminit, over its vsock socket `uds`, to stop,
@@ -893,8 +814,18 @@ pub fn vsock_path(opts: &Options, name: &str) -> PathBuf {
 /// Sends one request line to a guest's vsock `port` through the VM's Unix
 /// socket and returns the guest's one-line answer.
 pub fn ask_guest(uds: &Path, port: u32, request: &str) -> Result<String, String> {
+    ask_guest_within(uds, port, request, Duration::from_secs(2))
+}
+
+/// [`ask_guest`], waiting up to `patience` for the answer.
+fn ask_guest_within(
+    uds: &Path,
+    port: u32,
+    request: &str,
+    patience: Duration,
+) -> Result<String, String> {
     let mut s = crate::attach::connect(uds, port)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
+    s.set_read_timeout(Some(patience))
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -978,13 +909,9 @@ fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event
     }
 }
 
-fn vm_config(
-    opts: &Options,
-    name: &str,
-    spec: &MicrovmSection,
-    prepared: Option<&Prepared>,
-    cid: u32,
-) -> Result<VmConfig, String> {
+/// The VM config of workload `name`'s next boot.
+fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, String> {
+    let (spec, prepared, cid) = (&w.spec, w.prepared.as_ref(), w.cid);
     let mut disks = Vec::new();
     let mut root = None;
     let root_image = prepared.map(|p| &p.rootfs).or(spec.root.as_ref());
@@ -998,7 +925,7 @@ fn vm_config(
     }
     let mut volumes = Vec::new();
     for v in &spec.volumes {
-        let path = ensure_volume(&opts.state_dir, name, v)?;
+        let path = ensure_volume(&opts.state_dir, &w.volume_key(name), v)?;
         volumes.push(GuestVolume {
             device: disk_device(disks.len()),
             path: v.mount.display().to_string(),
@@ -1075,14 +1002,13 @@ fn vm_config(
 fn start(
     opts: &Options,
     name: &str,
-    spec: &MicrovmSection,
-    prepared: Option<&Prepared>,
-    (attach, tty): (bool, bool),
-    cid: u32,
+    w: &Workload,
+    attach: bool,
     tx: mpsc::Sender<Event>,
 ) -> Result<(i32, WorkerControl), String> {
-    let mut vm = vm_config(opts, name, spec, prepared, cid)?;
-    (vm.guest.attach, vm.guest.tty) = (attach, tty);
+    let spec = &w.spec;
+    let mut vm = vm_config(opts, name, w)?;
+    (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
     let mut config = serde_json::to_vec(&vm).map_err(|e| e.to_string())?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
@@ -1129,12 +1055,14 @@ fn start(
     let stderr = child.stderr.take();
     let name = name.to_string();
     let (answer_tx, answers) = mpsc::channel();
+    let logs = opts.logs.clone();
     std::thread::Builder::new()
         .name(format!("worker-{name}"))
         .spawn(move || {
             let out_thread = stdout.map(|o| {
                 let name = name.clone();
-                std::thread::spawn(move || echo_guest(&name, o))
+                let logs = logs.clone();
+                std::thread::spawn(move || echo_guest(&name, o, &logs))
             });
             let report = stderr.and_then(|e| read_report(&name, e, &answer_tx));
             let status = child.wait();
@@ -1177,8 +1105,9 @@ fn worker_death(status: &std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-/// Passes guest output on as `NAME | line`, lines capped at [`MAX_LINE`].
-fn echo_guest(name: &str, out: impl Read) {
+/// Passes guest output on as `NAME | line` and into the workload's log,
+/// lines capped at [`MAX_LINE`].
+fn echo_guest(name: &str, out: impl Read, logs: &LogStore) {
     let mut r = BufReader::new(out);
     let mut line = Vec::new();
     loop {
@@ -1188,6 +1117,7 @@ fn echo_guest(name: &str, out: impl Read) {
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim_end_matches(['\n', '\r']);
+                logs.push(name, text);
                 let mut so = std::io::stdout().lock();
                 let _ = writeln!(so, "{name} | {text}");
                 let _ = so.flush();
@@ -1232,6 +1162,7 @@ pub fn default_options(units: &Path) -> Options {
         insecure_registries: Vec::new(),
         pulls: Default::default(),
         removed: Default::default(),
+        logs: Arc::new(LogStore::new(None, false)),
     }
 }
 
@@ -1253,62 +1184,58 @@ mod tests {
     #[test]
     fn cup_run_specs_are_checked_before_a_workload_exists() {
         let mut w = BTreeMap::new();
+        let mut units = BTreeMap::new();
+        let now = Instant::now();
+        let mut run = |w: &mut BTreeMap<String, Workload>,
+                       units: &BTreeMap<String, MicrovmSection>,
+                       json: &str| {
+            run_workload(w, units, spec(json), now).map(|(name, x)| {
+                w.insert(name.clone(), x);
+                Reply::Text(name)
+            })
+        };
         let img = r#""image":"oci-archive:/x.tar:latest""#;
-        assert!(
-            refused(run_workload(&mut w, spec(r#"{"image":"Not A Ref"}"#)))
-                .contains("not an image reference")
-        );
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"name":"Bad Name"}}"#))
-        ))
-        .contains("lowercase"));
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"memory":"8MiB"}}"#))
-        ))
-        .contains("16 MiB to 3 GiB"));
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"memory":"lots"}}"#))
-        ))
-        .contains("not a size"));
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"vcpus":0}}"#))
-        ))
-        .contains("1 to 32"));
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"rlimits":{{"files":1}}}}"#))
-        ))
-        .contains("unknown limit"));
+        assert!(refused(run(&mut w, &units, r#"{"image":"Not A Ref"}"#))
+            .contains("not an image reference"));
+        for (json, why) in [
+            (r#","name":"Bad Name""#, "lowercase"),
+            (r#","memory":"8MiB""#, "16 MiB to 3 GiB"),
+            (r#","memory":"lots""#, "not a size"),
+            (r#","vcpus":0"#, "1 to 32"),
+            (r#","rlimits":{"files":1}"#, "unknown limit"),
+        ] {
+            let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
+            assert!(e.contains(why), "{json}: {e}");
+        }
         assert!(w.is_empty(), "nothing half-made");
         assert!(serde_json::from_str::<api::RunSpec>(&format!(r#"{{{img},"bogus":1}}"#)).is_err());
 
-        // Names: given, or run-N; a taken one is refused.
-        let named = run_workload(
+        // Names: given, or run-N; a taken one (a workload's or a unit's)
+        // is refused.
+        let named = run(
             &mut w,
-            spec(&format!(
-                r#"{{{img},"name":"web","attach":true,"rm":true}}"#
-            )),
+            &units,
+            &format!(r#"{{{img},"name":"web","attach":true,"rm":true}}"#),
         );
         assert_eq!(named, Ok(Reply::Text("web".into())));
-        assert!(refused(run_workload(
-            &mut w,
-            spec(&format!(r#"{{{img},"name":"web"}}"#))
-        ))
-        .contains("exists"));
-        assert_eq!(
-            run_workload(&mut w, spec(&format!("{{{img}}}"))),
-            Ok(Reply::Text("run-1".into()))
+        assert!(
+            refused(run(&mut w, &units, &format!(r#"{{{img},"name":"web"}}"#))).contains("exists")
+        );
+        units.insert("run-1".to_string(), w["web"].spec.clone());
+        assert!(
+            refused(run(&mut w, &units, &format!(r#"{{{img},"name":"run-1"}}"#)))
+                .contains("exists")
         );
         assert_eq!(
-            run_workload(&mut w, spec(&format!("{{{img}}}"))),
+            run(&mut w, &units, &format!("{{{img}}}")),
             Ok(Reply::Text("run-2".into()))
         );
+        assert_eq!(
+            run(&mut w, &units, &format!("{{{img}}}")),
+            Ok(Reply::Text("run-3".into()))
+        );
         let web = &w["web"];
-        assert!(web.transient && web.attach && web.remove_when_done && !web.tty);
+        assert!(web.unit.is_none() && web.attach && web.remove_when_done && !web.tty);
         assert_eq!(web.spec.restart, Restart::No);
         let cids: std::collections::BTreeSet<u32> = w.values().map(|x| x.cid).collect();
         assert_eq!(cids.len(), 3, "every VM its own vsock context id");

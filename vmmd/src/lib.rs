@@ -33,6 +33,7 @@ pub mod devices;
 pub mod fuzz;
 pub mod image;
 pub mod jail;
+pub mod reconcile;
 pub mod selftest;
 pub mod vstate;
 pub mod worker;

@@ -179,3 +179,68 @@ fn a_standard_dbus_client_drives_vmm1() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// SIGHUP (init's `reload-signal` for vmmd) re-reads the unit files: a
+/// new unit with `replicas = 2` gets two workloads, scaling down drops
+/// one, a removed unit's go. The VMs cannot boot here (the unit names a
+/// kernel that does not exist), which is reported and retried.
+#[test]
+fn sighup_applies_changed_units() {
+    let Some(dbus_send) = dbus_send() else { return };
+    let d = start();
+    let addr = format!(
+        "--peer=unix:path={}",
+        d.dir.path().join("vmmd.sock").display()
+    );
+    let call = |method: &str, args: &[&str]| {
+        let out = Command::new(&dbus_send)
+            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
+            .arg(format!("org.steelcup.Vmm1.{method}"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let until = |what: &str, f: &dyn Fn(&str) -> bool| {
+        let t = Instant::now();
+        loop {
+            let out = call("List", &[]);
+            if f(&out) {
+                return out;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let unit = |replicas: u32| {
+        format!(
+            "[microvm]\ncmd = [\"/bin/true\"]\nkernel = \"/nonexistent/vmlinuz\"\nrestart = \"always\"\nreplicas = {replicas}\n"
+        )
+    };
+    let file = d.dir.path().join("units/web.toml");
+    std::fs::write(&file, unit(2)).unwrap();
+    hup();
+    until("two replicas, their failure shown", &|o| {
+        o.contains("\"web.1\"") && o.contains("\"web.2\"") && o.contains("/nonexistent/vmlinuz")
+    });
+    let out = call("Tail", &["string:web.1", "uint32:10"]);
+    assert!(out.contains("array ["), "{out}");
+    let out = call("Tail", &["string:ghost", "uint32:10"]);
+    assert!(out.contains("Error.NoSuchVm"), "{out}");
+
+    std::fs::write(&file, unit(1)).unwrap();
+    hup();
+    until("one replica", &|o| {
+        o.contains("\"web.1\"") && !o.contains("\"web.2\"")
+    });
+    std::fs::remove_file(&file).unwrap();
+    hup();
+    until("no workload", &|o| !o.contains("\"web"));
+}

@@ -188,7 +188,8 @@ const CONTROL_PORT: u32 = 1024;
 
 /// Listens on vsock [`CONTROL_PORT`] for vmmd's one-line requests: `stop`
 /// (SIGTERM to the workload's process group; vmmd kills the VM if it does
-/// not end in time) and `ping`.
+/// not end in time), `kill N`, `ping` and health probes (`probe ...`, see
+/// [`steelcup_init::probe`]).
 fn serve_control(workload: Pid) -> std::io::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -229,8 +230,19 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
         // SAFETY: `conn` is a new descriptor nobody else owns.
         let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
         let mut line = String::new();
-        let _ = BufReader::new((&stream).take(128)).read_line(&mut line);
+        let _ = BufReader::new((&stream).take(1200)).read_line(&mut line);
         let request = line.trim();
+        // A health probe takes its time: answered by a thread of its own.
+        if let Some((probe, timeout)) = steelcup_init::probe::Probe::parse(request) {
+            std::thread::spawn(move || {
+                let answer = match probe.run(timeout) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("fail: {e}"),
+                };
+                let _ = writeln!(stream, "{answer}");
+            });
+            continue;
+        }
         // `kill N`: signal N to the workload's process group.
         let signal = request
             .strip_prefix("kill ")

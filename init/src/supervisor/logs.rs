@@ -228,6 +228,12 @@ impl LogStore {
         (log.ring.iter().skip(skip).cloned().collect(), log.next)
     }
 
+    /// Drops `unit`'s lines from memory (its files stay).
+    pub fn forget(&self, unit: &str) {
+        let mut units = self.units.lock().unwrap_or_else(|p| p.into_inner());
+        units.remove(unit);
+    }
+
     /// Bytes held in memory for `unit`.
     pub fn ring_bytes(&self, unit: &str) -> usize {
         let units = self.units.lock().unwrap_or_else(|p| p.into_inner());

@@ -223,7 +223,21 @@ impl Supervisor {
         let names: Vec<String> = units.iter().map(|u| u.name.clone()).collect();
         let mut summary = ReloadSummary::default();
         let mut next: BTreeMap<String, Service> = BTreeMap::new();
-        self.microvms.clear();
+        let old_microvms = std::mem::take(&mut self.microvms);
+        for u in &units {
+            if let UnitKind::Microvm(_) = u.kind {
+                match old_microvms.get(&u.name) {
+                    None => summary.started.push(u.name.clone()),
+                    Some(o) if *o != *u => summary.restarted.push(u.name.clone()),
+                    Some(_) => {}
+                }
+            }
+        }
+        for name in old_microvms.keys() {
+            if !units.iter().any(|u| u.name == *name) {
+                summary.stopped.push(name.clone());
+            }
+        }
         for u in units {
             let spec = match &u.kind {
                 UnitKind::Service(s) => s.clone(),
@@ -298,6 +312,21 @@ impl Supervisor {
         }
         let mut summary = self.apply(units);
         summary.errors = errors.iter().map(|e| crate::boot::error_chain(e)).collect();
+        // Running services whose units stayed the same hear of the reload.
+        for (name, svc) in &self.services {
+            let (Some(pid), Some(sig)) = (svc.pid, svc.spec.reload_signal.as_deref()) else {
+                continue;
+            };
+            if summary.restarted.contains(name) || summary.started.contains(name) {
+                continue;
+            }
+            if let Some(sig) = units::parse_signal(sig) {
+                tracing::info!("reload: {sig} to {name} (pid {pid})");
+                if let Err(e) = nix::sys::signal::kill(pid, sig) {
+                    tracing::warn!("reload: cannot send {sig} to {name}: {e}");
+                }
+            }
+        }
         tracing::info!(
             "reload: {} new, {} removed, {} changed, {} bad files",
             summary.started.len(),

@@ -205,6 +205,10 @@ pub struct ServiceSection {
     /// The signal that asks it to stop.
     #[serde(default = "default_stop_signal")]
     pub stop_signal: String,
+    /// The signal sent on a reload (`cup reload`) to a running service
+    /// whose unit did not change (vmmd re-reads its units on SIGHUP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
     /// Seconds between the stop signal and SIGKILL.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout: u32,
@@ -233,6 +237,7 @@ impl Default for ServiceSection {
             ready: Ready::Exec,
             ready_timeout: default_ready_timeout(),
             stop_signal: default_stop_signal(),
+            reload_signal: None,
             stop_timeout: default_stop_timeout(),
             memory_max: None,
             cpu_max: None,
@@ -319,6 +324,113 @@ pub struct MicrovmSection {
     /// `nproc`, ... see [`crate::guest::RLIMITS`]); soft and hard alike.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rlimits: BTreeMap<String, u64>,
+    /// How many VMs of this unit vmmd keeps (0 to [`MAX_REPLICAS`]).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// A probe that tells whether the workload is healthy; failing it
+    /// counts as the workload failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// The most replicas a unit may ask for.
+pub const MAX_REPLICAS: u32 = 64;
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// `[microvm.health]`: how vmmd tells whether a workload is healthy. One
+/// of `command`, `tcp` or `http`, run inside the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthCheck {
+    /// A program run inside the VM (as `cup exec` runs it): healthy when
+    /// it exits 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// A TCP port on the guest's loopback that accepts a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<u16>,
+    /// A port on the guest's loopback where `GET path` answers 2xx or 3xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<u16>,
+    /// The path of the `http` probe.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Seconds between probes of a healthy workload (until it is first
+    /// healthy: every second).
+    #[serde(default = "default_health_interval")]
+    pub interval: u32,
+    /// Seconds a probe may take.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: u32,
+    /// Consecutive failures that make the workload unhealthy.
+    #[serde(default = "default_health_retries")]
+    pub retries: u32,
+    /// Seconds after a start in which failures do not count (the workload
+    /// is still coming up).
+    #[serde(default)]
+    pub start_period: u32,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+fn default_health_interval() -> u32 {
+    5
+}
+
+fn default_health_timeout() -> u32 {
+    3
+}
+
+fn default_health_retries() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    /// What is wrong with it, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        let kinds = usize::from(!self.command.is_empty())
+            + usize::from(self.tcp.is_some())
+            + usize::from(self.http.is_some());
+        if kinds != 1 {
+            return Err("give exactly one of command, tcp or http".into());
+        }
+        if self.tcp == Some(0) || self.http == Some(0) {
+            return Err("port 0 is not a port".into());
+        }
+        if !self.path.starts_with('/')
+            || self.path.len() > 1024
+            || self
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "path {:?}: an absolute URL path without spaces, at most 1024 bytes",
+                self.path
+            ));
+        }
+        if !(1..=3600).contains(&self.interval) {
+            return Err(format!("interval {}: 1 to 3600 seconds", self.interval));
+        }
+        if !(1..=600).contains(&self.timeout) {
+            return Err(format!("timeout {}: 1 to 600 seconds", self.timeout));
+        }
+        if !(1..=100).contains(&self.retries) {
+            return Err(format!("retries {}: 1 to 100", self.retries));
+        }
+        if self.start_period > 3600 {
+            return Err(format!(
+                "start-period {}: at most 3600 seconds",
+                self.start_period
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A persistent data disk of a workload.
@@ -520,6 +632,16 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                     format!("[service] stop-signal: {:?} is not a signal", s.stop_signal),
                 ));
             }
+            if let Some(r) = s
+                .reload_signal
+                .as_deref()
+                .filter(|r| parse_signal(r).is_none())
+            {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[service] reload-signal: {r:?} is not a signal"),
+                ));
+            }
             if let Some(c) = s.cpu_max {
                 if !(c > 0.0 && c <= 1024.0) {
                     return Err(UnitError::invalid(
@@ -557,6 +679,18 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                     path,
                     format!("[microvm] volumes: at most {MAX_VOLUMES}"),
                 ));
+            }
+            if m.replicas > MAX_REPLICAS {
+                return Err(UnitError::invalid(
+                    path,
+                    format!(
+                        "[microvm] replicas: {} is more than {MAX_REPLICAS}",
+                        m.replicas
+                    ),
+                ));
+            }
+            if let Some(Err(e)) = m.health.as_ref().map(HealthCheck::check) {
+                return Err(UnitError::invalid(path, format!("[microvm.health] {e}")));
             }
             if let Err(e) = crate::guest::check_rlimits(&m.rlimits) {
                 return Err(UnitError::invalid(path, format!("[microvm] rlimits: {e}")));

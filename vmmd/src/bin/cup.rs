@@ -31,6 +31,7 @@ const USAGE: &str = "usage:
   cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...
                                      run a process inside a running workload
   cup rm [-f] NAME...                forget ended workloads (-f: stop them first)
+  cup logs [-f] [-n N] NAME          a workload's console output (-f: follow while it runs)
   cup kill [-s SIGNAL] NAME...       a signal (KILL unless given) to a workload's processes
   cup inspect NAME...                what vmmd knows of workloads, as JSON
   cup pull IMAGE | cup images [--format json] | cup rmi NAME | cup image prune
@@ -188,7 +189,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
         }
         Some("logs") => {
-            let mut unit = None;
+            let (mut unit, mut workload) = (None, None);
             let mut follow = false;
             let mut lines = 100u32;
             let mut it = args[1..].iter();
@@ -202,13 +203,16 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                             .and_then(|n| n.parse().ok())
                             .ok_or("-n needs a number")?
                     }
-                    other if unit.is_none() && !other.starts_with('-') => {
-                        unit = Some(other.to_string())
+                    other if workload.is_none() && !other.starts_with('-') => {
+                        workload = Some(other.to_string())
                     }
                     other => return Err(format!("unknown logs option {other:?}")),
                 }
             }
-            let unit = unit.ok_or("logs needs --unit NAME")?;
+            if let (None, Some(name)) = (&unit, workload) {
+                return code(vmmd::cup_workloads::logs(&vmmd()?, &name, lines, follow));
+            }
+            let unit = unit.ok_or("logs needs a workload name or --unit NAME")?;
             let p = proxy()?;
             let (first, mut cursor) = p.tail(&unit, lines).map_err(api_err)?;
             for (_, l) in first {
@@ -251,14 +255,18 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 );
             } else {
                 println!(
-                    "{:<16} {:<8} {:>7} {:>5} {:>5} {:>7}  {:<15}  LAST OUTCOME",
+                    "{:<16} {:<20} {:>7} {:>5} {:>5} {:>7}  {:<15}  LAST OUTCOME",
                     "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY", "ADDRESS"
                 );
                 for v in &vms {
+                    let state = match v.health.as_str() {
+                        "" => v.state.clone(),
+                        h => format!("{} ({h})", v.state),
+                    };
                     println!(
-                        "{:<16} {:<8} {:>7} {:>5} {:>5} {:>6}M  {:<15}  {}",
+                        "{:<16} {:<20} {:>7} {:>5} {:>5} {:>6}M  {:<15}  {}",
                         v.name,
-                        v.state,
+                        state,
                         if v.pid == 0 {
                             "-".to_string()
                         } else {

@@ -1,0 +1,204 @@
+//! Health probes run inside a guest: vmmd asks vminit over its control
+//! port (`probe tcp PORT SECS`, `probe http PORT SECS PATH`) and vminit
+//! answers `ok` or `fail: WHY` once the probe is done.
+//!
+//! # Design
+//! The probe runs where the workload is, on the guest's loopback, so a
+//! workload without a network is probed the same way (as Docker runs a
+//! health check inside the container). A command probe is not here: vmmd
+//! runs it through the exec port like `cup exec`.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A probe of a port on the guest's loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A connection is accepted.
+    Tcp(u16),
+    /// `GET path` answers 2xx or 3xx.
+    Http(u16, String),
+}
+
+/// The longest status line read from an HTTP answer.
+const MAX_STATUS_LINE: usize = 512;
+
+impl Probe {
+    /// The control-port request for this probe with `timeout`.
+    pub fn request(&self, timeout: Duration) -> String {
+        let secs = timeout.as_secs().max(1);
+        match self {
+            Probe::Tcp(port) => format!("probe tcp {port} {secs}"),
+            Probe::Http(port, path) => format!("probe http {port} {secs} {path}"),
+        }
+    }
+
+    /// Parses a control-port request; None if it is not a well-formed probe.
+    pub fn parse(request: &str) -> Option<(Probe, Duration)> {
+        let mut words = request.strip_prefix("probe ")?.split(' ');
+        let kind = words.next()?;
+        let port: u16 = words.next()?.parse().ok().filter(|p| *p != 0)?;
+        let secs: u64 = words
+            .next()?
+            .parse()
+            .ok()
+            .filter(|s| (1..=600).contains(s))?;
+        let probe = match (kind, words.next()) {
+            ("tcp", None) => Probe::Tcp(port),
+            ("http", Some(path)) if path.starts_with('/') && path.len() <= 1024 => {
+                Probe::Http(port, path.to_string())
+            }
+            _ => return None,
+        };
+        words
+            .next()
+            .is_none()
+            .then_some((probe, Duration::from_secs(secs)))
+    }
+
+    /// Runs the probe against 127.0.0.1, all of it within `timeout`.
+    pub fn run(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let (port, path) = match self {
+            Probe::Tcp(p) => (*p, None),
+            Probe::Http(p, path) => (*p, Some(path)),
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect to port {port}: {e}"))?;
+        let Some(path) = path else {
+            return Ok(());
+        };
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        s.set_write_timeout(Some(left()))
+            .map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nUser-Agent: steelcup-health\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| format!("send the request: {e}"))?;
+        let mut line = Vec::new();
+        let mut buf = [0u8; 256];
+        while !line.contains(&b'\n') && line.len() < MAX_STATUS_LINE {
+            s.set_read_timeout(Some(left()))
+                .map_err(|e| e.to_string())?;
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("read the answer: {e}")),
+            }
+        }
+        let line = String::from_utf8_lossy(&line);
+        let status = line.lines().next().unwrap_or_default();
+        let code = status
+            .strip_prefix("HTTP/")
+            .and_then(|r| r.split(' ').nth(1))
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {:?}", truncate(status)))?;
+        if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {}", truncate(status)))
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_are_refused() {
+        let t = Duration::from_secs(3);
+        for p in [Probe::Tcp(80), Probe::Http(8080, "/healthz?x=1".into())] {
+            assert_eq!(Probe::parse(&p.request(t)), Some((p, t)));
+        }
+        for bad in [
+            "probe tcp 0 3",
+            "probe tcp 80",
+            "probe tcp 80 0",
+            "probe tcp 80 3 /x",
+            "probe http 80 3",
+            "probe http 80 3 nope",
+            "probe http 80 3 /a /b",
+            "probe udp 53 3",
+            "probe tcp 70000 3",
+        ] {
+            assert_eq!(Probe::parse(bad), None, "{bad}");
+        }
+    }
+
+    /// Serves one connection with `answer`.
+    fn server(answer: &'static [u8]) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                let mut req = [0u8; 1024];
+                let _ = c.read(&mut req);
+                let _ = c.write_all(answer);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn http_probe_reads_the_status() {
+        let t = Duration::from_secs(3);
+        let ok = server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(Probe::Http(ok, "/".into()).run(t), Ok(()));
+        let redirect = server(b"HTTP/1.0 302 Found\r\n\r\n");
+        assert_eq!(Probe::Http(redirect, "/".into()).run(t), Ok(()));
+        let broken = server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let e = Probe::Http(broken, "/h".into()).run(t).unwrap_err();
+        assert!(e.contains("503") && e.contains("/h"), "{e}");
+        let garbage = server(b"SSH-2.0-OpenSSH\r\n");
+        let e = Probe::Http(garbage, "/".into()).run(t).unwrap_err();
+        assert!(e.contains("not an HTTP answer"), "{e}");
+    }
+
+    #[test]
+    fn tcp_probe_needs_a_listener() {
+        let t = Duration::from_secs(3);
+        let open = server(b"");
+        assert_eq!(Probe::Tcp(open).run(t), Ok(()));
+        // A port nobody listens on (bound, then closed).
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = Probe::Tcp(closed).run(t).unwrap_err();
+        assert!(e.contains(&format!("port {closed}")), "{e}");
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _keep = std::thread::spawn(move || {
+            let c = l.accept();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(c);
+        });
+        let t = Instant::now();
+        let e = Probe::Http(port, "/".into())
+            .run(Duration::from_secs(1))
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(2500), "{e}");
+        assert!(e.contains("read the answer"), "{e}");
+    }
+}
