@@ -91,11 +91,29 @@ fn scenario(g: &mut Guest) -> Result<String> {
     )?;
     g.wait_for("workload oci-a: exited with code 3", STEP)?;
     g.wait_for(
-        "oci-b | oci-b: overridden in /work as app; root overlay; 9 programs",
+        "oci-b | oci-b: overridden in /work as app; root overlay; 13 programs",
         STEP,
     )?;
     g.wait_for("oci-b | written", STEP)?;
     g.wait_for("driver: root images in the store: 1", STEP)?;
+    // Replicas: unit web runs as web.1 and web.2, each found healthy by an
+    // HTTP probe vminit makes inside its VM; a worker killed from the host
+    // comes back healthy; an edited unit and `cup reload` roll it, a new
+    // VM healthy before each old one stops.
+    g.wait_for("driver: ps: web.1            running (healthy)", STEP)?;
+    g.wait_for("driver: ps: web.2            running (healthy)", STEP)?;
+    g.wait_for("driver: logs web.1: serving version 1", STEP)?;
+    g.wait_for("workload web.2: VMM error: worker killed by SIGKILL", STEP)?;
+    g.wait_for("driver: web.2 is back: running (healthy)", STEP)?;
+    g.wait_for(
+        "driver: reloaded: started [], stopped [], restarted [web]",
+        STEP,
+    )?;
+    g.wait_for("workload web.1: replaced; stopping it", STEP)?;
+    g.wait_for("workload web.2: replaced; stopping it", STEP)?;
+    g.wait_for("driver: web.3 serves: version 2 from web.3", STEP)?;
+    g.wait_for("driver: web.4 serves: version 2 from web.4", STEP)?;
+    g.wait_for("driver: web workloads after the roll: web.3 web.4", STEP)?;
     // cup run: attached stdio (stdout and stderr), the workload's exit code
     // as cup's, stdin from the host, env overrides; cup exec into a
     // detached workload as its user or another, with exit codes; --rm
@@ -157,4 +175,8 @@ fn check_log(s: &str) {
         "a rebooted workload with restart = \"no\" is not started again"
     );
     assert!(pos("workload vm-a: VMM error") < pos("driver: vm-b still runs"));
+    // The roll: each old VM stops only once a new one is healthy.
+    assert!(pos("workload web.3: healthy") < pos("workload web.1: replaced"));
+    assert!(pos("workload web.1: replaced") < pos("workload web.4: new"));
+    assert!(pos("workload web.4: healthy") < pos("workload web.2: replaced"));
 }

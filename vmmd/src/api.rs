@@ -8,8 +8,8 @@
 //! owns all state, so the API never races it. `cup ps`, `cup pause` and
 //! `cup unpause` use it.
 //!
-//! # Limitations
-//! No state-change signal yet.
+//! Every change of a workload's state goes out as the signal
+//! `WorkloadChanged` to every connected client.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -334,6 +334,17 @@ impl Vmm1 {
         self.logs_of(name, Some(since), max).await
     }
 
+    /// Emitted on every change of a workload's state, health or last
+    /// outcome; state `removed` when vmmd forgets it.
+    #[zbus(signal)]
+    async fn workload_changed(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        name: &str,
+        state: &str,
+        health: &str,
+        last_outcome: &str,
+    ) -> zbus::Result<()>;
+
     /// Removes what no image name reaches; answers what went.
     async fn prune(&self) -> Result<String, Vmm1Error> {
         self.text(Action::Prune).await
@@ -361,16 +372,42 @@ impl Vmm1 {
     }
 }
 
-/// Serves the API on `socket` (mode 0600), forwarding to `requests`.
-pub fn serve(socket: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
+/// A workload's state as `WorkloadChanged` tells it: name, state,
+/// health, last outcome.
+pub type Change = (String, String, String, String);
+
+/// Serves the API on `socket` (mode 0600), forwarding to `requests`;
+/// what is sent on the returned channel goes out as `WorkloadChanged` to
+/// every client.
+pub fn serve(
+    socket: &Path,
+    requests: mpsc::Sender<Request>,
+) -> std::io::Result<mpsc::Sender<Change>> {
     use steelcup_init::api::dbus::{accept_p2p, bind_private};
+    use zbus::object_server::SignalEmitter;
     let listener = bind_private(socket)?;
-    // The connections live in the accept thread's list; nothing signals them yet.
-    let _conns = accept_p2p(listener, PATH, move || Vmm1 {
+    let conns = accept_p2p(listener, PATH, move || Vmm1 {
         requests: requests.clone(),
     })?;
+    let (tx, rx) = mpsc::channel::<Change>();
+    std::thread::Builder::new()
+        .name("api-signals".into())
+        .spawn(move || {
+            for (name, state, health, outcome) in rx {
+                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+                list.retain(|c| {
+                    let Ok(emitter) = SignalEmitter::new(c.inner(), PATH) else {
+                        return false;
+                    };
+                    zbus::block_on(Vmm1::workload_changed(
+                        &emitter, &name, &state, &health, &outcome,
+                    ))
+                    .is_ok()
+                });
+            }
+        })?;
     tracing::info!("API {INTERFACE} on {}", socket.display());
-    Ok(())
+    Ok(tx)
 }
 
 // Peer to peer there is no bus to route by name; the destination is
@@ -398,6 +435,14 @@ pub trait Vmm1Client {
     fn kill(&self, name: &str, signal: i32) -> zbus::Result<()>;
     fn inspect(&self, name: &str) -> zbus::Result<String>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;
+    #[zbus(signal)]
+    fn workload_changed(
+        &self,
+        name: &str,
+        state: &str,
+        health: &str,
+        last_outcome: &str,
+    ) -> zbus::Result<()>;
     fn logs(
         &self,
         name: &str,

@@ -342,7 +342,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
     let (api_tx, api_rx) = mpsc::channel::<api::Request>();
-    api::serve(&opts.api_socket, api_tx)
+    let changes = api::serve(&opts.api_socket, api_tx)
         .map_err(|e| format!("serve the API on {}: {e}", opts.api_socket.display()))?;
     let fwd = tx.clone();
     std::thread::Builder::new()
@@ -363,8 +363,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts.units.display()
     );
 
+    let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     loop {
         core.tick(Instant::now());
+        announce(&core, &mut seen, &changes);
         let timeout = core
             .next_wakeup()
             .map(|t| t.saturating_duration_since(Instant::now()))
@@ -397,6 +399,40 @@ pub fn run(opts: Options) -> Result<(), String> {
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
     }
+}
+
+/// Sends `WorkloadChanged` for every workload whose state, health or last
+/// outcome differs from `seen` (and `removed` for those gone).
+fn announce(
+    core: &Daemon,
+    seen: &mut BTreeMap<String, (String, String, String)>,
+    changes: &mpsc::Sender<api::Change>,
+) {
+    for (name, w) in &core.workloads {
+        let now = (
+            w.state().to_string(),
+            w.health_name().to_string(),
+            w.last_outcome.clone(),
+        );
+        if seen.get(name) != Some(&now) {
+            let (state, health, outcome) = now.clone();
+            let _ = changes.send((name.clone(), state, health, outcome));
+            seen.insert(name.clone(), now);
+        }
+    }
+    seen.retain(|name, (_, _, outcome)| {
+        let kept = core.workloads.contains_key(name);
+        if !kept {
+            let change = (
+                name.clone(),
+                "removed".into(),
+                String::new(),
+                outcome.clone(),
+            );
+            let _ = changes.send(change);
+        }
+        kept
+    });
 }
 
 /// Tells the supervisor (init, or anything speaking sd_notify) that the API

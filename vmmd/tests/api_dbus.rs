@@ -224,6 +224,22 @@ fn sighup_applies_changed_units() {
             "[microvm]\ncmd = [\"/bin/true\"]\nkernel = \"/nonexistent/vmlinuz\"\nrestart = \"always\"\nreplicas = {replicas}\n"
         )
     };
+    // Every state change is a WorkloadChanged signal.
+    let (events, seen) = std::sync::mpsc::channel();
+    let socket = d.dir.path().join("vmmd.sock");
+    std::thread::spawn(move || {
+        let p = vmmd::api::connect(&socket).unwrap();
+        let changes = p.receive_workload_changed().unwrap();
+        let _ = events.send("subscribed".into());
+        for s in changes {
+            let a = s.args().unwrap();
+            let _ = events.send(format!("{} {}", a.name, a.state));
+        }
+    });
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("subscribed")
+    );
     let file = d.dir.path().join("units/web.toml");
     std::fs::write(&file, unit(2)).unwrap();
     hup();
@@ -243,4 +259,14 @@ fn sighup_applies_changed_units() {
     std::fs::remove_file(&file).unwrap();
     hup();
     until("no workload", &|o| !o.contains("\"web"));
+    let mut got = Vec::new();
+    while !got.contains(&"web.1 removed".to_string()) {
+        match seen.recv_timeout(Duration::from_secs(10)) {
+            Ok(e) => got.push(e),
+            Err(_) => panic!("no \"web.1 removed\" signal; got {got:?}"),
+        }
+    }
+    for e in ["web.1 running", "web.2 running", "web.2 removed"] {
+        assert!(got.contains(&e.to_string()), "{e:?} not signalled: {got:?}");
+    }
 }

@@ -159,7 +159,9 @@ pub fn example_oci_archive() -> Result<PathBuf> {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copy /bin/busybox")?;
-    for applet in ["sh", "echo", "id", "pwd", "cat", "ls", "sleep", "wc"] {
+    for applet in [
+        "sh", "echo", "id", "pwd", "cat", "ls", "sleep", "wc", "mkdir", "hostname", "httpd", "wget",
+    ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     std::fs::write(

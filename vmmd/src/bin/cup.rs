@@ -34,6 +34,7 @@ const USAGE: &str = "usage:
   cup logs [-f] [-n N] NAME          a workload's console output (-f: follow while it runs)
   cup kill [-s SIGNAL] NAME...       a signal (KILL unless given) to a workload's processes
   cup inspect NAME...                what vmmd knows of workloads, as JSON
+  cup events                         workload state changes as they happen
   cup pull IMAGE | cup images [--format json] | cup rmi NAME | cup image prune
                                      the image store (IMAGE: REGISTRY/REPO:TAG, oci:DIR:TAG,
                                      oci-archive:FILE:TAG, docker-archive:FILE)
@@ -328,6 +329,18 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             println!("{name}");
         }
         Some("kill") => return code(vmmd::cup_workloads::kill(&vmmd()?, &args[1..])),
+        Some("events") => {
+            let p = vmmd()?;
+            let changes = p.receive_workload_changed().map_err(api_err)?;
+            for c in changes {
+                let Ok(a) = c.args() else { continue };
+                let state = match a.health {
+                    "" => a.state.to_string(),
+                    h => format!("{} ({h})", a.state),
+                };
+                println!("{} {state} {}", a.name, a.last_outcome);
+            }
+        }
         Some("inspect") => return code(vmmd::cup_workloads::inspect(&vmmd()?, &args[1..])),
         _ => {
             eprintln!("{USAGE}");
