@@ -168,7 +168,11 @@ pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, S
 
 /// Sends an exec request on a fresh connection to the exec port.
 pub fn start_exec(uds: &Path, request: &stdio::ExecRequest) -> Result<UnixStream, String> {
-    let mut conn = connect(uds, stdio::EXEC_PORT)?;
+    send_exec(connect(uds, stdio::EXEC_PORT)?, request)
+}
+
+/// Sends an exec request on `conn`, a connection to the exec port.
+pub fn send_exec(mut conn: UnixStream, request: &stdio::ExecRequest) -> Result<UnixStream, String> {
     let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     line.push(b'\n');
     conn.write_all(&line)

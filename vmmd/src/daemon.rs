@@ -27,7 +27,7 @@ use crate::config::{
 };
 use crate::image::source::PullOptions;
 use crate::image::workload::{Merged, Prepared};
-use crate::reconcile::{AfterStop, Backend, Core, Workload};
+use crate::reconcile::{AfterStop, Backend, Core, ProbeFailure, Workload};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -131,7 +131,7 @@ enum Event {
     /// A health probe's answer.
     Probed {
         name: String,
-        result: Result<(), String>,
+        result: Result<(), ProbeFailure>,
     },
 }
 
@@ -222,29 +222,42 @@ impl Backend for WorkerBackend {
 }
 
 /// Runs a health check inside the VM behind `uds`.
-fn probe(uds: &Path, check: &HealthCheck) -> Result<(), String> {
+fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure> {
     use steelcup_init::probe::Probe;
     let timeout = Duration::from_secs(u64::from(check.timeout));
+    let failed = |message: String| ProbeFailure {
+        message,
+        unreachable: false,
+    };
+    let unreachable = |message: String| ProbeFailure {
+        message,
+        unreachable: true,
+    };
     let p = match (check.tcp, check.http) {
         (Some(port), _) => Probe::Tcp(port),
         (None, Some(port)) => Probe::Http(port, check.path.clone()),
-        (None, None) => return probe_command(uds, &check.command, timeout),
+        (None, None) => {
+            let conn = crate::attach::connect(uds, steelcup_init::stdio::EXEC_PORT)
+                .map_err(unreachable)?;
+            return probe_command(conn, &check.command, timeout).map_err(failed);
+        }
     };
-    let answer = ask_guest_within(
-        uds,
-        GUEST_CONTROL_PORT,
-        &p.request(timeout),
-        timeout + Duration::from_secs(2),
-    )?;
+    let conn = crate::attach::connect(uds, GUEST_CONTROL_PORT).map_err(unreachable)?;
+    let answer =
+        request_on(conn, &p.request(timeout), timeout + Duration::from_secs(2)).map_err(failed)?;
     match answer.strip_prefix("fail: ") {
         None if answer == "ok" => Ok(()),
-        None => Err(format!("the guest answered {answer:?}")),
-        Some(why) => Err(why.to_string()),
+        None => Err(failed(format!("the guest answered {answer:?}"))),
+        Some(why) => Err(failed(why.to_string())),
     }
 }
 
 /// Runs `argv` inside the VM as `cup exec` does; Ok when it exits 0.
-fn probe_command(uds: &Path, argv: &[String], timeout: Duration) -> Result<(), String> {
+fn probe_command(
+    conn: std::os::unix::net::UnixStream,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<(), String> {
     use steelcup_init::stdio::{read_frame, ExecRequest, EXIT, STDIN_EOF};
     let request = ExecRequest {
         argv: argv.to_vec(),
@@ -253,7 +266,7 @@ fn probe_command(uds: &Path, argv: &[String], timeout: Duration) -> Result<(), S
         user: None,
         tty: false,
     };
-    let mut conn = crate::attach::start_exec(uds, &request)?;
+    let mut conn = crate::attach::send_exec(conn, &request)?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let _ = steelcup_init::stdio::write_frame(&mut conn, STDIN_EOF, b"");
@@ -860,7 +873,16 @@ fn ask_guest_within(
     request: &str,
     patience: Duration,
 ) -> Result<String, String> {
-    let mut s = crate::attach::connect(uds, port)?;
+    request_on(crate::attach::connect(uds, port)?, request, patience)
+}
+
+/// Sends one request line on a connection to the guest and reads the
+/// one-line answer, waiting up to `patience`.
+fn request_on(
+    mut s: std::os::unix::net::UnixStream,
+    request: &str,
+    patience: Duration,
+) -> Result<String, String> {
     s.set_read_timeout(Some(patience))
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(Duration::from_secs(2)))

@@ -74,6 +74,19 @@ const STEADY: Duration = Duration::from_secs(10);
 /// Until a workload is first healthy it is probed this often.
 const FIRST_PROBES: Duration = Duration::from_secs(1);
 
+/// Until this long after a start (plus the check's `start-period`), a
+/// probe that cannot reach the guest at all does not count: the VM is
+/// still booting.
+pub const BOOT_GRACE: Duration = Duration::from_secs(60);
+
+/// Why a health probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub message: String,
+    /// vminit could not be reached (the guest is still booting, or hung).
+    pub unreachable: bool,
+}
+
 /// How many removed workloads' outcomes are remembered.
 const REMEMBER_REMOVED: usize = 64;
 
@@ -606,7 +619,7 @@ impl<B: Backend> Core<B> {
     }
 
     /// A health probe of a workload has an answer.
-    pub fn probed(&mut self, name: &str, result: Result<(), String>, now: Instant) {
+    pub fn probed(&mut self, name: &str, result: Result<(), ProbeFailure>, now: Instant) {
         let Some(w) = self.workloads.get_mut(name) else {
             return;
         };
@@ -631,11 +644,18 @@ impl<B: Backend> Core<B> {
                 w.last_probe = "ok".into();
                 w.next_probe = Some(now + Duration::from_secs(u64::from(check.interval)));
             }
-            Err(e) => {
+            Err(ProbeFailure {
+                message: e,
+                unreachable,
+            }) => {
+                let grace = Duration::from_secs(u64::from(check.start_period))
+                    + if unreachable {
+                        BOOT_GRACE
+                    } else {
+                        Duration::ZERO
+                    };
                 let in_start = w.health == Some(Health::Starting)
-                    && w.started_at.is_some_and(|t| {
-                        now < t + Duration::from_secs(u64::from(check.start_period))
-                    });
+                    && w.started_at.is_some_and(|t| now < t + grace);
                 if !in_start {
                     w.probe_failures += 1;
                 }

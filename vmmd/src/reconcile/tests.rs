@@ -135,7 +135,14 @@ impl World {
         );
     }
     fn probe(&mut self, name: &str, ok: bool) {
-        let r = if ok { Ok(()) } else { Err("refused".into()) };
+        let r = if ok {
+            Ok(())
+        } else {
+            Err(ProbeFailure {
+                message: "refused".into(),
+                unreachable: false,
+            })
+        };
         self.core.probed(name, r, self.now);
         self.tick();
     }
@@ -423,6 +430,33 @@ fn an_unhealthy_vm_is_stopped_and_restarted_but_start_period_failures_do_not_cou
     w.wait(1.0);
     assert_eq!(w.calls(), ["start web slot=0 env=a"]);
     assert_eq!(w.core.workloads["web"].health_name(), "starting");
+}
+
+#[test]
+fn a_guest_still_booting_is_not_unhealthy_until_the_boot_grace_is_over() {
+    let mut w = World::new(&[("web", checked(unit(1, "a")))]);
+    w.tick();
+    w.calls();
+    let unreachable = |w: &mut World| {
+        let f = ProbeFailure {
+            message: "port 1024: the guest does not listen (yet)".into(),
+            unreachable: true,
+        };
+        w.core.probed("web", Err(f), w.now);
+        w.tick();
+    };
+    for _ in 0..(BOOT_GRACE.as_secs() - 1) {
+        w.wait(1.0);
+        unreachable(&mut w);
+    }
+    assert_eq!(w.core.workloads["web"].probe_failures, 0);
+    assert_eq!(w.core.workloads["web"].health_name(), "starting");
+    // A guest that never comes up is unhealthy after the grace.
+    for _ in 0..3 {
+        w.wait(1.0);
+        unreachable(&mut w);
+    }
+    assert_eq!(w.core.workloads["web"].health_name(), "unhealthy");
 }
 
 #[test]
