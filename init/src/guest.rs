@@ -236,6 +236,9 @@ pub struct GuestVolume {
     pub device: String,
     /// Where the workload sees it.
     pub path: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// The guest device name of the `index`-th virtio disk (0 is `/dev/vda`).
@@ -349,6 +352,7 @@ mod tests {
             volumes: vec![GuestVolume {
                 device: "/dev/vdb".into(),
                 path: "/data".into(),
+                read_only: false,
             }],
             network: Some(GuestNetwork {
                 interface: "eth0".into(),

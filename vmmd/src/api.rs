@@ -105,6 +105,9 @@ pub struct RunSpec {
     /// Resource limits by name (`nofile`, `nproc`, ...).
     #[serde(default)]
     pub rlimits: std::collections::BTreeMap<String, u64>,
+    /// Named volumes, `NAME:/PATH[:ro]` (kept by vmmd as disks).
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// An image in the store as the API shows it.

@@ -110,6 +110,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             }
             "--cpus" => spec.vcpus = Some(v.parse().map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?),
             "--memory" | "-m" => spec.memory = Some(v),
+            "-v" | "--volume" => spec.volumes.push(v),
             "--ulimit" => {
                 // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
                 let (n, val) = v.split_once('=').ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;
@@ -117,8 +118,8 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
                 let val = val.parse().map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
                 spec.rlimits.insert(n.to_string(), val);
             }
-            "-v" | "--volume" | "-p" | "--publish" => {
-                return Err(format!("{f}: volumes and published ports for `cup run` are not supported yet; declare volumes in a [microvm] unit"))
+            "-p" | "--publish" => {
+                return Err(format!("{f}: published ports for `cup run` are not supported yet (microVMs get bridged networking with the networking work)"))
             }
             other => return Err(format!("run: unknown flag {other:?}; see `cup help`")),
         }

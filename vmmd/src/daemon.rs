@@ -354,6 +354,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     ] {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
+    clean_leftovers(&opts);
     let (api_tx, api_rx) = mpsc::channel::<api::Request>();
     let changes = api::serve(&opts.api_socket, api_tx)
         .map_err(|e| format!("serve the API on {}: {e}", opts.api_socket.display()))?;
@@ -411,6 +412,38 @@ pub fn run(opts: Options) -> Result<(), String> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
+    }
+}
+
+/// Cleans up after an earlier vmmd that did not stop its VMs (killed,
+/// crashed): its workers are gone with it (they run with
+/// PR_SET_PDEATHSIG; their taps and jail mounts were theirs alone), but
+/// their cgroups and vsock sockets stay. Their workloads start again from
+/// the units; `cup run` ones are gone with the daemon that made them.
+fn clean_leftovers(opts: &Options) {
+    if let Some(root) = &opts.cgroup_root {
+        for (name, killed) in crate::jail::cgroup::remove_leftovers(root) {
+            tracing::info!(
+                "removed the cgroup {name} an earlier vmmd left ({killed} processes killed)"
+            );
+        }
+    }
+    let dir = opts.run_dir.join("vsock");
+    let stale: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    if !stale.is_empty() {
+        tracing::info!(
+            "removed {} vsock sockets an earlier vmmd left in {}",
+            stale.len(),
+            dir.display()
+        );
+    }
+    for p in stale {
+        let _ = std::fs::remove_file(p);
     }
 }
 
@@ -683,7 +716,12 @@ fn run_workload(
         kernel: None,
         initramfs: None,
         root: None,
-        volumes: Vec::new(),
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| named_volume(v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::Refused(format!("-v {e}")))?,
         network: Network::None,
         memory_backing: Default::default(),
         huge_pages: false,
@@ -698,6 +736,57 @@ fn run_workload(
     w.attach = spec.attach;
     w.tty = spec.tty;
     Ok((name, w))
+}
+
+/// Where `cup run -v NAME:...` volumes live under `volumes/`, shared by
+/// every `cup run` that names them (not a unit name: those start with a
+/// letter or digit).
+pub const NAMED_VOLUMES: &str = "_named";
+
+/// The size of a named volume vmmd creates.
+pub const NAMED_VOLUME_SIZE: u64 = 1 << 30;
+
+/// `NAME:/path[:ro|:rw]`: a named volume (created empty, 1 GiB sparse, on
+/// first use) mounted at `/path`.
+fn named_volume(v: &str) -> Result<steelcup_init::units::VolumeSpec, String> {
+    let mut parts = v.split(':');
+    let (Some(name), Some(mount)) = (parts.next(), parts.next()) else {
+        return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+    };
+    let read_only = match parts.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(o) => return Err(format!("{v:?}: unknown option {o:?} (ro or rw)")),
+    };
+    if parts.next().is_some() {
+        return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+    }
+    if name.starts_with('/') || name.starts_with('.') {
+        return Err(format!(
+            "{v:?}: a microVM cannot share a host directory; name a volume instead (like data:/data), vmmd keeps it as a disk"
+        ));
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(format!(
+            "{v:?}: volume name {name:?} must be 1-64 letters, digits, '-' or '_'"
+        ));
+    }
+    if !mount.starts_with('/') || mount == "/" || mount.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "{v:?}: {mount:?} must be an absolute path other than /, without '..'"
+        ));
+    }
+    Ok(steelcup_init::units::VolumeSpec {
+        name: name.to_string(),
+        size: units::MemSize(NAMED_VOLUME_SIZE),
+        mount: mount.into(),
+        read_only,
+    })
 }
 
 /// The image store's actions, answered at once.
@@ -983,14 +1072,15 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
     }
     let mut volumes = Vec::new();
     for v in &spec.volumes {
-        let path = ensure_volume(&opts.state_dir, &w.volume_key(name), v)?;
+        let path = ensure_volume(&opts.state_dir, &w.volume_key(), v)?;
         volumes.push(GuestVolume {
             device: disk_device(disks.len()),
             path: v.mount.display().to_string(),
+            read_only: v.read_only,
         });
         disks.push(DiskConfig {
             path,
-            read_only: false,
+            read_only: v.read_only,
             id: v.name.clone(),
         });
     }
@@ -1265,6 +1355,20 @@ mod tests {
             let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
             assert!(e.contains(why), "{json}: {e}");
         }
+        for (json, why) in [
+            (
+                r#","volumes":["/srv:/data"]"#,
+                "cannot share a host directory",
+            ),
+            (r#","volumes":["data"]"#, "expected NAME:/PATH"),
+            (r#","volumes":["data:/"]"#, "absolute path other than /"),
+            (r#","volumes":["data:/x/../etc"]"#, "without '..'"),
+            (r#","volumes":["data:/data:rx"]"#, "unknown option"),
+            (r#","volumes":["da ta:/data"]"#, "letters, digits"),
+        ] {
+            let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
+            assert!(e.contains(why), "{json}: {e}");
+        }
         assert!(w.is_empty(), "nothing half-made");
         assert!(serde_json::from_str::<api::RunSpec>(&format!(r#"{{{img},"bogus":1}}"#)).is_err());
 
@@ -1292,10 +1396,24 @@ mod tests {
             run(&mut w, &units, &format!("{{{img}}}")),
             Ok(Reply::Text("run-3".into()))
         );
+        run(
+            &mut w,
+            &units,
+            &format!(r#"{{{img},"name":"db","volumes":["pgdata:/var/lib/pg","seed:/seed:ro"]}}"#),
+        )
+        .unwrap();
+        let v = &w["db"].spec.volumes;
+        assert_eq!((v[0].name.as_str(), v[0].read_only), ("pgdata", false));
+        assert_eq!((v[1].mount.to_str(), v[1].read_only), (Some("/seed"), true));
+        assert_eq!(
+            w["db"].volume_key(),
+            NAMED_VOLUMES,
+            "shared by every cup run"
+        );
         let web = &w["web"];
         assert!(web.unit.is_none() && web.attach && web.remove_when_done && !web.tty);
         assert_eq!(web.spec.restart, Restart::No);
         let cids: std::collections::BTreeSet<u32> = w.values().map(|x| x.cid).collect();
-        assert_eq!(cids.len(), 3, "every VM its own vsock context id");
+        assert_eq!(cids.len(), 4, "every VM its own vsock context id");
     }
 }

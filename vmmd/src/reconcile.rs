@@ -214,12 +214,13 @@ impl Workload {
             && (self.spec.health.is_none() || self.health == Some(Health::Healthy))
     }
 
-    /// Where its volumes live under the state directory's `volumes/`.
-    pub fn volume_key(&self, name: &str) -> String {
+    /// Where its volumes live under the state directory's `volumes/`
+    /// (`cup run`'s named volumes are shared by every `cup run`).
+    pub fn volume_key(&self) -> String {
         match (&self.unit, self.slot) {
             (Some(u), 0) => u.clone(),
             (Some(u), k) => format!("{u}/replica-{k}"),
-            (None, _) => name.to_string(),
+            (None, _) => crate::daemon::NAMED_VOLUMES.to_string(),
         }
     }
 }

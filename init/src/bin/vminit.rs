@@ -159,6 +159,12 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
         wait_for(&v.device)?;
         match probe(&v.device).map_err(|e| format!("{}: {e}", v.device))? {
             Fs::Ext => {}
+            Fs::Blank if v.read_only => {
+                return Err(format!(
+                    "{}: the read-only volume for {} is blank (write to it once first)",
+                    v.device, v.path
+                ))
+            }
             Fs::Blank => {
                 eprintln!("vminit: formatting new volume {} for {}", v.device, v.path);
                 let status = Command::new("/bin/mke2fs")
@@ -177,8 +183,12 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
             }
         }
         let target = root.join(v.path.trim_start_matches('/'));
-        sys::mount(&v.device, &target, "ext4", MsFlags::MS_NODEV, None)
-            .map_err(|e| error_chain(&e))?;
+        let flags = if v.read_only {
+            MsFlags::MS_NODEV | MsFlags::MS_RDONLY
+        } else {
+            MsFlags::MS_NODEV
+        };
+        sys::mount(&v.device, &target, "ext4", flags, None).map_err(|e| error_chain(&e))?;
     }
     Ok(())
 }

@@ -443,6 +443,14 @@ pub struct VolumeSpec {
     pub size: MemSize,
     /// Where the guest mounts it (absolute).
     pub mount: PathBuf,
+    /// Mounted read-only (the disk too); a blank one is refused, not
+    /// formatted.
+    #[serde(
+        default,
+        rename = "read-only",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_only: bool,
 }
 
 /// The most volumes a workload may have.

@@ -108,6 +108,40 @@ impl VmCgroup {
     }
 }
 
+/// Removes the VM cgroups under `root` that an earlier vmmd left (it
+/// ended without removing them: killed, or crashed): kills what is still
+/// in each (`cgroup.kill`), waits up to 2 s for it to empty, removes it.
+/// Returns what it removed, as (name, processes killed).
+pub fn remove_leftovers(root: &Path) -> Vec<(String, usize)> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path.join("cgroup.procs").exists() {
+            continue;
+        }
+        let procs = || {
+            std::fs::read_to_string(path.join("cgroup.procs"))
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        let killed = procs();
+        if killed > 0 {
+            let _ = std::fs::write(path.join("cgroup.kill"), "1");
+            let t = std::time::Instant::now();
+            while procs() > 0 && t.elapsed() < std::time::Duration::from_secs(2) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        if std::fs::remove_dir(&path).is_ok() {
+            removed.push((e.file_name().to_string_lossy().into_owned(), killed));
+        }
+    }
+    removed
+}
+
 /// In a forked child before exec: join the cgroup whose `cgroup.procs` is
 /// open as `fd`. Async-signal-safe (one `write`).
 pub fn join_self(fd: RawFd) -> std::io::Result<()> {

@@ -284,6 +284,7 @@ fn a_unit_with_volumes_stops_the_old_vm_before_the_new_one_takes_its_disk() {
         name: "data".into(),
         size: MemSize(1 << 20),
         mount: "/data".into(),
+        read_only: false,
     }];
     let mut w = World::new(&[("db", u.clone())]);
     w.tick();
@@ -293,7 +294,7 @@ fn a_unit_with_volumes_stops_the_old_vm_before_the_new_one_takes_its_disk() {
     assert_eq!(w.calls(), ["stop db"]);
     w.end("db", VmOutcome::PoweredOff);
     assert_eq!(w.calls(), ["forget db", "start db slot=0 env=b"]);
-    assert_eq!(w.core.workloads["db"].volume_key("db"), "db");
+    assert_eq!(w.core.workloads["db"].volume_key(), "db");
 }
 
 #[test]
@@ -303,6 +304,7 @@ fn replicas_keep_their_own_volumes() {
         name: "data".into(),
         size: MemSize(1 << 20),
         mount: "/data".into(),
+        read_only: false,
     }];
     let mut w = World::new(&[("db", u)]);
     w.tick();
@@ -310,7 +312,7 @@ fn replicas_keep_their_own_volumes() {
         .core
         .workloads
         .iter()
-        .map(|(n, x)| x.volume_key(n))
+        .map(|(_, x)| x.volume_key())
         .collect();
     assert_eq!(keys, ["db", "db/replica-1", "db/replica-2"]);
 }
