@@ -159,6 +159,7 @@ fn scenario(g: &mut Guest) -> Result<String> {
         STEP,
     )?;
     g.wait_for("removed the cgroup web.3 an earlier vmmd left", STEP)?;
+    g.wait_for("driver: vm-b runs again under the new vmmd", STEP)?;
     g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the
