@@ -246,6 +246,24 @@ fn sighup_applies_changed_units() {
     until("two replicas, their failure shown", &|o| {
         o.contains("\"web.1\"") && o.contains("\"web.2\"") && o.contains("/nonexistent/vmlinuz")
     });
+    // cup finds vmmd at -H / --host=unix:...
+    let sock = d.dir.path().join("vmmd.sock");
+    for flag in [
+        vec!["-H".to_string(), sock.display().to_string()],
+        vec![format!("--host=unix:{}", sock.display())],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cup"))
+            .args(&flag)
+            .args(["ps", "-a"])
+            .env_remove("STEELCUP_VMMD_SOCKET")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("web.2"),
+            "{flag:?}: {text}"
+        );
+    }
     let out = call("Tail", &["string:web.1", "uint32:10"]);
     assert!(out.contains("array ["), "{out}");
     let out = call("Tail", &["string:ghost", "uint32:10"]);

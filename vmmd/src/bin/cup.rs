@@ -23,7 +23,7 @@ const USAGE: &str = "usage:
   cup reload                         re-read unit files, apply the difference
   cup poweroff | cup reboot          stop every unit in order, then power off / reboot
   cup validate UNIT-FILE...          check unit files as the host reads them
-  cup ps [--format json]             microVM workloads: name, state, pid, runs, vCPUs, memory
+  cup ps [-a] [--format json]        microVM workloads (-a: ended ones too): name, state, pid, runs, vCPUs, memory
   cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
   cup stop NAME | cup start NAME     ask the guest to stop (killed after 5 s) / start it again
   cup run [-d] [--rm] [-i] [-t] [--name NAME] [-e K=V]... [-v VOLUME:/PATH[:ro]]... [--cpus N] [--memory SIZE] IMAGE [CMD...]
@@ -41,7 +41,8 @@ const USAGE: &str = "usage:
   cup version
 
 cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
-to vmmd at $STEELCUP_VMMD_SOCKET (default /run/steelcup/vmmd.sock).";
+to vmmd at -H/--host PATH (before the verb), else $STEELCUP_VMMD_SOCKET,
+else /run/steelcup/vmmd.sock.";
 
 fn main() -> ExitCode {
     // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
@@ -51,7 +52,23 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `-H PATH` / `--host PATH` / `--host=PATH` before the verb: vmmd's
+    // socket (unix:PATH is accepted too).
+    while let Some(first) = args.first().cloned() {
+        let (taken, value) = match first.as_str() {
+            "-H" | "--host" => (2, args.get(1).cloned()),
+            s if s.starts_with("--host=") => (1, Some(s["--host=".len()..].to_string())),
+            _ => break,
+        };
+        let Some(v) = value else {
+            eprintln!("cup: {first} needs vmmd's socket, like -H /run/steelcup/vmmd.sock");
+            return ExitCode::from(2);
+        };
+        let path = v.strip_prefix("unix:").unwrap_or(&v);
+        let _ = VMMD_SOCKET.set(path.into());
+        args.drain(..taken);
+    }
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
@@ -71,10 +88,16 @@ fn proxy() -> Result<Init1Proxy<'static>, String> {
     client::connect(&client::run_dir())
 }
 
+/// vmmd's socket: `-H`/`--host`, else `$STEELCUP_VMMD_SOCKET`, else the
+/// appliance's.
+static VMMD_SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn vmmd() -> Result<vmmd::api::Vmm1ClientProxy<'static>, String> {
-    let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| vmmd::api::DEFAULT_SOCKET.into());
+    let socket = VMMD_SOCKET.get().cloned().unwrap_or_else(|| {
+        std::env::var_os("STEELCUP_VMMD_SOCKET")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| vmmd::api::DEFAULT_SOCKET.into())
+    });
     vmmd::api::connect(&socket)
 }
 
@@ -248,7 +271,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
         Some("reboot") => proxy()?.reboot().map_err(api_err)?,
         Some("ps") => {
-            let vms = vmmd()?.list().map_err(api_err)?;
+            let all = args[1..].iter().any(|a| a == "-a" || a == "--all");
+            let mut vms = vmmd()?.list().map_err(api_err)?;
+            // As docker ps: what runs (or is about to); -a: every workload.
+            vms.retain(|v| all || v.state != "ended");
             if json(args) {
                 println!(
                     "{}",
