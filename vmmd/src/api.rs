@@ -108,6 +108,10 @@ pub struct RunSpec {
     /// Named volumes, `NAME:/PATH[:ro]` (kept by vmmd as disks).
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// `no` (the default), `on-failure` or `always`, with the units'
+    /// backoff.
+    #[serde(default)]
+    pub restart: steelcup_init::units::Restart,
 }
 
 /// An image in the store as the API shows it.

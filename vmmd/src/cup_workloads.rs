@@ -85,6 +85,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "--memory",
             "-m",
             "--ulimit",
+            "--restart",
             "-v",
             "--volume",
             "-p",
@@ -111,6 +112,14 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "--cpus" => spec.vcpus = Some(v.parse().map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?),
             "--memory" | "-m" => spec.memory = Some(v),
             "-v" | "--volume" => spec.volumes.push(v),
+            "--restart" => {
+                spec.restart = match v.as_str() {
+                    "no" => steelcup_init::units::Restart::No,
+                    "on-failure" => steelcup_init::units::Restart::OnFailure,
+                    "always" | "unless-stopped" => steelcup_init::units::Restart::Always,
+                    _ => return Err(format!("--restart {v:?}: no, on-failure or always")),
+                }
+            }
             "--ulimit" => {
                 // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
                 let (n, val) = v.split_once('=').ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;

@@ -712,7 +712,7 @@ fn run_workload(
         env: spec.env,
         vcpus,
         memory,
-        restart: Restart::No,
+        restart: spec.restart,
         kernel: None,
         initramfs: None,
         root: None,
@@ -731,6 +731,11 @@ fn run_workload(
     };
     let used: std::collections::BTreeSet<u32> = workloads.values().map(|w| w.cid).collect();
     let cid = (3..).find(|c| !used.contains(c)).unwrap_or(3);
+    if spec.rm && spec.restart != Restart::No {
+        return refused(
+            "--rm and --restart cannot go together (a workload that restarts never ends)".into(),
+        );
+    }
     let mut w = Workload::new(section, cid, now);
     w.remove_when_done = spec.rm;
     w.attach = spec.attach;
@@ -1413,6 +1418,12 @@ mod tests {
         let web = &w["web"];
         assert!(web.unit.is_none() && web.attach && web.remove_when_done && !web.tty);
         assert_eq!(web.spec.restart, Restart::No);
+        let e = refused(run(
+            &mut w,
+            &units,
+            &format!(r#"{{{img},"rm":true,"restart":"always"}}"#),
+        ));
+        assert!(e.contains("cannot go together"), "{e}");
         let cids: std::collections::BTreeSet<u32> = w.values().map(|x| x.cid).collect();
         assert_eq!(cids.len(), 4, "every VM its own vsock context id");
     }
