@@ -3,7 +3,7 @@
 //! no workloads (no KVM needed): every answer and every typed error as any
 //! D-Bus client sees them, and a hostile call that leaves the daemon up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,27 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Calls `method` with `dbus-send`: (succeeded, its output).
+    fn call(&self, dbus_send: &Path, method: &str, args: &[&str]) -> (bool, String) {
+        let addr = format!(
+            "--peer=unix:path={}",
+            self.dir.path().join("vmmd.sock").display()
+        );
+        let out = Command::new(dbus_send)
+            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
+            .arg(format!("org.steelcup.Vmm1.{method}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     }
 }
 
@@ -70,23 +91,7 @@ fn start() -> Daemon {
 fn a_standard_dbus_client_drives_vmm1() {
     let Some(dbus_send) = dbus_send() else { return };
     let mut d = start();
-    let addr = format!(
-        "--peer=unix:path={}",
-        d.dir.path().join("vmmd.sock").display()
-    );
-    let call = |method: &str, args: &[&str]| {
-        let out = Command::new(&dbus_send)
-            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
-            .arg(format!("org.steelcup.Vmm1.{method}"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let call = |method: &str, args: &[&str]| d.call(&dbus_send, method, args);
     let (ok, out) = call("List", &[]);
     assert!(ok && out.contains("array ["), "{out}");
     let (ok, out) = call("Images", &[]);
@@ -188,19 +193,7 @@ fn a_standard_dbus_client_drives_vmm1() {
 fn sighup_applies_changed_units() {
     let Some(dbus_send) = dbus_send() else { return };
     let d = start();
-    let addr = format!(
-        "--peer=unix:path={}",
-        d.dir.path().join("vmmd.sock").display()
-    );
-    let call = |method: &str, args: &[&str]| {
-        let out = Command::new(&dbus_send)
-            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
-            .arg(format!("org.steelcup.Vmm1.{method}"))
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-    };
+    let call = |method: &str, args: &[&str]| d.call(&dbus_send, method, args).1;
     let hup = || {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(d.child.id() as i32),
