@@ -536,6 +536,8 @@ impl<B: Backend> Core<B> {
         w.paused = false;
         w.probing = false;
         w.next_probe = None;
+        // Health is a running VM's; the outcome says why it ended.
+        w.health = None;
         w.last_outcome = report.outcome.to_string();
         tracing::info!(
             "workload {name}: {} after {:.2}s",
