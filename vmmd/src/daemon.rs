@@ -1010,8 +1010,12 @@ pub fn ensure_volume(
     f.set_len(volume.size.0)
         .map_err(|e| format!("size {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    let whose = match unit {
+        NAMED_VOLUMES => "cup run".to_string(),
+        unit => format!("workload {unit}"),
+    };
     tracing::info!(
-        "workload {unit}: created volume {} ({}) at {}",
+        "{whose}: created volume {} ({}) at {}",
         volume.name,
         volume.size,
         path.display()
