@@ -508,7 +508,7 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
 /// How many times a test boots when the emulated host fails under it.
 /// A boot of the microVM test starts about twenty nested VMs, and under
 /// TCG now and then one of them triple-faults.
-const ATTEMPTS: u32 = 3;
+const ATTEMPTS: u32 = 4;
 
 /// Runs `body` on the guest `boot` starts. When the run fails because the
 /// emulated host failed underneath it ([`emulation_fault`]), boots again

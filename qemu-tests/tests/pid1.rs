@@ -1,6 +1,7 @@
 //! init as the real PID 1 of the booted appliance: units start, a unit killed
-//! with SIGKILL is restarted, and `cup poweroff` or SIGTERM to PID 1 stops
-//! everything in order and powers the machine off.
+//! with SIGKILL is restarted (vmmd too: the new one cleans up after the old),
+//! and `cup poweroff` or SIGTERM to PID 1 stops everything in order and
+//! powers the machine off.
 //!
 //! Runs on the test image (`qemu-tests/steelcup-test.toml`): the appliance plus
 //! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
@@ -44,7 +45,18 @@ fn cup_poweroff_stops_units_in_order_and_powers_off() {
     run_booted(
         "poweroff",
         || boot_test_image("poweroff"),
-        |g| shuts_down_in_order(g, "driver: cup poweroff", "API: powering off"),
+        |g| {
+            // vmmd killed with SIGKILL while a VM runs: init starts it
+            // again, the worker died with it, and the new vmmd removes the
+            // cgroup it left.
+            g.wait_for("driver: detached: sleeper", BOOT)?;
+            g.wait_for(
+                "driver: vmmd is back; workers of the old one still alive: 0; cgroups: []",
+                STEP,
+            )?;
+            g.wait_for("removed the cgroup sleeper an earlier vmmd left", STEP)?;
+            shuts_down_in_order(g, "driver: cup poweroff", "API: powering off")
+        },
     );
 }
 
