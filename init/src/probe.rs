@@ -77,11 +77,12 @@ impl Probe {
         };
         s.set_write_timeout(Some(left()))
             .map_err(|e| e.to_string())?;
-        write!(
-            s,
+        // One write: a server may answer and close before reading it all.
+        let request = format!(
             "GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nUser-Agent: steelcup-health\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(|e| format!("send the request: {e}"))?;
+        );
+        s.write_all(request.as_bytes())
+            .map_err(|e| format!("send the request: {e}"))?;
         let mut line = Vec::new();
         let mut buf = [0u8; 256];
         while !line.contains(&b'\n') && line.len() < MAX_STATUS_LINE {
@@ -147,8 +148,15 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         std::thread::spawn(move || {
             if let Ok((mut c, _)) = l.accept() {
-                let mut req = [0u8; 1024];
-                let _ = c.read(&mut req);
+                // The whole request (to its blank line), then the answer.
+                let mut req = Vec::new();
+                let mut b = [0u8; 256];
+                while !req.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
                 let _ = c.write_all(answer);
             }
         });
