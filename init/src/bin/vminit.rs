@@ -107,7 +107,7 @@ fn wait_for(device: &str) -> Result<(), String> {
 
 /// Mounts the read-only root image with a writable tmpfs layer over it,
 /// moves the API filesystems across and makes it the root.
-fn switch_root(device: &str, volumes: &[GuestVolume]) -> Result<(), String> {
+fn switch_root(device: &str, volumes: &[GuestVolume], user: Option<&str>) -> Result<(), String> {
     let err = |e: sys::SysError| error_chain(&e);
     wait_for(device)?;
     let fstype = match probe(device).map_err(|e| format!("{device}: {e}"))? {
@@ -132,7 +132,7 @@ fn switch_root(device: &str, volumes: &[GuestVolume]) -> Result<(), String> {
     )
     .map_err(err)?;
     // Volumes first: their device nodes are in this /dev, mke2fs in this /bin.
-    mount_volumes(new, volumes)?;
+    mount_volumes(new, volumes, user)?;
     for m in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
         let target = new.join(m.trim_start_matches('/'));
         sys::mkdir_p(&target).map_err(err)?;
@@ -153,10 +153,14 @@ fn switch_root(device: &str, volumes: &[GuestVolume]) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts each data disk under `root`, formatting a blank one first.
-fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
+/// Mounts each data disk under `root`, formatting a blank one first; a
+/// new one's top directory belongs to the workload's `user` (as the
+/// image's /etc/passwd and /etc/group say), so a workload that is not root
+/// can write to it.
+fn mount_volumes(root: &Path, volumes: &[GuestVolume], user: Option<&str>) -> Result<(), String> {
     for v in volumes {
         wait_for(&v.device)?;
+        let mut formatted = false;
         match probe(&v.device).map_err(|e| format!("{}: {e}", v.device))? {
             Fs::Ext => {}
             Fs::Blank if v.read_only => {
@@ -174,6 +178,7 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
                 if !status.success() {
                     return Err(format!("mke2fs {}: {status}", v.device));
                 }
+                formatted = true;
             }
             other => {
                 return Err(format!(
@@ -189,6 +194,18 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume]) -> Result<(), String> {
             MsFlags::MS_NODEV
         };
         sys::mount(&v.device, &target, "ext4", flags, None).map_err(|e| error_chain(&e))?;
+        if let (true, Some(user)) = (formatted, user) {
+            let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
+            let owner =
+                steelcup_init::guest::resolve_user(user, &read("etc/passwd"), &read("etc/group"))
+                    .map_err(|e| format!("volume {}: user {user:?}: {e}", v.path))?;
+            nix::unistd::chown(
+                &target,
+                Some(nix::unistd::Uid::from_raw(owner.uid)),
+                Some(nix::unistd::Gid::from_raw(owner.gid)),
+            )
+            .map_err(|e| format!("volume {}: give it to {user:?}: {e}", v.path))?;
+        }
     }
     Ok(())
 }
@@ -452,8 +469,8 @@ fn run() -> ExitStatus {
         }
     }
     let prepared = match &config.root {
-        Some(device) => switch_root(device, &config.volumes),
-        None => mount_volumes(Path::new("/"), &config.volumes),
+        Some(device) => switch_root(device, &config.volumes, config.user.as_deref()),
+        None => mount_volumes(Path::new("/"), &config.volumes, config.user.as_deref()),
     };
     if let Err(e) = prepared {
         return fail(&e, libc::EIO);
