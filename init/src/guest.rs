@@ -8,9 +8,18 @@
 //! is a dedicated device in the VMM, so nothing the workload prints can forge
 //! an exit status.
 //!
+//! A warm-pool VM boots with a config that has only [`GuestConfig::pool`]
+//! set: vminit mounts the basics and waits on vsock [`POOL_PORT`], where
+//! vmmd asks `ping` (answered `pong`: booted and waiting) or hands it the
+//! workload's config, `claim JSON` (answered `ok`, or `error: WHY` and it
+//! keeps waiting). By then vmmd has given the VM's empty root disk slot
+//! its image; vminit waits for the disk to show its size, then goes on as
+//! if it had booted with that config.
+//!
 //! # Limitations
-//! The configuration is fixed at boot; the vsock channel (exec, attach, a
-//! warm pool handing a config to an already booted VM) is still to come.
+//! A claimed VM keeps the kernel command line, vCPUs and memory it booted
+//! with; disks other than the root and the network device are fixed at
+//! boot, so workloads with volumes or a network start cold.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,6 +28,10 @@ use std::collections::BTreeMap;
 pub const CONFIG_PATH: &str = "/steelcup/config.json";
 /// The I/O port vminit reports the workload's exit status to.
 pub const STATUS_PORT: u16 = 0x0510;
+/// The vsock port a warm-pool VM's vminit waits on for its workload.
+pub const POOL_PORT: u32 = 1027;
+/// The longest `claim` request vminit reads.
+pub const MAX_CLAIM: u64 = 256 << 10;
 
 /// What vminit runs: the workload's process and its environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +77,10 @@ pub struct GuestConfig {
     /// given, as container runtimes set it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rlimits: BTreeMap<String, u64>,
+    /// A warm-pool VM: wait on [`POOL_PORT`] for the real config (see the
+    /// module docs); every other field is ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pool: bool,
 }
 
 /// The resource limits a workload may set, by the names `ulimit` and

@@ -100,6 +100,7 @@ fn scenario(g: &mut Guest) -> Result<String> {
     // HTTP probe vminit makes inside its VM; a worker killed from the host
     // comes back healthy; an edited unit and `cup reload` roll it, a new
     // VM healthy before each old one stops.
+    g.wait_for("driver: scaled: reloaded:", STEP)?;
     g.wait_for("driver: ps: web.1            running (healthy)", STEP)?;
     g.wait_for("driver: ps: web.2            running (healthy)", STEP)?;
     g.wait_for("driver: logs web.1: serving version 1", STEP)?;
@@ -118,6 +119,11 @@ fn scenario(g: &mut Guest) -> Result<String> {
     // as cup's, stdin from the host, env overrides; cup exec into a
     // detached workload as its user or another, with exit codes; --rm
     // leaves nothing behind.
+    // The warm pool: a VM booted ahead of time takes `cup run`'s workload
+    // (its config and root image handed over, no kernel boot), which runs
+    // under its own hostname on its image's erofs root.
+    g.wait_for("workload warm: started from the warm pool in", STEP)?;
+    g.wait_for("driver: warm run: hostname warm, root overlay", STEP)?;
     g.wait_for("driver: run says: hi, open files 1048576", STEP)?;
     g.wait_for("driver: run says: oops", STEP)?;
     g.wait_for("driver: limited: open files 512", STEP)?;

@@ -106,6 +106,7 @@ fn run(args: &[String]) -> Result<(), String> {
             attach: false,
             tty: false,
             rlimits: Default::default(),
+            pool: false,
         },
         disks: vec![],
         vsock: None,

@@ -101,6 +101,8 @@ pub struct BuiltVm {
     pub bus: Arc<Mutex<Bus>>,
     /// What the device thread waits on.
     pub devices: DeviceLoop,
+    /// The empty disk slots by disk id, for the worker's `attach` command.
+    pub slots: Vec<(String, crate::devices::virtio::SharedTransport)>,
 }
 
 /// The virtio devices of a VM in slot order: the entropy device first, then
@@ -110,7 +112,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     devices.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
     for d in &config.disks {
-        devices.push(Box::new(Block::open(&d.path, d.read_only, &d.id)?));
+        devices.push(Box::new(match d.empty_slot {
+            true => Block::empty_slot(&d.id)?,
+            false => Block::open(&d.path, d.read_only, &d.id)?,
+        }));
     }
     if let Some(n) = &config.net {
         let err = |source| BuildError::Net {
@@ -257,6 +262,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     // Each virtio device: an irqfd for its interrupt, an ioeventfd per queue
     // for the device thread.
     let mut device_loop = DeviceLoop::new().map_err(KvmError::EventFd)?;
+    let mut slots = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {
         let (base, gsi) = virtio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
@@ -279,6 +285,12 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
                 .add_host(transport.clone(), fd)
                 .map_err(KvmError::EventFd)?;
         }
+        // Disks follow the entropy device (slot 0), in config order.
+        if let Some(d) = i.checked_sub(1).and_then(|d| config.disks.get(d)) {
+            if d.empty_slot {
+                slots.push((d.id.clone(), transport.clone()));
+            }
+        }
         bus.lock()
             .unwrap_or_else(|p| p.into_inner())
             .mmio
@@ -299,6 +311,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         vcpus,
         bus,
         devices: device_loop,
+        slots,
     })
 }
 

@@ -72,6 +72,11 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The disk's id as the guest reads it (at most 20 bytes are used).
     pub id: String,
+    /// An empty read-only slot (`path` unused): the disk gets its image
+    /// later, through the worker's `attach ID BYTES` command (a warm-pool VM is
+    /// handed its workload's root image this way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty_slot: bool,
 }
 
 /// The host side of a VM's vsock device (Firecracker's convention): a host

@@ -27,15 +27,17 @@ use crate::config::{
 };
 use crate::image::source::PullOptions;
 use crate::image::workload::{Merged, Prepared};
+use crate::pool::Pool;
 use crate::reconcile::{AfterStop, Backend, Core, ProbeFailure, Workload};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_init::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume};
+use steelcup_init::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
 use steelcup_init::supervisor::logs::LogStore;
 use steelcup_init::units::{self, HealthCheck, MicrovmSection, Network, Restart, UnitKind};
 
@@ -76,6 +78,8 @@ pub struct Options {
     pub removed: crate::reconcile::Removed,
     /// Each workload's console output (`cup logs`), in memory.
     pub logs: Arc<LogStore>,
+    /// The warm pool's sizes (`--warm-pool`); empty: every start is cold.
+    pub warm_pool: Vec<crate::pool::PoolSpec>,
 }
 
 /// Pulls in flight, by source.
@@ -133,12 +137,17 @@ enum Event {
         name: String,
         result: Result<(), ProbeFailure>,
     },
+    /// A warm-pool VM's vminit answered: it waits for a workload.
+    PoolReady {
+        name: String,
+    },
 }
 
-/// A worker's stdin (commands) and its answers (from its stderr).
+/// A worker's stdin (commands, a Unix socket so a command can carry a
+/// descriptor) and its answers (from its stderr).
 #[derive(Debug)]
 struct WorkerControl {
-    commands: ChildStdin,
+    commands: UnixStream,
     answers: mpsc::Receiver<String>,
 }
 
@@ -152,6 +161,35 @@ impl WorkerControl {
         writeln!(self.commands, "{command}")
             .and_then(|_| self.commands.flush())
             .map_err(|e| format!("worker control channel: {e}"))?;
+        self.answer(command)
+    }
+
+    /// Sends `command` with descriptor `fd` passed along (`SCM_RIGHTS`).
+    fn ask_with_fd(
+        &mut self,
+        command: &str,
+        fd: std::os::fd::BorrowedFd,
+    ) -> Result<String, String> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        while self.answers.try_recv().is_ok() {}
+        let line = format!("{command}\n");
+        let fds = [fd.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            self.commands.as_raw_fd(),
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("worker control channel: {e}"))?;
+        if sent != line.len() {
+            return Err("worker control channel: short write".into());
+        }
+        self.answer(command)
+    }
+
+    fn answer(&mut self, command: &str) -> Result<String, String> {
         match self.answers.recv_timeout(CONTROL_TIMEOUT) {
             Ok(a) => match a.strip_prefix("error: ") {
                 Some(e) => Err(e.to_string()),
@@ -171,6 +209,73 @@ pub struct WorkerBackend {
     opts: Options,
     tx: mpsc::Sender<Event>,
     controls: BTreeMap<String, WorkerControl>,
+    pool: Pool<PoolVm>,
+}
+
+/// A warm-pool VM's worker, as vmmd holds it.
+#[derive(Debug)]
+struct PoolVm {
+    worker: Worker,
+}
+
+impl WorkerBackend {
+    /// Boots what the warm pool is missing.
+    fn refill_pool(&mut self, now: Instant) {
+        for (name, key) in self.pool.wanted(now) {
+            let vm = pool_vm_config(&self.opts, &name, key);
+            match spawn_worker(&self.opts, &vm, self.tx.clone()) {
+                Ok(worker) => {
+                    tracing::debug!("warm pool: booting {name} ({} vCPU, {} MiB)", key.0, key.1);
+                    spawn_pool_ping(&self.opts, &name, self.tx.clone());
+                    self.pool.add(name, key, PoolVm { worker }, now);
+                }
+                Err(e) => {
+                    tracing::warn!("warm pool: cannot boot {name}: {e}");
+                    // Counted as a VM that died: the size backs off.
+                    self.pool.add(
+                        name.clone(),
+                        key,
+                        PoolVm {
+                            worker: Worker::none(),
+                        },
+                        now,
+                    );
+                    self.pool.ended(&name, now);
+                }
+            }
+        }
+    }
+
+    /// Takes a warm VM for workload `name` if one fits `vm`; None: start
+    /// cold.
+    fn claim_warm(&mut self, name: &str, vm: &VmConfig) -> Option<i32> {
+        let key = pool_fit(&self.opts, vm)?;
+        let (pool_name, member) = self.pool.take(key)?;
+        let waited = member.since.elapsed();
+        let t0 = Instant::now();
+        let mut worker = member.handle.worker;
+        match claim(&self.opts, &pool_name, name, &mut worker, vm) {
+            Ok(()) => {
+                tracing::info!(
+                    "workload {name}: started from the warm pool in {} ms (VM {pool_name}, worker pid {}, booted {:.1}s before)",
+                    t0.elapsed().as_millis(),
+                    worker.pid,
+                    waited.as_secs_f64()
+                );
+                let pid = worker.pid;
+                if let Some(c) = worker.control.take() {
+                    self.controls.insert(name.to_string(), c);
+                }
+                Some(pid)
+            }
+            Err(e) => {
+                tracing::warn!("workload {name}: warm VM {pool_name} refused: {e}; starting cold");
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker.pid), Signal::SIGKILL);
+                None
+            }
+        }
+    }
 }
 
 impl Backend for WorkerBackend {
@@ -179,9 +284,20 @@ impl Backend for WorkerBackend {
     }
 
     fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String> {
-        let (pid, control) = start(&self.opts, name, w, attach, self.tx.clone())?;
-        self.controls.insert(name.to_string(), control);
-        Ok(pid)
+        let mut vm = vm_config(&self.opts, name, w)?;
+        (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
+        if let Some(pid) = self.claim_warm(name, &vm) {
+            return Ok(pid);
+        }
+        let mut worker = spawn_worker(&self.opts, &vm, self.tx.clone())?;
+        tracing::info!(
+            "workload {name}: starting microVM (worker pid {})",
+            worker.pid
+        );
+        if let Some(c) = worker.control.take() {
+            self.controls.insert(name.to_string(), c);
+        }
+        Ok(worker.pid)
     }
 
     fn ask_stop(&mut self, name: &str) {
@@ -345,6 +461,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts: opts.clone(),
         tx: tx.clone(),
         controls: BTreeMap::new(),
+        pool: Pool::new(opts.warm_pool.clone()),
     };
     let mut core = Core::new(backend, opts.removed.clone());
     core.set_units(load_units(&opts.units));
@@ -380,9 +497,12 @@ pub fn run(opts: Options) -> Result<(), String> {
     let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     loop {
         core.tick(Instant::now());
+        core.backend.refill_pool(Instant::now());
         announce(&core, &mut seen, &changes);
-        let timeout = core
-            .next_wakeup()
+        let timeout = [core.next_wakeup(), core.backend.pool.next_wakeup()]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         let now = || Instant::now();
@@ -402,9 +522,35 @@ pub fn run(opts: Options) -> Result<(), String> {
                 tracing::info!("vmmd stopped");
                 return Ok(());
             }
+            Ok(Event::Ended { name, report }) if name.starts_with('_') => {
+                // A warm-pool VM that ended unclaimed (or whose claim failed).
+                if core.backend.pool.ended(&name, now()).is_some() {
+                    tracing::warn!(
+                        "warm pool: {name} ended before a workload took it: {}",
+                        report.outcome
+                    );
+                }
+                let _ = std::fs::remove_file(vsock_path(&opts, &name));
+            }
             Ok(Event::Ended { name, report }) => {
                 core.backend.controls.remove(&name);
                 core.ended(&name, report, now());
+            }
+            Ok(Event::PoolReady { name }) => {
+                let seen = core
+                    .backend
+                    .pool
+                    .ready(&name)
+                    .map(|m| (m.key, m.since.elapsed()));
+                if let Some((key, took)) = seen {
+                    let (ready, booting) = core.backend.pool.counts();
+                    tracing::info!(
+                        "warm pool: {name} ready ({} vCPU, {} MiB) after {:.1}s; {ready} ready, {booting} booting",
+                        key.0,
+                        key.1,
+                        took.as_secs_f64()
+                    );
+                }
             }
             Ok(Event::Api(req)) => execute(&opts, &mut core, req),
             Ok(Event::Prepared { name, result }) => core.prepared(&name, result, now()),
@@ -903,6 +1049,14 @@ fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
 /// up to [`STOP_GRACE`], then kills the workers that are left.
 fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
     let now = Instant::now();
+    // Warm VMs run no workload: nothing to ask, they just go.
+    for (name, m) in core.backend.pool.drain() {
+        tracing::debug!("warm pool: {name} goes");
+        if m.handle.worker.pid > 0 {
+            let pid = nix::unistd::Pid::from_raw(m.handle.worker.pid);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+    }
     let running: Vec<String> = core
         .workloads
         .iter()
@@ -916,7 +1070,12 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
         while core.running() > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Event::Ended { name, report }) => core.ended(&name, report, Instant::now()),
-                Ok(Event::Signal(_) | Event::Prepared { .. } | Event::Probed { .. }) => {}
+                Ok(
+                    Event::Signal(_)
+                    | Event::Prepared { .. }
+                    | Event::Probed { .. }
+                    | Event::PoolReady { .. },
+                ) => {}
                 Ok(Event::Api(req)) => {
                     let _ = req.reply.send(Err(ApiError::ShuttingDown));
                 }
@@ -1077,6 +1236,7 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
             path: path.clone(),
             read_only: true,
             id: "root".into(),
+            empty_slot: false,
         });
     }
     let mut volumes = Vec::new();
@@ -1091,6 +1251,7 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
             path,
             read_only: v.read_only,
             id: v.name.clone(),
+            empty_slot: false,
         });
     }
     let (net, network) = match tap_index(spec, cid)? {
@@ -1141,6 +1302,7 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
             attach: false,
             tty: false,
             rlimits: spec.rlimits.clone(),
+            pool: false,
         },
         disks,
         vsock: Some(VsockConfig {
@@ -1155,21 +1317,43 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
     })
 }
 
-/// Starts a worker for `name`; a monitor thread reports its end on `tx`.
-fn start(
-    opts: &Options,
-    name: &str,
-    w: &Workload,
-    attach: bool,
-    tx: mpsc::Sender<Event>,
-) -> Result<(i32, WorkerControl), String> {
-    let spec = &w.spec;
-    let mut vm = vm_config(opts, name, w)?;
-    (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
+/// The name a worker's output and end are reported under: a warm-pool
+/// VM's (`_pool-N`) until a workload claims it, then the workload's.
+type Label = Arc<Mutex<String>>;
+
+fn label_of(l: &Label) -> String {
+    l.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// A running worker, as its starter holds it.
+#[derive(Debug)]
+struct Worker {
+    pid: i32,
+    control: Option<WorkerControl>,
+    label: Label,
+    cgroup: Arc<Mutex<Option<crate::jail::cgroup::VmCgroup>>>,
+}
+
+impl Worker {
+    /// A worker that never started (a pool VM that could not boot).
+    fn none() -> Self {
+        Worker {
+            pid: 0,
+            control: None,
+            label: Label::default(),
+            cgroup: Arc::default(),
+        }
+    }
+}
+
+/// Starts a worker for `vm` (its cgroup named after `vm.name`); a monitor
+/// thread reports its end on `tx` under the worker's label.
+fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Result<Worker, String> {
+    let name = vm.name.as_str();
     let mut config = serde_json::to_vec(&vm).map_err(|e| e.to_string())?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
-        let limits = crate::jail::cgroup::Limits::for_vm(spec.vcpus, spec.memory.mib());
+        let limits = crate::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
         crate::jail::cgroup::VmCgroup::create(root, name, limits)
             .map_err(|e| tracing::warn!("workload {name}: no cgroup, limits are off: {e}"))
             .ok()
@@ -1193,38 +1377,40 @@ fn start(
             Ok(())
         });
     }
+    let (mut commands, theirs) =
+        UnixStream::pair().map_err(|e| format!("a control socket for the worker: {e}"))?;
     let mut child = cmd
         .args(["worker", name])
-        .stdin(Stdio::piped())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{}: {e}", opts.worker_exe.display()))?;
     let pid = child.id() as i32;
     let started = Instant::now();
-    tracing::info!("workload {name}: starting microVM (worker pid {pid})");
-    let mut commands = child.stdin.take().ok_or("worker has no stdin")?;
-    // One line; the pipe holds it whatever the worker does.
+    // One line; the worker reads it first thing.
     commands
         .write_all(&config)
         .map_err(|e| format!("send config to the worker: {e}"))?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let name = name.to_string();
+    let label: Label = Arc::new(Mutex::new(name.to_string()));
+    let cgroup = Arc::new(Mutex::new(cgroup));
     let (answer_tx, answers) = mpsc::channel();
     let logs = opts.logs.clone();
+    let (l, cg) = (label.clone(), cgroup.clone());
     std::thread::Builder::new()
         .name(format!("worker-{name}"))
         .spawn(move || {
             let out_thread = stdout.map(|o| {
-                let name = name.clone();
+                let l = l.clone();
                 let logs = logs.clone();
-                std::thread::spawn(move || echo_guest(&name, o, &logs))
+                std::thread::spawn(move || echo_guest(&l, o, &logs))
             });
-            let report = stderr.and_then(|e| read_report(&name, e, &answer_tx));
+            let report = stderr.and_then(|e| read_report(&l, e, &answer_tx));
             let status = child.wait();
             let ran = started.elapsed();
-            if let Some(c) = cgroup {
+            if let Some(c) = cg.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 c.remove();
             }
             if let Some(t) = out_thread {
@@ -1236,10 +1422,150 @@ fn start(
                 },
                 run_ms: ran.as_millis() as u64,
             });
+            let name = label_of(&l);
             let _ = tx.send(Event::Ended { name, report });
         })
         .map_err(|e| format!("spawn monitor thread: {e}"))?;
-    Ok((pid, WorkerControl { commands, answers }))
+    Ok(Worker {
+        pid,
+        control: Some(WorkerControl { commands, answers }),
+        label,
+        cgroup,
+    })
+}
+
+/// The VM config of a warm-pool VM `name` of size `key`: the default
+/// kernel and initramfs, an empty root disk slot, vsock; vminit waits.
+fn pool_vm_config(opts: &Options, name: &str, key: crate::pool::Key) -> VmConfig {
+    VmConfig {
+        name: name.to_string(),
+        kernel: opts.kernel.clone(),
+        initramfs: opts.initramfs.clone(),
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        vcpus: key.0,
+        memory_mib: key.1,
+        memory_backing: Default::default(),
+        huge_pages: false,
+        guest: GuestConfig {
+            pool: true,
+            ..Default::default()
+        },
+        disks: vec![DiskConfig {
+            path: PathBuf::new(),
+            read_only: true,
+            id: "root".into(),
+            empty_slot: true,
+        }],
+        // The context id is the guest's own (each VM has its own vsock
+        // device), so pool VMs need not differ from workloads.
+        vsock: Some(VsockConfig {
+            cid: 3,
+            uds: vsock_path(opts, name),
+        }),
+        net: None,
+        report_timing: false,
+        jail_scratch: opts
+            .jail
+            .then(|| crate::jail::mount::scratch_dir(&opts.run_dir)),
+    }
+}
+
+/// The warm-pool size a cold start of `vm` could take instead: a VM with
+/// one read-only root disk and nothing a booted pool VM lacks.
+fn pool_fit(opts: &Options, vm: &VmConfig) -> Option<crate::pool::Key> {
+    let fits = matches!(vm.disks.as_slice(), [d] if d.read_only && d.id == "root" && !d.empty_slot)
+        && vm.guest.root.as_deref() == Some(disk_device(0).as_str())
+        && vm.net.is_none()
+        && vm.kernel == opts.kernel
+        && vm.initramfs == opts.initramfs
+        && vm.cmdline == DEFAULT_CMDLINE
+        && vm.memory_backing == Default::default()
+        && !vm.huge_pages;
+    fits.then_some((vm.vcpus, vm.memory_mib))
+}
+
+/// How long a pool VM may take to boot before it is given up.
+const POOL_BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Pings pool VM `name`'s vminit until it answers, then reports it ready.
+fn spawn_pool_ping(opts: &Options, name: &str, tx: mpsc::Sender<Event>) {
+    let (uds, name) = (vsock_path(opts, name), name.to_string());
+    let _ = std::thread::Builder::new()
+        .name(format!("ping-{name}"))
+        .spawn(move || {
+            let t0 = Instant::now();
+            while t0.elapsed() < POOL_BOOT_LIMIT {
+                // Refused until the worker has bound its socket and vminit
+                // listens.
+                if ask_guest(&uds, POOL_PORT, "ping").as_deref() == Ok("pong") {
+                    let _ = tx.send(Event::PoolReady { name });
+                    return;
+                }
+                if !uds.exists() && t0.elapsed() > Duration::from_secs(10) {
+                    return; // the worker is gone
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+}
+
+/// Hands pool VM `pool_name` (its worker `worker`) to workload `name`: the
+/// root image to its empty slot, the config to its vminit, then the VM's
+/// vsock socket and cgroup take the workload's name.
+fn claim(
+    opts: &Options,
+    pool_name: &str,
+    name: &str,
+    worker: &mut Worker,
+    vm: &VmConfig,
+) -> Result<(), String> {
+    let root = &vm.disks[0].path;
+    let file = std::fs::File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", root.display()))?
+        .len();
+    let control = worker
+        .control
+        .as_mut()
+        .ok_or("the pool VM has no control channel")?;
+    use std::os::fd::AsFd;
+    let answer = control.ask_with_fd(&format!("attach root {len}"), file.as_fd())?;
+    if answer != "attached" {
+        return Err(format!("attach root: {answer}"));
+    }
+    let json = serde_json::to_string(&vm.guest).map_err(|e| e.to_string())?;
+    // From here the VM's output and end are the workload's.
+    *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+    let old = vsock_path(opts, pool_name);
+    match ask_guest(&old, POOL_PORT, &format!("claim {json}")) {
+        Ok(a) if a == "ok" => {}
+        other => {
+            *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = pool_name.to_string();
+            return Err(match other {
+                Ok(a) => format!("vminit: {a}"),
+                Err(e) => e,
+            });
+        }
+    }
+    let new = vsock_path(opts, name);
+    let _ = std::fs::remove_file(&new);
+    if let Err(e) = std::fs::rename(&old, &new) {
+        // The VM runs the workload already: it is the workload's, whatever
+        // its socket is called; but nothing reaches it at `new`.
+        tracing::warn!("workload {name}: cannot rename {}: {e}", old.display());
+    }
+    if let Some(c) = worker
+        .cgroup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+    {
+        if let Err(e) = c.rename(name) {
+            tracing::warn!("workload {name}: its cgroup keeps the pool's name: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Why a worker ended without a report.
@@ -1264,7 +1590,7 @@ fn worker_death(status: &std::io::Result<std::process::ExitStatus>) -> String {
 
 /// Passes guest output on as `NAME | line` and into the workload's log,
 /// lines capped at [`MAX_LINE`].
-fn echo_guest(name: &str, out: impl Read, logs: &LogStore) {
+fn echo_guest(label: &Label, out: impl Read, logs: &LogStore) {
     let mut r = BufReader::new(out);
     let mut line = Vec::new();
     loop {
@@ -1274,7 +1600,8 @@ fn echo_guest(name: &str, out: impl Read, logs: &LogStore) {
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim_end_matches(['\n', '\r']);
-                logs.push(name, text);
+                let name = label_of(label);
+                logs.push(&name, text);
                 let mut so = std::io::stdout().lock();
                 let _ = writeln!(so, "{name} | {text}");
                 let _ = so.flush();
@@ -1285,7 +1612,11 @@ fn echo_guest(name: &str, out: impl Read, logs: &LogStore) {
 
 /// Passes worker logs on, control answers to `answers`, and returns its
 /// report.
-fn read_report(name: &str, err: impl Read, answers: &mpsc::Sender<String>) -> Option<WorkerReport> {
+fn read_report(
+    label: &Label,
+    err: impl Read,
+    answers: &mpsc::Sender<String>,
+) -> Option<WorkerReport> {
     let mut report = None;
     for line in BufReader::new(err).lines().map_while(Result::ok) {
         if let Some(answer) = line.strip_prefix(CONTROL_PREFIX) {
@@ -1293,10 +1624,13 @@ fn read_report(name: &str, err: impl Read, answers: &mpsc::Sender<String>) -> Op
         } else if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
             match serde_json::from_str(json) {
                 Ok(r) => report = Some(r),
-                Err(e) => tracing::error!("workload {name}: unreadable worker report: {e}"),
+                Err(e) => tracing::error!(
+                    "workload {}: unreadable worker report: {e}",
+                    label_of(label)
+                ),
             }
         } else {
-            eprintln!("{name}: {line}");
+            eprintln!("{}: {line}", label_of(label));
         }
     }
     report
@@ -1320,6 +1654,7 @@ pub fn default_options(units: &Path) -> Options {
         pulls: Default::default(),
         removed: Default::default(),
         logs: Arc::new(LogStore::new(None, false)),
+        warm_pool: Vec::new(),
     }
 }
 

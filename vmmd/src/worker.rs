@@ -4,8 +4,12 @@
 //! # Design
 //! vmmd starts `vmmd worker` with the [`VmConfig`] as one line of JSON on
 //! stdin, and keeps stdin open as the control channel: each further line is
-//! a command (`pause`, `resume`), answered on stderr by a line starting
-//! with [`CONTROL_PREFIX`] (`paused`, `resumed`, or `error: ...`). Guest
+//! a command (`pause`, `resume`, `attach ID BYTES`), answered on stderr by a line
+//! starting with [`CONTROL_PREFIX`] (`paused`, `resumed`, `attached`, or
+//! `error: ...`). vmmd's stdin for a worker is a Unix socket, so a command
+//! can carry a descriptor: `attach ID BYTES` comes with an open disk image
+//! (`SCM_RIGHTS`) for the empty disk slot `ID` — the worker, jailed, opens
+//! no files itself. Guest
 //! serial output goes to the worker's stdout; the worker's own logs and its
 //! final [`WorkerReport`] go to stderr. A VM that crashes, or a worker that
 //! dies, takes nothing else down.
@@ -23,7 +27,6 @@ use crate::config::{
 };
 use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
-use std::io::{BufRead, Read};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -35,7 +38,7 @@ const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Builds and runs the VM; returns how it ended. Commands are read from
 /// `control` (see the module docs) while the VM runs.
-pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome {
+pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
     TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
     mark("config-read");
     if let Err(e) = pause::install_kick_handler() {
@@ -128,12 +131,13 @@ pub fn run_vm(config: &VmConfig, control: Box<dyn BufRead + Send>) -> VmOutcome 
     // The control thread: pause and resume from vmmd.
     let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
     let (cready, cstart) = (ready.clone(), start.clone());
+    let slots = built.slots;
     if let Err(e) = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             cready.wait();
             cstart.wait();
-            serve_control(control, &gate, &threads);
+            serve_control(control, &gate, &threads, &slots);
         })
     {
         return VmOutcome::VmmError {
@@ -201,21 +205,114 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The control channel: what was read past the config line, then fd 0.
+#[derive(Debug)]
+pub struct Control {
+    /// Bytes already read from fd 0 after the config line.
+    pub pending: Vec<u8>,
+    /// The channel (stdin; a Unix socket when vmmd started the worker).
+    pub fd: std::os::fd::RawFd,
+}
+
+/// The longest command line the control channel takes.
+const MAX_COMMAND: usize = 4096;
+
+/// Reads the next command and the descriptors that came with it; None once
+/// the channel is closed (or broken).
+fn next_line(control: &mut Control, fds: &mut Vec<std::fs::File>, max: usize) -> Option<String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    loop {
+        if let Some(n) = control.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = control.pending.drain(..=n).collect();
+            return Some(String::from_utf8_lossy(&line).trim().to_string());
+        }
+        if control.pending.len() > max {
+            return None;
+        }
+        let mut buf = [0u8; 4096];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let got = match recvmsg::<()>(
+            control.fd,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                for c in msg.cmsgs().into_iter().flatten() {
+                    if let ControlMessageOwned::ScmRights(received) = c {
+                        for fd in received {
+                            // SAFETY: the kernel just installed `fd` in this
+                            // process for this message; nothing else owns it.
+                            fds.push(unsafe { std::fs::File::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                msg.bytes
+            }
+            // A pipe (a worker started by hand): no descriptors, plain reads.
+            Err(nix::errno::Errno::ENOTSOCK) => {
+                match nix::unistd::read(
+                    // SAFETY: fd 0 stays open for the worker's life.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(control.fd) },
+                    &mut buf,
+                ) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return None,
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None,
+        };
+        if got == 0 {
+            return None;
+        }
+        control.pending.extend_from_slice(&buf[..got]);
+    }
+}
+
 /// Answers vmmd's commands until stdin closes.
-fn serve_control(control: Box<dyn BufRead + Send>, gate: &PauseGate, threads: &[libc::pthread_t]) {
-    for line in control.take(1 << 20).lines() {
-        let Ok(line) = line else { return };
-        let answer = match line.trim() {
-            "pause" => match gate.pause(threads, PAUSE_TIMEOUT) {
+fn serve_control(
+    mut control: Control,
+    gate: &PauseGate,
+    threads: &[libc::pthread_t],
+    slots: &[(String, crate::devices::virtio::SharedTransport)],
+) {
+    let mut fds = Vec::new();
+    while let Some(line) = next_line(&mut control, &mut fds, MAX_COMMAND) {
+        let mut words = line.split_whitespace();
+        let answer = match (words.next().unwrap_or(""), words.next()) {
+            ("pause", None) => match gate.pause(threads, PAUSE_TIMEOUT) {
                 Ok(()) => "paused".to_string(),
                 Err(e) => format!("error: {e}"),
             },
-            "resume" => {
+            ("resume", None) => {
                 gate.resume();
                 "resumed".to_string()
             }
-            other => format!("error: unknown command {other:?} (pause, resume)"),
+            // `attach ID BYTES`: vmmd says how long the image is (the
+            // filter allows no fstat).
+            ("attach", Some(id)) => match (
+                fds.pop(),
+                slots.iter().find(|(s, _)| s == id),
+                words.next().and_then(|n| n.parse::<u64>().ok()),
+            ) {
+                (None, _, _) => "error: attach needs a disk image passed with it".to_string(),
+                (_, None, _) => format!("error: no empty disk slot {id:?}"),
+                (_, _, None) => "error: attach needs the image's size in bytes".to_string(),
+                (Some(file), Some((_, t)), Some(len)) => {
+                    match crate::devices::virtio::lock(t).attach_backing(file, len) {
+                        Ok(()) => "attached".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
+            },
+            _ => format!("error: unknown command {line:?} (pause, resume, attach ID BYTES)"),
         };
+        // Descriptors no command took are not kept.
+        fds.clear();
         eprintln!("{CONTROL_PREFIX}{answer}");
     }
 }
@@ -232,17 +329,19 @@ pub fn main() -> i32 {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
-    let mut stdin = std::io::BufReader::new(std::io::stdin());
-    let mut input = Vec::new();
-    let outcome = match (&mut stdin).take(1 << 20).read_until(b'\n', &mut input) {
-        Err(e) => VmOutcome::VmmError {
-            message: format!("read config from stdin: {e}"),
+    let mut control = Control {
+        pending: Vec::new(),
+        fd: 0,
+    };
+    let outcome = match next_line(&mut control, &mut Vec::new(), 1 << 20) {
+        None => VmOutcome::VmmError {
+            message: "read config from stdin: closed before a whole line".into(),
         },
-        Ok(_) => match serde_json::from_slice::<VmConfig>(&input) {
+        Some(line) => match serde_json::from_str::<VmConfig>(&line) {
             Err(e) => VmOutcome::VmmError {
                 message: format!("config on stdin: {e}"),
             },
-            Ok(config) => run_vm(&config, Box::new(stdin)),
+            Ok(config) => run_vm(&config, control),
         },
     };
     let report = WorkerReport {

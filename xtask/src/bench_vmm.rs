@@ -95,6 +95,8 @@ pub fn run() -> Result<String> {
                 Err(e) => break Err(e),
             }
         };
+        // Then `cup run` cold and warm (vmmd bench-start).
+        let done = done.and_then(|_| g.wait_for("start-bench: done", Duration::from_secs(900)));
         match done {
             Ok(_) => {
                 serial = Some(g.serial());
@@ -152,8 +154,41 @@ pub fn run() -> Result<String> {
     md.push_str(&format!(
         "\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\nTargets in this run: {targets}.\n\nWhere the worker's setup goes (last round, ms after spawn): {phases}.\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n{READING}"
     ));
+    md.push_str(&start_section(&serial, &log_path)?);
     Ok(md)
 }
+
+/// The `cup run` cold/warm section from `vmmd bench-start`'s lines.
+fn start_section(serial: &str, log_path: &std::path::Path) -> Result<String> {
+    let lines: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.split_once("start-bench| ").map(|(_, t)| t.trim_end()))
+        .collect();
+    if lines.len() < 8 {
+        bail!(
+            "the start benchmark printed no table; see {}",
+            log_path.display()
+        );
+    }
+    let mut md = String::from("## Starting a workload: cold and from the warm pool\n\n");
+    md.push_str(START_METHOD);
+    md.push('\n');
+    for l in lines.iter().filter(|l| l.starts_with('|')) {
+        md.push_str(l);
+        md.push('\n');
+    }
+    md.push('\n');
+    for l in lines.iter().filter(|l| !l.starts_with('|')) {
+        md.push_str(&format!("- {l}\n"));
+    }
+    md.push('\n');
+    md.push_str(START_READING);
+    Ok(md)
+}
+
+const START_METHOD: &str = "Run in the same boot right after the VMM benchmark, by `vmmd bench-start` through the real daemon and CLI, with the appliance's warm pool (one VM of 1 vCPU and 128 MiB, `docs/warm-pool.md`). Each round times `cup run --rm IMAGE true` (the example busybox OCI image, already in the store) from spawning `cup` to its exit: the VM started, the workload ran and reported exit code 0 over vsock, the VM ended and was removed. *Cold*: `--memory 120MiB`, a size the pool does not keep, so vmmd boots a VM; *warm*: the default size, once vmmd says a pool VM is ready, counted only if vmmd then says the workload started from the pool. Rounds alternate. Throughput: 4 cold runs started at once, VMs per second until the last exits. Target: warm at most a quarter of cold (on KVM hardware, under 50 ms).\n";
+
+const START_READING: &str = "Reading it: a warm start skips the guest kernel's boot and vminit's own start; what is left is `cup` and the API, handing the root image's descriptor to the worker and the config to vminit, mounting the erofs root under its writable layer, running the program and tearing the VM down. Under TCG all of it is emulated, the guest's kernel boot most of all, so the absolute numbers are far above KVM hardware; the ratio is the comparison.\n\n";
 
 const METHOD: &str = "Run inside the booted test image (QEMU TCG with an emulated AMD-V CPU, so the VMMs run on real, nested KVM) by `vmmd bench`, with Debian's QEMU added to the image. Each round starts steelcup's per-VM worker and then `qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -accel kvm -cpu host -nodefaults -no-user-config -serial stdio`, both with the same guest kernel, the same initramfs with the same guest config appended (vminit runs `echo` of a marker), the same command line, 1 vCPU and 128 MiB. Time: from just before the process is spawned to the marker on its serial console. Setup: spawn to vCPU 0's first `KVM_RUN`, reported by the worker on CLOCK_MONOTONIC. Peak RSS: `ru_maxrss` from `wait4`. Overhead: RSS when the marker arrives minus the RSS of the guest-memory mapping (from `/proc/PID/smaps`). Medians of 9 rounds, started once the appliance's own boot-time workloads are done. Targets: setup under 10 ms, overhead under 5 MiB, time and peak RSS at most 0.5× QEMU's. Under TCG every instruction of the host is emulated, so absolute times are far above KVM hardware; the ratios are the comparison.\n";
 

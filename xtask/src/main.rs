@@ -34,11 +34,12 @@ fn main() {
         Some("test") => test(),
         Some("bench") if args.iter().any(|a| a == "--init-only") => bench_init_only(),
         Some("bench") if args.iter().any(|a| a == "--image-only") => bench_image_only(),
+        Some("bench") if args.iter().any(|a| a == "--vmm-only") => bench_vmm_only(),
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only] | build"
+                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only] | build"
             );
             std::process::exit(2);
         }
@@ -424,20 +425,41 @@ fn bench_init_only() -> Result<()> {
 fn bench_image_only() -> Result<()> {
     let md = bench_image::run()?;
     print!("{md}");
+    write_sections(&md)
+}
+
+/// `cargo xtask bench --vmm-only`: the VMM and start benchmarks alone (one
+/// boot of the bench image), printed and written over their sections.
+fn bench_vmm_only() -> Result<()> {
+    build()?;
+    let md = bench_vmm::run()?;
+    print!("{md}");
+    write_sections(&md)
+}
+
+/// Writes each `## ` section of `md` over the section of the same heading
+/// in docs/performance.md (or at its end).
+fn write_sections(md: &str) -> Result<()> {
     let path = sh::root().join("docs/performance.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let heading = md.lines().next().unwrap_or_default();
-    let new = match old.find(heading) {
-        Some(start) => {
-            let rest = &old[start + heading.len()..];
-            let end = rest
-                .find("\n## ")
-                .map_or(old.len(), |i| start + heading.len() + i + 1);
-            format!("{}{md}{}", &old[..start], &old[end..])
-        }
-        None => format!("{}\n{md}", old.trim_end()),
-    };
-    std::fs::write(&path, new)?;
+    let mut doc = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut starts: Vec<usize> = md.match_indices("## ").map(|(i, _)| i).collect();
+    starts.retain(|i| *i == 0 || md.as_bytes()[i - 1] == b'\n');
+    starts.push(md.len());
+    for w in starts.windows(2) {
+        let section = &md[w[0]..w[1]];
+        let heading = section.lines().next().unwrap_or_default();
+        doc = match doc.find(heading) {
+            Some(start) => {
+                let rest = &doc[start + heading.len()..];
+                let end = rest
+                    .find("\n## ")
+                    .map_or(doc.len(), |i| start + heading.len() + i + 1);
+                format!("{}{section}{}", &doc[..start], &doc[end..])
+            }
+            None => format!("{}\n\n{section}", doc.trim_end()),
+        };
+    }
+    std::fs::write(&path, doc)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -19,7 +19,9 @@ use std::process::Command;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 use steelcup_init::boot::error_chain;
-use steelcup_init::guest::{ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, STATUS_PORT};
+use steelcup_init::guest::{
+    ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, MAX_CLAIM, POOL_PORT, STATUS_PORT,
+};
 use steelcup_init::stdio;
 use steelcup_init::sys;
 
@@ -94,15 +96,23 @@ fn probe(device: &str) -> std::io::Result<Fs> {
     })
 }
 
-/// Waits (briefly) for the kernel to create a disk's device node.
+/// Waits (briefly) for the kernel to create a disk's device node and to
+/// know its size (a warm VM's root disk gets its image just before its
+/// workload comes).
 fn wait_for(device: &str) -> Result<(), String> {
-    for _ in 0..250 {
-        if Path::new(device).exists() {
+    let size = Path::new("/sys/block")
+        .join(Path::new(device).file_name().unwrap_or_default())
+        .join("size");
+    for _ in 0..1000 {
+        let sized = std::fs::read_to_string(&size)
+            .map(|s| s.trim() != "0")
+            .unwrap_or(true);
+        if Path::new(device).exists() && sized {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Err(format!("{device} did not appear within 5s"))
+    Err(format!("{device} did not appear (with a size) within 5s"))
 }
 
 /// Mounts the read-only root image with a writable tmpfs layer over it,
@@ -443,6 +453,44 @@ fn fail(msg: &str, errno: i32) -> ExitStatus {
     }
 }
 
+/// A warm-pool VM: answers vmmd's `ping`s on [`POOL_PORT`] until a `claim`
+/// hands it a config that parses (see `steelcup_init::guest`).
+fn wait_in_pool() -> Result<GuestConfig, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener =
+        stdio::guest::listen(POOL_PORT).map_err(|e| format!("pool port {POOL_PORT}: {e}"))?;
+    loop {
+        let mut conn = match stdio::guest::accept(&listener, None) {
+            Ok(Some(c)) => c,
+            Ok(None) | Err(_) => continue,
+        };
+        let mut line = String::new();
+        if BufReader::new((&conn).take(MAX_CLAIM))
+            .read_line(&mut line)
+            .is_err()
+        {
+            continue;
+        }
+        let request = line.trim_end();
+        let (answer, config) = match request.split_once(' ') {
+            _ if request == "ping" => ("pong".to_string(), None),
+            Some(("claim", json)) => match serde_json::from_str::<GuestConfig>(json) {
+                Ok(c) if c.pool => ("error: a claim must not be a pool config".into(), None),
+                Ok(c) => ("ok".to_string(), Some(c)),
+                Err(e) => (format!("error: claim: {e}"), None),
+            },
+            _ => (
+                "error: unknown request (ping, claim JSON)".to_string(),
+                None,
+            ),
+        };
+        let _ = writeln!(conn, "{answer}");
+        if let Some(c) = config {
+            return Ok(c);
+        }
+    }
+}
+
 fn run() -> ExitStatus {
     if let Err(e) = mounts() {
         return fail(&error_chain(&e), libc::EIO);
@@ -458,6 +506,13 @@ fn run() -> ExitStatus {
                 e.raw_os_error().unwrap_or(libc::EIO),
             )
         }
+    };
+    let config = match config.pool {
+        false => config,
+        true => match wait_in_pool() {
+            Ok(c) => c,
+            Err(e) => return fail(&e, libc::EIO),
+        },
     };
     if let Some(h) = &config.hostname {
         let _ = sys::set_hostname(h);

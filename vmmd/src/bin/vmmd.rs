@@ -1,5 +1,6 @@
 //! `vmmd`: steelcup's VMM daemon. `vmmd [--units DIR] [--kernel PATH]
-//! [--initramfs PATH] [--state DIR]` runs the daemon; `vmmd worker NAME` is
+//! [--initramfs PATH] [--state DIR] [--warm-pool vcpus=N,memory=SIZE,count=N]`
+//! runs the daemon; `vmmd worker NAME` is
 //! the per-VM worker process the daemon starts (config on stdin; NAME only
 //! shows in `ps`); `vmmd image …` works the image store (see
 //! [`vmmd::image::cli`]).
@@ -15,6 +16,10 @@ fn main() {
     if first.as_deref() == Some("bench") {
         let rest: Vec<String> = args.collect();
         std::process::exit(vmmd::bench::main(&rest));
+    }
+    if first.as_deref() == Some("bench-start") {
+        let rest: Vec<String> = args.collect();
+        std::process::exit(vmmd::bench_start::main(&rest));
     }
     if first.as_deref() == Some("image") {
         let rest: Vec<String> = args.collect();
@@ -40,11 +45,21 @@ fn main() {
             "--state" => opts.state_dir = value("--state"),
             "--run-dir" => opts.run_dir = value("--run-dir"),
             "--api-socket" => opts.api_socket = value("--api-socket"),
+            "--warm-pool" => {
+                let v = value("--warm-pool").display().to_string();
+                match vmmd::pool::PoolSpec::try_from(v.as_str()) {
+                    Ok(p) => opts.warm_pool.push(p),
+                    Err(e) => {
+                        eprintln!("vmmd: --warm-pool: {e}");
+                        std::process::exit(2);
+                    }
+                }
+            }
             "--insecure-registry" => opts
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE (cup run cold vs from the warm pool, on a running host)");
                 return;
             }
             other => {

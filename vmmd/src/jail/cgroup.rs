@@ -102,6 +102,20 @@ impl VmCgroup {
         write!(self.procs, "{pid}")
     }
 
+    /// Renames the cgroup (a warm-pool VM taken by a workload gets the
+    /// workload's name); its processes stay in it.
+    pub fn rename(&mut self, name: &str) -> Result<(), String> {
+        let to = self.path.with_file_name(name);
+        if to.exists() {
+            // Left by a worker of an earlier vmmd; empty by now or busy.
+            let _ = std::fs::remove_dir(&to);
+        }
+        std::fs::rename(&self.path, &to)
+            .map_err(|e| format!("rename {} to {}: {e}", self.path.display(), to.display()))?;
+        self.path = to;
+        Ok(())
+    }
+
     /// Removes the cgroup; its processes must have ended.
     pub fn remove(self) {
         let _ = std::fs::remove_dir(&self.path);

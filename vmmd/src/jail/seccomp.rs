@@ -104,6 +104,10 @@ pub const ALLOWED: &[(i64, &str)] = &[
         libc::SYS_getpid,
         "getpid: pthread_kill naming this process when pausing vCPUs",
     ),
+    (
+        libc::SYS_recvmsg,
+        "recvmsg: vmmd's control commands on stdin, a warm VM's root image passed with `attach`",
+    ),
     (libc::SYS_exit, "exit: a vCPU thread ending"),
     (libc::SYS_exit_group, "exit_group: the worker ending"),
 ];

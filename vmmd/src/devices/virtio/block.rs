@@ -14,6 +14,12 @@
 //! the end, an unaligned length or a buffer outside guest memory gets
 //! `VIRTIO_BLK_S_IOERR` (or is returned unused when it has no status byte),
 //! with a rate-limited log line; the device never panics.
+//!
+//! An *empty slot* ([`Block::empty_slot`]) is a read-only disk of no
+//! sectors until vmmd gives it an image ([`VirtioDevice::attach_backing`]):
+//! a warm-pool VM boots with one and is handed its workload's root image
+//! when it is claimed. The guest learns the new capacity from a
+//! configuration-change interrupt.
 
 use super::VirtioDevice;
 use crate::devices::Refusals;
@@ -149,6 +155,8 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
+    /// An empty slot still waiting for its image.
+    empty: bool,
     /// Requests refused as malformed or failed.
     pub refusals: Refusals,
 }
@@ -211,6 +219,22 @@ impl Block {
         Self::from_file(file, len, read_only, id).ok_or(BlockError::Empty { path: shown })
     }
 
+    /// A read-only disk with no image yet (see the module docs); reads of
+    /// it fail until [`VirtioDevice::attach_backing`] gives it one.
+    pub fn empty_slot(id: &str) -> Result<Self, BlockError> {
+        let placeholder = File::open("/dev/null").map_err(|source| BlockError::Open {
+            path: "/dev/null".into(),
+            source,
+        })?;
+        let mut b =
+            Self::from_file(placeholder, SECTOR_SIZE, true, id).ok_or(BlockError::Empty {
+                path: "/dev/null".into(),
+            })?;
+        b.capacity_sectors = 0;
+        b.empty = true;
+        Ok(b)
+    }
+
     /// A device over an open file of `len` bytes (tests use temporary files).
     pub fn from_file(file: File, len: u64, read_only: bool, id: &str) -> Option<Self> {
         let capacity_sectors = len / SECTOR_SIZE;
@@ -226,6 +250,7 @@ impl Block {
             capacity_sectors,
             id: id_bytes,
             bounce: vec![0; BOUNCE_BYTES],
+            empty: false,
             refusals: Refusals::new("virtio-blk: request refused"),
         })
     }
@@ -363,6 +388,22 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
+    fn attach_backing(&mut self, file: File, len: u64) -> Result<(), String> {
+        if !self.empty {
+            return Err("the disk already has its image".into());
+        }
+        let sectors = len / SECTOR_SIZE;
+        if sectors == 0 {
+            return Err(format!(
+                "an image of {len} bytes is smaller than one sector"
+            ));
+        }
+        self.file = file;
+        self.capacity_sectors = sectors;
+        self.empty = false;
+        Ok(())
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
@@ -467,6 +508,50 @@ mod tests {
     fn run(b: &mut Block, m: &GuestMemoryMmap, c: &[Segment]) -> (u8, u32) {
         let req = parse(c, m).unwrap();
         b.execute(&req, m)
+    }
+
+    #[test]
+    fn an_empty_slot_refuses_io_until_it_gets_its_image_once() {
+        let m = mem();
+        let mut b = Block::empty_slot("root").unwrap();
+        assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0, "offered read-only");
+        let mut cap = [0xffu8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 0);
+        header(&m, T_IN, 0);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, true)])).0,
+            S_IOERR,
+            "nothing to read before the image comes"
+        );
+        let f = tempfile();
+        f.write_all_at(&[0x42; 1024], 0).unwrap();
+        assert!(
+            b.attach_backing(f.try_clone().unwrap(), 10).is_err(),
+            "under a sector"
+        );
+        b.attach_backing(f.try_clone().unwrap(), 1024).unwrap();
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, true)])),
+            (S_OK, 512)
+        );
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, [0x42; 512]);
+        header(&m, T_OUT, 0);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, false)])).0,
+            S_IOERR,
+            "still read-only"
+        );
+        assert!(b.attach_backing(f, 1024).is_err(), "an image is given once");
+        let (mut full, _) = disk(4, true);
+        assert!(
+            full.attach_backing(tempfile(), 1024).is_err(),
+            "not an empty slot"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     interrupt_status: u32,
+    /// Bumped whenever the device's configuration space changes.
+    config_generation: u32,
     irq: IrqTrigger,
     /// Accesses the transport ignored (bad size, offset or state).
     pub ignored: u64,
@@ -59,6 +61,7 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             interrupt_status: 0,
+            config_generation: 0,
             irq,
             ignored: 0,
         }
@@ -112,7 +115,7 @@ impl MmioTransport {
                 .unwrap_or(0),
             0x60 => self.interrupt_status,
             0x70 => self.status,
-            0xfc => 0, // config generation: the config never changes
+            0xfc => self.config_generation,
             _ => {
                 self.ignored += 1;
                 0
@@ -231,6 +234,18 @@ impl MmioTransport {
         let _ = self.irq.trigger();
     }
 
+    /// Gives the device (an empty disk slot) its backing file and tells the
+    /// driver: a new configuration generation and a configuration-change
+    /// interrupt (virtio-mmio's InterruptStatus bit 1), on which Linux's
+    /// virtio-blk reads the new capacity.
+    pub fn attach_backing(&mut self, file: std::fs::File, len: u64) -> Result<(), String> {
+        self.device.attach_backing(file, len)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= 2;
+        let _ = self.irq.trigger();
+        Ok(())
+    }
+
     /// The number of queues the device has.
     pub fn queue_count(&self) -> usize {
         self.queues.len()
@@ -311,6 +326,28 @@ mod tests {
         w(&mut t, 0x14, 1);
         assert_eq!(r(&mut t, 0x10), 1, "VERSION_1 offered");
         assert_eq!(r(&mut t, 0x34), 256);
+    }
+
+    #[test]
+    fn an_attached_image_is_a_config_change() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let slot = crate::devices::virtio::block::Block::empty_slot("root").unwrap();
+        let mut t = MmioTransport::new(Box::new(slot), mem, IrqTrigger(None));
+        assert_eq!(r(&mut t, 0xfc), 0);
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        t.attach_backing(f, 4096).unwrap();
+        assert_eq!(r(&mut t, 0xfc), 1, "a new config generation");
+        assert_eq!(r(&mut t, 0x60) & 2, 2, "configuration-change interrupt");
+        assert_eq!(r(&mut t, 0x100), 8, "capacity in sectors");
+        w(&mut t, 0x64, 2);
+        assert_eq!(r(&mut t, 0x60), 0, "acknowledged");
+        let (mut rng, _) = transport();
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(
+            rng.attach_backing(f, 4096).is_err(),
+            "only disk slots take one"
+        );
+        assert_eq!(r(&mut rng, 0xfc), 0);
     }
 
     #[test]

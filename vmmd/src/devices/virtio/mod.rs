@@ -154,4 +154,13 @@ pub trait VirtioDevice: Send {
     ) -> bool {
         false
     }
+    /// Gives an empty disk slot its image (a warm VM handed its workload's
+    /// root image); the transport then tells the guest its configuration
+    /// changed. Only empty virtio-blk slots accept one.
+    fn attach_backing(&mut self, _file: std::fs::File, _len: u64) -> Result<(), String> {
+        Err(format!(
+            "device type {} has no empty disk slot",
+            self.device_type()
+        ))
+    }
 }
