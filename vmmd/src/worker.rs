@@ -356,3 +356,68 @@ pub fn main() -> i32 {
 }
 
 pub use steelcup_init::boot::error_chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::net::UnixStream;
+
+    fn control_on(fd: &impl AsRawFd) -> Control {
+        Control {
+            pending: Vec::new(),
+            fd: fd.as_raw_fd(),
+        }
+    }
+
+    #[test]
+    fn commands_arrive_with_the_descriptors_passed_along() {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let (mut vmmd, worker) = UnixStream::pair().unwrap();
+        let mut control = control_on(&worker);
+        vmmd.write_all(b"{\"config\": 1}\npause\n").unwrap();
+        let mut fds = Vec::new();
+        assert_eq!(
+            next_line(&mut control, &mut fds, 1 << 20).as_deref(),
+            Some("{\"config\": 1}")
+        );
+        assert_eq!(next_line(&mut control, &mut fds, 64).as_deref(), Some("pause"));
+        let image = std::fs::File::open("/proc/self/exe").unwrap();
+        let line = b"attach root 4096\n";
+        sendmsg::<()>(
+            vmmd.as_raw_fd(),
+            &[std::io::IoSlice::new(line)],
+            &[ControlMessage::ScmRights(&[image.as_fd().as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            next_line(&mut control, &mut fds, 64).as_deref(),
+            Some("attach root 4096")
+        );
+        assert_eq!(fds.len(), 1, "the image came with its command");
+        let same = |a: &std::fs::File, b: &std::fs::File| {
+            let (a, b) = (a.metadata().unwrap(), b.metadata().unwrap());
+            use std::os::unix::fs::MetadataExt;
+            (a.dev(), a.ino()) == (b.dev(), b.ino())
+        };
+        assert!(same(&fds[0], &image));
+        drop(vmmd);
+        assert_eq!(next_line(&mut control, &mut fds, 64), None, "closed");
+    }
+
+    #[test]
+    fn a_pipe_works_without_descriptors_and_long_lines_end_the_channel() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut w = std::fs::File::from(w);
+        w.write_all(b"resume\n").unwrap();
+        let mut control = control_on(&r);
+        let mut fds = Vec::new();
+        assert_eq!(next_line(&mut control, &mut fds, 64).as_deref(), Some("resume"));
+        w.write_all(&[b'x'; 5000]).unwrap();
+        assert_eq!(next_line(&mut control, &mut fds, 64), None, "over the limit");
+        assert!(fds.is_empty());
+    }
+}

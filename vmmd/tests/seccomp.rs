@@ -201,6 +201,62 @@ fn the_calls_vsock_makes_pass() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The worker's control thread receives a warm VM's root image on its
+/// control socket (`recvmsg` with `SCM_RIGHTS`) and virtio-blk reads it.
+fn a_disk_image_received_on_the_control_socket_is_read() {
+    use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let _one = FORK.lock().unwrap_or_else(|p| p.into_inner());
+    let (vmmd, worker) = std::os::unix::net::UnixStream::pair().unwrap();
+    let image = std::fs::File::open("/proc/self/exe").unwrap();
+    let line = b"attach root 4096\n";
+    sendmsg::<()>(
+        vmmd.as_raw_fd(),
+        &[std::io::IoSlice::new(line)],
+        &[ControlMessage::ScmRights(&[image.as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    drop(image);
+    let program = vmmd::jail::seccomp::filter().unwrap();
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    // SAFETY: the child runs the calls under test and _exits; the parent
+    // only waits.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            if seccompiler::apply_filter(&program).is_err() {
+                unsafe { libc::_exit(90) };
+            }
+            let mut buf = [0u8; 64];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let Ok(msg) = recvmsg::<()>(
+                worker.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) else {
+                unsafe { libc::_exit(91) }
+            };
+            let mut fd = -1;
+            for c in msg.cmsgs().into_iter().flatten() {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    fd = fds[0];
+                }
+            }
+            let mut head = [0u8; 4];
+            // SAFETY: pread of 4 bytes into our buffer from the received fd.
+            let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), 4, 0) };
+            let code = if n == 4 && head == *b"\x7fELF" { 0 } else { 92 };
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            let status = waitpid(child, None).unwrap();
+            assert_eq!(status, WaitStatus::Exited(child, 0), "{status:?}");
+        }
+    }
+}
+
 /// Forks a child with a second thread (started before the filter, as the
 /// worker's are), filters every thread, then runs `work` on the second
 /// thread and `then` on the first; returns how the child ended.
@@ -272,6 +328,7 @@ fn seccomp_filter() {
     an_ioctl_other_than_kvm_run_kills_the_worker();
     opening_a_file_kills_the_worker();
     the_calls_vsock_makes_pass();
+    a_disk_image_received_on_the_control_socket_is_read();
     allocating_on_another_thread_passes();
     making_memory_executable_kills_the_worker();
     kicking_its_own_vcpu_threads_passes();
