@@ -141,6 +141,10 @@ enum Event {
     PoolReady {
         name: String,
     },
+    /// A warm-pool VM did not answer within [`POOL_BOOT_LIMIT`].
+    PoolStuck {
+        name: String,
+    },
 }
 
 /// A worker's stdin (commands, a Unix socket so a command can carry a
@@ -535,6 +539,21 @@ pub fn run(opts: Options) -> Result<(), String> {
             Ok(Event::Ended { name, report }) => {
                 core.backend.controls.remove(&name);
                 core.ended(&name, report, now());
+            }
+            Ok(Event::PoolStuck { name }) => {
+                if let Some(pid) = core
+                    .backend
+                    .pool
+                    .booting_handle(&name)
+                    .map(|m| m.worker.pid)
+                {
+                    tracing::warn!(
+                        "warm pool: {name} did not come up within {}s; killing it",
+                        POOL_BOOT_LIMIT.as_secs()
+                    );
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
             }
             Ok(Event::PoolReady { name }) => {
                 let seen = core
@@ -1074,7 +1093,8 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
                     Event::Signal(_)
                     | Event::Prepared { .. }
                     | Event::Probed { .. }
-                    | Event::PoolReady { .. },
+                    | Event::PoolReady { .. }
+                    | Event::PoolStuck { .. },
                 ) => {}
                 Ok(Event::Api(req)) => {
                     let _ = req.reply.send(Err(ApiError::ShuttingDown));
@@ -1506,6 +1526,7 @@ fn spawn_pool_ping(opts: &Options, name: &str, tx: mpsc::Sender<Event>) {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            let _ = tx.send(Event::PoolStuck { name });
         });
 }
 
@@ -1678,7 +1699,7 @@ mod tests {
         let mut w = BTreeMap::new();
         let mut units = BTreeMap::new();
         let now = Instant::now();
-        let mut run = |w: &mut BTreeMap<String, Workload>,
+        let run = |w: &mut BTreeMap<String, Workload>,
                        units: &BTreeMap<String, MicrovmSection>,
                        json: &str| {
             run_workload(w, units, spec(json), now).map(|(name, x)| {

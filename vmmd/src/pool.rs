@@ -176,6 +176,14 @@ impl<T> Pool<T> {
         Some(m)
     }
 
+    /// The handle of member `name` while it is still booting.
+    pub fn booting_handle(&self, name: &str) -> Option<&T> {
+        self.members
+            .get(name)
+            .filter(|m| !m.ready)
+            .map(|m| &m.handle)
+    }
+
     /// Takes the longest-waiting ready member of size `key`.
     pub fn take(&mut self, key: Key) -> Option<(String, Member<T>)> {
         let name = self
@@ -285,7 +293,9 @@ mod tests {
         }
         assert!(p.wanted(t0).is_empty(), "full while they boot");
         assert!(p.take((1, 128)).is_none(), "nothing is ready yet");
+        assert_eq!(p.booting_handle("_pool-2"), Some(&1));
         p.ready("_pool-2");
+        assert_eq!(p.booting_handle("_pool-2"), None, "ready, not booting");
         p.ready("_pool-1");
         assert_eq!(p.counts(), (2, 1));
         let (name, m) = p.take((1, 128)).unwrap();

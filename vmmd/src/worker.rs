@@ -382,7 +382,10 @@ mod tests {
             next_line(&mut control, &mut fds, 1 << 20).as_deref(),
             Some("{\"config\": 1}")
         );
-        assert_eq!(next_line(&mut control, &mut fds, 64).as_deref(), Some("pause"));
+        assert_eq!(
+            next_line(&mut control, &mut fds, 64).as_deref(),
+            Some("pause")
+        );
         let image = std::fs::File::open("/proc/self/exe").unwrap();
         let line = b"attach root 4096\n";
         sendmsg::<()>(
@@ -415,9 +418,16 @@ mod tests {
         w.write_all(b"resume\n").unwrap();
         let mut control = control_on(&r);
         let mut fds = Vec::new();
-        assert_eq!(next_line(&mut control, &mut fds, 64).as_deref(), Some("resume"));
+        assert_eq!(
+            next_line(&mut control, &mut fds, 64).as_deref(),
+            Some("resume")
+        );
         w.write_all(&[b'x'; 5000]).unwrap();
-        assert_eq!(next_line(&mut control, &mut fds, 64), None, "over the limit");
+        assert_eq!(
+            next_line(&mut control, &mut fds, 64),
+            None,
+            "over the limit"
+        );
         assert!(fds.is_empty());
     }
 }
