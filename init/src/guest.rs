@@ -380,9 +380,18 @@ mod tests {
             attach: true,
             tty: false,
             rlimits: [("nofile".to_string(), 1024)].into(),
+            pool: false,
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);
+        // A warm-pool VM's config says only that.
+        let pool = GuestConfig {
+            pool: true,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&pool).unwrap();
+        assert!(json.contains("\"pool\":true"), "{json}");
+        assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), pool);
         assert!(serde_json::from_str::<GuestConfig>(r#"{"cmd":[],"bogus":1}"#).is_err());
     }
 

@@ -1700,8 +1700,8 @@ mod tests {
         let mut units = BTreeMap::new();
         let now = Instant::now();
         let run = |w: &mut BTreeMap<String, Workload>,
-                       units: &BTreeMap<String, MicrovmSection>,
-                       json: &str| {
+                   units: &BTreeMap<String, MicrovmSection>,
+                   json: &str| {
             run_workload(w, units, spec(json), now).map(|(name, x)| {
                 w.insert(name.clone(), x);
                 Reply::Text(name)
