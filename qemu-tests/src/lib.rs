@@ -496,6 +496,13 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
         Some("the emulated host's kernel panicked")
     } else if s.contains("soft lockup") {
         Some("the emulated host locked up")
+    } else if s
+        .lines()
+        .any(|l| !l.starts_with("[vmmd]") && l.contains("rcu_preempt detected stalls"))
+    {
+        // The emulated host's own kernel starved of CPU time (seen while a
+        // nested guest formats its volume).
+        Some("the emulated host's kernel stalled (RCU)")
     } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
         Some("the emulated host reset")
     } else if g.silent_for() > Duration::from_secs(90) {
