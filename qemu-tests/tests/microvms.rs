@@ -76,6 +76,8 @@ fn workloads(g: &mut Guest) -> Result<String> {
     // under its own hostname on its image's erofs root.
     g.wait_for("workload warm: started from the warm pool in", STEP)?;
     g.wait_for("driver: warm run: hostname warm, root overlay", STEP)?;
+    // The VM's worker now lives in the workload's cgroup.
+    g.wait_for("driver: warm worker cgroup 0::/vms/warm", STEP)?;
     g.wait_for("driver: run says: hi, open files 1048576", STEP)?;
     g.wait_for("driver: run says: oops", STEP)?;
     g.wait_for("driver: limited: open files 512", STEP)?;

@@ -1351,6 +1351,10 @@ struct Worker {
     pid: i32,
     control: Option<WorkerControl>,
     label: Label,
+    /// Set when a workload takes a warm VM: the time the VM waited in the
+    /// pool (ms), which its reported run time leaves out.
+    waited_ms: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
     cgroup: Arc<Mutex<Option<crate::jail::cgroup::VmCgroup>>>,
 }
 
@@ -1361,6 +1365,8 @@ impl Worker {
             pid: 0,
             control: None,
             label: Label::default(),
+            waited_ms: Arc::default(),
+            started: Instant::now(),
             cgroup: Arc::default(),
         }
     }
@@ -1419,6 +1425,8 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
     let (answer_tx, answers) = mpsc::channel();
     let logs = opts.logs.clone();
     let (l, cg) = (label.clone(), cgroup.clone());
+    let waited_ms: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let waited = waited_ms.clone();
     std::thread::Builder::new()
         .name(format!("worker-{name}"))
         .spawn(move || {
@@ -1436,12 +1444,15 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
             if let Some(t) = out_thread {
                 let _ = t.join();
             }
-            let report = report.unwrap_or_else(|| WorkerReport {
+            let mut report = report.unwrap_or_else(|| WorkerReport {
                 outcome: VmOutcome::VmmError {
                     message: worker_death(&status),
                 },
                 run_ms: ran.as_millis() as u64,
             });
+            report.run_ms = report
+                .run_ms
+                .saturating_sub(waited.load(std::sync::atomic::Ordering::Relaxed));
             let name = label_of(&l);
             let _ = tx.send(Event::Ended { name, report });
         })
@@ -1450,6 +1461,8 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
         pid,
         control: Some(WorkerControl { commands, answers }),
         label,
+        waited_ms,
+        started,
         cgroup,
     })
 }
@@ -1532,7 +1545,8 @@ fn spawn_pool_ping(opts: &Options, name: &str, tx: mpsc::Sender<Event>) {
 
 /// Hands pool VM `pool_name` (its worker `worker`) to workload `name`: the
 /// root image to its empty slot, the config to its vminit, then the VM's
-/// vsock socket and cgroup take the workload's name.
+/// vsock socket takes the workload's name and its worker moves to the
+/// workload's cgroup.
 fn claim(
     opts: &Options,
     pool_name: &str,
@@ -1558,11 +1572,18 @@ fn claim(
     let json = serde_json::to_string(&vm.guest).map_err(|e| e.to_string())?;
     // From here the VM's output and end are the workload's.
     *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+    worker.waited_ms.store(
+        worker.started.elapsed().as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let old = vsock_path(opts, pool_name);
     match ask_guest(&old, POOL_PORT, &format!("claim {json}")) {
         Ok(a) if a == "ok" => {}
         other => {
             *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = pool_name.to_string();
+            worker
+                .waited_ms
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             return Err(match other {
                 Ok(a) => format!("vminit: {a}"),
                 Err(e) => e,
@@ -1582,8 +1603,9 @@ fn claim(
         .unwrap_or_else(|p| p.into_inner())
         .as_mut()
     {
-        if let Err(e) = c.rename(name) {
-            tracing::warn!("workload {name}: its cgroup keeps the pool's name: {e}");
+        let limits = crate::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
+        if let Err(e) = c.move_to(name, limits, worker.pid as u32) {
+            tracing::warn!("workload {name}: its VM stays in the pool's cgroup: {e}");
         }
     }
     Ok(())

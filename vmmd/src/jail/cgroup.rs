@@ -102,17 +102,17 @@ impl VmCgroup {
         write!(self.procs, "{pid}")
     }
 
-    /// Renames the cgroup (a warm-pool VM taken by a workload gets the
-    /// workload's name); its processes stay in it.
-    pub fn rename(&mut self, name: &str) -> Result<(), String> {
-        let to = self.path.with_file_name(name);
-        if to.exists() {
-            // Left by a worker of an earlier vmmd; empty by now or busy.
-            let _ = std::fs::remove_dir(&to);
-        }
-        std::fs::rename(&self.path, &to)
-            .map_err(|e| format!("rename {} to {}: {e}", self.path.display(), to.display()))?;
-        self.path = to;
+    /// Moves process `pid` (every thread of it) from this cgroup into a new
+    /// one, `name` beside it with `limits`, which this becomes; the old one
+    /// is removed. (A warm-pool VM taken by a workload gets the workload's
+    /// name: cgroup v2 refuses to rename a cgroup.)
+    pub fn move_to(&mut self, name: &str, limits: Limits, pid: u32) -> Result<(), String> {
+        let root = self.path.parent().ok_or("a cgroup without a parent")?;
+        let mut new = VmCgroup::create(root, name, limits)?;
+        new.add(pid)
+            .map_err(|e| format!("move pid {pid} into {}: {e}", new.path.display()))?;
+        let old = std::mem::replace(self, new);
+        old.remove();
         Ok(())
     }
 
