@@ -1,4 +1,5 @@
-//! `vmmd bench-start IMAGE`: how fast `cup run --rm IMAGE true` is, cold
+//! `vmmd bench-start IMAGE [CMD...]`: how fast `cup run --rm IMAGE true`
+//! (or CMD) is, cold
 //! and from the warm pool, and how many cold VMs a second vmmd starts, on
 //! the running host (inside the booted appliance, through the real daemon
 //! and CLI).
@@ -13,7 +14,8 @@
 //!   boots a VM for it (the same kernel and image; 8 MiB less guest memory
 //!   changes nothing the guest touches while booting).
 //!
-//! Rounds alternate cold and warm. Then `--parallel` cold runs are started
+//! Rounds alternate cold and warm, each started once the pool is full
+//! again, so no pool VM boots beside the run being timed. Then `--parallel` cold runs are started
 //! at once and the VMs per second are their count over the time until the
 //! last exits. Results are printed as lines starting `start-bench| ` (a
 //! Markdown table), which `cargo xtask bench` copies into
@@ -57,12 +59,12 @@ fn warm_ready() -> isize {
 }
 
 /// One `cup run --rm`; its wall time, or why it failed.
-fn run_once(image: &str, extra: &[&str]) -> Result<Duration, String> {
+fn run_once(image: &[String], extra: &[&str]) -> Result<Duration, String> {
     let t0 = Instant::now();
     let status = cup()
         .args(["run", "--rm"])
         .args(extra)
-        .args([image, "true"])
+        .args(image)
         .status()
         .map_err(|e| format!("cup: {e}"))?;
     let took = t0.elapsed();
@@ -122,38 +124,55 @@ pub fn report(cold: &[f64], warm: &[f64], parallel: usize, parallel_s: f64) -> V
 pub fn main(args: &[String]) -> i32 {
     let mut rounds = 5usize;
     let mut parallel = 4usize;
-    let mut image = None;
+    let mut image: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
-            "--parallel" => parallel = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
-            other if !other.starts_with('-') && image.is_none() => image = Some(other.to_string()),
+            "--rounds" if image.is_empty() => {
+                rounds = it.next().and_then(|v| v.parse().ok()).unwrap_or(0)
+            }
+            "--parallel" if image.is_empty() => {
+                parallel = it.next().and_then(|v| v.parse().ok()).unwrap_or(0)
+            }
+            other if !other.starts_with('-') || !image.is_empty() => image.push(other.to_string()),
             other => {
-                eprintln!("vmmd bench-start: unknown argument {other:?}; usage: vmmd bench-start [--rounds N] [--parallel N] IMAGE");
+                eprintln!("vmmd bench-start: unknown argument {other:?}; usage: vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...]");
                 return 2;
             }
         }
     }
-    let Some(image) = image.filter(|_| rounds > 0 && parallel > 0) else {
-        eprintln!("usage: vmmd bench-start [--rounds N] [--parallel N] IMAGE (N at least 1)");
+    if image.is_empty() || rounds == 0 || parallel == 0 {
+        eprintln!(
+            "usage: vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (N at least 1)"
+        );
         return 2;
-    };
+    }
+    if image.len() == 1 {
+        image.push("true".into());
+    }
     // The image is pulled once, before anything is timed.
     if let Err(e) = run_once(&image, &["--memory", "120MiB"]) {
-        eprintln!("vmmd bench-start: a first run of {image} failed: {e}");
+        eprintln!(
+            "vmmd bench-start: a first run of {} failed: {e}",
+            image.join(" ")
+        );
         return 1;
     }
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        match run_once(&image, &["--memory", "120MiB"]) {
-            Ok(t) => cold.push(t.as_secs_f64() * 1e3),
-            Err(e) => eprintln!("vmmd bench-start: cold round {round}: {e}"),
-        }
+    let wait_ready = || {
         let t0 = Instant::now();
         while warm_ready() < 1 && t0.elapsed() < Duration::from_secs(300) {
             std::thread::sleep(Duration::from_millis(200));
         }
+    };
+    for round in 1..=rounds {
+        // Nothing boots beside a cold round: the pool has refilled.
+        wait_ready();
+        match run_once(&image, &["--memory", "120MiB"]) {
+            Ok(t) => cold.push(t.as_secs_f64() * 1e3),
+            Err(e) => eprintln!("vmmd bench-start: cold round {round}: {e}"),
+        }
+        wait_ready();
         let claimed = log_count("started from the warm pool");
         match run_once(&image, &[]) {
             Ok(t) if log_count("started from the warm pool") > claimed => {
@@ -169,7 +188,8 @@ pub fn main(args: &[String]) -> i32 {
     let children: Vec<_> = (0..parallel)
         .filter_map(|_| {
             cup()
-                .args(["run", "--rm", "--memory", "120MiB", &image, "true"])
+                .args(["run", "--rm", "--memory", "120MiB"])
+                .args(&image)
                 .spawn()
                 .ok()
         })

@@ -54,6 +54,11 @@ fn build_image() -> Result<PathBuf> {
     let root = sh::root();
     let out = sh::out_dir().join("bench-artifacts");
     let mut extra = qemu_files()?;
+    // What the appliance carries besides (the example OCI image, which
+    // `vmmd bench-start` runs).
+    let recorded: Vec<(String, PathBuf)> = serde_json::from_value(inputs["extra_files"].clone())
+        .context("build-inputs.json: extra_files")?;
+    extra.extend(recorded);
     extra.push((
         crate::TEST_ROOT_DISK.into(),
         sh::out_dir().join("test-root.ext4"),
@@ -186,7 +191,7 @@ fn start_section(serial: &str, log_path: &std::path::Path) -> Result<String> {
     Ok(md)
 }
 
-const START_METHOD: &str = "Run in the same boot right after the VMM benchmark, by `vmmd bench-start` through the real daemon and CLI, with the appliance's warm pool (one VM of 1 vCPU and 128 MiB, `docs/warm-pool.md`). Each round times `cup run --rm IMAGE true` (the example busybox OCI image, already in the store) from spawning `cup` to its exit: the VM started, the workload ran and reported exit code 0 over vsock, the VM ended and was removed. *Cold*: `--memory 120MiB`, a size the pool does not keep, so vmmd boots a VM; *warm*: the default size, once vmmd says a pool VM is ready, counted only if vmmd then says the workload started from the pool. Rounds alternate. Throughput: 4 cold runs started at once, VMs per second until the last exits. Target: warm at most a quarter of cold (on KVM hardware, under 50 ms).\n";
+const START_METHOD: &str = "Run in the same boot right after the VMM benchmark, by `vmmd bench-start` through the real daemon and CLI, with the appliance's warm pool (one VM of 1 vCPU and 128 MiB, `docs/warm-pool.md`). Each round times `cup run --rm IMAGE sh -c true` (the example busybox OCI image, already in the store; it has no `true` program) from spawning `cup` to its exit: the VM started, the workload ran and reported exit code 0 over vsock, the VM ended and was removed. *Cold*: `--memory 120MiB`, a size the pool does not keep, so vmmd boots a VM; *warm*: the default size, once vmmd says a pool VM is ready, counted only if vmmd then says the workload started from the pool. Rounds alternate, each once the pool is full again (no pool VM boots beside a timed run). Throughput: 4 cold runs started at once, VMs per second until the last exits. Target: warm at most a quarter of cold (on KVM hardware, under 50 ms).\n";
 
 const START_READING: &str = "Reading it: a warm start skips the guest kernel's boot and vminit's own start; what is left is `cup` and the API, handing the root image's descriptor to the worker and the config to vminit, mounting the erofs root under its writable layer, running the program and tearing the VM down. Under TCG all of it is emulated, the guest's kernel boot most of all, so the absolute numbers are far above KVM hardware; the ratio is the comparison.\n\n";
 

@@ -59,7 +59,7 @@ fn main() {
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE (cup run cold vs from the warm pool, on a running host)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
                 return;
             }
             other => {
