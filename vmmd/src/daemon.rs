@@ -213,13 +213,8 @@ pub struct WorkerBackend {
     opts: Options,
     tx: mpsc::Sender<Event>,
     controls: BTreeMap<String, WorkerControl>,
-    pool: Pool<PoolVm>,
-}
-
-/// A warm-pool VM's worker, as vmmd holds it.
-#[derive(Debug)]
-struct PoolVm {
-    worker: Worker,
+    /// The warm pool's VMs, by their workers.
+    pool: Pool<Worker>,
 }
 
 impl WorkerBackend {
@@ -231,20 +226,11 @@ impl WorkerBackend {
                 Ok(worker) => {
                     tracing::debug!("warm pool: booting {name} ({} vCPU, {} MiB)", key.0, key.1);
                     spawn_pool_ping(&self.opts, &name, self.tx.clone());
-                    self.pool.add(name, key, PoolVm { worker }, now);
+                    self.pool.add(name, key, worker, now);
                 }
                 Err(e) => {
                     tracing::warn!("warm pool: cannot boot {name}: {e}");
-                    // Counted as a VM that died: the size backs off.
-                    self.pool.add(
-                        name.clone(),
-                        key,
-                        PoolVm {
-                            worker: Worker::none(),
-                        },
-                        now,
-                    );
-                    self.pool.ended(&name, now);
+                    self.pool.boot_failed(key, now);
                 }
             }
         }
@@ -257,7 +243,7 @@ impl WorkerBackend {
         let (pool_name, member) = self.pool.take(key)?;
         let waited = member.since.elapsed();
         let t0 = Instant::now();
-        let mut worker = member.handle.worker;
+        let mut worker = member.handle;
         match claim(&self.opts, &pool_name, name, &mut worker, vm) {
             Ok(()) => {
                 tracing::info!(
@@ -541,12 +527,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                 core.ended(&name, report, now());
             }
             Ok(Event::PoolStuck { name }) => {
-                if let Some(pid) = core
-                    .backend
-                    .pool
-                    .booting_handle(&name)
-                    .map(|m| m.worker.pid)
-                {
+                if let Some(pid) = core.backend.pool.booting_handle(&name).map(|w| w.pid) {
                     tracing::warn!(
                         "warm pool: {name} did not come up within {}s; killing it",
                         POOL_BOOT_LIMIT.as_secs()
@@ -1071,8 +1052,8 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
     // Warm VMs run no workload: nothing to ask, they just go.
     for (name, m) in core.backend.pool.drain() {
         tracing::debug!("warm pool: {name} goes");
-        if m.handle.worker.pid > 0 {
-            let pid = nix::unistd::Pid::from_raw(m.handle.worker.pid);
+        if m.handle.pid > 0 {
+            let pid = nix::unistd::Pid::from_raw(m.handle.pid);
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         }
     }
@@ -1356,20 +1337,6 @@ struct Worker {
     waited_ms: Arc<std::sync::atomic::AtomicU64>,
     started: Instant,
     cgroup: Arc<Mutex<Option<crate::jail::cgroup::VmCgroup>>>,
-}
-
-impl Worker {
-    /// A worker that never started (a pool VM that could not boot).
-    fn none() -> Self {
-        Worker {
-            pid: 0,
-            control: None,
-            label: Label::default(),
-            waited_ms: Arc::default(),
-            started: Instant::now(),
-            cgroup: Arc::default(),
-        }
-    }
 }
 
 /// Starts a worker for `vm` (its cgroup named after `vm.name`); a monitor

@@ -199,19 +199,25 @@ impl<T> Pool<T> {
     /// backs off (1 s doubling to 60 s, until one of its VMs is ready).
     pub fn ended(&mut self, name: &str, now: Instant) -> Option<Member<T>> {
         let m = self.members.remove(name)?;
+        self.boot_failed(m.key, now);
+        Some(m)
+    }
+
+    /// A VM of size `key` could not be booted (or died unclaimed): the
+    /// size backs off.
+    pub fn boot_failed(&mut self, key: Key, now: Instant) {
         let delay = self
             .backoff
-            .get(&m.key)
+            .get(&key)
             .map(|b| (b.delay * 2).min(BACKOFF_MAX))
             .unwrap_or(BACKOFF_FIRST);
         self.backoff.insert(
-            m.key,
+            key,
             Backoff {
                 until: now + delay,
                 delay,
             },
         );
-        Some(m)
     }
 
     /// When a backoff ends (the next refill to try).
@@ -330,6 +336,11 @@ mod tests {
         p.ready(&name);
         assert!(p.next_wakeup().is_none(), "a ready VM ends the backoff");
         assert!(p.ended("_pool-unknown", now).is_none());
+        // A VM that could not even be booted backs its size off too.
+        let mut q: Pool<u32> = Pool::new(vec![PoolSpec::try_from("count=1").unwrap()]);
+        q.boot_failed((1, 128), t0);
+        assert!(q.wanted(t0).is_empty());
+        assert_eq!(q.wanted(t0 + Duration::from_secs(1)).len(), 1);
         assert_eq!(p.drain().len(), 1);
         assert_eq!(p.counts(), (0, 0));
         assert!(p.enabled());
