@@ -260,8 +260,7 @@ impl WorkerBackend {
             }
             Err(e) => {
                 tracing::warn!("workload {name}: warm VM {pool_name} refused: {e}; starting cold");
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker.pid), Signal::SIGKILL);
+                kill_worker(worker.pid);
                 None
             }
         }
@@ -299,7 +298,7 @@ impl Backend for WorkerBackend {
     }
 
     fn kill(&mut self, _name: &str, pid: i32) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        kill_worker(pid);
     }
 
     fn probe(&mut self, name: &str, check: &HealthCheck) {
@@ -532,8 +531,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                         "warm pool: {name} did not come up within {}s; killing it",
                         POOL_BOOT_LIMIT.as_secs()
                     );
-                    let _ =
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                    kill_worker(pid);
                 }
             }
             Ok(Event::PoolReady { name }) => {
@@ -1052,10 +1050,7 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
     // Warm VMs run no workload: nothing to ask, they just go.
     for (name, m) in core.backend.pool.drain() {
         tracing::debug!("warm pool: {name} goes");
-        if m.handle.pid > 0 {
-            let pid = nix::unistd::Pid::from_raw(m.handle.pid);
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        }
+        kill_worker(m.handle.pid);
     }
     let running: Vec<String> = core
         .workloads
@@ -1091,7 +1086,7 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
                 "workload {name}: still running after {}s; killing its worker",
                 STOP_GRACE.as_secs()
             );
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            kill_worker(pid);
         }
     }
     wait(core, Instant::now() + Duration::from_secs(5));
@@ -1339,6 +1334,18 @@ struct Worker {
     cgroup: Arc<Mutex<Option<crate::jail::cgroup::VmCgroup>>>,
 }
 
+impl Worker {
+    /// From now on the worker's output and end are reported as `name`'s,
+    /// its run time less `waited` (the time a warm VM spent in the pool).
+    fn report_as(&self, name: &str, waited: Duration) {
+        *self.label.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+        self.waited_ms.store(
+            waited.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
 /// Starts a worker for `vm` (its cgroup named after `vm.name`); a monitor
 /// thread reports its end on `tx` under the worker's label.
 fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Result<Worker, String> {
@@ -1538,19 +1545,12 @@ fn claim(
     }
     let json = serde_json::to_string(&vm.guest).map_err(|e| e.to_string())?;
     // From here the VM's output and end are the workload's.
-    *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
-    worker.waited_ms.store(
-        worker.started.elapsed().as_millis() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    worker.report_as(name, worker.started.elapsed());
     let old = vsock_path(opts, pool_name);
     match ask_guest(&old, POOL_PORT, &format!("claim {json}")) {
         Ok(a) if a == "ok" => {}
         other => {
-            *worker.label.lock().unwrap_or_else(|p| p.into_inner()) = pool_name.to_string();
-            worker
-                .waited_ms
-                .store(0, std::sync::atomic::Ordering::Relaxed);
+            worker.report_as(pool_name, Duration::ZERO);
             return Err(match other {
                 Ok(a) => format!("vminit: {a}"),
                 Err(e) => e,
@@ -1576,6 +1576,14 @@ fn claim(
         }
     }
     Ok(())
+}
+
+/// Kills a VM's worker (its monitor thread reports the end); pids of 0 or
+/// less are never signalled.
+fn kill_worker(pid: i32) {
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }
 
 /// Why a worker ended without a report.
