@@ -243,6 +243,73 @@ pub struct GuestNetwork {
     /// The default route's next hop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The interface's MAC address, set before it comes up (a warm-pool VM
+    /// booted with another), like `02:53:43:0a:0b:0c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Resolvers for `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// Search domains for `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+}
+
+impl GuestNetwork {
+    /// `/etc/resolv.conf` for the workload (None: no resolvers given, the
+    /// image's own file stays).
+    pub fn resolv_conf(&self) -> Option<String> {
+        if self.dns.is_empty() {
+            return None;
+        }
+        let mut s = String::from("# written by vminit from the steelcup workload network\n");
+        if !self.search.is_empty() {
+            s.push_str(&format!("search {}\n", self.search.join(" ")));
+        }
+        for d in &self.dns {
+            s.push_str(&format!("nameserver {d}\n"));
+        }
+        Some(s)
+    }
+
+    /// `/etc/hosts`: loopback, and the workload's own name on its address.
+    pub fn hosts(&self, hostname: Option<&str>) -> String {
+        let mut s =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let addr = self.address.split('/').next().unwrap_or_default();
+        if let Some(h) = hostname.filter(|h| !h.is_empty()) {
+            match self.search.first() {
+                Some(domain) => s.push_str(&format!("{addr}\t{h}.{domain} {h}\n")),
+                None => s.push_str(&format!("{addr}\t{h}\n")),
+            }
+        }
+        s
+    }
+}
+
+/// Parses a MAC address written `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "MAC address {s:?}: expected six hex bytes like 02:00:00:00:00:01"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("MAC address {s:?}: {p:?} is not a hex byte"))?;
+    }
+    Ok(mac)
+}
+
+/// Writes a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// A data disk as the guest sees it.
@@ -375,6 +442,10 @@ mod tests {
                 interface: "eth0".into(),
                 address: "10.200.3.2/30".into(),
                 gateway: Some(std::net::Ipv4Addr::new(10, 200, 3, 1)),
+                mac: Some("02:53:43:00:00:07".into()),
+                mtu: Some(1500),
+                dns: vec![std::net::Ipv4Addr::new(10, 200, 3, 1)],
+                search: vec!["steelcup.internal".into()],
             }),
             user: Some("app:staff".into()),
             attach: true,
@@ -442,5 +513,31 @@ mod tests {
         );
         assert!(r("99999999999").unwrap_err().contains("does not fit"));
         assert!(r("0:4294967296").unwrap_err().contains("does not fit"));
+    }
+
+    #[test]
+    fn resolv_conf_hosts_and_macs() {
+        let n = GuestNetwork {
+            interface: "eth0".into(),
+            address: "10.88.0.5/16".into(),
+            gateway: Some(std::net::Ipv4Addr::new(10, 88, 0, 1)),
+            mac: None,
+            mtu: None,
+            dns: vec![std::net::Ipv4Addr::new(10, 88, 0, 1)],
+            search: vec!["steelcup.internal".into()],
+        };
+        assert_eq!(
+            n.resolv_conf().unwrap().lines().skip(1).collect::<Vec<_>>(),
+            ["search steelcup.internal", "nameserver 10.88.0.1"]
+        );
+        assert!(n
+            .hosts(Some("web"))
+            .contains("10.88.0.5\tweb.steelcup.internal web\n"));
+        assert!(GuestNetwork { dns: vec![], ..n }.resolv_conf().is_none());
+        let mac = parse_mac("02:53:43:0a:ff:00").unwrap();
+        assert_eq!(format_mac(mac), "02:53:43:0a:ff:00");
+        for bad in ["02:53:43:0a:ff", "02:53:43:0a:ff:0g", "2:53:43:0a:ff:00:"] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 }

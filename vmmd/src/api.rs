@@ -112,6 +112,12 @@ pub struct RunSpec {
     /// backoff.
     #[serde(default)]
     pub restart: steelcup_init::units::Restart,
+    /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// `bridge` (the default) or `none`.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// An image in the store as the API shows it.

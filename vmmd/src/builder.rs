@@ -136,13 +136,23 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
     Ok(devices)
 }
 
-/// Gives the host's end of the tap its address and brings it up.
+/// Puts the tap on its bridge (an isolated port: the VM reaches other
+/// ports only through the host) or gives the host's end its address, and
+/// brings it up.
 fn host_side(n: &crate::config::NetConfig) -> std::io::Result<()> {
     use steelcup_init::sys;
-    let (addr, prefix) = steelcup_init::network::parse_cidr(&n.host_address)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let other = |e: &dyn std::error::Error| std::io::Error::other(crate::worker::error_chain(e));
-    sys::set_ipv4(&n.tap, addr, prefix).map_err(|e| other(&e))?;
+    if let Some(mtu) = n.mtu {
+        sys::set_mtu(&n.tap, mtu).map_err(|e| other(&e))?;
+    }
+    if let Some(bridge) = &n.bridge {
+        crate::net::link::add_isolated_port(bridge, &n.tap).map_err(std::io::Error::other)?;
+    }
+    if let Some(address) = &n.host_address {
+        let (addr, prefix) = steelcup_init::network::parse_cidr(address)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        sys::set_ipv4(&n.tap, addr, prefix).map_err(|e| other(&e))?;
+    }
     sys::link_up(&n.tap).map_err(|e| other(&e))?;
     Ok(())
 }

@@ -51,14 +51,20 @@ pub struct VmConfig {
 }
 
 /// A network device: the worker creates tap `tap` (it goes away with the
-/// worker), gives the host side `host_address` and brings it up.
+/// worker) and puts it on `bridge` as an isolated port, or gives its host
+/// side `host_address`; then brings it up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// Like `10.200.3.1/30`.
-    pub host_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// A disk image file the guest sees as a virtio block device.

@@ -72,8 +72,8 @@ fn flags(
 }
 
 /// `cup run [-d] [--rm] [-i] [-t] [--name N] [-e K=V]... [--cpus N]
-/// [--memory SIZE] [--ulimit NAME=N]... IMAGE [CMD...]`; returns cup's
-/// exit code.
+/// [--memory SIZE] [--ulimit NAME=N]... [-p [IP:]HOST:GUEST[/PROTO]]...
+/// [--network bridge|none] IMAGE [CMD...]`; returns cup's exit code.
 pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
     let (flags, rest) = flags(
         args,
@@ -90,6 +90,8 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "--volume",
             "-p",
             "--publish",
+            "--network",
+            "--net",
         ],
     )?;
     let mut spec = RunSpec {
@@ -109,7 +111,12 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
                 let (k, val) = env_pair(&v)?;
                 spec.env.insert(k, val);
             }
-            "--cpus" => spec.vcpus = Some(v.parse().map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?),
+            "--cpus" => {
+                spec.vcpus = Some(
+                    v.parse()
+                        .map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?,
+                )
+            }
             "--memory" | "-m" => spec.memory = Some(v),
             "-v" | "--volume" => spec.volumes.push(v),
             "--restart" => {
@@ -122,14 +129,21 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             }
             "--ulimit" => {
                 // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
-                let (n, val) = v.split_once('=').ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;
+                let (n, val) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;
                 let val = val.rsplit(':').next().unwrap_or(val);
-                let val = val.parse().map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
+                let val = val
+                    .parse()
+                    .map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
                 spec.rlimits.insert(n.to_string(), val);
             }
             "-p" | "--publish" => {
-                return Err(format!("{f}: published ports for `cup run` are not supported yet (microVMs get bridged networking with the networking work)"))
+                // Checked here so a typo fails before anything is sent.
+                steelcup_init::units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?;
+                spec.ports.push(v)
             }
+            "--network" | "--net" => spec.network = Some(v),
             other => return Err(format!("run: unknown flag {other:?}; see `cup help`")),
         }
     }

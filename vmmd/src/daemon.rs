@@ -80,6 +80,8 @@ pub struct Options {
     pub logs: Arc<LogStore>,
     /// The warm pool's sizes (`--warm-pool`); empty: every start is cold.
     pub warm_pool: Vec<crate::pool::PoolSpec>,
+    /// The workload network (`--network`); None: no VM gets a network.
+    pub network: Option<crate::net::NetOptions>,
 }
 
 /// Pulls in flight, by source.
@@ -215,13 +217,25 @@ pub struct WorkerBackend {
     controls: BTreeMap<String, WorkerControl>,
     /// The warm pool's VMs, by their workers.
     pool: Pool<Worker>,
+    /// The workload network, or why there is none.
+    net: Result<crate::net::HostNet, String>,
+    /// Each running workload's tap.
+    taps: BTreeMap<String, String>,
+    /// Numbers the taps (`sctN`).
+    next_tap: u32,
 }
 
 impl WorkerBackend {
+    /// Workload `name`'s address on the workload network, if it has one.
+    fn address_of(&self, name: &str) -> Option<std::net::Ipv4Addr> {
+        self.net.as_ref().ok()?.address_of(name)
+    }
+
     /// Boots what the warm pool is missing.
     fn refill_pool(&mut self, now: Instant) {
         for (name, key) in self.pool.wanted(now) {
-            let vm = pool_vm_config(&self.opts, &name, key);
+            let net = self.pool_net(&name);
+            let vm = pool_vm_config(&self.opts, &name, key, net);
             match spawn_worker(&self.opts, &vm, self.tx.clone()) {
                 Ok(worker) => {
                     tracing::debug!("warm pool: booting {name} ({} vCPU, {} MiB)", key.0, key.1);
@@ -236,10 +250,45 @@ impl WorkerBackend {
         }
     }
 
+    /// A tap for a new VM on the bridge, if there is a workload network.
+    fn pool_net(&mut self, name: &str) -> Option<NetConfig> {
+        let net = self.net.as_ref().ok()?;
+        self.next_tap = self.next_tap.wrapping_add(1);
+        Some(NetConfig {
+            tap: format!("sct{}", self.next_tap),
+            mac: crate::net::mac_for_name(name),
+            bridge: Some(net.opts.bridge.clone()),
+            host_address: None,
+            mtu: Some(net.opts.mtu),
+        })
+    }
+
+    /// Workload `name`'s network: its address (leased), tap and how the
+    /// guest sets it up; None for `network = "none"`.
+    fn workload_net(
+        &mut self,
+        name: &str,
+        spec: &MicrovmSection,
+    ) -> Result<Option<(NetConfig, GuestNetwork)>, String> {
+        if spec.network == Network::None {
+            return Ok(None);
+        }
+        let Some(mut tap) = self.pool_net(name) else {
+            return match &self.net {
+                Err(e) => Err(format!("the workload network is not available: {e}")),
+                Ok(_) => Ok(None),
+            };
+        };
+        let net = self.net.as_mut().map_err(|e| e.clone())?;
+        let ip = net.lease(name)?;
+        tap.mac = crate::net::mac_for_name(name);
+        Ok(Some((tap, net.guest_network(name, ip))))
+    }
+
     /// Takes a warm VM for workload `name` if one fits `vm`; None: start
     /// cold.
     fn claim_warm(&mut self, name: &str, vm: &VmConfig) -> Option<i32> {
-        let key = pool_fit(&self.opts, vm)?;
+        let key = pool_fit(&self.opts, vm, self.net.is_ok())?;
         let (pool_name, member) = self.pool.take(key)?;
         let waited = member.since.elapsed();
         let t0 = Instant::now();
@@ -255,6 +304,9 @@ impl WorkerBackend {
                 let pid = worker.pid;
                 if let Some(c) = worker.control.take() {
                     self.controls.insert(name.to_string(), c);
+                }
+                if let Some(tap) = worker.tap.take() {
+                    self.taps.insert(name.to_string(), tap);
                 }
                 Some(pid)
             }
@@ -273,7 +325,8 @@ impl Backend for WorkerBackend {
     }
 
     fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String> {
-        let mut vm = vm_config(&self.opts, name, w)?;
+        let net = self.workload_net(name, &w.spec)?;
+        let mut vm = vm_config(&self.opts, name, w, net)?;
         (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
         if let Some(pid) = self.claim_warm(name, &vm) {
             return Ok(pid);
@@ -285,6 +338,9 @@ impl Backend for WorkerBackend {
         );
         if let Some(c) = worker.control.take() {
             self.controls.insert(name.to_string(), c);
+        }
+        if let Some(tap) = worker.tap.take() {
+            self.taps.insert(name.to_string(), tap);
         }
         Ok(worker.pid)
     }
@@ -321,6 +377,10 @@ impl Backend for WorkerBackend {
 
     fn forgotten(&mut self, name: &str) {
         self.controls.remove(name);
+        self.taps.remove(name);
+        if let Ok(net) = &mut self.net {
+            net.release(name);
+        }
         self.opts.logs.forget(name);
         let _ = std::fs::remove_file(vsock_path(&self.opts, name));
     }
@@ -423,6 +483,37 @@ fn load_units(dir: &Path) -> BTreeMap<String, MicrovmSection> {
         .collect()
 }
 
+/// Leaves out (with an error each) the units whose published ports another
+/// unit (first by name), a `cup run` workload or a host program holds: the
+/// others load.
+fn without_port_clashes(
+    mut found: BTreeMap<String, MicrovmSection>,
+    workloads: &BTreeMap<String, Workload>,
+) -> BTreeMap<String, MicrovmSection> {
+    let mut kept: BTreeMap<String, MicrovmSection> = BTreeMap::new();
+    for (name, spec) in std::mem::take(&mut found) {
+        let mine = |w: &Workload| w.unit.as_deref() == Some(name.as_str());
+        let host = spec.ports.iter().try_for_each(|p| {
+            // Ports this unit's own VMs already publish are not the host's.
+            let published = workloads
+                .values()
+                .any(|w| mine(w) && w.spec.ports.contains(p));
+            if published {
+                Ok(())
+            } else {
+                crate::net::host_port_free(p)
+            }
+        });
+        match port_clash(workloads, &kept, &name, &spec.ports).and(host) {
+            Ok(()) => {
+                kept.insert(name, spec);
+            }
+            Err(e) => tracing::error!("unit {name}: not started: {e}"),
+        }
+    }
+    kept
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<(), String> {
     let sfd = steelcup_init::sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
@@ -451,9 +542,32 @@ pub fn run(opts: Options) -> Result<(), String> {
         tx: tx.clone(),
         controls: BTreeMap::new(),
         pool: Pool::new(opts.warm_pool.clone()),
+        net: match &opts.network {
+            None => Err("vmmd runs with --network none".into()),
+            Some(n) => crate::net::HostNet::setup(n.clone(), &opts.state_dir).map_err(|e| {
+                tracing::error!("network: {e}; workloads that want a network cannot start");
+                e
+            }),
+        },
+        taps: BTreeMap::new(),
+        next_tap: 0,
     };
     let mut core = Core::new(backend, opts.removed.clone());
-    core.set_units(load_units(&opts.units));
+    let found = without_port_clashes(load_units(&opts.units), &core.workloads);
+    core.set_units(found);
+    // Leases of VMs no unit can have any more (and of `cup run`s of the
+    // vmmd before) go back.
+    if let Ok(net) = &mut core.backend.net {
+        let units = &core.units;
+        net.prune(|vm| {
+            units.keys().any(|u| {
+                vm == u
+                    || vm
+                        .strip_prefix(u.as_str())
+                        .is_some_and(|k| k.starts_with('.'))
+            })
+        });
+    }
     for dir in [
         opts.run_dir.join("vsock"),
         crate::jail::mount::scratch_dir(&opts.run_dir),
@@ -488,6 +602,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         core.tick(Instant::now());
         core.backend.refill_pool(Instant::now());
         announce(&core, &mut seen, &changes);
+        sync_network(&mut core);
         let timeout = [core.next_wakeup(), core.backend.pool.next_wakeup()]
             .into_iter()
             .flatten()
@@ -497,7 +612,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         let now = || Instant::now();
         match rx.recv_timeout(timeout) {
             Ok(Event::Signal(Signal::SIGHUP)) => {
-                let c = core.set_units(load_units(&opts.units));
+                let found = without_port_clashes(load_units(&opts.units), &core.workloads);
+                let c = core.set_units(found);
                 tracing::info!(
                     "reload: units new [{}], removed [{}], changed [{}]",
                     c.added.join(", "),
@@ -508,6 +624,9 @@ pub fn run(opts: Options) -> Result<(), String> {
             Ok(Event::Signal(sig)) => {
                 tracing::info!("{sig}: stopping {} workloads", core.running());
                 stop_all(&mut core, &rx);
+                if let Ok(net) = &mut core.backend.net {
+                    net.teardown();
+                }
                 tracing::info!("vmmd stopped");
                 return Ok(());
             }
@@ -523,6 +642,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
             Ok(Event::Ended { name, report }) => {
                 core.backend.controls.remove(&name);
+                core.backend.taps.remove(&name);
                 core.ended(&name, report, now());
             }
             Ok(Event::PoolStuck { name }) => {
@@ -557,6 +677,71 @@ pub fn run(opts: Options) -> Result<(), String> {
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
         }
     }
+}
+
+/// Hands the workload network what runs now (its rules and DNS follow).
+fn sync_network(core: &mut Daemon) {
+    let Core {
+        workloads, backend, ..
+    } = core;
+    let Ok(net) = &mut backend.net else { return };
+    let vms: Vec<crate::net::RunningVm> = workloads
+        .iter()
+        .filter(|(_, w)| w.pid.is_some())
+        .filter_map(|(name, w)| {
+            Some(crate::net::RunningVm {
+                name: name.clone(),
+                tap: backend.taps.get(name)?.clone(),
+                unit: w.unit.clone(),
+                scope: network_scope(name, w),
+                ports: w.spec.ports.clone(),
+                ready: w.ready(),
+            })
+        })
+        .collect();
+    // An error is logged by sync, once; the next change tries again.
+    let _ = net.sync(&vms);
+}
+
+/// Workload `name`'s network scope: the unit's own, or its unit, or itself.
+fn network_scope(name: &str, w: &Workload) -> String {
+    w.spec
+        .network_scope
+        .clone()
+        .or_else(|| w.unit.clone())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// Who else publishes one of `ports` (a unit, or another `cup run`
+/// workload), as an error for `owner`'s start.
+fn port_clash(
+    workloads: &BTreeMap<String, Workload>,
+    units: &BTreeMap<String, MicrovmSection>,
+    owner: &str,
+    ports: &[steelcup_init::units::ports::PortSpec],
+) -> Result<(), String> {
+    let theirs = units
+        .iter()
+        .filter(|(u, _)| u.as_str() != owner)
+        .map(|(u, s)| (format!("unit {u}"), &s.ports))
+        .chain(
+            workloads
+                .iter()
+                .filter(|(n, w)| w.unit.is_none() && n.as_str() != owner)
+                .map(|(n, w)| (format!("workload {n}"), &w.spec.ports)),
+        );
+    for (who, their) in theirs {
+        for p in ports {
+            if let Some(q) = their.iter().find(|q| p.clashes(q)) {
+                return Err(format!(
+                    "port {}/{} is already published by {who} ({q})",
+                    p.host_port,
+                    p.protocol.name()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Cleans up after an earlier vmmd that did not stop its VMs (killed,
@@ -717,7 +902,7 @@ fn execute(opts: &Options, core: &mut Daemon, req: api::Request) {
         Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
         Action::Inspect(name) => match core.workloads.get(&name) {
             None => Err(ApiError::NoSuchVm(name)),
-            Some(w) => Ok(Reply::Text(inspect(opts, &name, w))),
+            Some(w) => Ok(Reply::Text(inspect(opts, &core.backend, &name, w))),
         },
         Action::Kill(name, signal) => {
             match core.workloads.get(&name) {
@@ -782,7 +967,7 @@ fn execute(opts: &Options, core: &mut Daemon, req: api::Request) {
 }
 
 /// `cup inspect`: what vmmd knows of a workload.
-fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
+fn inspect(opts: &Options, backend: &WorkerBackend, name: &str, w: &Workload) -> String {
     let v = serde_json::json!({
         "name": name,
         "state": w.state(),
@@ -797,7 +982,14 @@ fn inspect(opts: &Options, name: &str, w: &Workload) -> String {
         "remove_when_done": w.remove_when_done,
         "vsock_cid": w.cid,
         "vsock_socket": vsock_path(opts, name),
-        "address": tap_index(&w.spec, w.cid).ok().flatten().map(|n| format!("10.200.{n}.2")),
+        "address": backend.address_of(name).map(|a| a.to_string()),
+        "network": {
+            "mode": w.spec.network,
+            "scope": network_scope(name, w),
+            "ports": w.spec.ports,
+            "tap": backend.taps.get(name),
+            "mac": backend.address_of(name).map(|_| steelcup_init::guest::format_mac(crate::net::mac_for_name(name))),
+        },
         "image": w.spec.image,
         "image_digest": w.prepared.as_ref().map(|p| p.digest.clone()),
         "root_image": w.prepared.as_ref().map(|p| p.rootfs.clone()),
@@ -850,6 +1042,17 @@ fn run_workload(
     if memory.mib() < 16 || memory.mib() > 3072 {
         return refused(format!("memory {}MiB: 16 MiB to 3 GiB", memory.mib()));
     }
+    let network = match spec.network.as_deref() {
+        None | Some("bridge") => Network::Bridge,
+        Some("none") => Network::None,
+        Some(other) => return refused(format!("--network {other:?}: bridge or none")),
+    };
+    let ports = spec
+        .ports
+        .iter()
+        .map(|p| steelcup_init::units::ports::PortSpec::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::Refused(format!("-p {e}")))?;
     let section = MicrovmSection {
         image: Some(spec.image),
         cmd: spec.cmd,
@@ -866,13 +1069,22 @@ fn run_workload(
             .map(|v| named_volume(v))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError::Refused(format!("-v {e}")))?,
-        network: Network::None,
+        network,
+        ports,
+        network_scope: None,
         memory_backing: Default::default(),
         huge_pages: false,
         rlimits: spec.rlimits,
         replicas: 1,
         health: None,
     };
+    section
+        .check_network()
+        .map_err(|e| ApiError::Refused(e.replace("ports:", "-p:")))?;
+    port_clash(workloads, units, &name, &section.ports).map_err(ApiError::Refused)?;
+    for p in &section.ports {
+        crate::net::host_port_free(p).map_err(ApiError::Refused)?;
+    }
     let used: std::collections::BTreeSet<u32> = workloads.values().map(|w| w.cid).collect();
     let cid = (3..).find(|c| !used.contains(c)).unwrap_or(3);
     if spec.rm && spec.restart != Restart::No {
@@ -1000,10 +1212,10 @@ fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
                     runs: w.runs as u32,
                     vcpus: u32::from(w.spec.vcpus),
                     memory_mib: w.spec.memory.mib() as u32,
-                    address: tap_index(&w.spec, w.cid)
-                        .ok()
-                        .flatten()
-                        .map(|n| format!("10.200.{n}.2"))
+                    address: core
+                        .backend
+                        .address_of(name)
+                        .map(|a| a.to_string())
                         .unwrap_or_default(),
                 })
                 .collect(),
@@ -1178,20 +1390,6 @@ pub fn ensure_volume(
     Ok(path)
 }
 
-/// The VM's index for `network = "tap"` (its tap `sctapN`, host
-/// `10.200.N.1`, guest `10.200.N.2`); None without a network.
-fn tap_index(spec: &MicrovmSection, cid: u32) -> Result<Option<u32>, String> {
-    match spec.network {
-        Network::None => Ok(None),
-        // cid - 3 is the VM's index among the units.
-        Network::Tap if cid - 3 > 255 => Err(format!(
-            "network = \"tap\" has addresses for 256 VMs; this is VM {}",
-            cid - 2
-        )),
-        Network::Tap => Ok(Some(cid - 3)),
-    }
-}
-
 /// Pulls a workload's image and builds its root image off the main
 /// thread; the answer comes back as [`Event::Prepared`].
 fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event>) {
@@ -1221,7 +1419,12 @@ fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event
 }
 
 /// The VM config of workload `name`'s next boot.
-fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, String> {
+fn vm_config(
+    opts: &Options,
+    name: &str,
+    w: &Workload,
+    net: Option<(NetConfig, GuestNetwork)>,
+) -> Result<VmConfig, String> {
     let (spec, prepared, cid) = (&w.spec, w.prepared.as_ref(), w.cid);
     let mut disks = Vec::new();
     let mut root = None;
@@ -1250,21 +1453,7 @@ fn vm_config(opts: &Options, name: &str, w: &Workload) -> Result<VmConfig, Strin
             empty_slot: false,
         });
     }
-    let (net, network) = match tap_index(spec, cid)? {
-        None => (None, None),
-        Some(n) => (
-            Some(NetConfig {
-                tap: format!("sctap{n}"),
-                mac: crate::devices::virtio::net::mac_for(n),
-                host_address: format!("10.200.{n}.1/30"),
-            }),
-            Some(GuestNetwork {
-                interface: "eth0".into(),
-                address: format!("10.200.{n}.2/30"),
-                gateway: Some(std::net::Ipv4Addr::new(10, 200, n as u8, 1)),
-            }),
-        ),
-    };
+    let (net, network) = net.unzip();
     let process = match prepared {
         Some(p) => p.process.merge(&spec.cmd, &spec.env)?,
         None => Merged {
@@ -1332,6 +1521,8 @@ struct Worker {
     waited_ms: Arc<std::sync::atomic::AtomicU64>,
     started: Instant,
     cgroup: Arc<Mutex<Option<crate::jail::cgroup::VmCgroup>>>,
+    /// The VM's tap, when it has a network.
+    tap: Option<String>,
 }
 
 impl Worker {
@@ -1438,12 +1629,18 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
         waited_ms,
         started,
         cgroup,
+        tap: vm.net.as_ref().map(|n| n.tap.clone()),
     })
 }
 
 /// The VM config of a warm-pool VM `name` of size `key`: the default
 /// kernel and initramfs, an empty root disk slot, vsock; vminit waits.
-fn pool_vm_config(opts: &Options, name: &str, key: crate::pool::Key) -> VmConfig {
+fn pool_vm_config(
+    opts: &Options,
+    name: &str,
+    key: crate::pool::Key,
+    net: Option<NetConfig>,
+) -> VmConfig {
     VmConfig {
         name: name.to_string(),
         kernel: opts.kernel.clone(),
@@ -1469,7 +1666,7 @@ fn pool_vm_config(opts: &Options, name: &str, key: crate::pool::Key) -> VmConfig
             cid: 3,
             uds: vsock_path(opts, name),
         }),
-        net: None,
+        net,
         report_timing: false,
         jail_scratch: opts
             .jail
@@ -1479,10 +1676,10 @@ fn pool_vm_config(opts: &Options, name: &str, key: crate::pool::Key) -> VmConfig
 
 /// The warm-pool size a cold start of `vm` could take instead: a VM with
 /// one read-only root disk and nothing a booted pool VM lacks.
-fn pool_fit(opts: &Options, vm: &VmConfig) -> Option<crate::pool::Key> {
+fn pool_fit(opts: &Options, vm: &VmConfig, pool_has_net: bool) -> Option<crate::pool::Key> {
     let fits = matches!(vm.disks.as_slice(), [d] if d.read_only && d.id == "root" && !d.empty_slot)
         && vm.guest.root.as_deref() == Some(disk_device(0).as_str())
-        && vm.net.is_none()
+        && vm.net.is_some() == pool_has_net
         && vm.kernel == opts.kernel
         && vm.initramfs == opts.initramfs
         && vm.cmdline == DEFAULT_CMDLINE
@@ -1673,6 +1870,7 @@ pub fn default_options(units: &Path) -> Options {
         removed: Default::default(),
         logs: Arc::new(LogStore::new(None, false)),
         warm_pool: Vec::new(),
+        network: Some(crate::net::NetOptions::default()),
     }
 }
 

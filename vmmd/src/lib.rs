@@ -34,6 +34,7 @@ pub mod devices;
 pub mod fuzz;
 pub mod image;
 pub mod jail;
+pub mod net;
 pub mod pool;
 pub mod reconcile;
 pub mod selftest;

@@ -208,7 +208,7 @@ impl Workload {
     }
 
     /// Running, not on its way out, and healthy if it has a check.
-    fn ready(&self) -> bool {
+    pub fn ready(&self) -> bool {
         self.pid.is_some()
             && self.stopping.is_none()
             && (self.spec.health.is_none() || self.health == Some(Health::Healthy))

@@ -73,6 +73,9 @@ fn start() -> Daemon {
         .arg(dir.path().join("run"))
         .arg("--api-socket")
         .arg(dir.path().join("vmmd.sock"))
+        // No workload network: this test makes no VMs, and must not touch
+        // the machine's links or firewall.
+        .args(["--network", "none"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -33,6 +33,12 @@ pub const PACKAGES: &[&str] = &[
     "debootstrap",
     // htpasswd: a registry that asks for credentials.
     "apache2-utils",
+    // The workload network: nft (shipped in the image, and applied by the
+    // host-side tests in network namespaces made with ip), curl as the
+    // client from outside.
+    "nftables",
+    "iproute2",
+    "curl",
 ];
 
 fn installed(pkg: &str) -> bool {

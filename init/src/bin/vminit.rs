@@ -438,10 +438,35 @@ fn exec_one(config: &GuestConfig, conn: std::fs::File) {
 /// Brings the interface up with its address and default route.
 fn configure_network(net: &steelcup_init::guest::GuestNetwork) -> Result<(), String> {
     let (addr, prefix) = steelcup_init::network::parse_cidr(&net.address)?;
+    if let Some(mac) = &net.mac {
+        let mac = steelcup_init::guest::parse_mac(mac)?;
+        sys::set_mac(&net.interface, mac).map_err(|e| error_chain(&e))?;
+    }
+    if let Some(mtu) = net.mtu {
+        sys::set_mtu(&net.interface, mtu).map_err(|e| error_chain(&e))?;
+    }
     sys::link_up(&net.interface).map_err(|e| error_chain(&e))?;
     sys::set_ipv4(&net.interface, addr, prefix).map_err(|e| error_chain(&e))?;
     if let Some(gw) = net.gateway {
         sys::add_default_route(&net.interface, gw).map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
+}
+
+/// `/etc/hosts` and `/etc/resolv.conf` of the workload's root (its
+/// writable layer), replacing the image's (a symlink too).
+fn write_name_files(
+    net: &steelcup_init::guest::GuestNetwork,
+    hostname: Option<&str>,
+) -> Result<(), String> {
+    let write = |path: &str, text: &str| {
+        let _ = std::fs::create_dir_all("/etc");
+        let _ = std::fs::remove_file(path);
+        std::fs::write(path, text).map_err(|e| format!("{path}: {e}"))
+    };
+    write("/etc/hosts", &net.hosts(hostname))?;
+    if let Some(r) = net.resolv_conf() {
+        write("/etc/resolv.conf", &r)?;
     }
     Ok(())
 }
@@ -529,6 +554,11 @@ fn run() -> ExitStatus {
     };
     if let Err(e) = prepared {
         return fail(&e, libc::EIO);
+    }
+    if let Some(net) = &config.network {
+        if let Err(e) = write_name_files(net, config.hostname.as_deref()) {
+            return fail(&format!("network files: {e}"), libc::EIO);
+        }
     }
     let Some(program) = config.cmd.first() else {
         return fail("no command to run", libc::EINVAL);

@@ -637,6 +637,19 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), 
     })
 }
 
+/// Sets an interface's MAC address (`ip link set NAME address MAC`).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), NetError> {
+    ifreq_ioctl(name, "set MAC address", libc::SIOCSIFHWADDR, |r| {
+        // SAFETY: sockaddr is plain old data; all-zero is a valid value.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::ARPHRD_ETHER;
+        for (d, b) in sa.sa_data.iter_mut().zip(mac) {
+            *d = b as libc::c_char;
+        }
+        r.ifr_ifru.ifru_hwaddr = sa;
+    })
+}
+
 /// Sets an interface's MTU.
 pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
     ifreq_ioctl(name, "set MTU", libc::SIOCSIFMTU, |r| {

@@ -12,6 +12,7 @@
 //! Drop-in directories are not read yet.
 
 pub mod graph;
+pub mod ports;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -147,13 +148,14 @@ pub enum MemoryBacking {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Network {
-    /// No network device.
-    #[default]
+    /// No network device: the workload reaches nothing and nothing
+    /// reaches it.
     None,
-    /// A virtio-net device on a tap of its own, point to point with the
-    /// host: the host side is `10.200.N.1/30`, the guest `10.200.N.2/30`
-    /// with the host as its gateway (N: the VM's index).
-    Tap,
+    /// A virtio-net device on a tap of the host's workload bridge: an
+    /// address of the workload subnet, DNS from the host, outbound NAT,
+    /// published `ports` (see `docs/networking.md`).
+    #[default]
+    Bridge,
 }
 
 /// Restart policy.
@@ -314,6 +316,19 @@ pub struct MicrovmSection {
     pub volumes: Vec<VolumeSpec>,
     #[serde(default)]
     pub network: Network,
+    /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]`: the host forwards
+    /// them to the workload (spread over its ready replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ports::PortSpec>,
+    /// Workloads of the same scope reach each other on every port; others
+    /// reach only published ports. Default: the unit's name (replicas of
+    /// one unit share it).
+    #[serde(
+        default,
+        rename = "network-scope",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network_scope: Option<String>,
     #[serde(default, rename = "memory-backing")]
     pub memory_backing: MemoryBacking,
     /// Huge pages for guest memory: transparent ones on anonymous memory,
@@ -332,6 +347,37 @@ pub struct MicrovmSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
 }
+
+impl MicrovmSection {
+    /// What is wrong with `network`, `ports` and `network-scope`, if
+    /// anything (`cup run` checks the same).
+    pub fn check_network(&self) -> Result<(), String> {
+        if self.network == Network::None && !self.ports.is_empty() {
+            return Err("ports: a workload with network = \"none\" cannot publish ports".into());
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(format!("ports: at most {MAX_PORTS}"));
+        }
+        if let Some((a, b)) = ports::first_clash(&self.ports) {
+            return Err(format!("ports: {a} and {b} publish the same host port"));
+        }
+        if let Some(s) = &self.network_scope {
+            let ok = !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !ok {
+                return Err(format!(
+                    "network-scope: {s:?} must be 1-64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most ports one workload may publish.
+pub const MAX_PORTS: usize = 64;
 
 /// The most replicas a unit may ask for.
 pub const MAX_REPLICAS: u32 = 64;
@@ -696,6 +742,9 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                         m.replicas
                     ),
                 ));
+            }
+            if let Err(e) = m.check_network() {
+                return Err(UnitError::invalid(path, format!("[microvm] {e}")));
             }
             if let Some(Err(e)) = m.health.as_ref().map(HealthCheck::check) {
                 return Err(UnitError::invalid(path, format!("[microvm.health] {e}")));

@@ -26,7 +26,7 @@ const USAGE: &str = "usage:
   cup ps [-a] [--format json]        microVM workloads (-a: ended ones too): name, state, pid, runs, vCPUs, memory
   cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
   cup stop NAME | cup start NAME     ask the guest to stop (killed after 5 s) / start it again
-  cup run [-d] [--rm] [-i] [-t] [--name NAME] [-e K=V]... [-v VOLUME:/PATH[:ro]]... [--restart POLICY] [--cpus N] [--memory SIZE] IMAGE [CMD...]
+  cup run [-d] [--rm] [-i] [-t] [--name NAME] [-e K=V]... [-v VOLUME:/PATH[:ro]]... [-p [IP:]HOST:GUEST[/udp]]... [--network bridge|none] [--restart POLICY] [--cpus N] [--memory SIZE] IMAGE [CMD...]
                                      run an image as a new microVM; attached, cup exits with its code
   cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...
                                      run a process inside a running workload

@@ -1,5 +1,6 @@
 //! `vmmd`: steelcup's VMM daemon. `vmmd [--units DIR] [--kernel PATH]
-//! [--initramfs PATH] [--state DIR] [--warm-pool vcpus=N,memory=SIZE,count=N]`
+//! [--initramfs PATH] [--state DIR] [--warm-pool vcpus=N,memory=SIZE,count=N]
+//! [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]`
 //! runs the daemon; `vmmd worker NAME` is
 //! the per-VM worker process the daemon starts (config on stdin; NAME only
 //! shows in `ps`); `vmmd image …` works the image store (see
@@ -55,11 +56,21 @@ fn main() {
                     }
                 }
             }
+            "--network" => {
+                let v = value("--network").display().to_string();
+                match vmmd::net::NetOptions::parse(&v) {
+                    Ok(n) => opts.network = n,
+                    Err(e) => {
+                        eprintln!("vmmd: --network {v:?}: {e}");
+                        std::process::exit(2);
+                    }
+                }
+            }
             "--insecure-registry" => opts
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]...\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]... [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
                 return;
             }
             other => {

@@ -60,6 +60,8 @@ fn unit(replicas: u32, v: &str) -> MicrovmSection {
         root: None,
         volumes: Vec::new(),
         network: Default::default(),
+        ports: Vec::new(),
+        network_scope: None,
         memory_backing: Default::default(),
         huge_pages: false,
         rlimits: BTreeMap::new(),

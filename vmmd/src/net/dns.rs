@@ -1,0 +1,313 @@
+//! The workloads' DNS server, on the host's bridge address, port 53 (UDP).
+//!
+//! A name of a workload (`web`, `web.1`) or of a unit, bare or under the
+//! network's domain (`web.steelcup.internal`), answers with the addresses
+//! of its running VMs (a unit: its ready replicas). Every other query goes
+//! as it is to the host's resolvers (`/etc/resolv.conf`, read on each
+//! query: DHCP may change it) and their answer comes back as it is.
+//!
+//! # Limitations
+//! UDP only (no TCP fallback for large answers); A records only for our
+//! names (AAAA and other types of them answer with no records).
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Name (lower case, no trailing dot) -> addresses.
+pub type Records = Arc<RwLock<BTreeMap<String, Vec<Ipv4Addr>>>>;
+
+/// How long our answers may be cached: VMs come and go.
+const TTL: u32 = 5;
+/// Forwarded queries in flight at most; more are answered SERVFAIL.
+const MAX_FORWARDS: usize = 64;
+/// How long an upstream resolver has to answer.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The server's settings.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub records: Records,
+    /// The network's domain, like `steelcup.internal`.
+    pub domain: String,
+    /// Where the upstream resolvers are listed.
+    pub resolv_conf: PathBuf,
+}
+
+/// What to do with one query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Not one of ours: forward it upstream.
+    Forward,
+    /// Not a DNS query at all: drop it.
+    Drop,
+}
+
+impl Server {
+    /// Answers `query` from the records, or says to forward it.
+    pub fn answer(&self, query: &[u8]) -> Answer {
+        let Ok(msg) = Message::from_vec(query) else {
+            return Answer::Drop;
+        };
+        if msg.metadata.message_type != MessageType::Query {
+            return Answer::Drop;
+        }
+        let reply = |code: ResponseCode, answers: Vec<Record>| {
+            let mut r = Message::response(msg.metadata.id, msg.metadata.op_code);
+            r.metadata.recursion_desired = msg.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            r.metadata.authoritative = true;
+            r.metadata.response_code = code;
+            r.add_queries(msg.queries.clone());
+            r.add_answers(answers);
+            r.to_vec().map(Answer::Reply).unwrap_or(Answer::Drop)
+        };
+        let [q] = msg.queries.as_slice() else {
+            return reply(ResponseCode::FormErr, vec![]);
+        };
+        if msg.metadata.op_code != OpCode::Query {
+            return reply(ResponseCode::NotImp, vec![]);
+        }
+        let name = q.name().to_ascii().to_ascii_lowercase();
+        let name = name.trim_end_matches('.');
+        let suffix = format!(".{}", self.domain);
+        let bare = name.strip_suffix(suffix.as_str()).unwrap_or(name);
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        match records.get(bare) {
+            Some(ips) => {
+                let answers = match q.query_type() {
+                    RecordType::A => ips
+                        .iter()
+                        .map(|ip| Record::from_rdata(q.name().clone(), TTL, RData::A(A(*ip))))
+                        .collect(),
+                    _ => vec![],
+                };
+                reply(ResponseCode::NoError, answers)
+            }
+            // Under our domain but no such workload: it does not exist.
+            None if name.ends_with(suffix.as_str()) || name == self.domain => {
+                reply(ResponseCode::NXDomain, vec![])
+            }
+            None => Answer::Forward,
+        }
+    }
+
+    /// The upstream resolvers (IPv4, port 53), in order.
+    fn upstreams(&self) -> Vec<SocketAddr> {
+        std::fs::read_to_string(&self.resolv_conf)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback())
+            .map(|a| SocketAddr::from((a, 53)))
+            .collect()
+    }
+
+    /// Serves on `socket` until it fails.
+    pub fn serve(self, socket: UdpSocket) {
+        let socket = Arc::new(socket);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let mut buf = [0u8; 4096];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("network: DNS server stopped: {e}");
+                    return;
+                }
+            };
+            let query = &buf[..n];
+            match self.answer(query) {
+                Answer::Reply(r) => {
+                    let _ = socket.send_to(&r, from);
+                }
+                Answer::Drop => {}
+                Answer::Forward => {
+                    if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS {
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        if let Some(r) = servfail(query) {
+                            let _ = socket.send_to(&r, from);
+                        }
+                        continue;
+                    }
+                    let (out, count, query) = (socket.clone(), in_flight.clone(), query.to_vec());
+                    let upstreams = self.upstreams();
+                    let spawned = std::thread::Builder::new()
+                        .name("dns-forward".into())
+                        .spawn(move || {
+                            let r = forward(&query, &upstreams).or_else(|| servfail(&query));
+                            if let Some(r) = r {
+                                let _ = out.send_to(&r, from);
+                            }
+                            count.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A SERVFAIL answer to `query`.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let msg = Message::from_vec(query).ok()?;
+    let mut r = Message::error_msg(
+        msg.metadata.id,
+        msg.metadata.op_code,
+        ResponseCode::ServFail,
+    );
+    r.add_queries(msg.queries);
+    r.to_vec().ok()
+}
+
+/// Asks each upstream in turn; the first answer with the query's id wins.
+fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    let id = query.get(..2)?;
+    for up in upstreams {
+        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(UPSTREAM_TIMEOUT));
+        if s.connect(up).is_err() || s.send(query).is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        if let Ok(n) = s.recv(&mut buf) {
+            if buf.get(..2) == Some(id) {
+                buf.truncate(n);
+                return Some(buf);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::str::FromStr;
+
+    fn server(resolv: PathBuf) -> Server {
+        let records: Records = Default::default();
+        records.write().unwrap().insert(
+            "web".into(),
+            vec![Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 3)],
+        );
+        Server {
+            records,
+            domain: "steelcup.internal".into(),
+            resolv_conf: resolv,
+        }
+    }
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn reply(a: Answer) -> Message {
+        match a {
+            Answer::Reply(r) => Message::from_vec(&r).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn addresses(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match r.data {
+                RData::A(A(ip)) => Some(ip),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workload_names_answer_bare_and_under_the_domain() {
+        let s = server("/nonexistent".into());
+        for name in ["web.", "WEB.steelcup.internal.", "web"] {
+            let m = reply(s.answer(&query(name, RecordType::A)));
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(
+                addresses(&m),
+                vec![Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 3)],
+                "{name}"
+            );
+        }
+        // AAAA of ours: no records, no error (IPv4 only).
+        let m = reply(s.answer(&query("web.", RecordType::AAAA)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        // Under our domain but unknown: NXDOMAIN, never forwarded.
+        let m = reply(s.answer(&query("nope.steelcup.internal.", RecordType::A)));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn other_names_go_upstream_and_garbage_is_dropped() {
+        let s = server("/nonexistent".into());
+        assert_eq!(
+            s.answer(&query("deb.debian.org.", RecordType::A)),
+            Answer::Forward
+        );
+        assert_eq!(s.answer(b"\x00\x01garbage"), Answer::Drop);
+        assert_eq!(s.answer(&[]), Answer::Drop);
+    }
+
+    #[test]
+    fn forwarded_queries_come_back_from_the_resolver() {
+        // A resolver on loopback that answers every query with 192.0.2.7.
+        let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let (n, from) = up.recv_from(&mut buf).unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.add_queries(q.queries.clone());
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
+            ));
+            up.send_to(&r.to_vec().unwrap(), from).unwrap();
+        });
+        let q = query("example.org.", RecordType::A);
+        let r = forward(&q, &[up_addr]).expect("an answer");
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!(addresses(&m), vec![Ipv4Addr::new(192, 0, 2, 7)]);
+        // No resolver answers: SERVFAIL for the query.
+        let m = Message::from_vec(&servfail(&q).unwrap()).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn upstreams_come_from_resolv_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("resolv.conf");
+        std::fs::write(
+            &p,
+            "# x\nnameserver 10.0.2.3\nnameserver 127.0.0.53\nsearch lan\nnameserver ::1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            server(p).upstreams(),
+            vec![SocketAddr::from(([10, 0, 2, 3], 53))]
+        );
+    }
+}
