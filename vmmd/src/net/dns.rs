@@ -15,7 +15,7 @@ use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -111,13 +111,17 @@ impl Server {
             .collect()
     }
 
-    /// Serves on `socket` until it fails.
-    pub fn serve(self, socket: UdpSocket) {
-        let socket = Arc::new(socket);
+    /// Serves on `socket` until it fails or `stop` is set (and the socket
+    /// shut down, see [`stop`]).
+    pub fn serve(self, socket: Arc<UdpSocket>, stop: Arc<AtomicBool>) {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let mut buf = [0u8; 4096];
         loop {
-            let (n, from) = match socket.recv_from(&mut buf) {
+            let received = socket.recv_from(&mut buf);
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let (n, from) = match received {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -157,6 +161,15 @@ impl Server {
             }
         }
     }
+}
+
+/// Ends a [`Server::serve`] on `socket`: sets `flag`, then shuts the
+/// socket down so its blocked receive returns.
+pub fn stop(socket: &UdpSocket, flag: &AtomicBool) {
+    use std::os::fd::AsRawFd;
+    flag.store(true, Ordering::SeqCst);
+    // SAFETY: shutdown(2) on a socket this function borrows.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 /// A SERVFAIL answer to `query`.

@@ -148,6 +148,10 @@ pub struct HostNet {
     nft: PathBuf,
     applied: Option<String>,
     failed: Option<String>,
+    dns: Option<(
+        std::sync::Arc<std::net::UdpSocket>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    )>,
 }
 
 /// Where vmmd looks for `nft`.
@@ -179,11 +183,15 @@ impl HostNet {
             nft,
             applied: None,
             failed: None,
+            dns: None,
         };
         net.sync(&[])?;
         let gw = net.opts.subnet.gateway();
         let socket = std::net::UdpSocket::bind((gw, 53))
+            .map(std::sync::Arc::new)
             .map_err(|e| format!("DNS server on {gw}:53: {e}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        net.dns = Some((socket.clone(), stop.clone()));
         let server = dns::Server {
             records: net.records.clone(),
             domain: net.opts.domain.clone(),
@@ -191,7 +199,7 @@ impl HostNet {
         };
         std::thread::Builder::new()
             .name("dns".into())
-            .spawn(move || server.serve(socket))
+            .spawn(move || server.serve(socket, stop))
             .map_err(|e| format!("spawn the DNS thread: {e}"))?;
         tracing::info!(
             "network: bridge {} at {}/{}, DNS for *.{} on {gw}:53, {} leases kept",
@@ -298,6 +306,9 @@ impl HostNet {
 
     /// Removes the rule set and the bridge (vmmd stopping).
     pub fn teardown(&mut self) {
+        if let Some((socket, stop)) = self.dns.take() {
+            dns::stop(&socket, &stop);
+        }
         if let Err(e) = nft::apply(&self.nft, &nft::render_teardown()) {
             tracing::warn!("network: removing the rule set: {e}");
         }

@@ -16,7 +16,7 @@
 //!   host (or the one given), from outside and from the host itself
 //!   (loopback included), spread over the ready replicas by a counter;
 //! - a VM sends only from its own address (checked on its tap in the
-//!   `bridge steelcup` table), and no IPv6.
+//!   `bridge steelcup` table), and only IPv4 and ARP.
 
 use super::ipam::Subnet;
 use std::fmt::Write as _;
@@ -161,16 +161,18 @@ pub fn render(plan: &Plan) -> String {
         s,
         "table bridge {TABLE} {{\n  chain input {{\n    type filter hook input priority filter; policy accept;"
     );
+    let mut forward = String::new();
     for vm in &plan.vms {
         let _ = writeln!(
             s,
-            "    iifname \"{0}\" ether type ip ip saddr != {1} drop\n    iifname \"{0}\" ether type arp arp saddr ip != {1} drop",
+            "    iifname \"{0}\" ether type ip ip saddr != {1} drop\n    iifname \"{0}\" ether type arp arp saddr ip != {1} drop\n    iifname \"{0}\" ether type != {{ ip, arp }} drop",
             vm.tap, vm.ip
         );
+        let _ = writeln!(forward, "    iifname \"{}\" drop", vm.tap);
     }
     let _ = writeln!(
         s,
-        "    ibrname \"{br}\" ether type ip6 drop\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    ibrname \"{br}\" drop\n  }}\n}}"
+        "  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{forward}  }}\n}}"
     );
     s
 }
@@ -300,7 +302,9 @@ mod tests {
         let r = render(&plan());
         assert!(r.contains("iifname \"sct1\" ether type ip ip saddr != 10.88.0.2 drop"));
         assert!(r.contains("iifname \"sct3\" ether type arp arp saddr ip != 10.88.0.4 drop"));
-        assert!(r.contains("ibrname \"steelcup0\" ether type ip6 drop"));
+        assert!(r.contains("iifname \"sct2\" ether type != { ip, arp } drop"));
+        // Nothing from a tap is bridged to another port.
+        assert!(r.contains("chain forward {\n    type filter hook forward priority filter; policy accept;\n    iifname \"sct1\" drop\n"));
     }
 
     #[test]
