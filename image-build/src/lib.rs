@@ -106,6 +106,53 @@ fn add_base(t: &mut Tree, dirs: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A dynamically linked program at its own path, with every shared
+/// library `ldd` says it loads (and the loader) at theirs.
+fn add_program(t: &mut Tree, program: &Path) -> Result<()> {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .with_context(|| format!("run ldd {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut files = vec![program.to_path_buf()];
+    files.extend(shared_libraries(&String::from_utf8_lossy(&out.stdout))?);
+    for f in files {
+        let path = f.to_string_lossy();
+        let mode = if f == program { 0o755 } else { 0o644 };
+        // The file's content at the path the loader asks for (symlinks
+        // followed on the build machine).
+        t.file(path.trim_start_matches('/'), mode, read(&f)?)?;
+    }
+    Ok(())
+}
+
+/// The absolute paths in `ldd` output: `libx.so.1 => /lib/.../libx.so.1
+/// (0x...)` and the loader's `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+fn shared_libraries(ldd: &str) -> Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for line in ldd.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.contains("not found") {
+            bail!("a library is missing: {line}");
+        }
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    libs.sort();
+    libs.dedup();
+    Ok(libs)
+}
+
 /// Builds the guest's default initramfs: vminit as `/init` and busybox.
 pub fn guest_initramfs(inputs: &Inputs, m: &manifest::Manifest) -> Result<Vec<u8>> {
     let mut t = Tree::default();
@@ -220,6 +267,9 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     if let Some(busybox) = &m.host.busybox {
         add_busybox(&mut t, busybox, &m.host.busybox_applets)?;
     }
+    for program in &m.host.programs {
+        add_program(&mut t, program)?;
+    }
     for (path, source) in &inputs.extra_files {
         // Executables stay executable (0755); everything else is 0644.
         let exec = std::fs::metadata(source)
@@ -282,5 +332,24 @@ pub(crate) fn digest(data: &[u8]) -> FileEntry {
     FileEntry {
         size: data.len() as u64,
         sha256: sha256(data),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ldd_output_gives_the_libraries_and_the_loader() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibnftables.so.1 => /lib/x86_64-linux-gnu/libnftables.so.1 (0x00007f)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        let libs = super::shared_libraries(ldd).unwrap();
+        assert_eq!(
+            libs,
+            [
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib/x86_64-linux-gnu/libnftables.so.1",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(std::path::PathBuf::from)
+        );
+        assert!(super::shared_libraries("\tlibx.so.1 => not found\n").is_err());
     }
 }

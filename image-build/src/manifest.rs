@@ -22,6 +22,10 @@ pub struct Host {
     pub modules: Vec<String>,
     #[serde(default)]
     pub ship: Vec<String>,
+    /// Debian programs of the build machine shipped with the shared
+    /// libraries they load (`nft` for the workload network's rules).
+    #[serde(default)]
+    pub programs: Vec<PathBuf>,
     /// A static busybox for the host, with these applets (test images only:
     /// the appliance itself has no shell).
     #[serde(default)]

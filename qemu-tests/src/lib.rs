@@ -84,6 +84,10 @@ pub struct GuestConfig {
     pub log_dir: PathBuf,
     /// Copy the serial console to our stdout as it arrives.
     pub echo: bool,
+    /// A direct boot gets a network interface (QEMU's user networking),
+    /// with this port of the appliance reachable from here on a free port
+    /// of 127.0.0.1 ([`Guest::forwarded`]).
+    pub forward_port: Option<u16>,
 }
 
 impl GuestConfig {
@@ -102,6 +106,7 @@ impl GuestConfig {
             cpus: 2,
             log_dir: log_dir(artifacts),
             echo: false,
+            forward_port: None,
         })
     }
 
@@ -117,6 +122,7 @@ impl GuestConfig {
             cpus: 2,
             log_dir: log_dir(artifacts),
             echo: false,
+            forward_port: None,
         }
     }
 }
@@ -140,6 +146,8 @@ pub struct Guest {
     qmp_path: PathBuf,
     pub started: Instant,
     pub accel: Accel,
+    /// The port of 127.0.0.1 that reaches `GuestConfig::forward_port`.
+    pub forwarded: Option<u16>,
 }
 
 impl Guest {
@@ -155,6 +163,7 @@ impl Guest {
         ));
         let _ = std::fs::remove_file(&qmp_path);
         let accel = Accel::detect();
+        let mut forwarded = None;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(accel.args())
             .args(["-m", &cfg.memory_mib.to_string()])
@@ -180,11 +189,22 @@ impl Guest {
                 cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
                 // A hardware RNG, as servers have: init's coldplug must load
                 // its driver (virtio_pci, virtio_rng) by modalias.
+                let nic = match cfg.forward_port {
+                    None => "none".to_string(),
+                    Some(port) => {
+                        let free = std::net::TcpListener::bind("127.0.0.1:0")
+                            .and_then(|l| l.local_addr())
+                            .context("a free port for QEMU's host forwarding")?
+                            .port();
+                        forwarded = Some(free);
+                        format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{free}-:{port}")
+                    }
+                };
                 cmd.args([
                     "-append",
                     cmdline,
                     "-nic",
-                    "none",
+                    &nic,
                     "-device",
                     "virtio-rng-pci",
                 ]);
@@ -264,6 +284,7 @@ impl Guest {
             qmp_path,
             started,
             accel,
+            forwarded,
         })
     }
 
@@ -466,6 +487,11 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
         return None;
     };
     let mut cfg = GuestConfig::direct(&format!("test-{mode}"), &a.dir).unwrap();
+    // The workloads boot publishes a port of a web unit (8080): reached
+    // from here through QEMU's host forwarding.
+    if mode == "workloads" {
+        cfg.forward_port = Some(8080);
+    }
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
         cmdline.push_str(&format!(" steelcup.test={mode}"));
     }

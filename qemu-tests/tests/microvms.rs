@@ -56,7 +56,23 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: ps: web.1            running (healthy)", STEP)?;
     g.wait_for("driver: ps: web.2            running (healthy)", STEP)?;
     g.wait_for("driver: logs web.1: serving version 1", STEP)?;
+    // Port 8080 is published: from the appliance itself the connections
+    // spread over both replicas; from outside QEMU (its host forwarding to
+    // the appliance's uplink) a replica answers too.
+    g.wait_for("driver: published: version 1 from web.1", STEP)?;
+    g.wait_for("driver: published: version 1 from web.2", STEP)?;
+    let page = get_from_outside(g, "/index.html")?;
+    anyhow::ensure!(
+        page.contains("200 OK") && page.contains("version 1 from web."),
+        "GET through QEMU's forwarding to the published port: {page:?}"
+    );
+    println!("workloads: from outside QEMU: {:?}", page.lines().last());
     g.wait_for("workload web.2: VMM error: worker killed by SIGKILL", STEP)?;
+    // One replica down: the published port keeps being served.
+    g.wait_for(
+        "driver: with web.2 killed, served: version 1 from web.1",
+        STEP,
+    )?;
     g.wait_for("driver: web.2 is back: running (healthy)", STEP)?;
     g.wait_for(
         "driver: reloaded: started [], stopped [], restarted [web]",
@@ -76,6 +92,11 @@ fn workloads(g: &mut Guest) -> Result<String> {
     // under its own hostname on its image's erofs root.
     g.wait_for("workload warm: started from the warm pool in", STEP)?;
     g.wait_for("driver: warm run: hostname warm, root overlay", STEP)?;
+    // ... with the network vmmd handed over in the claim (DNS on the bridge).
+    g.wait_for(
+        "driver: warm run: hostname warm, root overlay, dns 10.88.0.1",
+        STEP,
+    )?;
     // The VM's worker now lives in the workload's cgroup.
     g.wait_for("driver: warm worker cgroup 0::/vms/warm", STEP)?;
     g.wait_for("driver: run says: hi, open files 1048576", STEP)?;
@@ -86,6 +107,14 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: detached: sleeper", STEP)?;
     g.wait_for("driver: exec as app in /work with hello", STEP)?;
     g.wait_for("driver: exec -u root: 0", STEP)?;
+    // Workloads find each other by name (vmmd's DNS on the bridge); one
+    // with network = none has no interface but loopback and reaches nothing.
+    g.wait_for(
+        "driver: sleeper reached web by name: version 2 from web.",
+        STEP,
+    )?;
+    g.wait_for("driver: no network: interfaces lo", STEP)?;
+    g.wait_for("driver: no network: web unreachable", STEP)?;
     g.wait_for("driver: exec -t: stdin is /dev/pts/0", STEP)?;
     g.wait_for("driver: exec of a failing command exited 1", STEP)?;
     g.wait_for("driver: cannot run /no/such/program", STEP)?;
@@ -118,8 +147,41 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_clean_poweroff(STEP)
 }
 
+/// An HTTP GET of `path` from this machine to the appliance's published
+/// port 8080, through QEMU's host forwarding; retried for a minute (the
+/// appliance's uplink may still be getting its DHCP lease).
+fn get_from_outside(g: &Guest, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let port = g
+        .forwarded
+        .ok_or_else(|| anyhow::anyhow!("the workloads boot has no forwarded port"))?;
+    let mut last = String::new();
+    for _ in 0..30 {
+        let got = (|| -> std::io::Result<String> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(c, "GET {path} HTTP/1.0\r\nHost: steelcup\r\n\r\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match got {
+            Ok(page) if !page.is_empty() => return Ok(page),
+            Ok(_) => last = "an empty answer".into(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    anyhow::bail!("GET {path} on 127.0.0.1:{port}: {last}")
+}
+
 /// What the workloads boot's serial log must show once it is through.
 fn check_workloads_log(s: &str) {
+    // A killed replica gets no more connections of the published port.
+    assert!(
+        !s.contains("driver: with web.2 killed, served: version 1 from web.2"),
+        "the published port still sent connections to the killed web.2"
+    );
     let pos = |n: &str| {
         s.find(n).unwrap_or_else(|| {
             panic!("{n:?} missing; see target/steelcup/qemu-logs/test-workloads.log")
@@ -173,7 +235,7 @@ fn scenario(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: vm-b guest memory is a memfd", STEP)?;
     // virtio-net over the workload's tap: the host's bytes reach the
     // guest's echo server and come back.
-    g.wait_for("driver: net at 10.200.", STEP)?;
+    g.wait_for("driver: net at 10.88.", STEP)?;
     g.wait_for("answered: ping from the host", STEP)?;
     // Stop through the API: the guest is asked over vsock, the call returns
     // once the VM has ended; start brings it back.
