@@ -124,7 +124,12 @@ fn add_program(t: &mut Tree, program: &Path) -> Result<()> {
     files.extend(shared_libraries(&String::from_utf8_lossy(&out.stdout))?);
     for f in files {
         let path = f.to_string_lossy();
-        let mode = if f == program { 0o755 } else { 0o644 };
+        // Executable as on the build machine: the kernel execs the
+        // loader, which must be.
+        let exec = std::fs::metadata(&f)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+            .unwrap_or(false);
+        let mode = if exec || f == program { 0o755 } else { 0o644 };
         // The file's content at the path the loader asks for (symlinks
         // followed on the build machine).
         t.file(path.trim_start_matches('/'), mode, read(&f)?)?;
