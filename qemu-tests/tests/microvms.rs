@@ -109,6 +109,7 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: exec -u root: 0", STEP)?;
     // Workloads find each other by name (vmmd's DNS on the bridge); one
     // with network = none has no interface but loopback and reaches nothing.
+    g.wait_for("driver: sleeper reached web by name: web is 10.88.", STEP)?;
     g.wait_for(
         "driver: sleeper reached web by name: version 2 from web.",
         STEP,
