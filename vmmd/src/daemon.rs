@@ -270,7 +270,8 @@ impl WorkerBackend {
         name: &str,
         spec: &MicrovmSection,
     ) -> Result<Option<(NetConfig, GuestNetwork)>, String> {
-        if spec.network == Network::None {
+        // `vmmd --network none`: no VM gets a network device.
+        if spec.network == Network::None || self.opts.network.is_none() {
             return Ok(None);
         }
         let Some(mut tap) = self.pool_net(name) else {
