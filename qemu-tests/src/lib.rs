@@ -487,9 +487,9 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
         return None;
     };
     let mut cfg = GuestConfig::direct(&format!("test-{mode}"), &a.dir).unwrap();
-    // The workloads boot publishes a port of a web unit (8080): reached
+    // The workloads and network boots publish port 8080 of a unit: reached
     // from here through QEMU's host forwarding.
-    if mode == "workloads" {
+    if mode == "workloads" || mode == "network" {
         cfg.forward_port = Some(8080);
     }
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {

@@ -46,29 +46,77 @@ fn mirror() -> String {
 /// A debootstrapped Debian (minbase) as a one-layer OCI image made by
 /// umoci, made once in the cache; returns its `LAYOUT:TAG`.
 pub fn debian_image() -> Result<String> {
-    let dir = sh::cache_dir().join("debian-bookworm-oci");
+    debootstrap_image("debian-bookworm-oci", "bookworm", &[], &[])
+}
+
+/// Debian's nginx (`debootstrap --include=nginx-light`, without docs,
+/// manuals, locales and apt lists) as an OCI image that runs `nginx -g
+/// 'daemon off;'`, made once in the cache: a real server no one here wrote,
+/// for the network tests. Returns its `LAYOUT:TAG`.
+pub fn nginx_image() -> Result<String> {
+    debootstrap_image(
+        "debian-bookworm-nginx-oci",
+        "nginx",
+        &["nginx-light"],
+        &["/usr/sbin/nginx", "-g", "daemon off;"],
+    )
+}
+
+/// A minbase Debian with `include`d packages as a one-layer OCI image
+/// `cache/NAME/layout:TAG`, with `cmd` as its command when given.
+fn debootstrap_image(name: &str, tag: &str, include: &[&str], cmd: &[&str]) -> Result<String> {
+    let dir = sh::cache_dir().join(name);
     std::fs::create_dir_all(&dir)?;
     let dir = dir.as_path();
     let layout = dir.join("layout");
-    let image = format!("{}:bookworm", layout.display());
+    let image = format!("{}:{tag}", layout.display());
     if layout.join("index.json").is_file() {
         return Ok(image);
     }
     let root = dir.join("debootstrap");
     let _ = std::fs::remove_dir_all(&root);
-    step("debootstrap --variant=minbase bookworm (about half a minute with a close mirror)");
-    sh::run(
-        Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&root)
-            .arg(mirror()),
-    )?;
+    step(&format!(
+        "debootstrap --variant=minbase bookworm{} (about half a minute with a close mirror)",
+        if include.is_empty() {
+            String::new()
+        } else {
+            format!(" --include={}", include.join(","))
+        }
+    ));
+    let mut debootstrap = Command::new("debootstrap");
+    debootstrap.arg("--variant=minbase");
+    if !include.is_empty() {
+        debootstrap.arg(format!("--include={}", include.join(",")));
+    }
+    sh::run(debootstrap.arg("bookworm").arg(&root).arg(mirror()))?;
+    if !include.is_empty() {
+        // What a server image does without: docs, manuals, locales, apt's lists.
+        for d in [
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/locale",
+            "var/lib/apt/lists",
+            "var/cache/apt",
+        ] {
+            let p = root.join(d);
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p)?;
+        }
+    }
     let umoci = |args: &[&str]| sh::run(Command::new("umoci").args(args));
     let bundle = dir.join("bundle");
     let _ = std::fs::remove_dir_all(&bundle);
     let _ = std::fs::remove_dir_all(&layout);
-    umoci(&["init", "--layout", &layout.display().to_string()])?;
+    let layout_s = layout.display().to_string();
+    umoci(&["init", "--layout", &layout_s])?;
     umoci(&["new", "--image", &image])?;
+    if !cmd.is_empty() {
+        let mut args = vec!["config", "--image", &image];
+        for c in cmd {
+            args.extend(["--config.cmd", c]);
+        }
+        umoci(&args)?;
+    }
     umoci(&["unpack", "--image", &image, &bundle.display().to_string()])?;
     let rootfs = bundle.join("rootfs");
     std::fs::remove_dir_all(&rootfs)?;

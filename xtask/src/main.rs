@@ -386,6 +386,8 @@ fn test() -> Result<()> {
             .env("STEELCUP_DEBIAN_IMAGE", &debian),
     )?;
     let artifacts = build()?;
+    step("Debian's nginx as an OCI image, for the network test");
+    let nginx = bench_image::nginx_image()?;
     let results = sh::out_dir().join("qemu-results.txt");
     let _ = std::fs::remove_file(&results);
     step("QEMU end-to-end tests (the appliance booted under QEMU, one test at a time)");
@@ -405,7 +407,8 @@ fn test() -> Result<()> {
                 "STEELCUP_TEST_ARTIFACTS",
                 sh::out_dir().join("test-artifacts"),
             )
-            .env("STEELCUP_REQUIRE_ARTIFACTS", "1"),
+            .env("STEELCUP_REQUIRE_ARTIFACTS", "1")
+            .env("STEELCUP_NGINX_IMAGE", &nginx),
     )?;
     step("results");
     eprint!("{}", std::fs::read_to_string(&results).unwrap_or_default());

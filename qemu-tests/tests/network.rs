@@ -1,0 +1,150 @@
+//! The workload network with a real server no one here wrote: Debian's
+//! nginx (an OCI image `cargo xtask test` builds with debootstrap and
+//! umoci), pushed by skopeo into a docker-registry on this machine, pulled
+//! by the appliance over QEMU's user network, run as a `[microvm]` unit of
+//! two replicas with `ports = ["8080:80"]`, and read with an HTTP GET from
+//! here through QEMU's host forwarding — before and while one replica is
+//! killed. (Names, `network = "none"` and the spread over replicas are in
+//! `microvms.rs`, `workloads_on_nested_kvm`.)
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::Guest;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(300);
+/// Pulling ~40 MB and building its root image under emulation, then two
+/// nested nginx boots.
+const PULL_AND_BOOT: Duration = Duration::from_secs(900);
+const STEP: Duration = Duration::from_secs(300);
+/// The registry's port on this machine; the unit names it (10.0.2.2 is
+/// this machine as QEMU's user network shows it to the appliance).
+const REGISTRY_PORT: u16 = 15055;
+
+/// docker-registry on 127.0.0.1:15055, stopped (and its data removed) on drop.
+struct Registry {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A registry holding the nginx image as `steelcup-test/nginx:latest`.
+fn registry_with_nginx(image: &str) -> Result<Registry> {
+    let dir = std::env::temp_dir().join(format!("steelcup-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{REGISTRY_PORT}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start docker-registry (Debian's docker-registry package)")?;
+    let reg = Registry { child, dir };
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", REGISTRY_PORT)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !up {
+        bail!("docker-registry did not listen on 127.0.0.1:{REGISTRY_PORT}");
+    }
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{image}"))
+        .arg(format!(
+            "docker://127.0.0.1:{REGISTRY_PORT}/steelcup-test/nginx:latest"
+        ))
+        .output()
+        .context("run skopeo")?;
+    if !out.status.success() {
+        bail!(
+            "skopeo copy {image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(reg)
+}
+
+/// `GET /` from here on the appliance's forwarded port 8080.
+fn get_page(g: &Guest) -> Result<String> {
+    use std::io::{Read, Write};
+    let port = g
+        .forwarded
+        .context("the network boot has no forwarded port")?;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(c, "GET / HTTP/1.0\r\nHost: steelcup\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn welcome(page: &str) -> bool {
+    page.starts_with("HTTP/1.1 200") && page.contains("<title>Welcome to nginx!</title>")
+}
+
+#[test]
+fn nginx_replicas_behind_a_published_port() {
+    let Some(image) = std::env::var_os("STEELCUP_NGINX_IMAGE") else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "STEELCUP_NGINX_IMAGE is not set (cargo xtask test builds the image)"
+        );
+        eprintln!(
+            "network: skipped: needs the nginx image and test image built by `cargo xtask test`"
+        );
+        return;
+    };
+    let _registry = registry_with_nginx(&image.to_string_lossy()).unwrap();
+    qemu_tests::run_booted(
+        "network",
+        || qemu_tests::boot_test_image("network"),
+        scenario,
+    );
+}
+
+fn scenario(g: &mut Guest) -> Result<()> {
+    g.wait_for("phase units: done", BOOT)?;
+    // Pulled from the registry outside, its root image built, both
+    // replicas healthy by their HTTP probes.
+    g.wait_for("driver: both nginx replicas serve", PULL_AND_BOOT)?;
+    g.wait_for(
+        "driver: nginx from the appliance: <title>Welcome to nginx!</title>",
+        STEP,
+    )?;
+    let page = get_page(g)?;
+    anyhow::ensure!(welcome(&page), "GET / from outside QEMU: {page:?}");
+    println!("network: nginx answered from outside QEMU");
+    // One replica killed: the page is served from the other, every time.
+    g.wait_for(
+        "driver: killed nginx.2; from the appliance: <title>Welcome to nginx!</title>",
+        STEP,
+    )?;
+    for i in 0..5 {
+        let page = get_page(g)?;
+        anyhow::ensure!(welcome(&page), "GET {i} with nginx.2 down: {page:?}");
+    }
+    println!("network: served from outside QEMU 5 times with one replica down");
+    g.wait_for("driver: nginx.2 is back: running (healthy)", STEP)?;
+    g.wait_for("driver: cup poweroff", STEP)?;
+    g.wait_clean_poweroff(STEP)?;
+    Ok(())
+}
