@@ -291,7 +291,21 @@ pub mod guest {
             let json = serde_json::to_vec(&status).unwrap_or_default();
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_frame(&mut *w, EXIT, &json);
-            let _ = nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            use nix::sys::socket::{shutdown, Shutdown};
+            let _ = shutdown(w.as_raw_fd(), Shutdown::Write);
+            // The VM resets right after this: wait (at most two seconds)
+            // for the host to close its end, which it does once it has the
+            // exit status, so the status is not lost in the guest's queue.
+            {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use std::os::fd::AsFd;
+                let mut fds = [PollFd::new(
+                    w.as_fd(),
+                    PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP,
+                )];
+                let _ = poll(&mut fds, PollTimeout::from(2000u16));
+            }
+            let _ = shutdown(w.as_raw_fd(), Shutdown::Both);
         }
     }
 
