@@ -275,6 +275,10 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     for program in &m.host.programs {
         add_program(&mut t, program)?;
     }
+    for f in &m.host.files {
+        let path = f.to_string_lossy();
+        t.file(path.trim_start_matches('/'), 0o644, read(f)?)?;
+    }
     for (path, source) in &inputs.extra_files {
         // Executables stay executable (0755); everything else is 0644.
         let exec = std::fs::metadata(source)

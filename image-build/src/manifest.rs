@@ -26,6 +26,10 @@ pub struct Host {
     /// libraries they load (`nft` for the workload network's rules).
     #[serde(default)]
     pub programs: Vec<PathBuf>,
+    /// Files of the build machine shipped at their own paths (the CA
+    /// certificates registries over HTTPS are checked against).
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
     /// A static busybox for the host, with these applets (test images only:
     /// the appliance itself has no shell).
     #[serde(default)]

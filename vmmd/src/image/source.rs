@@ -489,10 +489,13 @@ fn pull_registry(
     } else {
         ClientProtocol::HttpsExcept(opts.insecure.clone())
     };
-    let client = oci_client::Client::new(ClientConfig {
+    // try_from, not new: new falls back to a client that panics when it
+    // cannot be made (no CA certificates on the host, say).
+    let client = oci_client::Client::try_from(ClientConfig {
         protocol,
         ..Default::default()
-    });
+    })
+    .map_err(|e| err(format!("set up the registry client: {e}")))?;
     let auth = match &opts.credentials {
         Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
         None => RegistryAuth::Anonymous,
