@@ -135,6 +135,10 @@ fn log_dir(artifacts: &Path) -> PathBuf {
         .unwrap_or_else(|| artifacts.join("qemu-logs"))
 }
 
+/// How long the console may stay silent under TCG before a wait gives up
+/// (the longest quiet step, pulling the nginx image, takes about 100 s).
+const SILENCE_LIMIT: Duration = Duration::from_secs(240);
+
 /// A running QEMU with the appliance.
 #[derive(Debug)]
 pub struct Guest {
@@ -333,6 +337,16 @@ impl Guest {
                 }
                 bail!(
                     "QEMU exited ({status}) before {what:?}; serial log: {}",
+                    self.log_path.display()
+                );
+            }
+            // Under TCG the emulated host now and then stops dead; no step
+            // of ours is silent this long, so say so now rather than at a
+            // long step's timeout (run_booted then boots again).
+            if self.accel == Accel::Tcg && self.silent_for() > SILENCE_LIMIT {
+                bail!(
+                    "no console output for {}s while waiting for {what:?}; serial log: {}",
+                    SILENCE_LIMIT.as_secs(),
                     self.log_path.display()
                 );
             }
