@@ -654,7 +654,7 @@ fn run() -> ExitStatus {
     });
     let finish = |attached: &mut Option<stdio::guest::Attached>, status: ExitStatus| {
         if let Some(a) = attached.take() {
-            a.finish(status);
+            a.finish_before_reset(status);
         }
         status
     };
