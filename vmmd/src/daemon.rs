@@ -250,7 +250,8 @@ impl WorkerBackend {
         }
     }
 
-    /// A tap for a new VM on the bridge, if there is a workload network.
+    /// A tap for a new VM `name` on the bridge (its MAC from the name), if
+    /// there is a workload network: a pool VM's or a workload's.
     fn pool_net(&mut self, name: &str) -> Option<NetConfig> {
         let net = self.net.as_ref().ok()?;
         self.next_tap = self.next_tap.wrapping_add(1);
@@ -274,7 +275,7 @@ impl WorkerBackend {
         if spec.network == Network::None || self.opts.network.is_none() {
             return Ok(None);
         }
-        let Some(mut tap) = self.pool_net(name) else {
+        let Some(tap) = self.pool_net(name) else {
             return match &self.net {
                 Err(e) => Err(format!("the workload network is not available: {e}")),
                 Ok(_) => Ok(None),
@@ -282,7 +283,6 @@ impl WorkerBackend {
         };
         let net = self.net.as_mut().map_err(|e| e.clone())?;
         let ip = net.lease(name)?;
-        tap.mac = crate::net::mac_for_name(name);
         Ok(Some((tap, net.guest_network(name, ip))))
     }
 
