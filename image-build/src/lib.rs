@@ -106,9 +106,9 @@ fn add_base(t: &mut Tree, dirs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A dynamically linked program at its own path, with every shared
-/// library `ldd` says it loads (and the loader) at theirs.
-fn add_program(t: &mut Tree, program: &Path) -> Result<()> {
+/// A Debian program of the build machine and the shared libraries `ldd`
+/// says it loads (with the loader), by the paths the loader asks for.
+pub fn program_files(program: &Path) -> Result<Vec<PathBuf>> {
     let out = std::process::Command::new("ldd")
         .arg(program)
         .output()
@@ -121,7 +121,17 @@ fn add_program(t: &mut Tree, program: &Path) -> Result<()> {
         );
     }
     let mut files = vec![program.to_path_buf()];
-    files.extend(shared_libraries(&String::from_utf8_lossy(&out.stdout))?);
+    files.extend(
+        shared_libraries(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("ldd {}", program.display()))?,
+    );
+    Ok(files)
+}
+
+/// A dynamically linked program at its own path, with every shared
+/// library `ldd` says it loads (and the loader) at theirs.
+fn add_program(t: &mut Tree, program: &Path) -> Result<()> {
+    let files = program_files(program)?;
     for f in files {
         let path = f.to_string_lossy();
         // Executable as on the build machine: the kernel execs the

@@ -152,6 +152,9 @@ pub struct Guest {
     pub accel: Accel,
     /// The port of 127.0.0.1 that reaches `GuestConfig::forward_port`.
     pub forwarded: Option<u16>,
+    /// How much of the console there was when the last wait began: what
+    /// went wrong during a failed step is in the console after it.
+    wait_began: usize,
 }
 
 impl Guest {
@@ -289,6 +292,7 @@ impl Guest {
             started,
             accel,
             forwarded,
+            wait_began: 0,
         })
     }
 
@@ -319,6 +323,7 @@ impl Guest {
         done: impl Fn(&str) -> bool,
     ) -> Result<Duration> {
         let t0 = Instant::now();
+        self.wait_began = self.serial.lock().map(|s| s.len()).unwrap_or(0);
         loop {
             let s = self.serial();
             if done(&s) {
@@ -522,14 +527,18 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
     if g.accel != Accel::Tcg {
         return None;
     }
-    let s = g.serial();
+    let all = g.serial();
     // The emulated host's own kernel (not a nested guest's, whose lines
     // vmmd prefixes) panicking in KVM; a dying init is steelcup's fault.
-    let host_panic = s.lines().any(|l| {
+    let host_panic = all.lines().any(|l| {
         !l.starts_with("[vmmd]")
             && l.contains("Kernel panic - not syncing")
             && !l.contains("Attempted to kill init")
     });
+    // The other signs count while the failed step ran: a warm-pool VM that
+    // triple-faulted minutes before (and was replaced) does not explain a
+    // later step's timeout.
+    let s = all.get(g.wait_began..).unwrap_or(&all);
     if s.contains("guest crashed: triple fault") {
         Some("a nested guest triple-faulted")
     } else if host_panic {
@@ -543,7 +552,7 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
         // The emulated host's own kernel starved of CPU time (seen while a
         // nested guest formats its volume).
         Some("the emulated host's kernel stalled (RCU)")
-    } else if err.to_string().contains("QEMU exited") && !s.contains("reboot: Power down") {
+    } else if err.to_string().contains("QEMU exited") && !all.contains("reboot: Power down") {
         Some("the emulated host reset")
     } else if g.silent_for() > Duration::from_secs(90) {
         Some("the emulated host stopped (no console output for 90 s)")

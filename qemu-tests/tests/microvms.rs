@@ -130,11 +130,17 @@ fn workloads(g: &mut Guest) -> Result<String> {
     )?;
     g.wait_for("driver: inspect: \"state\": \"running\"", STEP)?;
     g.wait_for("driver: inspect: \"from\": \"cup run\"", STEP)?;
+    // cup attach: the workload's output, a signal passed on (its trap
+    // prints), and its exit code (128 + 9) when it is killed.
+    g.wait_for("driver: attach: sleeper: got USR1", STEP)?;
     g.wait_for("driver: killed sleeper", STEP)?;
     g.wait_for("workload sleeper: killed by signal 9", STEP)?;
+    g.wait_for("driver: attach exited 137", STEP)?;
     g.wait_for("driver: removed sleeper", STEP)?;
     // A named volume outlives the cup run that wrote it; `:ro` mounts it
-    // read-only.
+    // read-only. Each run boots a VM of its own (the warm pool's have no
+    // data disk), the first formats the volume.
+    g.wait_for("driver: volume: written", STEP)?;
     g.wait_for("driver: volume: kept across runs", STEP)?;
     g.wait_for("driver: volume: read-only: yes", STEP)?;
     g.wait_for(

@@ -64,7 +64,9 @@ fn flags(
                 out.push((format!("-{c}"), None));
             }
         } else {
-            out.push((name, None));
+            // `--flag=value` of a flag that needs none keeps its value
+            // (`--sig-proxy=false`).
+            out.push((name, inline));
         }
         i += 1;
     }
@@ -408,6 +410,138 @@ pub fn image_verb(
     Ok(0)
 }
 
+/// Signals `cup attach` passes on to the workload, as docker attach does
+/// (all but those that cannot be caught or concern the terminal).
+const PROXIED: [i32; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The last signal `cup attach` received and has not yet passed on.
+static PENDING_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    PENDING_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The exit code `cup attach` gives for a run that ended with `outcome`
+/// (vmmd's words, as `cup ps -a` shows them): the workload's code, 128 +
+/// its signal, 127/126 when it could not start, 0 for a power-off or
+/// reboot from inside, 125 when the VM itself failed.
+pub fn outcome_code(outcome: &str) -> u8 {
+    let number = |prefix: &str| {
+        outcome
+            .strip_prefix(prefix)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<u8>().ok())
+    };
+    if let Some(code) = number("exited with code ") {
+        code
+    } else if let Some(sig) = number("killed by signal ") {
+        128u8.saturating_add(sig)
+    } else if outcome.starts_with("could not start: No such file") {
+        127
+    } else if outcome.starts_with("could not start") {
+        126
+    } else if outcome.starts_with("powered off") || outcome.starts_with("rebooted") {
+        0
+    } else {
+        125
+    }
+}
+
+/// `cup attach [--no-sig-proxy] NAME`: a running workload's console output
+/// from now on, as it comes, until its run ends; cup then exits with the
+/// workload's code. Signals to cup (Ctrl-C is SIGINT) go to the workload;
+/// with `--no-sig-proxy`, Ctrl-C detaches and leaves it running. stdin is
+/// not connected: a detached workload runs with its stdin closed.
+pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+    // First, so no signal meant for the workload ends cup instead.
+    for sig in PROXIED {
+        // SAFETY: the handler only stores into an atomic.
+        unsafe {
+            libc::signal(sig, note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
+    let (flags, names) = flags(args, &[])?;
+    let mut proxy_signals = true;
+    for (f, v) in flags {
+        match (f.as_str(), v.as_deref()) {
+            ("--no-sig-proxy", None) | ("--sig-proxy", Some("false")) => proxy_signals = false,
+            ("--sig-proxy", None | Some("true")) => proxy_signals = true,
+            (other, _) => return Err(format!("attach: unknown flag {other:?}; see `cup help`")),
+        }
+    }
+    let [name] = names.as_slice() else {
+        return Err("attach needs one workload name (see `cup ps`)".into());
+    };
+    let info = p
+        .list()
+        .map_err(api_err)?
+        .into_iter()
+        .find(|v| v.name == *name)
+        .ok_or_else(|| format!("no workload named {name:?} (see `cup ps`)"))?;
+    if !matches!(info.state.as_str(), "running" | "paused" | "preparing") {
+        return Err(format!(
+            "workload {name:?} is {}, not running; `cup logs {name}` shows its output, `cup start {name}` runs it again",
+            info.state
+        ));
+    }
+    // The run's end as vmmd announces it (a --rm workload is removed right
+    // after, so its outcome is only in the signal).
+    let (tx, ended) = std::sync::mpsc::channel::<String>();
+    let changes = p.receive_workload_changed().map_err(api_err)?;
+    let watched = name.clone();
+    std::thread::spawn(move || {
+        for c in changes {
+            let Ok(a) = c.args() else { continue };
+            if a.name == watched && matches!(a.state, "ended" | "waiting" | "removed") {
+                let _ = tx.send(a.last_outcome.to_string());
+            }
+        }
+    });
+    let (_, mut cursor, _) = p.tail(name, 0).map_err(api_err)?;
+    let mut out = std::io::stdout().lock();
+    let mut outcome: Option<String> = None;
+    loop {
+        let sig = PENDING_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            if !proxy_signals && sig == libc::SIGINT {
+                eprintln!("cup: detached from {name}; it goes on running");
+                return Ok(0);
+            }
+            if proxy_signals {
+                // Gone already: its end arrives as a signal above.
+                let _ = p.kill(name, sig);
+            }
+        }
+        if outcome.is_none() {
+            outcome = ended.try_recv().ok();
+        }
+        let (more, next, _) = match p.logs(name, cursor, 1000) {
+            Ok(l) => l,
+            // Removed (--rm): its last lines went with it.
+            Err(_) if outcome.is_some() => (Vec::new(), cursor, false),
+            Err(e) => return Err(api_err(e)),
+        };
+        for (_, l) in &more {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+        cursor = next;
+        if more.is_empty() {
+            if let Some(o) = &outcome {
+                return Ok(outcome_code(o));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// `cup logs [-f] [-n N] NAME`: a workload's console output; with `-f`,
 /// new lines as they come until the workload has ended.
 pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result<u8, String> {
@@ -446,6 +580,24 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn an_outcome_gives_the_exit_code_docker_would() {
+        assert_eq!(outcome_code("exited with code 3"), 3);
+        assert_eq!(outcome_code("exited with code 0"), 0);
+        assert_eq!(outcome_code("killed by signal 15"), 143);
+        assert_eq!(
+            outcome_code("could not start: No such file or directory (os error 2)"),
+            127
+        );
+        assert_eq!(
+            outcome_code("could not start: Permission denied (os error 13)"),
+            126
+        );
+        assert_eq!(outcome_code("powered off from inside the guest"), 0);
+        assert_eq!(outcome_code("guest crashed: triple fault"), 125);
+        assert_eq!(outcome_code("VMM error: out of memory"), 125);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use crate::sh::{self, step};
 use anyhow::{bail, Context, Result};
 use qemu_tests::{Boot, Guest, GuestConfig};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -16,20 +15,7 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// QEMU, the shared libraries it loads (by their path, with the content of
 /// the file behind any symlink), and the microvm firmware.
 fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
-    let mut files = vec![(QEMU.to_string(), PathBuf::from(QEMU))];
-    let out = Command::new("ldd").arg(QEMU).output().context("ldd")?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
-        // "/lib64/ld-linux-x86-64.so.2 (0x...)".
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            let real = std::fs::canonicalize(p).with_context(|| format!("resolve {p}"))?;
-            files.push((p.to_string(), real));
-        }
-    }
+    let mut files = crate::bench_http::with_libraries(std::path::Path::new(QEMU), QEMU)?;
     for fw in [
         "/usr/share/qemu/qboot.rom",
         "/usr/share/qemu/bios-microvm.bin",
@@ -40,8 +26,10 @@ fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
     Ok(files)
 }
 
-/// Builds the bench image beside the others; returns its directory.
-fn build_image() -> Result<PathBuf> {
+/// Builds a bench image `dir` beside the others: the test image with the
+/// example OCI image, the test root disk and `more` files; returns its
+/// directory.
+pub fn build_image(dir: &str, more: Vec<(String, PathBuf)>) -> Result<PathBuf> {
     let inputs: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sh::out_dir().join("build-inputs.json"))?)?;
     let path = |k: &str| -> Result<PathBuf> {
@@ -52,8 +40,8 @@ fn build_image() -> Result<PathBuf> {
         ))
     };
     let root = sh::root();
-    let out = sh::out_dir().join("bench-artifacts");
-    let mut extra = qemu_files()?;
+    let out = sh::out_dir().join(dir);
+    let mut extra = more;
     // What the appliance carries besides (the example OCI image, which
     // `vmmd bench-start` runs).
     let recorded: Vec<(String, PathBuf)> = serde_json::from_value(inputs["extra_files"].clone())
@@ -77,46 +65,20 @@ fn build_image() -> Result<PathBuf> {
 /// Runs the benchmark; returns the Markdown section for performance.md.
 pub fn run() -> Result<String> {
     step("VMM: steelcup's worker beside QEMU microvm, inside the appliance");
-    let dir = build_image()?;
+    let dir = build_image("bench-artifacts", qemu_files()?)?;
     let mut cfg = GuestConfig::direct("bench-vmm", &dir)?;
     cfg.memory_mib = 3072;
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
         cmdline.push_str(" steelcup.bench=vmm");
     }
-    // Under software emulation the emulated host now and then hangs while
-    // a VM starts (see docs/architecture.md); one more boot then.
-    let mut serial = None;
-    for attempt in 1..=2 {
-        let mut g = Guest::boot(&cfg)?;
-        let t0 = std::time::Instant::now();
-        // Done, or 90 s of silence (a hang), or 10 minutes, or QEMU gone.
-        let done = loop {
-            match g.wait_for("vmm-bench: done", Duration::from_secs(15)) {
-                Ok(t) => break Ok(t),
-                Err(e)
-                    if g.silent_for() < Duration::from_secs(90)
-                        && t0.elapsed() < Duration::from_secs(600)
-                        && !e.to_string().contains("QEMU exited") => {}
-                Err(e) => break Err(e),
-            }
-        };
-        // Then `cup run` cold and warm (vmmd bench-start).
-        let done = done.and_then(|_| g.wait_for("start-bench: done", Duration::from_secs(900)));
-        match done {
-            Ok(_) => {
-                serial = Some(g.serial());
-                g.wait_exit(Duration::from_secs(120))?;
-                break;
-            }
-            Err(e) if attempt == 1 && g.silent_for() > Duration::from_secs(90) => {
-                eprintln!(
-                    "the emulated host stopped during the benchmark ({e:#}); booting once more"
-                );
-            }
-            Err(e) => return Err(e.context(format!("see {}", g.log_path.display()))),
-        }
-    }
-    let serial = serial.context("no benchmark run finished")?;
+    let serial = boot_until(
+        &cfg,
+        &[
+            ("vmm-bench: done", Duration::from_secs(600)),
+            // Then `cup run` cold and warm (vmmd bench-start).
+            ("start-bench: done", Duration::from_secs(900)),
+        ],
+    )?;
     let log_path = sh::out_dir().join("qemu-logs/bench-vmm.log");
     let lines: Vec<&str> = serial
         .lines()
@@ -161,6 +123,48 @@ pub fn run() -> Result<String> {
     ));
     md.push_str(&start_section(&serial, &log_path)?);
     Ok(md)
+}
+
+/// Boots `cfg` and waits for each marker in turn (within its time, or 90 s
+/// of silence: a hang of the emulated host), then for the power-off;
+/// returns the serial console. Under software emulation the emulated host
+/// now and then hangs while a VM starts (see docs/architecture.md); such a
+/// run gets one more boot.
+pub fn boot_until(cfg: &GuestConfig, markers: &[(&str, Duration)]) -> Result<String> {
+    for attempt in 1..=2 {
+        let mut g = Guest::boot(cfg)?;
+        let mut done = Ok(Duration::ZERO);
+        for (marker, limit) in markers {
+            let t0 = std::time::Instant::now();
+            done = loop {
+                match g.wait_for(marker, Duration::from_secs(15)) {
+                    Ok(t) => break Ok(t),
+                    Err(e)
+                        if g.silent_for() < Duration::from_secs(90)
+                            && t0.elapsed() < *limit
+                            && !e.to_string().contains("QEMU exited") => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            if done.is_err() {
+                break;
+            }
+        }
+        match done {
+            Ok(_) => {
+                let serial = g.serial();
+                g.wait_exit(Duration::from_secs(120))?;
+                return Ok(serial);
+            }
+            Err(e) if attempt == 1 && g.silent_for() > Duration::from_secs(90) => {
+                eprintln!(
+                    "the emulated host stopped during the benchmark ({e:#}); booting once more"
+                );
+            }
+            Err(e) => return Err(e.context(format!("see {}", g.log_path.display()))),
+        }
+    }
+    bail!("no benchmark run finished")
 }
 
 /// The `cup run` cold/warm section from `vmmd bench-start`'s lines.

@@ -9,6 +9,7 @@
 //! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
+mod bench_http;
 mod bench_image;
 mod bench_init;
 mod bench_vmm;
@@ -35,11 +36,12 @@ fn main() {
         Some("bench") if args.iter().any(|a| a == "--init-only") => bench_init_only(),
         Some("bench") if args.iter().any(|a| a == "--image-only") => bench_image_only(),
         Some("bench") if args.iter().any(|a| a == "--vmm-only") => bench_vmm_only(),
+        Some("bench") if args.iter().any(|a| a == "--http-only") => bench_http_only(),
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only] | build"
+                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only|--http-only] | build"
             );
             std::process::exit(2);
         }
@@ -440,6 +442,15 @@ fn bench_vmm_only() -> Result<()> {
     write_sections(&md)
 }
 
+/// `cargo xtask bench --http-only`: the HTTP benchmark alone (one boot of
+/// its bench image), printed and written over its section.
+fn bench_http_only() -> Result<()> {
+    build()?;
+    let md = bench_http::run()?;
+    print!("{md}");
+    write_sections(&md)
+}
+
 /// Writes each `## ` section of `md` over the section of the same heading
 /// in docs/performance.md (or at its end).
 fn write_sections(md: &str) -> Result<()> {
@@ -471,6 +482,8 @@ fn bench() -> Result<()> {
     let artifacts = build()?;
     let vmm_md = bench_vmm::run()?;
     eprint!("{vmm_md}");
+    let http_md = bench_http::run()?;
+    eprint!("{http_md}");
     step("OCI image to root image, beside umoci unpack + mkfs.erofs");
     let image_md = bench_image::run()?;
     eprint!("{image_md}");
@@ -535,6 +548,7 @@ fn bench() -> Result<()> {
     }
     md.push_str("\nThe microVM run is vmmd's own measure: worker start to the guest's reset, including the guest kernel's boot.\n\n");
     md.push_str(&vmm_md);
+    md.push_str(&http_md);
     md.push_str(&image_md);
     let path = sh::root().join("docs/performance.md");
     std::fs::write(&path, md)?;

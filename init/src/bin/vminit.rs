@@ -204,7 +204,10 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume], user: Option<&str>) -> Re
             MsFlags::MS_NODEV
         };
         sys::mount(&v.device, &target, "ext4", flags, None).map_err(|e| error_chain(&e))?;
-        if let (true, Some(user)) = (formatted, user) {
+        // New: formatted here, or by vmmd on the host (nothing in it but
+        // mke2fs's lost+found, still root's).
+        let new = formatted || (!v.read_only && untouched(&target));
+        if let (true, Some(user)) = (new, user) {
             let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
             let owner =
                 steelcup_init::guest::resolve_user(user, &read("etc/passwd"), &read("etc/group"))
@@ -218,6 +221,21 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume], user: Option<&str>) -> Re
         }
     }
     Ok(())
+}
+
+/// A filesystem root as mke2fs leaves it: owned by root, holding only
+/// `lost+found`.
+fn untouched(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root_owned = std::fs::metadata(dir).map(|m| m.uid() == 0).unwrap_or(false);
+    let only_lost_found = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .all(|e| e.file_name() == std::ffi::OsStr::new("lost+found"))
+        })
+        .unwrap_or(false);
+    root_owned && only_lost_found
 }
 
 /// The vsock port vmmd sends control requests to.

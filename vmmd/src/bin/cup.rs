@@ -32,6 +32,8 @@ const USAGE: &str = "usage:
                                      run a process inside a running workload
   cup rm [-f] NAME...                forget ended workloads (-f: stop them first)
   cup logs [-f] [-n N] NAME          a workload's console output (-f: follow while it runs)
+  cup attach [--no-sig-proxy] NAME   follow a running workload's output until it ends (exit code = its);
+                                     signals (Ctrl-C) go to it, or with --no-sig-proxy Ctrl-C detaches
   cup kill [-s SIGNAL] NAME...       a signal (KILL unless given) to a workload's processes
   cup inspect NAME...                what vmmd knows of workloads, as JSON
   cup events                         workload state changes as they happen
@@ -355,6 +357,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             println!("{name}");
         }
         Some("kill") => return code(vmmd::cup_workloads::kill(&vmmd()?, &args[1..])),
+        Some("attach") => return code(vmmd::cup_workloads::attach(&vmmd()?, &args[1..])),
         Some("events") => {
             let p = vmmd()?;
             let changes = p.receive_workload_changed().map_err(api_err)?;
