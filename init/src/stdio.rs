@@ -283,18 +283,6 @@ pub mod guest {
         /// Sends the rest of the output (waiting up to two seconds for
         /// processes that still hold it), then the exit status.
         pub fn finish(self, status: ExitStatus) {
-            self.finish_with(status, false)
-        }
-
-        /// [`Attached::finish`] for the VM's own workload: the VM resets
-        /// right after, so wait (at most two seconds) for the host to
-        /// close its end, which it does once it has the exit status, so
-        /// the status is not lost in the guest's queue.
-        pub fn finish_before_reset(self, status: ExitStatus) {
-            self.finish_with(status, true)
-        }
-
-        fn finish_with(self, status: ExitStatus, wait_for_host: bool) {
             for _ in 0..self.pending {
                 if self.outputs.recv_timeout(Duration::from_secs(2)).is_err() {
                     break;
@@ -304,16 +292,6 @@ pub mod guest {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_frame(&mut *w, EXIT, &json);
             use nix::sys::socket::{shutdown, Shutdown};
-            if wait_for_host {
-                let _ = shutdown(w.as_raw_fd(), Shutdown::Write);
-                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-                use std::os::fd::AsFd;
-                let mut fds = [PollFd::new(
-                    w.as_fd(),
-                    PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP,
-                )];
-                let _ = poll(&mut fds, PollTimeout::from(2000u16));
-            }
             let _ = shutdown(w.as_raw_fd(), Shutdown::Both);
         }
     }

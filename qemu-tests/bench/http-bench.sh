@@ -19,6 +19,8 @@ serving() {
   i=0
   until get "$1"; do
     i=$((i+1)); [ $i -lt "$2" ] || return 1
+    # Not silent: the harness takes 90 s of silence for a hung host.
+    [ $((i % 30)) -ne 0 ] || echo "http-bench: waiting for port $1 ($i s)"
     sleep 1
   done
 }

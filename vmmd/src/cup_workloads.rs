@@ -166,6 +166,9 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
         println!("{name}");
         return Ok(0);
     }
+    // The run's end as vmmd announces it, for when the stream ends
+    // without the exit frame (the VM reset before its last packet left).
+    let ended = run_end(p, &name)?;
     let conn = attach::connect_when_ready(
         &mut || vm_socket(p, &name),
         ATTACH_PORT,
@@ -173,8 +176,32 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
     )?;
     match attach::session(conn, stdin, spec.tty) {
         Ok(status) => Ok(attach::exit_code(status)),
-        Err(e) => Err(format!("{name}: {e}{}", outcome(p, &name))),
+        Err(e) => match ended.recv_timeout(Duration::from_secs(60)) {
+            Ok(o) if !o.is_empty() => Ok(outcome_code(&o)),
+            _ => Err(format!("{name}: {e}{}", outcome(p, &name))),
+        },
     }
+}
+
+/// The last outcome of workload `name`'s run, sent once vmmd says the run
+/// ended (state `ended` or `waiting`, or `removed`: a `--rm` workload is
+/// forgotten at once, so its outcome is only in the signal).
+fn run_end(
+    p: &Vmm1ClientProxy<'static>,
+    name: &str,
+) -> Result<std::sync::mpsc::Receiver<String>, String> {
+    let (tx, ended) = std::sync::mpsc::channel::<String>();
+    let changes = p.receive_workload_changed().map_err(api_err)?;
+    let watched = name.to_string();
+    std::thread::spawn(move || {
+        for c in changes {
+            let Ok(a) = c.args() else { continue };
+            if a.name == watched && matches!(a.state, "ended" | "waiting" | "removed") {
+                let _ = tx.send(a.last_outcome.to_string());
+            }
+        }
+    });
+    Ok(ended)
 }
 
 /// How workload `name` last ended, as `; OUTCOME`, if vmmd still knows it.
@@ -464,7 +491,10 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
     for sig in PROXIED {
         // SAFETY: the handler only stores into an atomic.
         unsafe {
-            libc::signal(sig, note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+            libc::signal(
+                sig,
+                note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
     }
     let (flags, names) = flags(args, &[])?;
@@ -491,19 +521,7 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
             info.state
         ));
     }
-    // The run's end as vmmd announces it (a --rm workload is removed right
-    // after, so its outcome is only in the signal).
-    let (tx, ended) = std::sync::mpsc::channel::<String>();
-    let changes = p.receive_workload_changed().map_err(api_err)?;
-    let watched = name.clone();
-    std::thread::spawn(move || {
-        for c in changes {
-            let Ok(a) = c.args() else { continue };
-            if a.name == watched && matches!(a.state, "ended" | "waiting" | "removed") {
-                let _ = tx.send(a.last_outcome.to_string());
-            }
-        }
-    });
+    let ended = run_end(p, name)?;
     let (_, mut cursor, _) = p.tail(name, 0).map_err(api_err)?;
     let mut out = std::io::stdout().lock();
     let mut outcome: Option<String> = None;

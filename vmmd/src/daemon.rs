@@ -1956,7 +1956,11 @@ mod tests {
         // Sparse: nothing zeroed (the journal and inode tables are not
         // written on a new file).
         use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() * 512 < 4 << 20, "{} bytes allocated", meta.blocks() * 512);
+        assert!(
+            meta.blocks() * 512 < 4 << 20,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
         let bytes = std::fs::read(&path).unwrap();
         // The ext superblock at 1024: magic 0xEF53 at offset 56, and a
         // journal (has_journal in the compat features at 92).

@@ -42,12 +42,16 @@ fn layer(layout: &Path) -> Result<PathBuf> {
     };
     let blob = |d: &serde_json::Value| -> Result<PathBuf> {
         let d = d.as_str().context("a digest that is not a string")?;
-        let hex = d.strip_prefix("sha256:").context("a digest that is not sha256")?;
+        let hex = d
+            .strip_prefix("sha256:")
+            .context("a digest that is not sha256")?;
         Ok(layout.join("blobs/sha256").join(hex))
     };
     let index = json(layout.join("index.json"))?;
     let manifest = json(blob(&index["manifests"][0]["digest"])?)?;
-    let layers = manifest["layers"].as_array().context("manifest without layers")?;
+    let layers = manifest["layers"]
+        .as_array()
+        .context("manifest without layers")?;
     if layers.len() != 1 {
         bail!("the nginx image has {} layers, not one", layers.len());
     }
@@ -81,7 +85,10 @@ fn files(nginx_image: &str) -> Result<Vec<(String, PathBuf)>> {
         )?;
         std::fs::write(&stamp, layer.to_string_lossy().as_bytes())?;
     }
-    files.extend(with_libraries(&host.join("usr/sbin/nginx"), "/usr/sbin/nginx")?);
+    files.extend(with_libraries(
+        &host.join("usr/sbin/nginx"),
+        "/usr/sbin/nginx",
+    )?);
     for dir in ["etc/nginx", "var/www/html"] {
         for e in walkdir(&host.join(dir))? {
             let rel = e.strip_prefix(&host)?.to_string_lossy().into_owned();
@@ -216,10 +223,18 @@ fn section(serial: &str) -> Result<String> {
     // "round N microvm: <wrk line>" grouped by (round, where).
     let mut runs: BTreeMap<(u32, String), Vec<&str>> = BTreeMap::new();
     for l in &lines {
-        let Some(rest) = l.strip_prefix("round ") else { continue };
-        let Some((head, line)) = rest.split_once(": ") else { continue };
-        let Some((n, who)) = head.split_once(' ') else { continue };
-        runs.entry((n.parse()?, who.to_string())).or_default().push(line);
+        let Some(rest) = l.strip_prefix("round ") else {
+            continue;
+        };
+        let Some((head, line)) = rest.split_once(": ") else {
+            continue;
+        };
+        let Some((n, who)) = head.split_once(' ') else {
+            continue;
+        };
+        runs.entry((n.parse()?, who.to_string()))
+            .or_default()
+            .push(line);
     }
     let mut by: BTreeMap<String, Vec<Wrk>> = BTreeMap::new();
     for ((_, who), l) in &runs {
@@ -309,7 +324,11 @@ Transfer/sec:      1.67MB";
     #[test]
     fn the_section_pairs_rounds_and_gives_the_ratio() {
         let mut serial = String::from("[bench-http] http-bench| setup: wrk -t1 -c16\n");
-        for (r, vm, host) in [(1, "1000.00", "4000.00"), (2, "1200.00", "4400.00"), (3, "900.00", "3900.00")] {
+        for (r, vm, host) in [
+            (1, "1000.00", "4000.00"),
+            (2, "1200.00", "4400.00"),
+            (3, "900.00", "3900.00"),
+        ] {
             for (who, rate) in [("microvm", vm), ("host", host)] {
                 for l in WRK.lines() {
                     let l = if l.starts_with("Requests/sec") {
@@ -322,15 +341,22 @@ Transfer/sec:      1.67MB";
             }
         }
         let md = section(&serial).unwrap();
-        assert!(md.contains("| in a microVM, through published port 8080 | 1000 |"), "{md}");
+        assert!(
+            md.contains("| in a microVM, through published port 8080 | 1000 |"),
+            "{md}"
+        );
         assert!(md.contains("| on the host, port 80 | 4000 |"), "{md}");
         assert!(md.contains("**0.25×**"), "{md}");
-        assert!(md.contains("microVM 1000, 1200, 900; host 4000, 4400, 3900"), "{md}");
+        assert!(
+            md.contains("microVM 1000, 1200, 900; host 4000, 4400, 3900"),
+            "{md}"
+        );
     }
 
     #[test]
     fn a_failed_run_says_why() {
-        let e = section("http-bench| error: nginx in the microVM never served on 8080\n").unwrap_err();
+        let e =
+            section("http-bench| error: nginx in the microVM never served on 8080\n").unwrap_err();
         assert!(e.to_string().contains("never served"), "{e}");
     }
 }

@@ -227,7 +227,9 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume], user: Option<&str>) -> Re
 /// `lost+found`.
 fn untouched(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let root_owned = std::fs::metadata(dir).map(|m| m.uid() == 0).unwrap_or(false);
+    let root_owned = std::fs::metadata(dir)
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
     let only_lost_found = std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -672,7 +674,7 @@ fn run() -> ExitStatus {
     });
     let finish = |attached: &mut Option<stdio::guest::Attached>, status: ExitStatus| {
         if let Some(a) = attached.take() {
-            a.finish_before_reset(status);
+            a.finish(status);
         }
         status
     };
