@@ -796,15 +796,19 @@ fn announce(
             seen.insert(name.clone(), now);
         }
     }
+    let removed = core.removed.lock().map(|r| r.clone()).unwrap_or_default();
     seen.retain(|name, (_, _, outcome)| {
         let kept = core.workloads.contains_key(name);
         if !kept {
-            let change = (
-                name.clone(),
-                "removed".into(),
-                String::new(),
-                outcome.clone(),
-            );
+            // How its last run ended, as it was when vmmd forgot it: a
+            // `cup run --rm` workload ends and goes between two
+            // announcements, and its outcome is only in this signal.
+            let last = removed
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map_or_else(|| outcome.clone(), |(_, o)| o.clone());
+            let change = (name.clone(), "removed".into(), String::new(), last);
             let _ = changes.send(change);
         }
         kept
