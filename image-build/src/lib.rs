@@ -13,6 +13,7 @@
 //! # Limitations
 //! The disk image is still to come.
 
+pub mod disk;
 pub mod manifest;
 pub mod modules;
 pub mod tree;

@@ -39,9 +39,10 @@ fn main() {
         Some("bench") if args.iter().any(|a| a == "--http-only") => bench_http_only(),
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
+        Some("disk") => disk().map(|_| ()),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only|--http-only] | build"
+                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk"
             );
             std::process::exit(2);
         }
@@ -53,6 +54,41 @@ fn main() {
 }
 
 /// Builds everything; returns the artifacts directory.
+/// `cargo xtask disk`: the appliance as a flashable disk image (GPT, ESP
+/// with GRUB, OS slots A and B, state; docs/disk-image.md) in
+/// `target/steelcup/disk`: `disk.img`, `disk.qcow2` and the update file
+/// `slot.img`.
+fn disk() -> Result<PathBuf> {
+    let artifacts = build()?;
+    deps::ensure_packages(&[
+        "grub-efi-amd64-bin",
+        "grub-common",
+        "systemd-boot-efi",
+        "qemu-utils",
+        "binutils",
+    ])?;
+    step("building the disk image (GRUB, unified kernel image, GPT)");
+    let out = sh::out_dir().join("disk");
+    std::fs::create_dir_all(&out)?;
+    let cmdline = std::fs::read_to_string(artifacts.join("cmdline"))?;
+    let manifest = image_build::disk::build(
+        &artifacts.join("vmlinuz"),
+        &artifacts.join("initramfs.cpio.zst"),
+        cmdline.trim(),
+        &out,
+    )?;
+    let size = |n: &str| std::fs::metadata(out.join(n)).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "disk image: {} (raw {} MB, qcow2 {} MB); OS slot {} with a {:.1} MB unified kernel image",
+        out.join("disk.img").display(),
+        size("disk.img") / 1_000_000,
+        size("disk.qcow2") / 1_000_000,
+        manifest["version"].as_str().unwrap_or("?"),
+        manifest["uki_bytes"].as_u64().unwrap_or(0) as f64 / 1e6
+    );
+    Ok(out)
+}
+
 fn build() -> Result<PathBuf> {
     let t0 = Instant::now();
     deps::ensure()?;
