@@ -130,6 +130,15 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// The slot's files as (path, bytes) for [`fat`].
+    pub fn named_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .files()?
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d))
+            .collect())
+    }
+
     /// The slot's files by name.
     pub fn files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let sums = format!("{}  steelcup.efi\n", hex::encode(Sha256::digest(&self.uki)));
@@ -272,11 +281,7 @@ fn uuid_of(what: &str, salt: &[u8]) -> uuid::Uuid {
 /// The whole disk: the ESP with GRUB, slot A holding `slot`, slot B
 /// empty, a blank state partition. Returns the raw image.
 pub fn disk(esp_files: &[(String, Vec<u8>)], slot: &Slot) -> Result<Vec<u8>> {
-    let slot_files: Vec<(String, Vec<u8>)> = slot
-        .files()?
-        .into_iter()
-        .map(|(n, d)| (n.to_string(), d))
-        .collect();
+    let slot_files = slot.named_files()?;
     let salt = Sha256::digest(&slot.uki);
     let esp = fat(ESP_BYTES, "STEELCUP", esp_files)?;
     let a = fat(SLOT_BYTES, "STEELCUP_A", &slot_files)?;
@@ -392,11 +397,7 @@ pub fn build(
         ("EFI/steelcup/grubenv".to_string(), env),
     ];
     let raw = disk(&esp_files, &slot)?;
-    let slot_files: Vec<(String, Vec<u8>)> = slot
-        .files()?
-        .into_iter()
-        .map(|(n, d)| (n.to_string(), d))
-        .collect();
+    let slot_files = slot.named_files()?;
     write(
         &out.join("slot.img"),
         &fat(SLOT_BYTES, "STEELCUP_A", &slot_files)?,
