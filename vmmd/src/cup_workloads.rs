@@ -601,6 +601,20 @@ mod tests {
     }
 
     #[test]
+    fn the_exit_code_is_read_from_vmmd_s_own_words() {
+        use crate::config::VmOutcome;
+        // The outcome in WorkloadChanged is VmOutcome's Display.
+        let code = |o: VmOutcome| outcome_code(&o.to_string());
+        assert_eq!(code(VmOutcome::Exited { code: 3 }), 3);
+        assert_eq!(code(VmOutcome::Killed { signal: 9 }), 137);
+        assert_eq!(code(VmOutcome::StartFailed { errno: 2 }), 127);
+        assert_eq!(code(VmOutcome::StartFailed { errno: 13 }), 126);
+        assert_eq!(code(VmOutcome::PoweredOff), 0);
+        assert_eq!(code(VmOutcome::Rebooted), 0);
+        assert_eq!(code(VmOutcome::GuestReset), 125);
+    }
+
+    #[test]
     fn an_outcome_gives_the_exit_code_docker_would() {
         assert_eq!(outcome_code("exited with code 3"), 3);
         assert_eq!(outcome_code("exited with code 0"), 0);

@@ -796,18 +796,23 @@ fn announce(
             seen.insert(name.clone(), now);
         }
     }
-    let removed = core.removed.lock().map(|r| r.clone()).unwrap_or_default();
     seen.retain(|name, (_, _, outcome)| {
         let kept = core.workloads.contains_key(name);
         if !kept {
             // How its last run ended, as it was when vmmd forgot it: a
             // `cup run --rm` workload ends and goes between two
             // announcements, and its outcome is only in this signal.
-            let last = removed
-                .iter()
-                .rev()
-                .find(|(n, _)| n == name)
-                .map_or_else(|| outcome.clone(), |(_, o)| o.clone());
+            let last = core
+                .removed
+                .lock()
+                .ok()
+                .and_then(|r| {
+                    r.iter()
+                        .rev()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, o)| o.clone())
+                })
+                .unwrap_or_else(|| outcome.clone());
             let change = (name.clone(), "removed".into(), String::new(), last);
             let _ = changes.send(change);
         }
@@ -1406,8 +1411,8 @@ const MKE2FS_PATHS: [&str; 3] = ["/usr/sbin/mke2fs", "/sbin/mke2fs", "/usr/bin/m
 
 /// Formats a new, sparse volume file as ext4 on the host, when mke2fs is
 /// there: with nothing to zero on a new file (`assume_storage_prezeroed`:
-/// inode tables and journal are taken as zeroed, so the file stays sparse
-/// and neither mke2fs nor the guest kernel writes them), it takes
+/// the inode tables are taken as zeroed, so the file stays sparse and
+/// neither mke2fs nor the guest kernel writes them), it takes
 /// milliseconds, where the guest's busybox mke2fs writes every inode
 /// table through the VM's disk. Without mke2fs (false), vminit formats the
 /// blank disk on first use.
@@ -1963,8 +1968,8 @@ mod tests {
         assert_eq!(path, dir.path().join("volumes/web/data.img"));
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 64 << 20);
-        // Sparse: nothing zeroed (the journal and inode tables are not
-        // written on a new file).
+        // Sparse: nothing zeroed (the inode tables are not written on a
+        // new file).
         use std::os::unix::fs::MetadataExt;
         assert!(
             meta.blocks() * 512 < 4 << 20,
