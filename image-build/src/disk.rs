@@ -41,7 +41,7 @@ pub const STATE_BYTES: u64 = 16 * MIB;
 pub const SLOT_FILES: [&str; 3] = ["steelcup.efi", "SHA256SUMS", "manifest.json"];
 /// How many boots a slot gets before GRUB passes it over (init's health
 /// gate sets them back after a good boot).
-pub const TRIES: u32 = 3;
+pub const TRIES: u32 = steelcup_init::slots::TRIES;
 
 /// Where the boot pieces come from on the build machine (Debian's
 /// grub-efi-amd64-bin and systemd-boot-efi).
@@ -98,28 +98,14 @@ sleep 10
 reboot
 "#;
 
-/// A GRUB environment block (1024 bytes, `#`-padded) with `vars`.
+/// A GRUB environment block with `vars` (init reads and writes the same
+/// block: [`steelcup_init::slots`]).
 pub fn grubenv(vars: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
-    let mut s = String::from("# GRUB Environment Block\n");
-    for (k, v) in vars {
-        s.push_str(&format!("{k}={v}\n"));
-    }
-    if s.len() > 1024 {
-        bail!("grubenv: {} bytes of variables, more than a block", s.len());
-    }
-    let mut b = s.into_bytes();
-    b.resize(1024, b'#');
-    Ok(b)
-}
-
-/// The variables of a grubenv block (`KEY=VALUE` lines).
-pub fn parse_grubenv(block: &[u8]) -> BTreeMap<String, String> {
-    String::from_utf8_lossy(block)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    let vars = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    steelcup_init::slots::encode_env(&vars).map_err(anyhow::Error::msg)
 }
 
 /// What goes into one OS slot.
@@ -428,27 +414,6 @@ fn write(path: &PathBuf, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grubenv_is_one_padded_block_and_reads_back() {
-        let b = grubenv(&BTreeMap::from([
-            ("ORDER", "B A".to_string()),
-            ("B_TRIES", "1".to_string()),
-        ]))
-        .unwrap();
-        assert_eq!(b.len(), 1024);
-        assert!(b.starts_with(b"# GRUB Environment Block\nB_TRIES=1\nORDER=B A\n#"));
-        let vars = parse_grubenv(&b);
-        assert_eq!(vars["ORDER"], "B A");
-        assert_eq!(vars["B_TRIES"], "1");
-        assert_eq!(vars.len(), 2);
-    }
-
-    #[test]
-    fn a_grubenv_too_big_is_refused() {
-        let big = "x".repeat(1100);
-        assert!(grubenv(&BTreeMap::from([("K", big)])).is_err());
-    }
 
     #[test]
     fn fat_holds_the_files_and_is_the_same_each_time() {

@@ -18,6 +18,8 @@ pub mod modules;
 pub mod network;
 pub mod power;
 pub mod probe;
+pub mod slots;
+pub mod state;
 pub mod stdio;
 pub mod supervisor;
 pub mod sys;

@@ -3,8 +3,8 @@
 //! pairs standing in for VM taps and namespaces for the guests and for a
 //! machine outside; after teardown nothing of it is left.
 //!
-//! Needs root, `ip` (iproute2), `nft` (nftables), `curl` and `python3`;
-//! says so and skips without them. The same behaviour with real VMs is
+//! Needs root, `ip` (iproute2), `nft` (nftables), `conntrack`, `curl` and
+//! `python3`; says so and skips without them. The same behaviour with real VMs is
 //! covered by qemu-tests (`network_on_nested_kvm`).
 
 use std::net::Ipv4Addr;
@@ -18,7 +18,7 @@ fn missing_tools() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root".into());
     }
-    for tool in ["ip", "curl", "python3"] {
+    for tool in ["ip", "curl", "python3", "conntrack"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -110,7 +110,7 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn bridge_nat_published_ports_isolation_and_dns() {
     if let Some(why) = missing_tools() {
-        eprintln!("SKIP: the network namespace test needs root, ip, nft, curl and python3: {why}");
+        eprintln!("SKIP: the network namespace test needs root, ip, nft, conntrack, curl and python3: {why}");
         return;
     }
     let id = std::process::id();
@@ -223,12 +223,35 @@ fn bridge_nat_published_ports_isolation_and_dns() {
         get(Some(&b), &format!("http://{ip_a}:81/")).as_deref(),
         Ok("web on 81, unpublished")
     );
-    // Not ready: the published port forwards nowhere.
+    // The kernel tracks the published port's connections to web.1 (their
+    // NAT bindings) ...
+    let tracked = || {
+        let out = Command::new("conntrack")
+            .args(["-L", "--reply-src", &ip_a.to_string()])
+            .output()
+            .expect("conntrack -L");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("dport=8080"))
+            .count()
+    };
+    assert!(
+        tracked() > 0,
+        "no tracked connection to {ip_a} through 8080"
+    );
+    // Not ready: the published port forwards nowhere, and what the kernel
+    // tracked to web.1 is gone (a client reusing its source port would
+    // otherwise still reach it).
     net.sync(&[RunningVm {
         ready: false,
         ..web.clone()
     }])
     .unwrap();
+    assert_eq!(
+        tracked(),
+        0,
+        "connections to a gone backend are still tracked"
+    );
     assert!(get(Some(&out), "http://192.168.77.1:8080/").is_err());
 
     // DNS on the gateway: workloads by name.

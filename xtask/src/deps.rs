@@ -37,6 +37,8 @@ pub const PACKAGES: &[&str] = &[
     // host-side tests in network namespaces made with ip), curl as the
     // client from outside.
     "nftables",
+    // conntrack: vmmd deletes a gone replica's tracked connections.
+    "conntrack",
     // The CA certificates shipped in the image, for registries over HTTPS.
     "ca-certificates",
     "iproute2",

@@ -11,14 +11,15 @@
 //! `RUN-DIR/init.sock`, and stops its units and exits on SIGTERM or SIGINT.
 
 use nix::sys::signal::Signal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use steelcup_init::api;
 use steelcup_init::boot::{self, error_chain, phase};
 use steelcup_init::supervisor::logs::LogStore;
-use steelcup_init::supervisor::{Ending, Options, Supervisor};
+use steelcup_init::supervisor::{Ending, Gate, Options, Supervisor};
 use steelcup_init::sys::{self, PowerAction};
-use steelcup_init::units;
+use steelcup_init::{slots, state, units};
 
 struct Args {
     units: PathBuf,
@@ -76,6 +77,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     ];
     // Block signals before any thread exists, so every thread inherits the mask.
     let mut sfd = sys::signalfd(&signals).map_err(|e| error_chain(&e))?;
+    let mut booted = None;
     if pid1 {
         tracing::info!(
             "steelcup init {} starting as PID 1",
@@ -90,6 +92,23 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         phase("hostname", boot::hostname)
             .unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
         phase("modules", boot::load_modules);
+        booted = phase("state", || {
+            let parts = state::partitions(Path::new("/sys/class/block"));
+            state::report(&state::mount_state(&parts));
+            slots::Booted::probe(&parts).unwrap_or_else(|e| {
+                tracing::error!("slots: {e}; the health gate will not mark this boot");
+                None
+            })
+        });
+        if let Some(b) = &booted {
+            tracing::info!("slots: {}", b.env.describe());
+            if let Some(slot) = b.env.passed_over() {
+                tracing::warn!(
+                    "slots: slot {slot} was first but did not come up; rolled back to slot {}",
+                    b.env.booted().unwrap_or("?")
+                );
+            }
+        }
         phase("entropy", boot::entropy);
         steelcup_init::power::watch();
         phase("network", steelcup_init::network::bring_up);
@@ -137,11 +156,53 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
                 args.run_dir.display()
             ),
         }
+        if let Some(b) = booted.take() {
+            sup.set_gate(health_gate(b, &sup.kernel_cmdline));
+        }
         sup.start_ready(std::time::Instant::now());
         sup
     });
     match sup.run(&mut sfd, Some(&control)) {
         Ending::Power(action) => Ok(action),
+    }
+}
+
+/// How long the health gate waits for every service by default
+/// (`steelcup.health-timeout=SECONDS` on the kernel command line).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The boot's health gate for a disk boot: passing marks the booted slot
+/// good; failing reboots when the other slot has tries left (GRUB then goes
+/// back to it once this one's are spent), and otherwise leaves the machine
+/// up as it is.
+fn health_gate(mut booted: slots::Booted, cmdline: &str) -> Gate {
+    let timeout = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("steelcup.health-timeout="))
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(HEALTH_TIMEOUT);
+    let fallback = booted.env.fallback();
+    let slot = booted.env.booted().unwrap_or("?").to_string();
+    let this = slot.clone();
+    Gate {
+        deadline: std::time::Instant::now() + timeout,
+        on_pass: Box::new(move || match booted.passed() {
+            Ok(()) => tracing::info!("slots: slot {slot} marked good ({})", booted.env.describe()),
+            Err(e) => tracing::error!("slots: marking slot {slot} good: {e}"),
+        }),
+        on_fail: Box::new(move |_why| match fallback {
+            Some(other) => {
+                tracing::error!("slots: slot {this} is not good; slot {other} has tries left");
+                true
+            }
+            None => {
+                tracing::error!(
+                    "slots: slot {this} is not good, and no other slot can boot; staying up"
+                );
+                false
+            }
+        }),
     }
 }
 
@@ -185,6 +246,7 @@ fn main() {
         return;
     }
     boot::save_seed();
+    state::settle();
     tracing::info!(
         "syncing disks and {}",
         match action {

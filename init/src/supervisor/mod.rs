@@ -137,6 +137,33 @@ pub struct Options {
 /// Called on every state change: (unit, new state).
 pub type Observer = Box<dyn Fn(&str, &State) + Send>;
 
+/// The boot's health gate: it passes once every service has started (each
+/// running and ready, or done with status 0, or skipped by its condition)
+/// before `deadline`, and fails when a service has failed or the deadline
+/// comes first. Judged once per boot.
+pub struct Gate {
+    pub deadline: Instant,
+    pub on_pass: Box<dyn FnOnce() + Send>,
+    /// Told why; returns true to reboot.
+    pub on_fail: Box<dyn FnOnce(&str) -> bool + Send>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a gate sees now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pending,
+    Passed,
+    Failed(String),
+}
+
 /// The supervisor of a set of service units.
 pub struct Supervisor {
     services: BTreeMap<String, Service>,
@@ -152,6 +179,7 @@ pub struct Supervisor {
     pub kernel_cmdline: String,
     boot: Instant,
     all_started_reported: bool,
+    gate: Option<Gate>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -187,9 +215,65 @@ impl Supervisor {
             kernel_cmdline: crate::units::kernel_cmdline(),
             boot: Instant::now(),
             all_started_reported: false,
+            gate: None,
         };
         sup.apply(units);
         sup
+    }
+
+    /// Sets the boot's health gate.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
+    }
+
+    /// The gate's verdict on the services now, at `now` against `deadline`.
+    pub fn verdict(&self, now: Instant, deadline: Instant) -> Verdict {
+        let mut waiting = Vec::new();
+        for (name, s) in &self.services {
+            match &s.state {
+                State::Running | State::Exited(0) | State::Skipped(_) => {}
+                State::Failed(why) => return Verdict::Failed(format!("unit {name} failed: {why}")),
+                State::Exited(code) => {
+                    return Verdict::Failed(format!("unit {name} exited with status {code}"))
+                }
+                _ => waiting.push(name.as_str()),
+            }
+        }
+        if waiting.is_empty() {
+            Verdict::Passed
+        } else if now >= deadline {
+            Verdict::Failed(format!(
+                "not started within {:.0}s: {}",
+                deadline.saturating_duration_since(self.boot).as_secs_f64(),
+                waiting.join(", ")
+            ))
+        } else {
+            Verdict::Pending
+        }
+    }
+
+    /// Judges the gate once its verdict is in; true: reboot.
+    fn judge_gate(&mut self, now: Instant) -> bool {
+        let Some(deadline) = self.gate.as_ref().map(|g| g.deadline) else {
+            return false;
+        };
+        match self.verdict(now, deadline) {
+            Verdict::Pending => false,
+            Verdict::Passed => {
+                tracing::info!(
+                    "health gate passed in {:.1}s",
+                    self.boot.elapsed().as_secs_f64()
+                );
+                if let Some(g) = self.gate.take() {
+                    (g.on_pass)();
+                }
+                false
+            }
+            Verdict::Failed(why) => {
+                tracing::error!("health gate failed: {why}");
+                self.gate.take().is_some_and(|g| (g.on_fail)(&why))
+            }
+        }
     }
 
     /// Registers the observer of state changes (the API's signals).
@@ -700,6 +784,7 @@ impl Supervisor {
                 State::Starting => s.ready_deadline,
                 _ => None,
             })
+            .chain(self.gate.as_ref().map(|g| g.deadline))
             .min()
     }
 
@@ -781,6 +866,11 @@ impl Supervisor {
             let now = Instant::now();
             self.check_deadlines(now);
             self.start_ready(now);
+            if self.judge_gate(now) {
+                tracing::info!("rebooting: the other slot boots next");
+                self.stop_all();
+                return Ending::Power(PowerAction::Reboot);
+            }
             let timeout = self
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()))

@@ -15,6 +15,13 @@
 //! replaces at start, and the leases, which it prunes to the workloads it
 //! knows.
 //!
+//! When an address stops being a backend of a published port (its replica
+//! ended, became unhealthy or is stopping), the connections the kernel
+//! tracks to it are deleted (Debian's `conntrack -D --reply-src`): a client
+//! that reuses a source port (QEMU's user network does) would otherwise
+//! ride the old NAT binding to the dead replica's address, which the
+//! restarted replica reuses before its server listens.
+//!
 //! # Limitations
 //! IPv4 only; one bridge; DNS over UDP only; published ports are DNATed by
 //! the kernel, so a connection stays with the replica it first reached.
@@ -24,7 +31,7 @@ pub mod ipam;
 pub mod nft;
 
 use ipam::{Ipam, Subnet};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use steelcup_init::guest::GuestNetwork;
@@ -146,6 +153,11 @@ pub struct HostNet {
     ipam: Ipam,
     records: dns::Records,
     nft: PathBuf,
+    /// Debian's conntrack program (None: tracked connections to a gone
+    /// backend are left to time out).
+    conntrack: Option<PathBuf>,
+    /// The backends of the rule set applied last.
+    backends: BTreeSet<Ipv4Addr>,
     applied: Option<String>,
     failed: Option<String>,
     dns: Option<(
@@ -157,13 +169,50 @@ pub struct HostNet {
 /// Where vmmd looks for `nft`.
 const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 
-/// The `nft` program, or why there is none.
-pub fn find_nft() -> Result<PathBuf, String> {
-    NFT_PATHS
+/// Where vmmd looks for `conntrack`.
+const CONNTRACK_PATHS: &[&str] = &["/usr/sbin/conntrack", "/sbin/conntrack"];
+
+fn find_program(name: &str, paths: &[&str]) -> Result<PathBuf, String> {
+    paths
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .ok_or_else(|| format!("no nft program (looked in {})", NFT_PATHS.join(", ")))
+        .ok_or_else(|| format!("no {name} program (looked in {})", paths.join(", ")))
+}
+
+/// The `nft` program, or why there is none.
+pub fn find_nft() -> Result<PathBuf, String> {
+    find_program("nft", NFT_PATHS)
+}
+
+/// Deletes the connections the kernel tracks whose replies come from `ip`
+/// (`conntrack -D --reply-src IP`): its NAT bindings included. None found
+/// is not an error.
+pub fn forget_flows(conntrack: &Path, ip: Ipv4Addr) -> Result<usize, String> {
+    let out = std::process::Command::new(conntrack)
+        .args(["-D", "--reply-src"])
+        .arg(ip.to_string())
+        .output()
+        .map_err(|e| format!("run {}: {e}", conntrack.display()))?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    match flows_deleted(&said) {
+        Some(n) => Ok(n),
+        None if out.status.success() => Ok(0),
+        None => Err(format!(
+            "conntrack -D --reply-src {ip} ({}): {}",
+            out.status,
+            said.trim()
+        )),
+    }
+}
+
+/// How many entries conntrack's report (on its stderr) says it deleted:
+/// "conntrack v1.4.7 (conntrack-tools): N flow entries have been deleted."
+/// (it exits 1 when N is 0).
+fn flows_deleted(said: &str) -> Option<usize> {
+    said.lines()
+        .find_map(|l| l.split_once(" flow entries have been deleted"))
+        .and_then(|(n, _)| n.rsplit(' ').next()?.parse().ok())
 }
 
 impl HostNet {
@@ -172,6 +221,13 @@ impl HostNet {
     /// starts the DNS server.
     pub fn setup(opts: NetOptions, state_dir: &Path) -> Result<HostNet, String> {
         let nft = find_nft()?;
+        let conntrack = find_program("conntrack", CONNTRACK_PATHS)
+            .map_err(|e| {
+                tracing::warn!(
+                    "network: {e}: connections to a replica that went stay bound to its address until they time out"
+                )
+            })
+            .ok();
         link::ensure_bridge(&opts.bridge, opts.subnet, opts.mtu)
             .map_err(|e| format!("bridge {}: {e}", opts.bridge))?;
         set_sysctls(&opts.bridge)?;
@@ -181,6 +237,8 @@ impl HostNet {
             ipam,
             records: Default::default(),
             nft,
+            conntrack,
+            backends: BTreeSet::new(),
             applied: None,
             failed: None,
             dns: None,
@@ -258,6 +316,21 @@ impl HostNet {
             Ok(()) => {
                 self.applied = Some(script);
                 self.failed = None;
+                // New connections no longer go to a gone backend; the ones
+                // the kernel still tracks to it go now.
+                let backends = plan.backends();
+                if let Some(ct) = &self.conntrack {
+                    for ip in self.backends.difference(&backends) {
+                        match forget_flows(ct, *ip) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                "network: {n} tracked connections to {ip} deleted (no longer behind a published port)"
+                            ),
+                            Err(e) => tracing::warn!("network: {e}"),
+                        }
+                    }
+                }
+                self.backends = backends;
                 Ok(())
             }
             Err(e) => {
@@ -532,6 +605,26 @@ pub mod link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conntrack_reports_are_read() {
+        assert_eq!(
+            flows_deleted(
+                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            flows_deleted(
+                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
+            ),
+            Some(0)
+        );
+        assert_eq!(
+            flows_deleted("conntrack v1.4.7 (conntrack-tools): Operation not permitted\n"),
+            None
+        );
+    }
 
     #[test]
     fn network_options_parse() {

@@ -53,6 +53,16 @@ pub struct Plan {
     pub publications: Vec<Publication>,
 }
 
+impl Plan {
+    /// Every address some published port sends connections to.
+    pub fn backends(&self) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.publications
+            .iter()
+            .flat_map(|p| p.backends.iter().copied())
+            .collect()
+    }
+}
+
 /// The nft script that replaces both tables with the rule set of `plan`.
 pub fn render(plan: &Plan) -> String {
     let br = &plan.bridge;
