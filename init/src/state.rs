@@ -168,6 +168,7 @@ pub fn mount_state(parts: &[Partition]) -> Result<Outcome, String> {
             ))
         }
         Content::Blank => {
+            tracing::info!("state: {} is blank: growing and formatting it", dev.display());
             let grown = match grow_last_partition(&part.disk, part.number) {
                 Ok(g) => g,
                 // Formatting what is there is still better than no /var.
@@ -176,6 +177,9 @@ pub fn mount_state(parts: &[Partition]) -> Result<Outcome, String> {
                     None
                 }
             };
+            if let Some((from, to)) = grown {
+                tracing::info!("state: grown from {} to {} MiB", from >> 20, to >> 20);
+            }
             format_ext4(dev)?;
             Outcome::Formatted {
                 dev: dev.clone(),
@@ -204,6 +208,8 @@ fn format_ext4(dev: &Path) -> Result<(), String> {
             "nodiscard",
         ])
         .arg(dev)
+        // Nobody answers a question at boot: one asked is an error.
+        .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("run {MKE2FS}: {e}"))?;
     if !out.status.success() {
@@ -505,6 +511,8 @@ pub fn settle() {
         None::<&str>,
     ) {
         Ok(()) => tracing::info!("state: {VAR} remounted read-only"),
+        // init's own log files are still open: synced with the rest.
+        Err(nix::errno::Errno::EBUSY) => {}
         Err(e) => tracing::warn!("state: remount {VAR} read-only: {e}"),
     }
 }

@@ -70,7 +70,15 @@ pub enum Boot {
     },
     /// QEMU's iPXE ROM fetches `bootfile` from `dir` over QEMU's built-in TFTP.
     Pxe { dir: PathBuf, bootfile: String },
+    /// UEFI firmware (Debian's OVMF) boots `disk` (qcow2) as a server boots
+    /// its disk; `vars` is this machine's copy of the firmware's variables.
+    Uefi { disk: PathBuf, vars: PathBuf },
 }
+
+/// Debian's OVMF (ovmf): the firmware code, and the variables a machine
+/// starts from.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -110,6 +118,27 @@ impl GuestConfig {
         })
     }
 
+    /// A machine that boots `disk` under UEFI, its firmware variables
+    /// (fresh from OVMF's) kept beside its log.
+    pub fn uefi(name: &str, disk: &Path, log_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        let vars = log_dir.join(format!("{name}.ovmf-vars.fd"));
+        std::fs::copy(OVMF_VARS, &vars)
+            .with_context(|| format!("copy {OVMF_VARS} (is ovmf installed?)"))?;
+        Ok(GuestConfig {
+            name: name.into(),
+            boot: Boot::Uefi {
+                disk: disk.into(),
+                vars,
+            },
+            memory_mib: 2048,
+            cpus: 2,
+            log_dir: log_dir.into(),
+            echo: false,
+            forward_port: None,
+        })
+    }
+
     /// The appliance's PXE set in `artifacts/pxe`.
     pub fn pxe(name: &str, artifacts: &Path) -> Self {
         GuestConfig {
@@ -128,7 +157,7 @@ impl GuestConfig {
 }
 
 /// Serial logs go beside the artifacts directory, in `qemu-logs/`.
-fn log_dir(artifacts: &Path) -> PathBuf {
+pub fn log_dir(artifacts: &Path) -> PathBuf {
     artifacts
         .parent()
         .map(|p| p.join("qemu-logs"))
@@ -215,6 +244,17 @@ impl Guest {
                     "-device",
                     "virtio-rng-pci",
                 ]);
+            }
+            Boot::Uefi { disk, vars } => {
+                cmd.args(["-machine", "q35"])
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                    .arg("-drive")
+                    .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
+                    .args(["-nic", "user,model=virtio-net-pci"])
+                    .args(["-device", "virtio-rng-pci"]);
             }
             Boot::Pxe { dir, bootfile } => {
                 cmd.arg("-nic").arg(format!(

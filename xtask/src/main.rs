@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use qemu_tests::{Guest, GuestConfig};
 use sh::step;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -60,12 +60,19 @@ fn main() {
 /// `slot.img`.
 fn disk() -> Result<PathBuf> {
     let artifacts = build()?;
+    disk_image(&artifacts)
+}
+
+/// The disk image of the appliance in `artifacts`.
+fn disk_image(artifacts: &Path) -> Result<PathBuf> {
     deps::ensure_packages(&[
         "grub-efi-amd64-bin",
         "grub-common",
         "systemd-boot-efi",
         "qemu-utils",
         "binutils",
+        // UEFI firmware for QEMU: the disk image's test boots it.
+        "ovmf",
     ])?;
     step("building the disk image (GRUB, unified kernel image, GPT)");
     let out = sh::out_dir().join("disk");
@@ -424,6 +431,7 @@ fn test() -> Result<()> {
             .env("STEELCUP_DEBIAN_IMAGE", &debian),
     )?;
     let artifacts = build()?;
+    let disk = disk_image(&artifacts)?;
     step("Debian's nginx as an OCI image, for the network test");
     let nginx = bench_image::nginx_image()?;
     let results = sh::out_dir().join("qemu-results.txt");
@@ -446,6 +454,7 @@ fn test() -> Result<()> {
                 sh::out_dir().join("test-artifacts"),
             )
             .env("STEELCUP_REQUIRE_ARTIFACTS", "1")
+            .env("STEELCUP_DISK", &disk)
             .env("STEELCUP_NGINX_IMAGE", &nginx),
     )?;
     step("results");
