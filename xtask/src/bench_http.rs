@@ -98,6 +98,11 @@ fn files(nginx_image: &str) -> Result<Vec<(String, PathBuf)>> {
                 Ok(t) if t.is_absolute() => host.join(t.strip_prefix("/")?),
                 _ => e.clone(),
             };
+            // modules-enabled links into /usr/share/nginx (dynamic modules
+            // the page does not need), which is not extracted: left out.
+            if !src.exists() {
+                continue;
+            }
             files.push((rel, src));
         }
     }
