@@ -177,9 +177,6 @@ pub fn mount_state(parts: &[Partition]) -> Result<Outcome, String> {
                     None
                 }
             };
-            if let Some((from, to)) = grown {
-                tracing::info!("state: grown from {} to {} MiB", from >> 20, to >> 20);
-            }
             format_ext4(dev)?;
             Outcome::Formatted {
                 dev: dev.clone(),
@@ -228,15 +225,25 @@ fn align(lb: u64) -> u64 {
     (1 << 20) / lb
 }
 
+/// A partition table with its last partition grown (LBAs).
+#[derive(Debug)]
+pub struct Grown<D> {
+    pub table: gpt::GptDisk<D>,
+    pub first: u64,
+    pub old_last: u64,
+    pub last: u64,
+}
+
 /// The disk's GPT, partition `number` (the last on the disk) reaching the
 /// disk's end (on a 1 MiB boundary), the backup header at the real end:
-/// the new partition's (first, last) LBA, or None when it already does.
+/// the partition's first LBA and its old and new last LBA, or None when it
+/// already does.
 /// `dev` is the whole disk (a file in the tests).
 pub fn grown_table<D: Read + Write + Seek + std::fmt::Debug>(
     dev: D,
     lb: gpt::disk::LogicalBlockSize,
     number: u32,
-) -> Result<Option<(gpt::GptDisk<D>, u64, u64)>, String> {
+) -> Result<Option<Grown<D>>, String> {
     let old = gpt::GptConfig::new()
         .writable(false)
         .logical_block_size(lb)
@@ -276,7 +283,12 @@ pub fn grown_table<D: Read + Write + Seek + std::fmt::Debug>(
     }
     new.update_partitions(table)
         .map_err(|e| format!("the grown partition table: {e}"))?;
-    Ok(Some((new, me.first_lba, last)))
+    Ok(Some(Grown {
+        table: new,
+        first: me.first_lba,
+        old_last: me.last_lba,
+        last,
+    }))
 }
 
 /// Grows partition `number` of `disk` to the end of the disk; tells the
@@ -295,12 +307,13 @@ fn grow_last_partition(disk: &Path, number: u32) -> Result<Option<(u64, u64)>, S
         .write(true)
         .open(disk)
         .map_err(|e| format!("open {}: {e}", disk.display()))?;
-    let old_bytes = std::fs::read_to_string(format!("/sys/block/{name}/{name}{number}/size"))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|s| s * 512)
-        .unwrap_or(0);
-    let Some((table, first, last)) = grown_table(file, lb, number)? else {
+    let Some(Grown {
+        table,
+        first,
+        old_last,
+        last,
+    }) = grown_table(file, lb, number)?
+    else {
         return Ok(None);
     };
     let mut file = table.write().map_err(|e| format!("write the GPT: {e}"))?;
@@ -315,7 +328,7 @@ fn grow_last_partition(disk: &Path, number: u32) -> Result<Option<(u64, u64)>, S
     let length = (last + 1 - first) * lb_bytes;
     blkpg_resize(&file, number, start, length)
         .map_err(|e| format!("tell the kernel partition {number} grew: {e}"))?;
-    Ok(Some((old_bytes, length)))
+    Ok(Some(((old_last + 1 - first) * lb_bytes, length)))
 }
 
 #[repr(C)]
@@ -438,8 +451,14 @@ mod tests {
         let mib = 1u64 << 20;
         let raw = disk(8 * mib, 64 * mib);
         let lb = gpt::disk::LogicalBlockSize::Lb512;
-        let (table, first, last) = grown_table(Cursor::new(raw), lb, 3).unwrap().unwrap();
+        let Grown {
+            table,
+            first,
+            old_last,
+            last,
+        } = grown_table(Cursor::new(raw), lb, 3).unwrap().unwrap();
         assert_eq!(first, 5 * mib / 512);
+        assert_eq!(old_last, 7 * mib / 512 - 1, "2 MiB as made");
         // The end of the disk less the backup table, down to 1 MiB.
         assert_eq!(last, 63 * mib / 512 - 1);
         let raw = table.write().unwrap().into_inner();
