@@ -90,7 +90,9 @@ fn workloads(g: &mut Guest) -> Result<String> {
     // The warm pool: a VM booted ahead of time takes `cup run`'s workload
     // (its config and root image handed over, no kernel boot), which runs
     // under its own hostname on its image's erofs root.
-    g.wait_for("workload warm: started from the warm pool in", STEP)?;
+    // (The driver first waits for a pool VM that is ready now: one the
+    // emulation crashed is booted again, after a backoff.)
+    g.wait_for("workload warm: started from the warm pool in", BOOT)?;
     g.wait_for("driver: warm run: hostname warm, root overlay", STEP)?;
     // ... with the network vmmd handed over in the claim (DNS on the bridge).
     g.wait_for(
