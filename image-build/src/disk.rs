@@ -341,6 +341,49 @@ pub fn disk(esp_files: &[(String, Vec<u8>)], slot: &Slot) -> Result<Vec<u8>> {
     Ok(raw)
 }
 
+/// The OS slot for a kernel, initramfs and command line: its unified
+/// kernel image and manifest. The version is the first 12 hex digits of
+/// the SHA-256 of the three inputs.
+pub fn slot(vmlinuz: &Path, initramfs: &Path, cmdline: &str, work: &Path) -> Result<Slot> {
+    let kernel = std::fs::read(vmlinuz)?;
+    let initrd = std::fs::read(initramfs)?;
+    let mut h = Sha256::new();
+    h.update(&kernel);
+    h.update(&initrd);
+    h.update(cmdline.as_bytes());
+    let version = hex::encode(&h.finalize()[..6]);
+    let uki = uki(vmlinuz, initramfs, cmdline, &version, work)?;
+    let manifest = serde_json::json!({
+        "version": version,
+        "uki_sha256": hex::encode(Sha256::digest(&uki)),
+        "uki_bytes": uki.len(),
+        "cmdline": cmdline,
+    });
+    Ok(Slot { uki, manifest })
+}
+
+/// The update file for `slot`: the slot partition's FAT filesystem, what
+/// `cup update` writes into the slot that is not running.
+pub fn slot_image(slot: &Slot) -> Result<Vec<u8>> {
+    fat(SLOT_BYTES, "STEELCUP_A", &slot.named_files()?)
+}
+
+/// A zstd initramfs with `files` (path, mode, content) laid over it: a
+/// second, uncompressed cpio archive after the first, on a 4-byte
+/// boundary (the kernel unpacks the archives in turn, and a later file
+/// replaces an earlier one). For test builds that differ from a built
+/// image in a file or two.
+pub fn overlay_initramfs(initramfs: &[u8], files: &[(&str, u32, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut t = crate::tree::Tree::default();
+    for (path, mode, data) in files {
+        t.file(path, *mode, data.clone())?;
+    }
+    let mut out = initramfs.to_vec();
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend(t.to_cpio()?);
+    Ok(out)
+}
+
 /// Builds `disk.img`, `disk.qcow2` and the update file `slot.img` (slot
 /// A's filesystem alone: what `cup update` writes into the other slot)
 /// into `out`; returns the slot's manifest.
@@ -351,24 +394,8 @@ pub fn build(
     out: &Path,
 ) -> Result<serde_json::Value> {
     let work = out.join("disk-work");
-    let kernel = std::fs::read(vmlinuz)?;
-    let initrd = std::fs::read(initramfs)?;
-    let mut h = Sha256::new();
-    h.update(&kernel);
-    h.update(&initrd);
-    h.update(cmdline.as_bytes());
-    let version = hex::encode(&h.finalize()[..6]);
-    let uki = uki(vmlinuz, initramfs, cmdline, &version, &work)?;
-    let manifest = serde_json::json!({
-        "version": version,
-        "uki_sha256": hex::encode(Sha256::digest(&uki)),
-        "uki_bytes": uki.len(),
-        "cmdline": cmdline,
-    });
-    let slot = Slot {
-        uki,
-        manifest: manifest.clone(),
-    };
+    let slot = slot(vmlinuz, initramfs, cmdline, &work)?;
+    let manifest = slot.manifest.clone();
     let env = grubenv(&BTreeMap::from([
         ("ORDER", "A B".to_string()),
         ("A_TRIES", TRIES.to_string()),
@@ -383,11 +410,7 @@ pub fn build(
         ("EFI/steelcup/grubenv".to_string(), env),
     ];
     let raw = disk(&esp_files, &slot)?;
-    let slot_files = slot.named_files()?;
-    write(
-        &out.join("slot.img"),
-        &fat(SLOT_BYTES, "STEELCUP_A", &slot_files)?,
-    )?;
+    write(&out.join("slot.img"), &slot_image(&slot)?)?;
     let img = out.join("disk.img");
     write(&img, &raw)?;
     let qcow = out.join("disk.qcow2");
@@ -438,6 +461,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(env.len(), 1024);
+    }
+
+    #[test]
+    fn an_overlay_is_a_second_cpio_on_a_four_byte_boundary() {
+        let base = zstd::bulk::compress(b"not really a cpio", 3).unwrap();
+        let out = overlay_initramfs(&base, &[("etc/x.toml", 0o644, b"x = 1\n".to_vec())]).unwrap();
+        assert_eq!(&out[..base.len()], &base[..]);
+        let at = base.len().next_multiple_of(4);
+        assert!(out[base.len()..at].iter().all(|b| *b == 0));
+        assert_eq!(
+            &out[at..at + 6],
+            b"070701",
+            "a newc header where the kernel looks"
+        );
+        let rest = String::from_utf8_lossy(&out[at..]);
+        assert!(rest.contains("etc/x.toml\0") && rest.contains("x = 1\n"));
+        assert!(rest.contains("TRAILER!!!"));
     }
 
     #[test]

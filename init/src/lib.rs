@@ -24,6 +24,7 @@ pub mod stdio;
 pub mod supervisor;
 pub mod sys;
 pub mod units;
+pub mod update;
 
 /// Log timestamps in the kernel's own format, `[   12.345678]`, from
 /// CLOCK_BOOTTIME, so init's, vmmd's and the kernel's lines on the console

@@ -64,11 +64,9 @@ pub struct BootEnv {
 
 impl BootEnv {
     /// The slot GRUB booted.
-    pub fn booted(&self) -> Option<&str> {
-        self.vars
-            .get("BOOTED")
-            .map(String::as_str)
-            .filter(|s| SLOTS.contains(s))
+    pub fn booted(&self) -> Option<&'static str> {
+        let b = self.vars.get("BOOTED")?;
+        SLOTS.into_iter().find(|s| s == b)
     }
 
     /// The slots in order of preference.
@@ -112,20 +110,38 @@ impl BootEnv {
     /// The booted slot is good: its tries back, first in ORDER (the other
     /// after it). False when no slot is known to have booted.
     pub fn mark_good(&mut self) -> bool {
-        let Some(booted) = self.booted().map(str::to_string) else {
+        let Some(booted) = self.booted() else {
             return false;
         };
-        self.vars
-            .insert(format!("{booted}_TRIES"), TRIES.to_string());
-        let mut order = vec![booted.clone()];
-        order.extend(
-            SLOTS
-                .iter()
-                .filter(|s| **s != booted)
-                .map(|s| s.to_string()),
-        );
-        self.vars.insert("ORDER".into(), order.join(" "));
+        self.boot_next(booted, TRIES);
         true
+    }
+
+    /// The booted slot has passed a health gate: first in ORDER with all
+    /// its tries (what [`BootEnv::mark_good`] leaves).
+    pub fn is_good(&self) -> bool {
+        self.booted().is_some_and(|b| {
+            self.order().first().map(String::as_str) == Some(b) && self.tries(b) == TRIES
+        })
+    }
+
+    /// The slot that is not the booted one.
+    pub fn other(&self) -> Option<&'static str> {
+        let booted = self.booted()?;
+        SLOTS.into_iter().find(|s| *s != booted)
+    }
+
+    /// `slot` boots next, `tries` times (the other slot after it).
+    pub fn boot_next(&mut self, slot: &str, tries: u32) {
+        self.vars.insert(format!("{slot}_TRIES"), tries.to_string());
+        let mut order = vec![slot.to_string()];
+        order.extend(SLOTS.iter().filter(|s| **s != slot).map(|s| s.to_string()));
+        self.vars.insert("ORDER".into(), order.join(" "));
+    }
+
+    /// `slot` is never chosen (its content is being replaced).
+    pub fn disable(&mut self, slot: &str) {
+        self.vars.insert(format!("{slot}_TRIES"), "0".into());
     }
 
     /// One line for the console and `cup update --status`.
@@ -199,6 +215,23 @@ pub fn write_env(esp: &Path, env: &BootEnv) -> Result<(), String> {
         .map_err(|e| format!("sync {}: {e}", esp.display()))
 }
 
+/// Serialises the read-modify-write of the block: the health gate and
+/// `cup update` / `cup rollback` run on different threads.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Reads the block on the ESP at `esp`, lets `change` edit it and writes
+/// it back in place, all under one lock; returns the block as written.
+pub fn modify_env(
+    esp: &Path,
+    change: impl FnOnce(&mut BootEnv) -> Result<(), String>,
+) -> Result<BootEnv, String> {
+    let _held = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = read_env(esp)?;
+    change(&mut env)?;
+    write_env(esp, &env)?;
+    Ok(env)
+}
+
 /// Where this boot came from: the ESP and what GRUB left in it.
 #[derive(Debug, Clone)]
 pub struct Booted {
@@ -220,13 +253,18 @@ impl Booted {
 
     /// The health gate passed: the booted slot is good.
     pub fn passed(&mut self) -> Result<(), String> {
-        if !self.env.mark_good() {
-            return Err(format!(
-                "{}: {ENV_PATH} does not say which slot booted",
-                self.esp.display()
-            ));
-        }
-        write_env(&self.esp, &self.env)
+        let esp = self.esp.clone();
+        self.env = modify_env(&self.esp, |env| {
+            if env.mark_good() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: {ENV_PATH} does not say which slot booted",
+                    esp.display()
+                ))
+            }
+        })?;
+        Ok(())
     }
 }
 

@@ -1,32 +1,128 @@
-//! The disk image (`cargo xtask disk`, docs/disk-image.md) booted as a
-//! server boots its disk: UEFI firmware (Debian's OVMF) runs GRUB from the
-//! EFI system partition, GRUB takes slot A (spending one of its tries),
-//! checks the unified kernel image against the slot's SHA256SUMS and
-//! chainloads it. On the first boot init grows the blank state partition
-//! to the end of the (larger) disk, formats it and mounts it at /var, and
-//! the health gate gives slot A its tries back. After a power-off the
-//! second boot finds its state where it left it: the filesystem mounted as
-//! it is, the random seed the first boot saved, and GRUB counting from the
-//! tries init wrote back.
+//! The disk image (docs/disk-image.md) booted as a server boots its disk,
+//! over one machine's life: UEFI firmware (Debian's OVMF) runs GRUB from
+//! the EFI system partition, GRUB picks a slot by ORDER and tries, checks
+//! its unified kernel image against the slot's SHA256SUMS and chainloads
+//! it. The disk is the test image's (`cargo xtask test` builds it with
+//! `steelcup.test=disk`, so its driver unit drives each boot; the step it
+//! is at lives on /var), and QEMU runs with `-no-reboot`, so every reboot
+//! ends a QEMU process and the test boots the same disk again:
+//!
+//! 1. slot A, first boot: the state partition grown, formatted, mounted
+//!    at /var; the health gate marks A good; a workload writes a volume;
+//!    `cup update URL` (served by this test, outside QEMU) writes a second
+//!    build into slot B, checked, to boot once; init reboots;
+//! 2. slot B: the volume's data is there; the gate marks B good; an update
+//!    to a build whose vmmd is broken goes into slot A;
+//! 3. slot A, broken: vmmd fails, the gate fails, init reboots;
+//! 4. GRUB, A's one try spent, boots B again by itself (a rollback, said
+//!    by init and by `cup update --status`); an update is started and QEMU
+//!    killed while it writes slot A;
+//! 5. slot B boots (the half-written slot had lost its tries first); the
+//!    driver powers off.
 
 use qemu_tests::{log_dir, Guest, GuestConfig};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(120);
+/// Where the driver fetches update files (QEMU's user network reaches the
+/// test's loopback at 10.0.2.2).
+const UPDATE_PORT: u16 = 15057;
+
+/// Serves the files of `dir` over HTTP/1.0 GET on 127.0.0.1:UPDATE_PORT.
+fn serve_updates(dir: PathBuf) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", UPDATE_PORT))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut s = stream;
+                let mut r = BufReader::new(s.try_clone()?);
+                let mut request = String::new();
+                r.read_line(&mut request)?;
+                let mut line = String::new();
+                while r.read_line(&mut line)? > 2 {
+                    line.clear();
+                }
+                let name = request
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/');
+                let file = (!name.contains('/') && name.ends_with(".img"))
+                    .then(|| std::fs::read(dir.join(name)).ok())
+                    .flatten();
+                println!("disk: the appliance fetched /{name}");
+                match file {
+                    Some(data) => {
+                        write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                            data.len()
+                        )?;
+                        s.write_all(&data)
+                    }
+                    None => s.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The versions `cargo xtask test` recorded: the disk's slot A, the good
+/// update, the broken one.
+fn versions(dir: &Path) -> (String, String, String) {
+    let text = std::fs::read_to_string(dir.join("versions")).expect("versions of the test disk");
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")))
+            .unwrap_or_else(|| panic!("no {k} version in {text:?}"))
+            .to_string()
+    };
+    (get("disk"), get("good"), get("bad"))
+}
+
+/// Boots the disk, runs `steps`, panics with the boot's name and serial log
+/// when one does not come.
+fn boot(cfg: &GuestConfig, name: &str, steps: impl FnOnce(&mut Guest) -> anyhow::Result<()>) {
+    let cfg = GuestConfig {
+        name: format!("uefi-disk-{name}"),
+        ..cfg.clone()
+    };
+    let mut g = Guest::boot(&cfg).unwrap();
+    if let Err(e) = steps(&mut g) {
+        panic!("boot {name}: {e:#}; serial log: {}", g.log_path.display());
+    }
+    println!(
+        "disk: boot {name} done in {:.0}s",
+        g.started.elapsed().as_secs_f64()
+    );
+}
+
+/// init reboots (QEMU, run with -no-reboot, exits).
+fn rebooted(g: &mut Guest) -> anyhow::Result<()> {
+    g.wait_for("syncing disks and rebooting", STEP)?;
+    g.wait_exit(STEP)?;
+    Ok(())
+}
 
 #[test]
-fn disk_image_boots_under_uefi_and_keeps_its_state() {
+fn disk_image_boots_updates_and_rolls_back() {
     let Some(dir) = std::env::var_os("STEELCUP_DISK").map(PathBuf::from) else {
         assert!(
             std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
             "STEELCUP_DISK is not set"
         );
-        eprintln!("disk: skipped: needs the disk image built by `cargo xtask test`");
+        eprintln!("disk: skipped: needs the test disk image built by `cargo xtask test`");
         return;
     };
+    let (v1, v2, v3) = versions(&dir);
+    serve_updates(dir.clone()).expect("the update server's port");
     let logs = log_dir(&dir);
     // The machine's disk: the image on a 2 GiB disk (the state partition
     // grows into the rest), a copy so the built image stays as built.
@@ -42,8 +138,7 @@ fn disk_image_boots_under_uefi_and_keeps_its_state() {
     assert!(st.success(), "qemu-img resize: {st}");
     let cfg = GuestConfig::uefi("uefi-disk", &disk, &logs).unwrap();
 
-    let mut g = Guest::boot(&cfg).unwrap();
-    let first = (|| -> anyhow::Result<()> {
+    boot(&cfg, "1-slot-a", |g| {
         g.wait_for(
             "steelcup: booting slot A (2 tries left after this one)",
             BOOT,
@@ -66,38 +161,102 @@ fn disk_image_boots_under_uefi_and_keeps_its_state() {
             "slots: slot A marked good (booted slot A; order A B; A: 3 tries",
             STEP,
         )?;
-        g.power_button()?;
-        g.wait_for("syncing disks and powering off", STEP)?;
-        g.wait_clean_poweroff(STEP)?;
-        Ok(())
-    })();
-    if let Err(e) = first {
-        panic!("first boot: {e:#}; serial log: {}", g.log_path.display());
-    }
-    drop(g);
-
-    let cfg = GuestConfig {
-        name: "uefi-disk-2".into(),
-        ..cfg
-    };
-    let mut g = Guest::boot(&cfg).unwrap();
-    let second = (|| -> anyhow::Result<()> {
-        // GRUB counts from the 3 tries init wrote into its environment.
+        g.wait_for("driver: disk step 0", STEP)?;
+        g.wait_for(&format!("driver: status: A     {v1}"), STEP)?;
+        g.wait_for("driver: volume: written", BOOT)?;
+        // (init's word: cup's own answer may not reach the console before
+        // the reboot stops the driver.)
         g.wait_for(
-            "steelcup: booting slot A (2 tries left after this one)",
+            &format!(
+                "update: slot B holds version {v2} and boots next, once; slot A stays the fallback"
+            ),
             BOOT,
         )?;
+        rebooted(g)
+    });
+
+    boot(&cfg, "2-slot-b", |g| {
+        g.wait_for(
+            "steelcup: booting slot B (0 tries left after this one)",
+            BOOT,
+        )?;
+        g.wait_for("steelcup.efi: OK", STEP)?;
         g.wait_for("state: /dev/vda4 mounted at /var", BOOT)?;
-        // Saved on /var at the first boot's power-off.
+        // Saved on /var when the first boot rebooted.
         g.wait_for("entropy: mixed 512 bytes of saved seed", STEP)?;
-        g.wait_for("slots: slot A marked good", BOOT)?;
-        g.power_button()?;
-        g.wait_clean_poweroff(STEP)?;
+        g.wait_for(
+            "slots: booted slot B; order B A; A: 3 tries, B: 0 tries",
+            STEP,
+        )?;
+        g.wait_for(
+            "slots: slot B marked good (booted slot B; order B A; A: 3 tries, B: 3 tries)",
+            BOOT,
+        )?;
+        g.wait_for("driver: disk step 1", STEP)?;
+        g.wait_for(&format!("driver: status: B     {v2}"), STEP)?;
+        g.wait_for(
+            "driver: volume after the update: written before the update",
+            BOOT,
+        )?;
+        g.wait_for(
+            &format!(
+                "update: slot A holds version {v3} and boots next, once; slot B stays the fallback"
+            ),
+            BOOT,
+        )?;
+        rebooted(g)
+    });
+
+    boot(&cfg, "3-broken-build", |g| {
+        g.wait_for(
+            "steelcup: booting slot A (0 tries left after this one)",
+            BOOT,
+        )?;
+        g.wait_for("unit vmmd: failed: 5 starts in a row", BOOT)?;
+        g.wait_for("health gate failed", STEP)?;
+        g.wait_for("slots: slot A is not good; slot B has tries left", STEP)?;
+        rebooted(g)
+    });
+
+    boot(&cfg, "4-rolled-back", |g| {
+        g.wait_for("steelcup: slot A has no tries left", BOOT)?;
+        g.wait_for(
+            "steelcup: booting slot B (2 tries left after this one)",
+            STEP,
+        )?;
+        g.wait_for(
+            "slots: slot A was first but did not come up; rolled back to slot B",
+            BOOT,
+        )?;
+        g.wait_for("slots: slot B marked good", BOOT)?;
+        g.wait_for("driver: disk step 2", STEP)?;
+        g.wait_for(
+            "driver: status: rolled back: slot A was first but did not come up",
+            STEP,
+        )?;
+        // QEMU killed the moment init starts writing slot A.
+        g.wait_for(&format!("holds version {v2} ("), BOOT)?;
+        g.wait_for("; writing it into slot A", STEP)?;
+        g.kill();
         Ok(())
-    })();
-    if let Err(e) = second {
-        panic!("second boot: {e:#}; serial log: {}", g.log_path.display());
-    }
-    let s = g.serial();
-    assert!(!s.contains("is blank"), "the second boot formatted again");
+    });
+
+    boot(&cfg, "5-after-the-cut", |g| {
+        g.wait_for(
+            "steelcup: booting slot B (2 tries left after this one)",
+            BOOT,
+        )?;
+        g.wait_for(
+            "slots: booted slot B; order B A; A: 0 tries, B: 2 tries",
+            BOOT,
+        )?;
+        g.wait_for("slots: slot B marked good", BOOT)?;
+        g.wait_for("driver: disk step 3", STEP)?;
+        g.wait_for(&format!("driver: status: B     {v2}"), STEP)?;
+        g.wait_for("driver: disk steps done", STEP)?;
+        g.wait_clean_poweroff(STEP)?;
+        let s = g.serial();
+        anyhow::ensure!(!s.contains("is blank"), "a later boot formatted /var again");
+        Ok(())
+    });
 }

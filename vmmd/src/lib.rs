@@ -28,6 +28,7 @@ pub mod bench;
 pub mod bench_start;
 pub mod builder;
 pub mod config;
+pub mod cup_update;
 pub mod cup_workloads;
 pub mod daemon;
 pub mod devices;

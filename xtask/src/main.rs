@@ -63,8 +63,8 @@ fn disk() -> Result<PathBuf> {
     disk_image(&artifacts)
 }
 
-/// The disk image of the appliance in `artifacts`.
-fn disk_image(artifacts: &Path) -> Result<PathBuf> {
+/// What building a disk image takes (and booting it in QEMU).
+fn disk_packages() -> Result<()> {
     deps::ensure_packages(&[
         "grub-efi-amd64-bin",
         "grub-common",
@@ -73,7 +73,12 @@ fn disk_image(artifacts: &Path) -> Result<PathBuf> {
         "binutils",
         // UEFI firmware for QEMU: the disk image's test boots it.
         "ovmf",
-    ])?;
+    ])
+}
+
+/// The disk image of the appliance in `artifacts`.
+fn disk_image(artifacts: &Path) -> Result<PathBuf> {
+    disk_packages()?;
     step("building the disk image (GRUB, unified kernel image, GPT)");
     let out = sh::out_dir().join("disk");
     std::fs::create_dir_all(&out)?;
@@ -93,6 +98,84 @@ fn disk_image(artifacts: &Path) -> Result<PathBuf> {
         manifest["version"].as_str().unwrap_or("?"),
         manifest["uki_bytes"].as_u64().unwrap_or(0) as f64 / 1e6
     );
+    Ok(out)
+}
+
+/// The vmmd unit of the disk test's broken build: vmmd refuses its
+/// arguments, init gives up after its start limit, and the health gate
+/// fails.
+const BROKEN_VMMD_UNIT: &str = r#"# A broken build (the disk test's rollback): vmmd cannot start.
+[unit]
+description = "steelcup VMM daemon (broken on purpose)"
+
+[service]
+exec = ["/usr/bin/vmmd", "--this-build-is-broken"]
+restart = "always"
+ready = "notify"
+"#;
+
+/// The disk test's disk and update files, from the test image in
+/// `test_artifacts` with `steelcup.test=disk` on its command line, in
+/// `target/steelcup/test-disk`: `disk.qcow2` (slot A), `update-good.img`
+/// (a second build: the same image with `steelcup.build=2`, so another
+/// version) and `update-bad.img` (a build whose vmmd unit is broken).
+fn test_disk(test_artifacts: &Path) -> Result<PathBuf> {
+    disk_packages()?;
+    step("building the disk test's disk image and update files");
+    let out = sh::out_dir().join("test-disk");
+    std::fs::create_dir_all(&out)?;
+    let work = out.join("work");
+    let cmdline = format!(
+        "{} steelcup.test=disk",
+        std::fs::read_to_string(test_artifacts.join("cmdline"))?.trim()
+    );
+    let vmlinuz = test_artifacts.join("vmlinuz");
+    let initramfs = test_artifacts.join("initramfs.cpio.zst");
+    let first = image_build::disk::build(&vmlinuz, &initramfs, &cmdline, &out)?;
+    let good = image_build::disk::slot(
+        &vmlinuz,
+        &initramfs,
+        &format!("{cmdline} steelcup.build=2"),
+        &work,
+    )?;
+    std::fs::write(
+        out.join("update-good.img"),
+        image_build::disk::slot_image(&good)?,
+    )?;
+    let bad_initramfs = work.join("initramfs-broken-vmmd.cpio.zst");
+    std::fs::write(
+        &bad_initramfs,
+        image_build::disk::overlay_initramfs(
+            &std::fs::read(&initramfs)?,
+            &[(
+                "etc/steelcup/units/vmmd.toml",
+                0o644,
+                BROKEN_VMMD_UNIT.as_bytes().to_vec(),
+            )],
+        )?,
+    )?;
+    let bad = image_build::disk::slot(
+        &vmlinuz,
+        &bad_initramfs,
+        &format!("{cmdline} steelcup.build=broken-vmmd"),
+        &work,
+    )?;
+    std::fs::write(
+        out.join("update-bad.img"),
+        image_build::disk::slot_image(&bad)?,
+    )?;
+    // The test checks what each boot says it runs.
+    let version = |m: &serde_json::Value| m["version"].as_str().unwrap_or("?").to_string();
+    std::fs::write(
+        out.join("versions"),
+        format!(
+            "disk {}\ngood {}\nbad {}\n",
+            version(&first),
+            version(&good.manifest),
+            version(&bad.manifest)
+        ),
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
     Ok(out)
 }
 
@@ -431,7 +514,7 @@ fn test() -> Result<()> {
             .env("STEELCUP_DEBIAN_IMAGE", &debian),
     )?;
     let artifacts = build()?;
-    let disk = disk_image(&artifacts)?;
+    let disk = test_disk(&sh::out_dir().join("test-artifacts"))?;
     step("Debian's nginx as an OCI image, for the network test");
     let nginx = bench_image::nginx_image()?;
     let results = sh::out_dir().join("qemu-results.txt");

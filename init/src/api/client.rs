@@ -23,6 +23,9 @@ pub trait Init1 {
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn power_off(&self) -> zbus::Result<()>;
     fn reboot(&self) -> zbus::Result<()>;
+    fn update(&self, source: &str, reboot: bool) -> zbus::Result<(String, String)>;
+    fn rollback(&self, reboot: bool) -> zbus::Result<(String, String)>;
+    fn update_status(&self) -> zbus::Result<crate::update::Status>;
     #[zbus(signal)]
     fn unit_changed(&self, name: &str, state: &str) -> zbus::Result<()>;
 }

@@ -30,7 +30,15 @@ pub enum Init1Error {
     NotAService(String),
     Refused(String),
     ShuttingDown(String),
+    /// An update, rollback or slot status refused (why in the message).
+    Update(String),
     Internal(String),
+}
+
+impl From<crate::update::UpdateError> for Init1Error {
+    fn from(e: crate::update::UpdateError) -> Self {
+        Init1Error::Update(e.to_string())
+    }
 }
 
 impl From<ApiError> for Init1Error {
@@ -102,6 +110,52 @@ impl Handle {
 pub struct Init1 {
     handle: Handle,
     logs: Arc<LogStore>,
+    slots: Option<Slots>,
+}
+
+/// Where the OS slots' methods find this machine's disk: set only for
+/// init as PID 1 (a supervisor on a development machine has no slots).
+#[derive(Debug, Clone)]
+pub struct Slots {
+    /// `/sys/class/block`, where the partitions are found by name.
+    pub class_block: std::path::PathBuf,
+    /// The slot GRUB passed over in this boot (a rollback), if any.
+    pub passed_over: Option<String>,
+}
+
+impl Init1 {
+    /// This machine's steelcup disk.
+    fn disk(&self) -> Result<crate::update::Disk, crate::update::UpdateError> {
+        let slots = self
+            .slots
+            .as_ref()
+            .ok_or(crate::update::UpdateError::NoDisk)?;
+        crate::update::Disk::probe(&crate::state::partitions(&slots.class_block))
+    }
+
+    /// Reboots through the supervisor (units stopped in order) when asked.
+    async fn reboot_if(&self, reboot: bool) -> Result<(), Init1Error> {
+        if reboot {
+            self.handle.call(Action::Reboot).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on a thread of its own (disk I/O that may take seconds) and
+/// awaits its answer, so the connection's executor is never held.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Init1Error> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("api-slots".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Init1Error::Internal(format!("start the slot thread: {e}")))?;
+    rx.await
+        .map_err(|_| Init1Error::Internal("the slot thread ended without an answer".into()))
 }
 
 fn unexpected(r: Reply) -> Init1Error {
@@ -171,6 +225,35 @@ impl Init1 {
 
     async fn reboot(&self) -> Result<(), Init1Error> {
         self.handle.call(Action::Reboot).await.map(|_| ())
+    }
+
+    /// Writes the update file at `source` (a path on this host: a regular
+    /// file or a block device holding a slot image) into the OS slot that
+    /// is not running, checks it as written and makes it boot next, once;
+    /// then reboots if `reboot`. Returns (slot, version).
+    async fn update(&self, source: String, reboot: bool) -> Result<(String, String), Init1Error> {
+        let disk = self.disk()?;
+        let done = off_thread(move || crate::update::apply(&disk, std::path::Path::new(&source)))
+            .await??;
+        self.reboot_if(reboot).await?;
+        Ok((done.slot, done.version))
+    }
+
+    /// Makes the other OS slot boot next, once, if it holds an OS that
+    /// checks; then reboots if `reboot`. Returns (slot, version).
+    async fn rollback(&self, reboot: bool) -> Result<(String, String), Init1Error> {
+        let disk = self.disk()?;
+        let done = off_thread(move || crate::update::rollback(&disk)).await??;
+        self.reboot_if(reboot).await?;
+        Ok((done.slot, done.version))
+    }
+
+    /// The OS slots: which booted, GRUB's order and tries, each slot's
+    /// version (checked).
+    async fn update_status(&self) -> Result<crate::update::Status, Init1Error> {
+        let disk = self.disk()?;
+        let passed_over = self.slots.as_ref().and_then(|s| s.passed_over.clone());
+        Ok(off_thread(move || crate::update::status(&disk, passed_over)).await??)
     }
 
     /// Emitted on every unit state change.
@@ -247,11 +330,13 @@ pub fn serve(
     socket: &Path,
     handle: Handle,
     logs: Arc<LogStore>,
+    slots: Option<Slots>,
 ) -> std::io::Result<crate::supervisor::Observer> {
     let listener = bind_private(socket)?;
     let conns = accept_p2p(listener, PATH, move || Init1 {
         handle: handle.clone(),
         logs: logs.clone(),
+        slots: slots.clone(),
     })?;
     let (tx, rx) = mpsc::channel::<(String, String)>();
     std::thread::Builder::new()

@@ -7,6 +7,10 @@
 //! actions without a bus. Log reads go straight to the log store, which is
 //! shared and locked, so a slow reader never holds up the supervisor.
 //!
+//! The OS slots' methods (`Update`, `Rollback`, `UpdateStatus`) are disk
+//! work, not supervision: the adapter runs them in [`crate::update`] on a
+//! thread of their own and then, if asked, sends [`Action::Reboot`].
+//!
 //! Which states accept which action: `Start` — any state but a running or
 //! starting one (resets the start limit); `Stop` — running or starting
 //! units (others answer `Ok`, already stopped); `Restart` — any service;

@@ -149,7 +149,12 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
             pid1,
         };
         let mut sup = Supervisor::new(found, opts, logs.clone());
-        match api::dbus::serve(&args.run_dir.join(api::SOCKET), handle, logs.clone()) {
+        // The OS slots' methods (cup update, rollback) for init as PID 1.
+        let slots = pid1.then(|| api::dbus::Slots {
+            class_block: PathBuf::from("/sys/class/block"),
+            passed_over: booted.as_ref().and_then(|b| b.env.passed_over()),
+        });
+        match api::dbus::serve(&args.run_dir.join(api::SOCKET), handle, logs.clone(), slots) {
             Ok(observer) => sup.observe(observer),
             Err(e) => tracing::error!(
                 "API socket in {}: {e}; cup cannot reach init",

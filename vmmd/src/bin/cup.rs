@@ -3,7 +3,7 @@
 //! Host verbs talk to init's `org.steelcup.Init1` on `$STEELCUP_RUN_DIR/init.sock`
 //! (default `/run/steelcup`): `cup units`, `cup unit status|start|stop|restart
 //! NAME`, `cup logs --unit NAME [-f] [-n N]`, `cup reload`, `cup poweroff`,
-//! `cup reboot`. Workload verbs talk to vmmd's `org.steelcup.Vmm1` on
+//! `cup reboot`, `cup update`, `cup rollback`. Workload verbs talk to vmmd's `org.steelcup.Vmm1` on
 //! `$STEELCUP_VMMD_SOCKET` (default `/run/steelcup/vmmd.sock`): `cup ps`,
 //! `cup pause NAME`, `cup unpause NAME`, `cup stop NAME`, `cup start NAME`,
 //! `cup run`, `cup exec`, `cup rm`, `cup pull`, `cup images`, `cup rmi`,
@@ -23,6 +23,10 @@ const USAGE: &str = "usage:
   cup reload                         re-read unit files, apply the difference
   cup poweroff | cup reboot          stop every unit in order, then power off / reboot
   cup validate UNIT-FILE...          check unit files as the host reads them
+  cup update FILE|URL [--no-reboot]  write a new OS (slot.img) into the slot not running, check it, boot it once
+  cup update --status [--format json]
+                                     the OS slots: which booted, what boots next, each slot's version
+  cup rollback [--no-reboot]         boot the other slot's OS next (once), if it holds one
   cup ps [-a] [--format json]        microVM workloads (-a: ended ones too): name, state, pid, runs, vCPUs, memory
   cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
   cup stop NAME | cup start NAME     ask the guest to stop (killed after 5 s) / start it again
@@ -270,6 +274,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Some("update") => {
+            return code(vmmd::cup_update::update(
+                &proxy()?,
+                &args[1..],
+                &client::run_dir(),
+            ))
+        }
+        Some("rollback") => return code(vmmd::cup_update::rollback(&proxy()?, &args[1..])),
         Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
         Some("reboot") => proxy()?.reboot().map_err(api_err)?,
         Some("ps") => {
