@@ -254,6 +254,14 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         0o644,
         format!("{}\n", m.host.hostname).into_bytes(),
     )?;
+    if let Some(path) = &m.host.machine_config {
+        // Checked as init will check it at first boot.
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the machine config {}", path.display()))?;
+        steelcup_init::provision::check(&path.display().to_string(), &text)
+            .map_err(anyhow::Error::msg)?;
+        t.file("etc/steelcup/machine.toml", 0o644, text.into_bytes())?;
+    }
     let mut units: BTreeMap<String, PathBuf> = BTreeMap::new();
     for dir in std::iter::once(&m.units.dir).chain(&m.units.extra) {
         for e in

@@ -36,6 +36,11 @@ pub struct Host {
     pub busybox: Option<PathBuf>,
     #[serde(default)]
     pub busybox_applets: Vec<String>,
+    /// A machine config baked into the image as
+    /// `/etc/steelcup/machine.toml`, applied at first boot when no config
+    /// drive or URL gives one (docs/provisioning.md).
+    #[serde(default)]
+    pub machine_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +74,9 @@ impl Manifest {
         }
         if let Some(b) = &mut m.host.busybox {
             *b = base.join(&*b);
+        }
+        if let Some(c) = &mut m.host.machine_config {
+            *c = base.join(&*c);
         }
         m.guest.busybox = base.join(&m.guest.busybox);
         Ok(m)

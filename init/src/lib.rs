@@ -18,6 +18,7 @@ pub mod modules;
 pub mod network;
 pub mod power;
 pub mod probe;
+pub mod provision;
 pub mod slots;
 pub mod state;
 pub mod stdio;

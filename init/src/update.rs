@@ -157,7 +157,12 @@ fn read_file<T: Read + Seek>(
 
 /// A reader fatfs can take (it asks for a writer's type); any write it
 /// tries fails.
-struct ReadOnly<T>(T);
+pub(crate) struct ReadOnly<T>(T);
+
+/// `t` for fatfs, read only.
+pub(crate) fn read_only<T: Read + Seek>(t: T) -> ReadOnly<T> {
+    ReadOnly(t)
+}
 
 impl<T: Read> Read for ReadOnly<T> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

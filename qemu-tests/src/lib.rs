@@ -96,6 +96,9 @@ pub struct GuestConfig {
     /// with this port of the appliance reachable from here on a free port
     /// of 127.0.0.1 ([`Guest::forwarded`]).
     pub forward_port: Option<u16>,
+    /// More disks (raw images) after the boot disk, as virtio drives: a
+    /// config drive, say.
+    pub drives: Vec<PathBuf>,
 }
 
 impl GuestConfig {
@@ -115,6 +118,7 @@ impl GuestConfig {
             log_dir: log_dir(artifacts),
             echo: false,
             forward_port: None,
+            drives: Vec::new(),
         })
     }
 
@@ -136,6 +140,7 @@ impl GuestConfig {
             log_dir: log_dir.into(),
             echo: false,
             forward_port: None,
+            drives: Vec::new(),
         })
     }
 
@@ -152,6 +157,7 @@ impl GuestConfig {
             log_dir: log_dir(artifacts),
             echo: false,
             forward_port: None,
+            drives: Vec::new(),
         }
     }
 }
@@ -263,6 +269,10 @@ impl Guest {
                 ));
                 cmd.args(["-boot", "n"]);
             }
+        }
+        for d in &cfg.drives {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", d.display()));
         }
         // An empty signal mask: the caller may block signals it reads
         // through a signalfd (xtask does), and QEMU must not inherit that.

@@ -8,10 +8,12 @@
 //! ends a QEMU process and the test boots the same disk again:
 //!
 //! 1. slot A, first boot: the state partition grown, formatted, mounted
-//!    at /var; the health gate marks A good; a workload writes a volume;
+//!    at /var; the machine config on a config drive applied (hostname, a
+//!    unit, a registry); the health gate marks A good; a workload writes a volume;
 //!    `cup update URL` (served by this test, outside QEMU) writes a second
 //!    build into slot B, checked, to boot once; init reboots;
-//! 2. slot B: the volume's data is there; the gate marks B good; an update
+//! 2. slot B: the machine config is not applied again (its hostname and
+//!    unit are still there); the volume's data is there; the gate marks B good; an update
 //!    to a build whose vmmd is broken goes into slot A;
 //! 3. slot A, broken: vmmd fails, the gate fails, init reboots;
 //! 4. GRUB, A's one try spent, boots B again by itself (a rollback, said
@@ -32,6 +34,19 @@ const STEP: Duration = Duration::from_secs(120);
 /// Where the driver fetches update files (QEMU's user network reaches the
 /// test's loopback at 10.0.2.2).
 const UPDATE_PORT: u16 = 15057;
+
+/// The machine config on the test's config drive.
+const MACHINE_CONFIG: &str = r#"
+hostname = "node-17"
+
+[units.provisioned]
+unit = { description = "a unit from the machine config" }
+service = { exec = ["/bin/sh", "-c", "echo provisioned: running on $(cat /proc/sys/kernel/hostname)"] }
+
+[[registry]]
+host = "10.0.2.2:15055"
+insecure = true
+"#;
 
 /// Serves the files of `dir` over HTTP/1.0 GET on 127.0.0.1:UPDATE_PORT.
 fn serve_updates(dir: PathBuf) -> std::io::Result<()> {
@@ -136,7 +151,21 @@ fn disk_image_boots_updates_and_rolls_back() {
         .status()
         .unwrap();
     assert!(st.success(), "qemu-img resize: {st}");
-    let cfg = GuestConfig::uefi("uefi-disk", &disk, &logs).unwrap();
+    let mut cfg = GuestConfig::uefi("uefi-disk", &disk, &logs).unwrap();
+    // A config drive (docs/provisioning.md), attached at every boot:
+    // applied at the first, only installed at the others.
+    let drive = logs.join("config-drive.img");
+    let fat = image_build::disk::fat(
+        40 << 20,
+        "STEELCUPCFG",
+        &[(
+            "machine.toml".to_string(),
+            MACHINE_CONFIG.as_bytes().to_vec(),
+        )],
+    )
+    .unwrap();
+    std::fs::write(&drive, fat).unwrap();
+    cfg.drives.push(drive);
 
     boot(&cfg, "1-slot-a", |g| {
         g.wait_for(
@@ -156,6 +185,14 @@ fn disk_image_boots_updates_and_rolls_back() {
             "slots: booted slot A; order A B; A: 2 tries, B: 0 tries",
             STEP,
         )?;
+        // The config drive, applied onto /var before the units start.
+        g.wait_for(
+            "provision: applied the machine config from config drive /dev/vdb (sha256",
+            STEP,
+        )?;
+        g.wait_for("hostname node-17", STEP)?;
+        g.wait_for("provisioned: running on node-17", BOOT)?;
+        g.wait_for("registries: 0 with credentials, 1 over plain HTTP", BOOT)?;
         g.wait_for("health gate passed", BOOT)?;
         g.wait_for(
             "slots: slot A marked good (booted slot A; order A B; A: 3 tries",
@@ -184,6 +221,12 @@ fn disk_image_boots_updates_and_rolls_back() {
         g.wait_for("state: /dev/vda4 mounted at /var", BOOT)?;
         // Saved on /var when the first boot rebooted.
         g.wait_for("entropy: mixed 512 bytes of saved seed", STEP)?;
+        // The machine config is not applied again; what it made still is.
+        g.wait_for(
+            "provision: the machine config from config drive /dev/vdb was applied at an earlier boot; not applied again",
+            STEP,
+        )?;
+        g.wait_for("provisioned: running on node-17", BOOT)?;
         g.wait_for(
             "slots: booted slot B; order B A; A: 3 tries, B: 0 tries",
             STEP,

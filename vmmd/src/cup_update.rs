@@ -211,6 +211,8 @@ pub fn describe(st: &Status) -> String {
             "booted".to_string()
         } else if !slot.problem.is_empty() {
             format!("no OS: {}", slot.problem)
+        } else if slot.tries == 0 {
+            "no tries left: not booted (cup rollback gives it one)".to_string()
         } else {
             String::new()
         };

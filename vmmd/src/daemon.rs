@@ -70,6 +70,9 @@ pub struct Options {
     pub jail: bool,
     /// Registries (`host[:port]`) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// `/etc/steelcup/registries.toml`: credentials (and more plain-HTTP
+    /// registries) by registry host.
+    pub registries: crate::image::registries::Registries,
     /// Pulls in flight, by source: shared by the threads doing them and
     /// the API.
     pub pulls: Pulls,
@@ -852,10 +855,7 @@ fn execute(opts: &Options, core: &mut Daemon, req: api::Request) {
     }
     if let Action::Pull(source) = &req.action {
         let (store, source) = (opts.state_dir.clone(), source.clone());
-        let pull = PullOptions {
-            insecure: opts.insecure_registries.clone(),
-            credentials: None,
-        };
+        let pull = pull_options(opts, &source);
         let reply = req.reply;
         let pulls = opts.pulls.clone();
         let _ = std::thread::Builder::new()
@@ -1452,14 +1452,26 @@ fn format_volume(file: &Path) -> Result<bool, String> {
     Ok(true)
 }
 
+/// How `image` is pulled: over plain HTTP if its registry is listed so
+/// (`--insecure-registry`, registries.toml), with the credentials
+/// registries.toml gives its registry.
+fn pull_options(opts: &Options, image: &str) -> PullOptions {
+    PullOptions {
+        insecure: opts
+            .insecure_registries
+            .iter()
+            .chain(&opts.registries.insecure)
+            .cloned()
+            .collect(),
+        credentials: opts.registries.credentials_for(image),
+    }
+}
+
 /// Pulls a workload's image and builds its root image off the main
 /// thread; the answer comes back as [`Event::Prepared`].
 fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event>) {
     let (store, image, name) = (opts.state_dir.clone(), image.to_string(), name.to_string());
-    let pull = PullOptions {
-        insecure: opts.insecure_registries.clone(),
-        credentials: None,
-    };
+    let pull = pull_options(opts, &image);
     let pulls = opts.pulls.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("prepare-{name}"))
@@ -1928,6 +1940,7 @@ pub fn default_options(units: &Path) -> Options {
             .then(|| crate::jail::cgroup::DEFAULT_ROOT.into()),
         jail: nix::unistd::geteuid().is_root(),
         insecure_registries: Vec::new(),
+        registries: Default::default(),
         pulls: Default::default(),
         removed: Default::default(),
         logs: Arc::new(LogStore::new(None, false)),

@@ -5,7 +5,8 @@
 //!   QEMU with the example units from `configs/`, and show the console. With
 //!   `--once`, or when stdin is not a terminal, press the appliance's power
 //!   button once the example workloads have finished and exit 0.
-//! - `cargo xtask test`: unit tests, then the QEMU end-to-end tests.
+//! - `cargo xtask test`: unit tests, then the QEMU end-to-end tests;
+//!   `--qemu NAME` builds and runs only `qemu-tests/tests/NAME.rs`.
 //! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
@@ -32,7 +33,15 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(args.iter().any(|a| a == "--once")),
-        Some("test") => test(),
+        Some("test") => match args.iter().position(|a| a == "--qemu") {
+            Some(i) => match args.get(i + 1) {
+                Some(name) => test_qemu_only(name),
+                None => Err(anyhow::anyhow!(
+                    "--qemu needs the name of a file in qemu-tests/tests, like disk"
+                )),
+            },
+            None => test(),
+        },
         Some("bench") if args.iter().any(|a| a == "--init-only") => bench_init_only(),
         Some("bench") if args.iter().any(|a| a == "--image-only") => bench_image_only(),
         Some("bench") if args.iter().any(|a| a == "--vmm-only") => bench_vmm_only(),
@@ -42,7 +51,7 @@ fn main() {
         Some("disk") => disk().map(|_| ()),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk"
+                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk"
             );
             std::process::exit(2);
         }
@@ -513,6 +522,28 @@ fn test() -> Result<()> {
             .env("STEELCUP_REQUIRE_TOOLS", "1")
             .env("STEELCUP_DEBIAN_IMAGE", &debian),
     )?;
+    qemu_tests(None)
+}
+
+/// `cargo xtask test --qemu NAME`: builds what the QEMU tests need and runs
+/// only `qemu-tests/tests/NAME.rs` (for working on one of them).
+fn test_qemu_only(name: &str) -> Result<()> {
+    deps::ensure()?;
+    if !sh::root()
+        .join("qemu-tests/tests")
+        .join(format!("{name}.rs"))
+        .exists()
+    {
+        bail!("no qemu-tests/tests/{name}.rs");
+    }
+    qemu_tests(Some(name))
+}
+
+/// Builds the appliance, the test disk and the nginx image, then runs the
+/// QEMU tests (`only`: one test file).
+fn qemu_tests(only: Option<&str>) -> Result<()> {
+    let root = sh::root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let artifacts = build()?;
     let disk = test_disk(&sh::out_dir().join("test-artifacts"))?;
     step("Debian's nginx as an OCI image, for the network test");
@@ -520,17 +551,13 @@ fn test() -> Result<()> {
     let results = sh::out_dir().join("qemu-results.txt");
     let _ = std::fs::remove_file(&results);
     step("QEMU end-to-end tests (the appliance booted under QEMU, one test at a time)");
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&root).args(["test", "-p", "qemu-tests"]);
+    if let Some(name) = only {
+        cmd.args(["--test", name]);
+    }
     sh::run(
-        Command::new(&cargo)
-            .current_dir(&root)
-            .args([
-                "test",
-                "-p",
-                "qemu-tests",
-                "--",
-                "--test-threads=1",
-                "--nocapture",
-            ])
+        cmd.args(["--", "--test-threads=1", "--nocapture"])
             .env("STEELCUP_ARTIFACTS", &artifacts)
             .env(
                 "STEELCUP_TEST_ARTIFACTS",

@@ -19,7 +19,7 @@ use steelcup_init::boot::{self, error_chain, phase};
 use steelcup_init::supervisor::logs::LogStore;
 use steelcup_init::supervisor::{Ending, Gate, Options, Supervisor};
 use steelcup_init::sys::{self, PowerAction};
-use steelcup_init::{slots, state, units};
+use steelcup_init::{provision, slots, state, units};
 
 struct Args {
     units: PathBuf,
@@ -89,8 +89,6 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         if let Err(e) = sys::disable_ctrl_alt_del() {
             tracing::warn!("{}", error_chain(&e));
         }
-        phase("hostname", boot::hostname)
-            .unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
         phase("modules", boot::load_modules);
         booted = phase("state", || {
             let parts = state::partitions(Path::new("/sys/class/block"));
@@ -109,9 +107,18 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
                 );
             }
         }
+        // The machine config (docs/provisioning.md), applied once onto /var
+        // and installed into /etc/steelcup before the phases that read it.
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        phase("provision", || provision_local(&cmdline));
+        phase("hostname", boot::hostname)
+            .unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
         phase("entropy", boot::entropy);
         steelcup_init::power::watch();
         phase("network", steelcup_init::network::bring_up);
+        if let Some(url) = provision::url_from_cmdline(&cmdline) {
+            phase("provision-url", || provision_url(&url));
+        }
     } else {
         nix::sys::prctl::set_child_subreaper(true)
             .map_err(|e| format!("set child subreaper: {e}"))?;
@@ -169,6 +176,61 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     });
     match sup.run(&mut sfd, Some(&control)) {
         Ending::Power(action) => Ok(action),
+    }
+}
+
+/// The `provision` phase: a config drive, else (unless a URL is given on
+/// the command line, applied after the network) the image's own
+/// `machine.toml`; then what was applied is installed.
+fn provision_local(cmdline: &str) {
+    let etc = Path::new(boot::ETC);
+    let found = match provision::find_drive(Path::new("/sys/class/block"), Path::new("/dev")) {
+        Ok(Some((dev, text))) => Some((format!("config drive {}", dev.display()), text)),
+        Ok(None) => None,
+        Err(e) => {
+            provision::report(&Err(e));
+            return;
+        }
+    };
+    let url = provision::url_from_cmdline(cmdline);
+    let found = found.or_else(|| {
+        if url.is_some() {
+            return None;
+        }
+        let baked = etc.join(provision::FILE);
+        let text = std::fs::read_to_string(&baked).ok()?;
+        Some((format!("the image's {}", baked.display()), text))
+    });
+    let dir = Path::new(provision::APPLIED_DIR);
+    if found.is_none() && url.is_some() && provision::applied(dir).is_none() {
+        tracing::info!(
+            "provision: the machine config comes from {} after the network phase",
+            url.unwrap_or_default()
+        );
+        return;
+    }
+    provision::report(&provision::provision(dir, etc, found));
+}
+
+/// `provision-url`: `steelcup.config=URL` fetched (once the network has an
+/// address) and applied, unless a config was applied before.
+fn provision_url(url: &str) {
+    let dir = Path::new(provision::APPLIED_DIR);
+    if provision::applied(dir).is_some() {
+        return;
+    }
+    let found = match provision::fetch(url, Duration::from_secs(60)) {
+        Ok(text) => Some((url.to_string(), text)),
+        Err(e) => {
+            provision::report(&Err(e));
+            return;
+        }
+    };
+    let outcome = provision::provision(dir, Path::new(boot::ETC), found);
+    let applied = outcome.is_ok();
+    provision::report(&outcome);
+    if applied {
+        boot::hostname().unwrap_or_else(|e| tracing::error!("{}", error_chain(&e)));
     }
 }
 

@@ -31,6 +31,7 @@ fn main() {
     }
     steelcup_init::init_logging();
     let mut opts = vmmd::daemon::default_options(&PathBuf::from("/etc/steelcup/units"));
+    let mut registries = PathBuf::from(vmmd::image::registries::DEFAULT_PATH);
     let mut next = first;
     while let Some(a) = next {
         let mut value = |flag: &str| {
@@ -66,11 +67,12 @@ fn main() {
                     }
                 }
             }
+            "--registries" => registries = value("--registries"),
             "--insecure-registry" => opts
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--warm-pool vcpus=N,memory=SIZE,count=N]... [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--registries FILE] [--warm-pool vcpus=N,memory=SIZE,count=N]... [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
                 return;
             }
             other => {
@@ -79,6 +81,22 @@ fn main() {
             }
         }
         next = args.next();
+    }
+    // Credentials and plain-HTTP registries (docs/provisioning.md); a bad
+    // file is said and pulls go on without it.
+    match vmmd::image::registries::Registries::load(&registries) {
+        Ok(r) => {
+            if r != Default::default() {
+                tracing::info!(
+                    "registries: {} with credentials, {} over plain HTTP, from {}",
+                    r.credentials.len(),
+                    r.insecure.len(),
+                    registries.display()
+                );
+            }
+            opts.registries = r;
+        }
+        Err(e) => tracing::error!("registries: {e}; pulling without it"),
     }
     if let Err(e) = vmmd::daemon::run(opts) {
         tracing::error!("fatal: {e}");

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod cpio;
+pub mod registries;
 pub mod rootfs;
 pub mod source;
 pub mod store;
