@@ -3,8 +3,9 @@
 //! # Design
 //! Each phase logs its start and its duration; a phase that fails is logged
 //! and the boot goes on where it can (a machine without networking still
-//! runs its local units). The phases: `early-mounts`, `hostname`, `modules`,
-//! `network`, `units`.
+//! runs its local units). The phases: `early-mounts`, `kmsg-logging`,
+//! `modules`, `state`, `provision`, `hostname`, `entropy`, `network`
+//! (`provision-url`), `units`.
 //!
 //! # Limitations
 //! kmsg logging, entropy seeding, DHCP and coldplug of drivers by modalias
