@@ -38,6 +38,8 @@ pub const ESP_BYTES: u64 = 64 * MIB;
 pub const SLOT_BYTES: u64 = 64 * MIB;
 pub const STATE_BYTES: u64 = 16 * MIB;
 /// The files of an OS slot.
+/// (A signed slot also has `manifest.sig`, the update key's signature of
+/// `manifest.json`.)
 pub const SLOT_FILES: [&str; 3] = ["steelcup.efi", "SHA256SUMS", "manifest.json"];
 /// How many boots a slot gets before GRUB passes it over (init's health
 /// gate sets them back after a good boot).
@@ -113,6 +115,8 @@ pub fn grubenv(vars: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
 pub struct Slot {
     pub uki: Vec<u8>,
     pub manifest: serde_json::Value,
+    /// The Ed25519 signature of the manifest's bytes (hex), once signed.
+    pub signature: Option<String>,
 }
 
 impl Slot {
@@ -125,17 +129,32 @@ impl Slot {
             .collect())
     }
 
+    /// `manifest.json` as written in the slot (and signed).
+    pub fn manifest_bytes(&self) -> Result<Vec<u8>> {
+        Ok((serde_json::to_string_pretty(&self.manifest)? + "\n").into_bytes())
+    }
+
+    /// Signs the manifest with the update key `key` (init checks it with
+    /// the public key, `steelcup_init::update`).
+    pub fn sign(&mut self, key: &ed25519_dalek::SigningKey) -> Result<()> {
+        use ed25519_dalek::Signer;
+        let sig = key.sign(&self.manifest_bytes()?);
+        self.signature = Some(hex::encode(sig.to_bytes()) + "\n");
+        Ok(())
+    }
+
     /// The slot's files by name.
     pub fn files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let sums = format!("{}  steelcup.efi\n", hex::encode(Sha256::digest(&self.uki)));
-        Ok(vec![
+        let mut files = vec![
             ("steelcup.efi", self.uki.clone()),
             ("SHA256SUMS", sums.into_bytes()),
-            (
-                "manifest.json",
-                (serde_json::to_string_pretty(&self.manifest)? + "\n").into_bytes(),
-            ),
-        ])
+            ("manifest.json", self.manifest_bytes()?),
+        ];
+        if let Some(s) = &self.signature {
+            files.push((steelcup_init::update::SIGNATURE, s.clone().into_bytes()));
+        }
+        Ok(files)
     }
 }
 
@@ -359,13 +378,41 @@ pub fn slot(vmlinuz: &Path, initramfs: &Path, cmdline: &str, work: &Path) -> Res
         "uki_bytes": uki.len(),
         "cmdline": cmdline,
     });
-    Ok(Slot { uki, manifest })
+    Ok(Slot {
+        uki,
+        manifest,
+        signature: None,
+    })
 }
 
 /// The update file for `slot`: the slot partition's FAT filesystem, what
 /// `cup update` writes into the slot that is not running.
 pub fn slot_image(slot: &Slot) -> Result<Vec<u8>> {
     fat(SLOT_BYTES, "STEELCUP_A", &slot.named_files()?)
+}
+
+/// An update key pair: the signing key (32 bytes of seed, hex) for the
+/// build machine, the public key (hex) for the servers (image-build's
+/// `[host] update-key`, or a machine config's `update-key`).
+pub fn new_update_key() -> Result<(String, String)> {
+    let mut seed = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    Ok((
+        hex::encode(seed),
+        hex::encode(key.verifying_key().to_bytes()),
+    ))
+}
+
+/// Reads a signing key written by [`new_update_key`].
+pub fn read_signing_key(path: &Path) -> Result<ed25519_dalek::SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read the update signing key {}", path.display()))?;
+    let seed: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("{}: not 64 hex digits", path.display()))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
 /// A zstd initramfs with `files` (path, mode, content) laid over it: a
@@ -386,15 +433,20 @@ pub fn overlay_initramfs(initramfs: &[u8], files: &[(&str, u32, Vec<u8>)]) -> Re
 
 /// Builds `disk.img`, `disk.qcow2` and the update file `slot.img` (slot
 /// A's filesystem alone: what `cup update` writes into the other slot)
-/// into `out`; returns the slot's manifest.
+/// into `out`, the slot signed with `signer` if given; returns the slot's
+/// manifest.
 pub fn build(
     vmlinuz: &Path,
     initramfs: &Path,
     cmdline: &str,
     out: &Path,
+    signer: Option<&ed25519_dalek::SigningKey>,
 ) -> Result<serde_json::Value> {
     let work = out.join("disk-work");
-    let slot = slot(vmlinuz, initramfs, cmdline, &work)?;
+    let mut slot = slot(vmlinuz, initramfs, cmdline, &work)?;
+    if let Some(key) = signer {
+        slot.sign(key)?;
+    }
     let manifest = slot.manifest.clone();
     let env = grubenv(&BTreeMap::from([
         ("ORDER", "A B".to_string()),
@@ -464,6 +516,33 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_slot_checks_with_its_key_in_init() {
+        let uki = b"MZ a kernel".to_vec();
+        let mut slot = Slot {
+            manifest: serde_json::json!({
+                "version": "v1",
+                "uki_sha256": hex::encode(Sha256::digest(&uki)),
+                "uki_bytes": uki.len(),
+            }),
+            uki,
+            signature: None,
+        };
+        let (seed, public) = new_update_key().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("update.key"), &seed).unwrap();
+        let key = read_signing_key(&dir.path().join("update.key")).unwrap();
+        slot.sign(&key).unwrap();
+        let img = slot_image(&slot).unwrap();
+        let public = steelcup_init::update::parse_key(&public).unwrap();
+        let m = steelcup_init::update::check_slot(Cursor::new(&img), Some(&public)).unwrap();
+        assert_eq!(m.version, "v1");
+        slot.signature = None;
+        let img = slot_image(&slot).unwrap();
+        assert!(steelcup_init::update::check_slot(Cursor::new(&img), Some(&public)).is_err());
+        assert!(steelcup_init::update::check_slot(Cursor::new(&img), None).is_ok());
+    }
+
+    #[test]
     fn an_overlay_is_a_second_cpio_on_a_four_byte_boundary() {
         let base = zstd::bulk::compress(b"not really a cpio", 3).unwrap();
         let out = overlay_initramfs(&base, &[("etc/x.toml", 0o644, b"x = 1\n".to_vec())]).unwrap();
@@ -485,6 +564,7 @@ mod tests {
         let slot = Slot {
             uki: b"MZ not really a kernel".to_vec(),
             manifest: serde_json::json!({"version": "test"}),
+            signature: None,
         };
         let esp = vec![(
             "EFI/steelcup/grub.cfg".to_string(),

@@ -262,6 +262,17 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
             .map_err(anyhow::Error::msg)?;
         t.file("etc/steelcup/machine.toml", 0o644, text.into_bytes())?;
     }
+    if let Some(path) = &m.host.update_key {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the update key {}", path.display()))?;
+        steelcup_init::update::parse_key(&text)
+            .map_err(|e| anyhow::anyhow!("the update key {}: {e}", path.display()))?;
+        t.file(
+            "etc/steelcup/update.pub",
+            0o644,
+            format!("{}\n", text.trim()).into_bytes(),
+        )?;
+    }
     let mut units: BTreeMap<String, PathBuf> = BTreeMap::new();
     for dir in std::iter::once(&m.units.dir).chain(&m.units.extra) {
         for e in

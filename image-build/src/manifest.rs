@@ -41,6 +41,11 @@ pub struct Host {
     /// drive or URL gives one (docs/provisioning.md).
     #[serde(default)]
     pub machine_config: Option<PathBuf>,
+    /// The update key's public half (64 hex digits, from `cargo xtask
+    /// update-key`), baked in as `/etc/steelcup/update.pub`: `cup update`
+    /// then takes only updates signed with it.
+    #[serde(default)]
+    pub update_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +82,9 @@ impl Manifest {
         }
         if let Some(c) = &mut m.host.machine_config {
             *c = base.join(&*c);
+        }
+        if let Some(k) = &mut m.host.update_key {
+            *k = base.join(&*k);
         }
         m.guest.busybox = base.join(&m.guest.busybox);
         Ok(m)

@@ -4,8 +4,9 @@
 //!
 //! # Design
 //! A machine config is one TOML file, `machine.toml`: the hostname, the
-//! host network (as `network.toml`), unit files, and registries vmmd pulls
-//! from (credentials, plain HTTP). init looks for one, first found wins:
+//! host network (as `network.toml`), unit files, registries vmmd pulls
+//! from (credentials, plain HTTP), and the update key `cup update` checks
+//! signatures with. init looks for one, first found wins:
 //!
 //! 1. a config drive: a FAT filesystem labelled `STEELCUPCFG` (a whole
 //!    disk or a partition) holding `machine.toml`;
@@ -69,6 +70,14 @@ pub struct MachineConfig {
     /// Registries vmmd pulls from.
     #[serde(default, rename = "registry", skip_serializing_if = "Vec::is_empty")]
     pub registries: Vec<Registry>,
+    /// The update key (an Ed25519 public key, 64 hex digits): `cup update`
+    /// then takes only updates it signed.
+    #[serde(
+        default,
+        rename = "update-key",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub update_key: Option<String>,
 }
 
 /// One `[[registry]]`.
@@ -171,6 +180,10 @@ pub fn check(source: &str, text: &str) -> Result<Files, String> {
         })
         .map_err(|e| format!("{source}: registry: {e}"))?;
         files.push(("registries.toml".to_string(), text));
+    }
+    if let Some(k) = &c.update_key {
+        crate::update::parse_key(k).map_err(|e| format!("{source}: update-key: {e}"))?;
+        files.push(("update.pub".to_string(), format!("{}\n", k.trim())));
     }
     Ok(Files { files })
 }
@@ -462,6 +475,7 @@ mod tests {
 
     const GOOD: &str = r#"
 hostname = "node-17"
+update-key = "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c"
 
 [[network.interface]]
 match = "eth*"
@@ -487,7 +501,8 @@ password = "s3cret"
                 "hostname",
                 "network.toml",
                 "units/hello.toml",
-                "registries.toml"
+                "registries.toml",
+                "update.pub"
             ]
         );
         assert_eq!(f.files[0].1, "node-17\n");
@@ -522,6 +537,7 @@ password = "s3cret"
                 "go together",
             ),
             ("hostname = \"x\"\nhostname = \"y\"\n", "drive:2:"),
+            ("update-key = \"00\"\n", "update-key: not 64 hex digits"),
         ];
         for (text, want) in cases {
             let e = check("drive", text).unwrap_err();

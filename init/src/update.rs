@@ -25,10 +25,15 @@
 //! try spent, boots the old slot again by itself. `cup rollback` puts the
 //! other slot first with one try, after checking that it holds an OS.
 //!
+//! With an update key (`/etc/steelcup/update.pub`, an Ed25519 public key
+//! baked into the image or set by the machine config), step 2 also
+//! requires `manifest.sig`, the key's signature of `manifest.json`: the
+//! manifest names the image's hash, so the signature covers the whole slot.
+//!
 //! # Limitations
 //! The update file is read whole into init's memory (64 MiB as built) so
-//! that what was checked is what is written. No signature is checked yet:
-//! the hash proves the slot is intact, not who built it.
+//! that what was checked is what is written. Without an update key, the
+//! hash proves the slot intact but not who built it.
 
 use crate::slots::{self, BootEnv, SLOTS};
 use crate::state::{self, Partition};
@@ -44,6 +49,11 @@ pub const SLOT_LABELS: [(&str, &str); 2] = [("A", "steelcup-a"), ("B", "steelcup
 pub const UKI: &str = "steelcup.efi";
 pub const SUMS: &str = "SHA256SUMS";
 pub const MANIFEST: &str = "manifest.json";
+/// The Ed25519 signature of `manifest.json` (hex), in a signed slot.
+pub const SIGNATURE: &str = "manifest.sig";
+/// The machine's update key (an Ed25519 public key, hex): with it, only
+/// updates signed by its private key are taken.
+pub const KEY_PATH: &str = "/etc/steelcup/update.pub";
 
 /// Why an update, a rollback or a status read was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,17 +195,69 @@ impl<T> Write for ReadOnly<T> {
     }
 }
 
+/// Parses an Ed25519 public key written as 64 hex digits.
+pub fn parse_key(text: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let bytes = unhex(text.trim()).ok_or("not 64 hex digits")?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| "not 64 hex digits")?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 key: {e}"))
+}
+
+/// The update key at `path` (see [`KEY_PATH`]); None when there is none.
+pub fn load_key(path: &Path) -> Result<Option<ed25519_dalek::VerifyingKey>, UpdateError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_key(&text)
+            .map(Some)
+            .map_err(|e| UpdateError::Disk(format!("the update key {}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(UpdateError::Disk(format!(
+            "the update key {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Checks the slot filesystem on `io` (an update file in memory, or a slot
 /// partition), reading only: the three files, the image's hash and size as
-/// the manifest and `SHA256SUMS` say. Returns the manifest.
-pub fn check_slot<T: Read + Seek>(io: T) -> Result<Manifest, String> {
+/// the manifest and `SHA256SUMS` say, and with `key`, the manifest's
+/// signature. Returns the manifest.
+pub fn check_slot<T: Read + Seek>(
+    io: T,
+    key: Option<&ed25519_dalek::VerifyingKey>,
+) -> Result<Manifest, String> {
     let fs = fatfs::FileSystem::new(
         ReadOnly(io),
         fatfs::FsOptions::new().update_accessed_date(false),
     )
     .map_err(|e| format!("not a FAT filesystem: {e}"))?;
-    let manifest: Manifest = serde_json::from_slice(&read_file(&fs, MANIFEST, 64 << 10)?)
-        .map_err(|e| format!("{MANIFEST}: {e}"))?;
+    let manifest_bytes = read_file(&fs, MANIFEST, 64 << 10)?;
+    if let Some(key) = key {
+        // The manifest names the image's hash: signing it signs the slot.
+        let sig = read_file(&fs, SIGNATURE, 1024).map_err(|_| {
+            format!("{MANIFEST} is not signed (no {SIGNATURE}), and this machine takes only updates signed by its update key")
+        })?;
+        let sig = String::from_utf8(sig)
+            .ok()
+            .and_then(|s| unhex(s.trim()))
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            .ok_or_else(|| format!("{SIGNATURE} is not 128 hex digits"))?;
+        use ed25519_dalek::Verifier;
+        key.verify(&manifest_bytes, &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| {
+                format!("{SIGNATURE} is not a signature of {MANIFEST} by this machine's update key")
+            })?;
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| format!("{MANIFEST}: {e}"))?;
     let version_ok = !manifest.version.is_empty()
         && manifest.version.len() <= 64
         && manifest
@@ -258,7 +320,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The slot partition `dev`, checked as it is now.
 pub fn check_partition(dev: &Path) -> Result<Manifest, String> {
     let f = std::fs::File::open(dev).map_err(|e| format!("open {}: {e}", dev.display()))?;
-    check_slot(f)
+    check_slot(f, None)
 }
 
 /// The disks (by ESP) an update or rollback is running on: one at a time.
@@ -331,8 +393,13 @@ pub fn read_source(source: &Path, limit: u64) -> Result<Vec<u8>, UpdateError> {
 }
 
 /// Applies the update file at `source` to `disk` (see the module's
-/// design): the other slot written, checked and set to boot once.
-pub fn apply(disk: &Disk, source: &Path) -> Result<Applied, UpdateError> {
+/// design): the other slot written, checked and set to boot once. With
+/// `key`, the file must be signed by it.
+pub fn apply(
+    disk: &Disk,
+    source: &Path,
+    key: Option<&ed25519_dalek::VerifyingKey>,
+) -> Result<Applied, UpdateError> {
     let _held = Busy::take(&disk.esp)?;
     let env = disk.env()?;
     let booted = env.booted().ok_or_else(|| {
@@ -357,16 +424,22 @@ pub fn apply(disk: &Disk, source: &Path) -> Result<Applied, UpdateError> {
     };
     let limit = size_of(&dev).map_err(write_err)?;
     let data = read_source(source, limit)?;
-    let manifest = check_slot(Cursor::new(&data[..])).map_err(|what| UpdateError::BadImage {
-        file: source.display().to_string(),
-        what,
-    })?;
+    let manifest =
+        check_slot(Cursor::new(&data[..]), key).map_err(|what| UpdateError::BadImage {
+            file: source.display().to_string(),
+            what,
+        })?;
     tracing::info!(
-        "update: {} holds version {} ({} bytes, image SHA-256 {}); writing it into slot {target} ({})",
+        "update: {} holds version {} ({} bytes, image SHA-256 {}{}); writing it into slot {target} ({})",
         source.display(),
         manifest.version,
         data.len(),
         manifest.uki_sha256,
+        if key.is_some() {
+            ", signed by this machine's update key"
+        } else {
+            ""
+        },
         dev.display()
     );
     // Never chosen while it is being written.
@@ -546,20 +619,71 @@ mod tests {
 
     /// An update file as image-build makes one, for an image `uki`.
     fn slot_image(version: &str, uki: &[u8]) -> Vec<u8> {
+        signed_slot_image(version, uki, None)
+    }
+
+    /// ... signed by `signer`.
+    fn signed_slot_image(
+        version: &str,
+        uki: &[u8],
+        signer: Option<&ed25519_dalek::SigningKey>,
+    ) -> Vec<u8> {
+        use ed25519_dalek::Signer;
         let hash = hex(&Sha256::digest(uki));
         let manifest = format!(
             r#"{{"version": "{version}", "uki_sha256": "{hash}", "uki_bytes": {}, "cmdline": "console=ttyS0"}}"#,
             uki.len()
         );
         let sums = format!("{hash}  {UKI}\n");
-        fat(
-            34 * MIB,
-            &[
-                (UKI, uki),
-                (SUMS, sums.as_bytes()),
-                (MANIFEST, manifest.as_bytes()),
-            ],
+        let sig = signer.map(|k| hex(&k.sign(manifest.as_bytes()).to_bytes()));
+        let mut files: Vec<(&str, &[u8])> = vec![
+            (UKI, uki),
+            (SUMS, sums.as_bytes()),
+            (MANIFEST, manifest.as_bytes()),
+        ];
+        if let Some(s) = &sig {
+            files.push((SIGNATURE, s.as_bytes()));
+        }
+        fat(34 * MIB, &files)
+    }
+
+    #[test]
+    fn with_an_update_key_only_updates_it_signed_are_taken() {
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let key = parse_key(&hex(&signer.verifying_key().to_bytes())).unwrap();
+        let f = fixture(GOOD_A, &slot_image("one", b"MZ one"));
+        let unsigned = update_file(&f, &slot_image("two", b"MZ two"));
+        let e = apply(&f.disk, &unsigned, Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("manifest.json is not signed (no manifest.sig)"),
+            "{e}"
+        );
+        let forged = update_file(&f, &signed_slot_image("two", b"MZ two", Some(&other)));
+        let e = apply(&f.disk, &forged, Some(&key)).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a signature of manifest.json by this machine's update key"),
+            "{e}"
+        );
+        assert!(
+            check_partition(&f.disk.slots[1].1).is_err(),
+            "slot B untouched"
+        );
+        let signed = update_file(&f, &signed_slot_image("two", b"MZ two", Some(&signer)));
+        assert_eq!(apply(&f.disk, &signed, Some(&key)).unwrap().version, "two");
+        // Keys are 64 hex digits of a valid point.
+        assert!(parse_key("abc").is_err());
+        assert!(parse_key(&"zz".repeat(32)).is_err());
+        let dir = f.dir.path();
+        std::fs::write(
+            dir.join("update.pub"),
+            hex(&signer.verifying_key().to_bytes()) + "\n",
         )
+        .unwrap();
+        assert_eq!(load_key(&dir.join("update.pub")).unwrap(), Some(key));
+        assert_eq!(load_key(&dir.join("none.pub")).unwrap(), None);
     }
 
     /// A disk as files: an ESP with grubenv, slot A holding `a`, slot B
@@ -609,7 +733,7 @@ mod tests {
     fn an_update_goes_into_the_other_slot_and_boots_next_once() {
         let f = fixture(GOOD_A, &slot_image("one", b"MZ kernel one"));
         let src = update_file(&f, &slot_image("two", b"MZ kernel two"));
-        let done = apply(&f.disk, &src).unwrap();
+        let done = apply(&f.disk, &src, None).unwrap();
         assert_eq!(
             done,
             Applied {
@@ -641,7 +765,7 @@ mod tests {
         let at = bad.windows(13).position(|w| w == b"MZ kernel two").unwrap();
         bad[at + 3] = b'X';
         let src = update_file(&f, &bad);
-        let e = apply(&f.disk, &src).unwrap_err();
+        let e = apply(&f.disk, &src, None).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("update.img"), "names the file: {msg}");
         assert!(
@@ -653,18 +777,18 @@ mod tests {
 
         // Not a slot at all; too large for the slot.
         let src = update_file(&f, b"hello");
-        assert!(apply(&f.disk, &src)
+        assert!(apply(&f.disk, &src, None)
             .unwrap_err()
             .to_string()
             .contains("not a FAT filesystem"));
         let src = update_file(&f, &vec![0u8; 41 * MIB as usize]);
-        assert!(apply(&f.disk, &src)
+        assert!(apply(&f.disk, &src, None)
             .unwrap_err()
             .to_string()
             .contains("larger than the slot partition"));
         // A manifest whose version would be shown as something else.
         let src = update_file(&f, &slot_image("two three", b"MZ"));
-        assert!(apply(&f.disk, &src)
+        assert!(apply(&f.disk, &src, None)
             .unwrap_err()
             .to_string()
             .contains("version \"two three\" is not"));
@@ -682,7 +806,7 @@ mod tests {
         ];
         let f = fixture(&env, &slot_image("one", b"MZ one"));
         let src = update_file(&f, &slot_image("two", b"MZ two"));
-        let e = apply(&f.disk, &src).unwrap_err();
+        let e = apply(&f.disk, &src, None).unwrap_err();
         assert!(
             matches!(&e, UpdateError::NotGood { slot, other, .. } if slot == "B" && other == "A"),
             "{e}"
@@ -730,7 +854,7 @@ mod tests {
             "{e}"
         );
         let src = update_file(&f, &slot_image("two", b"MZ two"));
-        apply(&f.disk, &src).unwrap();
+        apply(&f.disk, &src, None).unwrap();
         // Booted into B, marked good, then rolled back to A.
         slots::modify_env(&f.disk.esp, |e| {
             e.vars.insert("BOOTED".into(), "B".into());

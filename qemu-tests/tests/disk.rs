@@ -9,12 +9,13 @@
 //!
 //! 1. slot A, first boot: the state partition grown, formatted, mounted
 //!    at /var; the machine config on a config drive applied (hostname, a
-//!    unit, a registry); the health gate marks A good; a workload writes a volume;
-//!    `cup update URL` (served by this test, outside QEMU) writes a second
-//!    build into slot B, checked, to boot once; init reboots;
+//!    unit, a registry, an update key); the health gate marks A good; a
+//!    workload writes a volume; an unsigned update is refused; `cup update
+//!    URL` (served by this test, outside QEMU) writes a second build,
+//!    signed, into slot B, checked, to boot once; init reboots;
 //! 2. slot B: the machine config is not applied again (its hostname and
-//!    unit are still there); the volume's data is there; the gate marks B good; an update
-//!    to a build whose vmmd is broken goes into slot A;
+//!    unit are still there); the volume's data is there; the gate marks B
+//!    good; an update to a build whose vmmd is broken goes into slot A;
 //! 3. slot A, broken: vmmd fails, the gate fails, init reboots;
 //! 4. GRUB, A's one try spent, boots B again by itself (a rollback, said
 //!    by init and by `cup update --status`); an update is started and QEMU
@@ -35,9 +36,11 @@ const STEP: Duration = Duration::from_secs(120);
 /// test's loopback at 10.0.2.2).
 const UPDATE_PORT: u16 = 15057;
 
-/// The machine config on the test's config drive.
+/// The machine config on the test's config drive (with the update key
+/// `cargo xtask test` made, whose updates are signed).
 const MACHINE_CONFIG: &str = r#"
 hostname = "node-17"
+update-key = "UPDATE_KEY"
 
 [units.provisioned]
 unit = { description = "a unit from the machine config" }
@@ -160,7 +163,14 @@ fn disk_image_boots_updates_and_rolls_back() {
         "STEELCUPCFG",
         &[(
             "machine.toml".to_string(),
-            MACHINE_CONFIG.as_bytes().to_vec(),
+            MACHINE_CONFIG
+                .replace(
+                    "UPDATE_KEY",
+                    std::fs::read_to_string(dir.join("update.pub"))
+                        .expect("the test disk's update.pub")
+                        .trim(),
+                )
+                .into_bytes(),
         )],
     )
     .unwrap();
@@ -201,6 +211,11 @@ fn disk_image_boots_updates_and_rolls_back() {
         g.wait_for("driver: disk step 0", STEP)?;
         g.wait_for(&format!("driver: status: A     {v1}"), STEP)?;
         g.wait_for("driver: volume: written", BOOT)?;
+        g.wait_for("driver: unsigned update: cup: /run/steelcup/update-", BOOT)?;
+        g.wait_for(
+            "manifest.json is not signed (no manifest.sig), and this machine takes only updates signed by its update key",
+            STEP,
+        )?;
         // (init's word: cup's own answer may not reach the console before
         // the reboot stops the driver.)
         g.wait_for(

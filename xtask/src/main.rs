@@ -49,9 +49,10 @@ fn main() {
         Some("bench") => bench(),
         Some("build") => build().map(|_| ()),
         Some("disk") => disk().map(|_| ()),
+        Some("update-key") => update_key(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk"
+                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk | update-key DIR"
             );
             std::process::exit(2);
         }
@@ -70,6 +71,44 @@ fn main() {
 fn disk() -> Result<PathBuf> {
     let artifacts = build()?;
     disk_image(&artifacts)
+}
+
+/// `cargo xtask update-key DIR`: a new update key pair in DIR,
+/// `update.key` (the signing key: keep it on the build machine) and
+/// `update.pub` (for `[host] update-key` or a machine config).
+fn update_key(dir: Option<&str>) -> Result<()> {
+    let dir = Path::new(dir.context("update-key needs the directory to write the key pair into")?);
+    std::fs::create_dir_all(dir)?;
+    let (seed, public) = image_build::disk::new_update_key()?;
+    let key = dir.join("update.key");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .with_context(|| {
+                format!("create {} (an old key is never overwritten)", key.display())
+            })?;
+        f.write_all(format!("{seed}\n").as_bytes())?;
+    }
+    std::fs::write(dir.join("update.pub"), format!("{public}\n"))?;
+    eprintln!(
+        "update key: {} (signing key, keep it secret) and {} (public: {public})",
+        key.display(),
+        dir.join("update.pub").display()
+    );
+    Ok(())
+}
+
+/// The signing key `cargo xtask disk` signs the OS slot with:
+/// `$STEELCUP_UPDATE_SIGNING_KEY`, a file from `cargo xtask update-key`.
+fn signing_key() -> Result<Option<ed25519_dalek::SigningKey>> {
+    std::env::var_os("STEELCUP_UPDATE_SIGNING_KEY")
+        .map(|p| image_build::disk::read_signing_key(Path::new(&p)))
+        .transpose()
 }
 
 /// What building a disk image takes (and booting it in QEMU).
@@ -97,6 +136,7 @@ fn disk_image(artifacts: &Path) -> Result<PathBuf> {
         &artifacts.join("initramfs.cpio.zst"),
         cmdline.trim(),
         &out,
+        signing_key()?.as_ref(),
     )?;
     let size = |n: &str| std::fs::metadata(out.join(n)).map(|m| m.len()).unwrap_or(0);
     eprintln!(
@@ -127,7 +167,9 @@ ready = "notify"
 /// `test_artifacts` with `steelcup.test=disk` on its command line, in
 /// `target/steelcup/test-disk`: `disk.qcow2` (slot A), `update-good.img`
 /// (a second build: the same image with `steelcup.build=2`, so another
-/// version) and `update-bad.img` (a build whose vmmd unit is broken).
+/// version), `update-bad.img` (a build whose vmmd unit is broken), both
+/// signed with a new update key whose public half is `update.pub`, and
+/// `update-unsigned.img` (the second build, unsigned).
 fn test_disk(test_artifacts: &Path) -> Result<PathBuf> {
     disk_packages()?;
     step("building the disk test's disk image and update files");
@@ -140,13 +182,27 @@ fn test_disk(test_artifacts: &Path) -> Result<PathBuf> {
     );
     let vmlinuz = test_artifacts.join("vmlinuz");
     let initramfs = test_artifacts.join("initramfs.cpio.zst");
-    let first = image_build::disk::build(&vmlinuz, &initramfs, &cmdline, &out)?;
-    let good = image_build::disk::slot(
+    let first = image_build::disk::build(&vmlinuz, &initramfs, &cmdline, &out, None)?;
+    // The test's update key: the machine config on its config drive
+    // configures the public half; the updates are signed with the other.
+    let (seed, public) = image_build::disk::new_update_key()?;
+    std::fs::write(out.join("update.pub"), format!("{public}\n"))?;
+    let signer = {
+        std::fs::create_dir_all(&work)?;
+        std::fs::write(work.join("update.key"), &seed)?;
+        image_build::disk::read_signing_key(&work.join("update.key"))?
+    };
+    let mut good = image_build::disk::slot(
         &vmlinuz,
         &initramfs,
         &format!("{cmdline} steelcup.build=2"),
         &work,
     )?;
+    std::fs::write(
+        out.join("update-unsigned.img"),
+        image_build::disk::slot_image(&good)?,
+    )?;
+    good.sign(&signer)?;
     std::fs::write(
         out.join("update-good.img"),
         image_build::disk::slot_image(&good)?,
@@ -163,12 +219,13 @@ fn test_disk(test_artifacts: &Path) -> Result<PathBuf> {
             )],
         )?,
     )?;
-    let bad = image_build::disk::slot(
+    let mut bad = image_build::disk::slot(
         &vmlinuz,
         &bad_initramfs,
         &format!("{cmdline} steelcup.build=broken-vmmd"),
         &work,
     )?;
+    bad.sign(&signer)?;
     std::fs::write(
         out.join("update-bad.img"),
         image_build::disk::slot_image(&bad)?,

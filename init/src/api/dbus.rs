@@ -121,6 +121,8 @@ pub struct Slots {
     pub class_block: std::path::PathBuf,
     /// The slot GRUB passed over in this boot (a rollback), if any.
     pub passed_over: Option<String>,
+    /// The update key: with one, only updates it signed are taken.
+    pub key_file: std::path::PathBuf,
 }
 
 impl Init1 {
@@ -233,8 +235,15 @@ impl Init1 {
     /// then reboots if `reboot`. Returns (slot, version).
     async fn update(&self, source: String, reboot: bool) -> Result<(String, String), Init1Error> {
         let disk = self.disk()?;
-        let done = off_thread(move || crate::update::apply(&disk, std::path::Path::new(&source)))
-            .await??;
+        let key_file = self.slots.as_ref().map(|s| s.key_file.clone());
+        let done = off_thread(move || {
+            let key = match &key_file {
+                Some(k) => crate::update::load_key(k)?,
+                None => None,
+            };
+            crate::update::apply(&disk, std::path::Path::new(&source), key.as_ref())
+        })
+        .await??;
         self.reboot_if(reboot).await?;
         Ok((done.slot, done.version))
     }

@@ -160,6 +160,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         let slots = pid1.then(|| api::dbus::Slots {
             class_block: PathBuf::from("/sys/class/block"),
             passed_over: booted.as_ref().and_then(|b| b.env.passed_over()),
+            key_file: PathBuf::from(steelcup_init::update::KEY_PATH),
         });
         match api::dbus::serve(&args.run_dir.join(api::SOCKET), handle, logs.clone(), slots) {
             Ok(observer) => sup.observe(observer),
