@@ -321,21 +321,9 @@ pub fn find_drive(class_block: &Path, dev_dir: &Path) -> Result<Option<(PathBuf,
 
 /// `machine.toml` from the FAT filesystem on `f`, read only.
 fn read_from_fat(f: std::fs::File) -> Result<String, String> {
-    let data = crate::update::read_only(f);
-    let fs = fatfs::FileSystem::new(data, fatfs::FsOptions::new().update_accessed_date(false))
-        .map_err(|e| format!("not a FAT filesystem: {e}"))?;
-    let file = fs
-        .root_dir()
-        .open_file(FILE)
-        .map_err(|e| format!("no {FILE}: {e}"))?;
-    let mut text = String::new();
-    file.take(MAX_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("read {FILE}: {e}"))?;
-    if text.len() as u64 > MAX_BYTES {
-        return Err(format!("{FILE} is larger than {MAX_BYTES} bytes"));
-    }
-    Ok(text)
+    let fs = crate::update::open_fat(f)?;
+    String::from_utf8(crate::update::read_file(&fs, FILE, MAX_BYTES)?)
+        .map_err(|_| format!("{FILE} is not UTF-8 text"))
 }
 
 /// `steelcup.config=URL` on the kernel command line.

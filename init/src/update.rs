@@ -145,8 +145,17 @@ pub struct Manifest {
     pub cmdline: String,
 }
 
+/// The FAT filesystem on `io`, read only.
+pub(crate) fn open_fat<T: Read + Seek>(io: T) -> Result<fatfs::FileSystem<ReadOnly<T>>, String> {
+    fatfs::FileSystem::new(
+        ReadOnly(io),
+        fatfs::FsOptions::new().update_accessed_date(false),
+    )
+    .map_err(|e| format!("not a FAT filesystem: {e}"))
+}
+
 /// Reads the whole file `name` of `fs`, at most `limit` bytes.
-fn read_file<T: Read + Seek>(
+pub(crate) fn read_file<T: Read + Seek>(
     fs: &fatfs::FileSystem<ReadOnly<T>>,
     name: &str,
     limit: u64,
@@ -168,11 +177,6 @@ fn read_file<T: Read + Seek>(
 /// A reader fatfs can take (it asks for a writer's type); any write it
 /// tries fails.
 pub(crate) struct ReadOnly<T>(T);
-
-/// `t` for fatfs, read only.
-pub(crate) fn read_only<T: Read + Seek>(t: T) -> ReadOnly<T> {
-    ReadOnly(t)
-}
 
 impl<T: Read> Read for ReadOnly<T> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -234,11 +238,7 @@ pub fn check_slot<T: Read + Seek>(
     io: T,
     key: Option<&ed25519_dalek::VerifyingKey>,
 ) -> Result<Manifest, String> {
-    let fs = fatfs::FileSystem::new(
-        ReadOnly(io),
-        fatfs::FsOptions::new().update_accessed_date(false),
-    )
-    .map_err(|e| format!("not a FAT filesystem: {e}"))?;
+    let fs = open_fat(io)?;
     let manifest_bytes = read_file(&fs, MANIFEST, 64 << 10)?;
     if let Some(key) = key {
         // The manifest names the image's hash: signing it signs the slot.
@@ -402,13 +402,7 @@ pub fn apply(
 ) -> Result<Applied, UpdateError> {
     let _held = Busy::take(&disk.esp)?;
     let env = disk.env()?;
-    let booted = env.booted().ok_or_else(|| {
-        UpdateError::Disk(format!(
-            "grubenv does not say which slot booted ({})",
-            env.describe()
-        ))
-    })?;
-    let target = env.other().unwrap_or("B");
+    let (booted, target) = booted_and_other(&env)?;
     if !env.is_good() {
         return Err(UpdateError::NotGood {
             slot: booted.into(),
@@ -457,13 +451,26 @@ pub fn apply(
             written.uki_sha256, manifest.uki_sha256
         )));
     }
+    boot_once(disk, target, booted, manifest, "update: slot {slot} holds")
+}
+
+/// `target`, holding `manifest`'s OS, goes first in ORDER with one try;
+/// says so (`what` names the slot as `{slot}`).
+fn boot_once(
+    disk: &Disk,
+    target: &str,
+    booted: &str,
+    manifest: Manifest,
+    what: &str,
+) -> Result<Applied, UpdateError> {
     let env = slots::modify_env(&disk.esp, |e| {
         e.boot_next(target, 1);
         Ok(())
     })
     .map_err(UpdateError::Disk)?;
     tracing::info!(
-        "update: slot {target} holds version {} and boots next, once; slot {booted} stays the fallback ({})",
+        "{} version {} and boots next, once; slot {booted} stays the fallback ({})",
+        what.replace("{slot}", target),
         manifest.version,
         env.describe()
     );
@@ -486,37 +493,34 @@ fn write_slot(dev: &Path, data: &[u8]) -> Result<(), String> {
     f.sync_all().map_err(|e| format!("sync: {e}"))
 }
 
+/// The booted slot and the other one.
+fn booted_and_other(env: &BootEnv) -> Result<(&'static str, &'static str), UpdateError> {
+    match (env.booted(), env.other()) {
+        (Some(b), Some(o)) => Ok((b, o)),
+        _ => Err(UpdateError::Disk(format!(
+            "grubenv does not say which slot booted ({})",
+            env.describe()
+        ))),
+    }
+}
+
 /// Puts the other slot first, with one try, once it checks.
 pub fn rollback(disk: &Disk) -> Result<Applied, UpdateError> {
     let _held = Busy::take(&disk.esp)?;
     let env = disk.env()?;
-    let booted = env.booted().ok_or_else(|| {
-        UpdateError::Disk(format!(
-            "grubenv does not say which slot booted ({})",
-            env.describe()
-        ))
-    })?;
-    let target = env.other().unwrap_or("B");
+    let (booted, target) = booted_and_other(&env)?;
     let dev = disk.slot_dev(target)?;
     let manifest = check_partition(dev).map_err(|why| UpdateError::NothingToRollBackTo {
         slot: target.into(),
         why,
     })?;
-    let env = slots::modify_env(&disk.esp, |e| {
-        e.boot_next(target, 1);
-        Ok(())
-    })
-    .map_err(UpdateError::Disk)?;
-    tracing::info!(
-        "rollback: slot {target} (version {}) boots next, once; slot {booted} stays the fallback ({})",
-        manifest.version,
-        env.describe()
-    );
-    Ok(Applied {
-        slot: target.into(),
-        version: manifest.version,
-        fallback: booted.into(),
-    })
+    boot_once(
+        disk,
+        target,
+        booted,
+        manifest,
+        "rollback: slot {slot} holds",
+    )
 }
 
 /// One slot as `cup update --status` shows it.

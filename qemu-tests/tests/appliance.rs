@@ -1,5 +1,6 @@
 //! The appliance end to end: boot, a microVM's line and exit code, orderly
-//! power-off; the same through PXE; and reproducible image builds.
+//! power-off; the same through PXE; and reproducible image builds (the
+//! initramfs, and the disk image with its update file).
 //!
 //! These need the artifacts `cargo xtask test` builds and passes in
 //! `STEELCUP_ARTIFACTS`; run without them, each test says so and does nothing.
@@ -209,5 +210,28 @@ fn image_build_twice_gives_identical_bytes() {
         "host image is {} bytes; the budget is 40 MB",
         m1.image_bytes
     );
+    // The disk image (GRUB, the unified kernel image, FAT, GPT) and the
+    // update file: the same bytes from the same appliance.
+    let cmdline = std::fs::read_to_string(one.join("cmdline")).unwrap();
+    let disks: Vec<_> = ["disk-one", "disk-two"]
+        .iter()
+        .map(|d| {
+            let out = tmp.join(d);
+            image_build::disk::build(
+                &one.join("vmlinuz"),
+                &one.join("initramfs.cpio.zst"),
+                cmdline.trim(),
+                &out,
+                None,
+            )
+            .unwrap();
+            out
+        })
+        .collect();
+    for name in ["disk.img", "slot.img", "disk.qcow2"] {
+        let b1 = std::fs::read(disks[0].join(name)).unwrap();
+        let b2 = std::fs::read(disks[1].join(name)).unwrap();
+        assert!(b1 == b2, "{name} differs between two builds");
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }

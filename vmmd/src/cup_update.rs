@@ -146,14 +146,19 @@ pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Resul
         std::fs::canonicalize(source).map_err(|e| format!("{source}: {e}"))?
     };
     eprintln!("cup: writing the update into the slot that is not running, then checking it");
-    let (slot, version) = p.update(&path.to_string_lossy(), reboot).map_err(api_err)?;
+    let answer = p.update(&path.to_string_lossy(), reboot).map_err(api_err)?;
+    Ok(boots_next(answer, reboot))
+}
+
+/// Says which slot boots next (init's answer) and what happens now.
+fn boots_next((slot, version): (String, String), reboot: bool) -> u8 {
     println!("slot {slot} holds version {version} and boots next, once; the running slot stays the fallback");
     if reboot {
         println!("rebooting");
     } else {
         println!("reboot (cup reboot) to boot it");
     }
-    Ok(0)
+    0
 }
 
 /// `cup rollback [--no-reboot]`.
@@ -162,14 +167,8 @@ pub fn rollback(p: &Init1Proxy<'static>, args: &[String]) -> Result<u8, String> 
         return Err(format!("unknown rollback option {bad:?}"));
     }
     let reboot = args.is_empty();
-    let (slot, version) = p.rollback(reboot).map_err(api_err)?;
-    println!("slot {slot} (version {version}) boots next, once");
-    if reboot {
-        println!("rebooting");
-    } else {
-        println!("reboot (cup reboot) to boot it");
-    }
-    Ok(0)
+    let answer = p.rollback(reboot).map_err(api_err)?;
+    Ok(boots_next(answer, reboot))
 }
 
 /// `cup update --status` as text.

@@ -185,11 +185,18 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
 /// `machine.toml`; then what was applied is installed.
 fn provision_local(cmdline: &str) {
     let etc = Path::new(boot::ETC);
+    let dir = Path::new(provision::APPLIED_DIR);
     let found = match provision::find_drive(Path::new("/sys/class/block"), Path::new("/dev")) {
         Ok(Some((dev, text))) => Some((format!("config drive {}", dev.display()), text)),
         Ok(None) => None,
         Err(e) => {
+            // A drive that cannot be read stops provisioning (no other
+            // source stands in for it); what was applied before is still
+            // installed.
             provision::report(&Err(e));
+            if provision::applied(dir).is_some() {
+                provision::report(&provision::provision(dir, etc, None));
+            }
             return;
         }
     };
@@ -202,7 +209,6 @@ fn provision_local(cmdline: &str) {
         let text = std::fs::read_to_string(&baked).ok()?;
         Some((format!("the image's {}", baked.display()), text))
     });
-    let dir = Path::new(provision::APPLIED_DIR);
     if found.is_none() && url.is_some() && provision::applied(dir).is_none() {
         tracing::info!(
             "provision: the machine config comes from {} after the network phase",
