@@ -13,6 +13,7 @@
 //! # Limitations
 //! The disk image is still to come.
 
+pub mod admin;
 pub mod disk;
 pub mod manifest;
 pub mod modules;

@@ -78,7 +78,28 @@ pub struct MachineConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub update_key: Option<String>,
+    /// Remote administration without SSH: `cup --remote` over mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
 }
+
+/// `[admin]`: the gateway `vmmd admin` that `cup --remote` reaches
+/// (docs/remote.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Admin {
+    /// `ADDRESS:PORT` to listen on; `0.0.0.0:7443` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// The machine's certificate (PEM; its chain may follow) and key.
+    pub server_cert: String,
+    pub server_key: String,
+    /// The CA whose certificates clients must present (PEM).
+    pub client_ca: String,
+}
+
+/// The unit that runs the gateway.
+const ADMIN_UNIT: &str = "admin";
 
 /// One `[[registry]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +202,41 @@ pub fn check(source: &str, text: &str) -> Result<Files, String> {
         .map_err(|e| format!("{source}: registry: {e}"))?;
         files.push(("registries.toml".to_string(), text));
     }
+    if let Some(a) = &c.admin {
+        let listen = a.listen.clone().unwrap_or_else(|| "0.0.0.0:7443".into());
+        listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("{source}: admin.listen {listen:?} is not ADDRESS:PORT"))?;
+        for (field, text, kind) in [
+            ("server-cert", &a.server_cert, "CERTIFICATE-----"),
+            ("server-key", &a.server_key, "PRIVATE KEY-----"),
+            ("client-ca", &a.client_ca, "CERTIFICATE-----"),
+        ] {
+            if !text.contains("-----BEGIN ") || !text.contains(kind) {
+                return Err(format!(
+                    "{source}: admin.{field}: not a PEM {}",
+                    kind.trim_end_matches('-').to_lowercase()
+                ));
+            }
+        }
+        if c.units.contains_key(ADMIN_UNIT) {
+            return Err(format!(
+                "{source}: units.{ADMIN_UNIT}: the name is taken by [admin]"
+            ));
+        }
+        files.push(("admin/server.crt".into(), a.server_cert.clone()));
+        files.push(("admin/server.key".into(), a.server_key.clone()));
+        files.push(("admin/client-ca.crt".into(), a.client_ca.clone()));
+        let unit = format!(
+            "# Installed by the machine config's [admin] (docs/remote.md).\n\
+             [unit]\ndescription = \"remote administration: cup --remote over mutual TLS\"\n\n\
+             [service]\nexec = [\"/usr/bin/vmmd\", \"admin\", \"--listen\", \"{listen}\", \"--tls-dir\", \"/etc/steelcup/admin\"]\n\
+             restart = \"always\"\n"
+        );
+        crate::units::parse(Path::new("admin.toml"), &unit)
+            .map_err(|e| crate::boot::error_chain(&e))?;
+        files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
+    }
     if let Some(k) = &c.update_key {
         crate::update::parse_key(k).map_err(|e| format!("{source}: update-key: {e}"))?;
         files.push(("update.pub".to_string(), format!("{}\n", k.trim())));
@@ -222,8 +278,18 @@ pub fn apply(dir: &Path, source: &str, text: &str, files: &Files) -> Result<Reco
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
-        let mut f =
-            std::fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+        // Private keys are root's alone (install copies the mode).
+        let mode = if rel.ends_with(".key") { 0o600 } else { 0o644 };
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&p)
+        }
+        .map_err(|e| format!("create {}: {e}", p.display()))?;
         f.write_all(data)
             .and_then(|_| f.sync_all())
             .map_err(|e| format!("write {}: {e}", p.display()))
@@ -460,6 +526,7 @@ pub fn report(r: &Result<Outcome, String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::UnitKind;
 
     const GOOD: &str = r#"
 hostname = "node-17"
@@ -566,6 +633,57 @@ password = "s3cret"
             std::fs::read_to_string(etc2.join("hostname")).unwrap(),
             "node-17\n"
         );
+    }
+
+    #[test]
+    fn admin_access_becomes_the_gateway_unit_and_its_files() {
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let text = format!(
+            "[admin]\nlisten = \"0.0.0.0:9443\"\nserver-cert = '''{cert}'''\nserver-key = '''{key}'''\nclient-ca = '''{cert}'''\n"
+        );
+        let f = check("drive", &text).unwrap();
+        let names: Vec<&str> = f.files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "admin/server.crt",
+                "admin/server.key",
+                "admin/client-ca.crt",
+                "units/admin.toml"
+            ]
+        );
+        let unit = crate::units::parse(Path::new("admin.toml"), &f.files[3].1).unwrap();
+        let UnitKind::Service(s) = unit.kind else {
+            panic!("{unit:?}")
+        };
+        assert_eq!(
+            s.exec,
+            [
+                "/usr/bin/vmmd",
+                "admin",
+                "--listen",
+                "0.0.0.0:9443",
+                "--tls-dir",
+                "/etc/steelcup/admin"
+            ]
+        );
+        // The key is root's alone, on /var and in /etc.
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, etc) = (tmp.path().join("machine"), tmp.path().join("etc"));
+        provision(&dir, &etc, Some(("drive".into(), text.clone()))).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&dir, &etc] {
+            let mode = std::fs::metadata(d.join("admin/server.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", d.display());
+        }
+        let e = check("drive", &text.replace("PRIVATE KEY", "PUBLIC KEY")).unwrap_err();
+        assert!(e.contains("admin.server-key: not a PEM private key"), "{e}");
+        let e = check("drive", &text.replace("0.0.0.0:9443", "anywhere")).unwrap_err();
+        assert!(e.contains("admin.listen \"anywhere\""), "{e}");
     }
 
     #[test]

@@ -92,9 +92,9 @@ pub struct GuestConfig {
     pub log_dir: PathBuf,
     /// Copy the serial console to our stdout as it arrives.
     pub echo: bool,
-    /// A direct boot gets a network interface (QEMU's user networking),
-    /// with this port of the appliance reachable from here on a free port
-    /// of 127.0.0.1 ([`Guest::forwarded`]).
+    /// This port of the appliance reachable from here on a free port of
+    /// 127.0.0.1 ([`Guest::forwarded`]), through QEMU's user networking (a
+    /// direct boot gets a network interface only with it).
     pub forward_port: Option<u16>,
     /// More disks (raw images) after the boot disk, as virtio drives: a
     /// config drive, say.
@@ -160,6 +160,14 @@ impl GuestConfig {
             drives: Vec::new(),
         }
     }
+}
+
+/// A free port of 127.0.0.1 for QEMU's host forwarding.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("a free port for QEMU's host forwarding")?
+        .port())
 }
 
 /// Serial logs go beside the artifacts directory, in `qemu-logs/`.
@@ -234,10 +242,7 @@ impl Guest {
                 let nic = match cfg.forward_port {
                     None => "none".to_string(),
                     Some(port) => {
-                        let free = std::net::TcpListener::bind("127.0.0.1:0")
-                            .and_then(|l| l.local_addr())
-                            .context("a free port for QEMU's host forwarding")?
-                            .port();
+                        let free = free_port()?;
                         forwarded = Some(free);
                         format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{free}-:{port}")
                     }
@@ -259,7 +264,17 @@ impl Guest {
                     .arg(format!("if=pflash,format=raw,file={}", vars.display()))
                     .arg("-drive")
                     .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
-                    .args(["-nic", "user,model=virtio-net-pci"])
+                    .arg("-nic")
+                    .arg(match cfg.forward_port {
+                        None => "user,model=virtio-net-pci".to_string(),
+                        Some(port) => {
+                            let free = free_port()?;
+                            forwarded = Some(free);
+                            format!(
+                                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{free}-:{port}"
+                            )
+                        }
+                    })
                     .args(["-device", "virtio-rng-pci"]);
             }
             Boot::Pxe { dir, bootfile } => {

@@ -9,7 +9,9 @@
 //!
 //! 1. slot A, first boot: the state partition grown, formatted, mounted
 //!    at /var; the machine config on a config drive applied (hostname, a
-//!    unit, a registry, an update key); the health gate marks A good; a
+//!    unit, a registry, an update key, remote administration: this test
+//!    lists units and workloads with cup --remote's client over mutual TLS,
+//!    and a stranger's certificate is refused); the health gate marks A good; a
 //!    workload writes a volume; an unsigned update is refused; `cup update
 //!    URL` (served by this test, outside QEMU) writes a second build,
 //!    signed, into slot B, checked, to boot once; init reboots;
@@ -42,6 +44,8 @@ const MACHINE_CONFIG: &str = r#"
 hostname = "node-17"
 update-key = "UPDATE_KEY"
 
+ADMIN
+
 [units.provisioned]
 unit = { description = "a unit from the machine config" }
 service = { exec = ["/bin/sh", "-c", "echo provisioned: running on $(cat /proc/sys/kernel/hostname)"] }
@@ -50,6 +54,46 @@ service = { exec = ["/bin/sh", "-c", "echo provisioned: running on $(cat /proc/s
 host = "10.0.2.2:15055"
 insecure = true
 "#;
+
+/// cup --remote from here: init's units and vmmd's workloads over mutual
+/// TLS, through QEMU's forwarding to the machine's port 7443.
+fn remote_admin(g: &Guest, tls_dir: &Path) -> anyhow::Result<()> {
+    let remote = vmmd::remote::Remote {
+        addr: format!("127.0.0.1:{}", g.forwarded.expect("port 7443 forwarded")),
+        tls_dir: tls_dir.to_path_buf(),
+    };
+    let init = steelcup_init::api::client::init1_over(
+        remote.open("init").map_err(anyhow::Error::msg)?,
+        &remote.addr,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let units: Vec<String> = init.list_units()?.into_iter().map(|u| u.name).collect();
+    println!("disk: units through cup --remote: {}", units.join(" "));
+    anyhow::ensure!(
+        units.iter().any(|u| u == "provisioned") && units.iter().any(|u| u == "admin"),
+        "the remote unit list lacks the provisioned units: {units:?}"
+    );
+    let slots = init.update_status()?;
+    anyhow::ensure!(slots.booted == "A", "remote update status: {slots:?}");
+    let conn = steelcup_init::api::client::p2p_over(
+        remote.open("vmmd").map_err(anyhow::Error::msg)?,
+        &remote.addr,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let vms = vmmd::api::Vmm1ClientProxy::builder(&conn).build()?.list()?;
+    println!("disk: workloads through cup --remote: {}", vms.len());
+    // A client without a certificate the machine's CA signed is refused.
+    let stranger = tls_dir.with_file_name("stranger");
+    image_build::admin::certs(&stranger, &["127.0.0.1".to_string()])?;
+    std::fs::copy(tls_dir.join("ca.crt"), stranger.join("ca.crt"))?;
+    let refused = vmmd::remote::Remote {
+        addr: remote.addr.clone(),
+        tls_dir: stranger,
+    }
+    .open("init");
+    anyhow::ensure!(refused.is_err(), "a stranger's certificate was let in");
+    Ok(())
+}
 
 /// Serves the files of `dir` over HTTP/1.0 GET on 127.0.0.1:UPDATE_PORT.
 fn serve_updates(dir: PathBuf) -> std::io::Result<()> {
@@ -170,12 +214,18 @@ fn disk_image_boots_updates_and_rolls_back() {
                         .expect("the test disk's update.pub")
                         .trim(),
                 )
+                .replace(
+                    "ADMIN",
+                    &std::fs::read_to_string(dir.join("admin/machine-admin.toml"))
+                        .expect("the test disk's admin certificates"),
+                )
                 .into_bytes(),
         )],
     )
     .unwrap();
     std::fs::write(&drive, fat).unwrap();
     cfg.drives.push(drive);
+    cfg.forward_port = Some(vmmd::remote::DEFAULT_PORT);
 
     boot(&cfg, "1-slot-a", |g| {
         g.wait_for(
@@ -203,6 +253,9 @@ fn disk_image_boots_updates_and_rolls_back() {
         g.wait_for("hostname node-17", STEP)?;
         g.wait_for("provisioned: running on node-17", BOOT)?;
         g.wait_for("registries: 0 with credentials, 1 over plain HTTP", BOOT)?;
+        // Remote administration, set up by the machine config.
+        g.wait_for("admin: cup --remote on 0.0.0.0:7443", BOOT)?;
+        remote_admin(g, &dir.join("admin"))?;
         g.wait_for("health gate passed", BOOT)?;
         g.wait_for(
             "slots: slot A marked good (booted slot A; order A B; A: 3 tries",

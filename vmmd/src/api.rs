@@ -464,13 +464,17 @@ pub trait Vmm1Client {
     ) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;
 }
 
-/// Connects to vmmd at `socket`.
+/// Connects to vmmd at `socket` (with `cup --remote`, to the remote
+/// machine's vmmd).
 pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
-    let conn = steelcup_init::api::client::connect_p2p(
-        "vmmd",
-        socket,
-        "is the vmmd unit running? `cup unit status vmmd`",
-    )?;
+    let conn = match crate::remote::REMOTE.get() {
+        Some(r) => steelcup_init::api::client::p2p_over(r.open("vmmd")?, &r.addr)?,
+        None => steelcup_init::api::client::connect_p2p(
+            "vmmd",
+            socket,
+            "is the vmmd unit running? `cup unit status vmmd`",
+        )?,
+    };
     Vmm1ClientProxy::builder(&conn)
         .build()
         .map_err(|e| format!("vmmd API: {e}"))

@@ -38,6 +38,7 @@ pub mod jail;
 pub mod net;
 pub mod pool;
 pub mod reconcile;
+pub mod remote;
 pub mod selftest;
 pub mod vstate;
 pub mod worker;

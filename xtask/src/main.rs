@@ -50,9 +50,10 @@ fn main() {
         Some("build") => build().map(|_| ()),
         Some("disk") => disk().map(|_| ()),
         Some("update-key") => update_key(args.get(1).map(String::as_str)),
+        Some("admin-certs") => admin_certs(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk | update-key DIR"
+                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk | update-key DIR | admin-certs DIR HOST..."
             );
             std::process::exit(2);
         }
@@ -99,6 +100,25 @@ fn update_key(dir: Option<&str>) -> Result<()> {
         "update key: {} (signing key, keep it secret) and {} (public: {public})",
         key.display(),
         dir.join("update.pub").display()
+    );
+    Ok(())
+}
+
+/// `cargo xtask admin-certs DIR HOST...`: certificates for `cup
+/// --remote` (docs/remote.md): the machines' valid for each HOST (a name
+/// or an address), cup's, their CA, and the `[admin]` section of a
+/// machine config.
+fn admin_certs(args: &[String]) -> Result<()> {
+    let (dir, names) = args
+        .split_first()
+        .context("admin-certs needs a directory and the host names or addresses of the machines")?;
+    if names.is_empty() {
+        bail!("admin-certs needs the host names or addresses cup reaches the machines by");
+    }
+    image_build::admin::certs(Path::new(dir), names)?;
+    eprintln!(
+        "admin certificates in {dir}: put machine-admin.toml's [admin] into the machine config; \
+         cup --remote HOST --tls-dir {dir} uses ca.crt, client.crt and client.key"
     );
     Ok(())
 }
@@ -230,6 +250,9 @@ fn test_disk(test_artifacts: &Path) -> Result<PathBuf> {
         out.join("update-bad.img"),
         image_build::disk::slot_image(&bad)?,
     )?;
+    // cup --remote's certificates: the test reaches the machine through
+    // QEMU's forwarding to 127.0.0.1.
+    image_build::admin::certs(&out.join("admin"), &["127.0.0.1".to_string()])?;
     // The test checks what each boot says it runs.
     let version = |m: &serde_json::Value| m["version"].as_str().unwrap_or("?").to_string();
     std::fs::write(

@@ -46,10 +46,24 @@ pub fn connect_p2p(
 ) -> Result<zbus::blocking::Connection, String> {
     let stream = UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach {who} at {}: {e} ({hint})", socket.display()))?;
+    p2p_over(stream, &socket.display().to_string())
+}
+
+/// A peer-to-peer D-Bus connection over `stream` (a local socket, or one
+/// relayed to a remote machine); `peer` names it in errors.
+pub fn p2p_over(stream: UnixStream, peer: &str) -> Result<zbus::blocking::Connection, String> {
     zbus::blocking::connection::Builder::async_io_unix_stream(stream)
         .p2p()
         .build()
-        .map_err(|e| format!("D-Bus handshake with {}: {e}", socket.display()))
+        .map_err(|e| format!("D-Bus handshake with {peer}: {e}"))
+}
+
+/// Init's API over `stream`.
+pub fn init1_over(stream: UnixStream, peer: &str) -> Result<Init1Proxy<'static>, String> {
+    let conn = p2p_over(stream, peer)?;
+    Init1Proxy::builder(&conn)
+        .build()
+        .map_err(|e| format!("init API: {e}"))
 }
 
 /// Connects to init's socket in `run_dir`.

@@ -48,7 +48,10 @@ const USAGE: &str = "usage:
 
 cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
 to vmmd at -H/--host PATH (before the verb), else $STEELCUP_VMMD_SOCKET,
-else /run/steelcup/vmmd.sock.";
+else /run/steelcup/vmmd.sock. With --remote HOST[:PORT] (before the verb, or
+$STEELCUP_REMOTE) it talks to another machine's init and vmmd over mutual TLS
+(vmmd admin there), with ca.crt, client.crt and client.key from --tls-dir DIR,
+$STEELCUP_TLS_DIR or ~/.config/steelcup/tls (docs/remote.md).";
 
 fn main() -> ExitCode {
     // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
@@ -60,11 +63,30 @@ fn main() -> ExitCode {
     }
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     // `-H PATH` / `--host PATH` / `--host=PATH` before the verb: vmmd's
-    // socket (unix:PATH is accepted too).
+    // socket (unix:PATH is accepted too). `--remote HOST[:PORT]` (or
+    // $STEELCUP_REMOTE): another machine, over mutual TLS with the files
+    // in `--tls-dir DIR` (or $STEELCUP_TLS_DIR, else ~/.config/steelcup/tls).
+    let mut remote = std::env::var("STEELCUP_REMOTE")
+        .ok()
+        .filter(|r| !r.is_empty());
+    let mut tls_dir = std::env::var_os("STEELCUP_TLS_DIR").map(std::path::PathBuf::from);
     while let Some(first) = args.first().cloned() {
         let (taken, value) = match first.as_str() {
             "-H" | "--host" => (2, args.get(1).cloned()),
             s if s.starts_with("--host=") => (1, Some(s["--host=".len()..].to_string())),
+            "--remote" | "--tls-dir" => {
+                let Some(v) = args.get(1).cloned() else {
+                    eprintln!("cup: {first} needs a value");
+                    return ExitCode::from(2);
+                };
+                if first == "--remote" {
+                    remote = Some(v);
+                } else {
+                    tls_dir = Some(v.into());
+                }
+                args.drain(..2);
+                continue;
+            }
             _ => break,
         };
         let Some(v) = value else {
@@ -74,6 +96,13 @@ fn main() -> ExitCode {
         let path = v.strip_prefix("unix:").unwrap_or(&v);
         let _ = VMMD_SOCKET.set(path.into());
         args.drain(..taken);
+    }
+    if let Some(addr) = remote {
+        let tls_dir = tls_dir.unwrap_or_else(|| {
+            std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default())
+                .join(".config/steelcup/tls")
+        });
+        let _ = vmmd::remote::REMOTE.set(vmmd::remote::Remote { addr, tls_dir });
     }
     match run(&args) {
         Ok(code) => code,
@@ -91,7 +120,10 @@ fn json(args: &[String]) -> bool {
 }
 
 fn proxy() -> Result<Init1Proxy<'static>, String> {
-    client::connect(&client::run_dir())
+    match vmmd::remote::REMOTE.get() {
+        Some(r) => client::init1_over(r.open("init")?, &r.addr),
+        None => client::connect(&client::run_dir()),
+    }
 }
 
 /// vmmd's socket: `-H`/`--host`, else `$STEELCUP_VMMD_SOCKET`, else the

@@ -26,6 +26,11 @@ fn main() {
         let rest: Vec<String> = args.collect();
         std::process::exit(vmmd::image::cli::main(&rest));
     }
+    if first.as_deref() == Some("admin") {
+        steelcup_init::init_logging();
+        let rest: Vec<String> = args.collect();
+        std::process::exit(admin(&rest));
+    }
     if first.as_deref() == Some("selftest") {
         std::process::exit(vmmd::selftest::main());
     }
@@ -72,7 +77,7 @@ fn main() {
                 .insecure_registries
                 .push(value("--insecure-registry").display().to_string()),
             "-h" | "--help" => {
-                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--registries FILE] [--warm-pool vcpus=N,memory=SIZE,count=N]... [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
+                println!("usage: vmmd [--units DIR] [--kernel PATH] [--initramfs PATH] [--state DIR] [--run-dir DIR] [--api-socket PATH] [--insecure-registry HOST[:PORT]]... [--registries FILE] [--warm-pool vcpus=N,memory=SIZE,count=N]... [--network none | bridge=NAME,subnet=CIDR,mtu=N,domain=NAME]\n       vmmd worker NAME (started by vmmd; VM config as JSON on stdin)\n       vmmd image pull SOURCE | ls | rootfs NAME | rm NAME | gc (the image store)\n       vmmd admin [--listen ADDR] [--tls-dir DIR] [--run-dir DIR] (cup --remote's gateway: the APIs over mutual TLS)\n       vmmd selftest (a tiny guest checks KVM and exit handling)\n       vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] (this VMM beside QEMU microvm)\n       vmmd bench-start [--rounds N] [--parallel N] IMAGE [CMD...] (cup run cold vs from the warm pool, on a running host)");
                 return;
             }
             other => {
@@ -101,5 +106,36 @@ fn main() {
     if let Err(e) = vmmd::daemon::run(opts) {
         tracing::error!("fatal: {e}");
         std::process::exit(1);
+    }
+}
+
+/// `vmmd admin [--listen ADDR] [--tls-dir DIR] [--run-dir DIR]`: cup
+/// --remote's gateway (docs/remote.md).
+fn admin(args: &[String]) -> i32 {
+    let mut listen = format!("0.0.0.0:{}", vmmd::remote::DEFAULT_PORT);
+    let mut tls_dir = PathBuf::from("/etc/steelcup/admin");
+    let mut run_dir = PathBuf::from("/run/steelcup");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let Some(v) = it.next() else {
+            eprintln!("vmmd admin: {a} needs a value");
+            return 2;
+        };
+        match a.as_str() {
+            "--listen" => listen = v.clone(),
+            "--tls-dir" => tls_dir = v.into(),
+            "--run-dir" => run_dir = v.into(),
+            other => {
+                eprintln!("vmmd admin: unknown argument {other:?}");
+                return 2;
+            }
+        }
+    }
+    match vmmd::remote::serve(&listen, &tls_dir, &run_dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("admin: {e}");
+            1
+        }
     }
 }
