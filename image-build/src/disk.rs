@@ -201,7 +201,53 @@ pub fn uki(
     if !status.success() {
         bail!("objcopy of the unified kernel image: {status}");
     }
-    Ok(std::fs::read(&out)?)
+    let mut image = std::fs::read(&out)?;
+    reproducible_pe(&mut image)?;
+    Ok(image)
+}
+
+/// objcopy stamps a PE image with the time it ran (and a checksum over
+/// it; binutils 2.40 has no way to turn that off): the stamp becomes 0
+/// and the checksum is computed again, so the same inputs give the same
+/// image.
+pub fn reproducible_pe(image: &mut [u8]) -> Result<()> {
+    let at = |o: usize| -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            image
+                .get(o..o + 4)
+                .context("a PE image shorter than its headers")?
+                .try_into()?,
+        ))
+    };
+    let pe = at(0x3c)? as usize;
+    if image.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) {
+        bail!("not a PE image (no PE signature at {pe:#x})");
+    }
+    // COFF header: TimeDateStamp at 8; the optional header (24 on) has
+    // its CheckSum at 64 in both PE32 and PE32+.
+    let stamp = pe + 8;
+    let sum = pe + 24 + 64;
+    at(sum)?;
+    image[stamp..stamp + 4].copy_from_slice(&0u32.to_le_bytes());
+    let checksum = pe_checksum(image, sum);
+    image[sum..sum + 4].copy_from_slice(&checksum.to_le_bytes());
+    Ok(())
+}
+
+/// The PE checksum: 16-bit words summed with end-around carry (the
+/// checksum field itself left out), plus the file's length.
+fn pe_checksum(image: &[u8], field: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (i, pair) in image.chunks(2).enumerate() {
+        let off = i * 2;
+        if off == field || off == field + 2 {
+            continue;
+        }
+        sum += u64::from(u16::from_le_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]));
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(image.len() as u32)
 }
 
 /// GRUB as one EFI binary with [`GRUB_MODULES`] built in; its prefix is
@@ -513,6 +559,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(env.len(), 1024);
+    }
+
+    #[test]
+    fn objcopys_time_stamp_is_taken_out_of_the_unified_kernel_image() {
+        // A PE image's headers: e_lfanew, the signature, a COFF header
+        // with a time stamp, an optional header with a checksum.
+        let image = |stamp: u32| {
+            let mut b = vec![0u8; 0x200];
+            b[..2].copy_from_slice(b"MZ");
+            b[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+            b[0x80..0x84].copy_from_slice(b"PE\0\0");
+            b[0x88..0x8c].copy_from_slice(&stamp.to_le_bytes());
+            b[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
+            b[0x1f0] = 7;
+            b
+        };
+        let (mut a, mut b) = (image(1_796_534_935), image(1_796_534_937));
+        reproducible_pe(&mut a).unwrap();
+        reproducible_pe(&mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a[0x88..0x8c], &[0; 4]);
+        // The checksum: the words (0x5a4d + 0x80 + 0x4550 + 0x20b + 7 with
+        // carries folded) plus the length.
+        let want = (0x5a4du32 + 0x80 + 0x4550 + 0x20b + 7) + 0x200;
+        assert_eq!(
+            u32::from_le_bytes(a[0x80 + 88..0x80 + 92].try_into().unwrap()),
+            want
+        );
+        assert!(reproducible_pe(&mut [0u8; 16]).is_err());
     }
 
     #[test]
