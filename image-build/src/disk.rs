@@ -243,7 +243,10 @@ fn pe_checksum(image: &[u8], field: usize) -> u32 {
         if off == field || off == field + 2 {
             continue;
         }
-        sum += u64::from(u16::from_le_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]));
+        sum += u64::from(u16::from_le_bytes([
+            pair[0],
+            pair.get(1).copied().unwrap_or(0),
+        ]));
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum = (sum & 0xffff) + (sum >> 16);
