@@ -251,10 +251,6 @@ pub struct Record {
     pub sha256: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The record of a config applied before, if any.
 pub fn applied(dir: &Path) -> Option<Record> {
     let text = std::fs::read_to_string(dir.join("applied.json")).ok()?;
@@ -266,7 +262,7 @@ pub fn applied(dir: &Path) -> Option<Record> {
 pub fn apply(dir: &Path, source: &str, text: &str, files: &Files) -> Result<Record, String> {
     let record = Record {
         source: source.to_string(),
-        sha256: hex(&Sha256::digest(text.as_bytes())),
+        sha256: crate::update::hex(&Sha256::digest(text.as_bytes())),
     };
     let parent = dir
         .parent()

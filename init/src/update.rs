@@ -313,7 +313,8 @@ pub fn check_slot<T: Read + Seek>(
     Ok(manifest)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (hashes, keys, signatures).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
