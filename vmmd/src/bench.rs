@@ -46,6 +46,8 @@ struct Args {
     memory_mib: u64,
     kernel: PathBuf,
     initramfs: PathBuf,
+    cmdline: String,
+    trace: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -55,6 +57,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
         memory_mib: 128,
         kernel: crate::daemon::DEFAULT_KERNEL.into(),
         initramfs: crate::daemon::DEFAULT_INITRAMFS.into(),
+        cmdline: DEFAULT_CMDLINE.into(),
+        trace: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -65,6 +69,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--qemu" => a.qemu = value()?.into(),
             "--kernel" => a.kernel = value()?.into(),
             "--initramfs" => a.initramfs = value()?.into(),
+            "--cmdline" => a.cmdline = value()?,
+            "--trace" => a.trace = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -72,7 +78,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
 }
 
 /// `vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] [--kernel PATH]
-/// [--initramfs PATH]`.
+/// [--initramfs PATH] [--cmdline TEXT] [--trace]`; `--trace` prints every
+/// line of each guest's console with the ms since its VMM was spawned.
 pub fn main(args: &[String]) -> i32 {
     match run(args) {
         Ok(()) => 0,
@@ -89,7 +96,7 @@ fn run(args: &[String]) -> Result<(), String> {
         name: "bench".into(),
         kernel: a.kernel.clone(),
         initramfs: a.initramfs.clone(),
-        cmdline: DEFAULT_CMDLINE.into(),
+        cmdline: a.cmdline.clone(),
         vcpus: 1,
         memory_mib: a.memory_mib,
         memory_backing: Default::default(),
@@ -131,6 +138,7 @@ fn run(args: &[String]) -> Result<(), String> {
             Some(&line),
             a.memory_mib,
             true,
+            a.trace.then_some("steelcup"),
         )?;
         eprintln!("vmmd bench: round {round}: steelcup {s:?}");
         ours.push(s);
@@ -161,8 +169,14 @@ fn run(args: &[String]) -> Result<(), String> {
         .arg("-initrd")
         .arg(&initrd_path)
         .arg("-append")
-        .arg(DEFAULT_CMDLINE);
-        let s = measure(&mut cmd, None, a.memory_mib, false)?;
+        .arg(&a.cmdline);
+        let s = measure(
+            &mut cmd,
+            None,
+            a.memory_mib,
+            false,
+            a.trace.then_some("qemu"),
+        )?;
         eprintln!("vmmd bench: round {round}: QEMU microvm {s:?}");
         qemu.push(s);
     }
@@ -183,6 +197,7 @@ fn measure(
     stdin: Option<&str>,
     memory_mib: u64,
     wait_exit: bool,
+    trace: Option<&str>,
 ) -> Result<Sample, String> {
     let t0 = crate::worker::monotonic_ns();
     let mut child = cmd
@@ -200,6 +215,9 @@ fn measure(
             .map_err(|e| format!("config to the worker: {e}"))?;
     }
     let stderr = child.stderr.take();
+    // The guest memory's host range, as the worker reports it.
+    let guest_range = std::sync::Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
+    let range_seen = guest_range.clone();
     let timing = std::thread::spawn(move || {
         let mut first_run = None;
         let mut tail = Vec::new();
@@ -210,6 +228,15 @@ fn measure(
                 .and_then(|r| r.strip_prefix("first-kvm-run "))
             {
                 first_run = ns.trim().parse::<u64>().ok();
+            } else if let Some((start, len)) = l
+                .strip_prefix(TIMING_PREFIX)
+                .and_then(|r| r.strip_prefix("guest-memory "))
+                .and_then(|r| r.split_once(' '))
+            {
+                let hex = |v: &str| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16);
+                if let (Ok(start), Ok(len)) = (hex(start), hex(len)) {
+                    *range_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((start, len));
+                }
             } else if let Some((name, ns)) = l
                 .strip_prefix(TIMING_PREFIX)
                 .and_then(|r| r.strip_prefix("phase "))
@@ -234,12 +261,17 @@ fn measure(
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = None;
     for l in lines.by_ref().map_while(Result::ok) {
+        if let Some(label) = trace {
+            let ms = crate::worker::monotonic_ns().saturating_sub(t0) as f64 / 1e6;
+            eprintln!("vmmd bench: {label} {ms:8.1} | {}", l.trim_end());
+        }
         if l.contains(MARKER) && !l.contains("echo") {
             seen = Some(crate::worker::monotonic_ns());
             break;
         }
     }
-    let rss = memory_at(pid, memory_mib);
+    let range = *guest_range.lock().unwrap_or_else(|p| p.into_inner());
+    let rss = memory_at(pid, memory_mib, range);
     if !wait_exit || seen.is_none() {
         // SAFETY: kill of our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -270,10 +302,44 @@ fn measure(
 }
 
 /// (total RSS, RSS of the guest memory mapping) of `pid`, in KiB.
-fn memory_at(pid: i32, memory_mib: u64) -> Result<(u64, u64), String> {
+/// With `guest` (the guest memory's host start and length, as our worker
+/// reports it), the guest's RSS is that of every mapping inside the range
+/// (the kernel and initramfs are mapped over parts of it); without (QEMU),
+/// that of the largest mapping of at least the guest's size.
+fn memory_at(pid: i32, memory_mib: u64, guest: Option<(u64, u64)>) -> Result<(u64, u64), String> {
     let path = PathBuf::from(format!("/proc/{pid}/smaps"));
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(parse_smaps(&text, memory_mib << 10))
+    Ok(match guest {
+        Some(range) => parse_smaps_in(&text, range),
+        None => parse_smaps(&text, memory_mib << 10),
+    })
+}
+
+/// Sums `Rss:` over all mappings, and over the mappings that lie inside
+/// `start..start+len`.
+pub fn parse_smaps_in(text: &str, (start, len): (u64, u64)) -> (u64, u64) {
+    let (mut total, mut inside, mut within) = (0, 0, false);
+    for l in text.lines() {
+        let head = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                within = a >= start && b <= start + len;
+                continue;
+            }
+        }
+        if l.starts_with("Rss:") {
+            let rss: u64 = l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            total += rss;
+            if within {
+                inside += rss;
+            }
+        }
+    }
+    (total, inside)
 }
 
 /// Sums `Rss:` over all mappings, and finds the largest mapping of at least
@@ -386,6 +452,33 @@ Rss:                1024 kB
         assert_eq!(parse_smaps(text, 128 << 10), (60 + 20480 + 1024, 20480));
         // No mapping as large as the guest: nothing counts as guest memory.
         assert_eq!(parse_smaps(text, 256 << 10).1, 0);
+    }
+
+    #[test]
+    fn smaps_sums_the_mappings_inside_the_guest_range() {
+        // Guest memory at 0x7f00000..0x7f08000 (32 KiB here), split by a
+        // file mapped over its middle.
+        let text = "\
+55d0-55e0 r-xp 00000000 08:01 1 /usr/bin/vmmd
+Size:                 64 kB
+Rss:                  60 kB
+7f00000-7f02000 rw-p 00000000 00:00 0
+Size:                  8 kB
+Rss:                   8 kB
+7f02000-7f04000 rw-p 00000000 00:05 9 /usr/lib/steelcup/guest/initramfs
+Size:                  8 kB
+Rss:                   4 kB
+7f04000-7f08000 rw-p 00000000 00:00 0
+Size:                 16 kB
+Rss:                  12 kB
+7f10000-7f11000 rw-p 00000000 00:00 0
+Size:                  4 kB
+Rss:                   4 kB
+";
+        assert_eq!(
+            parse_smaps_in(text, (0x7f0_0000, 0x8000)),
+            (60 + 8 + 4 + 12 + 4, 8 + 4 + 12)
+        );
     }
 
     #[test]

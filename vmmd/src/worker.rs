@@ -40,6 +40,10 @@ const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// `control` (see the module docs) while the VM runs.
 pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
     TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
+    if config.report_timing {
+        let main = MAIN_NS.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{TIMING_PREFIX}phase main {main}");
+    }
     mark("config-read");
     if let Err(e) = pause::install_kick_handler() {
         return VmOutcome::VmmError {
@@ -185,6 +189,8 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
 }
 
 static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// When the worker's `main` began (CLOCK_MONOTONIC, ns).
+static MAIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// With `report_timing`, notes on stderr when a phase of the worker's start
 /// ended (for `vmmd bench`).
@@ -320,6 +326,7 @@ fn serve_control(
 /// `vmmd worker`: reads the config from stdin, runs the VM, writes the report.
 pub fn main() -> i32 {
     let t0 = Instant::now();
+    MAIN_NS.store(monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
     // vmmd alone decides when a VM ends: a SIGTERM or SIGINT meant for vmmd's
     // whole process group (init stopping the vmmd unit, Ctrl-C on a
     // terminal) must not kill the VM before vmmd has asked the guest to stop.

@@ -140,6 +140,59 @@ pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
     }
 }
 
+/// Maps `len` bytes of `file` from `offset` into guest memory at `addr`,
+/// private and copy-on-write: the guest reads the file's pages from the
+/// host's page cache (shared by every VM that maps the same file), and a
+/// page is copied only when the guest writes to it. Nothing is read or
+/// copied now. Returns false, mapping nothing, where that cannot be done —
+/// memory on a memfd (a mapping of its own there would hide the pages
+/// from the memfd's other users), `addr` not on a page boundary, or the
+/// range not inside one region — and the caller copies the bytes instead.
+///
+/// The page after the file's last byte reads as zeros up to the page's
+/// end; guest memory past that page is left as it was.
+pub fn map_file(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some(region) = mem.find_region(addr) else {
+        return false;
+    };
+    let pages = len.next_multiple_of(4096);
+    if len == 0
+        || addr.0 % 4096 != 0
+        || offset % 4096 != 0
+        || i64::try_from(offset).is_err()
+        || region.file_offset().is_some()
+        || addr.0 + pages > region.start_addr().0 + region.len()
+    {
+        return false;
+    }
+    let Ok(host) = mem.get_host_address(addr) else {
+        return false;
+    };
+    // SAFETY: `host..host+pages` lies inside the guest memory mapping this
+    // process owns (checked above), which nothing else references yet but
+    // KVM's memory slot, which follows the new pages by the host address;
+    // MAP_FIXED replaces exactly that range, and the region unmaps it with
+    // the rest when guest memory is dropped.
+    let mapped = unsafe {
+        libc::mmap(
+            host.cast(),
+            pages as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    mapped == host.cast()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +229,65 @@ mod tests {
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), 0);
         populate(&m, GuestAddress(15 << 20), 8 << 20);
         populate(&m, GuestAddress(64 << 20), 1);
+    }
+
+    #[test]
+    fn a_mapped_file_reads_through_and_copies_on_write() {
+        use std::io::Write;
+        let m = create(16).unwrap();
+        m.write_obj(0x77u8, GuestAddress(0x20_3000)).unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        assert!(map_file(
+            &m,
+            GuestAddress(0x20_0000),
+            &f,
+            0,
+            data.len() as u64
+        ));
+        let mut back = vec![0u8; data.len()];
+        m.read_slice(&mut back, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(back, data);
+        // The rest of the last page is zero; the page after is untouched.
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_2fff)).unwrap(), 0);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_3000)).unwrap(), 0x77);
+        // A guest write changes its copy, never the file.
+        m.write_obj(0xffu8, GuestAddress(0x20_0001)).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0001)).unwrap(), 0xff);
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 1).unwrap();
+        assert_eq!(b[0], 1);
+    }
+
+    #[test]
+    fn files_are_not_mapped_where_they_cannot_be() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[1u8; 8192]).unwrap();
+        let m = create(16).unwrap();
+        assert!(
+            !map_file(&m, GuestAddress(0x20_0010), &f, 0, 8192),
+            "unaligned"
+        );
+        assert!(
+            !map_file(&m, GuestAddress((16 << 20) - 4096), &f, 0, 8192),
+            "past the end"
+        );
+        assert!(!map_file(&m, GuestAddress(0x20_0000), &f, 0, 0), "empty");
+        let shared = create_with(16, Backing::Memfd, false).unwrap();
+        assert!(
+            !map_file(&shared, GuestAddress(0x20_0000), &f, 0, 8192),
+            "memfd"
+        );
+        assert!(
+            !map_file(&m, GuestAddress(0x20_0000), &f, 512, 4096),
+            "offset"
+        );
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0010)).unwrap(), 0);
+        // From a page-aligned offset: the file's second page.
+        assert!(map_file(&m, GuestAddress(0x40_0000), &f, 4096, 4096));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x40_0000)).unwrap(), 1);
     }
 
     #[test]
