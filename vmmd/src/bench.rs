@@ -315,6 +315,14 @@ fn memory_at(pid: i32, memory_mib: u64, guest: Option<(u64, u64)>) -> Result<(u6
     })
 }
 
+/// The number of kB on an smaps line (`Rss:   20480 kB`).
+fn smaps_kib(line: &str) -> u64 {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Sums `Rss:` over all mappings, and over the mappings that lie inside
 /// `start..start+len`.
 pub fn parse_smaps_in(text: &str, (start, len): (u64, u64)) -> (u64, u64) {
@@ -328,11 +336,7 @@ pub fn parse_smaps_in(text: &str, (start, len): (u64, u64)) -> (u64, u64) {
             }
         }
         if l.starts_with("Rss:") {
-            let rss: u64 = l
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let rss = smaps_kib(l);
             total += rss;
             if within {
                 inside += rss;
@@ -345,12 +349,7 @@ pub fn parse_smaps_in(text: &str, (start, len): (u64, u64)) -> (u64, u64) {
 /// Sums `Rss:` over all mappings, and finds the largest mapping of at least
 /// `guest_kib` (the guest's memory) and its `Rss:`.
 pub fn parse_smaps(text: &str, guest_kib: u64) -> (u64, u64) {
-    let kib = |l: &str| -> u64 {
-        l.split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let kib = smaps_kib;
     let (mut total, mut best_size, mut best_rss, mut size) = (0, 0, 0, 0);
     for l in text.lines() {
         if l.starts_with("Size:") {
