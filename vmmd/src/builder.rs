@@ -206,15 +206,15 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
         source,
     };
     let himem = Some(GuestAddress(arch::HIMEM_START));
-    // Fault in where the kernel goes in one call, not page by page.
     let kernel_len = kernel.metadata().map(|m| m.len()).unwrap_or(0);
     let (loaded, entry) = if magic == *b"\x7fELF" {
+        // Fault in where the kernel goes in one call, not page by page.
         memory::populate(&mem, GuestAddress(arch::HIMEM_START), kernel_len);
         let r = Elf::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
         let entry = r.kernel_load;
         (r, entry)
     } else {
-        let r = load_bzimage(&mem, &mut kernel, himem).map_err(load_err)?;
+        let r = load_bzimage(&mem, &mut kernel, kernel_len, himem).map_err(load_err)?;
         let entry = GuestAddress(r.kernel_load.0 + 0x200);
         (r, entry)
     };
@@ -343,7 +343,7 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
     })
 }
 
-/// Loads a bzImage: linux-loader checks the setup header (given only the
+/// Loads a bzImage of `len` bytes: linux-loader checks the setup header (given only the
 /// boot sector and setup code, it copies nothing more), then the protected
 /// mode kernel is mapped copy-on-write at its load address straight from
 /// the file (see [`memory::map_file`]) — or, where it cannot be, loaded
@@ -351,10 +351,10 @@ pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
 fn load_bzimage(
     mem: &GuestMemoryMmap,
     kernel: &mut std::fs::File,
+    len: u64,
     himem: Option<GuestAddress>,
 ) -> Result<linux_loader::loader::KernelLoaderResult, linux_loader::loader::Error> {
     use std::os::unix::fs::FileExt;
-    let len = kernel.metadata().map(|m| m.len()).unwrap_or(0);
     let mut sects = [0u8; 1];
     let setup_sects = match kernel.read_exact_at(&mut sects, 0x1f1) {
         Ok(()) if sects[0] == 0 => 4,
