@@ -3,7 +3,7 @@
 //! # Design
 //! Inputs: the manifest (`steelcup.toml`: host kernel package, modules,
 //! guest busybox, units directory), the static binaries (`init`, `vminit`,
-//! `vmmd`, `cup`), the guest kernel, and the host kernel package unpacked.
+//! `vmmd`, `vmm-worker`, `cup`), the guest kernel, and the host kernel package unpacked.
 //! Outputs: the host initramfs (a cpio newc archive written by our own
 //! writer, zstd-compressed), the host kernel, a PXE set (kernel, initramfs, iPXE script), and
 //! `manifest.json` listing every file with its size and sha256. Every entry is
@@ -29,7 +29,7 @@ use tree::Tree;
 #[derive(Debug, Clone)]
 pub struct Inputs {
     pub manifest: PathBuf,
-    /// Directory with the static `init`, `vminit`, `vmmd`, `cup`.
+    /// Directory with the static `init`, `vminit`, `vmmd`, `vmm-worker`, `cup`.
     pub bin_dir: PathBuf,
     /// The guest kernel (bzImage).
     pub guest_kernel: PathBuf,
@@ -187,7 +187,7 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
 
     let mut t = Tree::default();
     t.file("init", 0o755, read(&inputs.bin_dir.join("init"))?)?;
-    for b in ["vmmd", "cup"] {
+    for b in ["vmmd", "vmm-worker", "cup"] {
         t.file(
             &format!("usr/bin/{b}"),
             0o755,

@@ -10,7 +10,7 @@ struct Args {
     /// The image manifest.
     #[arg(long, default_value = "image-build/steelcup.toml")]
     manifest: PathBuf,
-    /// Directory holding the static init, vminit, vmmd and cup.
+    /// Directory holding the static init, vminit, vmmd, vmm-worker and cup.
     #[arg(long)]
     bin_dir: PathBuf,
     /// The guest kernel (bzImage).

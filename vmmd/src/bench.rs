@@ -129,7 +129,8 @@ fn run(args: &[String]) -> Result<(), String> {
     std::fs::write(&initrd_path, &initrd)
         .map_err(|e| format!("write {}: {e}", initrd_path.display()))?;
     let line = serde_json::to_string(&config).map_err(|e| e.to_string())? + "\n";
-    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    // The worker vmmd itself would start.
+    let exe = crate::worker::exe();
 
     let (mut ours, mut qemu) = (Vec::new(), Vec::new());
     for round in 1..=a.rounds {

@@ -169,25 +169,23 @@ pub fn guest_config_cpio(config: &VmConfig) -> Result<Vec<u8>, CpioError> {
     w.finish()
 }
 
-/// Builds the VM described by `config`; guest serial output goes to `out`.
-pub fn build(config: &VmConfig, out: Output) -> Result<BuiltVm, BuildError> {
+/// Builds the VM described by `config` in `vm`, a new KVM VM (see
+/// [`Vm::new`]); guest serial output goes to `out`.
+pub fn build(config: &VmConfig, out: Output, vm: Vm) -> Result<BuiltVm, BuildError> {
     if config.vcpus == 0 || config.vcpus > 32 {
         return Err(BuildError::Vcpus(config.vcpus));
     }
-    let vm = Vm::new()?;
-    crate::worker::mark("vm-created");
     let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
     vm.register_memory(&mem)?;
     if config.report_timing {
         // Where guest memory lies in the worker, for `vmmd bench`'s
         // overhead (the kernel and initramfs mappings split it in parts).
         if let Some(r) = vm_memory::GuestMemoryBackend::iter(&mem).next() {
-            eprintln!(
-                "{}guest-memory {:#x} {:#x}",
-                crate::config::TIMING_PREFIX,
+            crate::worker::timing_line(&format!(
+                "guest-memory {:#x} {:#x}",
                 r.as_ptr() as usize,
                 vm_memory::GuestMemoryRegion::len(r)
-            );
+            ));
         }
     }
     crate::worker::mark("memory");

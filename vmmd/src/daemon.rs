@@ -1931,7 +1931,7 @@ pub fn default_options(units: &Path) -> Options {
         units: units.to_path_buf(),
         kernel: DEFAULT_KERNEL.into(),
         initramfs: DEFAULT_INITRAMFS.into(),
-        worker_exe: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/vmmd".into()),
+        worker_exe: crate::worker::exe(),
         state_dir: DEFAULT_STATE_DIR.into(),
         run_dir: DEFAULT_RUN_DIR.into(),
         api_socket: api::DEFAULT_SOCKET.into(),

@@ -27,6 +27,8 @@ use crate::config::{
 };
 use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
+use crate::vstate::vm::Vm;
+use crate::vstate::KvmError;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -36,13 +38,14 @@ use steelcup_init::guest::ExitStatus;
 /// How long a pause may take before it is given up.
 const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Builds and runs the VM; returns how it ended. Commands are read from
-/// `control` (see the module docs) while the VM runs.
-pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
+/// Builds and runs the VM in the KVM VM `vm` is creating (see
+/// [`create_vm`]; created here if `None`); returns how it ended. Commands are read from `control` (see the module
+/// docs) while the VM runs.
+pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmOutcome {
     TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
     if config.report_timing {
         let main = MAIN_NS.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("{TIMING_PREFIX}phase main {main}");
+        timing_line(&format!("phase main {main}"));
     }
     mark("config-read");
     if let Err(e) = pause::install_kick_handler() {
@@ -50,7 +53,25 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
             message: format!("install the vCPU kick handler: {e}"),
         };
     }
-    let built = match builder::build(config, Box::new(std::io::stdout())) {
+    let created = match vm {
+        Some(thread) => thread.join(),
+        None => Ok(Vm::new()),
+    };
+    let vm = match created {
+        Ok(Ok(vm)) => vm,
+        Ok(Err(e)) => {
+            return VmOutcome::VmmError {
+                message: error_chain(&builder::BuildError::from(e)),
+            }
+        }
+        Err(_) => {
+            return VmOutcome::VmmError {
+                message: "the thread creating the KVM VM panicked".into(),
+            }
+        }
+    };
+    mark("vm-created");
+    let built = match builder::build(config, Box::new(std::io::stdout()), vm) {
         Ok(b) => b,
         Err(e) => {
             return VmOutcome::VmmError {
@@ -59,6 +80,16 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
         }
     };
     mark("built");
+    // For the control thread, which turns off PIT tick replay while the
+    // guest starts (see `stop_pit_replay`).
+    let pit = match built.vm.dup_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            return VmOutcome::VmmError {
+                message: format!("duplicate the VM's descriptor: {e}"),
+            }
+        }
+    };
     // Still single threaded: the new mount namespace covers the whole
     // process only if it is entered before the vCPU threads exist.
     if let (Some(scratch), Some(vsock)) = (&config.jail_scratch, &config.vsock) {
@@ -101,7 +132,7 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
                 ready.wait();
                 start.wait();
                 if report_timing && vcpu.index == 0 {
-                    eprintln!("{TIMING_PREFIX}first-kvm-run {}", monotonic_ns());
+                    timing_line(&format!("first-kvm-run {}", monotonic_ns()));
                 }
                 let stop = vcpu.run(&bus, &gate);
                 let _ = tx.send((vcpu.index, stop));
@@ -132,7 +163,8 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
             message: format!("spawn device thread: {e}"),
         };
     }
-    // The control thread: pause and resume from vmmd.
+    // The control thread: first PIT tick replay off, then pause, resume
+    // and attach from vmmd.
     let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
     let (cready, cstart) = (ready.clone(), start.clone());
     let slots = built.slots;
@@ -141,6 +173,10 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
         .spawn(move || {
             cready.wait();
             cstart.wait();
+            if let Err(e) = crate::vstate::vm::stop_pit_replay(&pit) {
+                tracing::warn!("PIT ticks stay replayed: {}", error_chain(&e));
+            }
+            drop(pit);
             serve_control(control, &gate, &threads, &slots);
         })
     {
@@ -188,6 +224,23 @@ pub fn run_vm(config: &VmConfig, control: Control) -> VmOutcome {
     }
 }
 
+/// A KVM VM being created on its own thread.
+pub type PendingVm = std::thread::JoinHandle<Result<Vm, KvmError>>;
+
+/// Starts creating the KVM VM (`KVM_CREATE_VM`, the irqchip, the PIT) on a
+/// thread of its own. It needs nothing from the VM's config, and on a
+/// nested or emulated host it takes about as long as exec and reading the
+/// config together, so the two overlap. The thread has ended by the time
+/// [`run_vm`] has the VM, so the worker is single threaded again when it
+/// enters its mount namespace. `None` if no thread could be started: the
+/// caller then creates the VM itself.
+pub fn create_vm() -> Option<PendingVm> {
+    std::thread::Builder::new()
+        .name("create-vm".into())
+        .spawn(Vm::new)
+        .ok()
+}
+
 static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// When the worker's `main` began (CLOCK_MONOTONIC, ns).
 static MAIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -196,8 +249,17 @@ static MAIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// ended (for `vmmd bench`).
 pub fn mark(phase: &str) {
     if TIMING.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("{TIMING_PREFIX}phase {phase} {}", monotonic_ns());
+        timing_line(&format!("phase {phase} {}", monotonic_ns()));
     }
+}
+
+/// Writes one timing line to stderr in one `write`, so the timing itself
+/// costs the start it measures as little as it can (`eprintln!` writes
+/// each formatted piece on its own to the unbuffered stderr).
+pub fn timing_line(text: &str) {
+    use std::io::Write;
+    let line = format!("{TIMING_PREFIX}{text}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the same clock in every process).
@@ -336,6 +398,7 @@ pub fn main() -> i32 {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    let vm = create_vm();
     let mut control = Control {
         pending: Vec::new(),
         fd: 0,
@@ -348,7 +411,7 @@ pub fn main() -> i32 {
             Err(e) => VmOutcome::VmmError {
                 message: format!("config on stdin: {e}"),
             },
-            Ok(config) => run_vm(&config, control),
+            Ok(config) => run_vm(&config, control, vm),
         },
     };
     let report = WorkerReport {
@@ -360,6 +423,22 @@ pub fn main() -> i32 {
         Err(e) => eprintln!("worker: cannot encode report: {e}"),
     }
     0
+}
+
+/// The program vmmd starts as a VM's worker, with the arguments `worker
+/// NAME`: `vmm-worker` beside the running executable (the worker alone,
+/// installed with vmmd as `/usr/bin/vmm-worker`), or else the running
+/// executable itself (`vmmd worker` runs the same worker, with the rest of
+/// vmmd mapped in).
+pub fn exe() -> std::path::PathBuf {
+    let own = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/vmmd".into());
+    sibling_worker(&own).unwrap_or(own)
+}
+
+/// `vmm-worker` in the directory of `own`, if it is there.
+fn sibling_worker(own: &std::path::Path) -> Option<std::path::PathBuf> {
+    let candidate = own.parent()?.join("vmm-worker");
+    candidate.is_file().then_some(candidate)
 }
 
 pub use steelcup_init::boot::error_chain;
@@ -436,5 +515,18 @@ mod tests {
             "over the limit"
         );
         assert!(fds.is_empty());
+    }
+
+    #[test]
+    fn the_worker_binary_beside_vmmd_is_preferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("vmmd");
+        std::fs::write(&own, b"").unwrap();
+        assert_eq!(sibling_worker(&own), None, "no vmm-worker installed");
+        std::fs::create_dir(dir.path().join("vmm-worker")).unwrap();
+        assert_eq!(sibling_worker(&own), None, "a directory is not a program");
+        std::fs::remove_dir(dir.path().join("vmm-worker")).unwrap();
+        std::fs::write(dir.path().join("vmm-worker"), b"").unwrap();
+        assert_eq!(sibling_worker(&own), Some(dir.path().join("vmm-worker")));
     }
 }

@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
-const STATIC_BINS: &[&str] = &["init", "vminit", "vmmd", "cup"];
+const STATIC_BINS: &[&str] = &["init", "vminit", "vmmd", "vmm-worker", "cup"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -277,7 +277,7 @@ fn build() -> Result<PathBuf> {
     let guest_kernel = kernel::guest_kernel()?;
     let host_root = kernel::host_kernel(&manifest.host.kernel_package)?;
 
-    step("building static binaries (init, vminit, vmmd, cup)");
+    step("building static binaries (init, vminit, vmmd, vmm-worker, cup)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     sh::run(
         Command::new(cargo)

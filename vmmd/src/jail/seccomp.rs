@@ -5,7 +5,9 @@
 //! worker needs it once the VM is built. Everything set up before (opening
 //! /dev/kvm, creating the VM, vCPUs, memory, irqfds, threads) happens before
 //! the filter is installed; after it, `ioctl` is allowed only with
-//! `KVM_RUN` (and `FIONBIO` for vsock's new host connections) and `socket`
+//! `KVM_RUN` (and `KVM_REINJECT_CONTROL`, which the control thread makes
+//! once while the guest starts, and `FIONBIO` for vsock's new host
+//! connections) and `socket`
 //! only for Unix sockets. Any other call kills the whole worker process (and
 //! only it: vmmd and the other VMs run on). The filter is installed on every thread
 //! at once (TSYNC) while the vCPU threads wait on a barrier, so no guest
@@ -58,7 +60,10 @@ pub const ALLOWED: &[(i64, &str)] = &[
         libc::SYS_clock_gettime,
         "clock_gettime: the log rate limiter when the vDSO is not used",
     ),
-    (libc::SYS_close, "close: dropping descriptors at exit"),
+    (
+        libc::SYS_close,
+        "close: the control thread's VM descriptor once PIT replay is off, descriptors at exit",
+    ),
     (
         libc::SYS_epoll_wait,
         "epoll_wait: the device thread waiting for queue notifications",
@@ -112,7 +117,9 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_exit_group, "exit_group: the worker ending"),
 ];
 
-/// Builds the filter: [`ALLOWED`] plus `ioctl` with `KVM_RUN` or `FIONBIO`,
+/// Builds the filter: [`ALLOWED`] plus `ioctl` with `KVM_RUN`,
+/// `KVM_REINJECT_CONTROL` (PIT tick replay off, see
+/// [`crate::vstate::vm::stop_pit_replay`]; it touches only this VM) or `FIONBIO`,
 /// `socket` for `AF_UNIX` and `tgkill` within this process; anything else
 /// kills the process. Build it in the process that installs it (the
 /// `tgkill` rule names this process).
@@ -135,7 +142,14 @@ pub fn filter_for(pid: u32) -> Result<BpfProgram, seccompiler::BackendError> {
             )?])
         };
     let eq = |arg: u8, value: u64| when(arg, SeccompCmpOp::Eq, value);
-    rules.insert(libc::SYS_ioctl, vec![eq(1, KVM_RUN)?, eq(1, FIONBIO)?]);
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            eq(1, KVM_RUN)?,
+            eq(1, crate::vstate::vm::KVM_REINJECT_CONTROL)?,
+            eq(1, FIONBIO)?,
+        ],
+    );
     // fcntl: only descriptor and status flags (std checks a new socket's
     // close-on-exec flag).
     rules.insert(
@@ -185,7 +199,7 @@ mod tests {
         }
         assert!(
             !seen.contains(&libc::SYS_ioctl),
-            "ioctl is allowed only with KVM_RUN"
+            "ioctl is allowed only with the requests `filter_for` names"
         );
         assert!(super::filter().is_ok());
     }

@@ -3,10 +3,10 @@
 use super::KvmError;
 use crate::arch::KVM_TSS_ADDRESS;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// `KVM_REINJECT_CONTROL`: `_IO(KVMIO, 0x71)`.
-const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+pub const KVM_REINJECT_CONTROL: u64 = 0xae71;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -50,19 +50,14 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(KvmError::Pit)?;
-        // Ticks the PIT could not deliver on time are dropped, not
-        // replayed: a slow or paused VM must not come back to a storm of
-        // timer interrupts (and the host's kvm-pit thread to a busy loop).
-        let no_reinject = kvm_bindings::kvm_reinject_control {
-            pit_reinject: 0,
-            reserved: [0; 31],
-        };
-        // SAFETY: KVM_REINJECT_CONTROL (_IO(KVMIO, 0x71)) reads a
-        // kvm_reinject_control from the pointer, which outlives the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL, &no_reinject) } < 0 {
-            return Err(KvmError::Pit(kvm_ioctls::Error::last()));
-        }
         Ok(Vm { kvm, fd })
+    }
+
+    /// A second descriptor of this VM, for [`stop_pit_replay`] on another
+    /// thread (it keeps the VM open however long that takes).
+    pub fn dup_fd(&self) -> std::io::Result<OwnedFd> {
+        // SAFETY: the VM's descriptor is open for as long as `self` lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }.try_clone_to_owned()
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -106,4 +101,31 @@ impl Vm {
             .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
             .map_err(|source| KvmError::Ioevent { addr, source })
     }
+}
+
+/// Turns off the PIT's tick replay in `vm`: ticks the PIT could not
+/// deliver on time are dropped, not replayed, so a slow or paused VM does
+/// not come back to a storm of timer interrupts (nor the host's kvm-pit
+/// thread to a busy loop). The host kernel waits out two SRCU grace periods
+/// for it (about 16 ms, longer than everything else before the first
+/// `KVM_RUN`), so the worker calls it on its control thread while the guest
+/// starts; until then the PIT replays, as KVM's default (and QEMU's) has it.
+pub fn stop_pit_replay(vm: impl AsFd) -> Result<(), KvmError> {
+    let no_reinject = kvm_bindings::kvm_reinject_control {
+        pit_reinject: 0,
+        reserved: [0; 31],
+    };
+    // SAFETY: KVM_REINJECT_CONTROL (_IO(KVMIO, 0x71)) reads a
+    // kvm_reinject_control from the pointer, which outlives the call.
+    let r = unsafe {
+        libc::ioctl(
+            vm.as_fd().as_raw_fd(),
+            KVM_REINJECT_CONTROL as libc::c_ulong,
+            &no_reinject,
+        )
+    };
+    if r < 0 {
+        return Err(KvmError::Pit(kvm_ioctls::Error::last()));
+    }
+    Ok(())
 }
