@@ -2,7 +2,7 @@
 //! same host, same guest kernel and initramfs, same run.
 //!
 //! # Method
-//! Each round starts our worker (`vmmd worker`, the process vmmd runs per
+//! Each round starts our worker (`vmm-worker`, the process vmmd runs per
 //! VM) and then QEMU (`-M microvm -accel kvm -cpu host`, no default
 //! devices, serial on stdio) with the same kernel, the same initramfs with
 //! the same guest config appended (vminit running `echo MARKER`), the same
@@ -48,6 +48,7 @@ struct Args {
     initramfs: PathBuf,
     cmdline: String,
     trace: bool,
+    setup_only: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -59,6 +60,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         initramfs: crate::daemon::DEFAULT_INITRAMFS.into(),
         cmdline: DEFAULT_CMDLINE.into(),
         trace: false,
+        setup_only: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -71,6 +73,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--initramfs" => a.initramfs = value()?.into(),
             "--cmdline" => a.cmdline = value()?,
             "--trace" => a.trace = true,
+            "--setup-only" => a.setup_only = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -78,8 +81,11 @@ fn parse(args: &[String]) -> Result<Args, String> {
 }
 
 /// `vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] [--kernel PATH]
-/// [--initramfs PATH] [--cmdline TEXT] [--trace]`; `--trace` prints every
-/// line of each guest's console with the ms since its VMM was spawned.
+/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only]`; `--trace`
+/// prints every line of each guest's console with the ms since its VMM was
+/// spawned. `--setup-only` measures the worker's setup alone, each worker
+/// killed at its first `KVM_RUN` (no QEMU, and the guest need not boot, so
+/// it runs wherever `/dev/kvm` can create a VM).
 pub fn main(args: &[String]) -> i32 {
     match run(args) {
         Ok(()) => 0,
@@ -131,6 +137,10 @@ fn run(args: &[String]) -> Result<(), String> {
     let line = serde_json::to_string(&config).map_err(|e| e.to_string())? + "\n";
     // The worker vmmd itself would start.
     let exe = crate::worker::exe();
+
+    if a.setup_only {
+        return setup_only(&a, &exe, &line);
+    }
 
     let (mut ours, mut qemu) = (Vec::new(), Vec::new());
     for round in 1..=a.rounds {
@@ -187,8 +197,122 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     println!("{PREFIX}rounds: {}", rounds_line(&ours, &qemu));
     println!("{PREFIX}targets: {}", verdict(&ours, &qemu));
+    if let Some(floor) = start_floor(&exe, a.rounds)? {
+        println!("{PREFIX}floor: {floor:.1}");
+    }
     println!("vmm-bench: done");
     Ok(())
+}
+
+/// `--setup-only`: the worker's setup, spawn to first `KVM_RUN`, over the
+/// rounds (each worker killed there), beside starting the worker binary
+/// alone; printed as a `vmm-bench| ` table, the target and the phases of
+/// the median round.
+fn setup_only(a: &Args, exe: &std::path::Path, line: &str) -> Result<(), String> {
+    let mut rounds = Vec::new();
+    for round in 1..=a.rounds {
+        let (ms, phases) = setup_round(exe, line)?;
+        eprintln!("vmmd bench: round {round}: setup {ms:.1} ms ({phases})");
+        rounds.push((ms, phases));
+    }
+    rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (med, phases) = rounds[rounds.len() / 2].clone();
+    let (min, max) = (rounds[0].0, rounds[rounds.len() - 1].0);
+    println!(
+        "{PREFIX}| worker, 1 vCPU, {} MiB | median | min | max |",
+        a.memory_mib
+    );
+    println!("{PREFIX}|---|---|---|---|");
+    println!(
+        "{PREFIX}| setup: spawn to first `KVM_RUN` | **{med:.1} ms** | {min:.1} ms | {max:.1} ms |"
+    );
+    if let Some(floor) = start_floor(exe, a.rounds)? {
+        println!("{PREFIX}| starting the binary alone: spawn to exit of `vmm-worker --version` | {floor:.1} ms | | |");
+    }
+    let mark = if med < 10.0 { "met" } else { "not met" };
+    println!("{PREFIX}targets: setup under 10 ms: {mark} ({med:.1} ms)");
+    println!("{PREFIX}phases: {phases}");
+    println!("vmm-bench: done");
+    Ok(())
+}
+
+/// One worker started with `line` as its config and killed at its first
+/// `KVM_RUN`: ms from spawn to then, and its phases (ms after spawn).
+fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), String> {
+    let t0 = crate::worker::monotonic_ns();
+    let mut child = Command::new(exe)
+        .args(["worker", "bench"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", exe.display()))?;
+    let mut control = child.stdin.take();
+    if let Some(s) = control.as_mut() {
+        s.write_all(line.as_bytes())
+            .map_err(|e| format!("config to the worker: {e}"))?;
+    }
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let ms = |ns: &str| {
+        ns.trim()
+            .parse::<u64>()
+            .ok()
+            .map(|ns| ns.saturating_sub(t0) as f64 / 1e6)
+    };
+    let (mut first_run, mut phases, mut tail) = (None, Vec::new(), Vec::new());
+    for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+        match l.strip_prefix(TIMING_PREFIX) {
+            Some(r) if r.starts_with("first-kvm-run ") => {
+                first_run = ms(&r["first-kvm-run ".len()..]);
+                break;
+            }
+            Some(r) => {
+                if let Some((name, ns)) = r.strip_prefix("phase ").and_then(|p| p.split_once(' ')) {
+                    if let Some(v) = ms(ns) {
+                        phases.push(format!("{name} {v:.1}"));
+                    }
+                }
+            }
+            None if tail.len() < 20 => tail.push(l),
+            None => {}
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(control);
+    match first_run {
+        Some(v) => Ok((v, phases.join(", "))),
+        None => Err(format!(
+            "{} never reached KVM_RUN; its stderr: {}",
+            exe.display(),
+            tail.join(" | ")
+        )),
+    }
+}
+
+/// The median ms from spawning `vmm-worker --version` to its exit: what
+/// starting the worker binary costs before it does anything. `None` when
+/// `exe` is not `vmm-worker` (vmmd itself has no `--version`).
+fn start_floor(exe: &std::path::Path, rounds: usize) -> Result<Option<f64>, String> {
+    if exe.file_name() != Some(std::ffi::OsStr::new("vmm-worker")) {
+        return Ok(None);
+    }
+    let mut times = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t0 = crate::worker::monotonic_ns();
+        let status = Command::new(exe)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("start {}: {e}", exe.display()))?;
+        let t1 = crate::worker::monotonic_ns();
+        if !status.success() {
+            return Err(format!("{} --version: {status}", exe.display()));
+        }
+        times.push(t1.saturating_sub(t0) as f64 / 1e6);
+    }
+    Ok(Some(median(times)))
 }
 
 /// Starts `cmd`, feeds it `stdin`, waits for the marker on its stdout,
