@@ -49,6 +49,7 @@ struct Args {
     cmdline: String,
     trace: bool,
     setup_only: bool,
+    huge_pages: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -61,6 +62,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         cmdline: DEFAULT_CMDLINE.into(),
         trace: false,
         setup_only: false,
+        huge_pages: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -74,6 +76,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--cmdline" => a.cmdline = value()?,
             "--trace" => a.trace = true,
             "--setup-only" => a.setup_only = true,
+            "--huge-pages" => a.huge_pages = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -81,11 +84,12 @@ fn parse(args: &[String]) -> Result<Args, String> {
 }
 
 /// `vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] [--kernel PATH]
-/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only]`; `--trace`
+/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only] [--huge-pages]`; `--trace`
 /// prints every line of each guest's console with the ms since its VMM was
 /// spawned. `--setup-only` measures the worker's setup alone, each worker
 /// killed at its first `KVM_RUN` (no QEMU, and the guest need not boot, so
-/// it runs wherever `/dev/kvm` can create a VM).
+/// it runs wherever `/dev/kvm` can create a VM). `--huge-pages` gives our
+/// guest memory transparent huge pages, as QEMU asks for its own.
 pub fn main(args: &[String]) -> i32 {
     match run(args) {
         Ok(()) => 0,
@@ -106,7 +110,7 @@ fn run(args: &[String]) -> Result<(), String> {
         vcpus: 1,
         memory_mib: a.memory_mib,
         memory_backing: Default::default(),
-        huge_pages: false,
+        huge_pages: a.huge_pages,
         guest: GuestConfig {
             cmd: vec!["/bin/echo".into(), MARKER.into()],
             env: Default::default(),

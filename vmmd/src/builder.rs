@@ -81,6 +81,8 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the thread creating the KVM VM panicked")]
+    VmThread,
     #[error("{0} virtio devices do not fit the 19 interrupt lines")]
     TooManyDevices(usize),
 }
@@ -169,14 +171,20 @@ pub fn guest_config_cpio(config: &VmConfig) -> Result<Vec<u8>, CpioError> {
     w.finish()
 }
 
-/// Builds the VM described by `config` in `vm`, a new KVM VM (see
-/// [`Vm::new`]); guest serial output goes to `out`.
-pub fn build(config: &VmConfig, out: Output, vm: Vm) -> Result<BuiltVm, BuildError> {
+/// Builds the VM described by `config`; guest serial output goes to `out`.
+/// `vm` gives the KVM VM (see [`Vm::new`]), which may still be being
+/// created on another thread: everything that does not need it — guest
+/// memory, the kernel, initramfs and command line in it, the boot tables,
+/// opening the devices — is done first, so the two overlap.
+pub fn build(
+    config: &VmConfig,
+    out: Output,
+    vm: impl FnOnce() -> Result<Vm, BuildError>,
+) -> Result<BuiltVm, BuildError> {
     if config.vcpus == 0 || config.vcpus > 32 {
         return Err(BuildError::Vcpus(config.vcpus));
     }
     let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
-    vm.register_memory(&mem)?;
     if config.report_timing {
         // Where guest memory lies in the worker, for `vmmd bench`'s
         // overhead (the kernel and initramfs mappings split it in parts).
@@ -276,6 +284,12 @@ pub fn build(config: &VmConfig, out: Output, vm: Vm) -> Result<BuiltVm, BuildErr
         cmdline_len,
         Some((initrd_addr, initrd_len)),
     )?;
+    crate::worker::mark("devices-opened");
+
+    // From here on, the KVM VM.
+    let vm = vm()?;
+    vm.register_memory(&mem)?;
+    crate::worker::mark("memory-registered");
 
     // Devices: the serial console raises GSI 4 through an irqfd.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
@@ -322,7 +336,7 @@ pub fn build(config: &VmConfig, out: Output, vm: Vm) -> Result<BuiltVm, BuildErr
             .push((base, transport));
     }
 
-    crate::worker::mark("devices");
+    crate::worker::mark("devices-wired");
     let supported = vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {

@@ -53,25 +53,25 @@ pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmO
             message: format!("install the vCPU kick handler: {e}"),
         };
     }
-    let created = match vm {
-        Some(thread) => thread.join(),
-        None => Ok(Vm::new()),
-    };
-    let vm = match created {
-        Ok(Ok(vm)) => vm,
-        Ok(Err(e)) => {
+    // The seccomp filter is compiled now, while the VM is still being
+    // created on its own thread (it is installed once the VM is built).
+    let program = match crate::jail::seccomp::filter() {
+        Ok(p) => p,
+        Err(e) => {
             return VmOutcome::VmmError {
-                message: error_chain(&builder::BuildError::from(e)),
-            }
-        }
-        Err(_) => {
-            return VmOutcome::VmmError {
-                message: "the thread creating the KVM VM panicked".into(),
+                message: format!("build seccomp filter: {e}"),
             }
         }
     };
-    mark("vm-created");
-    let built = match builder::build(config, Box::new(std::io::stdout()), vm) {
+    let created = || {
+        let vm = match vm {
+            Some(thread) => thread.join().map_err(|_| builder::BuildError::VmThread)?,
+            None => Vm::new(),
+        };
+        mark("vm-created");
+        Ok(vm?)
+    };
+    let built = match builder::build(config, Box::new(std::io::stdout()), created) {
         Ok(b) => b,
         Err(e) => {
             return VmOutcome::VmmError {
@@ -101,14 +101,6 @@ pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmO
         }
     }
     mark("jailed");
-    let program = match crate::jail::seccomp::filter() {
-        Ok(p) => p,
-        Err(e) => {
-            return VmOutcome::VmmError {
-                message: format!("build seccomp filter: {e}"),
-            }
-        }
-    };
     let (tx, rx) = mpsc::channel();
     // Two rendezvous: `ready` once every vCPU thread is up (a new thread
     // makes its own start-up syscalls, which the filter would refuse), `go`
