@@ -171,20 +171,35 @@ pub fn guest_config_cpio(config: &VmConfig) -> Result<Vec<u8>, CpioError> {
     w.finish()
 }
 
+/// Where [`build`] gets its KVM VM.
+#[derive(Debug)]
+pub enum VmSource {
+    /// A VM made already (see [`Vm::new`]); `build` registers its memory.
+    Ready(Vm),
+    /// A thread creating the VM (see [`crate::worker::create_vm`]): `build`
+    /// sends it the guest memory as soon as that exists, and the thread
+    /// registers it as soon as the VM exists, while `build` goes on.
+    Pending {
+        memory: std::sync::mpsc::Sender<GuestMemoryMmap>,
+        vm: std::thread::JoinHandle<Result<Vm, KvmError>>,
+    },
+}
+
 /// Builds the VM described by `config`; guest serial output goes to `out`.
-/// `vm` gives the KVM VM (see [`Vm::new`]), which may still be being
-/// created on another thread: everything that does not need it — guest
-/// memory, the kernel, initramfs and command line in it, the boot tables,
-/// opening the devices — is done first, so the two overlap.
-pub fn build(
-    config: &VmConfig,
-    out: Output,
-    vm: impl FnOnce() -> Result<Vm, BuildError>,
-) -> Result<BuiltVm, BuildError> {
+/// Everything that does not need the KVM VM — guest memory, the kernel,
+/// initramfs and command line in it, the boot tables, opening the devices
+/// — is done before `vm` is waited for, so that a VM still being created
+/// on another thread (and its memory registered there) overlaps with it.
+pub fn build(config: &VmConfig, out: Output, vm: VmSource) -> Result<BuiltVm, BuildError> {
     if config.vcpus == 0 || config.vcpus > 32 {
         return Err(BuildError::Vcpus(config.vcpus));
     }
     let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
+    if let VmSource::Pending { memory, .. } = &vm {
+        // If the thread has ended already (the VM could not be made), the
+        // join below says why.
+        let _ = memory.send(mem.clone());
+    }
     if config.report_timing {
         // Where guest memory lies in the worker, for `vmmd bench`'s
         // overhead (the kernel and initramfs mappings split it in parts).
@@ -224,11 +239,22 @@ pub fn build(
         let entry = GuestAddress(r.kernel_load.0 + 0x200);
         (r, entry)
     };
+    if let Some(h) = loaded.setup_header {
+        // Where the kernel decompresses itself and then runs: written end
+        // to end in the guest's first moments, so huge pages there spare
+        // it thousands of 4 KiB faults.
+        memory::advise_huge(&mem, GuestAddress(h.pref_address), u64::from(h.init_size));
+    }
     crate::worker::mark("kernel-loaded");
 
-    // Initramfs: the shared base image, mapped or read into guest memory,
-    // then this VM's config (a cpio the kernel unpacks on top) at the next
-    // 4-byte boundary.
+    // Initramfs: the shared base image read into guest memory, then this
+    // VM's config (a cpio the kernel unpacks on top) at the next 4-byte
+    // boundary. Read, not mapped like the kernel: the guest reads all of
+    // it at once when it unpacks it, and in huge pages that costs it a
+    // few faults where 4 KiB pages of a file mapping cost it one per page
+    // (several times the copy's cost on a nested host, measured); it
+    // frees the pages afterwards and reuses them, so mapping would save
+    // no memory either.
     let read_err = |source| BuildError::ReadInitramfs {
         path: config.initramfs.clone(),
         source,
@@ -244,13 +270,10 @@ pub fn build(
         .filter(|m| *m != 0)
         .unwrap_or(0x37ff_ffff);
     let initrd_addr = arch::initrd_address(&mem, initrd_len, initrd_max)?;
-    // Mapped copy-on-write where it can be (nothing read now, and the
-    // page cache shared by every VM), read in otherwise.
-    if !memory::map_file(&mem, initrd_addr, &base, 0, base_len) {
-        memory::populate(&mem, initrd_addr, initrd_len);
-        mem.read_exact_volatile_from(initrd_addr, &mut base, base_len as usize)
-            .map_err(|e| read_err(std::io::Error::other(e)))?;
-    }
+    memory::advise_huge(&mem, initrd_addr, initrd_len);
+    memory::populate(&mem, initrd_addr, initrd_len);
+    mem.read_exact_volatile_from(initrd_addr, &mut base, base_len as usize)
+        .map_err(|e| read_err(std::io::Error::other(e)))?;
     mem.write_slice(&extra, GuestAddress(initrd_addr.0 + config_at))
         .map_err(BuildError::WriteInitramfs)?;
 
@@ -287,9 +310,14 @@ pub fn build(
     crate::worker::mark("devices-opened");
 
     // From here on, the KVM VM.
-    let vm = vm()?;
-    vm.register_memory(&mem)?;
-    crate::worker::mark("memory-registered");
+    let vm = match vm {
+        VmSource::Ready(vm) => {
+            vm.register_memory(&mem)?;
+            crate::worker::mark("memory-registered");
+            vm
+        }
+        VmSource::Pending { vm, .. } => vm.join().map_err(|_| BuildError::VmThread)??,
+    };
 
     // Devices: the serial console raises GSI 4 through an irqfd.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;

@@ -22,13 +22,13 @@
 //! vmmd has already put it in its cgroup (see [`crate::jail::cgroup`]).
 
 use crate::builder;
+use crate::builder::VmSource;
 use crate::config::{
     VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX, TIMING_PREFIX,
 };
 use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
 use crate::vstate::vm::Vm;
-use crate::vstate::KvmError;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -38,10 +38,10 @@ use steelcup_init::guest::ExitStatus;
 /// How long a pause may take before it is given up.
 const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Builds and runs the VM in the KVM VM `vm` is creating (see
-/// [`create_vm`]; created here if `None`); returns how it ended. Commands are read from `control` (see the module
-/// docs) while the VM runs.
-pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmOutcome {
+/// Builds and runs the VM, in the KVM VM `vm` gives (see [`create_vm`];
+/// created here if `None`); returns how it ended. Commands are read from
+/// `control` (see the module docs) while the VM runs.
+pub fn run_vm(config: &VmConfig, control: Control, vm: Option<VmSource>) -> VmOutcome {
     TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
     if config.report_timing {
         let main = MAIN_NS.load(std::sync::atomic::Ordering::Relaxed);
@@ -63,15 +63,21 @@ pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmO
             }
         }
     };
-    let created = || {
-        let vm = match vm {
-            Some(thread) => thread.join().map_err(|_| builder::BuildError::VmThread)?,
-            None => Vm::new(),
-        };
-        mark("vm-created");
-        Ok(vm?)
+    let vm = match vm {
+        Some(source) => source,
+        None => match Vm::new() {
+            Ok(vm) => {
+                mark("vm-created");
+                VmSource::Ready(vm)
+            }
+            Err(e) => {
+                return VmOutcome::VmmError {
+                    message: error_chain(&e),
+                }
+            }
+        },
     };
-    let built = match builder::build(config, Box::new(std::io::stdout()), created) {
+    let built = match builder::build(config, Box::new(std::io::stdout()), vm) {
         Ok(b) => b,
         Err(e) => {
             return VmOutcome::VmmError {
@@ -216,21 +222,30 @@ pub fn run_vm(config: &VmConfig, control: Control, vm: Option<PendingVm>) -> VmO
     }
 }
 
-/// A KVM VM being created on its own thread.
-pub type PendingVm = std::thread::JoinHandle<Result<Vm, KvmError>>;
-
 /// Starts creating the KVM VM (`KVM_CREATE_VM`, the irqchip, the PIT) on a
-/// thread of its own. It needs nothing from the VM's config, and on a
-/// nested or emulated host it takes about as long as exec and reading the
-/// config together, so the two overlap. The thread has ended by the time
+/// thread of its own, which then registers the guest memory `build` sends
+/// it. It needs nothing from the VM's config, and it takes longer than
+/// exec and reading the config together on a nested host (registering
+/// memory waits out an SRCU grace period in the host kernel), so they
+/// overlap with the rest of the build. The thread has ended by the time
 /// [`run_vm`] has the VM, so the worker is single threaded again when it
 /// enters its mount namespace. `None` if no thread could be started: the
 /// caller then creates the VM itself.
-pub fn create_vm() -> Option<PendingVm> {
-    std::thread::Builder::new()
+pub fn create_vm() -> Option<VmSource> {
+    let (memory, guest_memory) = mpsc::channel::<vm_memory::GuestMemoryMmap>();
+    let vm = std::thread::Builder::new()
         .name("create-vm".into())
-        .spawn(Vm::new)
-        .ok()
+        .spawn(move || {
+            let vm = Vm::new()?;
+            mark("vm-created");
+            if let Ok(mem) = guest_memory.recv() {
+                vm.register_memory(&mem)?;
+                mark("memory-registered");
+            }
+            Ok(vm)
+        })
+        .ok()?;
+    Some(VmSource::Pending { memory, vm })
 }
 
 static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -12,7 +12,10 @@
 //! kernel has `always`): the host then spends 4 KiB, not 2 MiB, on each
 //! page the guest touches; on a memfd, `MFD_HUGETLB` takes 2 MiB pages
 //! from the host's reserved pool (`/proc/sys/vm/nr_hugepages`) and fails
-//! clearly if there are not enough.
+//! clearly if there are not enough. Anonymous memory starts on a 2 MiB
+//! host boundary, so that the few ranges the guest writes end to end —
+//! where its kernel decompresses itself, its initramfs — can take huge
+//! pages even when the rest does not ([`advise_huge`]).
 
 use crate::arch::MMIO_HOLE_START;
 use std::os::fd::FromRawFd;
@@ -31,7 +34,7 @@ pub enum MemoryError {
     #[error("guest memory of {mib} MiB is out of range (16 MiB up to 3 GiB)")]
     Size { mib: u64 },
     #[error("map guest memory")]
-    Map(#[source] vm_memory::mmap::FromRangesError),
+    MapAnonymous(#[source] std::io::Error),
     #[error("create the guest memory memfd{}", if *.huge { " with 2 MiB huge pages (are enough reserved in /proc/sys/vm/nr_hugepages?)" } else { "" })]
     Memfd {
         huge: bool,
@@ -61,8 +64,16 @@ pub fn create_with(
         return Err(MemoryError::Size { mib });
     }
     let mem = match backing {
-        Backing::Anonymous => GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
-            .map_err(MemoryError::Map)?,
+        Backing::Anonymous => {
+            let host = map_aligned(bytes as usize).map_err(MemoryError::MapAnonymous)?;
+            // SAFETY: `host..host+bytes` is the mapping made just above,
+            // readable and writable, which nothing else uses.
+            let region = unsafe { MmapRegion::build_raw(host, bytes as usize, RW, ANONYMOUS) }
+                .map_err(|e| MemoryError::MapAnonymous(std::io::Error::other(e)))?;
+            let region =
+                GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Size { mib })?;
+            GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?
+        }
         Backing::Memfd => {
             let memfd_err = |source| MemoryError::Memfd {
                 huge: huge_pages,
@@ -110,6 +121,75 @@ pub fn create_with(
         }
     }
     Ok(mem)
+}
+
+/// A transparent huge page (and the host's 2 MiB NPT/EPT mappings).
+pub const HUGE_PAGE: u64 = 2 << 20;
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+const ANONYMOUS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Maps `bytes` of anonymous memory at a host address on a 2 MiB boundary,
+/// so that guest-physical 2 MiB blocks are host 2 MiB blocks too: only
+/// then can a huge page back a guest range and KVM map it with one 2 MiB
+/// entry (the host kernel aligns only file mappings so). A larger
+/// reservation is trimmed to the aligned part. The mapping is never
+/// unmapped: a worker's guest memory lives as long as the worker.
+fn map_aligned(bytes: usize) -> std::io::Result<*mut u8> {
+    let huge = HUGE_PAGE as usize;
+    let len = bytes + huge;
+    // SAFETY: a new private anonymous mapping at an address of the
+    // kernel's choosing; nothing else is touched.
+    let start = unsafe { libc::mmap(std::ptr::null_mut(), len, RW, ANONYMOUS, -1, 0) };
+    if start == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = start as usize;
+    let aligned = start.next_multiple_of(huge);
+    // SAFETY: both pieces lie inside the reservation just made, outside
+    // the aligned part that is kept.
+    unsafe {
+        if aligned > start {
+            libc::munmap(start as *mut libc::c_void, aligned - start);
+        }
+        let end = aligned + bytes;
+        if start + len > end {
+            libc::munmap(end as *mut libc::c_void, start + len - end);
+        }
+    }
+    Ok(aligned as *mut u8)
+}
+
+/// Asks for transparent huge pages over the 2 MiB blocks that cover
+/// `len` bytes at `addr`, where the guest writes nearly every byte anyway
+/// (where the kernel decompresses itself, the initramfs), so the host
+/// faults them in and maps them 2 MiB at a time rather than 4 KiB — each
+/// fault is an exit from the guest, costly most of all on a nested host —
+/// for at most a block's worth of memory more at either end. Anonymous
+/// memory only (a memfd keeps its own page size); a hint, and nothing
+/// outside guest memory is touched. Returns the bytes advised.
+pub fn advise_huge(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> u64 {
+    let Some(region) = mem.find_region(addr) else {
+        return 0;
+    };
+    if region.file_offset().is_some() || len == 0 {
+        return 0;
+    }
+    let region_start = region.start_addr().0;
+    let lo = (addr.0 & !(HUGE_PAGE - 1)).max(region_start);
+    let hi = (addr.0.saturating_add(len))
+        .next_multiple_of(HUGE_PAGE)
+        .min(region_start + region.len());
+    let Ok(host) = mem.get_host_address(GuestAddress(lo)) else {
+        return 0;
+    };
+    // SAFETY: `host..host+(hi-lo)` lies inside the region's mapping
+    // (clipped above); MADV_HUGEPAGE changes no contents.
+    let r = unsafe { libc::madvise(host.cast(), (hi - lo) as usize, libc::MADV_HUGEPAGE) };
+    if r == 0 {
+        hi - lo
+    } else {
+        0
+    }
 }
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in, writable.
@@ -178,8 +258,8 @@ pub fn map_file(
     // SAFETY: `host..host+pages` lies inside the guest memory mapping this
     // process owns (checked above), which nothing else references yet but
     // KVM's memory slot, which follows the new pages by the host address;
-    // MAP_FIXED replaces exactly that range, and the region unmaps it with
-    // the rest when guest memory is dropped.
+    // MAP_FIXED replaces exactly that range, which stays mapped as long as
+    // the rest of guest memory.
     let mapped = unsafe {
         libc::mmap(
             host.cast(),
@@ -288,6 +368,71 @@ mod tests {
         // From a page-aligned offset: the file's second page.
         assert!(map_file(&m, GuestAddress(0x40_0000), &f, 4096, 4096));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x40_0000)).unwrap(), 1);
+    }
+
+    /// The `VmFlags:` of the mapping holding host address `at`.
+    fn vm_flags_at(at: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for l in smaps.lines() {
+            let head = l.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = head.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= at && at < b;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(flags) = l.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {at:#x}");
+    }
+
+    #[test]
+    fn anonymous_memory_starts_on_a_huge_page_boundary() {
+        for mib in [16, 100, 129] {
+            let m = create(mib).unwrap();
+            let host = m.get_host_address(GuestAddress(0)).unwrap() as u64;
+            assert_eq!(host % HUGE_PAGE, 0, "{mib} MiB at {host:#x}");
+            // All of it usable, to its last byte.
+            m.write_obj(0xabu8, GuestAddress((mib << 20) - 1)).unwrap();
+            assert_eq!(
+                m.read_obj::<u8>(GuestAddress((mib << 20) - 1)).unwrap(),
+                0xab
+            );
+        }
+    }
+
+    #[test]
+    fn huge_pages_are_asked_for_the_blocks_covering_a_range_only() {
+        let m = create(64).unwrap();
+        let host = |a: u64| m.get_host_address(GuestAddress(a)).unwrap() as usize;
+        // 16 MiB + 1 KiB .. 19 MiB: the blocks from 16 MiB up to 20 MiB.
+        assert_eq!(
+            advise_huge(&m, GuestAddress((16 << 20) + 1024), 3 << 20),
+            4 << 20
+        );
+        let flags = |a: u64| vm_flags_at(host(a));
+        assert!(flags(16 << 20).contains("hg"), "{}", flags(16 << 20));
+        assert!(flags((20 << 20) - 1).contains("hg"));
+        // Outside the blocks the memory keeps its 4 KiB pages.
+        assert!(
+            flags((16 << 20) - 1).contains("nh"),
+            "{}",
+            flags((16 << 20) - 1)
+        );
+        assert!(flags(20 << 20).contains("nh"));
+        // Clipped to guest memory; nothing outside it, or of an empty range.
+        assert_eq!(advise_huge(&m, GuestAddress(63 << 20), 8 << 20), 2 << 20);
+        assert_eq!(advise_huge(&m, GuestAddress(64 << 20), 1), 0);
+        assert_eq!(advise_huge(&m, GuestAddress(0), 0), 0);
+        // A memfd keeps its own pages.
+        let f = create_with(32, Backing::Memfd, false).unwrap();
+        assert_eq!(advise_huge(&f, GuestAddress(0), 2 << 20), 0);
     }
 
     #[test]
