@@ -270,7 +270,16 @@ pub fn build(config: &VmConfig, out: Output, vm: VmSource) -> Result<BuiltVm, Bu
         .filter(|m| *m != 0)
         .unwrap_or(0x37ff_ffff);
     let initrd_addr = arch::initrd_address(&mem, initrd_len, initrd_max)?;
-    memory::advise_huge(&mem, initrd_addr, initrd_len);
+    // Huge pages for it and, just below, where a Linux guest's early
+    // allocator (top down) puts its memory map (64 bytes per 4 KiB page,
+    // written in full while it boots): at most that much memory more if
+    // a guest puts it elsewhere.
+    let memmap = (config.memory_mib << 20) / 64;
+    memory::advise_huge(
+        &mem,
+        GuestAddress(initrd_addr.0.saturating_sub(memmap)),
+        memmap + initrd_len,
+    );
     memory::populate(&mem, initrd_addr, initrd_len);
     mem.read_exact_volatile_from(initrd_addr, &mut base, base_len as usize)
         .map_err(|e| read_err(std::io::Error::other(e)))?;
