@@ -396,6 +396,7 @@ fn serve_control(
 pub fn main() -> i32 {
     let t0 = Instant::now();
     MAIN_NS.store(monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
+    init_logging();
     // vmmd alone decides when a VM ends: a SIGTERM or SIGINT meant for vmmd's
     // whole process group (init stopping the vmmd unit, Ctrl-C on a
     // terminal) must not kill the VM before vmmd has asked the guest to stop.
@@ -446,6 +447,23 @@ pub fn exe() -> std::path::PathBuf {
 fn sibling_worker(own: &std::path::Path) -> Option<std::path::PathBuf> {
     let candidate = own.parent()?.join("vmm-worker");
     candidate.is_file().then_some(candidate)
+}
+
+/// The worker's own log lines (a device refusing what the guest wrote,
+/// rate limited; PIT replay left on) go to its stderr, one `write` each
+/// (the seccomp filter allows it), without time or level colours: vmmd
+/// prints them in its log under the workload's name. `STEELCUP_LOG`
+/// filters them as it does vmmd's.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STEELCUP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .without_time()
+        .with_env_filter(filter)
+        .try_init();
 }
 
 pub use steelcup_init::boot::error_chain;
