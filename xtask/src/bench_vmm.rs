@@ -211,8 +211,8 @@ pub fn run() -> Result<String> {
 /// Boots `cfg` and waits for each marker in turn (within its time, or 90 s
 /// of silence: a hang of the emulated host), then for the power-off;
 /// returns the serial console. Under software emulation the emulated host
-/// now and then hangs while a VM starts (see docs/architecture.md); such a
-/// run gets one more boot.
+/// now and then hangs, resets or panics while a VM starts (see
+/// docs/architecture.md); such a run gets one more boot.
 pub fn boot_until(cfg: &GuestConfig, markers: &[(&str, Duration)]) -> Result<String> {
     for attempt in 1..=2 {
         let mut g = Guest::boot(cfg)?;
@@ -244,6 +244,12 @@ pub fn boot_until(cfg: &GuestConfig, markers: &[(&str, Duration)]) -> Result<Str
                     "the emulated host stopped during the benchmark ({e:#}); booting once more"
                 );
             }
+            Err(e) if attempt == 1 => match qemu_tests::emulation_fault(&g, &e) {
+                // The emulated host reset or panicked: the emulation's
+                // doing, not the benchmark's (see qemu-tests).
+                Some(why) => eprintln!("{why} during the benchmark ({e:#}); booting once more"),
+                None => return Err(e.context(format!("see {}", g.log_path.display()))),
+            },
             Err(e) => return Err(e.context(format!("see {}", g.log_path.display()))),
         }
     }
