@@ -452,17 +452,21 @@ fn sibling_worker(own: &std::path::Path) -> Option<std::path::PathBuf> {
 /// The worker's own log lines (a device refusing what the guest wrote,
 /// rate limited; PIT replay left on) go to its stderr, one `write` each
 /// (the seccomp filter allows it), without time or level colours: vmmd
-/// prints them in its log under the workload's name. `STEELCUP_LOG`
-/// filters them as it does vmmd's.
+/// prints them in its log under the workload's name. `STEELCUP_LOG` set
+/// to a level (`warn`, `debug`, ...) changes the default `info`; a level
+/// and no directive syntax, since `EnvFilter`'s parser would add a MB to
+/// the worker and its start-up to every VM's setup.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STEELCUP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("STEELCUP_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
         .without_time()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .try_init();
 }
 
