@@ -433,7 +433,7 @@ fn measure(
 /// (total RSS, RSS of the guest memory mapping) of `pid`, in KiB.
 /// With `guest` (the guest memory's host start and length, as our worker
 /// reports it), the guest's RSS is that of every mapping inside the range
-/// (the kernel and initramfs are mapped over parts of it); without (QEMU),
+/// (the kernel's file mapping and the huge-page ranges split it); without (QEMU),
 /// that of the largest mapping of at least the guest's size.
 fn memory_at(pid: i32, memory_mib: u64, guest: Option<(u64, u64)>) -> Result<(u64, u64), String> {
     let path = PathBuf::from(format!("/proc/{pid}/smaps"));

@@ -202,7 +202,8 @@ pub fn build(config: &VmConfig, out: Output, vm: VmSource) -> Result<BuiltVm, Bu
     }
     if config.report_timing {
         // Where guest memory lies in the worker, for `vmmd bench`'s
-        // overhead (the kernel and initramfs mappings split it in parts).
+        // overhead (the kernel's file mapping and the huge-page ranges split it
+        // in parts).
         if let Some(r) = vm_memory::GuestMemoryBackend::iter(&mem).next() {
             crate::worker::timing_line(&format!(
                 "guest-memory {:#x} {:#x}",
