@@ -30,6 +30,29 @@ fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
 /// example OCI image, the test root disk and `more` files; returns its
 /// directory.
 pub fn build_image(dir: &str, more: Vec<(String, PathBuf)>) -> Result<PathBuf> {
+    let recorded = recorded_inputs()?;
+    let out = sh::out_dir().join(dir);
+    // What the appliance carries besides (the example OCI image, which
+    // `vmmd bench-start` runs).
+    let mut extra = more;
+    extra.extend(recorded.extra_files.clone());
+    extra.push((
+        crate::TEST_ROOT_DISK.into(),
+        sh::out_dir().join("test-root.ext4"),
+    ));
+    image_build::build(&image_build::Inputs {
+        manifest: sh::root().join("qemu-tests/steelcup-test.toml"),
+        out: out.clone(),
+        extra_files: extra,
+        ..recorded
+    })?;
+    Ok(out)
+}
+
+/// The inputs `cargo xtask build` recorded in `build-inputs.json` for the
+/// appliance image (its manifest, binaries, kernels and extra files),
+/// with the artifacts directory as `out`.
+fn recorded_inputs() -> Result<image_build::Inputs> {
     let inputs: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sh::out_dir().join("build-inputs.json"))?)?;
     let path = |k: &str| -> Result<PathBuf> {
@@ -39,27 +62,15 @@ pub fn build_image(dir: &str, more: Vec<(String, PathBuf)>) -> Result<PathBuf> {
                 .with_context(|| format!("build-inputs.json: {k}"))?,
         ))
     };
-    let root = sh::root();
-    let out = sh::out_dir().join(dir);
-    let mut extra = more;
-    // What the appliance carries besides (the example OCI image, which
-    // `vmmd bench-start` runs).
-    let recorded: Vec<(String, PathBuf)> = serde_json::from_value(inputs["extra_files"].clone())
-        .context("build-inputs.json: extra_files")?;
-    extra.extend(recorded);
-    extra.push((
-        crate::TEST_ROOT_DISK.into(),
-        sh::out_dir().join("test-root.ext4"),
-    ));
-    image_build::build(&image_build::Inputs {
-        manifest: root.join("qemu-tests/steelcup-test.toml"),
+    Ok(image_build::Inputs {
+        manifest: path("manifest")?,
         bin_dir: path("bin_dir")?,
         guest_kernel: path("guest_kernel")?,
         host_kernel_root: path("host_kernel_root")?,
-        out: out.clone(),
-        extra_files: extra,
-    })?;
-    Ok(out)
+        out: sh::out_dir(),
+        extra_files: serde_json::from_value(inputs["extra_files"].clone())
+            .context("build-inputs.json: extra_files")?,
+    })
 }
 
 /// The worker's setup on this machine itself, through its own `/dev/kvm`
@@ -69,23 +80,7 @@ pub fn build_image(dir: &str, more: Vec<(String, PathBuf)>) -> Result<PathBuf> {
 /// and why.
 pub fn native_setup() -> Result<String> {
     step("VMM setup on this machine (its own /dev/kvm, the host not emulated)");
-    let inputs: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(sh::out_dir().join("build-inputs.json"))?)?;
-    let path = |k: &str| -> Result<PathBuf> {
-        Ok(PathBuf::from(
-            inputs[k]
-                .as_str()
-                .with_context(|| format!("build-inputs.json: {k}"))?,
-        ))
-    };
-    let build = image_build::Inputs {
-        manifest: path("manifest")?,
-        bin_dir: path("bin_dir")?,
-        guest_kernel: path("guest_kernel")?,
-        host_kernel_root: path("host_kernel_root")?,
-        out: sh::out_dir(),
-        extra_files: vec![],
-    };
+    let build = recorded_inputs()?;
     let manifest = image_build::manifest::Manifest::load(&build.manifest)?;
     let initramfs = sh::out_dir().join("bench-guest-initramfs.cpio");
     std::fs::write(&initramfs, image_build::guest_initramfs(&build, &manifest)?)?;
