@@ -270,13 +270,7 @@ fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), Strin
                 first_run = ms(&r["first-kvm-run ".len()..]);
                 break;
             }
-            Some(r) => {
-                if let Some((name, ns)) = r.strip_prefix("phase ").and_then(|p| p.split_once(' ')) {
-                    if let Some(v) = ms(ns) {
-                        phases.push(format!("{name} {v:.1}"));
-                    }
-                }
-            }
+            Some(r) => phases.extend(phase_after(r, t0)),
             None if tail.len() < 20 => tail.push(l),
             None => {}
         }
@@ -292,6 +286,14 @@ fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), Strin
             tail.join(" | ")
         )),
     }
+}
+
+/// A worker's `phase NAME NS` timing line (after the prefix) as `NAME MS`,
+/// the ms counted from `t0`; `None` for any other timing line.
+fn phase_after(timing: &str, t0: u64) -> Option<String> {
+    let (name, ns) = timing.strip_prefix("phase ")?.split_once(' ')?;
+    let ns = ns.trim().parse::<u64>().ok()?;
+    Some(format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6))
 }
 
 /// The median ms from spawning `vmm-worker --version` to its exit: what
@@ -366,14 +368,8 @@ fn measure(
                 if let (Ok(start), Ok(len)) = (hex(start), hex(len)) {
                     *range_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((start, len));
                 }
-            } else if let Some((name, ns)) = l
-                .strip_prefix(TIMING_PREFIX)
-                .and_then(|r| r.strip_prefix("phase "))
-                .and_then(|r| r.split_once(' '))
-            {
-                if let Ok(ns) = ns.trim().parse::<u64>() {
-                    phases.push(format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6));
-                }
+            } else if let Some(r) = l.strip_prefix(TIMING_PREFIX) {
+                phases.extend(phase_after(r, t0));
             } else if tail.len() < 20 {
                 tail.push(l);
             }
@@ -607,6 +603,16 @@ Rss:                   4 kB
             parse_smaps_in(text, (0x7f0_0000, 0x8000)),
             (60 + 8 + 4 + 12 + 4, 8 + 4 + 12)
         );
+    }
+
+    #[test]
+    fn phase_lines_become_names_with_ms_after_the_spawn() {
+        assert_eq!(
+            phase_after("phase vm-created 3500000", 1_000_000).as_deref(),
+            Some("vm-created 2.5")
+        );
+        assert_eq!(phase_after("first-kvm-run 3500000", 0), None);
+        assert_eq!(phase_after("phase vm-created soon", 0), None);
     }
 
     #[test]

@@ -253,7 +253,7 @@ pub fn build(config: &VmConfig, out: Output, vm: VmSource) -> Result<BuiltVm, Bu
     // boundary. Read, not mapped like the kernel: the guest reads all of
     // it at once when it unpacks it, and in huge pages that costs it a
     // few faults where 4 KiB pages of a file mapping cost it one per page
-    // (several times the copy's cost on a nested host, measured); it
+    // (on a nested host that came to more than the copy, measured); it
     // frees the pages afterwards and reuses them, so mapping would save
     // no memory either.
     let read_err = |source| BuildError::ReadInitramfs {
