@@ -43,7 +43,7 @@ pub const STATE_BYTES: u64 = 16 * MIB;
 pub const SLOT_FILES: [&str; 3] = ["steelcup.efi", "SHA256SUMS", "manifest.json"];
 /// How many boots a slot gets before GRUB passes it over (init's health
 /// gate sets them back after a good boot).
-pub const TRIES: u32 = steelcup_init::slots::TRIES;
+pub const TRIES: u32 = steelcup_os::slots::TRIES;
 
 /// Where the boot pieces come from on the build machine (Debian's
 /// grub-efi-amd64-bin and systemd-boot-efi).
@@ -101,13 +101,13 @@ reboot
 "#;
 
 /// A GRUB environment block with `vars` (init reads and writes the same
-/// block: [`steelcup_init::slots`]).
+/// block: [`steelcup_os::slots`]).
 pub fn grubenv(vars: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
     let vars = vars
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
-    steelcup_init::slots::encode_env(&vars).map_err(anyhow::Error::msg)
+    steelcup_os::slots::encode_env(&vars).map_err(anyhow::Error::msg)
 }
 
 /// What goes into one OS slot.
@@ -135,7 +135,7 @@ impl Slot {
     }
 
     /// Signs the manifest with the update key `key` (init checks it with
-    /// the public key, `steelcup_init::update`).
+    /// the public key, `steelcup_os::update`).
     pub fn sign(&mut self, key: &ed25519_dalek::SigningKey) -> Result<()> {
         use ed25519_dalek::Signer;
         let sig = key.sign(&self.manifest_bytes()?);
@@ -152,7 +152,7 @@ impl Slot {
             ("manifest.json", self.manifest_bytes()?),
         ];
         if let Some(s) = &self.signature {
-            files.push((steelcup_init::update::SIGNATURE, s.clone().into_bytes()));
+            files.push((steelcup_os::update::SIGNATURE, s.clone().into_bytes()));
         }
         Ok(files)
     }
@@ -611,13 +611,13 @@ mod tests {
         let key = read_signing_key(&dir.path().join("update.key")).unwrap();
         slot.sign(&key).unwrap();
         let img = slot_image(&slot).unwrap();
-        let public = steelcup_init::update::parse_key(&public).unwrap();
-        let m = steelcup_init::update::check_slot(Cursor::new(&img), Some(&public)).unwrap();
+        let public = steelcup_os::update::parse_key(&public).unwrap();
+        let m = steelcup_os::update::check_slot(Cursor::new(&img), Some(&public)).unwrap();
         assert_eq!(m.version, "v1");
         slot.signature = None;
         let img = slot_image(&slot).unwrap();
-        assert!(steelcup_init::update::check_slot(Cursor::new(&img), Some(&public)).is_err());
-        assert!(steelcup_init::update::check_slot(Cursor::new(&img), None).is_ok());
+        assert!(steelcup_os::update::check_slot(Cursor::new(&img), Some(&public)).is_err());
+        assert!(steelcup_os::update::check_slot(Cursor::new(&img), None).is_ok());
     }
 
     #[test]

@@ -259,14 +259,14 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         // Checked as init will check it at first boot.
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read the machine config {}", path.display()))?;
-        steelcup_init::provision::check(&path.display().to_string(), &text)
+        steelcup_os::provision::check(&path.display().to_string(), &text)
             .map_err(anyhow::Error::msg)?;
         t.file("etc/steelcup/machine.toml", 0o644, text.into_bytes())?;
     }
     if let Some(path) = &m.host.update_key {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read the update key {}", path.display()))?;
-        steelcup_init::update::parse_key(&text)
+        steelcup_os::update::parse_key(&text)
             .map_err(|e| anyhow::anyhow!("the update key {}: {e}", path.display()))?;
         t.file(
             "etc/steelcup/update.pub",
@@ -292,7 +292,7 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
     for u in units.values() {
         let text = std::fs::read_to_string(u).with_context(|| format!("read {}", u.display()))?;
         // A unit that would be refused at boot is refused at build time.
-        steelcup_init::units::parse(u, &text)?;
+        steelcup_units::parse(u, &text)?;
         let name = u.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         t.file(
             &format!("etc/steelcup/units/{name}"),

@@ -36,14 +36,14 @@ impl ModuleIndex {
                     stack.push(p);
                 } else if p.extension().is_some_and(|x| x == "ko") {
                     let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
-                    paths.insert(steelcup_init::modules::module_name(&rel), rel);
+                    paths.insert(steelcup_os::module_name(&rel), rel);
                 }
             }
         }
         let builtin = std::fs::read_to_string(root.join("modules.builtin"))
             .unwrap_or_default()
             .lines()
-            .map(steelcup_init::modules::module_name)
+            .map(steelcup_os::module_name)
             .collect();
         Ok(ModuleIndex {
             root: root.to_path_buf(),

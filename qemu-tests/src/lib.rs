@@ -291,7 +291,7 @@ impl Guest {
         }
         // An empty signal mask: the caller may block signals it reads
         // through a signalfd (xtask does), and QEMU must not inherit that.
-        steelcup_init::sys::reset_signal_mask(&mut cmd);
+        steelcup_sys::reset_signal_mask(&mut cmd);
         // Its own process group: a Ctrl-C at the terminal is ours to handle.
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

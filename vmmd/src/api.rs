@@ -111,7 +111,7 @@ pub struct RunSpec {
     /// `no` (the default), `on-failure` or `always`, with the units'
     /// backoff.
     #[serde(default)]
-    pub restart: steelcup_init::units::Restart,
+    pub restart: steelcup_units::Restart,
     /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]`.
     #[serde(default)]
     pub ports: Vec<String>,

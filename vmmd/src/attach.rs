@@ -1,5 +1,5 @@
 //! The host side of a workload's stdio: `cup run` (attached) and `cup
-//! exec` speak [`steelcup_init::stdio`] frames over the VM's vsock device.
+//! exec` speak [`steelcup_proto::stdio`] frames over the VM's vsock device.
 //!
 //! # Design
 //! vmmd names the VM's vsock socket; cup connects to it itself (`CONNECT
@@ -15,8 +15,8 @@ use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use steelcup_init::guest::ExitStatus;
-use steelcup_init::stdio::{self, read_frame, write_frame};
+use steelcup_proto::guest::ExitStatus;
+use steelcup_proto::stdio::{self, read_frame, write_frame};
 
 /// Connects to `port` inside the guest through its vsock socket `uds`.
 pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
@@ -124,7 +124,7 @@ pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, S
     let _raw = RawTerminal::new(local_tty);
     let mut writer = conn.try_clone().map_err(|e| e.to_string())?;
     if local_tty {
-        if let Some((rows, cols)) = steelcup_init::sys::window_size(&std::io::stdout()) {
+        if let Some((rows, cols)) = steelcup_sys::window_size(&std::io::stdout()) {
             let mut p = rows.to_le_bytes().to_vec();
             p.extend_from_slice(&cols.to_le_bytes());
             let _ = write_frame(&mut writer, stdio::RESIZE, &p);

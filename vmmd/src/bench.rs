@@ -26,7 +26,7 @@ use crate::config::{VmConfig, DEFAULT_CMDLINE, TIMING_PREFIX};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use steelcup_init::guest::GuestConfig;
+use steelcup_proto::guest::GuestConfig;
 
 const MARKER: &str = "steelcup-bench: guest userspace is up";
 const PREFIX: &str = "vmm-bench| ";

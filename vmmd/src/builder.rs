@@ -24,7 +24,7 @@ use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use std::io::{Read, Seek};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use steelcup_init::guest::CONFIG_PATH;
+use steelcup_proto::guest::CONFIG_PATH;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,7 +142,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
 /// ports only through the host) or gives the host's end its address, and
 /// brings it up.
 fn host_side(n: &crate::config::NetConfig) -> std::io::Result<()> {
-    use steelcup_init::sys;
+    use steelcup_sys as sys;
     let other = |e: &dyn std::error::Error| std::io::Error::other(crate::worker::error_chain(e));
     if let Some(mtu) = n.mtu {
         sys::set_mtu(&n.tap, mtu).map_err(|e| other(&e))?;
@@ -151,7 +151,7 @@ fn host_side(n: &crate::config::NetConfig) -> std::io::Result<()> {
         crate::net::link::add_isolated_port(bridge, &n.tap).map_err(std::io::Error::other)?;
     }
     if let Some(address) = &n.host_address {
-        let (addr, prefix) = steelcup_init::network::parse_cidr(address)
+        let (addr, prefix) = steelcup_proto::parse_cidr(address)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         sys::set_ipv4(&n.tap, addr, prefix).map_err(|e| other(&e))?;
     }

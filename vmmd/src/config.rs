@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use steelcup_init::guest::GuestConfig;
+use steelcup_proto::guest::GuestConfig;
 
 /// The guest kernel command line vmmd uses unless told otherwise: serial
 /// console, reset through the i8042 (how the VM ends), reboot on panic.

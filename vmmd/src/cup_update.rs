@@ -1,6 +1,6 @@
 //! cup's OS verbs: `cup update SOURCE`, `cup update --status`, `cup
 //! rollback` (init's `Update`, `UpdateStatus` and `Rollback`; the design is
-//! in [`steelcup_init::update`]).
+//! in [`steelcup_os::update`]).
 //!
 //! # Design
 //! init takes the update file by its path on the host. A URL (`http://`,
@@ -11,7 +11,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use steelcup_init::api::client::Init1Proxy;
-use steelcup_init::update::Status;
+use steelcup_os::update::Status;
 
 /// The largest update cup fetches (the slot partitions are 64 MiB as
 /// built; init checks the real size).
@@ -59,7 +59,7 @@ fn download(url: &str, dir: &Path) -> Result<Download, String> {
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("{url}: {}", steelcup_init::boot::error_chain(&e)))?;
+            .map_err(|e| format!("{url}: {}", steelcup_sys::error_chain(&e)))?;
         let total = resp.content_length();
         if total.is_some_and(|t| t > MAX_DOWNLOAD) {
             return Err(format!(
@@ -72,7 +72,7 @@ fn download(url: &str, dir: &Path) -> Result<Download, String> {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| format!("{url}: {}", steelcup_init::boot::error_chain(&e)))?
+            .map_err(|e| format!("{url}: {}", steelcup_sys::error_chain(&e)))?
         {
             done += chunk.len() as u64;
             if done > MAX_DOWNLOAD {
@@ -233,7 +233,7 @@ pub fn describe(st: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use steelcup_init::update::SlotInfo;
+    use steelcup_os::update::SlotInfo;
 
     #[test]
     fn status_says_what_boots_next_and_what_each_slot_holds() {

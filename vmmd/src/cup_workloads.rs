@@ -5,7 +5,7 @@ use crate::api::{RunSpec, Vmm1ClientProxy};
 use crate::attach;
 use std::io::Write;
 use std::time::Duration;
-use steelcup_init::stdio::{ExecRequest, ATTACH_PORT};
+use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
 /// A D-Bus error as the daemon worded it.
 pub fn api_err(e: zbus::Error) -> String {
@@ -123,9 +123,9 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "-v" | "--volume" => spec.volumes.push(v),
             "--restart" => {
                 spec.restart = match v.as_str() {
-                    "no" => steelcup_init::units::Restart::No,
-                    "on-failure" => steelcup_init::units::Restart::OnFailure,
-                    "always" | "unless-stopped" => steelcup_init::units::Restart::Always,
+                    "no" => steelcup_units::Restart::No,
+                    "on-failure" => steelcup_units::Restart::OnFailure,
+                    "always" | "unless-stopped" => steelcup_units::Restart::Always,
                     _ => return Err(format!("--restart {v:?}: no, on-failure or always")),
                 }
             }
@@ -142,7 +142,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             }
             "-p" | "--publish" => {
                 // Checked here so a typo fails before anything is sent.
-                steelcup_init::units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?;
+                steelcup_units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?;
                 spec.ports.push(v)
             }
             "--network" | "--net" => spec.network = Some(v),

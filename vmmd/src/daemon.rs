@@ -37,9 +37,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_init::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
-use steelcup_init::supervisor::logs::LogStore;
-use steelcup_init::units::{self, HealthCheck, MicrovmSection, Network, Restart, UnitKind};
+use steelcup_os::logs::LogStore;
+use steelcup_proto::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
+use steelcup_units::{self as units, HealthCheck, MicrovmSection, Network, Restart, UnitKind};
 
 pub use crate::reconcile::STOP_GRACE;
 
@@ -392,7 +392,7 @@ impl Backend for WorkerBackend {
 
 /// Runs a health check inside the VM behind `uds`.
 fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure> {
-    use steelcup_init::probe::Probe;
+    use steelcup_proto::probe::Probe;
     let timeout = Duration::from_secs(u64::from(check.timeout));
     let failed = |message: String| ProbeFailure {
         message,
@@ -406,7 +406,7 @@ fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure> {
         (Some(port), _) => Probe::Tcp(port),
         (None, Some(port)) => Probe::Http(port, check.path.clone()),
         (None, None) => {
-            let conn = crate::attach::connect(uds, steelcup_init::stdio::EXEC_PORT)
+            let conn = crate::attach::connect(uds, steelcup_proto::stdio::EXEC_PORT)
                 .map_err(unreachable)?;
             return probe_command(conn, &check.command, timeout).map_err(failed);
         }
@@ -427,7 +427,7 @@ fn probe_command(
     argv: &[String],
     timeout: Duration,
 ) -> Result<(), String> {
-    use steelcup_init::stdio::{read_frame, ExecRequest, EXIT, STDIN_EOF};
+    use steelcup_proto::stdio::{read_frame, ExecRequest, EXIT, STDIN_EOF};
     let request = ExecRequest {
         argv: argv.to_vec(),
         env: BTreeMap::new(),
@@ -438,7 +438,7 @@ fn probe_command(
     let mut conn = crate::attach::send_exec(conn, &request)?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let _ = steelcup_init::stdio::write_frame(&mut conn, STDIN_EOF, b"");
+    let _ = steelcup_proto::stdio::write_frame(&mut conn, STDIN_EOF, b"");
     let deadline = Instant::now() + timeout;
     let mut r = BufReader::new(conn);
     loop {
@@ -447,7 +447,7 @@ fn probe_command(
         }
         match read_frame(&mut r) {
             Ok(Some((EXIT, d))) => {
-                let status: steelcup_init::guest::ExitStatus = serde_json::from_slice(&d)
+                let status: steelcup_proto::guest::ExitStatus = serde_json::from_slice(&d)
                     .map_err(|e| format!("a bad exit status from the guest: {e}"))?;
                 return match crate::attach::exit_code(status) {
                     0 => Ok(()),
@@ -520,7 +520,7 @@ fn without_port_clashes(
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<(), String> {
-    let sfd = steelcup_init::sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+    let sfd = steelcup_sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
         .map_err(|e| crate::worker::error_chain(&e))?;
     let (tx, rx) = mpsc::channel::<Event>();
     let sig_tx = tx.clone();
@@ -722,7 +722,7 @@ fn port_clash(
     workloads: &BTreeMap<String, Workload>,
     units: &BTreeMap<String, MicrovmSection>,
     owner: &str,
-    ports: &[steelcup_init::units::ports::PortSpec],
+    ports: &[steelcup_units::ports::PortSpec],
 ) -> Result<(), String> {
     let theirs = units
         .iter()
@@ -866,7 +866,7 @@ fn execute(opts: &Options, core: &mut Daemon, req: api::Request) {
                     .map_err(|e| e.to_string())
                     .and_then(|s| {
                         crate::image::source::pull(&s, &source, &pull, &mut progress)
-                            .map_err(|e| steelcup_init::boot::error_chain(&e))
+                            .map_err(|e| steelcup_sys::error_chain(&e))
                     })
                     .map(|(name, d)| Reply::Pulled {
                         name,
@@ -998,7 +998,7 @@ fn inspect(opts: &Options, backend: &WorkerBackend, name: &str, w: &Workload) ->
             "scope": network_scope(name, w),
             "ports": w.spec.ports,
             "tap": backend.taps.get(name),
-            "mac": backend.address_of(name).map(|_| steelcup_init::guest::format_mac(crate::net::mac_for_name(name))),
+            "mac": backend.address_of(name).map(|_| steelcup_proto::guest::format_mac(crate::net::mac_for_name(name))),
         },
         "image": w.spec.image,
         "image_digest": w.prepared.as_ref().map(|p| p.digest.clone()),
@@ -1043,7 +1043,7 @@ fn run_workload(
             .map_err(|e| ApiError::Refused(format!("memory {m:?}: {e}")))?,
         None => units::MemSize::default(),
     };
-    steelcup_init::guest::check_rlimits(&spec.rlimits)
+    steelcup_proto::guest::check_rlimits(&spec.rlimits)
         .map_err(|e| ApiError::Refused(format!("--ulimit: {e}")))?;
     let vcpus = spec.vcpus.unwrap_or(1);
     if !(1..=32).contains(&vcpus) {
@@ -1060,7 +1060,7 @@ fn run_workload(
     let ports = spec
         .ports
         .iter()
-        .map(|p| steelcup_init::units::ports::PortSpec::parse(p))
+        .map(|p| steelcup_units::ports::PortSpec::parse(p))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::Refused(format!("-p {e}")))?;
     let section = MicrovmSection {
@@ -1119,7 +1119,7 @@ pub const NAMED_VOLUME_SIZE: u64 = 1 << 30;
 
 /// `NAME:/path[:ro|:rw]`: a named volume (created empty, 1 GiB sparse, on
 /// first use) mounted at `/path`.
-fn named_volume(v: &str) -> Result<steelcup_init::units::VolumeSpec, String> {
+fn named_volume(v: &str) -> Result<steelcup_units::VolumeSpec, String> {
     let mut parts = v.split(':');
     let (Some(name), Some(mount)) = (parts.next(), parts.next()) else {
         return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
@@ -1152,7 +1152,7 @@ fn named_volume(v: &str) -> Result<steelcup_init::units::VolumeSpec, String> {
             "{v:?}: {mount:?} must be an absolute path other than /, without '..'"
         ));
     }
-    Ok(steelcup_init::units::VolumeSpec {
+    Ok(steelcup_units::VolumeSpec {
         name: name.to_string(),
         size: units::MemSize(NAMED_VOLUME_SIZE),
         mount: mount.into(),
@@ -1164,9 +1164,7 @@ fn named_volume(v: &str) -> Result<steelcup_init::units::VolumeSpec, String> {
 fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
     let store = crate::image::store::Store::open(&opts.state_dir)
         .map_err(|e| ApiError::Refused(e.to_string()))?;
-    let err = |e: crate::image::store::StoreError| {
-        ApiError::Refused(steelcup_init::boot::error_chain(&e))
-    };
+    let err = |e: crate::image::store::StoreError| ApiError::Refused(steelcup_sys::error_chain(&e));
     match action {
         Action::Images => Ok(Reply::Images(
             store
@@ -1372,7 +1370,7 @@ fn request_on(
 pub fn ensure_volume(
     state_dir: &Path,
     unit: &str,
-    volume: &steelcup_init::units::VolumeSpec,
+    volume: &steelcup_units::VolumeSpec,
 ) -> Result<PathBuf, String> {
     let dir = state_dir.join("volumes").join(unit);
     let path = dir.join(format!("{}.img", volume.name));
@@ -1624,7 +1622,7 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
             .ok()
     });
     let mut cmd = Command::new(&opts.worker_exe);
-    steelcup_init::sys::reset_signal_mask(&mut cmd);
+    steelcup_sys::reset_signal_mask(&mut cmd);
     let procs_fd = cgroup.as_ref().map(|c| c.procs_fd());
     // SAFETY: the closure runs between fork and exec and makes only
     // async-signal-safe calls (prctl, write).
@@ -1971,9 +1969,9 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let v = steelcup_init::units::VolumeSpec {
+        let v = steelcup_units::VolumeSpec {
             name: "data".into(),
-            size: steelcup_init::units::MemSize(64 << 20),
+            size: steelcup_units::MemSize(64 << 20),
             mount: "/data".into(),
             read_only: false,
         };

@@ -5,7 +5,7 @@
 //! vmmd keeps, for each configured (vCPUs, memory) size, `count` VMs booted
 //! from the default guest kernel and initramfs with an empty read-only root
 //! disk slot and a vsock device, their vminit waiting on
-//! [`steelcup_init::guest::POOL_PORT`]. A start that fits one (an image's
+//! [`steelcup_proto::guest::POOL_PORT`]. A start that fits one (an image's
 //! root disk, no volumes, no network, the default kernel, plain memory; see
 //! `daemon::pool_fit`) claims the oldest ready VM of its size: vmmd passes
 //! the root image's descriptor to the worker (`attach root BYTES`), hands
@@ -57,7 +57,7 @@ impl TryFrom<&str> for PoolSpec {
                         .ok_or_else(|| format!("warm pool {s:?}: vcpus {v:?} is not 1..=32"))?
                 }
                 "memory" => {
-                    let m = steelcup_init::units::MemSize::try_from(v)
+                    let m = steelcup_units::MemSize::try_from(v)
                         .map_err(|e| format!("warm pool {s:?}: memory: {e}"))?;
                     if m.mib() < 16 {
                         return Err(format!("warm pool {s:?}: memory {v:?} is under 16MiB"));

@@ -38,7 +38,7 @@ use crate::image::workload::Prepared;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_init::units::{HealthCheck, MicrovmSection, Restart};
+use steelcup_units::{HealthCheck, MicrovmSection, Restart};
 
 /// What the core asks of the world.
 pub trait Backend {

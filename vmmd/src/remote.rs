@@ -91,7 +91,7 @@ pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, String> {
     match line.split_once(' ') {
         None if line == "init" => Ok(run_dir.join(steelcup_init::api::SOCKET)),
         None if line == "vmmd" => Ok(run_dir.join("vmmd.sock")),
-        Some(("vsock", name)) if steelcup_init::units::valid_name(name) => {
+        Some(("vsock", name)) if steelcup_units::valid_name(name) => {
             Ok(run_dir.join("vsock").join(format!("{name}.sock")))
         }
         _ => Err(format!("unknown target {line:?}: init, vmmd or vsock NAME")),

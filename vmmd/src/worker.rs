@@ -33,7 +33,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
-use steelcup_init::guest::ExitStatus;
+use steelcup_proto::guest::ExitStatus;
 
 /// How long a pause may take before it is given up.
 const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -470,7 +470,7 @@ fn init_logging() {
         .try_init();
 }
 
-pub use steelcup_init::boot::error_chain;
+pub use steelcup_sys::error_chain;
 
 #[cfg(test)]
 mod tests {

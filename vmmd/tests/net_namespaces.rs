@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use steelcup_init::units::ports::PortSpec;
+use steelcup_units::ports::PortSpec;
 use vmmd::net::{HostNet, NetOptions, RunningVm};
 
 fn missing_tools() -> Option<String> {

@@ -290,6 +290,8 @@ fn build() -> Result<PathBuf> {
                 "-p",
                 "steelcup-init",
                 "-p",
+                "steelcup-vminit",
+                "-p",
                 "vmmd",
             ])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
@@ -472,13 +474,11 @@ fn test_root_disk() -> Result<PathBuf> {
 /// The example workloads that run to completion (restart = "no"): `--once`
 /// waits for each to report before powering off.
 fn finite_workloads() -> Vec<String> {
-    let (units, _) = steelcup_init::units::load_dir(&sh::root().join("configs/units"));
+    let (units, _) = steelcup_units::load_dir(&sh::root().join("configs/units"));
     units
         .into_iter()
         .filter_map(|u| match u.kind {
-            steelcup_init::units::UnitKind::Microvm(m)
-                if m.restart == steelcup_init::units::Restart::No =>
-            {
+            steelcup_units::UnitKind::Microvm(m) if m.restart == steelcup_units::Restart::No => {
                 Some(u.name)
             }
             _ => None,
@@ -506,7 +506,7 @@ fn run(once: bool) -> Result<()> {
         }
     ));
     // Ctrl-C is ours (QEMU runs in its own process group).
-    let sfd = steelcup_init::sys::signalfd(&[
+    let sfd = steelcup_sys::signalfd(&[
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGTERM,
     ])

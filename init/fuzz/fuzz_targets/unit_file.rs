@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    steelcup_init::units::fuzz_one(data);
+    steelcup_units::fuzz_one(data);
 });

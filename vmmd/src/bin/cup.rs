@@ -191,13 +191,13 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 let path = Path::new(f);
                 let result = std::fs::read_to_string(path)
                     .map_err(|e| format!("{f}: {e}"))
-                    .and_then(|t| steelcup_init::units::parse(path, &t).map_err(|e| e.to_string()));
+                    .and_then(|t| steelcup_units::parse(path, &t).map_err(|e| e.to_string()));
                 match result {
                     Ok(u) => println!(
                         "{f}: ok ({})",
                         match u.kind {
-                            steelcup_init::units::UnitKind::Service(_) => "service",
-                            steelcup_init::units::UnitKind::Microvm(_) => "microvm",
+                            steelcup_units::UnitKind::Service(_) => "service",
+                            steelcup_units::UnitKind::Microvm(_) => "microvm",
                         }
                     ),
                     Err(e) => {

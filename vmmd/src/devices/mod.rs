@@ -14,7 +14,7 @@ pub mod serial;
 pub mod virtio;
 
 use std::time::{Duration, Instant};
-use steelcup_init::guest::{ExitStatus, STATUS_PORT};
+use steelcup_proto::guest::{ExitStatus, STATUS_PORT};
 
 /// What a device write asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

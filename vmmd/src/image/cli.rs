@@ -123,8 +123,8 @@ fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), String> {
             );
         }
     };
-    let (name, digest) = source::pull(store, src, opts, &mut report)
-        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
+    let (name, digest) =
+        source::pull(store, src, opts, &mut report).map_err(|e| steelcup_sys::error_chain(&e))?;
     println!("{name} {digest}");
     Ok(())
 }
@@ -135,7 +135,7 @@ fn rootfs(store: &Store, name: &str) -> Result<(), String> {
     let started = std::time::Instant::now();
     let path = store
         .rootfs(&image)
-        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
+        .map_err(|e| steelcup_sys::error_chain(&e))?;
     println!("{}", path.display());
     eprintln!("({} ms)", started.elapsed().as_millis());
     Ok(())

@@ -512,7 +512,7 @@ fn pull_registry(
                 .pull_manifest_raw(&target, &auth, &accepted)
                 .await
                 .map_err(|e| {
-                    let mut what = steelcup_init::boot::error_chain(&e);
+                    let mut what = steelcup_sys::error_chain(&e);
                     if what.contains("InvalidContentType") {
                         what.push_str(" (an HTTPS request got a plain-HTTP answer: is this an insecure registry? Name it with --insecure-registry HOST:PORT)");
                     }
@@ -566,7 +566,7 @@ fn pull_registry(
                     let response = client
                         .pull_blob_stream_partial(&target, digest.as_str(), offset, None)
                         .await
-                        .map_err(|e| err(format!("blob {digest}: {}", steelcup_init::boot::error_chain(&e))))?;
+                        .map_err(|e| err(format!("blob {digest}: {}", steelcup_sys::error_chain(&e))))?;
                     let (stream, append) = match response {
                         oci_client::client::BlobResponse::Full(s) => (s, false),
                         oci_client::client::BlobResponse::Partial(s) => (s, true),

@@ -113,18 +113,18 @@ pub fn prepare(
         Err(_) => {
             tracing::info!("image {image}: pulling");
             source::pull(&store, image, opts, progress)
-                .map_err(|e| steelcup_init::boot::error_chain(&e))?
+                .map_err(|e| steelcup_sys::error_chain(&e))?
                 .1
         }
     };
     let img = store
         .image(&digest)
-        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
+        .map_err(|e| steelcup_sys::error_chain(&e))?;
     let started = std::time::Instant::now();
     let built = !store.rootfs_path(&img).is_file();
     let rootfs = store
         .rootfs(&img)
-        .map_err(|e| steelcup_init::boot::error_chain(&e))?;
+        .map_err(|e| steelcup_sys::error_chain(&e))?;
     if built {
         tracing::info!(
             "image {image}: root image built in {} ms",

@@ -18,7 +18,7 @@ impl Subnet {
     /// Parses `A.B.C.D/N`; the address must be the network's own (no host
     /// bits), and the subnet must hold a gateway and at least one VM.
     pub fn parse(s: &str) -> Result<Subnet, String> {
-        let (addr, prefix) = steelcup_init::network::parse_cidr(s)?;
+        let (addr, prefix) = steelcup_proto::parse_cidr(s)?;
         if !(8..=29).contains(&prefix) {
             return Err(format!("subnet {s:?}: prefix must be 8 to 29"));
         }

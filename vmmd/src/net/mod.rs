@@ -34,8 +34,8 @@ use ipam::{Ipam, Subnet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use steelcup_init::guest::GuestNetwork;
-use steelcup_init::units::ports::{PortSpec, Protocol};
+use steelcup_proto::guest::GuestNetwork;
+use steelcup_units::ports::{PortSpec, Protocol};
 
 /// The workload network's settings (`vmmd --network`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +296,7 @@ impl HostNet {
             interface: "eth0".into(),
             address: format!("{ip}/{}", self.opts.subnet.prefix),
             gateway: Some(gw),
-            mac: Some(steelcup_init::guest::format_mac(mac_for_name(name))),
+            mac: Some(steelcup_proto::guest::format_mac(mac_for_name(name))),
             mtu: Some(self.opts.mtu),
             dns: vec![gw],
             search: vec![self.opts.domain.clone()],

@@ -21,7 +21,7 @@
 use super::ipam::Subnet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use steelcup_init::units::ports::PortSpec;
+use steelcup_units::ports::PortSpec;
 
 /// Both tables' name.
 pub const TABLE: &str = "steelcup";

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::config::VmOutcome;
-use steelcup_init::units::{MemSize, VolumeSpec};
+use steelcup_units::{MemSize, VolumeSpec};
 
 #[derive(Debug, Default)]
 struct Fake {

@@ -26,7 +26,7 @@ use vm_memory::{
 };
 
 /// Where guest memory comes from (a unit's `memory-backing`).
-pub use steelcup_init::units::MemoryBacking as Backing;
+pub use steelcup_units::MemoryBacking as Backing;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,386 @@
+//! The D-Bus adapter: `org.steelcup.Init1` on a peer-to-peer socket.
+//!
+//! # Design
+//! init listens on `RUN_DIR/init.sock` (mode 0600: root only) and speaks
+//! D-Bus peer to peer on each connection (no bus daemon on the host): any
+//! D-Bus client that can talk to a peer address works, e.g.
+//! `dbus-send --peer=unix:path=/run/steelcup/init.sock ...`. Each method
+//! decodes its arguments into an [`Action`], sends it to the supervisor's
+//! loop through [`Control`], and awaits the answer; logs are read from the
+//! shared log store directly. `UnitChanged(name, state)` is emitted on every
+//! connection for every state change.
+
+use super::{Action, ApiError, ReloadSummary, Reply, Request, UnitInfo, INTERFACE, PATH};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use steelcup_os::logs::LogStore;
+use zbus::object_server::SignalEmitter;
+
+/// Errors as D-Bus sees them: `org.steelcup.Init1.Error.NoSuchUnit`, ...
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.steelcup.Init1.Error")]
+pub enum Init1Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    NoSuchUnit(String),
+    NotAService(String),
+    Refused(String),
+    ShuttingDown(String),
+    /// An update, rollback or slot status refused (why in the message).
+    Update(String),
+    Internal(String),
+}
+
+impl From<steelcup_os::update::UpdateError> for Init1Error {
+    fn from(e: steelcup_os::update::UpdateError) -> Self {
+        Init1Error::Update(e.to_string())
+    }
+}
+
+impl From<ApiError> for Init1Error {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::NoSuchUnit(_) => Init1Error::NoSuchUnit(msg),
+            ApiError::NotAService(_) => Init1Error::NotAService(msg),
+            ApiError::Refused(_) => Init1Error::Refused(msg),
+            ApiError::ShuttingDown => Init1Error::ShuttingDown(msg),
+        }
+    }
+}
+
+/// The supervisor's end of the API: requests and the eventfd that wakes its loop.
+#[derive(Debug)]
+pub struct Control {
+    pub requests: mpsc::Receiver<Request>,
+    pub wake: Arc<EventFd>,
+}
+
+impl Control {
+    /// Clears the wake-up counter.
+    pub fn drain_wake(&self) {
+        let _ = self.wake.read();
+    }
+}
+
+/// The API's end: sends actions and awaits answers.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+    wake: Arc<EventFd>,
+}
+
+/// A connected pair.
+pub fn channel() -> std::io::Result<(Handle, Control)> {
+    let wake = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(std::io::Error::from)?,
+    );
+    let (tx, rx) = mpsc::channel();
+    Ok((
+        Handle {
+            tx,
+            wake: wake.clone(),
+        },
+        Control { requests: rx, wake },
+    ))
+}
+
+impl Handle {
+    /// Sends `action` and waits for the supervisor's answer.
+    pub async fn call(&self, action: Action) -> Result<Reply, Init1Error> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.tx
+            .send(Request { action, reply })
+            .map_err(|_| Init1Error::ShuttingDown("init is shutting down".into()))?;
+        let _ = self.wake.write(1);
+        match answer.await {
+            Ok(r) => r.map_err(Init1Error::from),
+            Err(_) => Err(Init1Error::ShuttingDown("init is shutting down".into())),
+        }
+    }
+}
+
+/// The interface object served on every connection.
+#[derive(Debug, Clone)]
+pub struct Init1 {
+    handle: Handle,
+    logs: Arc<LogStore>,
+    slots: Option<Slots>,
+}
+
+/// Where the OS slots' methods find this machine's disk: set only for
+/// init as PID 1 (a supervisor on a development machine has no slots).
+#[derive(Debug, Clone)]
+pub struct Slots {
+    /// `/sys/class/block`, where the partitions are found by name.
+    pub class_block: std::path::PathBuf,
+    /// The slot GRUB passed over in this boot (a rollback), if any.
+    pub passed_over: Option<String>,
+    /// The update key: with one, only updates it signed are taken.
+    pub key_file: std::path::PathBuf,
+}
+
+impl Init1 {
+    /// This machine's steelcup disk.
+    fn disk(&self) -> Result<steelcup_os::update::Disk, steelcup_os::update::UpdateError> {
+        let slots = self
+            .slots
+            .as_ref()
+            .ok_or(steelcup_os::update::UpdateError::NoDisk)?;
+        steelcup_os::update::Disk::probe(&steelcup_os::state::partitions(&slots.class_block))
+    }
+
+    /// Reboots through the supervisor (units stopped in order) when asked.
+    async fn reboot_if(&self, reboot: bool) -> Result<(), Init1Error> {
+        if reboot {
+            self.handle.call(Action::Reboot).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on a thread of its own (disk I/O that may take seconds) and
+/// awaits its answer, so the connection's executor is never held.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Init1Error> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("api-slots".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Init1Error::Internal(format!("start the slot thread: {e}")))?;
+    rx.await
+        .map_err(|_| Init1Error::Internal("the slot thread ended without an answer".into()))
+}
+
+fn unexpected(r: Reply) -> Init1Error {
+    Init1Error::Internal(format!("unexpected reply {r:?}"))
+}
+
+#[zbus::interface(name = "org.steelcup.Init1")]
+impl Init1 {
+    /// Every unit: (name, kind, state, reason, pid, restarts, last exit, description).
+    async fn list_units(&self) -> Result<Vec<UnitInfo>, Init1Error> {
+        match self.handle.call(Action::ListUnits).await? {
+            Reply::Units(u) => Ok(u),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn status(&self, name: String) -> Result<UnitInfo, Init1Error> {
+        match self.handle.call(Action::Status(name)).await? {
+            Reply::Unit(u) => Ok(u),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn start(&self, name: String) -> Result<(), Init1Error> {
+        self.handle.call(Action::Start(name)).await.map(|_| ())
+    }
+
+    async fn stop(&self, name: String) -> Result<(), Init1Error> {
+        self.handle.call(Action::Stop(name)).await.map(|_| ())
+    }
+
+    async fn restart(&self, name: String) -> Result<(), Init1Error> {
+        self.handle.call(Action::Restart(name)).await.map(|_| ())
+    }
+
+    /// Re-reads the unit files and applies the difference.
+    async fn reload(&self) -> Result<ReloadSummary, Init1Error> {
+        match self.handle.call(Action::Reload).await? {
+            Reply::Reloaded(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Lines of a unit's log with sequence number >= `since` (at most `max`),
+    /// and the cursor to continue from: call again with it to follow.
+    async fn logs(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
+        Ok(self.logs.read(&name, since, max.min(10_000) as usize))
+    }
+
+    /// The last `lines` lines of a unit's log and the cursor after them.
+    async fn tail(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
+        Ok(self.logs.tail(&name, lines.min(10_000) as usize))
+    }
+
+    async fn power_off(&self) -> Result<(), Init1Error> {
+        self.handle.call(Action::PowerOff).await.map(|_| ())
+    }
+
+    async fn reboot(&self) -> Result<(), Init1Error> {
+        self.handle.call(Action::Reboot).await.map(|_| ())
+    }
+
+    /// Writes the update file at `source` (a path on this host: a regular
+    /// file or a block device holding a slot image) into the OS slot that
+    /// is not running, checks it as written and makes it boot next, once;
+    /// then reboots if `reboot`. Returns (slot, version).
+    async fn update(&self, source: String, reboot: bool) -> Result<(String, String), Init1Error> {
+        let disk = self.disk()?;
+        let key_file = self.slots.as_ref().map(|s| s.key_file.clone());
+        let done = off_thread(move || {
+            let key = match &key_file {
+                Some(k) => steelcup_os::update::load_key(k)?,
+                None => None,
+            };
+            steelcup_os::update::apply(&disk, std::path::Path::new(&source), key.as_ref())
+        })
+        .await??;
+        self.reboot_if(reboot).await?;
+        Ok((done.slot, done.version))
+    }
+
+    /// Makes the other OS slot boot next, once, if it holds an OS that
+    /// checks; then reboots if `reboot`. Returns (slot, version).
+    async fn rollback(&self, reboot: bool) -> Result<(String, String), Init1Error> {
+        let disk = self.disk()?;
+        let done = off_thread(move || steelcup_os::update::rollback(&disk)).await??;
+        self.reboot_if(reboot).await?;
+        Ok((done.slot, done.version))
+    }
+
+    /// The OS slots: which booted, GRUB's order and tries, each slot's
+    /// version (checked).
+    async fn update_status(&self) -> Result<steelcup_os::update::Status, Init1Error> {
+        let disk = self.disk()?;
+        let passed_over = self.slots.as_ref().and_then(|s| s.passed_over.clone());
+        Ok(off_thread(move || steelcup_os::update::status(&disk, passed_over)).await??)
+    }
+
+    /// Emitted on every unit state change.
+    #[zbus(signal)]
+    async fn unit_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str)
+        -> zbus::Result<()>;
+}
+
+/// Live client connections, for signals.
+pub type Connections = Arc<Mutex<Vec<zbus::blocking::Connection>>>;
+
+/// Binds a Unix socket at `socket` (replacing a stale one) that only root
+/// may connect to (mode 0600).
+pub fn bind_private(socket: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts connections on `listener` and speaks D-Bus peer to peer on
+/// each, serving `iface()` at `path`. Each handshake runs on its own
+/// thread, so a client that stalls in it holds up nobody else. Returns the
+/// live connections (at most 64: the oldest goes first).
+pub fn accept_p2p<I>(
+    listener: UnixListener,
+    path: &'static str,
+    iface: impl Fn() -> I + Send + 'static,
+) -> std::io::Result<Connections>
+where
+    I: zbus::object_server::Interface,
+{
+    let conns: Connections = Arc::new(Mutex::new(Vec::new()));
+    let guid = zbus::Guid::generate();
+    let accept_conns = conns.clone();
+    std::thread::Builder::new()
+        .name("api-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let iface = iface();
+                let guid = guid.clone();
+                let conns = accept_conns.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        let built =
+                            zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+                                .server(guid)
+                                .and_then(|b| b.p2p().serve_at(path, iface))
+                                .and_then(|b| b.build());
+                        match built {
+                            Ok(c) => {
+                                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+                                if list.len() >= 64 {
+                                    drop(list.remove(0));
+                                }
+                                list.push(c);
+                            }
+                            Err(e) => tracing::debug!("API connection failed: {e}"),
+                        }
+                    });
+            }
+        })?;
+    Ok(conns)
+}
+
+/// Serves the API on `socket`; returns the observer that emits
+/// `UnitChanged` for the supervisor to call on state changes.
+pub fn serve(
+    socket: &Path,
+    handle: Handle,
+    logs: Arc<LogStore>,
+    slots: Option<Slots>,
+) -> std::io::Result<crate::supervisor::Observer> {
+    let listener = bind_private(socket)?;
+    let conns = accept_p2p(listener, PATH, move || Init1 {
+        handle: handle.clone(),
+        logs: logs.clone(),
+        slots: slots.clone(),
+    })?;
+    let (tx, rx) = mpsc::channel::<(String, String)>();
+    std::thread::Builder::new()
+        .name("api-signals".into())
+        .spawn(move || {
+            for (name, state) in rx {
+                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+                list.retain(|c| {
+                    let Ok(emitter) = SignalEmitter::new(c.inner(), PATH) else {
+                        return false;
+                    };
+                    zbus::block_on(Init1::unit_changed(&emitter, &name, &state)).is_ok()
+                });
+            }
+        })?;
+    let tx = Mutex::new(tx);
+    tracing::info!("API {INTERFACE} on {}", socket.display());
+    Ok(Box::new(
+        move |name: &str, state: &crate::supervisor::State| {
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send((name.to_string(), state.name().to_string()));
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_named_dbus_errors() {
+        use zbus::DBusError;
+        let e = Init1Error::from(ApiError::NoSuchUnit("x".into()));
+        assert_eq!(e.name().as_str(), "org.steelcup.Init1.Error.NoSuchUnit");
+        assert!(e.description().unwrap_or_default().contains("\"x\""));
+    }
+}

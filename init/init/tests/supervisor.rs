@@ -1,0 +1,586 @@
+//! init as a supervisor (a child subreaper, outside PID 1), with real
+//! processes, driven through its API: the behaviour PID 1 relies on.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use steelcup_init::api::client::{connect, Init1Proxy};
+
+struct Sup {
+    child: Child,
+    dir: PathBuf,
+    out: Arc<Mutex<String>>,
+}
+
+impl Sup {
+    fn start(test: &str, units: &[(&str, &str)]) -> Sup {
+        Self::start_with(test, units, true)
+    }
+
+    /// `read_console: false` leaves init's stdout (where unit output is
+    /// echoed) a pipe nobody reads, like a console that cannot keep up.
+    fn start_with(test: &str, units: &[(&str, &str)], read_console: bool) -> Sup {
+        let dir = std::env::temp_dir().join(format!("steelcup-it-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("units")).unwrap();
+        for (name, text) in units {
+            std::fs::write(dir.join("units").join(format!("{name}.toml")), text).unwrap();
+        }
+        // STEELCUP_TEST_WRAP (e.g. "strace -f -o FILE") runs init under a tool.
+        let wrap: Vec<String> = std::env::var("STEELCUP_TEST_WRAP")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((tool, args)) => {
+                let mut c = Command::new(tool);
+                c.args(args).arg(env!("CARGO_BIN_EXE_init"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_init")),
+        };
+        let mut child = cmd
+            .arg("--units")
+            .arg(dir.join("units"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let mut streams: Vec<Box<dyn Read + Send>> = vec![Box::new(child.stderr.take().unwrap())];
+        let stdout = child.stdout.take().unwrap();
+        if read_console {
+            streams.push(Box::new(stdout));
+        } else {
+            // Held open, never read: the pipe fills and writes to it block.
+            std::mem::forget(stdout);
+        }
+        for stream in streams {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut o = out.lock().unwrap();
+                    // Keep the test's memory bounded when a unit floods.
+                    if o.len() < 4 << 20 {
+                        o.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        let s = Sup { child, dir, out };
+        s.wait_for("phase units: done", Duration::from_secs(10));
+        s
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) {
+        self.wait_until(needle, timeout, |o| o.contains(needle));
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) {
+        let t0 = Instant::now();
+        while !f(&self.output()) {
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what:?}; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn api(&self) -> Init1Proxy<'static> {
+        connect(&self.dir.join("run")).unwrap()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn terminate(mut self) -> String {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "init did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        self.output()
+    }
+}
+
+impl Drop for Sup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn service(exec: &str, extra: &str) -> String {
+    format!("[service]\nexec = [\"/bin/sh\", \"-c\", {exec:?}]\n{extra}\n")
+}
+
+fn with_unit(section: &str, svc: &str) -> String {
+    format!("[unit]\n{section}\n{svc}")
+}
+
+/// Children of `pid` that are zombies.
+fn zombies_of(pid: i32) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(|v| v.trim().to_string());
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
+        if zombie && ppid.as_deref() == Some(&pid.to_string()) {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn crash_loop_backs_off_then_fails_at_the_start_limit() {
+    let s = Sup::start(
+        "crash",
+        &[(
+            "crashy",
+            &service("echo boom; exit 1", "restart = \"on-failure\""),
+        )],
+    );
+    let t0 = Instant::now();
+    let api = s.api();
+    while api.status("crashy").unwrap().state != "failed" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never failed:\n{}",
+            s.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = t0.elapsed();
+    let u = api.status("crashy").unwrap();
+    assert_eq!(u.restarts, 4);
+    assert_eq!(u.last_exit, 1);
+    assert_eq!(u.reason, "start limit hit");
+    // Backoff 0.5 + 1 + 2 + 4 s between the five starts.
+    assert!(
+        elapsed >= Duration::from_millis(7000),
+        "no backoff: failed after {elapsed:?}"
+    );
+    let out = s.output();
+    for step in [
+        "restarting in 0.5s",
+        "restarting in 1.0s",
+        "restarting in 2.0s",
+        "restarting in 4.0s",
+    ] {
+        assert!(out.contains(step), "{step} missing:\n{out}");
+    }
+    assert!(out.contains("[crashy] boom"));
+}
+
+#[test]
+fn reaps_ten_thousand_orphans() {
+    // Each `(true &)` forks a subshell that forks `true` and exits at once: the
+    // `true` is orphaned and re-parented to init, the subreaper.
+    let s = Sup::start(
+        "orphans",
+        &[("forker", &service("i=0; while [ $i -lt 10000 ]; do (true &); i=$((i+1)); done; echo forked; sleep 300", ""))],
+    );
+    s.wait_for("[forker] forked", Duration::from_secs(120));
+    let t0 = Instant::now();
+    loop {
+        let z = zombies_of(s.pid());
+        if z == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{z} zombies left under init"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stops_in_reverse_start_order_and_honours_stop_timeouts() {
+    let s = Sup::start(
+        "order",
+        &[
+            ("a", &service("sleep 300", "")),
+            (
+                "b",
+                &with_unit("after = [\"a\"]", &service("sleep 300", "")),
+            ),
+            (
+                "c",
+                &with_unit(
+                    "after = [\"b\"]",
+                    &service(
+                        "trap '' TERM; echo trapped; while :; do sleep 1; done",
+                        "stop-timeout = 1",
+                    ),
+                ),
+            ),
+        ],
+    );
+    s.wait_for("[c] trapped", Duration::from_secs(10));
+    let out = s.terminate();
+    let pos = |n: &str| {
+        out.find(n)
+            .unwrap_or_else(|| panic!("{n:?} missing:\n{out}"))
+    };
+    assert!(
+        pos("unit a: started") < pos("unit b: started")
+            && pos("unit b: started") < pos("unit c: started")
+    );
+    assert!(pos("unit c: stopping") < pos("unit b: stopping"));
+    assert!(pos("unit b: stopping") < pos("unit a: stopping"));
+    assert!(
+        out.contains("unit c: did not stop in 1s; killing it"),
+        "{out}"
+    );
+    assert!(out.contains("unit c: killed by SIGKILL"), "{out}");
+}
+
+/// Regression: services inherited init's blocked signals (std's Command does
+/// not reset the mask), so a bare `sleep` ignored SIGTERM until SIGKILL.
+#[test]
+fn services_get_an_empty_signal_mask_and_stop_on_sigterm() {
+    let s = Sup::start(
+        "sigmask",
+        &[
+            (
+                "bare",
+                "[service]\nexec = [\"/bin/sleep\", \"300\"]\nstop-timeout = 20\n",
+            ),
+            (
+                "mask",
+                &service("grep SigBlk /proc/self/status; sleep 300", ""),
+            ),
+        ],
+    );
+    s.wait_for("[mask] SigBlk:", Duration::from_secs(10));
+    assert!(
+        s.output().contains("[mask] SigBlk:\t0000000000000000"),
+        "{}",
+        s.output()
+    );
+    let api = s.api();
+    let t0 = Instant::now();
+    api.stop("bare").unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "bare sleep ignored SIGTERM"
+    );
+    assert!(
+        s.output().contains("unit bare: killed by SIGTERM"),
+        "{}",
+        s.output()
+    );
+}
+
+#[test]
+fn bad_files_and_cycles_refuse_only_themselves() {
+    let s = Sup::start(
+        "bad",
+        &[
+            ("good", &service("echo good; sleep 300", "")),
+            (
+                "typo",
+                "[service]\nexec = [\"/bin/true\"]\nrestrat = \"always\"\n",
+            ),
+            (
+                "x",
+                &with_unit("after = [\"y\"]", &service("sleep 300", "")),
+            ),
+            (
+                "y",
+                &with_unit("after = [\"x\"]", &service("sleep 300", "")),
+            ),
+        ],
+    );
+    s.wait_for("[good] good", Duration::from_secs(10));
+    let out = s.output();
+    assert!(
+        out.contains("typo.toml:3:1: unknown field `restrat`"),
+        "{out}"
+    );
+    let api = s.api();
+    assert_eq!(api.status("good").unwrap().state, "running");
+    for n in ["x", "y"] {
+        let u = api.status(n).unwrap();
+        assert_eq!(u.state, "failed");
+        assert!(u.reason.contains("dependency cycle: x -> y"), "{u:?}");
+    }
+    assert!(api.status("typo").is_err());
+}
+
+#[test]
+fn reload_applies_only_the_difference() {
+    let s = Sup::start(
+        "reload",
+        &[
+            ("same", &service("sleep 300", "")),
+            ("changed", &service("sleep 300", "")),
+            ("removed", &service("sleep 300", "")),
+        ],
+    );
+    let api = s.api();
+    let pid = |n: &str| api.status(n).unwrap().pid;
+    let (same, changed) = (pid("same"), pid("changed"));
+    let units = s.dir.join("units");
+    std::fs::write(units.join("changed.toml"), service("sleep 301", "")).unwrap();
+    std::fs::remove_file(units.join("removed.toml")).unwrap();
+    std::fs::write(units.join("added.toml"), service("sleep 300", "")).unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.started, ["added"]);
+    assert_eq!(summary.stopped, ["removed"]);
+    assert_eq!(summary.restarted, ["changed"]);
+    assert!(summary.errors.is_empty());
+    assert_eq!(pid("same"), same, "an unchanged unit keeps running");
+    assert_ne!(pid("changed"), changed);
+    assert_eq!(api.status("changed").unwrap().state, "running");
+    assert_eq!(api.status("added").unwrap().state, "running");
+    assert!(api.status("removed").is_err());
+}
+
+#[test]
+fn reload_signals_unchanged_services_that_ask_for_it() {
+    let hup = "trap 'echo got HUP' HUP; echo up; while :; do sleep 0.1; done";
+    let s = Sup::start(
+        "reload-signal",
+        &[
+            ("listener", &service(hup, "reload-signal = \"SIGHUP\"")),
+            ("deaf", &service("sleep 300", "")),
+        ],
+    );
+    let api = s.api();
+    s.wait_for("[listener] up", Duration::from_secs(10));
+    let (listener, deaf) = (
+        api.status("listener").unwrap().pid,
+        api.status("deaf").unwrap().pid,
+    );
+    // A microvm unit appearing is part of the summary (vmmd runs it).
+    std::fs::write(
+        s.dir.join("units/web.toml"),
+        "[microvm]\ncmd = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.started, ["web"]);
+    s.wait_for("[listener] got HUP", Duration::from_secs(10));
+    assert_eq!(
+        api.status("listener").unwrap().pid,
+        listener,
+        "signalled, not restarted"
+    );
+    assert_eq!(api.status("deaf").unwrap().pid, deaf);
+    assert_eq!(api.status("deaf").unwrap().state, "running");
+}
+
+#[test]
+fn notify_readiness_orders_dependents() {
+    let notify = "perl -MIO::Socket::UNIX -e 'my $s = IO::Socket::UNIX->new(Type => SOCK_DGRAM, Peer => $ENV{NOTIFY_SOCKET}) or die; $s->send(qq(READY=1\\n))'";
+    let s = Sup::start(
+        "notify",
+        &[
+            (
+                "slow",
+                &service(
+                    &format!("sleep 1; {notify}; echo notified; sleep 300"),
+                    "ready = \"notify\"",
+                ),
+            ),
+            (
+                "after-slow",
+                &with_unit("after = [\"slow\"]", &service("echo up; sleep 300", "")),
+            ),
+            (
+                "silent",
+                &service("sleep 300", "ready = \"notify\"\nready-timeout = 1"),
+            ),
+        ],
+    );
+    s.wait_for("[after-slow] up", Duration::from_secs(15));
+    s.wait_for(
+        "unit silent: not ready within 1s; killing it",
+        Duration::from_secs(10),
+    );
+    let out = s.output();
+    let pos = |n: &str| {
+        out.find(n)
+            .unwrap_or_else(|| panic!("{n:?} missing:\n{out}"))
+    };
+    assert!(
+        pos("unit slow: ready") < pos("unit after-slow: started"),
+        "{out}"
+    );
+}
+
+#[test]
+fn logs_stay_bounded_when_a_unit_writes_a_gibibyte() {
+    let s = Sup::start(
+        "flood",
+        &[(
+            "flood",
+            &service(
+                "yes $(printf '%0999d' 0) | head -c 1073741824; echo finished; sleep 300",
+                "",
+            ),
+        )],
+    );
+    let api = s.api();
+    let t0 = Instant::now();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(rss_kib(s.pid()));
+        let (tail, _) = api.tail("flood", 1).unwrap();
+        // 1 GiB is not a whole number of lines: "finished" ends the last, partial one.
+        if tail.first().is_some_and(|(_, l)| l.ends_with("finished")) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "1 GiB not through in 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(peak < 64 * 1024, "init's RSS reached {peak} KiB");
+    let (lines, next) = api.logs("flood", 0, 100_000).unwrap();
+    assert!(lines.len() <= steelcup_os::logs::RING_LINES);
+    assert!(next > 1_000_000, "every line was counted ({next})");
+    let log_dir = s.dir.join("run/logs");
+    let total: u64 = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let cap = (steelcup_os::logs::FILE_KEEP as u64 + 1) * steelcup_os::logs::FILE_BYTES;
+    assert!(total <= cap, "log files hold {total} bytes");
+    assert!(s.output().contains("lines not shown on the console"));
+}
+
+/// Regression: the console echo was written from the capture thread, so a
+/// console that could not keep up (a 115200-baud serial line) blocked the
+/// capture of every unit's output, and then the units themselves.
+#[test]
+fn a_stuck_console_does_not_stall_log_capture() {
+    let s = Sup::start_with(
+        "console",
+        &[(
+            "chatty",
+            // 1000-byte lines: the first burst of console echo (200 lines)
+            // is more than a pipe holds.
+            &service(
+                "yes $(printf '%0999d' 0) | head -n 20000; echo finished; sleep 300",
+                "",
+            ),
+        )],
+        false,
+    );
+    let api = s.api();
+    let t0 = Instant::now();
+    loop {
+        let (tail, _) = api.tail("chatty", 1).unwrap();
+        if tail.first().is_some_and(|(_, l)| l == "finished") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "capture stalled behind the console: {tail:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, next) = api.tail("chatty", 1).unwrap();
+    assert_eq!(next, 20_001, "every line was captured");
+}
+
+fn dbus_send() -> Option<PathBuf> {
+    let found = ["/usr/bin/dbus-send", "/bin/dbus-send"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "dbus-send is missing (Debian package dbus-bin)"
+        );
+        eprintln!("skipped: dbus-send (Debian package dbus-bin) is not installed; `cargo xtask test` installs it");
+    }
+    found
+}
+
+#[test]
+fn a_standard_dbus_client_drives_the_api() {
+    let Some(dbus_send) = dbus_send() else { return };
+    let s = Sup::start("dbus", &[("svc", &service("sleep 300", ""))]);
+    let addr = format!("--peer=unix:path={}", s.dir.join("run/init.sock").display());
+    let call = |method: &str, args: &[&str]| {
+        let out = Command::new(&dbus_send)
+            .args([addr.as_str(), "--print-reply", "/org/steelcup/Init1"])
+            .arg(format!("org.steelcup.Init1.{method}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = call("ListUnits", &[]);
+    assert!(
+        ok && out.contains("\"svc\"") && out.contains("\"running\""),
+        "{out}"
+    );
+    let (ok, out) = call("Stop", &["string:svc"]);
+    assert!(ok, "{out}");
+    let (_, out) = call("Status", &["string:svc"]);
+    assert!(out.contains("\"stopped\""), "{out}");
+    let (ok, out) = call("Status", &["string:ghost"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Init1.Error.NoSuchUnit"),
+        "{out}"
+    );
+    let (ok, out) = call("PowerOff", &[]);
+    assert!(ok, "{out}");
+    s.wait_for("all units stopped; exiting", Duration::from_secs(10));
+}

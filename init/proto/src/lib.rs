@@ -1,0 +1,48 @@
+//! The contracts between steelcup's processes that run on both sides of a
+//! VM boundary: what vmmd hands a guest and what vminit answers.
+//!
+//! # Design
+//! [`guest`] is the guest's config (written into its initramfs or sent on
+//! claim) and the exit status vminit reports; [`stdio`] is the framing of a
+//! workload's stdio and exec requests over vsock; [`probe`] is the health
+//! probe request vmmd sends vminit. Every type here is serde, compiled by
+//! both sides, so a change to a message breaks the build, not a guest.
+//!
+//! # Limitations
+//! The worker's control channel still carries text commands (see the
+//! worker's docs); the guest control requests are text lines with a JSON
+//! body.
+
+pub mod guest;
+pub mod probe;
+pub mod stdio;
+
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// Where a microVM's memory comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryBacking {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A shared mapping of a memfd (memory as a file descriptor).
+    Memfd,
+}
+
+/// `192.168.1.10/24` -> (address, prefix).
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
+    let addr: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("{s:?}: prefix must be 0..=32"))?;
+    Ok((addr, prefix))
+}

@@ -1,0 +1,1149 @@
+//! Unit files: parsing and validation.
+//!
+//! # Design
+//! A unit is one TOML file in the units directory; its name is the file name
+//! without `.toml`. It has a `[unit]` section and exactly one of `[service]`
+//! (a host process init supervises) or `[microvm]` (a workload vmmd runs).
+//! Unknown fields are errors; every error names the file, the line and the
+//! field. [`load_dir`] keeps the good units and returns the bad ones' errors,
+//! so one bad file never stops the others. Pure: no I/O but reading the files.
+//!
+//! # Limitations
+//! Drop-in directories are not read yet.
+
+pub mod graph;
+pub mod ports;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors in unit files.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("{path}: cannot read unit file")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl UnitError {
+    fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        UnitError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed, validated unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub name: String,
+    pub path: PathBuf,
+    pub unit: UnitSection,
+    pub kind: UnitKind,
+}
+
+/// What a unit runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitKind {
+    Service(ServiceSection),
+    Microvm(MicrovmSection),
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitFile {
+    #[serde(default)]
+    pub unit: UnitSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microvm: Option<MicrovmSection>,
+}
+
+/// `[unit]`: description and ordering.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Start after these units (if they exist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Start after these units, and only if they exist and can start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    /// Start these too; a failure of theirs does not matter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wants: Vec<String>,
+    /// Run only if the kernel command line has each of these words: `KEY`
+    /// (present, with or without a value), `KEY=VALUE`, or `!KEY`/`!KEY=VALUE`
+    /// (absent). A unit whose condition fails is skipped, not failed.
+    #[serde(
+        default,
+        rename = "condition-kernel-cmdline",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub condition_kernel_cmdline: Vec<String>,
+}
+
+impl UnitSection {
+    /// The first condition `cmdline` does not meet, if any.
+    pub fn unmet_condition(&self, cmdline: &str) -> Option<&str> {
+        self.condition_kernel_cmdline
+            .iter()
+            .find(|c| !cmdline_matches(cmdline, c))
+            .map(String::as_str)
+    }
+}
+
+fn cmdline_matches(cmdline: &str, condition: &str) -> bool {
+    let (negate, want) = match condition.strip_prefix('!') {
+        Some(rest) => (true, rest),
+        None => (false, condition),
+    };
+    let found = cmdline.split_whitespace().any(|word| {
+        if want.contains('=') {
+            word == want
+        } else {
+            word == want || word.split_once('=').is_some_and(|(k, _)| k == want)
+        }
+    });
+    found != negate
+}
+
+/// The running kernel's command line (empty if it cannot be read).
+pub fn kernel_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+pub use steelcup_proto::MemoryBacking;
+
+/// A microVM's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// No network device: the workload reaches nothing and nothing
+    /// reaches it.
+    None,
+    /// A virtio-net device on a tap of the host's workload bridge: an
+    /// address of the workload subnet, DNS from the host, outbound NAT,
+    /// published `ports` (see `docs/networking.md`).
+    #[default]
+    Bridge,
+}
+
+/// Restart policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    #[default]
+    No,
+    OnFailure,
+    Always,
+}
+
+/// When a service counts as started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ready {
+    /// As soon as its process is running.
+    #[default]
+    Exec,
+    /// When it says `READY=1` on the notify socket.
+    Notify,
+}
+
+/// `[service]`: a host process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServiceSection {
+    /// argv; `exec[0]` must be an absolute path.
+    #[serde(default)]
+    pub exec: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+    /// User name or numeric uid to run as (default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Group name or numeric gid (default: the user's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub restart: Restart,
+    #[serde(default)]
+    pub ready: Ready,
+    /// Seconds a `notify` service has to say `READY=1`.
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: u32,
+    /// The signal that asks it to stop.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// The signal sent on a reload (`cup reload`) to a running service
+    /// whose unit did not change (vmmd re-reads its units on SIGHUP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
+    /// Seconds between the stop signal and SIGKILL.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: u32,
+    /// cgroup v2 `memory.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<MemSize>,
+    /// cgroup v2 `cpu.max`, in CPUs (0.5 = half of one CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<f64>,
+    /// cgroup v2 `pids.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u32>,
+}
+
+impl Eq for ServiceSection {}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            exec: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            group: None,
+            restart: Restart::No,
+            ready: Ready::Exec,
+            ready_timeout: default_ready_timeout(),
+            stop_signal: default_stop_signal(),
+            reload_signal: None,
+            stop_timeout: default_stop_timeout(),
+            memory_max: None,
+            cpu_max: None,
+            pids_max: None,
+        }
+    }
+}
+
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+fn default_ready_timeout() -> u32 {
+    30
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+
+impl ServiceSection {
+    /// The stop signal, validated at parse time.
+    pub fn stop_signal(&self) -> nix::sys::signal::Signal {
+        parse_signal(&self.stop_signal).unwrap_or(nix::sys::signal::Signal::SIGTERM)
+    }
+}
+
+/// `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    nix::sys::signal::Signal::from_str(&name).ok()
+}
+
+/// `[microvm]`: a workload run by vmmd as its own microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicrovmSection {
+    /// OCI image reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Guest kernel; vmmd's default kernel if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (with vminit as `/init`); vmmd's default if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// The workload's argv.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default)]
+    pub memory: MemSize,
+    #[serde(default)]
+    pub restart: Restart,
+    /// A read-only root filesystem image (ext4 or erofs) the workload runs
+    /// in, with a writable layer in guest memory on top; without it the
+    /// workload runs in the guest initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Persistent data disks: created empty by vmmd on first use, formatted
+    /// by the guest, kept across restarts of the workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+    #[serde(default)]
+    pub network: Network,
+    /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]`: the host forwards
+    /// them to the workload (spread over its ready replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ports::PortSpec>,
+    /// Workloads of the same scope reach each other on every port; others
+    /// reach only published ports. Default: the unit's name (replicas of
+    /// one unit share it).
+    #[serde(
+        default,
+        rename = "network-scope",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network_scope: Option<String>,
+    #[serde(default, rename = "memory-backing")]
+    pub memory_backing: MemoryBacking,
+    /// Huge pages for guest memory: transparent ones on anonymous memory,
+    /// 2 MiB hugetlb pages (reserved on the host) on a memfd.
+    #[serde(default, rename = "huge-pages")]
+    pub huge_pages: bool,
+    /// Resource limits of the workload's processes, by name (`nofile`,
+    /// `nproc`, ... see [`steelcup_proto::guest::RLIMITS`]); soft and hard alike.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rlimits: BTreeMap<String, u64>,
+    /// How many VMs of this unit vmmd keeps (0 to [`MAX_REPLICAS`]).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// A probe that tells whether the workload is healthy; failing it
+    /// counts as the workload failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+impl MicrovmSection {
+    /// What is wrong with `network`, `ports` and `network-scope`, if
+    /// anything (`cup run` checks the same).
+    pub fn check_network(&self) -> Result<(), String> {
+        if self.network == Network::None && !self.ports.is_empty() {
+            return Err("ports: a workload with network = \"none\" cannot publish ports".into());
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(format!("ports: at most {MAX_PORTS}"));
+        }
+        if let Some((a, b)) = ports::first_clash(&self.ports) {
+            return Err(format!("ports: {a} and {b} publish the same host port"));
+        }
+        if let Some(s) = &self.network_scope {
+            let ok = !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !ok {
+                return Err(format!(
+                    "network-scope: {s:?} must be 1-64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most ports one workload may publish.
+pub const MAX_PORTS: usize = 64;
+
+/// The most replicas a unit may ask for.
+pub const MAX_REPLICAS: u32 = 64;
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// `[microvm.health]`: how vmmd tells whether a workload is healthy. One
+/// of `command`, `tcp` or `http`, run inside the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthCheck {
+    /// A program run inside the VM (as `cup exec` runs it): healthy when
+    /// it exits 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// A TCP port on the guest's loopback that accepts a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<u16>,
+    /// A port on the guest's loopback where `GET path` answers 2xx or 3xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<u16>,
+    /// The path of the `http` probe.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Seconds between probes of a healthy workload (until it is first
+    /// healthy: every second).
+    #[serde(default = "default_health_interval")]
+    pub interval: u32,
+    /// Seconds a probe may take.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: u32,
+    /// Consecutive failures that make the workload unhealthy.
+    #[serde(default = "default_health_retries")]
+    pub retries: u32,
+    /// Seconds after a start in which failures do not count (the workload
+    /// is still coming up).
+    #[serde(default)]
+    pub start_period: u32,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+fn default_health_interval() -> u32 {
+    5
+}
+
+fn default_health_timeout() -> u32 {
+    3
+}
+
+fn default_health_retries() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    /// What is wrong with it, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        let kinds = usize::from(!self.command.is_empty())
+            + usize::from(self.tcp.is_some())
+            + usize::from(self.http.is_some());
+        if kinds != 1 {
+            return Err("give exactly one of command, tcp or http".into());
+        }
+        if self.tcp == Some(0) || self.http == Some(0) {
+            return Err("port 0 is not a port".into());
+        }
+        if !self.path.starts_with('/')
+            || self.path.len() > 1024
+            || self
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "path {:?}: an absolute URL path without spaces, at most 1024 bytes",
+                self.path
+            ));
+        }
+        if !(1..=3600).contains(&self.interval) {
+            return Err(format!("interval {}: 1 to 3600 seconds", self.interval));
+        }
+        if !(1..=600).contains(&self.timeout) {
+            return Err(format!("timeout {}: 1 to 600 seconds", self.timeout));
+        }
+        if !(1..=100).contains(&self.retries) {
+            return Err(format!("retries {}: 1 to 100", self.retries));
+        }
+        if self.start_period > 3600 {
+            return Err(format!(
+                "start-period {}: at most 3600 seconds",
+                self.start_period
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A persistent data disk of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Names the disk file (`VOLUMES/UNIT/NAME.img`); letters, digits, `-`, `_`.
+    pub name: String,
+    /// Size of the disk when vmmd creates it.
+    pub size: MemSize,
+    /// Where the guest mounts it (absolute).
+    pub mount: PathBuf,
+    /// Mounted read-only (the disk too); a blank one is refused, not
+    /// formatted.
+    #[serde(
+        default,
+        rename = "read-only",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_only: bool,
+}
+
+/// The most volumes a workload may have.
+pub const MAX_VOLUMES: usize = 8;
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// A memory size written as `128MiB`, `1GiB`, `512M`, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemSize(pub u64);
+
+impl Default for MemSize {
+    fn default() -> Self {
+        MemSize(128 << 20)
+    }
+}
+
+impl MemSize {
+    pub fn mib(self) -> u64 {
+        self.0 >> 20
+    }
+}
+
+impl TryFrom<&str> for MemSize {
+    type Error = String;
+    fn try_from(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (like 128MiB)"))?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" | "k" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+        };
+        num.checked_mul(1 << shift)
+            .map(MemSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 % (1 << 30) == 0 && self.0 > 0 {
+            write!(f, "{}GiB", self.0 >> 30)
+        } else if self.0 % (1 << 20) == 0 && self.0 > 0 {
+            write!(f, "{}MiB", self.0 >> 20)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl Serialize for MemSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MemSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(MemSize(n)),
+            Raw::Str(s) => MemSize::try_from(s.as_str()).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Checks a unit name: `[a-z0-9][a-z0-9._-]*`, at most 64 bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Parses one layer (the unit file or a drop-in) into a TOML table, checking
+/// it against the schema on its own so an error names this file and line.
+fn parse_layer(path: &Path, text: &str) -> Result<toml::Table, UnitError> {
+    let located = |e: toml::de::Error| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        UnitError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    };
+    let _: UnitFile = toml::from_str(text).map_err(located)?;
+    toml::from_str(text).map_err(located)
+}
+
+/// Merges `top` into `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parses a unit from its file and drop-ins (`(path, text)`, applied in
+/// order, later wins).
+pub fn parse_layered(
+    path: &Path,
+    text: &str,
+    dropins: &[(PathBuf, String)],
+) -> Result<Unit, UnitError> {
+    let mut table = parse_layer(path, text)?;
+    for (p, t) in dropins {
+        merge(&mut table, parse_layer(p, t)?);
+    }
+    let file: UnitFile = table
+        .try_into()
+        .map_err(|e: toml::de::Error| UnitError::invalid(path, e.message().trim().to_string()))?;
+    validate(path, file)
+}
+
+/// Parses one unit from its text; `path` names it in errors and gives its name.
+pub fn parse(path: &Path, text: &str) -> Result<Unit, UnitError> {
+    parse_layered(path, text, &[])
+}
+
+fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !valid_name(&name) {
+        return Err(UnitError::invalid(
+            path,
+            format!("{name:?} is not a valid unit name (lowercase letters, digits, '.', '_', '-')"),
+        ));
+    }
+    for dep in file
+        .unit
+        .after
+        .iter()
+        .chain(&file.unit.requires)
+        .chain(&file.unit.wants)
+    {
+        if !valid_name(dep) {
+            return Err(UnitError::invalid(
+                path,
+                format!("[unit]: {dep:?} is not a valid unit name"),
+            ));
+        }
+    }
+    let kind = match (file.service, file.microvm) {
+        (Some(s), None) => {
+            match s.exec.first() {
+                None => {
+                    return Err(UnitError::invalid(
+                        path,
+                        "[service] exec: must not be empty",
+                    ))
+                }
+                Some(p) if !p.starts_with('/') => {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[service] exec: {p:?} must be an absolute path"),
+                    ))
+                }
+                _ => {}
+            }
+            if parse_signal(&s.stop_signal).is_none() {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[service] stop-signal: {:?} is not a signal", s.stop_signal),
+                ));
+            }
+            if let Some(r) = s
+                .reload_signal
+                .as_deref()
+                .filter(|r| parse_signal(r).is_none())
+            {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[service] reload-signal: {r:?} is not a signal"),
+                ));
+            }
+            if let Some(c) = s.cpu_max {
+                if !(c > 0.0 && c <= 1024.0) {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[service] cpu-max: {c} must be between 0 and 1024 CPUs"),
+                    ));
+                }
+            }
+            if s.workdir.as_ref().is_some_and(|w| !w.is_absolute()) {
+                return Err(UnitError::invalid(
+                    path,
+                    "[service] workdir: must be an absolute path",
+                ));
+            }
+            UnitKind::Service(s)
+        }
+        (None, Some(m)) => {
+            if m.vcpus == 0 || m.vcpus > 32 {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[microvm] vcpus: {} is out of range 1..=32", m.vcpus),
+                ));
+            }
+            if m.memory.0 < (16 << 20) || m.memory.0 % (1 << 20) != 0 || m.memory.0 > (3 << 30) {
+                return Err(UnitError::invalid(
+                    path,
+                    format!(
+                        "[microvm] memory: {} must be whole MiB between 16MiB and 3GiB",
+                        m.memory
+                    ),
+                ));
+            }
+            if m.volumes.len() > MAX_VOLUMES {
+                return Err(UnitError::invalid(
+                    path,
+                    format!("[microvm] volumes: at most {MAX_VOLUMES}"),
+                ));
+            }
+            if m.replicas > MAX_REPLICAS {
+                return Err(UnitError::invalid(
+                    path,
+                    format!(
+                        "[microvm] replicas: {} is more than {MAX_REPLICAS}",
+                        m.replicas
+                    ),
+                ));
+            }
+            if let Err(e) = m.check_network() {
+                return Err(UnitError::invalid(path, format!("[microvm] {e}")));
+            }
+            if let Some(Err(e)) = m.health.as_ref().map(HealthCheck::check) {
+                return Err(UnitError::invalid(path, format!("[microvm.health] {e}")));
+            }
+            if let Err(e) = steelcup_proto::guest::check_rlimits(&m.rlimits) {
+                return Err(UnitError::invalid(path, format!("[microvm] rlimits: {e}")));
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for v in &m.volumes {
+                let ok_name = !v.name.is_empty()
+                    && v.name.len() <= 64
+                    && v.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !ok_name {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: name {:?} must be 1-64 letters, digits, '-' or '_'",
+                            v.name
+                        ),
+                    ));
+                }
+                if !names.insert(v.name.as_str()) {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!("[microvm] volumes: name {:?} is used twice", v.name),
+                    ));
+                }
+                if !v.mount.is_absolute() || v.mount == Path::new("/") {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: mount {} must be an absolute path other than /",
+                            v.mount.display()
+                        ),
+                    ));
+                }
+                if v.size.0 < (1 << 20) || v.size.0 % (1 << 20) != 0 {
+                    return Err(UnitError::invalid(
+                        path,
+                        format!(
+                            "[microvm] volumes: size {} of {:?} must be whole MiB, at least 1MiB",
+                            v.size, v.name
+                        ),
+                    ));
+                }
+            }
+            if m.root.as_ref().is_some_and(|r| !r.is_absolute()) {
+                return Err(UnitError::invalid(
+                    path,
+                    "[microvm] root: must be an absolute path",
+                ));
+            }
+            if m.cmd.is_empty() && m.image.is_none() {
+                return Err(UnitError::invalid(
+                    path,
+                    "[microvm] cmd: must not be empty when no image gives a default",
+                ));
+            }
+            UnitKind::Microvm(m)
+        }
+        (Some(_), Some(_)) => {
+            return Err(UnitError::invalid(
+                path,
+                "has both [service] and [microvm]; a unit is one or the other",
+            ))
+        }
+        (None, None) => {
+            return Err(UnitError::invalid(
+                path,
+                "has neither [service] nor [microvm]",
+            ))
+        }
+    };
+    Ok(Unit {
+        name,
+        path: path.to_path_buf(),
+        unit: file.unit,
+        kind,
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The drop-ins of unit file `path`: `NAME.d/*.toml` beside it, by name.
+fn dropins(path: &Path) -> Result<Vec<(PathBuf, String)>, UnitError> {
+    let mut dir = path.as_os_str().to_owned();
+    dir = dir.to_string_lossy().trim_end_matches(".toml").into();
+    dir.push(".d");
+    let dir = PathBuf::from(dir);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| match std::fs::read_to_string(&p) {
+            Ok(t) => Ok((p, t)),
+            Err(source) => Err(UnitError::Read { path: p, source }),
+        })
+        .collect()
+}
+
+/// Reads every `*.toml` in `dir` with its drop-ins, sorted by name. Good
+/// units and the errors of bad ones are returned side by side.
+pub fn load_dir(dir: &Path) -> (Vec<Unit>, Vec<UnitError>) {
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect(),
+        Err(source) => {
+            errors.push(UnitError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+            return (units, errors);
+        }
+    };
+    paths.sort();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match dropins(&path).and_then(|d| parse_layered(&path, &text, &d)) {
+                Ok(u) => units.push(u),
+                Err(e) => errors.push(e),
+            },
+            Err(source) => errors.push(UnitError::Read { path, source }),
+        }
+    }
+    (units, errors)
+}
+
+impl Unit {
+    pub fn stop_timeout(&self) -> Duration {
+        match &self.kind {
+            UnitKind::Service(s) => Duration::from_secs(u64::from(s.stop_timeout)),
+            UnitKind::Microvm(_) => Duration::from_secs(10),
+        }
+    }
+}
+
+/// The fuzzing entry point: any bytes as a unit file, alone and layered over
+/// itself as a drop-in. It must return, never panic.
+pub fn fuzz_one(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("/etc/steelcup/units/fuzz.toml");
+    let _ = parse(path, text);
+    let _ = parse_layered(
+        path,
+        text,
+        &[(
+            PathBuf::from("/etc/steelcup/units/fuzz.d/10.toml"),
+            text.to_string(),
+        )],
+    );
+}
+
+#[cfg(test)]
+mod fuzz_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str) -> PathBuf {
+        PathBuf::from(format!("/etc/steelcup/units/{name}.toml"))
+    }
+
+    #[test]
+    fn parses_a_service() {
+        let u = parse(
+            &p("vmmd"),
+            r#"
+[unit]
+description = "VMM daemon"
+[service]
+exec = ["/usr/bin/vmmd"]
+restart = "always"
+ready = "notify"
+"#,
+        )
+        .unwrap();
+        assert_eq!(u.name, "vmmd");
+        let UnitKind::Service(s) = u.kind else {
+            panic!("not a service")
+        };
+        assert_eq!(s.restart, Restart::Always);
+        assert_eq!(s.ready, Ready::Notify);
+        assert_eq!(s.stop_timeout, 10);
+    }
+
+    #[test]
+    fn parses_a_microvm() {
+        let u = parse(
+            &p("hello"),
+            r#"
+[unit]
+after = ["vmmd"]
+[microvm]
+cmd = ["/bin/sh", "-c", "echo hi; exit 7"]
+memory = "64MiB"
+vcpus = 2
+"#,
+        )
+        .unwrap();
+        let UnitKind::Microvm(m) = u.kind else {
+            panic!("not a microvm")
+        };
+        assert_eq!(m.memory, MemSize(64 << 20));
+        assert_eq!(m.vcpus, 2);
+        assert_eq!(u.unit.after, vec!["vmmd"]);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let err = parse(
+            &p("web"),
+            "[service]\nexec = [\"/bin/x\"]\nrestrat = \"always\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("/etc/steelcup/units/web.toml:3:1:"),
+            "{err}"
+        );
+        assert!(err.contains("restrat"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let err = parse(&p("web"), "[microvm]\ncmd = [\"x\"]\nvcpus = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("web.toml:3:"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let cases = [
+            ("[service]\nexec = []\n", "exec"),
+            ("[service]\nexec = [\"bin/x\"]\n", "absolute"),
+            ("[microvm]\ncmd = [\"x\"]\nvcpus = 0\n", "vcpus"),
+            ("[microvm]\ncmd = [\"x\"]\nmemory = \"1KiB\"\n", "memory"),
+            (
+                "[microvm]\ncmd = [\"x\"]\nmemory = \"12XB\"\n",
+                "unknown size unit",
+            ),
+            ("[unit]\n", "neither"),
+            (
+                "[unit]\nafter = [\"Bad Name\"]\n[service]\nexec=[\"/x\"]\n",
+                "valid unit name",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&p("u"), text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn bad_file_name_is_refused() {
+        assert!(parse(Path::new("/x/Bad Name.toml"), "[service]\nexec=[\"/x\"]").is_err());
+    }
+
+    #[test]
+    fn unit_file_round_trips() {
+        let text = r#"
+[unit]
+description = "d"
+after = ["a"]
+[microvm]
+image = "localhost:5000/nginx:latest"
+cmd = ["nginx"]
+memory = "256MiB"
+restart = "on-failure"
+"#;
+        let f: UnitFile = toml::from_str(text).unwrap();
+        let again: UnitFile = toml::from_str(&toml::to_string(&f).unwrap()).unwrap();
+        assert_eq!(f, again);
+    }
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(MemSize::try_from("128MiB").unwrap().0, 128 << 20);
+        assert_eq!(MemSize::try_from("1G").unwrap().0, 1 << 30);
+        assert_eq!(MemSize::try_from("4096").unwrap().0, 4096);
+        assert!(MemSize::try_from("MiB").is_err());
+        assert!(MemSize::try_from("99999999999999999999GiB").is_err());
+        assert_eq!(MemSize(128 << 20).to_string(), "128MiB");
+    }
+
+    #[test]
+    fn kernel_cmdline_conditions() {
+        let u = |c: &[&str]| UnitSection {
+            condition_kernel_cmdline: c.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let cmdline = "console=ttyS0 steelcup.test=vms quiet\n";
+        assert_eq!(u(&[]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["steelcup.test=vms"]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["steelcup.test"]).unmet_condition(cmdline), None);
+        assert_eq!(u(&["quiet", "!debug"]).unmet_condition(cmdline), None);
+        assert_eq!(
+            u(&["quiet", "steelcup.test=poweroff"]).unmet_condition(cmdline),
+            Some("steelcup.test=poweroff")
+        );
+        assert_eq!(u(&["!quiet"]).unmet_condition(cmdline), Some("!quiet"));
+        assert_eq!(u(&["steelcup"]).unmet_condition(cmdline), Some("steelcup"));
+        let parsed = parse(
+            &p("x"),
+            "[unit]\ncondition-kernel-cmdline = [\"steelcup.test=vms\"]\n[service]\nexec = [\"/bin/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.unit.condition_kernel_cmdline,
+            vec!["steelcup.test=vms".to_string()]
+        );
+    }
+
+    #[test]
+    fn load_dir_keeps_good_units_beside_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("steelcup-units-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "[service]\nexec=[\"/bin/a\"]\n").unwrap();
+        std::fs::write(dir.join("b.toml"), "[service\n").unwrap();
+        std::fs::write(dir.join("c.toml"), "[service]\nexec=[\"/bin/c\"]\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a unit").unwrap();
+        let (units, errors) = load_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<_> = units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("b.toml:1:"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn dropins_layer_over_the_unit_and_name_their_own_errors() {
+        let dir = std::env::temp_dir().join(format!("steelcup-dropins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("web.d")).unwrap();
+        std::fs::write(
+            dir.join("web.toml"),
+            "[service]\nexec=[\"/bin/web\"]\nrestart=\"no\"\n[service.env]\nA=\"1\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("web.d/10-restart.toml"),
+            "[service]\nrestart=\"always\"\n[service.env]\nB=\"2\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("web.d/20-more.toml"),
+            "[service]\nrestart=\"on-failure\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("bad.toml"), "[service]\nexec=[\"/bin/bad\"]\n").unwrap();
+        std::fs::create_dir_all(dir.join("bad.d")).unwrap();
+        std::fs::write(dir.join("bad.d/10-x.toml"), "[service]\n\nbogus = 1\n").unwrap();
+        let (units, errors) = load_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(units.len(), 1);
+        let UnitKind::Service(s) = &units[0].kind else {
+            panic!()
+        };
+        assert_eq!(s.restart, Restart::OnFailure, "later drop-ins win");
+        assert_eq!(s.env.len(), 2, "tables merge");
+        assert_eq!(errors.len(), 1);
+        let e = errors[0].to_string();
+        assert!(e.contains("bad.d/10-x.toml:3:1"), "{e}");
+    }
+
+    #[test]
+    fn service_fields_are_validated() {
+        let ok = parse(&p("s"), "[service]\nexec=[\"/x\"]\nstop-signal=\"SIGINT\"\nmemory-max=\"64MiB\"\ncpu-max=0.5\npids-max=100\nuser=\"nobody\"\nworkdir=\"/tmp\"\n").unwrap();
+        let UnitKind::Service(s) = ok.kind else {
+            panic!()
+        };
+        assert_eq!(s.stop_signal(), nix::sys::signal::Signal::SIGINT);
+        assert_eq!(s.memory_max, Some(MemSize(64 << 20)));
+        for (text, needle) in [
+            ("stop-signal=\"SIGNOPE\"", "stop-signal"),
+            ("cpu-max=0.0", "cpu-max"),
+            ("cpu-max=nan", "cpu-max"),
+            ("workdir=\"rel\"", "workdir"),
+        ] {
+            let err = parse(&p("s"), &format!("[service]\nexec=[\"/x\"]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert_eq!(
+            parse_signal("TERM"),
+            Some(nix::sys::signal::Signal::SIGTERM)
+        );
+        assert_eq!(parse_signal("9"), Some(nix::sys::signal::Signal::SIGKILL));
+    }
+}
