@@ -4,7 +4,7 @@
 use crate::FileEntry;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use vmmd::image::cpio::CpioWriter;
+use steelcup_vmm::cpio::CpioWriter;
 
 #[derive(Debug, Clone)]
 enum Node {

@@ -58,11 +58,11 @@ insecure = true
 /// cup --remote from here: init's units and vmmd's workloads over mutual
 /// TLS, through QEMU's forwarding to the machine's port 7443.
 fn remote_admin(g: &Guest, tls_dir: &Path) -> anyhow::Result<()> {
-    let remote = vmmd::remote::Remote {
+    let remote = steelcup_api::remote::Remote {
         addr: format!("127.0.0.1:{}", g.forwarded.expect("port 7443 forwarded")),
         tls_dir: tls_dir.to_path_buf(),
     };
-    let init = steelcup_init::api::client::init1_over(
+    let init = steelcup_api::init1::init1_over(
         remote.open("init").map_err(anyhow::Error::msg)?,
         &remote.addr,
     )
@@ -75,18 +75,20 @@ fn remote_admin(g: &Guest, tls_dir: &Path) -> anyhow::Result<()> {
     );
     let slots = init.update_status()?;
     anyhow::ensure!(slots.booted == "A", "remote update status: {slots:?}");
-    let conn = steelcup_init::api::client::p2p_over(
+    let conn = steelcup_api::bus::p2p_over(
         remote.open("vmmd").map_err(anyhow::Error::msg)?,
         &remote.addr,
     )
     .map_err(anyhow::Error::msg)?;
-    let vms = vmmd::api::Vmm1ClientProxy::builder(&conn).build()?.list()?;
+    let vms = steelcup_api::vmm1::Vmm1ClientProxy::builder(&conn)
+        .build()?
+        .list()?;
     println!("disk: workloads through cup --remote: {}", vms.len());
     // A client without a certificate the machine's CA signed is refused.
     let stranger = tls_dir.with_file_name("stranger");
     image_build::admin::certs(&stranger, &["127.0.0.1".to_string()])?;
     std::fs::copy(tls_dir.join("ca.crt"), stranger.join("ca.crt"))?;
-    let refused = vmmd::remote::Remote {
+    let refused = steelcup_api::remote::Remote {
         addr: remote.addr.clone(),
         tls_dir: stranger,
     }
@@ -225,7 +227,7 @@ fn disk_image_boots_updates_and_rolls_back() {
     .unwrap();
     std::fs::write(&drive, fat).unwrap();
     cfg.drives.push(drive);
-    cfg.forward_port = Some(vmmd::remote::DEFAULT_PORT);
+    cfg.forward_port = Some(steelcup_api::remote::DEFAULT_PORT);
 
     boot(&cfg, "1-slot-a", |g| {
         g.wait_for(

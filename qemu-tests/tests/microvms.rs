@@ -246,6 +246,12 @@ fn scenario(g: &mut Guest) -> Result<String> {
     // guest's echo server and come back.
     g.wait_for("driver: net at 10.88.", STEP)?;
     g.wait_for("answered: ping from the host", STEP)?;
+    // Its worker runs with no capability: no CAP_NET_ADMIN, the tap was
+    // made by vmmd.
+    g.wait_for(
+        "driver: net worker CapEff 0000000000000000 CapPrm 0000000000000000",
+        STEP,
+    )?;
     // Stop through the API: the guest is asked over vsock, the call returns
     // once the VM has ended; start brings it back.
     g.wait_for("workload net: asked to stop; guest: stopping", STEP)?;

@@ -293,6 +293,10 @@ fn build() -> Result<PathBuf> {
                 "steelcup-vminit",
                 "-p",
                 "vmmd",
+                "-p",
+                "steelcup-vmm",
+                "-p",
+                "cup",
             ])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;

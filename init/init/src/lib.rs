@@ -1,15 +1,17 @@
-//! steelcup's init: the host PID 1 (`init`) and the guest PID 1 (`vminit`).
+//! steelcup's host PID 1 (`init`).
 //!
 //! # Design
-//! One library, two thin binaries. [`units`] parses unit files and orders them
-//! (pure, no I/O beyond reading the files); [`supervisor`] starts, watches and
-//! stops services; [`boot`] runs the host's boot phases; [`sys`] is the only
-//! place for raw syscalls; [`guest`] is the contract between vmmd and vminit.
+//! A library and the thin `init` binary. [`boot`] runs the host's boot
+//! phases ([`modules`], [`network`], [`power`]); [`supervisor`] starts,
+//! watches, reloads and stops services (restart with backoff, cgroups,
+//! bounded logs); [`api`] is `org.steelcup.Init1`'s action enum and D-Bus
+//! adapter. Unit files are `steelcup_units`, the disk and machine config
+//! `steelcup_os`, raw syscalls `steelcup_sys`.
 //!
 //! # Limitations
-//! The D-Bus API (`org.steelcup.Init1`), reload, cgroup limits and log files are
-//! not there yet; services are supervised with restart and backoff, and their
-//! output is echoed to the console with the unit's name.
+//! The A/B health gate and the cgroup code still live in the supervisor's
+//! module; stopping a unit waits out its stop timeout on the supervisor's
+//! thread.
 
 pub mod api;
 pub mod boot;
@@ -18,63 +20,4 @@ pub mod network;
 pub mod power;
 pub mod supervisor;
 
-/// Log timestamps in the kernel's own format, `[   12.345678]`, from
-/// CLOCK_BOOTTIME, so init's, vmmd's and the kernel's lines on the console
-/// line up.
-#[derive(Debug, Clone, Copy)]
-pub struct BootTime;
-
-impl tracing_subscriber::fmt::time::FormatTime for BootTime {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
-            Ok(t) => write!(w, "[{:>5}.{:06}]", t.tv_sec(), t.tv_nsec() / 1000),
-            Err(_) => write!(w, "[    ?.??????]"),
-        }
-    }
-}
-
-/// `/dev/kmsg`, once the `kmsg-logging` phase has opened it.
-static KMSG: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-
-/// Phase `kmsg-logging`: from now on every log line also goes to the kernel
-/// log (`dmesg`), at level 5 (notice): below the console's level, so the
-/// console does not show it twice.
-pub fn log_to_kmsg() -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?;
-    let _ = KMSG.set(f);
-    Ok(())
-}
-
-/// Writes each log record to stderr and, once opened, to /dev/kmsg.
-#[derive(Debug, Clone, Copy)]
-pub struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(mut k) = KMSG.get() {
-            // One record per write; the kernel caps records at ~1 KiB.
-            let mut rec = Vec::with_capacity(buf.len().min(900) + 16);
-            rec.extend_from_slice(b"<5>steelcup: ");
-            rec.extend_from_slice(&buf[..buf.len().min(900)]);
-            let _ = k.write(&rec);
-        }
-        std::io::stderr().write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
-}
-
-/// Sets up logging to the console (stderr) with the time since boot.
-/// `STEELCUP_LOG` takes a tracing filter (`debug`, `init=trace`, ...).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STEELCUP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| LogWriter)
-        .with_ansi(false)
-        .with_target(false)
-        .with_timer(BootTime)
-        .with_env_filter(filter)
-        .try_init();
-}
+pub use steelcup_os::logging::{init_logging, log_to_kmsg};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_init::api::client::{connect, Init1Proxy};
+use steelcup_api::init1::{connect, Init1Proxy};
 
 struct Sup {
     child: Child,

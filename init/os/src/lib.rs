@@ -13,6 +13,7 @@
 //! # Limitations
 //! IPv4 host networking only; one disk holds the slots.
 
+pub mod logging;
 pub mod logs;
 pub mod netconfig;
 pub mod provision;

@@ -5,7 +5,8 @@
 //! [`guest`] is the guest's config (written into its initramfs or sent on
 //! claim) and the exit status vminit reports; [`stdio`] is the framing of a
 //! workload's stdio and exec requests over vsock; [`probe`] is the health
-//! probe request vmmd sends vminit. Every type here is serde, compiled by
+//! probe request vmmd sends vminit; [`worker`] is what vmmd hands a
+//! VM's worker process and what the worker reports back. Every type here is serde, compiled by
 //! both sides, so a change to a message breaks the build, not a guest.
 //!
 //! # Limitations
@@ -16,6 +17,7 @@
 pub mod guest;
 pub mod probe;
 pub mod stdio;
+pub mod worker;
 
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;

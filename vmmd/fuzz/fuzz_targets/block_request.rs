@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vmmd::fuzz::block_request(data);
+    steelcup_vmm::fuzz::block_request(data);
 });

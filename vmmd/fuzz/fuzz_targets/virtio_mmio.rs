@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vmmd::fuzz::virtio_mmio(data);
+    steelcup_vmm::fuzz::virtio_mmio(data);
 });

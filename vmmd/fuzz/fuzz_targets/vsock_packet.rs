@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vmmd::fuzz::vsock_packet(data);
+    steelcup_vmm::fuzz::vsock_packet(data);
 });

@@ -16,18 +16,9 @@
 //! units (others answer `Ok`, already stopped); `Restart` — any service;
 //! `Reload`, `PowerOff`, `Reboot` — always.
 
-pub mod client;
 pub mod dbus;
 
-use serde::{Deserialize, Serialize};
-use zbus::zvariant::Type;
-
-/// Object path of the interface.
-pub const PATH: &str = "/org/steelcup/Init1";
-/// Interface name.
-pub const INTERFACE: &str = "org.steelcup.Init1";
-/// The socket name under the run directory.
-pub const SOCKET: &str = "init.sock";
+pub use steelcup_api::init1::{ReloadSummary, UnitInfo, INTERFACE, PATH, SOCKET};
 
 /// An operation on init.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,36 +31,6 @@ pub enum Action {
     Reload,
     PowerOff,
     Reboot,
-}
-
-/// One unit as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct UnitInfo {
-    pub name: String,
-    /// `service` or `microvm`.
-    pub kind: String,
-    /// `waiting`, `starting`, `running`, `exited`, `failed`, `stopping`,
-    /// `stopped`, or `vmmd` for microvm units (vmmd runs them).
-    pub state: String,
-    /// Why a unit failed; empty otherwise.
-    pub reason: String,
-    /// Main process, 0 if none.
-    pub pid: u32,
-    /// Restarts since boot (automatic and requested).
-    pub restarts: u32,
-    /// Last exit code (128+N for a signal), -1 if it never exited.
-    pub last_exit: i32,
-    pub description: String,
-}
-
-/// What a reload changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct ReloadSummary {
-    pub started: Vec<String>,
-    pub stopped: Vec<String>,
-    pub restarted: Vec<String>,
-    /// Unit files that could not be read, with the error.
-    pub errors: Vec<String>,
 }
 
 /// The answer to an action.

@@ -1,0 +1,208 @@
+//! The worker protocol: what vmmd hands a worker (the VM to build) and
+//! what the worker reports back.
+
+use crate::guest::GuestConfig;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The guest kernel command line vmmd uses unless told otherwise: serial
+/// console, reset through the i8042 (how the VM ends), reboot on panic.
+/// `no_timer_check`: the guest skips checking that the PIT's IRQ 0
+/// reaches it (its clock is the TSC-deadline LAPIC timer), a check that
+/// only costs boot time on a VM.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule no_timer_check quiet";
+
+/// Everything a worker needs to build and run one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The workload's name (unit name), for logs.
+    pub name: String,
+    /// Guest kernel: bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Base initramfs with vminit as `/init`; the guest config is appended.
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub memory_backing: crate::MemoryBacking,
+    #[serde(default)]
+    pub huge_pages: bool,
+    pub guest: GuestConfig,
+    /// Block devices in order (the guest sees `/dev/vda`, `/dev/vdb`, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock device, its host side on Unix sockets.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+    /// Print [`TIMING_PREFIX`]`first-kvm-run NS` on stderr when vCPU 0
+    /// first enters the guest (CLOCK_MONOTONIC), for `vmmd bench`.
+    #[serde(default)]
+    pub report_timing: bool,
+    /// Once the VM is built, the worker moves into a mount namespace that
+    /// holds only the vsock socket's directory, built on this empty
+    /// directory (see `jail::mount`). None: no jail (a worker run by hand).
+    #[serde(default)]
+    pub jail_scratch: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// How many descriptors come with this config on the worker's control
+    /// socket (`SCM_RIGHTS`, with the config's line): one open file per
+    /// disk that is not an empty slot, in the order of `disks`, then the
+    /// tap when `net` is set. vmmd opens them; the worker opens no disk or
+    /// tap itself.
+    pub fn handles(&self) -> usize {
+        self.disks.iter().filter(|d| !d.empty_slot).count() + usize::from(self.net.is_some())
+    }
+}
+
+/// A network device: the worker creates tap `tap` (it goes away with the
+/// worker) and puts it on `bridge` as an isolated port, or gives its host
+/// side `host_address`; then brings it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Like `10.200.3.1/30`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// A disk image file the guest sees as a virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// Opened read-only and offered to the guest as such (a root image that
+    /// many VMs share); a writable disk is locked to this VM.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk's id as the guest reads it (at most 20 bytes are used).
+    pub id: String,
+    /// An empty read-only slot (`path` unused): the disk gets its image
+    /// later, through the worker's `attach ID BYTES` command (a warm-pool VM is
+    /// handed its workload's root image this way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty_slot: bool,
+}
+
+/// The host side of a VM's vsock device (Firecracker's convention): a host
+/// process connects to `uds` and writes `CONNECT PORT\n` to reach guest port
+/// PORT; a guest connecting to host port P reaches `{uds}_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    pub uds: PathBuf,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum VmOutcome {
+    /// The workload exited with this code.
+    Exited { code: u8 },
+    /// The workload was killed by this signal.
+    Killed { signal: u8 },
+    /// vminit could not start the workload.
+    StartFailed { errno: u8 },
+    /// The workload asked for a reboot (`reboot` inside the guest).
+    Rebooted,
+    /// The workload asked for a power-off (`poweroff` or `halt`).
+    PoweredOff,
+    /// The guest reset without vminit reporting a status (a kernel panic
+    /// with `panic=-1`, or `reboot -f` from inside).
+    GuestReset,
+    /// The guest crashed (triple fault) or halted for good.
+    GuestCrashed { reason: String },
+    /// The VMM could not build or run the VM.
+    VmmError { message: String },
+}
+
+impl VmOutcome {
+    /// True when the workload ran and exited 0.
+    pub fn success(&self) -> bool {
+        matches!(self, VmOutcome::Exited { code: 0 } | VmOutcome::PoweredOff)
+    }
+}
+
+impl std::fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmOutcome::Exited { code } => write!(f, "exited with code {code}"),
+            VmOutcome::Killed { signal } => write!(f, "killed by signal {signal}"),
+            VmOutcome::StartFailed { errno } => write!(
+                f,
+                "could not start: {}",
+                std::io::Error::from_raw_os_error(i32::from(*errno))
+            ),
+            VmOutcome::Rebooted => write!(f, "rebooted from inside the guest"),
+            VmOutcome::PoweredOff => write!(f, "powered off from inside the guest"),
+            VmOutcome::GuestReset => write!(
+                f,
+                "guest reset without an exit status (reboot -f or a kernel panic)"
+            ),
+            VmOutcome::GuestCrashed { reason } => write!(f, "guest crashed: {reason}"),
+            VmOutcome::VmmError { message } => write!(f, "VMM error: {message}"),
+        }
+    }
+}
+
+/// The worker's last word, one JSON line on its stderr after [`REPORT_PREFIX`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    #[serde(flatten)]
+    pub outcome: VmOutcome,
+    /// From the worker's start to the end of the VM.
+    pub run_ms: u64,
+}
+
+/// Marks the report line on a worker's stderr. Only the worker writes its
+/// stderr (guest output goes to stdout), so a guest cannot forge a report.
+pub const REPORT_PREFIX: &str = "steelcup-worker-report: ";
+/// Starts a worker's timing line on its stderr (see `VmConfig::report_timing`).
+pub const TIMING_PREFIX: &str = "steelcup-timing: ";
+/// Starts a worker's answer to a control command on its stderr.
+pub const CONTROL_PREFIX: &str = "steelcup-control: ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trips() {
+        for outcome in [
+            VmOutcome::Exited { code: 7 },
+            VmOutcome::GuestReset,
+            VmOutcome::GuestCrashed {
+                reason: "triple fault".into(),
+            },
+            VmOutcome::VmmError {
+                message: "x".into(),
+            },
+        ] {
+            let r = WorkerReport {
+                outcome,
+                run_ms: 12,
+            };
+            let s = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<WorkerReport>(&s).unwrap(), r);
+        }
+        assert_eq!(
+            VmOutcome::Exited { code: 7 }.to_string(),
+            "exited with code 7"
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! Remote administration without SSH: `cup --remote HOST:PORT` speaks to a
+//! machine's APIs over mutual TLS (docs/remote.md).
+//!
+//! # Design
+//! `vmmd admin` (a service unit the machine config installs) listens on a
+//! TCP port with TLS. A client must present a certificate signed by the
+//! machine's client CA; the server presents its own, which the client
+//! checks against the CA it was given. After the handshake the client names
+//! what it wants in one line, and the gateway answers `ok` and then relays
+//! bytes both ways to the local Unix socket:
+//!
+//! - `init`: init's API (`org.steelcup.Init1`, `RUN_DIR/init.sock`);
+//! - `vmmd`: vmmd's API (`org.steelcup.Vmm1`, `RUN_DIR/vmmd.sock`);
+//! - `vsock NAME`: workload NAME's vsock socket, for `cup run`/`exec`/
+//!   `attach` stdio.
+//!
+//! Anything else gets `error: ...` and the connection is closed. So the
+//! APIs are the same D-Bus peer-to-peer protocol as on the machine, and
+//! every cup verb works remotely; cup bridges the TLS stream to one end of
+//! a Unix socket pair and runs its usual client on the other end.
+//!
+//! # Limitations
+//! `cup update FILE` names a file on the machine (a URL works from
+//! anywhere); there is no per-client authorisation beyond the CA (every
+//! client the CA signed is an administrator).
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// The files of a TLS directory.
+pub const SERVER_CERT: &str = "server.crt";
+pub const SERVER_KEY: &str = "server.key";
+pub const CLIENT_CA: &str = "client-ca.crt";
+pub const CA: &str = "ca.crt";
+pub const CLIENT_CERT: &str = "client.crt";
+pub const CLIENT_KEY: &str = "client.key";
+/// The port the gateway listens on by default.
+pub const DEFAULT_PORT: u16 = 7443;
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(path)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The gateway's TLS setup from `dir` (server.crt, server.key,
+/// client-ca.crt): clients must present a certificate the CA signed.
+pub fn server_config(dir: &Path) -> Result<rustls::ServerConfig, String> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(&dir.join(CLIENT_CA))?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| format!("{}: {e}", dir.join(CLIENT_CA).display()))?;
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&dir.join(SERVER_CERT))?, key(&dir.join(SERVER_KEY))?)
+        .map_err(|e| format!("{}: {e}", dir.join(SERVER_CERT).display()))
+}
+
+/// Where a request line leads on the machine, or why it is refused.
+pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, String> {
+    match line.split_once(' ') {
+        None if line == "init" => Ok(run_dir.join(crate::init1::SOCKET)),
+        None if line == "vmmd" => Ok(run_dir.join("vmmd.sock")),
+        Some(("vsock", name)) if steelcup_units::valid_name(name) => {
+            Ok(run_dir.join("vsock").join(format!("{name}.sock")))
+        }
+        _ => Err(format!("unknown target {line:?}: init, vmmd or vsock NAME")),
+    }
+}
+
+/// `vmmd admin --listen ADDR --tls-dir DIR [--run-dir DIR]`: serves until
+/// killed.
+pub fn serve(listen: &str, tls_dir: &Path, run_dir: &Path) -> Result<(), String> {
+    let config = Arc::new(server_config(tls_dir)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("start the runtime: {e}"))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("listen on {listen}: {e}"))?;
+        tracing::info!(
+            "admin: cup --remote on {} (mutual TLS, clients signed by {})",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            tls_dir.join(CLIENT_CA).display()
+        );
+        serve_on(listener, config, run_dir.to_path_buf()).await;
+        Ok(())
+    })
+}
+
+/// Accepts connections on `listener` forever.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    run_dir: PathBuf,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, run_dir) = (acceptor.clone(), run_dir.clone());
+        tokio::spawn(async move {
+            if let Err(e) = relay(acceptor, tcp, &run_dir).await {
+                tracing::warn!("admin: {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// One client: the handshake, its request, then bytes both ways.
+async fn relay(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    run_dir: &Path,
+) -> Result<(), String> {
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+    let tls = handshake
+        .await
+        .map_err(|_| "no TLS handshake within 10 s".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut tls = tokio::io::BufReader::new(tls);
+    let mut line = String::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        (&mut tls).take(256).read_line(&mut line).await
+    });
+    read.await
+        .map_err(|_| "no request within 10 s".to_string())?
+        .map_err(|e| format!("read the request: {e}"))?;
+    let line = line.trim_end();
+    let path = match target(run_dir, line) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tls.write_all(format!("error: {e}\n").as_bytes()).await;
+            return Err(e);
+        }
+    };
+    let mut local = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            let e = format!("{}: {e}", path.display());
+            let _ = tls.write_all(format!("error: {e}\n").as_bytes()).await;
+            return Err(e);
+        }
+    };
+    tls.write_all(b"ok\n").await.map_err(|e| e.to_string())?;
+    tls.flush().await.map_err(|e| e.to_string())?;
+    tracing::debug!("admin: relaying to {}", path.display());
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut local).await;
+    Ok(())
+}
+
+/// Where cup reaches a remote machine, and with what.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// `HOST:PORT` (or `HOST`, port [`DEFAULT_PORT`]).
+    pub addr: String,
+    /// ca.crt (checks the server), client.crt and client.key.
+    pub tls_dir: PathBuf,
+}
+
+/// Set once by cup (`--remote`): every API and stdio connection goes
+/// there.
+pub static REMOTE: std::sync::OnceLock<Remote> = std::sync::OnceLock::new();
+
+impl Remote {
+    /// `host:port` with the default port when none is given.
+    fn host_port(&self) -> (String, String) {
+        match self.addr.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && !h.ends_with(':') => {
+                (h.trim_matches(['[', ']']).to_string(), format!("{h}:{p}"))
+            }
+            _ => (
+                self.addr.trim_matches(['[', ']']).to_string(),
+                format!("{}:{DEFAULT_PORT}", self.addr),
+            ),
+        }
+    }
+
+    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        let d = &self.tls_dir;
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots(&d.join(CA))?)
+            .with_client_auth_cert(certs(&d.join(CLIENT_CERT))?, key(&d.join(CLIENT_KEY))?)
+            .map_err(|e| format!("{}: {e}", d.join(CLIENT_CERT).display()))
+    }
+
+    /// A stream to `target` (`init`, `vmmd`, `vsock NAME`) on the remote
+    /// machine: one end of a Unix socket pair whose other end a thread
+    /// relays over the TLS connection.
+    pub fn open(&self, target: &str) -> Result<UnixStream, String> {
+        let config = Arc::new(self.client_config()?);
+        let (host, addr) = self.host_port();
+        let name = ServerName::try_from(host.clone())
+            .map_err(|e| format!("{host}: not a host name or address: {e}"))?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let request = format!("{target}\n");
+        std::thread::Builder::new()
+            .name("remote".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let setup = async {
+                        let tcp = tokio::net::TcpStream::connect(&addr)
+                            .await
+                            .map_err(|e| format!("connect to {addr}: {e}"))?;
+                        let tls = tokio_rustls::TlsConnector::from(config)
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+                        let mut tls = tokio::io::BufReader::new(tls);
+                        tls.write_all(request.as_bytes())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        tls.flush().await.map_err(|e| e.to_string())?;
+                        let mut answer = String::new();
+                        (&mut tls)
+                            .take(1024)
+                            .read_line(&mut answer)
+                            .await
+                            .map_err(|e| format!("{addr}: {e}"))?;
+                        match answer.trim_end() {
+                            "ok" => Ok(tls),
+                            "" => Err(format!("{addr} closed the connection (is this client's certificate signed by the machine's client CA?)")),
+                            other => Err(format!(
+                                "{addr}: {}",
+                                other.strip_prefix("error: ").unwrap_or(other)
+                            )),
+                        }
+                    };
+                    let mut tls = match setup.await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let local = theirs
+                        .set_nonblocking(true)
+                        .and_then(|_| tokio::net::UnixStream::from_std(theirs));
+                    let mut local = match local {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(()));
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut local).await;
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        rx.recv()
+            .map_err(|_| "the remote connection ended".to_string())??;
+        Ok(ours)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
+    /// in the layout of a TLS directory; and a client of another CA.
+    fn certs_in(dir: &Path) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["admin".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &issuer)
+            .unwrap();
+        let w = |n: &str, s: String| std::fs::write(dir.join(n), s).unwrap();
+        w(SERVER_CERT, server.pem());
+        w(SERVER_KEY, server_key.serialize_pem());
+        w(CLIENT_CA, ca_cert.pem());
+        w(CA, ca_cert.pem());
+        w(CLIENT_CERT, client.pem());
+        w(CLIENT_KEY, client_key.serialize_pem());
+    }
+
+    #[test]
+    fn a_client_the_ca_signed_reaches_the_local_sockets_and_others_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&tls).unwrap();
+        std::fs::create_dir_all(run.join("vsock")).unwrap();
+        certs_in(&tls);
+        // init's socket: an echo server.
+        let init = std::os::unix::net::UnixListener::bind(run.join("init.sock")).unwrap();
+        std::thread::spawn(move || {
+            for s in init.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let config = Arc::new(server_config(&tls).unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        rt.spawn(serve_on(listener, config, run.clone()));
+
+        let remote = Remote {
+            addr: format!("127.0.0.1:{port}"),
+            tls_dir: tls.clone(),
+        };
+        let mut s = remote.open("init").unwrap();
+        s.write_all(b"hello init").unwrap();
+        let mut back = [0u8; 10];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello init");
+
+        let e = remote.open("/etc/shadow").unwrap_err();
+        assert!(e.contains("unknown target \"/etc/shadow\""), "{e}");
+        let e = remote.open("vsock ../init").unwrap_err();
+        assert!(e.contains("unknown target"), "{e}");
+        let e = remote.open("vmmd").unwrap_err();
+        assert!(e.contains("vmmd.sock"), "{e}");
+
+        // A client of another CA is turned away.
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        certs_in(&other);
+        std::fs::copy(tls.join(CA), other.join(CA)).unwrap();
+        let stranger = Remote {
+            addr: format!("127.0.0.1:{port}"),
+            tls_dir: other,
+        };
+        assert!(stranger.open("init").is_err());
+        assert_eq!(
+            target(&run, "vsock web.1").unwrap(),
+            run.join("vsock/web.1.sock")
+        );
+    }
+}

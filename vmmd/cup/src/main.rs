@@ -1,0 +1,422 @@
+//! `cup`: steelcup's command-line interface.
+//!
+//! Host verbs talk to init's `org.steelcup.Init1` on `$STEELCUP_RUN_DIR/init.sock`
+//! (default `/run/steelcup`): `cup units`, `cup unit status|start|stop|restart
+//! NAME`, `cup logs --unit NAME [-f] [-n N]`, `cup reload`, `cup poweroff`,
+//! `cup reboot`, `cup update`, `cup rollback`. Workload verbs talk to vmmd's `org.steelcup.Vmm1` on
+//! `$STEELCUP_VMMD_SOCKET` (default `/run/steelcup/vmmd.sock`): `cup ps`,
+//! `cup pause NAME`, `cup unpause NAME`, `cup stop NAME`, `cup start NAME`,
+//! `cup run`, `cup exec`, `cup rm`, `cup pull`, `cup images`, `cup rmi`,
+//! `cup image prune` (see [`crate::workloads`]). `cup validate FILE...`
+//! checks unit files offline.
+
+mod update;
+mod workloads;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+use steelcup_api::init1::UnitInfo;
+use steelcup_api::init1::{self as client, Init1Proxy};
+
+const USAGE: &str = "usage:
+  cup units [--format json]          list units: name, kind, state, pid, restarts, last exit
+  cup unit status|start|stop|restart NAME [--format json]
+  cup logs --unit NAME [-f] [-n N]   a unit's output (-f: follow)
+  cup reload                         re-read unit files, apply the difference
+  cup poweroff | cup reboot          stop every unit in order, then power off / reboot
+  cup validate UNIT-FILE...          check unit files as the host reads them
+  cup update FILE|URL [--no-reboot]  write a new OS (slot.img) into the slot not running, check it, boot it once
+  cup update --status [--format json]
+                                     the OS slots: which booted, what boots next, each slot's version
+  cup rollback [--no-reboot]         boot the other slot's OS next (once), if it holds one
+  cup ps [-a] [--format json]        microVM workloads (-a: ended ones too): name, state, pid, runs, vCPUs, memory
+  cup pause NAME | cup unpause NAME  stop a workload's vCPUs / let them run again
+  cup stop NAME | cup start NAME     ask the guest to stop (killed after 5 s) / start it again
+  cup run [-d] [--rm] [-i] [-t] [--name NAME] [-e K=V]... [-v VOLUME:/PATH[:ro]]... [-p [IP:]HOST:GUEST[/udp]]... [--network bridge|none] [--restart POLICY] [--cpus N] [--memory SIZE] IMAGE [CMD...]
+                                     run an image as a new microVM; attached, cup exits with its code
+  cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...
+                                     run a process inside a running workload
+  cup rm [-f] NAME...                forget ended workloads (-f: stop them first)
+  cup logs [-f] [-n N] NAME          a workload's console output (-f: follow while it runs)
+  cup attach [--no-sig-proxy] NAME   follow a running workload's output until it ends (exit code = its);
+                                     signals (Ctrl-C) go to it, or with --no-sig-proxy Ctrl-C detaches
+  cup kill [-s SIGNAL] NAME...       a signal (KILL unless given) to a workload's processes
+  cup inspect NAME...                what vmmd knows of workloads, as JSON
+  cup events                         workload state changes as they happen
+  cup pull IMAGE | cup images [--format json] | cup rmi NAME | cup image prune
+                                     the image store (IMAGE: REGISTRY/REPO:TAG, oci:DIR:TAG,
+                                     oci-archive:FILE:TAG, docker-archive:FILE)
+  cup version
+
+cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
+to vmmd at -H/--host PATH (before the verb), else $STEELCUP_VMMD_SOCKET,
+else /run/steelcup/vmmd.sock. With --remote HOST[:PORT] (before the verb, or
+$STEELCUP_REMOTE) it talks to another machine's init and vmmd over mutual TLS
+(vmmd admin there), with ca.crt, client.crt and client.key from --tls-dir DIR,
+$STEELCUP_TLS_DIR or ~/.config/steelcup/tls (docs/remote.md).";
+
+fn main() -> ExitCode {
+    // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
+    // reader goes away, instead of a panic on a broken pipe.
+    // SAFETY: restores the default disposition of SIGPIPE before any thread
+    // or I/O exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `-H PATH` / `--host PATH` / `--host=PATH` before the verb: vmmd's
+    // socket (unix:PATH is accepted too). `--remote HOST[:PORT]` (or
+    // $STEELCUP_REMOTE): another machine, over mutual TLS with the files
+    // in `--tls-dir DIR` (or $STEELCUP_TLS_DIR, else ~/.config/steelcup/tls).
+    let mut remote = std::env::var("STEELCUP_REMOTE")
+        .ok()
+        .filter(|r| !r.is_empty());
+    let mut tls_dir = std::env::var_os("STEELCUP_TLS_DIR").map(std::path::PathBuf::from);
+    while let Some(first) = args.first().cloned() {
+        let (taken, value) = match first.as_str() {
+            "-H" | "--host" => (2, args.get(1).cloned()),
+            s if s.starts_with("--host=") => (1, Some(s["--host=".len()..].to_string())),
+            "--remote" | "--tls-dir" => {
+                let Some(v) = args.get(1).cloned() else {
+                    eprintln!("cup: {first} needs a value");
+                    return ExitCode::from(2);
+                };
+                if first == "--remote" {
+                    remote = Some(v);
+                } else {
+                    tls_dir = Some(v.into());
+                }
+                args.drain(..2);
+                continue;
+            }
+            _ => break,
+        };
+        let Some(v) = value else {
+            eprintln!("cup: {first} needs vmmd's socket, like -H /run/steelcup/vmmd.sock");
+            return ExitCode::from(2);
+        };
+        let path = v.strip_prefix("unix:").unwrap_or(&v);
+        let _ = VMMD_SOCKET.set(path.into());
+        args.drain(..taken);
+    }
+    if let Some(addr) = remote {
+        let tls_dir = tls_dir.unwrap_or_else(|| {
+            std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default())
+                .join(".config/steelcup/tls")
+        });
+        let _ = steelcup_api::remote::REMOTE.set(steelcup_api::remote::Remote { addr, tls_dir });
+    }
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn json(args: &[String]) -> bool {
+    args.windows(2)
+        .any(|w| w[0] == "--format" && w[1] == "json")
+        || args.iter().any(|a| a == "--format=json")
+}
+
+fn proxy() -> Result<Init1Proxy<'static>, String> {
+    match steelcup_api::remote::REMOTE.get() {
+        Some(r) => client::init1_over(r.open("init")?, &r.addr),
+        None => client::connect(&steelcup_api::bus::run_dir()),
+    }
+}
+
+/// vmmd's socket: `-H`/`--host`, else `$STEELCUP_VMMD_SOCKET`, else the
+/// appliance's.
+static VMMD_SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, String> {
+    let socket = VMMD_SOCKET.get().cloned().unwrap_or_else(|| {
+        std::env::var_os("STEELCUP_VMMD_SOCKET")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| steelcup_api::vmm1::DEFAULT_SOCKET.into())
+    });
+    steelcup_api::vmm1::connect(&socket)
+}
+
+/// cup's exit code from a workload verb's result.
+fn code(r: Result<u8, String>) -> Result<ExitCode, String> {
+    r.map(ExitCode::from)
+}
+
+fn api_err(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(desc), _) => desc,
+        other => other.to_string(),
+    }
+}
+
+fn print_units(units: &[UnitInfo]) {
+    println!(
+        "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}",
+        "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT", "DESCRIPTION"
+    );
+    for u in units {
+        let pid = if u.pid == 0 {
+            "-".to_string()
+        } else {
+            u.pid.to_string()
+        };
+        let exit = if u.last_exit < 0 {
+            "-".to_string()
+        } else {
+            u.last_exit.to_string()
+        };
+        let state = if u.reason.is_empty() {
+            u.state.clone()
+        } else {
+            format!("{} ({})", u.state, u.reason)
+        };
+        println!(
+            "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}",
+            u.name, u.kind, state, pid, u.restarts, exit, u.description
+        );
+    }
+}
+
+fn run(args: &[String]) -> Result<ExitCode, String> {
+    let verb = args.first().map(String::as_str);
+    match verb {
+        Some("version") | Some("--version") => {
+            println!("cup {}", env!("CARGO_PKG_VERSION"));
+        }
+        Some("validate") if args.len() > 1 => {
+            let mut ok = true;
+            for f in &args[1..] {
+                let path = Path::new(f);
+                let result = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{f}: {e}"))
+                    .and_then(|t| steelcup_units::parse(path, &t).map_err(|e| e.to_string()));
+                match result {
+                    Ok(u) => println!(
+                        "{f}: ok ({})",
+                        match u.kind {
+                            steelcup_units::UnitKind::Service(_) => "service",
+                            steelcup_units::UnitKind::Microvm(_) => "microvm",
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ok = false;
+                    }
+                }
+            }
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Some("units") => {
+            let units = proxy()?.list_units().map_err(api_err)?;
+            if json(args) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&units).map_err(|e| e.to_string())?
+                );
+            } else {
+                print_units(&units);
+            }
+        }
+        Some("unit") => {
+            let (Some(action), Some(name)) = (args.get(1), args.get(2)) else {
+                return Err(format!("unit needs an action and a unit name\n{USAGE}"));
+            };
+            let p = proxy()?;
+            match action.as_str() {
+                "status" => {
+                    let u = p.status(name).map_err(api_err)?;
+                    if json(args) {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&u).map_err(|e| e.to_string())?
+                        );
+                    } else {
+                        print_units(&[u]);
+                    }
+                }
+                "start" => p.start(name).map_err(api_err)?,
+                "stop" => p.stop(name).map_err(api_err)?,
+                "restart" => p.restart(name).map_err(api_err)?,
+                other => {
+                    return Err(format!(
+                        "unknown unit action {other:?}; use status, start, stop or restart"
+                    ))
+                }
+            }
+        }
+        Some("logs") => {
+            let (mut unit, mut workload) = (None, None);
+            let mut follow = false;
+            let mut lines = 100u32;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--unit" | "-u" => unit = it.next().cloned(),
+                    "-f" | "--follow" => follow = true,
+                    "-n" | "--tail" => {
+                        lines = it
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .ok_or("-n needs a number")?
+                    }
+                    other if workload.is_none() && !other.starts_with('-') => {
+                        workload = Some(other.to_string())
+                    }
+                    other => return Err(format!("unknown logs option {other:?}")),
+                }
+            }
+            if let (None, Some(name)) = (&unit, workload) {
+                return code(crate::workloads::logs(&vmmd()?, &name, lines, follow));
+            }
+            let unit = unit.ok_or("logs needs a workload name or --unit NAME")?;
+            let p = proxy()?;
+            let (first, mut cursor) = p.tail(&unit, lines).map_err(api_err)?;
+            for (_, l) in first {
+                println!("{l}");
+            }
+            while follow {
+                let (more, next) = p.logs(&unit, cursor, 1000).map_err(api_err)?;
+                if more.is_empty() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                for (_, l) in more {
+                    println!("{l}");
+                }
+                cursor = next;
+            }
+        }
+        Some("reload") => {
+            let s = proxy()?.reload().map_err(api_err)?;
+            println!(
+                "reloaded: started [{}], stopped [{}], restarted [{}]",
+                s.started.join(", "),
+                s.stopped.join(", "),
+                s.restarted.join(", ")
+            );
+            for e in &s.errors {
+                eprintln!("{e}");
+            }
+            if !s.errors.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Some("update") => {
+            return code(crate::update::update(
+                &proxy()?,
+                &args[1..],
+                &steelcup_api::bus::run_dir(),
+            ))
+        }
+        Some("rollback") => return code(crate::update::rollback(&proxy()?, &args[1..])),
+        Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
+        Some("reboot") => proxy()?.reboot().map_err(api_err)?,
+        Some("ps") => {
+            let all = args[1..].iter().any(|a| a == "-a" || a == "--all");
+            let mut vms = vmmd()?.list().map_err(api_err)?;
+            // As docker ps: what runs (or is about to); -a: every workload.
+            vms.retain(|v| all || v.state != "ended");
+            if json(args) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&vms).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{:<16} {:<20} {:>7} {:>5} {:>5} {:>7}  {:<15}  LAST OUTCOME",
+                    "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY", "ADDRESS"
+                );
+                for v in &vms {
+                    let state = match v.health.as_str() {
+                        "" => v.state.clone(),
+                        h => format!("{} ({h})", v.state),
+                    };
+                    println!(
+                        "{:<16} {:<20} {:>7} {:>5} {:>5} {:>6}M  {:<15}  {}",
+                        v.name,
+                        state,
+                        if v.pid == 0 {
+                            "-".to_string()
+                        } else {
+                            v.pid.to_string()
+                        },
+                        v.runs,
+                        v.vcpus,
+                        v.memory_mib,
+                        if v.address.is_empty() {
+                            "-"
+                        } else {
+                            &v.address
+                        },
+                        v.last_outcome
+                    );
+                }
+            }
+        }
+        // As docker run: 125 when cup run itself fails, else the workload's code.
+        Some("run") => {
+            return match vmmd().and_then(|p| crate::workloads::run(&p, &args[1..])) {
+                Ok(c) => Ok(ExitCode::from(c)),
+                Err(e) => {
+                    eprintln!("cup: {e}");
+                    Ok(ExitCode::from(125))
+                }
+            }
+        }
+        Some("exec") => return code(crate::workloads::exec(&vmmd()?, &args[1..])),
+        Some("rm") => return code(crate::workloads::rm(&vmmd()?, &args[1..])),
+        Some(verb @ ("pull" | "images" | "rmi")) => {
+            return code(crate::workloads::image_verb(
+                &vmmd()?,
+                verb,
+                &args[1..],
+                json(args),
+            ))
+        }
+        Some("image") if args.get(1).map(String::as_str) == Some("prune") => {
+            return code(crate::workloads::image_verb(&vmmd()?, "prune", &[], false))
+        }
+        Some(verb @ ("pause" | "unpause" | "stop" | "start")) => {
+            let name = args
+                .get(1)
+                .ok_or_else(|| format!("{verb} needs a workload name (see `cup ps`)"))?;
+            let p = vmmd()?;
+            match verb {
+                "pause" => p.pause(name),
+                "unpause" => p.resume(name),
+                "stop" => p.stop(name),
+                _ => p.start(name),
+            }
+            .map_err(api_err)?;
+            println!("{name}");
+        }
+        Some("kill") => return code(crate::workloads::kill(&vmmd()?, &args[1..])),
+        Some("attach") => return code(crate::workloads::attach(&vmmd()?, &args[1..])),
+        Some("events") => {
+            let p = vmmd()?;
+            let changes = p.receive_workload_changed().map_err(api_err)?;
+            for c in changes {
+                let Ok(a) = c.args() else { continue };
+                let state = match a.health {
+                    "" => a.state.to_string(),
+                    h => format!("{} ({h})", a.state),
+                };
+                println!("{} {state} {}", a.name, a.last_outcome);
+            }
+        }
+        Some("inspect") => return code(crate::workloads::inspect(&vmmd()?, &args[1..])),
+        _ => {
+            eprintln!("{USAGE}");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

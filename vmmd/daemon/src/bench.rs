@@ -1,0 +1,637 @@
+//! `vmmd bench`: steelcup's VMM side by side with QEMU's `microvm` machine,
+//! same host, same guest kernel and initramfs, same run.
+//!
+//! # Method
+//! Each round starts our worker (`vmm-worker`, the process vmmd runs per
+//! VM) and then QEMU (`-M microvm -accel kvm -cpu host`, no default
+//! devices, serial on stdio) with the same kernel, the same initramfs with
+//! the same guest config appended (vminit running `echo MARKER`), the same
+//! command line, 1 vCPU and the same memory. For each it measures:
+//! - time from just before the process is spawned to the marker line on
+//!   the guest's serial console (the guest's userspace has run);
+//! - VMM setup (ours only): spawn to vCPU 0's first `KVM_RUN`, which the
+//!   worker reports on CLOCK_MONOTONIC;
+//! - peak RSS of the process (`ru_maxrss` from `wait4`);
+//! - VMM overhead: RSS when the marker arrives minus the RSS of the guest
+//!   memory mapping (the largest mapping in `/proc/PID/smaps`, at least the
+//!   guest's size), i.e. what the VMM holds besides guest memory the guest
+//!   touched.
+//!
+//! Medians over the rounds are printed as lines starting `vmm-bench| `
+//! (a Markdown table), which `cargo xtask bench` copies into
+//! `docs/performance.md`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use steelcup_proto::guest::GuestConfig;
+use steelcup_proto::worker::{VmConfig, DEFAULT_CMDLINE, TIMING_PREFIX};
+use steelcup_vmm::builder;
+
+const MARKER: &str = "steelcup-bench: guest userspace is up";
+const PREFIX: &str = "vmm-bench| ";
+
+/// One measurement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub setup_ms: Option<f64>,
+    pub to_line_ms: f64,
+    pub peak_rss_kib: u64,
+    pub overhead_kib: u64,
+}
+
+struct Args {
+    rounds: usize,
+    qemu: PathBuf,
+    memory_mib: u64,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    cmdline: String,
+    trace: bool,
+    setup_only: bool,
+    huge_pages: bool,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        rounds: 5,
+        qemu: "/usr/bin/qemu-system-x86_64".into(),
+        memory_mib: 128,
+        kernel: crate::daemon::DEFAULT_KERNEL.into(),
+        initramfs: crate::daemon::DEFAULT_INITRAMFS.into(),
+        cmdline: DEFAULT_CMDLINE.into(),
+        trace: false,
+        setup_only: false,
+        huge_pages: false,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--rounds" => a.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            "--memory" => a.memory_mib = value()?.parse().map_err(|e| format!("--memory: {e}"))?,
+            "--qemu" => a.qemu = value()?.into(),
+            "--kernel" => a.kernel = value()?.into(),
+            "--initramfs" => a.initramfs = value()?.into(),
+            "--cmdline" => a.cmdline = value()?,
+            "--trace" => a.trace = true,
+            "--setup-only" => a.setup_only = true,
+            "--huge-pages" => a.huge_pages = true,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(a)
+}
+
+/// `vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] [--kernel PATH]
+/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only] [--huge-pages]`; `--trace`
+/// prints every line of each guest's console with the ms since its VMM was
+/// spawned. `--setup-only` measures the worker's setup alone, each worker
+/// killed at its first `KVM_RUN` (no QEMU, and the guest need not boot, so
+/// it runs wherever `/dev/kvm` can create a VM). `--huge-pages` gives our
+/// guest memory transparent huge pages, as QEMU asks for its own.
+pub fn main(args: &[String]) -> i32 {
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmmd bench: {e}");
+            1
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let a = parse(args)?;
+    let config = VmConfig {
+        name: "bench".into(),
+        kernel: a.kernel.clone(),
+        initramfs: a.initramfs.clone(),
+        cmdline: a.cmdline.clone(),
+        vcpus: 1,
+        memory_mib: a.memory_mib,
+        memory_backing: Default::default(),
+        huge_pages: a.huge_pages,
+        guest: GuestConfig {
+            cmd: vec!["/bin/echo".into(), MARKER.into()],
+            env: Default::default(),
+            workdir: None,
+            hostname: Some("bench".into()),
+            root: None,
+            volumes: vec![],
+            network: None,
+            user: None,
+            attach: false,
+            tty: false,
+            rlimits: Default::default(),
+            pool: false,
+        },
+        disks: vec![],
+        vsock: None,
+        net: None,
+        report_timing: true,
+        jail_scratch: None,
+    };
+    // QEMU gets the very initramfs our worker builds in guest memory.
+    let mut initrd =
+        std::fs::read(&a.initramfs).map_err(|e| format!("read {}: {e}", a.initramfs.display()))?;
+    initrd.extend(builder::guest_config_cpio(&config).map_err(|e| e.to_string())?);
+    let initrd_path = std::env::temp_dir().join("steelcup-bench-initramfs.cpio");
+    std::fs::write(&initrd_path, &initrd)
+        .map_err(|e| format!("write {}: {e}", initrd_path.display()))?;
+    let line = serde_json::to_string(&config).map_err(|e| e.to_string())? + "\n";
+    // The worker vmmd itself would start.
+    let exe = steelcup_vmm::worker::exe();
+
+    if a.setup_only {
+        return setup_only(&a, &exe, &line);
+    }
+
+    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    for round in 1..=a.rounds {
+        let s = measure(
+            Command::new(&exe).args(["worker", "bench"]),
+            Some(&line),
+            a.memory_mib,
+            true,
+            a.trace.then_some("steelcup"),
+        )?;
+        eprintln!("vmmd bench: round {round}: steelcup {s:?}");
+        ours.push(s);
+        let mut cmd = Command::new(&a.qemu);
+        cmd.args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+            "-m",
+        ])
+        .arg(format!("{}M", a.memory_mib))
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(&a.kernel)
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .arg("-append")
+        .arg(&a.cmdline);
+        let s = measure(
+            &mut cmd,
+            None,
+            a.memory_mib,
+            false,
+            a.trace.then_some("qemu"),
+        )?;
+        eprintln!("vmmd bench: round {round}: QEMU microvm {s:?}");
+        qemu.push(s);
+    }
+    let _ = std::fs::remove_file(&initrd_path);
+    for l in table(&ours, &qemu, a.memory_mib) {
+        println!("{PREFIX}{l}");
+    }
+    println!("{PREFIX}rounds: {}", rounds_line(&ours, &qemu));
+    println!("{PREFIX}targets: {}", verdict(&ours, &qemu));
+    if let Some(floor) = start_floor(&exe, a.rounds)? {
+        println!("{PREFIX}floor: {floor:.1}");
+    }
+    println!("vmm-bench: done");
+    Ok(())
+}
+
+/// `--setup-only`: the worker's setup, spawn to first `KVM_RUN`, over the
+/// rounds (each worker killed there), beside starting the worker binary
+/// alone; printed as a `vmm-bench| ` table, the target and the phases of
+/// the median round.
+fn setup_only(a: &Args, exe: &std::path::Path, line: &str) -> Result<(), String> {
+    let mut rounds = Vec::new();
+    for round in 1..=a.rounds {
+        let (ms, phases) = setup_round(exe, line)?;
+        eprintln!("vmmd bench: round {round}: setup {ms:.1} ms ({phases})");
+        rounds.push((ms, phases));
+    }
+    rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (med, phases) = rounds[rounds.len() / 2].clone();
+    let (min, max) = (rounds[0].0, rounds[rounds.len() - 1].0);
+    println!(
+        "{PREFIX}| worker, 1 vCPU, {} MiB | median | min | max |",
+        a.memory_mib
+    );
+    println!("{PREFIX}|---|---|---|---|");
+    println!(
+        "{PREFIX}| setup: spawn to first `KVM_RUN` | **{med:.1} ms** | {min:.1} ms | {max:.1} ms |"
+    );
+    if let Some(floor) = start_floor(exe, a.rounds)? {
+        println!("{PREFIX}| starting the binary alone: spawn to exit of `vmm-worker --version` | {floor:.1} ms | | |");
+    }
+    let mark = if med < 10.0 { "met" } else { "not met" };
+    println!("{PREFIX}targets: setup under 10 ms: {mark} ({med:.1} ms)");
+    println!("{PREFIX}phases: {phases}");
+    println!("vmm-bench: done");
+    Ok(())
+}
+
+/// One worker started with `line` as its config and killed at its first
+/// `KVM_RUN`: ms from spawn to then, and its phases (ms after spawn).
+fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), String> {
+    let t0 = steelcup_vmm::worker::monotonic_ns();
+    let mut child = Command::new(exe)
+        .args(["worker", "bench"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", exe.display()))?;
+    let mut control = child.stdin.take();
+    if let Some(s) = control.as_mut() {
+        s.write_all(line.as_bytes())
+            .map_err(|e| format!("config to the worker: {e}"))?;
+    }
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let ms = |ns: &str| {
+        ns.trim()
+            .parse::<u64>()
+            .ok()
+            .map(|ns| ns.saturating_sub(t0) as f64 / 1e6)
+    };
+    let (mut first_run, mut phases, mut tail) = (None, Vec::new(), Vec::new());
+    for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+        match l.strip_prefix(TIMING_PREFIX) {
+            Some(r) if r.starts_with("first-kvm-run ") => {
+                first_run = ms(&r["first-kvm-run ".len()..]);
+                break;
+            }
+            Some(r) => phases.extend(phase_after(r, t0)),
+            None if tail.len() < 20 => tail.push(l),
+            None => {}
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(control);
+    match first_run {
+        Some(v) => Ok((v, phases.join(", "))),
+        None => Err(format!(
+            "{} never reached KVM_RUN; its stderr: {}",
+            exe.display(),
+            tail.join(" | ")
+        )),
+    }
+}
+
+/// A worker's `phase NAME NS` timing line (after the prefix) as `NAME MS`,
+/// the ms counted from `t0`; `None` for any other timing line.
+fn phase_after(timing: &str, t0: u64) -> Option<String> {
+    let (name, ns) = timing.strip_prefix("phase ")?.split_once(' ')?;
+    let ns = ns.trim().parse::<u64>().ok()?;
+    Some(format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6))
+}
+
+/// The median ms from spawning `vmm-worker --version` to its exit: what
+/// starting the worker binary costs before it does anything. `None` when
+/// `exe` is not `vmm-worker` (vmmd itself has no `--version`).
+fn start_floor(exe: &std::path::Path, rounds: usize) -> Result<Option<f64>, String> {
+    if exe.file_name() != Some(std::ffi::OsStr::new("vmm-worker")) {
+        return Ok(None);
+    }
+    let mut times = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t0 = steelcup_vmm::worker::monotonic_ns();
+        let status = Command::new(exe)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("start {}: {e}", exe.display()))?;
+        let t1 = steelcup_vmm::worker::monotonic_ns();
+        if !status.success() {
+            return Err(format!("{} --version: {status}", exe.display()));
+        }
+        times.push(t1.saturating_sub(t0) as f64 / 1e6);
+    }
+    Ok(Some(median(times)))
+}
+
+/// Starts `cmd`, feeds it `stdin`, waits for the marker on its stdout,
+/// samples its memory, then lets it end (`wait_exit`) or kills it.
+fn measure(
+    cmd: &mut Command,
+    stdin: Option<&str>,
+    memory_mib: u64,
+    wait_exit: bool,
+    trace: Option<&str>,
+) -> Result<Sample, String> {
+    let t0 = steelcup_vmm::worker::monotonic_ns();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start {cmd:?}: {e}"))?;
+    let pid = child.id() as i32;
+    // Kept open until the child is reaped: it is the worker's control
+    // channel.
+    let mut control = child.stdin.take();
+    if let (Some(text), Some(s)) = (stdin, control.as_mut()) {
+        s.write_all(text.as_bytes())
+            .map_err(|e| format!("config to the worker: {e}"))?;
+    }
+    let stderr = child.stderr.take();
+    // The guest memory's host range, as the worker reports it.
+    let guest_range = std::sync::Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
+    let range_seen = guest_range.clone();
+    let timing = std::thread::spawn(move || {
+        let mut first_run = None;
+        let mut tail = Vec::new();
+        let mut phases = Vec::new();
+        for l in BufReader::new(stderr?).lines().map_while(Result::ok) {
+            if let Some(ns) = l
+                .strip_prefix(TIMING_PREFIX)
+                .and_then(|r| r.strip_prefix("first-kvm-run "))
+            {
+                first_run = ns.trim().parse::<u64>().ok();
+            } else if let Some((start, len)) = l
+                .strip_prefix(TIMING_PREFIX)
+                .and_then(|r| r.strip_prefix("guest-memory "))
+                .and_then(|r| r.split_once(' '))
+            {
+                let hex = |v: &str| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16);
+                if let (Ok(start), Ok(len)) = (hex(start), hex(len)) {
+                    *range_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((start, len));
+                }
+            } else if let Some(r) = l.strip_prefix(TIMING_PREFIX) {
+                phases.extend(phase_after(r, t0));
+            } else if tail.len() < 20 {
+                tail.push(l);
+            }
+        }
+        if !phases.is_empty() {
+            eprintln!(
+                "vmmd bench: worker phases (ms after spawn): {}",
+                phases.join(", ")
+            );
+        }
+        Some((first_run, tail))
+    });
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = None;
+    for l in lines.by_ref().map_while(Result::ok) {
+        if let Some(label) = trace {
+            let ms = steelcup_vmm::worker::monotonic_ns().saturating_sub(t0) as f64 / 1e6;
+            eprintln!("vmmd bench: {label} {ms:8.1} | {}", l.trim_end());
+        }
+        if l.contains(MARKER) && !l.contains("echo") {
+            seen = Some(steelcup_vmm::worker::monotonic_ns());
+            break;
+        }
+    }
+    let range = *guest_range.lock().unwrap_or_else(|p| p.into_inner());
+    let rss = memory_at(pid, memory_mib, range);
+    if !wait_exit || seen.is_none() {
+        // SAFETY: kill of our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // Drain the rest so the child never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid pointers.
+    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    drop(control);
+    let _ = drain.join();
+    let (first_run, tail) = timing.join().ok().flatten().unwrap_or_default();
+    let Some(seen) = seen else {
+        return Err(format!(
+            "{cmd:?} ended without printing {MARKER:?}; its stderr: {}",
+            tail.join(" | ")
+        ));
+    };
+    let (rss_kib, guest_kib) = rss?;
+    Ok(Sample {
+        setup_ms: first_run.map(|ns| ns.saturating_sub(t0) as f64 / 1e6),
+        to_line_ms: seen.saturating_sub(t0) as f64 / 1e6,
+        peak_rss_kib: usage.ru_maxrss as u64,
+        overhead_kib: rss_kib.saturating_sub(guest_kib),
+    })
+}
+
+/// (total RSS, RSS of the guest memory mapping) of `pid`, in KiB.
+/// With `guest` (the guest memory's host start and length, as our worker
+/// reports it), the guest's RSS is that of every mapping inside the range
+/// (the kernel's file mapping and the huge-page ranges split it); without (QEMU),
+/// that of the largest mapping of at least the guest's size.
+fn memory_at(pid: i32, memory_mib: u64, guest: Option<(u64, u64)>) -> Result<(u64, u64), String> {
+    let path = PathBuf::from(format!("/proc/{pid}/smaps"));
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(match guest {
+        Some(range) => parse_smaps_in(&text, range),
+        None => parse_smaps(&text, memory_mib << 10),
+    })
+}
+
+/// The number of kB on an smaps line (`Rss:   20480 kB`).
+fn smaps_kib(line: &str) -> u64 {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sums `Rss:` over all mappings, and over the mappings that lie inside
+/// `start..start+len`.
+pub fn parse_smaps_in(text: &str, (start, len): (u64, u64)) -> (u64, u64) {
+    let (mut total, mut inside, mut within) = (0, 0, false);
+    for l in text.lines() {
+        let head = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                within = a >= start && b <= start + len;
+                continue;
+            }
+        }
+        if l.starts_with("Rss:") {
+            let rss = smaps_kib(l);
+            total += rss;
+            if within {
+                inside += rss;
+            }
+        }
+    }
+    (total, inside)
+}
+
+/// Sums `Rss:` over all mappings, and finds the largest mapping of at least
+/// `guest_kib` (the guest's memory) and its `Rss:`.
+pub fn parse_smaps(text: &str, guest_kib: u64) -> (u64, u64) {
+    let kib = smaps_kib;
+    let (mut total, mut best_size, mut best_rss, mut size) = (0, 0, 0, 0);
+    for l in text.lines() {
+        if l.starts_with("Size:") {
+            size = kib(l);
+        } else if l.starts_with("Rss:") {
+            let rss = kib(l);
+            total += rss;
+            if size >= guest_kib && size > best_size {
+                best_size = size;
+                best_rss = rss;
+            }
+        }
+    }
+    (total, best_rss)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The Markdown table of medians and the ratio row.
+fn table(ours: &[Sample], qemu: &[Sample], memory_mib: u64) -> Vec<String> {
+    let m = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let time = |s: &Sample| s.to_line_ms;
+    let peak = |s: &Sample| s.peak_rss_kib as f64 / 1024.0;
+    let over = |s: &Sample| s.overhead_kib as f64 / 1024.0;
+    let setup = m(ours, |s| s.setup_ms.unwrap_or(f64::NAN));
+    vec![
+        format!("| VMM (1 vCPU, {memory_mib} MiB) | setup: spawn to first KVM_RUN | spawn to guest userspace line | peak RSS | overhead (RSS − guest memory touched) |"),
+        "|---|---|---|---|---|".into(),
+        format!(
+            "| steelcup worker | {setup:.1} ms | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+            m(ours, time),
+            m(ours, peak),
+            m(ours, over)
+        ),
+        format!(
+            "| QEMU `-M microvm` | – | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+            m(qemu, time),
+            m(qemu, peak),
+            m(qemu, over)
+        ),
+        format!(
+            "| **ratio steelcup / QEMU** | | **{:.2}×** | **{:.2}×** | **{:.2}×** |",
+            m(ours, time) / m(qemu, time),
+            m(ours, peak) / m(qemu, peak),
+            m(ours, over) / m(qemu, over)
+        ),
+    ]
+}
+
+/// Each target, met or not, with the number.
+fn verdict(ours: &[Sample], qemu: &[Sample]) -> String {
+    let m = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let setup = m(ours, |s| s.setup_ms.unwrap_or(f64::NAN));
+    let over = m(ours, |s| s.overhead_kib as f64 / 1024.0);
+    let time = m(ours, |s| s.to_line_ms) / m(qemu, |s| s.to_line_ms);
+    let peak = m(ours, |s| s.peak_rss_kib as f64) / m(qemu, |s| s.peak_rss_kib as f64);
+    let mark = |ok: bool| if ok { "met" } else { "not met" };
+    format!(
+        "setup under 10 ms: {} ({setup:.1} ms); overhead under 5 MiB: {} ({over:.1} MiB); time at most 0.5× QEMU's: {} ({time:.2}×); peak RSS at most 0.5× QEMU's: {} ({peak:.2}×)",
+        mark(setup < 10.0),
+        mark(over < 5.0),
+        mark(time <= 0.5),
+        mark(peak <= 0.5)
+    )
+}
+
+/// Every round's time to the line, ours / QEMU, in ms.
+fn rounds_line(ours: &[Sample], qemu: &[Sample]) -> String {
+    ours.iter()
+        .zip(qemu)
+        .map(|(o, q)| format!("{:.0}/{:.0}", o.to_line_ms, q.to_line_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_finds_the_guest_mapping_and_sums_the_rest() {
+        let text = "\
+55d0-55e0 r-xp 00000000 08:01 1 /usr/bin/vmmd
+Size:                 64 kB
+Rss:                  60 kB
+7f00-7f08 rw-p 00000000 00:00 0
+Size:             131072 kB
+Rss:               20480 kB
+7f10-7f11 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                1024 kB
+";
+        assert_eq!(parse_smaps(text, 128 << 10), (60 + 20480 + 1024, 20480));
+        // No mapping as large as the guest: nothing counts as guest memory.
+        assert_eq!(parse_smaps(text, 256 << 10).1, 0);
+    }
+
+    #[test]
+    fn smaps_sums_the_mappings_inside_the_guest_range() {
+        // Guest memory at 0x7f00000..0x7f08000 (32 KiB here), split by a
+        // file mapped over its middle.
+        let text = "\
+55d0-55e0 r-xp 00000000 08:01 1 /usr/bin/vmmd
+Size:                 64 kB
+Rss:                  60 kB
+7f00000-7f02000 rw-p 00000000 00:00 0
+Size:                  8 kB
+Rss:                   8 kB
+7f02000-7f04000 rw-p 00000000 00:05 9 /usr/lib/steelcup/guest/initramfs
+Size:                  8 kB
+Rss:                   4 kB
+7f04000-7f08000 rw-p 00000000 00:00 0
+Size:                 16 kB
+Rss:                  12 kB
+7f10000-7f11000 rw-p 00000000 00:00 0
+Size:                  4 kB
+Rss:                   4 kB
+";
+        assert_eq!(
+            parse_smaps_in(text, (0x7f0_0000, 0x8000)),
+            (60 + 8 + 4 + 12 + 4, 8 + 4 + 12)
+        );
+    }
+
+    #[test]
+    fn phase_lines_become_names_with_ms_after_the_spawn() {
+        assert_eq!(
+            phase_after("phase vm-created 3500000", 1_000_000).as_deref(),
+            Some("vm-created 2.5")
+        );
+        assert_eq!(phase_after("first-kvm-run 3500000", 0), None);
+        assert_eq!(phase_after("phase vm-created soon", 0), None);
+    }
+
+    #[test]
+    fn medians_and_table() {
+        let s = |t, p| Sample {
+            setup_ms: Some(3.0),
+            to_line_ms: t,
+            peak_rss_kib: p,
+            overhead_kib: 1024,
+        };
+        let ours = [s(100.0, 10240), s(120.0, 10240), s(90.0, 10240)];
+        let qemu = [s(200.0, 40960), s(220.0, 40960), s(210.0, 40960)];
+        let t = table(&ours, &qemu, 128);
+        assert!(t[2].contains("| 3.0 ms | 100 ms | 10.0 MiB |"), "{}", t[2]);
+        assert!(
+            t[4].contains("**0.48×** | **0.25×** | **1.00×**"),
+            "{}",
+            t[4]
+        );
+        assert_eq!(rounds_line(&ours, &qemu), "100/200, 120/220, 90/210");
+    }
+}

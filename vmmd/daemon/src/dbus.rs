@@ -1,0 +1,247 @@
+//! The D-Bus adapter of vmmd's API (`org.steelcup.Vmm1`): decodes each
+//! method into a [`steelcup_api::vmm1::Action`] and forwards it to the
+//! daemon's loop with a one-shot reply channel; it decides nothing.
+
+use std::path::Path;
+use std::sync::mpsc;
+use steelcup_api::vmm1::*;
+
+/// A request from the API to the daemon's loop.
+#[derive(Debug)]
+pub struct Request {
+    pub action: Action,
+    pub reply: futures_channel::oneshot::Sender<Result<Reply, ApiError>>,
+}
+
+/// D-Bus errors: `org.steelcup.Vmm1.Error.NoSuchVm`, ...
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.steelcup.Vmm1.Error")]
+pub enum Vmm1Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    NoSuchVm(String),
+    Refused(String),
+    ShuttingDown(String),
+    Internal(String),
+}
+
+impl From<ApiError> for Vmm1Error {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::NoSuchVm(_) => Vmm1Error::NoSuchVm(msg),
+            ApiError::Refused(_) => Vmm1Error::Refused(msg),
+            ApiError::ShuttingDown => Vmm1Error::ShuttingDown(msg),
+        }
+    }
+}
+
+/// The interface object served on every connection.
+#[derive(Debug, Clone)]
+struct Vmm1 {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Vmm1 {
+    async fn call(&self, action: Action) -> Result<Reply, Vmm1Error> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.requests
+            .send(Request { action, reply })
+            .map_err(|_| Vmm1Error::from(ApiError::ShuttingDown))?;
+        match answer.await {
+            Ok(r) => r.map_err(Vmm1Error::from),
+            Err(_) => Err(ApiError::ShuttingDown.into()),
+        }
+    }
+}
+
+#[zbus::interface(name = "org.steelcup.Vmm1")]
+impl Vmm1 {
+    /// Every workload: (name, state, last outcome, pid, runs, vcpus, memory
+    /// MiB, address).
+    async fn list(&self) -> Result<Vec<VmInfo>, Vmm1Error> {
+        match self.call(Action::List).await? {
+            Reply::Vms(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Stops the workload's vCPUs; its memory and devices stay.
+    async fn pause(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Pause(name)).await.map(|_| ())
+    }
+
+    /// Lets a paused workload's vCPUs run again.
+    async fn resume(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Resume(name)).await.map(|_| ())
+    }
+
+    /// Asks the guest to stop (then kills it after 5 s); answers once the
+    /// VM has ended. It is not restarted.
+    async fn stop(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Stop(name)).await.map(|_| ())
+    }
+
+    /// Starts a workload that is not running.
+    async fn start(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Start(name)).await.map(|_| ())
+    }
+
+    /// Runs an image as a new workload; `spec` is a JSON [`RunSpec`].
+    /// Answers the workload's name at once (the image is pulled and the VM
+    /// booted after).
+    async fn run(&self, spec: String) -> Result<String, Vmm1Error> {
+        let spec: RunSpec = serde_json::from_str(&spec)
+            .map_err(|e| Vmm1Error::from(ApiError::Refused(format!("run spec: {e}"))))?;
+        self.text(Action::Run(spec)).await
+    }
+
+    /// The Unix socket of a workload's vsock device (`CONNECT PORT`).
+    async fn socket(&self, name: String) -> Result<String, Vmm1Error> {
+        self.text(Action::Socket(name)).await
+    }
+
+    /// Forgets a workload that is not running.
+    async fn remove(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Remove(name)).await.map(|_| ())
+    }
+
+    /// Pulls an image into the store; answers its name and manifest digest.
+    async fn pull(&self, source: String) -> Result<(String, String), Vmm1Error> {
+        match self.call(Action::Pull(source)).await? {
+            Reply::Pulled { name, digest } => Ok((name, digest)),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// The images in the store: (name, digest, size, root image built).
+    async fn images(&self) -> Result<Vec<ImageInfo>, Vmm1Error> {
+        match self.call(Action::Images).await? {
+            Reply::Images(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Forgets an image's name (its blobs go with the next prune).
+    async fn remove_image(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::RemoveImage(name)).await.map(|_| ())
+    }
+
+    /// Pulls in flight (by `Pull` or for a unit): (source, blob digest,
+    /// bytes done, bytes in the blob). `cup pull` draws its progress bar
+    /// from this.
+    async fn pulls(&self) -> Result<Vec<PullInfo>, Vmm1Error> {
+        match self.call(Action::Pulls).await? {
+            Reply::Pulls(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Sends signal `signal` (a number, like 9) to the workload's process
+    /// group inside its VM; answers once the guest has it.
+    async fn kill(&self, name: String, signal: i32) -> Result<(), Vmm1Error> {
+        self.call(Action::Kill(name, signal)).await.map(|_| ())
+    }
+
+    /// A workload as JSON: its spec, image, state, pid, runs, address,
+    /// last outcome and vsock socket.
+    async fn inspect(&self, name: String) -> Result<String, Vmm1Error> {
+        self.text(Action::Inspect(name)).await
+    }
+
+    /// The last `lines` lines of a workload's console output: (lines as
+    /// (sequence number, text), cursor after them, still running).
+    async fn tail(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        self.logs_of(name, None, lines).await
+    }
+
+    /// A workload's console output from sequence number `since`, at most
+    /// `max` lines: (lines, cursor to go on from, still running).
+    async fn logs(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        self.logs_of(name, Some(since), max).await
+    }
+
+    /// Emitted on every change of a workload's state, health or last
+    /// outcome; state `removed` when vmmd forgets it.
+    #[zbus(signal)]
+    async fn workload_changed(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        name: &str,
+        state: &str,
+        health: &str,
+        last_outcome: &str,
+    ) -> zbus::Result<()>;
+
+    /// Removes what no image name reaches; answers what went.
+    async fn prune(&self) -> Result<String, Vmm1Error> {
+        self.text(Action::Prune).await
+    }
+}
+
+impl Vmm1 {
+    async fn logs_of(
+        &self,
+        name: String,
+        since: Option<u64>,
+        max: u32,
+    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        match self.call(Action::Logs { name, since, max }).await? {
+            Reply::Logs(lines, next, running) => Ok((lines, next, running)),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    async fn text(&self, action: Action) -> Result<String, Vmm1Error> {
+        match self.call(action).await? {
+            Reply::Text(t) => Ok(t),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+}
+
+/// A workload's state as `WorkloadChanged` tells it: name, state,
+/// health, last outcome.
+pub type Change = (String, String, String, String);
+
+/// Serves the API on `socket` (mode 0600), forwarding to `requests`;
+/// what is sent on the returned channel goes out as `WorkloadChanged` to
+/// every client.
+pub fn serve(
+    socket: &Path,
+    requests: mpsc::Sender<Request>,
+) -> std::io::Result<mpsc::Sender<Change>> {
+    use steelcup_api::bus::{accept_p2p, bind_private};
+    use zbus::object_server::SignalEmitter;
+    let listener = bind_private(socket)?;
+    let conns = accept_p2p(listener, PATH, move || Vmm1 {
+        requests: requests.clone(),
+    })?;
+    let (tx, rx) = mpsc::channel::<Change>();
+    std::thread::Builder::new()
+        .name("api-signals".into())
+        .spawn(move || {
+            for (name, state, health, outcome) in rx {
+                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
+                list.retain(|c| {
+                    let Ok(emitter) = SignalEmitter::new(c.inner(), PATH) else {
+                        return false;
+                    };
+                    zbus::block_on(Vmm1::workload_changed(
+                        &emitter, &name, &state, &health, &outcome,
+                    ))
+                    .is_ok()
+                });
+            }
+        })?;
+    tracing::info!("API {INTERFACE} on {}", socket.display());
+    Ok(tx)
+}

@@ -1,0 +1,726 @@
+//! The daemon's state machine: desired state (the `[microvm]` units) and
+//! the workloads that run it, one VM each, reconciled on every event.
+//!
+//! # Design
+//! [`Core`] owns every workload and the desired units and decides; what it
+//! decides happens through a [`Backend`] (the real one starts jailed
+//! workers, the tests' one records calls), and what happened comes back as
+//! calls (`ended`, `prepared`, `probed`) with the time passed in, so the
+//! whole policy runs in unit tests without a VM or a clock.
+//!
+//! A unit with `replicas = N` has N workloads, each holding a slot
+//! `0..N` (a slot keeps its volumes across replacements). A workload is
+//! named `UNIT` (one replica) or `UNIT.K`, the first free K. On every tick,
+//! per unit:
+//! - a workload whose spec is not the unit's is *old*; with old ones
+//!   around, new ones start one at a time, each only when the previous new
+//!   one is ready (running, and healthy when the unit has a health check),
+//!   and an old one is retired (asked to stop, then forgotten) once a ready
+//!   new one holds its slot: a rolling replace. A unit with volumes stops
+//!   the old workload of a slot before the new one starts (one disk, one
+//!   VM);
+//! - missing slots start at once when there is nothing old (boot, scale
+//!   up, a workload removed by `cup rm`);
+//! - slots at or past `replicas` are retired (scale down); a removed unit
+//!   retires all of its workloads.
+//!
+//! A workload restarts by its restart policy with backoff (1 s doubling to
+//! 30 s, back to 1 s once it has been healthy or up for 10 s). A health
+//! check probes every second until the first success, then every
+//! `interval`; `retries` failures in a row (not counting those in
+//! `start-period`) make the workload unhealthy: it is stopped and that
+//! counts as a failure. An image that cannot be pulled is retried with the
+//! same backoff, without holding up other workloads.
+
+use crate::image::workload::Prepared;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use steelcup_api::vmm1::{ApiError, Reply};
+use steelcup_proto::worker::{VmOutcome, WorkerReport};
+use steelcup_units::{HealthCheck, MicrovmSection, Restart};
+
+/// What the core asks of the world.
+pub trait Backend {
+    /// Pull `image` and build its root image for workload `name`; the
+    /// answer comes back through [`Core::prepared`].
+    fn prepare(&mut self, name: &str, image: &str);
+    /// Start workload `name`'s VM; its end comes back through
+    /// [`Core::ended`]. Ok with the worker's pid.
+    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String>;
+    /// Ask the guest to end its workload (it may not answer).
+    fn ask_stop(&mut self, name: &str);
+    /// Kill the VM's worker.
+    fn kill(&mut self, name: &str, pid: i32);
+    /// Probe the workload's health; the answer comes back through
+    /// [`Core::probed`].
+    fn probe(&mut self, name: &str, check: &HealthCheck);
+    /// Send a control command (`pause`, `resume`) to the VM's worker.
+    fn control(&mut self, name: &str, command: &str) -> Result<String, String>;
+    /// A workload is gone for good: drop what is kept for it.
+    fn forgotten(&mut self, name: &str);
+}
+
+/// How long a guest has to end its workload after being asked to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The first restart delay, and the longest.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A run this long (or a healthy probe) resets the backoff.
+const STEADY: Duration = Duration::from_secs(10);
+
+/// Until a workload is first healthy it is probed this often.
+const FIRST_PROBES: Duration = Duration::from_secs(1);
+
+/// Until this long after a start (plus the check's `start-period`), a
+/// probe that cannot reach the guest at all does not count: the VM is
+/// still booting.
+pub const BOOT_GRACE: Duration = Duration::from_secs(60);
+
+/// Why a health probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub message: String,
+    /// vminit could not be reached (the guest is still booting, or hung).
+    pub unreachable: bool,
+}
+
+/// How many removed workloads' outcomes are remembered.
+const REMEMBER_REMOVED: usize = 64;
+
+/// How the last removed workloads ended, newest last (shared with the API
+/// so `cup run` can say why a VM it waited for is gone).
+pub type Removed = Arc<Mutex<VecDeque<(String, String)>>>;
+
+/// What happens once a stopping workload has ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterStop {
+    /// It stays, ended (`cup stop`).
+    Stay,
+    /// It ended as a failure (unhealthy): the restart policy decides.
+    Failed(String),
+    /// It goes (retired by the reconciler, `cup rm -f`).
+    Remove,
+}
+
+/// A stop in progress.
+#[derive(Debug)]
+pub struct Stopping {
+    pub kill_at: Instant,
+    pub replies: Vec<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
+    pub then: AfterStop,
+}
+
+/// Health, for workloads with a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// One workload: one VM at a time.
+#[derive(Debug)]
+pub struct Workload {
+    pub spec: MicrovmSection,
+    /// Its unit; None for `cup run`'s.
+    pub unit: Option<String>,
+    /// Its place among the unit's replicas (names its volumes).
+    pub slot: u32,
+    /// The guest's vsock context id.
+    pub cid: u32,
+    pub pid: Option<i32>,
+    pub paused: bool,
+    pub restart_at: Option<Instant>,
+    pub backoff: Duration,
+    pub runs: u64,
+    pub last_outcome: String,
+    pub started_at: Option<Instant>,
+    pub stopping: Option<Stopping>,
+    /// The workload's image, ready to boot.
+    pub prepared: Option<Prepared>,
+    /// A thread is pulling the image or building its root image.
+    pub preparing: bool,
+    /// Forgotten once it has ended (`cup run --rm`).
+    pub remove_when_done: bool,
+    /// The next boot waits for `cup` to attach to the workload's stdio
+    /// (with a terminal when `tty`).
+    pub attach: bool,
+    pub tty: bool,
+    pub health: Option<Health>,
+    pub probe_failures: u32,
+    pub last_probe: String,
+    pub next_probe: Option<Instant>,
+    pub probing: bool,
+}
+
+impl Workload {
+    pub fn new(spec: MicrovmSection, cid: u32, now: Instant) -> Workload {
+        Workload {
+            spec,
+            unit: None,
+            slot: 0,
+            cid,
+            pid: None,
+            paused: false,
+            restart_at: Some(now),
+            backoff: BACKOFF_FIRST,
+            runs: 0,
+            last_outcome: String::new(),
+            started_at: None,
+            stopping: None,
+            prepared: None,
+            preparing: false,
+            remove_when_done: false,
+            attach: false,
+            tty: false,
+            health: None,
+            probe_failures: 0,
+            last_probe: String::new(),
+            next_probe: None,
+            probing: false,
+        }
+    }
+
+    /// `running`, `paused`, `stopping`, `preparing` (its image), `waiting`
+    /// (for a restart) or `ended`.
+    pub fn state(&self) -> &'static str {
+        match (self.pid, self.paused, self.restart_at) {
+            (Some(_), _, _) if self.stopping.is_some() => "stopping",
+            (Some(_), true, _) => "paused",
+            (Some(_), false, _) => "running",
+            (None, _, _) if self.preparing => "preparing",
+            (None, _, Some(_)) => "waiting",
+            (None, _, None) => "ended",
+        }
+    }
+
+    /// `healthy`, `unhealthy`, `starting`, or empty without a check.
+    pub fn health_name(&self) -> &'static str {
+        match self.health {
+            None => "",
+            Some(Health::Starting) => "starting",
+            Some(Health::Healthy) => "healthy",
+            Some(Health::Unhealthy) => "unhealthy",
+        }
+    }
+
+    /// Running, not on its way out, and healthy if it has a check.
+    pub fn ready(&self) -> bool {
+        self.pid.is_some()
+            && self.stopping.is_none()
+            && (self.spec.health.is_none() || self.health == Some(Health::Healthy))
+    }
+
+    /// Where its volumes live under the state directory's `volumes/`
+    /// (`cup run`'s named volumes are shared by every `cup run`).
+    pub fn volume_key(&self) -> String {
+        match (&self.unit, self.slot) {
+            (Some(u), 0) => u.clone(),
+            (Some(u), k) => format!("{u}/replica-{k}"),
+            (None, _) => crate::daemon::NAMED_VOLUMES.to_string(),
+        }
+    }
+}
+
+/// Two specs run the same VM (replicas may differ).
+fn same_vm(a: &MicrovmSection, b: &MicrovmSection) -> bool {
+    let mut b = b.clone();
+    b.replicas = a.replicas;
+    *a == b
+}
+
+/// What a change of units did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UnitChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// The daemon's state.
+#[derive(Debug)]
+pub struct Core<B: Backend> {
+    pub workloads: BTreeMap<String, Workload>,
+    /// The `[microvm]` units: the desired state.
+    pub units: BTreeMap<String, MicrovmSection>,
+    pub backend: B,
+    pub removed: Removed,
+}
+
+impl<B: Backend> Core<B> {
+    pub fn new(backend: B, removed: Removed) -> Self {
+        Core {
+            workloads: BTreeMap::new(),
+            units: BTreeMap::new(),
+            backend,
+            removed,
+        }
+    }
+
+    /// Installs a new desired state (at start and on reload); the next
+    /// [`Core::tick`] acts on it.
+    pub fn set_units(&mut self, units: BTreeMap<String, MicrovmSection>) -> UnitChanges {
+        let mut c = UnitChanges::default();
+        for (name, spec) in &units {
+            match self.units.get(name) {
+                None => c.added.push(name.clone()),
+                Some(old) if old != spec => c.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        c.removed = self
+            .units
+            .keys()
+            .filter(|n| !units.contains_key(*n))
+            .cloned()
+            .collect();
+        self.units = units;
+        c
+    }
+
+    /// The lowest vsock context id no workload has (3 and up).
+    pub fn free_cid(&self) -> u32 {
+        let used: std::collections::BTreeSet<u32> =
+            self.workloads.values().map(|w| w.cid).collect();
+        (3..).find(|c| !used.contains(c)).unwrap_or(3)
+    }
+
+    /// Adds a workload made by `cup run`.
+    pub fn add(&mut self, name: String, w: Workload) {
+        tracing::info!("workload {name}: created by cup run");
+        self.workloads.insert(name, w);
+    }
+
+    /// The first free name for a new workload of `unit`.
+    fn new_name(&self, unit: &str, replicas: u32) -> String {
+        let taken = |n: &String| self.workloads.contains_key(n) || self.units.contains_key(n);
+        let first = (replicas == 1)
+            .then(|| unit.to_string())
+            .filter(|n| !self.workloads.contains_key(n));
+        first
+            .into_iter()
+            .chain((1..).map(|k| format!("{unit}.{k}")).filter(|n| !taken(n)))
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// Compares every unit with its workloads and starts, retires, stops
+    /// or kills what is due; the time of the next thing due comes from
+    /// [`Core::next_wakeup`].
+    pub fn tick(&mut self, now: Instant) {
+        self.reconcile(now);
+        let names: Vec<String> = self.workloads.keys().cloned().collect();
+        for name in names {
+            self.tick_one(&name, now);
+        }
+    }
+
+    fn tick_one(&mut self, name: &str, now: Instant) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            return;
+        };
+        if let (Some(s), Some(pid)) = (&mut w.stopping, w.pid) {
+            if s.kill_at <= now {
+                tracing::warn!(
+                    "workload {name}: still running {}s after it was asked to stop; killing its worker",
+                    STOP_GRACE.as_secs()
+                );
+                self.backend.kill(name, pid);
+                s.kill_at = now + Duration::from_secs(3600);
+            }
+            return;
+        }
+        if w.pid.is_some() {
+            if let Some(check) = &w.spec.health {
+                if !w.probing && w.next_probe.is_some_and(|t| t <= now) {
+                    w.probing = true;
+                    self.backend.probe(name, check);
+                }
+            }
+            return;
+        }
+        if !w.restart_at.is_some_and(|t| t <= now) {
+            return;
+        }
+        w.restart_at = None;
+        if let (Some(image), None) = (&w.spec.image, &w.prepared) {
+            if !w.preparing {
+                w.preparing = true;
+                let image = image.clone();
+                self.backend.prepare(name, &image);
+            }
+            return;
+        }
+        w.runs += 1;
+        let attach = std::mem::take(&mut w.attach);
+        match self.backend.start(name, w, attach) {
+            Ok(pid) => {
+                w.pid = Some(pid);
+                w.paused = false;
+                w.started_at = Some(now);
+                w.health = w.spec.health.as_ref().map(|_| Health::Starting);
+                w.probe_failures = 0;
+                w.next_probe = Some(now + FIRST_PROBES);
+            }
+            Err(e) => {
+                tracing::error!("workload {name}: cannot start its VM: {e}");
+                w.last_outcome = format!("cannot start: {e}");
+                if w.unit.is_some() {
+                    w.restart_at = Some(now + w.backoff);
+                    w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Starts what the units are missing and retires what they no longer
+    /// want.
+    fn reconcile(&mut self, now: Instant) {
+        // Workloads of units that are gone.
+        let orphans: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.unit.as_ref().is_some_and(|u| !self.units.contains_key(u)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in orphans {
+            self.retire(&name, now, "its unit is gone");
+        }
+        let units: Vec<(String, MicrovmSection)> = self
+            .units
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        for (unit, spec) in units {
+            self.reconcile_unit(&unit, &spec, now);
+        }
+    }
+
+    fn reconcile_unit(&mut self, unit: &str, spec: &MicrovmSection, now: Instant) {
+        let retiring = |w: &Workload| {
+            w.stopping
+                .as_ref()
+                .is_some_and(|s| s.then == AfterStop::Remove)
+        };
+        let mine = |want_current: bool| -> Vec<(String, u32, bool)> {
+            self.workloads
+                .iter()
+                .filter(|(_, w)| w.unit.as_deref() == Some(unit) && !retiring(w))
+                .filter(|(_, w)| same_vm(&w.spec, spec) == want_current)
+                .map(|(n, w)| (n.clone(), w.slot, w.ready()))
+                .collect()
+        };
+        let (current, old) = (mine(true), mine(false));
+        // Scale down: slots past the replicas go, old or new.
+        for (name, slot, _) in current.iter().chain(&old) {
+            if *slot >= spec.replicas {
+                self.retire(name, now, "scaled down");
+            }
+        }
+        // Old workloads whose slot a ready new one holds.
+        for (name, slot, _) in &old {
+            if current.iter().any(|(_, s, ready)| s == slot && *ready) {
+                self.retire(name, now, "replaced");
+            }
+        }
+        let rolling = old.iter().any(|(_, s, _)| *s < spec.replicas);
+        let mut busy = current
+            .iter()
+            .any(|(_, s, ready)| !ready && *s < spec.replicas);
+        for slot in 0..spec.replicas {
+            if current.iter().any(|(_, s, _)| *s == slot) {
+                continue;
+            }
+            if rolling && busy {
+                return;
+            }
+            if !spec.volumes.is_empty() {
+                // One disk, one VM: the old one of the slot goes first.
+                for (n, _, _) in old.iter().filter(|(_, s, _)| *s == slot) {
+                    self.retire(n, now, "replaced (its volumes go to the new one)");
+                }
+                let held = self
+                    .workloads
+                    .values()
+                    .any(|w| w.unit.as_deref() == Some(unit) && w.slot == slot && w.pid.is_some());
+                if held {
+                    busy = true;
+                    continue;
+                }
+            }
+            let name = self.new_name(unit, spec.replicas);
+            let mut w = Workload::new(spec.clone(), self.free_cid(), now);
+            w.unit = Some(unit.to_string());
+            w.slot = slot;
+            tracing::info!(
+                "workload {name}: new, for unit {unit} (replica {} of {})",
+                slot + 1,
+                spec.replicas
+            );
+            self.workloads.insert(name, w);
+            busy = true;
+        }
+    }
+
+    /// Takes a workload out: stops it if it runs, forgets it once ended.
+    fn retire(&mut self, name: &str, now: Instant, why: &str) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            return;
+        };
+        if w.pid.is_some() {
+            tracing::info!("workload {name}: {why}; stopping it");
+            self.stop(name, None, AfterStop::Remove, now);
+        } else {
+            tracing::info!("workload {name}: {why}");
+            self.forget(name);
+        }
+    }
+
+    /// Begins stopping workload `name`, or joins a stop in progress;
+    /// `reply` is answered once it has ended. A workload that is not
+    /// running is kept from starting again.
+    pub fn stop(
+        &mut self,
+        name: &str,
+        reply: Option<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
+        then: AfterStop,
+        now: Instant,
+    ) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ApiError::NoSuchVm(name.to_string())));
+            }
+            return;
+        };
+        w.restart_at = None;
+        if w.pid.is_none() {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(Reply::Done));
+            }
+            if then == AfterStop::Remove {
+                self.forget(name);
+            }
+            return;
+        }
+        if let Some(s) = &mut w.stopping {
+            s.replies.extend(reply);
+            // Removing is the strongest wish.
+            if then == AfterStop::Remove || s.then == AfterStop::Stay {
+                s.then = then;
+            }
+            return;
+        }
+        w.stopping = Some(Stopping {
+            kill_at: now + STOP_GRACE,
+            replies: reply.into_iter().collect(),
+            then,
+        });
+        if w.paused {
+            // A paused guest cannot answer a stop: let it run first.
+            let _ = self.backend.control(name, "resume");
+            w.paused = false;
+        }
+        self.backend.ask_stop(name);
+    }
+
+    /// A workload's VM has ended.
+    pub fn ended(&mut self, name: &str, report: WorkerReport, now: Instant) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            return;
+        };
+        let ran = w.started_at.map(|t| now.saturating_duration_since(t));
+        w.pid = None;
+        w.paused = false;
+        w.probing = false;
+        w.next_probe = None;
+        // Health is a running VM's; the outcome says why it ended.
+        w.health = None;
+        w.last_outcome = report.outcome.to_string();
+        tracing::info!(
+            "workload {name}: {} after {:.2}s",
+            report.outcome,
+            report.run_ms as f64 / 1000.0
+        );
+        let mut failed = !report.outcome.success();
+        if let Some(s) = w.stopping.take() {
+            for r in s.replies {
+                let _ = r.send(Ok(Reply::Done));
+            }
+            match s.then {
+                AfterStop::Stay => {
+                    tracing::info!("workload {name}: stopped");
+                    if w.remove_when_done {
+                        self.forget(name);
+                    }
+                    return;
+                }
+                AfterStop::Remove => {
+                    self.forget(name);
+                    return;
+                }
+                AfterStop::Failed(why) => {
+                    w.last_outcome = why;
+                    failed = true;
+                }
+            }
+        }
+        if ran.is_some_and(|r| r >= STEADY) {
+            w.backoff = BACKOFF_FIRST;
+        }
+        let again = match w.spec.restart {
+            Restart::Always => true,
+            // A reboot from inside asks for the workload again.
+            Restart::OnFailure => failed || report.outcome == VmOutcome::Rebooted,
+            Restart::No => false,
+        };
+        if again {
+            tracing::info!("workload {name}: restarting in {}s", w.backoff.as_secs());
+            w.restart_at = Some(now + w.backoff);
+            w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+        } else if w.remove_when_done {
+            self.forget(name);
+        }
+    }
+
+    /// A workload's image is ready (or not).
+    pub fn prepared(&mut self, name: &str, result: Result<Prepared, String>, now: Instant) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            return;
+        };
+        w.preparing = false;
+        let image = w.spec.image.clone().unwrap_or_default();
+        match result {
+            Ok(p) => {
+                tracing::info!("workload {name}: image {} ready", p.digest);
+                w.prepared = Some(p);
+                if w.stopping.is_none() {
+                    w.restart_at = Some(now);
+                }
+            }
+            Err(e) if w.unit.is_none() => {
+                // `cup run` reports it; nobody asked for retries.
+                tracing::error!("workload {name}: image {image}: {e}");
+                w.last_outcome = format!("image failed: {e}");
+                w.restart_at = None;
+                if w.remove_when_done {
+                    self.forget(name);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "workload {name}: image {image}: {e}; trying again in {}s",
+                    w.backoff.as_secs()
+                );
+                w.last_outcome = format!("image failed: {e}");
+                w.restart_at = Some(now + w.backoff);
+                w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    /// A health probe of a workload has an answer.
+    pub fn probed(&mut self, name: &str, result: Result<(), ProbeFailure>, now: Instant) {
+        let Some(w) = self.workloads.get_mut(name) else {
+            return;
+        };
+        if !w.probing {
+            return;
+        }
+        w.probing = false;
+        let (Some(check), Some(_)) = (w.spec.health.clone(), w.pid) else {
+            return;
+        };
+        if w.stopping.is_some() {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                if w.health != Some(Health::Healthy) {
+                    tracing::info!("workload {name}: healthy");
+                }
+                w.health = Some(Health::Healthy);
+                w.probe_failures = 0;
+                w.backoff = BACKOFF_FIRST;
+                w.last_probe = "ok".into();
+                w.next_probe = Some(now + Duration::from_secs(u64::from(check.interval)));
+            }
+            Err(ProbeFailure {
+                message: e,
+                unreachable,
+            }) => {
+                let grace = Duration::from_secs(u64::from(check.start_period))
+                    + if unreachable {
+                        BOOT_GRACE
+                    } else {
+                        Duration::ZERO
+                    };
+                let in_start = w.health == Some(Health::Starting)
+                    && w.started_at.is_some_and(|t| now < t + grace);
+                if !in_start {
+                    w.probe_failures += 1;
+                }
+                tracing::info!(
+                    "workload {name}: health probe failed ({} of {}): {e}",
+                    w.probe_failures,
+                    check.retries
+                );
+                w.last_probe = e.clone();
+                let every = match w.health {
+                    Some(Health::Healthy) => Duration::from_secs(u64::from(check.interval)),
+                    _ => FIRST_PROBES,
+                };
+                w.next_probe = Some(now + every);
+                if w.probe_failures >= check.retries {
+                    tracing::warn!(
+                        "workload {name}: unhealthy after {} failed probes; stopping it",
+                        w.probe_failures
+                    );
+                    w.health = Some(Health::Unhealthy);
+                    let why = format!("unhealthy: {e}");
+                    self.stop(name, None, AfterStop::Failed(why), now);
+                }
+            }
+        }
+    }
+
+    /// Forgets a workload (it has ended).
+    pub fn forget(&mut self, name: &str) {
+        if let Some(w) = self.workloads.remove(name) {
+            let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            removed.retain(|(n, _)| n != name);
+            removed.push_back((name.to_string(), w.last_outcome));
+            while removed.len() > REMEMBER_REMOVED {
+                removed.pop_front();
+            }
+            drop(removed);
+            self.backend.forgotten(name);
+            tracing::info!("workload {name}: removed");
+        }
+    }
+
+    /// When the next thing is due (a restart, a kill, a probe).
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.workloads
+            .values()
+            .flat_map(|w| {
+                let probe = (w.pid.is_some() && !w.probing && w.stopping.is_none())
+                    .then_some(w.next_probe)
+                    .flatten();
+                let restart = w.pid.is_none().then_some(w.restart_at).flatten();
+                [restart, w.stopping.as_ref().map(|s| s.kill_at), probe]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Workloads with a running VM.
+    pub fn running(&self) -> usize {
+        self.workloads.values().filter(|w| w.pid.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,498 @@
+//! The reconciler against a fake backend that records what it is asked
+//! and a clock the tests move.
+
+use super::*;
+use steelcup_proto::worker::VmOutcome;
+use steelcup_units::{MemSize, VolumeSpec};
+
+#[derive(Debug, Default)]
+struct Fake {
+    calls: Vec<String>,
+    next_pid: i32,
+    /// `start` fails while set.
+    refuse_starts: bool,
+}
+
+impl Backend for Fake {
+    fn prepare(&mut self, name: &str, image: &str) {
+        self.calls.push(format!("prepare {name} {image}"));
+    }
+    fn start(&mut self, name: &str, w: &Workload, _attach: bool) -> Result<i32, String> {
+        if self.refuse_starts {
+            return Err("no KVM".into());
+        }
+        self.next_pid += 1;
+        self.calls.push(format!(
+            "start {name} slot={} env={}",
+            w.slot,
+            w.spec.env.get("V").cloned().unwrap_or_default()
+        ));
+        Ok(1000 + self.next_pid)
+    }
+    fn ask_stop(&mut self, name: &str) {
+        self.calls.push(format!("stop {name}"));
+    }
+    fn kill(&mut self, name: &str, _pid: i32) {
+        self.calls.push(format!("kill {name}"));
+    }
+    fn probe(&mut self, name: &str, _check: &HealthCheck) {
+        self.calls.push(format!("probe {name}"));
+    }
+    fn control(&mut self, name: &str, command: &str) -> Result<String, String> {
+        self.calls.push(format!("{command} {name}"));
+        Ok("ok".into())
+    }
+    fn forgotten(&mut self, name: &str) {
+        self.calls.push(format!("forget {name}"));
+    }
+}
+
+fn unit(replicas: u32, v: &str) -> MicrovmSection {
+    MicrovmSection {
+        image: None,
+        kernel: None,
+        initramfs: None,
+        cmd: vec!["/bin/serve".into()],
+        env: [("V".to_string(), v.to_string())].into(),
+        vcpus: 1,
+        memory: MemSize(64 << 20),
+        restart: Restart::Always,
+        root: None,
+        volumes: Vec::new(),
+        network: Default::default(),
+        ports: Vec::new(),
+        network_scope: None,
+        memory_backing: Default::default(),
+        huge_pages: false,
+        rlimits: BTreeMap::new(),
+        replicas,
+        health: None,
+    }
+}
+
+fn checked(mut u: MicrovmSection) -> MicrovmSection {
+    u.health = Some(HealthCheck {
+        command: Vec::new(),
+        tcp: Some(80),
+        http: None,
+        path: "/".into(),
+        interval: 5,
+        timeout: 2,
+        retries: 3,
+        start_period: 0,
+    });
+    u
+}
+
+struct World {
+    core: Core<Fake>,
+    now: Instant,
+}
+
+impl World {
+    fn new(units: &[(&str, MicrovmSection)]) -> World {
+        let mut core = Core::new(Fake::default(), Default::default());
+        core.set_units(
+            units
+                .iter()
+                .map(|(n, u)| (n.to_string(), u.clone()))
+                .collect(),
+        );
+        World {
+            core,
+            now: Instant::now(),
+        }
+    }
+    fn tick(&mut self) {
+        self.core.tick(self.now);
+    }
+    fn wait(&mut self, secs: f64) {
+        self.now += Duration::from_secs_f64(secs);
+        self.tick();
+    }
+    /// The calls since the last look.
+    fn calls(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.core.backend.calls)
+    }
+    fn names(&self) -> Vec<String> {
+        self.core.workloads.keys().cloned().collect()
+    }
+    fn state(&self, name: &str) -> &'static str {
+        self.core.workloads[name].state()
+    }
+    fn end(&mut self, name: &str, outcome: VmOutcome) {
+        let report = WorkerReport {
+            outcome,
+            run_ms: 100,
+        };
+        self.core.ended(name, report, self.now);
+        self.tick();
+    }
+    fn crash(&mut self, name: &str) {
+        self.end(
+            name,
+            VmOutcome::VmmError {
+                message: "worker killed by SIGKILL".into(),
+            },
+        );
+    }
+    fn probe(&mut self, name: &str, ok: bool) {
+        let r = if ok {
+            Ok(())
+        } else {
+            Err(ProbeFailure {
+                message: "refused".into(),
+                unreachable: false,
+            })
+        };
+        self.core.probed(name, r, self.now);
+        self.tick();
+    }
+    fn set(&mut self, units: &[(&str, MicrovmSection)]) -> UnitChanges {
+        let c = self.core.set_units(
+            units
+                .iter()
+                .map(|(n, u)| (n.to_string(), u.clone()))
+                .collect(),
+        );
+        self.tick();
+        c
+    }
+}
+
+#[test]
+fn replicas_start_at_once_and_scale_up_and_down() {
+    let mut w = World::new(&[("web", unit(2, "a")), ("db", unit(1, "a"))]);
+    w.tick();
+    let mut calls = w.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        [
+            "start db slot=0 env=a",
+            "start web.1 slot=0 env=a",
+            "start web.2 slot=1 env=a"
+        ]
+    );
+    let cids: std::collections::BTreeSet<u32> = w.core.workloads.values().map(|x| x.cid).collect();
+    assert_eq!(cids.len(), 3, "one vsock context id each");
+
+    // Up to 3: only the new one starts; the others are left alone.
+    let c = w.set(&[("web", unit(3, "a")), ("db", unit(1, "a"))]);
+    assert_eq!(c.changed, ["web"]);
+    assert_eq!(w.calls(), ["start web.3 slot=2 env=a"]);
+
+    // Down to 1: the highest slots are asked to stop, then forgotten.
+    w.set(&[("web", unit(1, "a")), ("db", unit(1, "a"))]);
+    assert_eq!(w.calls(), ["stop web.2", "stop web.3"]);
+    assert_eq!(w.state("web.2"), "stopping");
+    w.tick();
+    assert_eq!(w.calls(), Vec::<String>::new(), "asked once");
+    w.end("web.2", VmOutcome::PoweredOff);
+    assert_eq!(w.calls(), ["forget web.2"]);
+    // One that does not stop in time is killed.
+    w.wait(STOP_GRACE.as_secs_f64());
+    assert_eq!(w.calls(), ["kill web.3"]);
+    w.crash("web.3");
+    assert_eq!(w.calls(), ["forget web.3"]);
+    assert_eq!(w.names(), ["db", "web.1"]);
+
+    // A removed unit's workloads stop and go.
+    let c = w.set(&[("web", unit(1, "a"))]);
+    assert_eq!(c.removed, ["db"]);
+    assert_eq!(w.calls(), ["stop db"]);
+    w.end("db", VmOutcome::PoweredOff);
+    assert_eq!(w.calls(), ["forget db"]);
+    assert_eq!(w.names(), ["web.1"]);
+
+    // replicas = 0 keeps the unit and no VM.
+    w.set(&[("web", unit(0, "a"))]);
+    assert_eq!(w.calls(), ["stop web.1"]);
+    w.end("web.1", VmOutcome::PoweredOff);
+    assert!(w.names().is_empty());
+}
+
+#[test]
+fn a_changed_unit_is_rolled_one_healthy_vm_at_a_time() {
+    let mut w = World::new(&[("web", checked(unit(2, "a")))]);
+    w.tick();
+    w.calls();
+    // Nothing is probed before its first second.
+    w.wait(0.5);
+    assert_eq!(w.calls(), Vec::<String>::new());
+    w.wait(0.5);
+    assert_eq!(w.calls(), ["probe web.1", "probe web.2"]);
+    w.probe("web.1", true);
+    w.probe("web.2", true);
+    assert_eq!(w.core.workloads["web.1"].health_name(), "healthy");
+
+    w.set(&[("web", checked(unit(2, "b")))]);
+    // One new VM, for the first slot; the old ones keep serving.
+    assert_eq!(w.calls(), ["start web.3 slot=0 env=b"]);
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe web.3"]);
+    // Failing probes while it comes up hold the roll.
+    w.probe("web.3", false);
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe web.3"]);
+    assert_eq!(w.state("web.1"), "running");
+    // Healthy: the old one of its slot stops, the next new one starts.
+    w.probe("web.3", true);
+    assert_eq!(w.calls(), ["stop web.1", "start web.4 slot=1 env=b"]);
+    w.end("web.1", VmOutcome::PoweredOff);
+    assert_eq!(w.calls(), ["forget web.1"]);
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe web.4"]);
+    w.probe("web.4", true);
+    assert_eq!(w.calls(), ["stop web.2"]);
+    w.end("web.2", VmOutcome::PoweredOff);
+    assert_eq!(w.calls(), ["forget web.2"]);
+    assert_eq!(w.names(), ["web.3", "web.4"]);
+    assert!(w.core.workloads.values().all(|x| x.spec.env["V"] == "b"));
+}
+
+#[test]
+fn a_new_version_that_never_gets_healthy_leaves_the_old_one_running() {
+    let mut w = World::new(&[("api", checked(unit(1, "a")))]);
+    w.tick();
+    w.wait(1.0);
+    w.probe("api", true);
+    w.calls();
+    w.set(&[("api", checked(unit(1, "b")))]);
+    assert_eq!(w.calls(), ["start api.1 slot=0 env=b"]);
+    // It fails its probes (3 retries) and is stopped as a failure; the old
+    // one serves on.
+    for _ in 0..3 {
+        w.wait(1.0);
+        w.probe("api.1", false);
+    }
+    let calls = w.calls();
+    assert!(calls.contains(&"stop api.1".to_string()), "{calls:?}");
+    w.end("api.1", VmOutcome::PoweredOff);
+    assert_eq!(w.state("api"), "running");
+    let new = &w.core.workloads["api.1"];
+    assert!(
+        new.last_outcome.starts_with("unhealthy: refused"),
+        "{}",
+        new.last_outcome
+    );
+    assert_eq!(new.state(), "waiting", "restarted by its policy");
+}
+
+#[test]
+fn a_unit_with_volumes_stops_the_old_vm_before_the_new_one_takes_its_disk() {
+    let mut u = unit(1, "a");
+    u.volumes = vec![VolumeSpec {
+        name: "data".into(),
+        size: MemSize(1 << 20),
+        mount: "/data".into(),
+        read_only: false,
+    }];
+    let mut w = World::new(&[("db", u.clone())]);
+    w.tick();
+    w.calls();
+    u.env.insert("V".into(), "b".into());
+    w.set(&[("db", u)]);
+    assert_eq!(w.calls(), ["stop db"]);
+    w.end("db", VmOutcome::PoweredOff);
+    assert_eq!(w.calls(), ["forget db", "start db slot=0 env=b"]);
+    assert_eq!(w.core.workloads["db"].volume_key(), "db");
+}
+
+#[test]
+fn replicas_keep_their_own_volumes() {
+    let mut u = unit(3, "a");
+    u.volumes = vec![VolumeSpec {
+        name: "data".into(),
+        size: MemSize(1 << 20),
+        mount: "/data".into(),
+        read_only: false,
+    }];
+    let mut w = World::new(&[("db", u)]);
+    w.tick();
+    let keys: Vec<String> = w
+        .core
+        .workloads
+        .iter()
+        .map(|(_, x)| x.volume_key())
+        .collect();
+    assert_eq!(keys, ["db", "db/replica-1", "db/replica-2"]);
+}
+
+#[test]
+fn a_crashing_vm_restarts_with_backoff_and_a_steady_one_resets_it() {
+    let mut w = World::new(&[("web", unit(1, "a"))]);
+    w.tick();
+    w.calls();
+    w.crash("web");
+    assert_eq!(w.state("web"), "waiting");
+    assert_eq!(w.calls(), Vec::<String>::new());
+    w.wait(0.9);
+    assert_eq!(w.calls(), Vec::<String>::new());
+    w.wait(0.1);
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+    w.crash("web");
+    w.wait(1.5);
+    assert_eq!(w.calls(), Vec::<String>::new(), "2 s the second time");
+    w.wait(0.5);
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+    for _ in 0..6 {
+        w.crash("web");
+        w.wait(30.0);
+    }
+    assert_eq!(w.core.workloads["web"].backoff, BACKOFF_MAX, "capped");
+    w.calls();
+    // Up long enough: the next crash restarts after 1 s again.
+    w.wait(STEADY.as_secs_f64());
+    w.crash("web");
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+    assert_eq!(w.core.workloads["web"].runs, 10);
+    // A clean end with restart = on-failure stays ended.
+    let mut once = unit(1, "a");
+    once.restart = Restart::OnFailure;
+    w.set(&[("job", once)]);
+    w.calls();
+    w.end("job", VmOutcome::PoweredOff);
+    w.wait(60.0);
+    assert_eq!(w.state("job"), "ended");
+    assert!(!w.calls().iter().any(|c| c.contains("job")));
+}
+
+#[test]
+fn an_image_that_cannot_be_pulled_is_retried_without_holding_up_others() {
+    let mut img = unit(1, "a");
+    img.image = Some("registry.example/app:1".into());
+    let mut w = World::new(&[("app", img), ("web", unit(1, "a"))]);
+    w.tick();
+    assert_eq!(
+        w.calls(),
+        [
+            "prepare app registry.example/app:1",
+            "start web slot=0 env=a"
+        ]
+    );
+    assert_eq!(w.state("app"), "preparing");
+    w.core
+        .prepared("app", Err("connection refused".into()), w.now);
+    assert_eq!(w.state("app"), "waiting");
+    assert!(w.core.workloads["app"]
+        .last_outcome
+        .contains("connection refused"));
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["prepare app registry.example/app:1"]);
+    w.core
+        .prepared("app", Err("connection refused".into()), w.now);
+    w.wait(1.0);
+    assert_eq!(w.calls(), Vec::<String>::new(), "2 s the second time");
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["prepare app registry.example/app:1"]);
+    let ready = crate::image::workload::Prepared {
+        digest: "sha256:00".into(),
+        rootfs: "/x.erofs".into(),
+        process: Default::default(),
+    };
+    w.core.prepared("app", Ok(ready), w.now);
+    w.tick();
+    assert_eq!(w.calls(), ["start app slot=0 env=a"]);
+}
+
+#[test]
+fn an_unhealthy_vm_is_stopped_and_restarted_but_start_period_failures_do_not_count() {
+    let mut u = checked(unit(1, "a"));
+    if let Some(h) = &mut u.health {
+        h.start_period = 3;
+        h.retries = 2;
+    }
+    let mut w = World::new(&[("web", u)]);
+    w.tick();
+    w.calls();
+    // Failures in the first 3 s do not count.
+    for _ in 0..2 {
+        w.wait(1.0);
+        w.probe("web", false);
+    }
+    assert_eq!(w.core.workloads["web"].probe_failures, 0);
+    w.wait(1.0);
+    w.probe("web", true);
+    assert_eq!(w.core.workloads["web"].health_name(), "healthy");
+    w.calls();
+    // Healthy: probed every `interval`.
+    w.wait(4.0);
+    assert_eq!(w.calls(), Vec::<String>::new());
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe web"]);
+    w.probe("web", false);
+    w.wait(5.0);
+    w.probe("web", false);
+    assert_eq!(w.calls(), ["probe web", "stop web"]);
+    assert_eq!(w.core.workloads["web"].health_name(), "unhealthy");
+    w.end("web", VmOutcome::PoweredOff);
+    assert!(w.core.workloads["web"]
+        .last_outcome
+        .starts_with("unhealthy"));
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+    assert_eq!(w.core.workloads["web"].health_name(), "starting");
+}
+
+#[test]
+fn a_guest_still_booting_is_not_unhealthy_until_the_boot_grace_is_over() {
+    let mut w = World::new(&[("web", checked(unit(1, "a")))]);
+    w.tick();
+    w.calls();
+    let unreachable = |w: &mut World| {
+        let f = ProbeFailure {
+            message: "port 1024: the guest does not listen (yet)".into(),
+            unreachable: true,
+        };
+        w.core.probed("web", Err(f), w.now);
+        w.tick();
+    };
+    for _ in 0..(BOOT_GRACE.as_secs() - 1) {
+        w.wait(1.0);
+        unreachable(&mut w);
+    }
+    assert_eq!(w.core.workloads["web"].probe_failures, 0);
+    assert_eq!(w.core.workloads["web"].health_name(), "starting");
+    // A guest that never comes up is unhealthy after the grace.
+    for _ in 0..3 {
+        w.wait(1.0);
+        unreachable(&mut w);
+    }
+    assert_eq!(w.core.workloads["web"].health_name(), "unhealthy");
+}
+
+#[test]
+fn a_stopped_unit_vm_stays_stopped_and_a_removed_one_comes_back() {
+    let mut w = World::new(&[("web", unit(1, "a"))]);
+    w.tick();
+    w.calls();
+    w.core.stop("web", None, AfterStop::Stay, w.now);
+    w.tick();
+    assert_eq!(w.calls(), ["stop web"]);
+    w.end("web", VmOutcome::PoweredOff);
+    w.wait(60.0);
+    assert_eq!(w.state("web"), "ended");
+    assert_eq!(w.calls(), Vec::<String>::new());
+    // `cup rm`: the unit wants a VM, so a new one comes.
+    w.core.forget("web");
+    w.tick();
+    assert_eq!(w.calls(), ["forget web", "start web slot=0 env=a"]);
+    // A pause is lifted before a stop (a paused guest cannot answer).
+    w.core.workloads.get_mut("web").unwrap().paused = true;
+    w.core.stop("web", None, AfterStop::Stay, w.now);
+    assert_eq!(w.calls(), ["resume web", "stop web"]);
+}
+
+#[test]
+fn a_start_that_fails_is_retried_for_units_only() {
+    let mut w = World::new(&[("web", unit(1, "a"))]);
+    w.core.backend.refuse_starts = true;
+    w.tick();
+    assert!(w.core.workloads["web"].last_outcome.contains("no KVM"));
+    assert_eq!(w.state("web"), "waiting");
+    w.core.backend.refuse_starts = false;
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+}

@@ -1,0 +1,302 @@
+//! vmmd's `org.steelcup.Vmm1` driven by a standard D-Bus client from
+//! Debian's packages (`dbus-send`), on a daemon started for the test with
+//! no workloads (no KVM needed): every answer and every typed error as any
+//! D-Bus client sees them, and a hostile call that leaves the daemon up.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn dbus_send() -> Option<PathBuf> {
+    let found = ["/usr/bin/dbus-send", "/bin/dbus-send"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "dbus-send is missing (Debian package dbus-bin)"
+        );
+        eprintln!("SKIP: dbus-send (Debian package dbus-bin) is not installed; `cargo xtask test` installs it");
+    }
+    found
+}
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Calls `method` with `dbus-send`: (succeeded, its output).
+    fn call(&self, dbus_send: &Path, method: &str, args: &[&str]) -> (bool, String) {
+        let addr = format!(
+            "--peer=unix:path={}",
+            self.dir.path().join("vmmd.sock").display()
+        );
+        let out = Command::new(dbus_send)
+            .args([addr.as_str(), "--print-reply", "/org/steelcup/Vmm1"])
+            .arg(format!("org.steelcup.Vmm1.{method}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+fn start() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("units")).unwrap();
+    // vmmd says READY=1 (sd_notify) once its API is served.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .arg("--units")
+        .arg(dir.path().join("units"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--api-socket")
+        .arg(dir.path().join("vmmd.sock"))
+        // No workload network: this test makes no VMs, and must not touch
+        // the machine's links or firewall.
+        .args(["--network", "none"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("vmmd did not say it is ready");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        dir.path().join("vmmd.sock").exists(),
+        "ready before the API socket exists"
+    );
+    Daemon { child, dir }
+}
+
+#[test]
+fn a_standard_dbus_client_drives_vmm1() {
+    let Some(dbus_send) = dbus_send() else { return };
+    let mut d = start();
+    let call = |method: &str, args: &[&str]| d.call(&dbus_send, method, args);
+    let (ok, out) = call("List", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Images", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Pulls", &[]);
+    assert!(ok && out.contains("array ["), "{out}");
+    let (ok, out) = call("Prune", &[]);
+    assert!(ok && out.contains("removed 0 blobs"), "{out}");
+
+    // Typed errors.
+    let (ok, out) = call("Pause", &["string:ghost"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.NoSuchVm") && out.contains("ghost"),
+        "{out}"
+    );
+    let (ok, out) = call("Remove", &["string:ghost"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.NoSuchVm"),
+        "{out}"
+    );
+    let (ok, out) = call("Run", &["string:{\"image\":\"oci:/x\",\"bogus\":1}"]);
+    assert!(
+        !ok && out.contains("org.steelcup.Vmm1.Error.Refused") && out.contains("bogus"),
+        "{out}"
+    );
+    let (ok, out) = call("Run", &["string:not json"]);
+    assert!(!ok && out.contains("Refused"), "{out}");
+    let (ok, out) = call("Pull", &["string:oci:/nonexistent:latest"]);
+    assert!(
+        !ok && out.contains("Refused") && out.contains("/nonexistent/index.json"),
+        "{out}"
+    );
+    let (ok, out) = call("RemoveImage", &["string:nothing"]);
+    assert!(!ok && out.contains("no image named"), "{out}");
+    // Wrong argument types and unknown methods are the bus's errors.
+    let (ok, out) = call("Pause", &["uint32:7"]);
+    assert!(!ok, "{out}");
+    let (ok, out) = call("Explode", &[]);
+    assert!(!ok && out.contains("UnknownMethod"), "{out}");
+
+    // A workload made through the API, listed, refused twice, removed.
+    let (ok, out) = call(
+        "Run",
+        &["string:{\"image\":\"oci:/nonexistent:latest\",\"name\":\"web\"}"],
+    );
+    assert!(ok && out.contains("\"web\""), "{out}");
+    let (ok, out) = call(
+        "Run",
+        &["string:{\"image\":\"oci:/nonexistent:latest\",\"name\":\"web\"}"],
+    );
+    assert!(!ok && out.contains("exists"), "{out}");
+    let t = Instant::now();
+    loop {
+        let (_, out) = call("List", &[]);
+        if out.contains("image failed") {
+            assert!(
+                out.contains("\"web\"") && out.contains("\"ended\""),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the failed pull is not reported: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out) = call("Remove", &["string:web"]);
+    assert!(ok, "{out}");
+    let (_, out) = call("List", &[]);
+    assert!(!out.contains("\"web\""), "{out}");
+
+    // Still serving after all that; SIGTERM ends it cleanly.
+    assert!(call("List", &[]).0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "vmmd exited with {status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "vmmd did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGHUP (init's `reload-signal` for vmmd) re-reads the unit files: a
+/// new unit with `replicas = 2` gets two workloads, scaling down drops
+/// one, a removed unit's go. The VMs cannot boot here (the unit names a
+/// kernel that does not exist), which is reported and retried.
+#[test]
+fn sighup_applies_changed_units() {
+    let Some(dbus_send) = dbus_send() else { return };
+    let d = start();
+    let call = |method: &str, args: &[&str]| d.call(&dbus_send, method, args).1;
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let until = |what: &str, f: &dyn Fn(&str) -> bool| {
+        let t = Instant::now();
+        loop {
+            let out = call("List", &[]);
+            if f(&out) {
+                return out;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let unit = |replicas: u32| {
+        format!(
+            "[microvm]\ncmd = [\"/bin/true\"]\nkernel = \"/nonexistent/vmlinuz\"\nrestart = \"always\"\nreplicas = {replicas}\n"
+        )
+    };
+    // Every state change is a WorkloadChanged signal.
+    let (events, seen) = std::sync::mpsc::channel();
+    let socket = d.dir.path().join("vmmd.sock");
+    std::thread::spawn(move || {
+        let p = steelcup_api::vmm1::connect(&socket).unwrap();
+        let changes = p.receive_workload_changed().unwrap();
+        let _ = events.send("subscribed".into());
+        for s in changes {
+            let a = s.args().unwrap();
+            let _ = events.send(format!("{} {}", a.name, a.state));
+        }
+    });
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("subscribed")
+    );
+    let file = d.dir.path().join("units/web.toml");
+    std::fs::write(&file, unit(2)).unwrap();
+    hup();
+    until("two replicas, their failure shown", &|o| {
+        o.contains("\"web.1\"") && o.contains("\"web.2\"") && o.contains("/nonexistent/vmlinuz")
+    });
+    // cup finds vmmd at -H / --host=unix:... (cup is its own crate; `cargo
+    // test --workspace` builds it beside vmmd).
+    let sock = d.dir.path().join("vmmd.sock");
+    let cup = Path::new(env!("CARGO_BIN_EXE_vmmd")).with_file_name("cup");
+    if !cup.exists() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "{} is missing: run the tests with --workspace",
+            cup.display()
+        );
+        eprintln!(
+            "SKIP: cup's -H check: {} is not built (cargo test --workspace builds it)",
+            cup.display()
+        );
+    }
+    for flag in [
+        vec!["-H".to_string(), sock.display().to_string()],
+        vec![format!("--host=unix:{}", sock.display())],
+    ] {
+        if !cup.exists() {
+            break;
+        }
+        let out = Command::new(&cup)
+            .args(&flag)
+            .args(["ps", "-a"])
+            .env_remove("STEELCUP_VMMD_SOCKET")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("web.2"),
+            "{flag:?}: {text}"
+        );
+    }
+    let out = call("Tail", &["string:web.1", "uint32:10"]);
+    assert!(out.contains("array ["), "{out}");
+    let out = call("Tail", &["string:ghost", "uint32:10"]);
+    assert!(out.contains("Error.NoSuchVm"), "{out}");
+
+    std::fs::write(&file, unit(1)).unwrap();
+    hup();
+    until("one replica", &|o| {
+        o.contains("\"web.1\"") && !o.contains("\"web.2\"")
+    });
+    std::fs::remove_file(&file).unwrap();
+    hup();
+    until("no workload", &|o| !o.contains("\"web"));
+    let mut got = Vec::new();
+    while !got.contains(&"web.1 removed".to_string()) {
+        match seen.recv_timeout(Duration::from_secs(10)) {
+            Ok(e) => got.push(e),
+            Err(_) => panic!("no \"web.1 removed\" signal; got {got:?}"),
+        }
+    }
+    for e in ["web.1 running", "web.2 running", "web.2 removed"] {
+        assert!(got.contains(&e.to_string()), "{e:?} not signalled: {got:?}");
+    }
+}

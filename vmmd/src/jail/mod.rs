@@ -1,7 +1,0 @@
-//! Confinement of the per-VM worker: a seccomp filter ([`seccomp`]), its
-//! own mount namespace holding only its vsock directory ([`mount`]), and a
-//! cgroup v2 with the VM's limits ([`cgroup`]).
-
-pub mod cgroup;
-pub mod mount;
-pub mod seccomp;

@@ -1,0 +1,443 @@
+//! Builds a ready-to-run VM from a [`VmConfig`]: KVM VM, memory, kernel,
+//! initramfs with the guest config appended, command line, zero page,
+//! devices, and configured vCPUs.
+
+use crate::arch::{self, ArchError};
+use crate::config::VmConfig;
+use crate::cpio::{CpioError, CpioWriter};
+use crate::devices::event_loop::DeviceLoop;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{
+    serial::{IrqTrigger, Output, SerialConsole},
+    Bus,
+};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm::Vm;
+use crate::vstate::KvmError;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use std::io::{Read, Seek};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use steelcup_proto::guest::CONFIG_PATH;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error("open kernel {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load kernel {path}")]
+    LoadKernel {
+        path: PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    #[error("read initramfs {path}")]
+    ReadInitramfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("write initramfs into guest memory")]
+    WriteInitramfs(#[source] vm_memory::GuestMemoryError),
+    #[error("guest config")]
+    GuestConfig(#[source] CpioError),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("vCPU count {0} is out of range 1..=32")]
+    Vcpus(u8),
+    #[error("open /dev/urandom for the guest's entropy device")]
+    Rng(#[source] std::io::Error),
+    #[error(transparent)]
+    Mptable(#[from] crate::arch::mptable::MptableError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
+    #[error("vmmd sent {got} descriptors with the config; its disks and tap need {expected}")]
+    Handles { expected: usize, got: usize },
+    #[error("network on tap {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vsock socket {path}")]
+    Vsock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the thread creating the KVM VM panicked")]
+    VmThread,
+    #[error("{0} virtio devices do not fit the 19 interrupt lines")]
+    TooManyDevices(usize),
+}
+
+/// The first virtio-mmio device's interrupt line; device `i` uses
+/// `FIRST_VIRTIO_IRQ + i` and has its registers at
+/// `MMIO_HOLE_START + i * 4 KiB`.
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
+/// The last usable I/O APIC line.
+const LAST_IRQ: u32 = 23;
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub bus: Arc<Mutex<Bus>>,
+    /// What the device thread waits on.
+    pub devices: DeviceLoop,
+    /// The empty disk slots by disk id, for the worker's `attach` command.
+    pub slots: Vec<(String, crate::devices::virtio::SharedTransport)>,
+}
+
+/// The virtio devices of a VM in slot order: the entropy device first, then
+/// the disks in the order given (so the first disk is the guest's `vda`),
+/// then the network device, then vsock.
+///
+/// The disks' files and the tap come from vmmd in `handles`, in that order
+/// (see [`crate::config::VmConfig`]); the worker opens none of them.
+fn virtio_devices(
+    config: &VmConfig,
+    handles: Vec<std::fs::File>,
+) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    devices.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
+    let expected = config.handles();
+    if handles.len() != expected {
+        return Err(BuildError::Handles {
+            expected,
+            got: handles.len(),
+        });
+    }
+    let mut handles = handles.into_iter();
+    for d in &config.disks {
+        devices.push(Box::new(match d.empty_slot {
+            true => Block::empty_slot(&d.id)?,
+            false => match handles.next() {
+                Some(file) => Block::from_open(file, d.read_only, &d.id)?,
+                None => return Err(BuildError::Handles { expected, got: 0 }),
+            },
+        }));
+    }
+    if let Some(n) = &config.net {
+        let err = |source| BuildError::Net {
+            tap: n.tap.clone(),
+            source,
+        };
+        let Some(tap) = handles.next() else {
+            return Err(BuildError::Handles { expected, got: 0 });
+        };
+        devices.push(Box::new(Net::new(tap, n.mac).map_err(err)?));
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.cid, &v.uds).map_err(|source| BuildError::Vsock {
+            path: v.uds.clone(),
+            source,
+        })?;
+        devices.push(Box::new(vsock));
+    }
+    Ok(devices)
+}
+
+/// The guest config as a cpio archive to append to the initramfs.
+pub fn guest_config_cpio(config: &VmConfig) -> Result<Vec<u8>, CpioError> {
+    let json = serde_json::to_vec(&config.guest).map_err(std::io::Error::other)?;
+    let path = CONFIG_PATH.trim_start_matches('/');
+    let mut w = CpioWriter::new(Vec::new(), 0);
+    if let Some((dir, _)) = path.rsplit_once('/') {
+        w.dir(dir, 0o755)?;
+    }
+    w.file(path, 0o644, &json)?;
+    w.finish()
+}
+
+/// Where [`build`] gets its KVM VM.
+#[derive(Debug)]
+pub enum VmSource {
+    /// A VM made already (see [`Vm::new`]); `build` registers its memory.
+    Ready(Vm),
+    /// A thread creating the VM (see [`crate::worker::create_vm`]): `build`
+    /// sends it the guest memory as soon as that exists, and the thread
+    /// registers it as soon as the VM exists, while `build` goes on.
+    Pending {
+        memory: std::sync::mpsc::Sender<GuestMemoryMmap>,
+        vm: std::thread::JoinHandle<Result<Vm, KvmError>>,
+    },
+}
+
+/// Builds the VM described by `config`; guest serial output goes to `out`.
+/// Everything that does not need the KVM VM — guest memory, the kernel,
+/// initramfs and command line in it, the boot tables, opening the devices
+/// — is done before `vm` is waited for, so that a VM still being created
+/// on another thread (and its memory registered there) overlaps with it.
+pub fn build(
+    config: &VmConfig,
+    handles: Vec<std::fs::File>,
+    out: Output,
+    vm: VmSource,
+) -> Result<BuiltVm, BuildError> {
+    if config.vcpus == 0 || config.vcpus > 32 {
+        return Err(BuildError::Vcpus(config.vcpus));
+    }
+    let mem = memory::create_with(config.memory_mib, config.memory_backing, config.huge_pages)?;
+    if let VmSource::Pending { memory, .. } = &vm {
+        // If the thread has ended already (the VM could not be made), the
+        // join below says why.
+        let _ = memory.send(mem.clone());
+    }
+    if config.report_timing {
+        // Where guest memory lies in the worker, for `vmmd bench`'s
+        // overhead (the kernel's file mapping and the huge-page ranges split it
+        // in parts).
+        if let Some(r) = vm_memory::GuestMemoryBackend::iter(&mem).next() {
+            crate::worker::timing_line(&format!(
+                "guest-memory {:#x} {:#x}",
+                r.as_ptr() as usize,
+                vm_memory::GuestMemoryRegion::len(r)
+            ));
+        }
+    }
+    crate::worker::mark("memory");
+
+    // Kernel: ELF vmlinux enters at its ELF entry, bzImage at its 64-bit entry.
+    let open_err = |source| BuildError::OpenKernel {
+        path: config.kernel.clone(),
+        source,
+    };
+    let mut kernel = std::fs::File::open(&config.kernel).map_err(open_err)?;
+    let mut magic = [0u8; 4];
+    kernel.read_exact(&mut magic).map_err(open_err)?;
+    kernel.rewind().map_err(open_err)?;
+    let load_err = |source| BuildError::LoadKernel {
+        path: config.kernel.clone(),
+        source,
+    };
+    let himem = Some(GuestAddress(arch::HIMEM_START));
+    let kernel_len = kernel.metadata().map(|m| m.len()).unwrap_or(0);
+    let (loaded, entry) = if magic == *b"\x7fELF" {
+        // Fault in where the kernel goes in one call, not page by page.
+        memory::populate(&mem, GuestAddress(arch::HIMEM_START), kernel_len);
+        let r = Elf::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
+        let entry = r.kernel_load;
+        (r, entry)
+    } else {
+        let r = load_bzimage(&mem, &mut kernel, kernel_len, himem).map_err(load_err)?;
+        let entry = GuestAddress(r.kernel_load.0 + 0x200);
+        (r, entry)
+    };
+    if let Some(h) = loaded.setup_header {
+        // Where the kernel decompresses itself and then runs: written end
+        // to end in the guest's first moments, so huge pages there spare
+        // it thousands of 4 KiB faults.
+        memory::advise_huge(&mem, GuestAddress(h.pref_address), u64::from(h.init_size));
+    }
+    crate::worker::mark("kernel-loaded");
+
+    // Initramfs: the shared base image read into guest memory, then this
+    // VM's config (a cpio the kernel unpacks on top) at the next 4-byte
+    // boundary. Read, not mapped like the kernel: the guest reads all of
+    // it at once when it unpacks it, and in huge pages that costs it a
+    // few faults where 4 KiB pages of a file mapping cost it one per page
+    // (on a nested host that came to more than the copy, measured); it
+    // frees the pages afterwards and reuses them, so mapping would save
+    // no memory either.
+    let read_err = |source| BuildError::ReadInitramfs {
+        path: config.initramfs.clone(),
+        source,
+    };
+    let mut base = std::fs::File::open(&config.initramfs).map_err(read_err)?;
+    let base_len = base.metadata().map_err(read_err)?.len();
+    let extra = guest_config_cpio(config).map_err(BuildError::GuestConfig)?;
+    let config_at = base_len.next_multiple_of(4);
+    let initrd_len = config_at + extra.len() as u64;
+    let initrd_max = loaded
+        .setup_header
+        .map(|h| h.initrd_addr_max)
+        .filter(|m| *m != 0)
+        .unwrap_or(0x37ff_ffff);
+    let initrd_addr = arch::initrd_address(&mem, initrd_len, initrd_max)?;
+    // Huge pages for it and, just below, where a Linux guest's early
+    // allocator (top down) puts its memory map (64 bytes per 4 KiB page,
+    // written in full while it boots): at most that much memory more if
+    // a guest puts it elsewhere.
+    let memmap = (config.memory_mib << 20) / 64;
+    memory::advise_huge(
+        &mem,
+        GuestAddress(initrd_addr.0.saturating_sub(memmap)),
+        memmap + initrd_len,
+    );
+    memory::populate(&mem, initrd_addr, initrd_len);
+    mem.read_exact_volatile_from(initrd_addr, &mut base, base_len as usize)
+        .map_err(|e| read_err(std::io::Error::other(e)))?;
+    mem.write_slice(&extra, GuestAddress(initrd_addr.0 + config_at))
+        .map_err(BuildError::WriteInitramfs)?;
+
+    let mut cmdline = linux_loader::cmdline::Cmdline::new(arch::CMDLINE_MAX_SIZE)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    cmdline
+        .insert_str(&config.cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    crate::worker::mark("kernel-initramfs-loaded");
+    let devices = virtio_devices(config, handles)?;
+    if devices.len() > (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
+        return Err(BuildError::TooManyDevices(devices.len()));
+    }
+    // virtio-mmio devices are declared on the command line: SIZE@ADDR:IRQ.
+    for i in 0..devices.len() {
+        let (base, irq) = virtio_slot(i);
+        cmdline
+            .insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+            .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    }
+    linux_loader::loader::load_cmdline(&mem, GuestAddress(arch::CMDLINE_START), &cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    crate::arch::mptable::write(&mem, config.vcpus)?;
+    arch::write_zero_page(
+        &mem,
+        loaded.setup_header,
+        cmdline_len,
+        Some((initrd_addr, initrd_len)),
+    )?;
+    crate::worker::mark("devices-opened");
+
+    // From here on, the KVM VM.
+    let vm = match vm {
+        VmSource::Ready(vm) => {
+            vm.register_memory(&mem)?;
+            crate::worker::mark("memory-registered");
+            vm
+        }
+        VmSource::Pending { vm, .. } => vm.join().map_err(|_| BuildError::VmThread)??,
+    };
+
+    // Devices: the serial console raises GSI 4 through an irqfd.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, 4)?;
+    let bus = Arc::new(Mutex::new(Bus::new(SerialConsole::new(
+        Some(serial_irq),
+        out,
+    ))));
+    // Each virtio device: an irqfd for its interrupt, an ioeventfd per queue
+    // for the device thread.
+    let mut device_loop = DeviceLoop::new().map_err(KvmError::EventFd)?;
+    let mut slots = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        let (base, gsi) = virtio_slot(i);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+        vm.register_irqfd(&irq, gsi)?;
+        let host_fd = device.host_event_fd();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            IrqTrigger(Some(irq)),
+        )));
+        for q in 0..crate::devices::virtio::lock(&transport).queue_count() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+            vm.register_ioevent(&evt, base + QUEUE_NOTIFY, q as u32)?;
+            device_loop
+                .add_queue(transport.clone(), q, evt)
+                .map_err(KvmError::EventFd)?;
+        }
+        if let Some(fd) = host_fd {
+            device_loop
+                .add_host(transport.clone(), fd)
+                .map_err(KvmError::EventFd)?;
+        }
+        // Disks follow the entropy device (slot 0), in config order.
+        if let Some(d) = i.checked_sub(1).and_then(|d| config.disks.get(d)) {
+            if d.empty_slot {
+                slots.push((d.id.clone(), transport.clone()));
+            }
+        }
+        bus.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mmio
+            .push((base, transport));
+    }
+
+    crate::worker::mark("devices-wired");
+    let supported = vcpu::supported_cpuid(&vm.kvm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let v = Vcpu::new(&vm.fd, index)?;
+        v.configure(&mem, &supported, entry, config.vcpus)?;
+        vcpus.push(v);
+    }
+    crate::worker::mark("vcpus");
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        bus,
+        devices: device_loop,
+        slots,
+    })
+}
+
+/// Loads a bzImage of `len` bytes: linux-loader checks the setup header (given only the
+/// boot sector and setup code, it copies nothing more), then the protected
+/// mode kernel is mapped copy-on-write at its load address straight from
+/// the file (see [`memory::map_file`]) — or, where it cannot be, loaded
+/// by linux-loader as usual.
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    kernel: &mut std::fs::File,
+    len: u64,
+    himem: Option<GuestAddress>,
+) -> Result<linux_loader::loader::KernelLoaderResult, linux_loader::loader::Error> {
+    use std::os::unix::fs::FileExt;
+    let mut sects = [0u8; 1];
+    let setup_sects = match kernel.read_exact_at(&mut sects, 0x1f1) {
+        Ok(()) if sects[0] == 0 => 4,
+        Ok(()) => u64::from(sects[0]),
+        Err(_) => return BzImage::load(mem, None, kernel, himem),
+    };
+    let setup_size = (setup_sects + 1) * 512;
+    let mut head = vec![0u8; setup_size as usize];
+    if len <= setup_size || kernel.read_exact_at(&mut head, 0).is_err() {
+        return BzImage::load(mem, None, kernel, himem);
+    }
+    let mut r = BzImage::load(mem, None, &mut std::io::Cursor::new(&head), himem)?;
+    let payload = len - setup_size;
+    if memory::map_file(mem, r.kernel_load, kernel, setup_size, payload) {
+        r.kernel_end = r.kernel_load.0 + payload;
+        Ok(r)
+    } else {
+        memory::populate(mem, r.kernel_load, payload);
+        kernel
+            .rewind()
+            .map_err(|_| linux_loader::loader::bzimage::Error::SeekBzImageHeader)?;
+        BzImage::load(mem, None, kernel, himem)
+    }
+}
+
+/// Register base and interrupt line of virtio slot `i`.
+pub fn virtio_slot(i: usize) -> (u64, u32) {
+    (
+        arch::MMIO_HOLE_START + i as u64 * MMIO_SIZE,
+        FIRST_VIRTIO_IRQ + i as u32,
+    )
+}

@@ -1,0 +1,721 @@
+//! virtio-blk: a raw disk image file as the guest's block device.
+//!
+//! # Design
+//! One request queue. Each descriptor chain is parsed by [`parse`] into a
+//! [`Request`] before anything touches the file: a readable header of 16
+//! bytes, data buffers whose direction matches the request, and a writable
+//! status byte last. Data moves through a fixed bounce buffer with
+//! `pread`/`pwrite`, so a request of any size costs the worker the same
+//! memory. Flush is `fdatasync`. A read-only disk (a root image, which many
+//! VMs may share) is opened read-only and offered with `VIRTIO_BLK_F_RO`; a
+//! writable one is locked (`flock`) so two VMs never write one volume.
+//!
+//! Everything in a request is untrusted: a malformed chain, a sector past
+//! the end, an unaligned length or a buffer outside guest memory gets
+//! `VIRTIO_BLK_S_IOERR` (or is returned unused when it has no status byte),
+//! with a rate-limited log line; the device never panics.
+//!
+//! An *empty slot* ([`Block::empty_slot`]) is a read-only disk of no
+//! sectors until vmmd gives it an image ([`VirtioDevice::attach_backing`]):
+//! a warm-pool VM boots with one and is handed its workload's root image
+//! when it is claimed. The guest learns the new capacity from a
+//! configuration-change interrupt.
+
+use super::VirtioDevice;
+use crate::devices::Refusals;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub const SECTOR_SIZE: u64 = 512;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Entries in the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request the driver may use (at most the queue size
+/// less the header and status descriptors).
+pub const SEG_MAX: u32 = 128;
+/// The largest request (data bytes) the device serves.
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+const BOUNCE_BYTES: usize = 128 << 10;
+/// Bytes of the device id (`VIRTIO_BLK_T_GET_ID`).
+pub const ID_BYTES: usize = 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+/// One descriptor of a chain, as the parser sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
+    pub write: bool,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Unsupported(u32),
+}
+
+/// A well-formed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestType,
+    pub sector: u64,
+    /// Data buffers in order.
+    pub data: Vec<Segment>,
+    pub data_len: u64,
+    pub status: GuestAddress,
+}
+
+/// Why a chain is not a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("empty descriptor chain")]
+    Empty,
+    #[error("request header is writable or shorter than 16 bytes")]
+    BadHeader,
+    #[error("request header is outside guest memory")]
+    HeaderUnreadable,
+    #[error("no writable status byte ends the chain")]
+    NoStatus,
+    #[error("a data buffer has the wrong direction for the request")]
+    WrongDirection,
+    #[error("request data is larger than {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Parses a descriptor chain into a request; nothing is read but the header.
+pub fn parse(chain: &[Segment], mem: &GuestMemoryMmap) -> Result<Request, RequestError> {
+    let (header, rest) = chain.split_first().ok_or(RequestError::Empty)?;
+    if header.write || header.len < 16 {
+        return Err(RequestError::BadHeader);
+    }
+    let kind: u32 = mem
+        .read_obj(header.addr)
+        .map_err(|_| RequestError::HeaderUnreadable)?;
+    let sector: u64 = header
+        .addr
+        .0
+        .checked_add(8)
+        .and_then(|a| mem.read_obj(GuestAddress(a)).ok())
+        .ok_or(RequestError::HeaderUnreadable)?;
+    let (status, data) = rest.split_last().ok_or(RequestError::NoStatus)?;
+    if !status.write || status.len < 1 {
+        return Err(RequestError::NoStatus);
+    }
+    let kind = match kind {
+        T_IN => RequestType::In,
+        T_OUT => RequestType::Out,
+        T_FLUSH => RequestType::Flush,
+        T_GET_ID => RequestType::GetId,
+        other => RequestType::Unsupported(other),
+    };
+    let want_write = match kind {
+        RequestType::In | RequestType::GetId => Some(true),
+        RequestType::Out => Some(false),
+        RequestType::Flush | RequestType::Unsupported(_) => None,
+    };
+    let mut data_len: u64 = 0;
+    for s in data {
+        if want_write.is_some_and(|w| w != s.write) {
+            return Err(RequestError::WrongDirection);
+        }
+        data_len += u64::from(s.len);
+        if data_len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge);
+        }
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data: data.to_vec(),
+        data_len,
+        status: status.addr,
+    })
+}
+
+/// A disk image as a virtio block device.
+pub struct Block {
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_BYTES],
+    bounce: Vec<u8>,
+    /// An empty slot still waiting for its image.
+    empty: bool,
+    /// Requests refused as malformed or failed.
+    pub refusals: Refusals,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("read_only", &self.read_only)
+            .field("capacity_sectors", &self.capacity_sectors)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors opening a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("open disk image {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is in use by another VM (it is locked)")]
+    Locked { path: String },
+    #[error("disk image {path} is smaller than one sector")]
+    Empty { path: String },
+}
+
+impl Block {
+    /// Opens the disk image at `path` for a VM (vmmd does, and hands the
+    /// worker the descriptor): a writable one is locked (`flock`), so two
+    /// VMs never write one volume; the lock goes with the descriptor.
+    pub fn open_file(path: &Path, read_only: bool) -> Result<File, BlockError> {
+        let shown = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+        if !read_only {
+            // SAFETY: flock on a descriptor we own.
+            let r = unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            };
+            if r != 0 {
+                return Err(BlockError::Locked { path: shown });
+            }
+        }
+        Ok(file)
+    }
+
+    /// A device over the disk image `file`, opened by [`Block::open_file`].
+    pub fn from_open(file: File, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let shown = format!("disk {id}");
+        let len = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: shown.clone(),
+                source,
+            })?
+            .len();
+        Self::from_file(file, len, read_only, id).ok_or(BlockError::Empty { path: shown })
+    }
+
+    /// [`Block::open_file`] then [`Block::from_open`]; `id` names the disk
+    /// to the guest (`GET_ID`, 20 bytes).
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let file = Self::open_file(path, read_only)?;
+        Self::from_open(file, read_only, id).map_err(|e| match e {
+            BlockError::Empty { .. } => BlockError::Empty {
+                path: path.display().to_string(),
+            },
+            e => e,
+        })
+    }
+
+    /// A read-only disk with no image yet (see the module docs); reads of
+    /// it fail until [`VirtioDevice::attach_backing`] gives it one.
+    pub fn empty_slot(id: &str) -> Result<Self, BlockError> {
+        let placeholder = File::open("/dev/null").map_err(|source| BlockError::Open {
+            path: "/dev/null".into(),
+            source,
+        })?;
+        let mut b =
+            Self::from_file(placeholder, SECTOR_SIZE, true, id).ok_or(BlockError::Empty {
+                path: "/dev/null".into(),
+            })?;
+        b.capacity_sectors = 0;
+        b.empty = true;
+        Ok(b)
+    }
+
+    /// A device over an open file of `len` bytes (tests use temporary files).
+    pub fn from_file(file: File, len: u64, read_only: bool, id: &str) -> Option<Self> {
+        let capacity_sectors = len / SECTOR_SIZE;
+        if capacity_sectors == 0 {
+            return None;
+        }
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Some(Block {
+            file,
+            read_only,
+            capacity_sectors,
+            id: id_bytes,
+            bounce: vec![0; BOUNCE_BYTES],
+            empty: false,
+            refusals: Refusals::new("virtio-blk: request refused"),
+        })
+    }
+
+    fn refuse(&mut self, why: &dyn std::fmt::Display) {
+        self.refusals.note(why);
+    }
+
+    /// Carries out a parsed request; returns its status and the bytes written
+    /// into guest buffers (besides the status byte).
+    pub fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        match req.kind {
+            RequestType::In | RequestType::Out => {
+                let Some(offset) = self.range(req) else {
+                    self.refuse(&format_args!(
+                        "sector {} + {} bytes is past the end or unaligned",
+                        req.sector, req.data_len
+                    ));
+                    return (S_IOERR, 0);
+                };
+                if req.kind == RequestType::Out && self.read_only {
+                    self.refuse(&"write to a read-only disk");
+                    return (S_IOERR, 0);
+                }
+                match self.transfer(req, offset, mem) {
+                    Ok(()) if req.kind == RequestType::In => (S_OK, req.data_len as u32),
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        self.refuse(&e);
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            RequestType::Flush => {
+                if self.read_only {
+                    return (S_OK, 0);
+                }
+                match self.file.sync_data() {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        self.refuse(&format_args!("flush: {e}"));
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            RequestType::GetId => {
+                let Some(first) = req.data.first() else {
+                    return (S_IOERR, 0);
+                };
+                let n = (first.len as usize).min(ID_BYTES);
+                match mem.write_slice(&self.id[..n], first.addr) {
+                    Ok(()) => (S_OK, n as u32),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            RequestType::Unsupported(t) => {
+                self.refuse(&format_args!("unsupported request type {t}"));
+                (S_UNSUPP, 0)
+            }
+        }
+    }
+
+    /// The byte offset of a read or write that lies wholly inside the disk.
+    fn range(&self, req: &Request) -> Option<u64> {
+        if req.data_len % SECTOR_SIZE != 0 {
+            return None;
+        }
+        req.sector
+            .checked_add(req.data_len / SECTOR_SIZE)
+            .filter(|end| *end <= self.capacity_sectors)
+            .map(|_| req.sector * SECTOR_SIZE)
+    }
+
+    fn transfer(
+        &mut self,
+        req: &Request,
+        mut offset: u64,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        for seg in &req.data {
+            let mut done: u64 = 0;
+            while done < u64::from(seg.len) {
+                let n = ((u64::from(seg.len) - done) as usize).min(self.bounce.len());
+                let addr = seg
+                    .addr
+                    .0
+                    .checked_add(done)
+                    .map(GuestAddress)
+                    .ok_or("buffer address overflows")?;
+                let buf = &mut self.bounce[..n];
+                if req.kind == RequestType::In {
+                    self.file
+                        .read_exact_at(buf, offset)
+                        .map_err(|e| format!("read at {offset}: {e}"))?;
+                    mem.write_slice(buf, addr)
+                        .map_err(|_| format!("buffer {:#x} is outside guest memory", addr.0))?;
+                } else {
+                    mem.read_slice(buf, addr)
+                        .map_err(|_| format!("buffer {:#x} is outside guest memory", addr.0))?;
+                    self.file
+                        .write_all_at(buf, offset)
+                        .map_err(|e| format!("write at {offset}: {e}"))?;
+                }
+                done += n as u64;
+                offset += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device's configuration space: capacity, then size_max and seg_max.
+    fn config_bytes(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        2
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        super::VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config_bytes(), offset, data);
+    }
+
+    fn attach_backing(&mut self, file: File, len: u64) -> Result<(), String> {
+        if !self.empty {
+            return Err("the disk already has its image".into());
+        }
+        let sectors = len / SECTOR_SIZE;
+        if sectors == 0 {
+            return Err(format!(
+                "an image of {len} bytes is smaller than one sector"
+            ));
+        }
+        self.file = file;
+        self.capacity_sectors = sectors;
+        self.empty = false;
+        Ok(())
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [virtio_queue::Queue],
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
+        let mut segments = Vec::with_capacity(usize::from(QUEUE_SIZE));
+        super::serve_chains(queue, mem, |chain| {
+            segments.clear();
+            segments.extend(chain.map(|d| Segment {
+                addr: d.addr(),
+                len: d.len(),
+                write: d.is_write_only(),
+            }));
+            match parse(&segments, mem) {
+                Ok(req) => {
+                    let (status, n) = self.execute(&req, mem);
+                    match mem.write_obj(status, req.status) {
+                        Ok(()) => n + 1,
+                        Err(_) => n,
+                    }
+                }
+                Err(e) => {
+                    self.refuse(&e);
+                    // Tell the driver if it left room for a status byte.
+                    match segments.last() {
+                        Some(s) if s.write && segments.len() > 1 => {
+                            u32::from(mem.write_obj(S_IOERR, s.addr).is_ok())
+                        }
+                        _ => 0,
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn disk(sectors: u64, read_only: bool) -> (Block, File) {
+        let f = tempfile();
+        f.set_len(sectors * SECTOR_SIZE).unwrap();
+        let clone = f.try_clone().unwrap();
+        (
+            Block::from_file(f, sectors * SECTOR_SIZE, read_only, "test-disk").unwrap(),
+            clone,
+        )
+    }
+
+    fn tempfile() -> File {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!(
+            "steelcup-blk-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    }
+
+    fn seg(addr: u64, len: u32, write: bool) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+            write,
+        }
+    }
+
+    fn chain(data: &[Segment]) -> Vec<Segment> {
+        let mut c = vec![seg(HDR, 16, false)];
+        c.extend_from_slice(data);
+        c.push(seg(STATUS, 1, true));
+        c
+    }
+
+    fn run(b: &mut Block, m: &GuestMemoryMmap, c: &[Segment]) -> (u8, u32) {
+        let req = parse(c, m).unwrap();
+        b.execute(&req, m)
+    }
+
+    #[test]
+    fn an_empty_slot_refuses_io_until_it_gets_its_image_once() {
+        let m = mem();
+        let mut b = Block::empty_slot("root").unwrap();
+        assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0, "offered read-only");
+        let mut cap = [0xffu8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 0);
+        header(&m, T_IN, 0);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, true)])).0,
+            S_IOERR,
+            "nothing to read before the image comes"
+        );
+        let f = tempfile();
+        f.write_all_at(&[0x42; 1024], 0).unwrap();
+        assert!(
+            b.attach_backing(f.try_clone().unwrap(), 10).is_err(),
+            "under a sector"
+        );
+        b.attach_backing(f.try_clone().unwrap(), 1024).unwrap();
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, true)])),
+            (S_OK, 512)
+        );
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, [0x42; 512]);
+        header(&m, T_OUT, 0);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, false)])).0,
+            S_IOERR,
+            "still read-only"
+        );
+        assert!(b.attach_backing(f, 1024).is_err(), "an image is given once");
+        let (mut full, _) = disk(4, true);
+        assert!(
+            full.attach_backing(tempfile(), 1024).is_err(),
+            "not an empty slot"
+        );
+    }
+
+    #[test]
+    fn writes_then_reads_back_and_flushes() {
+        let m = mem();
+        let (mut b, file) = disk(64, false);
+        m.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
+        header(&m, T_OUT, 3);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 1024, false)])),
+            (S_OK, 0)
+        );
+        let mut on_disk = [0u8; 1024];
+        file.read_exact_at(&mut on_disk, 3 * 512).unwrap();
+        assert_eq!(on_disk, [0x5a; 1024]);
+
+        m.write_slice(&[0; 1024], GuestAddress(DATA)).unwrap();
+        header(&m, T_IN, 3);
+        // Two buffers for one read.
+        let c = chain(&[seg(DATA, 512, true), seg(DATA + 512, 512, true)]);
+        assert_eq!(run(&mut b, &m, &c), (S_OK, 1024));
+        let mut back = [0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, [0x5a; 1024]);
+
+        header(&m, T_FLUSH, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[])), (S_OK, 0));
+    }
+
+    #[test]
+    fn large_requests_go_through_the_bounce_buffer() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (mut b, file) = disk(2048, false);
+        let pattern: Vec<u8> = (0..(512 << 10)).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&pattern, 0).unwrap();
+        header(&m, T_IN, 0);
+        let c = chain(&[seg(0x10000, 512 << 10, true)]);
+        assert_eq!(run(&mut b, &m, &c), (S_OK, 512 << 10));
+        let mut got = vec![0u8; 512 << 10];
+        m.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+        assert!(got == pattern);
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_say_so() {
+        let m = mem();
+        let (mut b, _) = disk(8, true);
+        assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0);
+        header(&m, T_OUT, 0);
+        assert_eq!(
+            run(&mut b, &m, &chain(&[seg(DATA, 512, false)])),
+            (S_IOERR, 0)
+        );
+        header(&m, T_FLUSH, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[])), (S_OK, 0));
+    }
+
+    #[test]
+    fn out_of_range_and_unaligned_requests_fail() {
+        let m = mem();
+        let (mut b, _) = disk(8, false);
+        for (sector, len) in [(8, 512), (7, 1024), (u64::MAX, 512), (0, 100)] {
+            header(&m, T_IN, sector);
+            let c = chain(&[seg(DATA, len, true)]);
+            assert_eq!(run(&mut b, &m, &c).0, S_IOERR, "sector {sector} len {len}");
+        }
+        // A buffer outside guest memory.
+        header(&m, T_IN, 0);
+        let c = chain(&[seg(0xffff_f000, 512, true)]);
+        assert_eq!(run(&mut b, &m, &c).0, S_IOERR);
+        header(&m, 77, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[])).0, S_UNSUPP);
+        assert!(b.refusals.count >= 6);
+    }
+
+    #[test]
+    fn malformed_chains_do_not_parse() {
+        let m = mem();
+        header(&m, T_IN, 0);
+        assert_eq!(parse(&[], &m), Err(RequestError::Empty));
+        assert_eq!(
+            parse(&[seg(HDR, 8, false), seg(STATUS, 1, true)], &m),
+            Err(RequestError::BadHeader)
+        );
+        assert_eq!(
+            parse(&[seg(HDR, 16, true), seg(STATUS, 1, true)], &m),
+            Err(RequestError::BadHeader)
+        );
+        assert_eq!(
+            parse(&[seg(0xffff_fff0, 16, false), seg(STATUS, 1, true)], &m),
+            Err(RequestError::HeaderUnreadable)
+        );
+        assert_eq!(
+            parse(&[seg(HDR, 16, false)], &m),
+            Err(RequestError::NoStatus)
+        );
+        assert_eq!(
+            parse(&[seg(HDR, 16, false), seg(STATUS, 1, false)], &m),
+            Err(RequestError::NoStatus)
+        );
+        // A read whose buffer the device may not write.
+        assert_eq!(
+            parse(&chain(&[seg(DATA, 512, false)]), &m),
+            Err(RequestError::WrongDirection)
+        );
+        let huge: Vec<Segment> = (0..40).map(|_| seg(DATA, 1 << 20, true)).collect();
+        assert_eq!(parse(&chain(&huge), &m), Err(RequestError::TooLarge));
+        let big = [seg(DATA, u32::MAX, true), seg(DATA, u32::MAX, true)];
+        assert_eq!(parse(&chain(&big), &m), Err(RequestError::TooLarge));
+    }
+
+    #[test]
+    fn get_id_and_config_space() {
+        let m = mem();
+        let (mut b, _) = disk(16, false);
+        header(&m, T_GET_ID, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[seg(DATA, 20, true)])), (S_OK, 20));
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert!(id.starts_with(b"test-disk\0"));
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 16);
+        let mut seg_max = [0u8; 4];
+        b.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+        let mut past = [0xffu8; 4];
+        b.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+
+    #[test]
+    fn a_writable_disk_is_locked_against_a_second_vm() {
+        let path = std::env::temp_dir().join(format!("steelcup-lock-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let first = Block::open(&path, false, "a").unwrap();
+        assert!(matches!(
+            Block::open(&path, false, "b"),
+            Err(BlockError::Locked { .. })
+        ));
+        // A read-only open (a shared root image) needs no lock.
+        Block::open(&path, true, "c").unwrap();
+        drop(first);
+        Block::open(&path, false, "d").unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+}
