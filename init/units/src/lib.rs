@@ -8,8 +8,11 @@
 //! field. [`load_dir`] keeps the good units and returns the bad ones' errors,
 //! so one bad file never stops the others. Pure: no I/O but reading the files.
 //!
+//! Drop-ins (`NAME.d/*.toml` beside a unit file) are merged over it in
+//! name order before it is checked.
+//!
 //! # Limitations
-//! Drop-in directories are not read yet.
+//! A unit's file is read whole into memory; no size limit yet.
 
 pub mod graph;
 pub mod ports;

@@ -17,8 +17,9 @@
 //! (init sends it on `cup reload`) re-reads the unit files.
 //!
 //! # Limitations
-//! No warm pool yet; a restarted vmmd does not find VMs of the one before
-//! (its workers die with it: they run with PR_SET_PDEATHSIG).
+//! A restarted vmmd does not find VMs of the one before (its workers die
+//! with it: they run with PR_SET_PDEATHSIG); unit workloads come back from
+//! their units, `cup run` workloads do not.
 
 use crate::dbus;
 use crate::image::source::PullOptions;

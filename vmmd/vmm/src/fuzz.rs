@@ -11,8 +11,9 @@
 //! request straight to a parser. None may panic, whatever the bytes.
 //!
 //! The same functions back the libFuzzer targets in `fuzz/` (coverage
-//! guided, `cargo xtask fuzz`) and the seeded random rounds of
-//! `vmmd/tests/fuzz_smoke.rs`, so every test run plays a few thousand
+//! guided: `cargo fuzz run virtio_mmio` from `vmmd/fuzz/`, see its
+//! Cargo.toml) and the seeded random rounds of
+//! `vmmd/daemon/tests/fuzz_smoke.rs`, so every test run plays a few thousand
 //! hostile guests.
 
 use crate::devices::serial::IrqTrigger;
