@@ -570,7 +570,8 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
         eprintln!("{mode}: skipped: needs the test image built by `cargo xtask test`");
         return None;
     };
-    let mut cfg = GuestConfig::direct(&format!("test-{mode}"), &a.dir).unwrap();
+    let mut cfg =
+        GuestConfig::direct(&format!("test-{mode}"), &a.dir).expect("the test image's artifacts");
     // The workloads and network boots publish port 8080 of a unit: reached
     // from here through QEMU's host forwarding.
     if mode == "workloads" || mode == "network" {
@@ -579,7 +580,7 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
         cmdline.push_str(&format!(" steelcup.test={mode}"));
     }
-    Some(Guest::boot(&cfg).unwrap())
+    Some(Guest::boot(&cfg).expect("boot the test image"))
 }
 
 /// Signs, under software emulation, that the emulated host itself failed

@@ -7,6 +7,8 @@
 //! `cargo xtask test` sets `STEELCUP_REQUIRE_ARTIFACTS`, so there a missing
 //! artifact fails instead.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use qemu_tests::{artifacts, record, run_booted, Artifacts, Guest, GuestConfig};
 use std::time::Duration;
 

@@ -25,6 +25,8 @@
 //! 5. slot B boots (the half-written slot had lost its tries first); the
 //!    driver powers off.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use qemu_tests::{log_dir, Guest, GuestConfig};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

@@ -18,6 +18,8 @@
 //! The units in `qemu-tests/units/` run only in their mode, and the driver
 //! unit drives the rest and powers off when all is done.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use anyhow::Result;
 use qemu_tests::Guest;
 use std::time::Duration;

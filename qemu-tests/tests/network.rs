@@ -7,6 +7,8 @@
 //! killed. (Names, `network = "none"` and the spread over replicas are in
 //! `microvms.rs`, `workloads_on_nested_kvm`.)
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use anyhow::{bail, Context, Result};
 use qemu_tests::Guest;
 use std::process::{Child, Command, Stdio};

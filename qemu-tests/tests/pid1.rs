@@ -7,6 +7,8 @@
 //! a host busybox and the units in `qemu-tests/units/`, whose driver acts on
 //! `steelcup.test=MODE` on the kernel command line.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use qemu_tests::{boot_test_image, run_booted, Guest};
 use std::time::Duration;
 

@@ -13,7 +13,8 @@ const ROUNDS: usize = 5;
 /// The Debian mirror apt uses here (debootstrap needs one).
 fn mirror() -> String {
     let mut text = String::new();
-    for p in ["/etc/apt/sources.list"] {
+    {
+        let p = "/etc/apt/sources.list";
         text.push_str(&std::fs::read_to_string(p).unwrap_or_default());
     }
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {

@@ -164,10 +164,7 @@ pub fn run(init_bin: &Path) -> Result<String> {
         let pre = t0.elapsed();
         let t = wait_marks(&mark, &mut child)? + pre;
         std::thread::sleep(Duration::from_millis(300));
-        let runsv: u64 = pids_matching(&format!("runsv u"))
-            .into_iter()
-            .map(rss_kib)
-            .sum();
+        let runsv: u64 = pids_matching("runsv u").into_iter().map(rss_kib).sum();
         theirs.push(Round {
             start_ms: t.as_secs_f64() * 1000.0,
             rss_kib: rss_kib(child.id()) + runsv,

@@ -183,7 +183,7 @@ pub fn run() -> Result<String> {
             l.split_once("worker phases (ms after spawn): ")
                 .map(|(_, p)| p)
         })
-        .last()
+        .next_back()
         .unwrap_or("");
     let svg = plot(&table);
     let svg_path = sh::root().join("docs/performance-vmm.svg");

@@ -296,8 +296,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("10-x.config");
         std::fs::write(&f, "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n").unwrap();
-        assert!(check_config(&[f.clone()], "CONFIG_A=y\nCONFIG_B=y\n").is_ok());
-        let err = check_config(&[f.clone()], "CONFIG_A=y\nCONFIG_C=y\n")
+        assert!(check_config(std::slice::from_ref(&f), "CONFIG_A=y\nCONFIG_B=y\n").is_ok());
+        let err = check_config(std::slice::from_ref(&f), "CONFIG_A=y\nCONFIG_C=y\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("10-x.config: CONFIG_B=y"), "{err}");

@@ -595,6 +595,16 @@ fn test() -> Result<()> {
             .args(["fmt", "--all", "--", "--check"]),
     )
     .context("code is not formatted: run `cargo fmt --all`")?;
+    step("lints (cargo clippy --workspace --all-targets -- -D warnings)");
+    sh::run(Command::new(&cargo).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found something: fix it, or allow it where it is with the reason")?;
     step("a debootstrapped Debian as an OCI image, for the image store's tests");
     let debian = bench_image::debian_image()?;
     step("unit and host-side integration tests");

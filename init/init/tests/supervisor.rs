@@ -1,6 +1,8 @@
 //! init as a supervisor (a child subreaper, outside PID 1), with real
 //! processes, driven through its API: the behaviour PID 1 relies on.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -376,6 +376,51 @@ fn blkpg_resize(disk: &std::fs::File, pno: u32, start: u64, length: u64) -> std:
     Ok(())
 }
 
+/// Says what the state phase did, on the console.
+pub fn report(outcome: &Result<Outcome, String>) {
+    match outcome {
+        Ok(Outcome::None) => tracing::info!(
+            "state: no {STATE_LABEL} partition; /var is in memory and nothing in it survives a reboot"
+        ),
+        Ok(Outcome::Mounted(dev)) => {
+            tracing::info!("state: {} mounted at {VAR}", dev.display())
+        }
+        Ok(Outcome::Formatted { dev, grown }) => tracing::info!(
+            "state: first boot: {} {}formatted ext4 and mounted at {VAR}",
+            dev.display(),
+            match grown {
+                Some((from, to)) => format!("grown from {} to {} MiB, ", from >> 20, to >> 20),
+                None => String::new(),
+            }
+        ),
+        Err(e) => tracing::error!("state: {e}; /var is in memory"),
+    }
+}
+
+/// Before power-off or reboot, with every unit stopped: /var remounted
+/// read-only, so the state partition is clean however the power goes.
+pub fn settle() {
+    use nix::mount::MsFlags;
+    let on_state = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(VAR)))
+        .unwrap_or(false);
+    if !on_state {
+        return;
+    }
+    match nix::mount::mount(
+        None::<&str>,
+        VAR,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        Ok(()) => tracing::info!("state: {VAR} remounted read-only"),
+        // init's own log files are still open: synced with the rest.
+        Err(nix::errno::Errno::EBUSY) => {}
+        Err(e) => tracing::warn!("state: remount {VAR} read-only: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,50 +533,5 @@ mod tests {
         let lb = gpt::disk::LogicalBlockSize::Lb512;
         let e = grown_table(Cursor::new(raw), lb, 2).err().unwrap();
         assert!(e.contains("not the last"), "{e}");
-    }
-}
-
-/// Says what the state phase did, on the console.
-pub fn report(outcome: &Result<Outcome, String>) {
-    match outcome {
-        Ok(Outcome::None) => tracing::info!(
-            "state: no {STATE_LABEL} partition; /var is in memory and nothing in it survives a reboot"
-        ),
-        Ok(Outcome::Mounted(dev)) => {
-            tracing::info!("state: {} mounted at {VAR}", dev.display())
-        }
-        Ok(Outcome::Formatted { dev, grown }) => tracing::info!(
-            "state: first boot: {} {}formatted ext4 and mounted at {VAR}",
-            dev.display(),
-            match grown {
-                Some((from, to)) => format!("grown from {} to {} MiB, ", from >> 20, to >> 20),
-                None => String::new(),
-            }
-        ),
-        Err(e) => tracing::error!("state: {e}; /var is in memory"),
-    }
-}
-
-/// Before power-off or reboot, with every unit stopped: /var remounted
-/// read-only, so the state partition is clean however the power goes.
-pub fn settle() {
-    use nix::mount::MsFlags;
-    let on_state = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(VAR)))
-        .unwrap_or(false);
-    if !on_state {
-        return;
-    }
-    match nix::mount::mount(
-        None::<&str>,
-        VAR,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    ) {
-        Ok(()) => tracing::info!("state: {VAR} remounted read-only"),
-        // init's own log files are still open: synced with the rest.
-        Err(nix::errno::Errno::EBUSY) => {}
-        Err(e) => tracing::warn!("state: remount {VAR} read-only: {e}"),
     }
 }

@@ -61,12 +61,11 @@ pub fn connect_when_ready(
     let t = Instant::now();
     let mut last = String::new();
     while t.elapsed() < patience {
-        match socket()? {
-            Some(uds) => match connect(Path::new(&uds), port) {
+        if let Some(uds) = socket()? {
+            match connect(Path::new(&uds), port) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
-            },
-            None => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }

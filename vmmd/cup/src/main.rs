@@ -156,8 +156,8 @@ fn api_err(e: zbus::Error) -> String {
 
 fn print_units(units: &[UnitInfo]) {
     println!(
-        "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  {}",
-        "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT", "DESCRIPTION"
+        "{:<24} {:<8} {:<9} {:>7} {:>8} {:>9}  DESCRIPTION",
+        "NAME", "KIND", "STATE", "PID", "RESTARTS", "LAST-EXIT"
     );
     for u in units {
         let pid = if u.pid == 0 {
@@ -283,15 +283,18 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             for (_, l) in first {
                 println!("{l}");
             }
-            while follow {
-                let (more, next) = p.logs(&unit, cursor, 1000).map_err(api_err)?;
-                if more.is_empty() {
-                    std::thread::sleep(Duration::from_millis(200));
+            // A unit's log is followed until cup is interrupted.
+            if follow {
+                loop {
+                    let (more, next) = p.logs(&unit, cursor, 1000).map_err(api_err)?;
+                    if more.is_empty() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    for (_, l) in more {
+                        println!("{l}");
+                    }
+                    cursor = next;
                 }
-                for (_, l) in more {
-                    println!("{l}");
-                }
-                cursor = next;
             }
         }
         Some("reload") => {

@@ -337,11 +337,9 @@ pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
 /// One line of progress: `sha256:0123456789ab [#####     ] 12.0 MiB/40.1 MiB`.
 pub fn progress_bar(p: &steelcup_api::vmm1::PullInfo) -> String {
     let width = 30;
-    let filled = if p.total == 0 {
-        width
-    } else {
-        ((p.done.min(p.total) * width as u64) / p.total) as usize
-    };
+    let filled = (p.done.min(p.total) * width as u64)
+        .checked_div(p.total)
+        .map_or(width, |f| f as usize);
     format!(
         "{} [{}{}] {}/{}",
         &p.digest[..19.min(p.digest.len())],
@@ -575,7 +573,11 @@ pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result
         let _ = writeln!(out, "{l}");
     }
     let _ = out.flush();
-    while follow {
+    if !follow {
+        return Ok(0);
+    }
+    // Until the workload has ended and its log is read.
+    loop {
         let (more, next, still) = p.logs(name, cursor, 1000).map_err(api)?;
         if more.is_empty() {
             if !running {

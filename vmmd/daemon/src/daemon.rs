@@ -1415,9 +1415,8 @@ pub fn ensure_volume(
     f.set_len(volume.size.0)
         .map_err(|e| format!("size {}: {e}", tmp.display()))?;
     drop(f);
-    let formatted = format_volume(&tmp).map_err(|e| {
+    let formatted = format_volume(&tmp).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        e
     })?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("create {}: {e}", path.display()))?;
     let whose = match unit {

@@ -342,7 +342,7 @@ impl<B: Backend> Core<B> {
             }
             return;
         }
-        if !w.restart_at.is_some_and(|t| t <= now) {
+        if w.restart_at.is_none_or(|t| t > now) {
             return;
         }
         w.restart_at = None;

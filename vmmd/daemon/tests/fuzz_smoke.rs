@@ -1,7 +1,10 @@
-//! Every test run plays the fuzz targets (see `vmmd::fuzz`) with seeded
-//! random inputs and with inputs shaped like a real driver's, so a parser
-//! that panics on hostile bytes fails here even without a fuzzing session.
-//! `cargo xtask fuzz` runs the same targets under libFuzzer.
+//! Every test run plays the fuzz targets (`steelcup_vmm::fuzz` for the
+//! devices, `vmmd::fuzz` for layers and OCI JSON) with seeded random inputs
+//! and with inputs shaped like a real driver's, so a parser that panics on
+//! hostile bytes fails here even without a fuzzing session. `cargo fuzz`
+//! in `vmmd/fuzz/` runs the same targets under libFuzzer.
+
+#![allow(clippy::unwrap_used)] // tests fail by panicking
 
 /// xorshift64*: a fixed seed gives the same rounds on every machine.
 struct Rand(u64);
@@ -39,7 +42,7 @@ fn virtio_mmio_survives_forged_rings_behind_a_proper_handshake() {
     for round in 0..2000u64 {
         let mut input = vec![round as u8, 6, 0, 0, 1, 0x00, 0x10, 0x00, 0x20, 0x00, 0x30];
         for _ in 0..(r.next() % 24) {
-            if r.next() % 3 == 0 {
+            if r.next().is_multiple_of(3) {
                 input.extend([3, (r.next() % 2) as u8]);
             } else {
                 // A write of up to 64 bytes into the first 16 KiB.
@@ -106,7 +109,7 @@ fn the_layer_applier_survives_random_and_mutated_tars() {
             let at = (r.next() as usize) % t.len();
             t[at] = r.next() as u8;
         }
-        if r.next() % 4 == 0 {
+        if r.next().is_multiple_of(4) {
             t.truncate((r.next() as usize) % t.len());
         }
         vmmd::fuzz::layer_tar(&t);

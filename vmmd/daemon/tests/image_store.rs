@@ -8,6 +8,8 @@
 //! Tests that need a tool say so and skip when it is missing; `cargo xtask
 //! test` installs them all.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,7 +177,7 @@ fn compare_with_umoci(dir: &Path, image: &str) -> (BTreeMap<String, String>, boo
             .arg(&rootfs));
     }
     let theirs = dir.join("theirs");
-    umoci(&["unpack", "--image", &image, &theirs.display().to_string()]);
+    umoci(&["unpack", "--image", image, &theirs.display().to_string()]);
     let (mut a, mut b) = (describe(&ours), describe(&theirs.join("rootfs")));
     if mounted {
         run(Command::new("umount").arg(&ours));
@@ -495,7 +497,7 @@ fn registry_with(auth: Option<(&str, &str)>) -> Option<Registry> {
         ),
     )
     .unwrap();
-    let child = Command::new("docker-registry")
+    let mut child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
         .stdout(Stdio::null())
@@ -512,6 +514,8 @@ fn registry_with(auth: Option<(&str, &str)>) -> Option<Registry> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("docker-registry did not listen on {addr}");
 }
 

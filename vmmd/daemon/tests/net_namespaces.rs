@@ -7,6 +7,8 @@
 //! `python3`; says so and skips without them. The same behaviour with real VMs is
 //! covered by qemu-tests (`network_on_nested_kvm`).
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};

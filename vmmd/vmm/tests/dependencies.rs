@@ -5,6 +5,8 @@
 //! tree` for the normal (non-dev, non-build) dependencies, so a crate that
 //! comes back through any path fails it.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use std::collections::BTreeSet;
 use std::process::Command;
 

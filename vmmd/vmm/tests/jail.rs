@@ -4,6 +4,8 @@
 //! root that is a mount point (not a chroot); says so and skips without. The appliance covers the same in
 //! `qemu-tests/tests/microvms.rs` (a real worker's /proc/PID/root).
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 use std::path::Path;

@@ -3,6 +3,8 @@
 //! check runs inside the booted appliance in qemu-tests (`vmmd selftest`),
 //! where KVM always is real.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 #[test]
 fn tiny_guest_exits_as_expected() {
     if !steelcup_vmm::selftest::kvm_usable() {

@@ -1,6 +1,8 @@
 //! The worker's seccomp filter, applied in a forked child on this host: the
 //! calls a running VM makes pass; a forbidden one kills the process.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
@@ -19,11 +21,13 @@ fn in_filtered_child(forbidden: fn()) -> WaitStatus {
     match unsafe { fork() }.unwrap() {
         ForkResult::Child => {
             if seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(90) };
             }
             let fd = std::os::fd::AsRawFd::as_raw_fd(&w);
             // SAFETY: a write of one byte from a static buffer to our pipe.
             if unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) } != 1 {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(91) };
             }
             forbidden();
@@ -78,6 +82,7 @@ fn in_child_with_own_filter(call: fn() -> bool) -> WaitStatus {
                     )
                 };
                 if n <= 0 {
+                    // SAFETY: ends the forked child at once; no Rust state is used after.
                     unsafe { libc::_exit(92) };
                 }
                 got += n as usize;
@@ -181,6 +186,7 @@ fn the_calls_vsock_makes_pass() {
     match unsafe { fork() }.unwrap() {
         ForkResult::Child => {
             if seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(90) };
             }
             let (mut s, _) = listener.accept().unwrap();
@@ -191,6 +197,7 @@ fn the_calls_vsock_makes_pass() {
             let _ = s.shutdown(std::net::Shutdown::Write);
             let again = UnixStream::connect(&path).unwrap();
             drop(again);
+            // SAFETY: ends the forked child at once; no Rust state is used after.
             unsafe { libc::_exit(0) }
         }
         ForkResult::Parent { child } => {
@@ -226,6 +233,7 @@ fn a_disk_image_received_on_the_control_socket_is_read() {
     match unsafe { fork() }.unwrap() {
         ForkResult::Child => {
             if seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(90) };
             }
             let mut buf = [0u8; 64];
@@ -236,6 +244,7 @@ fn a_disk_image_received_on_the_control_socket_is_read() {
                 Some(&mut space),
                 MsgFlags::MSG_CMSG_CLOEXEC,
             ) else {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(91) }
             };
             let mut fd = -1;
@@ -248,6 +257,7 @@ fn a_disk_image_received_on_the_control_socket_is_read() {
             // SAFETY: pread of 4 bytes into our buffer from the received fd.
             let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), 4, 0) };
             let code = if n == 4 && head == *b"\x7fELF" { 0 } else { 92 };
+            // SAFETY: ends the forked child at once; no Rust state is used after.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => {
@@ -278,13 +288,16 @@ fn in_filtered_threads(work: fn() -> bool, then: fn()) -> WaitStatus {
             // Let the thread finish its own start-up calls.
             std::thread::sleep(std::time::Duration::from_millis(50));
             if seccompiler::apply_filter_all_threads(&program).is_err() {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(90) };
             }
             let _ = go_tx.send(());
             if !t.join().unwrap_or(false) {
+                // SAFETY: ends the forked child at once; no Rust state is used after.
                 unsafe { libc::_exit(91) };
             }
             then();
+            // SAFETY: ends the forked child at once; no Rust state is used after.
             unsafe { libc::_exit(0) }
         }
         ForkResult::Parent { child } => waitpid(child, None).unwrap(),

@@ -106,11 +106,9 @@ fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), String> {
         if tty && (finished || last.elapsed().as_millis() > 100) {
             last = std::time::Instant::now();
             let width = 30;
-            let filled = if p.total == 0 {
-                width
-            } else {
-                (p.done * width as u64 / p.total) as usize
-            };
+            let filled = (p.done * width as u64)
+                .checked_div(p.total)
+                .map_or(width, |f| f as usize);
             let _ = write!(
                 std::io::stderr(),
                 "\r{} [{}{}] {}/{}{}",

@@ -310,12 +310,7 @@ fn replicas_keep_their_own_volumes() {
     }];
     let mut w = World::new(&[("db", u)]);
     w.tick();
-    let keys: Vec<String> = w
-        .core
-        .workloads
-        .iter()
-        .map(|(_, x)| x.volume_key())
-        .collect();
+    let keys: Vec<String> = w.core.workloads.values().map(|x| x.volume_key()).collect();
     assert_eq!(keys, ["db", "db/replica-1", "db/replica-2"]);
 }
 

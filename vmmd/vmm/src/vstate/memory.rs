@@ -244,8 +244,8 @@ pub fn map_file(
     };
     let pages = len.next_multiple_of(4096);
     if len == 0
-        || addr.0 % 4096 != 0
-        || offset % 4096 != 0
+        || !addr.0.is_multiple_of(4096)
+        || !offset.is_multiple_of(4096)
         || i64::try_from(offset).is_err()
         || region.file_offset().is_some()
         || addr.0 + pages > region.start_addr().0 + region.len()

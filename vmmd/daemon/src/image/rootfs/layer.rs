@@ -156,11 +156,11 @@ pub fn apply_layer(
     {
         let mut archive = tar::Archive::new(&mut meter);
         let mut pending = Pending::default();
-        let mut index = 0u64;
         let entries = archive.entries().map_err(LayerError::Io)?.raw(true);
-        for entry in entries {
+        for (i, entry) in entries.enumerate() {
+            // Entries are counted from 1 in messages.
+            let index = i as u64 + 1;
             let mut entry = entry.map_err(too_large)?;
-            index += 1;
             let header = entry.header().clone();
             let path_now = || String::from_utf8_lossy(&header.path_bytes()).into_owned();
             let bad = |what: String| LayerError::Bad {

@@ -335,7 +335,7 @@ impl Block {
 
     /// The byte offset of a read or write that lies wholly inside the disk.
     fn range(&self, req: &Request) -> Option<u64> {
-        if req.data_len % SECTOR_SIZE != 0 {
+        if !req.data_len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         req.sector

@@ -181,7 +181,7 @@ impl MmioTransport {
             }
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if queue_idle && setting_up => {
                 if let Some(q) = self.queue() {
-                    let (lo, hi) = if offset % 8 == 0 {
+                    let (lo, hi) = if offset.is_multiple_of(8) {
                         (Some(v), None)
                     } else {
                         (None, Some(v))
