@@ -132,6 +132,24 @@ pub enum VmOutcome {
 }
 
 impl VmOutcome {
+    /// The exit code a client gives for a run that ended so (`cup run`,
+    /// `cup attach`, as docker does): the workload's code, 128 + its
+    /// signal, 127 when its program was not found and 126 when it could
+    /// not be started otherwise, 0 for a power-off or reboot from inside,
+    /// 125 when the VM itself failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmOutcome::Exited { code } => *code,
+            VmOutcome::Killed { signal } => 128u8.saturating_add(*signal),
+            VmOutcome::StartFailed { errno } if i32::from(*errno) == libc::ENOENT => 127,
+            VmOutcome::StartFailed { .. } => 126,
+            VmOutcome::Rebooted | VmOutcome::PoweredOff => 0,
+            VmOutcome::GuestReset | VmOutcome::GuestCrashed { .. } | VmOutcome::VmmError { .. } => {
+                125
+            }
+        }
+    }
+
     /// True when the workload ran and exited 0.
     pub fn success(&self) -> bool {
         matches!(self, VmOutcome::Exited { code: 0 } | VmOutcome::PoweredOff)
@@ -204,5 +222,26 @@ mod tests {
             VmOutcome::Exited { code: 7 }.to_string(),
             "exited with code 7"
         );
+    }
+
+    #[test]
+    fn each_outcome_has_the_exit_code_docker_would_give() {
+        let code = |o: VmOutcome| o.exit_code();
+        assert_eq!(code(VmOutcome::Exited { code: 3 }), 3);
+        assert_eq!(code(VmOutcome::Exited { code: 0 }), 0);
+        assert_eq!(code(VmOutcome::Killed { signal: 15 }), 143);
+        assert_eq!(code(VmOutcome::StartFailed { errno: 2 }), 127);
+        assert_eq!(code(VmOutcome::StartFailed { errno: 13 }), 126);
+        assert_eq!(code(VmOutcome::PoweredOff), 0);
+        assert_eq!(code(VmOutcome::Rebooted), 0);
+        assert_eq!(code(VmOutcome::GuestReset), 125);
+        let crash = VmOutcome::GuestCrashed {
+            reason: "triple fault".into(),
+        };
+        assert_eq!(code(crash), 125);
+        let vmm = VmOutcome::VmmError {
+            message: "out of memory".into(),
+        };
+        assert_eq!(code(vmm), 125);
     }
 }

@@ -132,6 +132,126 @@ pub struct ImageInfo {
     pub rootfs: bool,
 }
 
+/// A workload's state. On the wire it is its name (`running`, ...), so any
+/// D-Bus client reads it; vmmd and cup both go through this enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadState {
+    /// Its image is being pulled or its root image built.
+    Preparing,
+    /// Between runs, for a restart (or its first start).
+    Waiting,
+    Running,
+    Paused,
+    /// Asked to stop, not ended yet.
+    Stopping,
+    /// Ended, and not to be restarted.
+    Ended,
+    /// Forgotten by vmmd (`cup rm`, `cup run --rm`); only in signals.
+    Removed,
+}
+
+impl WorkloadState {
+    pub const ALL: [WorkloadState; 7] = [
+        WorkloadState::Preparing,
+        WorkloadState::Waiting,
+        WorkloadState::Running,
+        WorkloadState::Paused,
+        WorkloadState::Stopping,
+        WorkloadState::Ended,
+        WorkloadState::Removed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadState::Preparing => "preparing",
+            WorkloadState::Waiting => "waiting",
+            WorkloadState::Running => "running",
+            WorkloadState::Paused => "paused",
+            WorkloadState::Stopping => "stopping",
+            WorkloadState::Ended => "ended",
+            WorkloadState::Removed => "removed",
+        }
+    }
+
+    /// The state named `s` on the wire.
+    pub fn parse(s: &str) -> Option<WorkloadState> {
+        Self::ALL.into_iter().find(|w| w.as_str() == s)
+    }
+
+    /// A run is over: the workload ended, waits for a restart, or is gone.
+    pub fn run_is_over(self) -> bool {
+        matches!(
+            self,
+            WorkloadState::Ended | WorkloadState::Waiting | WorkloadState::Removed
+        )
+    }
+
+    /// It has a VM (running, paused, on its way out) or is getting one.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            WorkloadState::Running | WorkloadState::Paused | WorkloadState::Preparing
+        )
+    }
+}
+
+impl std::fmt::Display for WorkloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a workload's last run ended: the words people read (`cup ps -a`)
+/// and the exit code a client exits with, a number that is never parsed
+/// back out of the words.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct Outcome {
+    /// Empty while no run has ended.
+    pub text: String,
+    /// The run's exit code as `cup run` gives it (see
+    /// `steelcup_proto::worker::VmOutcome::exit_code`); -1 while no run has
+    /// ended.
+    pub exit_code: i32,
+}
+
+impl Outcome {
+    /// Not ended yet.
+    pub fn none() -> Outcome {
+        Outcome {
+            text: String::new(),
+            exit_code: -1,
+        }
+    }
+
+    /// How the VM ended, as its worker reported it.
+    pub fn of(vm: &steelcup_proto::worker::VmOutcome) -> Outcome {
+        Outcome {
+            text: vm.to_string(),
+            exit_code: i32::from(vm.exit_code()),
+        }
+    }
+
+    /// vmmd could not run it (its image, its start, its health): 125, as
+    /// docker gives when the runtime fails.
+    pub fn failed(why: String) -> Outcome {
+        Outcome {
+            text: why,
+            exit_code: 125,
+        }
+    }
+
+    /// Whether a run has ended.
+    pub fn is_some(&self) -> bool {
+        self.exit_code >= 0
+    }
+
+    /// The exit code, if a run has ended.
+    pub fn code(&self) -> Option<u8> {
+        u8::try_from(self.exit_code).ok()
+    }
+}
+
 /// One workload as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct VmInfo {
@@ -141,6 +261,8 @@ pub struct VmInfo {
     pub state: String,
     /// How its last run ended; empty while it has not ended.
     pub last_outcome: String,
+    /// Its last run's exit code (see [`Outcome`]); -1 while none ended.
+    pub exit_code: i32,
     /// `healthy`, `unhealthy`, `starting`; empty without a health check.
     pub health: String,
     /// Its unit; empty for a `cup run` workload.
@@ -153,6 +275,13 @@ pub struct VmInfo {
     pub memory_mib: u32,
     /// The guest's IPv4 address; empty without a network.
     pub address: String,
+}
+
+impl VmInfo {
+    /// Its state; `None` for a name this build does not know.
+    pub fn state(&self) -> Option<WorkloadState> {
+        WorkloadState::parse(&self.state)
+    }
 }
 
 /// The answer to an action.
@@ -216,6 +345,7 @@ pub trait Vmm1Client {
         state: &str,
         health: &str,
         last_outcome: &str,
+        exit_code: i32,
     ) -> zbus::Result<()>;
     fn logs(
         &self,
@@ -246,4 +376,37 @@ pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
     Vmm1ClientProxy::builder(&conn)
         .build()
         .map_err(|e| format!("vmmd API: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steelcup_proto::worker::VmOutcome;
+
+    #[test]
+    fn every_state_reads_back_from_its_name() {
+        for s in WorkloadState::ALL {
+            assert_eq!(WorkloadState::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(WorkloadState::parse("exploded"), None);
+    }
+
+    #[test]
+    fn an_outcome_carries_its_code_beside_its_words() {
+        let o = Outcome::of(&VmOutcome::Killed { signal: 9 });
+        assert_eq!(
+            (o.text.as_str(), o.code()),
+            ("killed by signal 9", Some(137))
+        );
+        assert_eq!(
+            Outcome::failed("image failed: 404".into()).code(),
+            Some(125)
+        );
+        assert!(!Outcome::none().is_some());
+        assert_eq!(Outcome::none().code(), None);
+    }
 }

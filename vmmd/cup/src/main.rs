@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use steelcup_api::init1::UnitInfo;
 use steelcup_api::init1::{self as client, Init1Proxy};
+use steelcup_api::vmm1::WorkloadState;
 
 const USAGE: &str = "usage:
   cup units [--format json]          list units: name, kind, state, pid, restarts, last exit
@@ -326,7 +327,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let all = args[1..].iter().any(|a| a == "-a" || a == "--all");
             let mut vms = vmmd()?.list().map_err(api_err)?;
             // As docker ps: what runs (or is about to); -a: every workload.
-            vms.retain(|v| all || v.state != "ended");
+            vms.retain(|v| all || v.state() != Some(WorkloadState::Ended));
             if json(args) {
                 println!(
                     "{}",

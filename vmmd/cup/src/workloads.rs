@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 use steelcup_api::attach;
-use steelcup_api::vmm1::{RunSpec, Vmm1ClientProxy};
+use steelcup_api::vmm1::{Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
 use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
 /// A D-Bus error as the daemon worded it.
@@ -177,7 +177,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
     match attach::session(conn, stdin, spec.tty) {
         Ok(status) => Ok(attach::exit_code(status)),
         Err(e) => match ended.recv_timeout(Duration::from_secs(60)) {
-            Ok(o) if !o.is_empty() => Ok(outcome_code(&o)),
+            Ok(o) if o.is_some() => Ok(o.code().unwrap_or(125)),
             _ => Err(format!("{name}: {e}{}", outcome(p, &name))),
         },
     }
@@ -189,15 +189,19 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
 fn run_end(
     p: &Vmm1ClientProxy<'static>,
     name: &str,
-) -> Result<std::sync::mpsc::Receiver<String>, String> {
-    let (tx, ended) = std::sync::mpsc::channel::<String>();
+) -> Result<std::sync::mpsc::Receiver<Outcome>, String> {
+    let (tx, ended) = std::sync::mpsc::channel::<Outcome>();
     let changes = p.receive_workload_changed().map_err(api_err)?;
     let watched = name.to_string();
     std::thread::spawn(move || {
         for c in changes {
             let Ok(a) = c.args() else { continue };
-            if a.name == watched && matches!(a.state, "ended" | "waiting" | "removed") {
-                let _ = tx.send(a.last_outcome.to_string());
+            let over = WorkloadState::parse(a.state).is_some_and(WorkloadState::run_is_over);
+            if a.name == watched && over {
+                let _ = tx.send(Outcome {
+                    text: a.last_outcome.to_string(),
+                    exit_code: a.exit_code,
+                });
             }
         }
     });
@@ -224,7 +228,7 @@ fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>,
     let vms = p.list().map_err(api_err)?;
     match vms.into_iter().find(|v| v.name == name) {
         None => Err(why),
-        Some(v) if v.state == "ended" && !v.last_outcome.is_empty() => {
+        Some(v) if v.state() == Some(WorkloadState::Ended) && !v.last_outcome.is_empty() => {
             Err(format!("{name}: {}", v.last_outcome))
         }
         Some(_) => Ok(None),
@@ -453,32 +457,6 @@ extern "C" fn note_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The exit code `cup attach` gives for a run that ended with `outcome`
-/// (vmmd's words, as `cup ps -a` shows them): the workload's code, 128 +
-/// its signal, 127/126 when it could not start, 0 for a power-off or
-/// reboot from inside, 125 when the VM itself failed.
-pub fn outcome_code(outcome: &str) -> u8 {
-    let number = |prefix: &str| {
-        outcome
-            .strip_prefix(prefix)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse::<u8>().ok())
-    };
-    if let Some(code) = number("exited with code ") {
-        code
-    } else if let Some(sig) = number("killed by signal ") {
-        128u8.saturating_add(sig)
-    } else if outcome.starts_with("could not start: No such file") {
-        127
-    } else if outcome.starts_with("could not start") {
-        126
-    } else if outcome.starts_with("powered off") || outcome.starts_with("rebooted") {
-        0
-    } else {
-        125
-    }
-}
-
 /// `cup attach [--no-sig-proxy] NAME`: a running workload's console output
 /// from now on, as it comes, until its run ends; cup then exits with the
 /// workload's code. Signals to cup (Ctrl-C is SIGINT) go to the workload;
@@ -513,7 +491,7 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
         .into_iter()
         .find(|v| v.name == *name)
         .ok_or_else(|| format!("no workload named {name:?} (see `cup ps`)"))?;
-    if !matches!(info.state.as_str(), "running" | "paused" | "preparing") {
+    if !info.state().is_some_and(WorkloadState::is_live) {
         return Err(format!(
             "workload {name:?} is {}, not running; `cup logs {name}` shows its output, `cup start {name}` runs it again",
             info.state
@@ -522,7 +500,7 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
     let ended = run_end(p, name)?;
     let (_, mut cursor, _) = p.tail(name, 0).map_err(api_err)?;
     let mut out = std::io::stdout().lock();
-    let mut outcome: Option<String> = None;
+    let mut outcome: Option<Outcome> = None;
     loop {
         let sig = PENDING_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
         if sig != 0 {
@@ -551,7 +529,7 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
         cursor = next;
         if more.is_empty() {
             if let Some(o) = &outcome {
-                return Ok(outcome_code(o));
+                return Ok(o.code().unwrap_or(125));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -600,38 +578,6 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn the_exit_code_is_read_from_vmmd_s_own_words() {
-        use steelcup_proto::worker::VmOutcome;
-        // The outcome in WorkloadChanged is VmOutcome's Display.
-        let code = |o: VmOutcome| outcome_code(&o.to_string());
-        assert_eq!(code(VmOutcome::Exited { code: 3 }), 3);
-        assert_eq!(code(VmOutcome::Killed { signal: 9 }), 137);
-        assert_eq!(code(VmOutcome::StartFailed { errno: 2 }), 127);
-        assert_eq!(code(VmOutcome::StartFailed { errno: 13 }), 126);
-        assert_eq!(code(VmOutcome::PoweredOff), 0);
-        assert_eq!(code(VmOutcome::Rebooted), 0);
-        assert_eq!(code(VmOutcome::GuestReset), 125);
-    }
-
-    #[test]
-    fn an_outcome_gives_the_exit_code_docker_would() {
-        assert_eq!(outcome_code("exited with code 3"), 3);
-        assert_eq!(outcome_code("exited with code 0"), 0);
-        assert_eq!(outcome_code("killed by signal 15"), 143);
-        assert_eq!(
-            outcome_code("could not start: No such file or directory (os error 2)"),
-            127
-        );
-        assert_eq!(
-            outcome_code("could not start: Permission denied (os error 13)"),
-            126
-        );
-        assert_eq!(outcome_code("powered off from inside the guest"), 0);
-        assert_eq!(outcome_code("guest crashed: triple fault"), 125);
-        assert_eq!(outcome_code("VMM error: out of memory"), 125);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_api::vmm1::{self, Action, ApiError, Reply, VmInfo};
+use steelcup_api::vmm1::{self, Action, ApiError, Reply, VmInfo, WorkloadState};
 use steelcup_os::logs::LogStore;
 use steelcup_proto::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
 use steelcup_proto::worker::{
@@ -631,7 +631,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts.units.display()
     );
 
-    let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+    let mut seen: BTreeMap<String, dbus::Change> = BTreeMap::new();
     loop {
         core.tick(Instant::now());
         core.backend.refill_pool(Instant::now());
@@ -814,22 +814,22 @@ fn clean_leftovers(opts: &Options) {
 /// outcome differs from `seen` (and `removed` for those gone).
 fn announce(
     core: &Daemon,
-    seen: &mut BTreeMap<String, (String, String, String)>,
+    seen: &mut BTreeMap<String, dbus::Change>,
     changes: &mpsc::Sender<dbus::Change>,
 ) {
     for (name, w) in &core.workloads {
-        let now = (
-            w.state().to_string(),
-            w.health_name().to_string(),
-            w.last_outcome.clone(),
-        );
+        let now = dbus::Change {
+            name: name.clone(),
+            state: w.state(),
+            health: w.health_name().to_string(),
+            outcome: w.last_outcome.clone(),
+        };
         if seen.get(name) != Some(&now) {
-            let (state, health, outcome) = now.clone();
-            let _ = changes.send((name.clone(), state, health, outcome));
+            let _ = changes.send(now.clone());
             seen.insert(name.clone(), now);
         }
     }
-    seen.retain(|name, (_, _, outcome)| {
+    seen.retain(|name, last| {
         let kept = core.workloads.contains_key(name);
         if !kept {
             // How its last run ended, as it was when vmmd forgot it: a
@@ -845,9 +845,13 @@ fn announce(
                         .find(|(n, _)| n == name)
                         .map(|(_, o)| o.clone())
                 })
-                .unwrap_or_else(|| outcome.clone());
-            let change = (name.clone(), "removed".into(), String::new(), last);
-            let _ = changes.send(change);
+                .unwrap_or_else(|| last.outcome.clone());
+            let _ = changes.send(dbus::Change {
+                name: name.clone(),
+                state: WorkloadState::Removed,
+                health: String::new(),
+                outcome: last,
+            });
         }
         kept
     });
@@ -919,7 +923,8 @@ fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
                 let removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
                 match removed.iter().rev().find(|(n, _)| *n == name) {
                     Some((_, outcome)) => Err(ApiError::Refused(format!(
-                        "workload {name:?} ended ({outcome}) and was removed"
+                        "workload {name:?} ended ({}) and was removed",
+                        outcome.text
                     ))),
                     None => Err(ApiError::NoSuchVm(name)),
                 }
@@ -1015,7 +1020,8 @@ fn inspect(opts: &Options, backend: &WorkerBackend, name: &str, w: &Workload) ->
         "last_probe": w.last_probe,
         "pid": w.pid,
         "runs": w.runs,
-        "last_outcome": w.last_outcome,
+        "last_outcome": w.last_outcome.text,
+        "exit_code": w.last_outcome.code(),
         "from": if w.unit.is_some() { "unit" } else { "cup run" },
         "unit": w.unit,
         "replica": w.unit.as_ref().map(|_| w.slot + 1),
@@ -1242,10 +1248,11 @@ fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
                 .iter()
                 .map(|(name, w)| VmInfo {
                     name: name.clone(),
-                    state: w.state().into(),
+                    state: w.state().as_str().into(),
                     health: w.health_name().into(),
                     unit: w.unit.clone().unwrap_or_default(),
-                    last_outcome: w.last_outcome.clone(),
+                    last_outcome: w.last_outcome.text.clone(),
+                    exit_code: w.last_outcome.exit_code,
                     pid: w.pid.unwrap_or(0) as u32,
                     runs: w.runs as u32,
                     vcpus: u32::from(w.spec.vcpus),

@@ -171,7 +171,8 @@ impl Vmm1 {
     }
 
     /// Emitted on every change of a workload's state, health or last
-    /// outcome; state `removed` when vmmd forgets it.
+    /// outcome; state `removed` when vmmd forgets it. `exit_code` is the
+    /// last run's (-1 while none ended).
     #[zbus(signal)]
     async fn workload_changed(
         emitter: &zbus::object_server::SignalEmitter<'_>,
@@ -179,6 +180,7 @@ impl Vmm1 {
         state: &str,
         health: &str,
         last_outcome: &str,
+        exit_code: i32,
     ) -> zbus::Result<()>;
 
     /// Removes what no image name reaches; answers what went.
@@ -208,9 +210,15 @@ impl Vmm1 {
     }
 }
 
-/// A workload's state as `WorkloadChanged` tells it: name, state,
-/// health, last outcome.
-pub type Change = (String, String, String, String);
+/// A workload's state as `WorkloadChanged` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub name: String,
+    pub state: WorkloadState,
+    /// `healthy`, `unhealthy`, `starting`; empty without a health check.
+    pub health: String,
+    pub outcome: Outcome,
+}
 
 /// Serves the API on `socket` (mode 0600), forwarding to `requests`;
 /// what is sent on the returned channel goes out as `WorkloadChanged` to
@@ -229,14 +237,19 @@ pub fn serve(
     std::thread::Builder::new()
         .name("api-signals".into())
         .spawn(move || {
-            for (name, state, health, outcome) in rx {
+            for c in rx {
                 let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                list.retain(|c| {
-                    let Ok(emitter) = SignalEmitter::new(c.inner(), PATH) else {
+                list.retain(|conn| {
+                    let Ok(emitter) = SignalEmitter::new(conn.inner(), PATH) else {
                         return false;
                     };
                     zbus::block_on(Vmm1::workload_changed(
-                        &emitter, &name, &state, &health, &outcome,
+                        &emitter,
+                        &c.name,
+                        c.state.as_str(),
+                        &c.health,
+                        &c.outcome.text,
+                        c.outcome.exit_code,
                     ))
                     .is_ok()
                 });

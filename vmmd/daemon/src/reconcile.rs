@@ -36,7 +36,7 @@ use crate::image::workload::Prepared;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use steelcup_api::vmm1::{ApiError, Reply};
+use steelcup_api::vmm1::{ApiError, Outcome, Reply, WorkloadState};
 use steelcup_proto::worker::{VmOutcome, WorkerReport};
 use steelcup_units::{HealthCheck, MicrovmSection, Restart};
 
@@ -92,7 +92,7 @@ const REMEMBER_REMOVED: usize = 64;
 
 /// How the last removed workloads ended, newest last (shared with the API
 /// so `cup run` can say why a VM it waited for is gone).
-pub type Removed = Arc<Mutex<VecDeque<(String, String)>>>;
+pub type Removed = Arc<Mutex<VecDeque<(String, Outcome)>>>;
 
 /// What happens once a stopping workload has ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +136,7 @@ pub struct Workload {
     pub restart_at: Option<Instant>,
     pub backoff: Duration,
     pub runs: u64,
-    pub last_outcome: String,
+    pub last_outcome: Outcome,
     pub started_at: Option<Instant>,
     pub stopping: Option<Stopping>,
     /// The workload's image, ready to boot.
@@ -168,7 +168,7 @@ impl Workload {
             restart_at: Some(now),
             backoff: BACKOFF_FIRST,
             runs: 0,
-            last_outcome: String::new(),
+            last_outcome: Outcome::none(),
             started_at: None,
             stopping: None,
             prepared: None,
@@ -184,16 +184,15 @@ impl Workload {
         }
     }
 
-    /// `running`, `paused`, `stopping`, `preparing` (its image), `waiting`
-    /// (for a restart) or `ended`.
-    pub fn state(&self) -> &'static str {
+    /// Its state, from what it has: a worker, a pause, a restart due.
+    pub fn state(&self) -> WorkloadState {
         match (self.pid, self.paused, self.restart_at) {
-            (Some(_), _, _) if self.stopping.is_some() => "stopping",
-            (Some(_), true, _) => "paused",
-            (Some(_), false, _) => "running",
-            (None, _, _) if self.preparing => "preparing",
-            (None, _, Some(_)) => "waiting",
-            (None, _, None) => "ended",
+            (Some(_), _, _) if self.stopping.is_some() => WorkloadState::Stopping,
+            (Some(_), true, _) => WorkloadState::Paused,
+            (Some(_), false, _) => WorkloadState::Running,
+            (None, _, _) if self.preparing => WorkloadState::Preparing,
+            (None, _, Some(_)) => WorkloadState::Waiting,
+            (None, _, None) => WorkloadState::Ended,
         }
     }
 
@@ -367,7 +366,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => {
                 tracing::error!("workload {name}: cannot start its VM: {e}");
-                w.last_outcome = format!("cannot start: {e}");
+                w.last_outcome = Outcome::failed(format!("cannot start: {e}"));
                 if w.unit.is_some() {
                     w.restart_at = Some(now + w.backoff);
                     w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
@@ -538,7 +537,7 @@ impl<B: Backend> Core<B> {
         w.next_probe = None;
         // Health is a running VM's; the outcome says why it ended.
         w.health = None;
-        w.last_outcome = report.outcome.to_string();
+        w.last_outcome = Outcome::of(&report.outcome);
         tracing::info!(
             "workload {name}: {} after {:.2}s",
             report.outcome,
@@ -562,7 +561,7 @@ impl<B: Backend> Core<B> {
                     return;
                 }
                 AfterStop::Failed(why) => {
-                    w.last_outcome = why;
+                    w.last_outcome = Outcome::failed(why);
                     failed = true;
                 }
             }
@@ -603,7 +602,7 @@ impl<B: Backend> Core<B> {
             Err(e) if w.unit.is_none() => {
                 // `cup run` reports it; nobody asked for retries.
                 tracing::error!("workload {name}: image {image}: {e}");
-                w.last_outcome = format!("image failed: {e}");
+                w.last_outcome = Outcome::failed(format!("image failed: {e}"));
                 w.restart_at = None;
                 if w.remove_when_done {
                     self.forget(name);
@@ -614,7 +613,7 @@ impl<B: Backend> Core<B> {
                     "workload {name}: image {image}: {e}; trying again in {}s",
                     w.backoff.as_secs()
                 );
-                w.last_outcome = format!("image failed: {e}");
+                w.last_outcome = Outcome::failed(format!("image failed: {e}"));
                 w.restart_at = Some(now + w.backoff);
                 w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
             }

@@ -118,7 +118,7 @@ impl World {
         self.core.workloads.keys().cloned().collect()
     }
     fn state(&self, name: &str) -> &'static str {
-        self.core.workloads[name].state()
+        self.core.workloads[name].state().as_str()
     }
     fn end(&mut self, name: &str, outcome: VmOutcome) {
         let report = WorkerReport {
@@ -272,11 +272,20 @@ fn a_new_version_that_never_gets_healthy_leaves_the_old_one_running() {
     assert_eq!(w.state("api"), "running");
     let new = &w.core.workloads["api.1"];
     assert!(
-        new.last_outcome.starts_with("unhealthy: refused"),
-        "{}",
+        new.last_outcome.text.starts_with("unhealthy: refused"),
+        "{:?}",
         new.last_outcome
     );
-    assert_eq!(new.state(), "waiting", "restarted by its policy");
+    assert_eq!(
+        new.last_outcome.code(),
+        Some(125),
+        "vmmd's failure, not the guest's"
+    );
+    assert_eq!(
+        new.state(),
+        WorkloadState::Waiting,
+        "restarted by its policy"
+    );
 }
 
 #[test]
@@ -373,6 +382,7 @@ fn an_image_that_cannot_be_pulled_is_retried_without_holding_up_others() {
     assert_eq!(w.state("app"), "waiting");
     assert!(w.core.workloads["app"]
         .last_outcome
+        .text
         .contains("connection refused"));
     w.wait(1.0);
     assert_eq!(w.calls(), ["prepare app registry.example/app:1"]);
@@ -425,6 +435,7 @@ fn an_unhealthy_vm_is_stopped_and_restarted_but_start_period_failures_do_not_cou
     w.end("web", VmOutcome::PoweredOff);
     assert!(w.core.workloads["web"]
         .last_outcome
+        .text
         .starts_with("unhealthy"));
     w.wait(1.0);
     assert_eq!(w.calls(), ["start web slot=0 env=a"]);
@@ -485,7 +496,7 @@ fn a_start_that_fails_is_retried_for_units_only() {
     let mut w = World::new(&[("web", unit(1, "a"))]);
     w.core.backend.refuse_starts = true;
     w.tick();
-    assert!(w.core.workloads["web"].last_outcome.contains("no KVM"));
+    assert!(w.core.workloads["web"].last_outcome.text.contains("no KVM"));
     assert_eq!(w.state("web"), "waiting");
     w.core.backend.refuse_starts = false;
     w.wait(1.0);
