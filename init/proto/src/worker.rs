@@ -1,5 +1,15 @@
 //! The worker protocol: what vmmd hands a worker (the VM to build) and
 //! what the worker reports back.
+//!
+//! # Design
+//! vmmd starts each worker with one end of a Unix socket pair as its stdin,
+//! the control socket. vmmd writes the [`VmConfig`] first, as one line of
+//! JSON, with the VM's descriptors passed along ([`VmConfig::handles`]);
+//! then [`WorkerCommand`]s, one JSON line each. The worker writes
+//! [`WorkerMessage`]s back on the same socket, one JSON line each: an
+//! answer per command, timing when asked, and its [`WorkerReport`] last.
+//! The worker's stdout is its guest's serial console and its stderr its
+//! own log, both read by vmmd as text and never parsed.
 
 use crate::guest::GuestConfig;
 use serde::{Deserialize, Serialize};
@@ -40,8 +50,8 @@ pub struct VmConfig {
     /// A virtio-net device on a tap.
     #[serde(default)]
     pub net: Option<NetConfig>,
-    /// Print [`TIMING_PREFIX`]`first-kvm-run NS` on stderr when vCPU 0
-    /// first enters the guest (CLOCK_MONOTONIC), for `vmmd bench`.
+    /// Send [`WorkerMessage::Phase`], [`WorkerMessage::GuestMemory`] and
+    /// [`WorkerMessage::FirstKvmRun`] while the VM starts, for `vmmd bench`.
     #[serde(default)]
     pub report_timing: bool,
     /// Once the VM is built, the worker moves into a mount namespace that
@@ -178,7 +188,7 @@ impl std::fmt::Display for VmOutcome {
     }
 }
 
-/// The worker's last word, one JSON line on its stderr after [`REPORT_PREFIX`].
+/// How a VM ended, the worker's last word ([`WorkerMessage::Report`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerReport {
     #[serde(flatten)]
@@ -187,13 +197,61 @@ pub struct WorkerReport {
     pub run_ms: u64,
 }
 
-/// Marks the report line on a worker's stderr. Only the worker writes its
-/// stderr (guest output goes to stdout), so a guest cannot forge a report.
-pub const REPORT_PREFIX: &str = "steelcup-worker-report: ";
-/// Starts a worker's timing line on its stderr (see `VmConfig::report_timing`).
-pub const TIMING_PREFIX: &str = "steelcup-timing: ";
-/// Starts a worker's answer to a control command on its stderr.
-pub const CONTROL_PREFIX: &str = "steelcup-control: ";
+/// What vmmd sends a worker on its control socket after the config line:
+/// one JSON object per line, each answered by one
+/// [`WorkerMessage::Done`] or [`WorkerMessage::Refused`], in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WorkerCommand {
+    // Empty struct variants, not unit ones, so an unknown field is
+    // refused (serde lets a unit variant of a tagged enum ignore them).
+    /// Stop every vCPU where it is.
+    Pause {},
+    /// Let them run again.
+    Resume {},
+    /// The image for empty disk slot `disk`, `bytes` long (the jailed
+    /// worker cannot `fstat`); its descriptor comes with this line.
+    Attach { disk: String, bytes: u64 },
+}
+
+impl WorkerCommand {
+    /// The command as it goes on the wire: JSON and a newline.
+    pub fn line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// What a worker sends vmmd on its control socket: one JSON object per
+/// line. Its own log lines go to its stderr and its guest's console to its
+/// stdout, so nothing here is ever mistaken for either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WorkerMessage {
+    /// The last command was carried out.
+    Done,
+    /// The last command was not carried out, and why.
+    Refused { reason: String },
+    /// With `report_timing`: a phase of the worker's start ended at `ns`
+    /// (CLOCK_MONOTONIC, the same clock in every process).
+    Phase { name: String, ns: u64 },
+    /// With `report_timing`: where guest memory lies in the worker.
+    GuestMemory { start: u64, len: u64 },
+    /// With `report_timing`: vCPU 0 entered the guest for the first time.
+    FirstKvmRun { ns: u64 },
+    /// How the VM ended: the worker's last message.
+    Report { report: WorkerReport },
+}
+
+impl WorkerMessage {
+    /// The message as it goes on the wire: JSON and a newline.
+    pub fn line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -217,11 +275,38 @@ mod tests {
             };
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<WorkerReport>(&s).unwrap(), r);
+            let m = WorkerMessage::Report { report: r };
+            let back: WorkerMessage = serde_json::from_slice(&m.line()).unwrap();
+            assert_eq!(back, m);
         }
         assert_eq!(
             VmOutcome::Exited { code: 7 }.to_string(),
             "exited with code 7"
         );
+    }
+
+    #[test]
+    fn commands_and_messages_are_one_line_of_json_each() {
+        let attach = WorkerCommand::Attach {
+            disk: "root".into(),
+            bytes: 4096,
+        };
+        assert_eq!(
+            attach.line(),
+            "{\"command\":\"attach\",\"disk\":\"root\",\"bytes\":4096}\n"
+        );
+        assert_eq!(WorkerCommand::Pause {}.line(), "{\"command\":\"pause\"}\n");
+        let refused = WorkerMessage::Refused {
+            reason: "no empty disk slot \"x\"\nsecond line".into(),
+        };
+        let line = refused.line();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(
+            serde_json::from_slice::<WorkerMessage>(&line).unwrap(),
+            refused
+        );
+        assert!(serde_json::from_str::<WorkerCommand>("{\"command\":\"reboot\"}").is_err());
+        assert!(serde_json::from_str::<WorkerCommand>("{\"command\":\"pause\",\"x\":1}").is_err());
     }
 
     #[test]

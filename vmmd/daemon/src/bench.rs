@@ -22,10 +22,11 @@
 //! `docs/performance.md`.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use steelcup_proto::guest::GuestConfig;
-use steelcup_proto::worker::{VmConfig, DEFAULT_CMDLINE, TIMING_PREFIX};
+use steelcup_proto::worker::{VmConfig, WorkerMessage, DEFAULT_CMDLINE};
 use steelcup_vmm::builder;
 
 const MARKER: &str = "steelcup-bench: guest userspace is up";
@@ -240,60 +241,90 @@ fn setup_only(a: &Args, exe: &std::path::Path, line: &str) -> Result<(), String>
     Ok(())
 }
 
+/// Starts the worker `cmd` as vmmd does: its control socket as stdin, the
+/// config `line` sent on it. Returns the child and vmmd's end of the
+/// socket, where the worker's messages arrive.
+fn spawn_worker(
+    cmd: &mut Command,
+    line: &str,
+) -> Result<(std::process::Child, UnixStream), String> {
+    let (mut ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("a control socket for the worker: {e}"))?;
+    let child = cmd
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .spawn()
+        .map_err(|e| format!("start {cmd:?}: {e}"))?;
+    ours.write_all(line.as_bytes())
+        .map_err(|e| format!("config to the worker: {e}"))?;
+    Ok((child, ours))
+}
+
+/// The worker's messages on `socket`, as they come, until it closes.
+fn worker_messages(socket: UnixStream) -> impl Iterator<Item = WorkerMessage> {
+    BufReader::new(socket)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+}
+
+/// The first lines of `err` (a child's stderr), for an error message.
+fn first_lines(
+    err: Option<impl std::io::Read + Send + 'static>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        err.map(|e| {
+            BufReader::new(e)
+                .lines()
+                .map_while(Result::ok)
+                .take(20)
+                .collect()
+        })
+        .unwrap_or_default()
+    })
+}
+
 /// One worker started with `line` as its config and killed at its first
 /// `KVM_RUN`: ms from spawn to then, and its phases (ms after spawn).
 fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), String> {
     let t0 = steelcup_vmm::worker::monotonic_ns();
-    let mut child = Command::new(exe)
-        .args(["worker", "bench"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", exe.display()))?;
-    let mut control = child.stdin.take();
-    if let Some(s) = control.as_mut() {
-        s.write_all(line.as_bytes())
-            .map_err(|e| format!("config to the worker: {e}"))?;
-    }
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let ms = |ns: &str| {
-        ns.trim()
-            .parse::<u64>()
-            .ok()
-            .map(|ns| ns.saturating_sub(t0) as f64 / 1e6)
-    };
-    let (mut first_run, mut phases, mut tail) = (None, Vec::new(), Vec::new());
-    for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-        match l.strip_prefix(TIMING_PREFIX) {
-            Some(r) if r.starts_with("first-kvm-run ") => {
-                first_run = ms(&r["first-kvm-run ".len()..]);
+    let (mut child, control) = spawn_worker(
+        Command::new(exe)
+            .args(["worker", "bench"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        line,
+    )?;
+    let tail = first_lines(child.stderr.take());
+    let (mut first_run, mut phases, mut report) = (None, Vec::new(), None);
+    for m in worker_messages(control) {
+        match m {
+            WorkerMessage::FirstKvmRun { ns } => {
+                first_run = Some(ns.saturating_sub(t0) as f64 / 1e6);
                 break;
             }
-            Some(r) => phases.extend(phase_after(r, t0)),
-            None if tail.len() < 20 => tail.push(l),
-            None => {}
+            WorkerMessage::Phase { name, ns } => phases.push(phase_ms(&name, ns, t0)),
+            WorkerMessage::Report { report: r } => report = Some(r.outcome),
+            _ => {}
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    drop(control);
+    let tail = tail.join().unwrap_or_default();
     match first_run {
         Some(v) => Ok((v, phases.join(", "))),
         None => Err(format!(
-            "{} never reached KVM_RUN; its stderr: {}",
+            "{} never reached KVM_RUN ({}); its stderr: {}",
             exe.display(),
+            report.map_or("no report".to_string(), |o| o.to_string()),
             tail.join(" | ")
         )),
     }
 }
 
-/// A worker's `phase NAME NS` timing line (after the prefix) as `NAME MS`,
-/// the ms counted from `t0`; `None` for any other timing line.
-fn phase_after(timing: &str, t0: u64) -> Option<String> {
-    let (name, ns) = timing.strip_prefix("phase ")?.split_once(' ')?;
-    let ns = ns.trim().parse::<u64>().ok()?;
-    Some(format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6))
+/// A worker's phase `name`, ended at `ns`, as `NAME MS`, the ms counted
+/// from `t0`.
+fn phase_ms(name: &str, ns: u64, t0: u64) -> String {
+    format!("{name} {:.1}", ns.saturating_sub(t0) as f64 / 1e6)
 }
 
 /// The median ms from spawning `vmm-worker --version` to its exit: what
@@ -321,57 +352,52 @@ fn start_floor(exe: &std::path::Path, rounds: usize) -> Result<Option<f64>, Stri
     Ok(Some(median(times)))
 }
 
-/// Starts `cmd`, feeds it `stdin`, waits for the marker on its stdout,
-/// samples its memory, then lets it end (`wait_exit`) or kills it.
+/// Starts `cmd` (with `worker`, a config line: our worker, started as
+/// vmmd starts it), waits for the marker on its stdout, samples its
+/// memory, then lets it end (`wait_exit`) or kills it.
 fn measure(
     cmd: &mut Command,
-    stdin: Option<&str>,
+    worker: Option<&str>,
     memory_mib: u64,
     wait_exit: bool,
     trace: Option<&str>,
 ) -> Result<Sample, String> {
     let t0 = steelcup_vmm::worker::monotonic_ns();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start {cmd:?}: {e}"))?;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // The worker's control channel, kept open until the child is reaped.
+    let (mut child, control) = match worker {
+        Some(line) => {
+            let (child, control) = spawn_worker(cmd, line)?;
+            (child, Some(control))
+        }
+        None => (
+            cmd.stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("start {cmd:?}: {e}"))?,
+            None,
+        ),
+    };
     let pid = child.id() as i32;
-    // Kept open until the child is reaped: it is the worker's control
-    // channel.
-    let mut control = child.stdin.take();
-    if let (Some(text), Some(s)) = (stdin, control.as_mut()) {
-        s.write_all(text.as_bytes())
-            .map_err(|e| format!("config to the worker: {e}"))?;
-    }
-    let stderr = child.stderr.take();
+    let tail = first_lines(child.stderr.take());
     // The guest memory's host range, as the worker reports it.
     let guest_range = std::sync::Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
     let range_seen = guest_range.clone();
+    let messages = control
+        .as_ref()
+        .map(|c| c.try_clone())
+        .transpose()
+        .map_err(|e| format!("the worker's control socket: {e}"))?;
     let timing = std::thread::spawn(move || {
         let mut first_run = None;
-        let mut tail = Vec::new();
         let mut phases = Vec::new();
-        for l in BufReader::new(stderr?).lines().map_while(Result::ok) {
-            if let Some(ns) = l
-                .strip_prefix(TIMING_PREFIX)
-                .and_then(|r| r.strip_prefix("first-kvm-run "))
-            {
-                first_run = ns.trim().parse::<u64>().ok();
-            } else if let Some((start, len)) = l
-                .strip_prefix(TIMING_PREFIX)
-                .and_then(|r| r.strip_prefix("guest-memory "))
-                .and_then(|r| r.split_once(' '))
-            {
-                let hex = |v: &str| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16);
-                if let (Ok(start), Ok(len)) = (hex(start), hex(len)) {
+        for m in messages.into_iter().flat_map(worker_messages) {
+            match m {
+                WorkerMessage::FirstKvmRun { ns } => first_run = Some(ns),
+                WorkerMessage::GuestMemory { start, len } => {
                     *range_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((start, len));
                 }
-            } else if let Some(r) = l.strip_prefix(TIMING_PREFIX) {
-                phases.extend(phase_after(r, t0));
-            } else if tail.len() < 20 {
-                tail.push(l);
+                WorkerMessage::Phase { name, ns } => phases.push(phase_ms(&name, ns, t0)),
+                _ => {}
             }
         }
         if !phases.is_empty() {
@@ -380,7 +406,7 @@ fn measure(
                 phases.join(", ")
             );
         }
-        Some((first_run, tail))
+        first_run
     });
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
@@ -410,7 +436,8 @@ fn measure(
     unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     drop(control);
     let _ = drain.join();
-    let (first_run, tail) = timing.join().ok().flatten().unwrap_or_default();
+    let first_run = timing.join().ok().flatten();
+    let tail = tail.join().unwrap_or_default();
     let Some(seen) = seen else {
         return Err(format!(
             "{cmd:?} ended without printing {MARKER:?}; its stderr: {}",
@@ -606,13 +633,12 @@ Rss:                   4 kB
     }
 
     #[test]
-    fn phase_lines_become_names_with_ms_after_the_spawn() {
+    fn phases_become_names_with_ms_after_the_spawn() {
         assert_eq!(
-            phase_after("phase vm-created 3500000", 1_000_000).as_deref(),
-            Some("vm-created 2.5")
+            phase_ms("vm-created", 3_500_000, 1_000_000),
+            "vm-created 2.5"
         );
-        assert_eq!(phase_after("first-kvm-run 3500000", 0), None);
-        assert_eq!(phase_after("phase vm-created soon", 0), None);
+        assert_eq!(phase_ms("main", 0, 1_000_000), "main 0.0");
     }
 
     #[test]

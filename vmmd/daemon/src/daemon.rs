@@ -38,8 +38,8 @@ use steelcup_api::vmm1::{self, Action, ApiError, Reply, VmInfo, WorkloadState};
 use steelcup_os::logs::LogStore;
 use steelcup_proto::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
 use steelcup_proto::worker::{
-    DiskConfig, NetConfig, VmConfig, VmOutcome, VsockConfig, WorkerReport, CONTROL_PREFIX,
-    DEFAULT_CMDLINE, REPORT_PREFIX,
+    DiskConfig, NetConfig, VmConfig, VmOutcome, VsockConfig, WorkerCommand, WorkerMessage,
+    WorkerReport, DEFAULT_CMDLINE,
 };
 use steelcup_units::{self as units, HealthCheck, MicrovmSection, Network, Restart, UnitKind};
 
@@ -159,17 +159,19 @@ enum Event {
 #[derive(Debug)]
 struct WorkerControl {
     commands: UnixStream,
-    answers: mpsc::Receiver<String>,
+    /// Each command's answer: done, or refused and why.
+    answers: mpsc::Receiver<Result<(), String>>,
 }
 
 /// How long a worker has to answer a control command.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl WorkerControl {
-    /// Sends `command`; Ok with the worker's answer, Err with why not.
-    fn ask(&mut self, command: &str) -> Result<String, String> {
+    /// Sends `command`; Ok once the worker has carried it out.
+    fn ask(&mut self, command: &WorkerCommand) -> Result<(), String> {
         while self.answers.try_recv().is_ok() {}
-        writeln!(self.commands, "{command}")
+        self.commands
+            .write_all(command.line().as_bytes())
             .and_then(|_| self.commands.flush())
             .map_err(|e| format!("worker control channel: {e}"))?;
         self.answer(command)
@@ -178,22 +180,18 @@ impl WorkerControl {
     /// Sends `command` with descriptor `fd` passed along (`SCM_RIGHTS`).
     fn ask_with_fd(
         &mut self,
-        command: &str,
+        command: &WorkerCommand,
         fd: std::os::fd::BorrowedFd,
-    ) -> Result<String, String> {
+    ) -> Result<(), String> {
         while self.answers.try_recv().is_ok() {}
-        let line = format!("{command}\n");
-        send_with_fds(&self.commands, line.as_bytes(), &[fd])
+        send_with_fds(&self.commands, command.line().as_bytes(), &[fd])
             .map_err(|e| format!("worker control channel: {e}"))?;
         self.answer(command)
     }
 
-    fn answer(&mut self, command: &str) -> Result<String, String> {
+    fn answer(&mut self, command: &WorkerCommand) -> Result<(), String> {
         match self.answers.recv_timeout(CONTROL_TIMEOUT) {
-            Ok(a) => match a.strip_prefix("error: ") {
-                Some(e) => Err(e.to_string()),
-                None => Ok(a),
-            },
+            Ok(a) => a,
             Err(_) => Err(format!(
                 "the worker did not answer {command:?} within {}s",
                 CONTROL_TIMEOUT.as_secs()
@@ -402,7 +400,7 @@ impl Backend for WorkerBackend {
             });
     }
 
-    fn control(&mut self, name: &str, command: &str) -> Result<String, String> {
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String> {
         match self.controls.get_mut(name) {
             Some(c) => c.ask(command),
             None => Err(format!("workload {name:?} is not running")),
@@ -1268,12 +1266,12 @@ fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
         Action::Pause(name) | Action::Resume(name) => {
             running(core, &name)?;
             let (command, done) = if pause {
-                ("pause", "paused")
+                (WorkerCommand::Pause {}, "paused")
             } else {
-                ("resume", "resumed")
+                (WorkerCommand::Resume {}, "resumed")
             };
             core.backend
-                .control(&name, command)
+                .control(&name, &command)
                 .map_err(ApiError::Refused)?;
             if let Some(w) = core.workloads.get_mut(&name) {
                 w.paused = pause;
@@ -1695,6 +1693,9 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
     drop(handles);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    let messages = commands
+        .try_clone()
+        .map_err(|e| format!("the worker's control socket: {e}"))?;
     let label: Label = Arc::new(Mutex::new(name.to_string()));
     let cgroup = Arc::new(Mutex::new(cgroup));
     let (answer_tx, answers) = mpsc::channel();
@@ -1710,8 +1711,15 @@ fn spawn_worker(opts: &Options, vm: &VmConfig, tx: mpsc::Sender<Event>) -> Resul
                 let logs = logs.clone();
                 std::thread::spawn(move || echo_guest(&l, o, &logs))
             });
-            let report = stderr.and_then(|e| read_report(&l, e, &answer_tx));
+            let err_thread = stderr.map(|e| {
+                let l = l.clone();
+                std::thread::spawn(move || echo_worker_log(&l, e))
+            });
+            let report = read_messages(&l, messages, &answer_tx);
             let status = child.wait();
+            if let Some(t) = err_thread {
+                let _ = t.join();
+            }
             let ran = started.elapsed();
             if let Some(c) = cg.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 c.remove();
@@ -1846,10 +1854,13 @@ fn claim(
         .as_mut()
         .ok_or("the pool VM has no control channel")?;
     use std::os::fd::AsFd;
-    let answer = control.ask_with_fd(&format!("attach root {len}"), file.as_fd())?;
-    if answer != "attached" {
-        return Err(format!("attach root: {answer}"));
-    }
+    let attach = WorkerCommand::Attach {
+        disk: "root".into(),
+        bytes: len,
+    };
+    control
+        .ask_with_fd(&attach, file.as_fd())
+        .map_err(|e| format!("attach root: {e}"))?;
     let json = serde_json::to_string(&vm.guest).map_err(|e| e.to_string())?;
     // From here the VM's output and end are the workload's.
     worker.report_as(name, worker.started.elapsed());
@@ -1935,31 +1946,57 @@ fn echo_guest(label: &Label, out: impl Read, logs: &LogStore) {
     }
 }
 
-/// Passes worker logs on, control answers to `answers`, and returns its
-/// report.
-fn read_report(
+/// The worker's own log lines (its stderr), under the workload's name.
+fn echo_worker_log(label: &Label, err: impl Read) {
+    for line in BufReader::new(err).lines().map_while(Result::ok) {
+        eprintln!("{}: {line}", label_of(label));
+    }
+}
+
+/// Reads the worker's messages on its control socket until it closes:
+/// answers go to `answers`, the report is returned.
+fn read_messages(
     label: &Label,
-    err: impl Read,
-    answers: &mpsc::Sender<String>,
+    socket: UnixStream,
+    answers: &mpsc::Sender<Result<(), String>>,
 ) -> Option<WorkerReport> {
     let mut report = None;
-    for line in BufReader::new(err).lines().map_while(Result::ok) {
-        if let Some(answer) = line.strip_prefix(CONTROL_PREFIX) {
-            let _ = answers.send(answer.to_string());
-        } else if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
-            match serde_json::from_str(json) {
-                Ok(r) => report = Some(r),
-                Err(e) => tracing::error!(
-                    "workload {}: unreadable worker report: {e}",
+    // A line is a short JSON object; a worker that sends more is cut off.
+    let mut reader = BufReader::new(socket);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(MAX_MESSAGE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.last() != Some(&b'\n') => {
+                tracing::error!(
+                    "workload {}: a worker message over {MAX_MESSAGE} bytes; its control channel is closed",
                     label_of(label)
-                ),
+                );
+                break;
             }
-        } else {
-            eprintln!("{}: {line}", label_of(label));
+            Ok(_) => {}
+        }
+        match serde_json::from_slice::<WorkerMessage>(&line) {
+            Ok(WorkerMessage::Done) => {
+                let _ = answers.send(Ok(()));
+            }
+            Ok(WorkerMessage::Refused { reason }) => {
+                let _ = answers.send(Err(reason));
+            }
+            Ok(WorkerMessage::Report { report: r }) => report = Some(r),
+            Ok(timing) => tracing::debug!("workload {}: {timing:?}", label_of(label)),
+            Err(e) => tracing::error!(
+                "workload {}: unreadable worker message: {e}",
+                label_of(label)
+            ),
         }
     }
     report
 }
+
+/// The longest message a worker sends (a report with a long VMM error).
+const MAX_MESSAGE: u64 = 64 * 1024;
 
 /// The default options for the appliance.
 pub fn default_options(units: &Path) -> Options {

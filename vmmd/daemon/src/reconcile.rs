@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use steelcup_api::vmm1::{ApiError, Outcome, Reply, WorkloadState};
-use steelcup_proto::worker::{VmOutcome, WorkerReport};
+use steelcup_proto::worker::{VmOutcome, WorkerCommand, WorkerReport};
 use steelcup_units::{HealthCheck, MicrovmSection, Restart};
 
 /// What the core asks of the world.
@@ -55,8 +55,8 @@ pub trait Backend {
     /// Probe the workload's health; the answer comes back through
     /// [`Core::probed`].
     fn probe(&mut self, name: &str, check: &HealthCheck);
-    /// Send a control command (`pause`, `resume`) to the VM's worker.
-    fn control(&mut self, name: &str, command: &str) -> Result<String, String>;
+    /// Send a control command (pause, resume) to the VM's worker.
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String>;
     /// A workload is gone for good: drop what is kept for it.
     fn forgotten(&mut self, name: &str);
 }
@@ -519,7 +519,7 @@ impl<B: Backend> Core<B> {
         });
         if w.paused {
             // A paused guest cannot answer a stop: let it run first.
-            let _ = self.backend.control(name, "resume");
+            let _ = self.backend.control(name, &WorkerCommand::Resume {});
             w.paused = false;
         }
         self.backend.ask_stop(name);

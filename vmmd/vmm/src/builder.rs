@@ -209,11 +209,10 @@ pub fn build(
         // overhead (the kernel's file mapping and the huge-page ranges split it
         // in parts).
         if let Some(r) = vm_memory::GuestMemoryBackend::iter(&mem).next() {
-            crate::worker::timing_line(&format!(
-                "guest-memory {:#x} {:#x}",
-                r.as_ptr() as usize,
-                vm_memory::GuestMemoryRegion::len(r)
-            ));
+            crate::worker::send(&crate::config::WorkerMessage::GuestMemory {
+                start: r.as_ptr() as u64,
+                len: vm_memory::GuestMemoryRegion::len(r),
+            });
         }
     }
     crate::worker::mark("memory");

@@ -2,17 +2,17 @@
 //! threads, and reports how it ended.
 //!
 //! # Design
-//! vmmd starts `vmmd worker` with the [`VmConfig`] as one line of JSON on
-//! stdin, and keeps stdin open as the control channel: each further line is
-//! a command (`pause`, `resume`, `attach ID BYTES`), answered on stderr by a line
-//! starting with [`CONTROL_PREFIX`] (`paused`, `resumed`, `attached`, or
-//! `error: ...`). vmmd's stdin for a worker is a Unix socket, so a command
-//! can carry a descriptor: `attach ID BYTES` comes with an open disk image
-//! (`SCM_RIGHTS`) for the empty disk slot `ID` — the worker, jailed, opens
-//! no files itself. Guest
-//! serial output goes to the worker's stdout; the worker's own logs and its
-//! final [`WorkerReport`] go to stderr. A VM that crashes, or a worker that
-//! dies, takes nothing else down.
+//! vmmd starts `vmm-worker` with its control socket as stdin and speaks
+//! the worker protocol on it (`steelcup_proto::worker`): the [`VmConfig`]
+//! first, with the VM's disks and tap as descriptors, then
+//! [`WorkerCommand`]s (pause, resume, attach an image to an empty disk
+//! slot, its descriptor passed along); the worker answers each with a
+//! [`WorkerMessage`] on the same socket and sends its [`WorkerReport`]
+//! last. The worker, jailed, opens no disk or tap itself. Guest serial
+//! output goes to the worker's stdout and the worker's own log to its
+//! stderr. A worker started by hand with a pipe as stdin writes its
+//! messages to stderr instead. A VM that crashes, or a worker that dies,
+//! takes nothing else down.
 //!
 //! Once the VM is built, a seccomp filter (see [`crate::jail::seccomp`]) is
 //! installed on every worker thread before any guest instruction runs.
@@ -23,9 +23,7 @@
 
 use crate::builder;
 use crate::builder::VmSource;
-use crate::config::{
-    VmConfig, VmOutcome, WorkerReport, CONTROL_PREFIX, REPORT_PREFIX, TIMING_PREFIX,
-};
+use crate::config::{VmConfig, VmOutcome, WorkerCommand, WorkerMessage, WorkerReport};
 use crate::vstate::pause::{self, PauseGate};
 use crate::vstate::vcpu::VcpuStop;
 use crate::vstate::vm::Vm;
@@ -50,7 +48,10 @@ pub fn run_vm(
     TIMING.store(config.report_timing, std::sync::atomic::Ordering::Relaxed);
     if config.report_timing {
         let main = MAIN_NS.load(std::sync::atomic::Ordering::Relaxed);
-        timing_line(&format!("phase main {main}"));
+        send(&WorkerMessage::Phase {
+            name: "main".into(),
+            ns: main,
+        });
     }
     mark("config-read");
     if let Err(e) = pause::install_kick_handler() {
@@ -142,7 +143,7 @@ pub fn run_vm(
                 ready.wait();
                 start.wait();
                 if report_timing && vcpu.index == 0 {
-                    timing_line(&format!("first-kvm-run {}", monotonic_ns()));
+                    send(&WorkerMessage::FirstKvmRun { ns: monotonic_ns() });
                 }
                 let stop = vcpu.run(&bus, &gate);
                 let _ = tx.send((vcpu.index, stop));
@@ -264,21 +265,42 @@ static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 /// When the worker's `main` began (CLOCK_MONOTONIC, ns).
 static MAIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// With `report_timing`, notes on stderr when a phase of the worker's start
+/// With `report_timing`, tells vmmd when a phase of the worker's start
 /// ended (for `vmmd bench`).
 pub fn mark(phase: &str) {
     if TIMING.load(std::sync::atomic::Ordering::Relaxed) {
-        timing_line(&format!("phase {phase} {}", monotonic_ns()));
+        send(&WorkerMessage::Phase {
+            name: phase.to_string(),
+            ns: monotonic_ns(),
+        });
     }
 }
 
-/// Writes one timing line to stderr in one `write`, so the timing itself
-/// costs the start it measures as little as it can (`eprintln!` writes
-/// each formatted piece on its own to the unbuffered stderr).
-pub fn timing_line(text: &str) {
-    use std::io::Write;
-    let line = format!("{TIMING_PREFIX}{text}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
+/// Where [`send`] writes: the control socket (fd 0), or stderr (fd 2) for
+/// a worker started by hand with a pipe as stdin.
+static MESSAGES_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// One message at a time: several threads send (vCPU 0, control, main).
+static SENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Sends `msg` to vmmd as one line, written in one `write` where the
+/// socket takes it whole, so the timing costs the start it measures as
+/// little as it can.
+pub fn send(msg: &WorkerMessage) {
+    let line = msg.line();
+    let fd = MESSAGES_FD.load(std::sync::atomic::Ordering::Relaxed);
+    let _one = SENDING.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: fd 0 (the control socket) and fd 2 stay open for the
+    // worker's whole life; the borrow ends with this call.
+    let out = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut rest = &line[..];
+    while !rest.is_empty() {
+        match nix::unistd::write(out, rest) {
+            Ok(0) => return,
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the same clock in every process).
@@ -369,38 +391,34 @@ fn serve_control(
 ) {
     let mut fds = Vec::new();
     while let Some(line) = next_line(&mut control, &mut fds, MAX_COMMAND) {
-        let mut words = line.split_whitespace();
-        let answer = match (words.next().unwrap_or(""), words.next()) {
-            ("pause", None) => match gate.pause(threads, PAUSE_TIMEOUT) {
-                Ok(()) => "paused".to_string(),
-                Err(e) => format!("error: {e}"),
+        let refused = |reason: String| WorkerMessage::Refused { reason };
+        let answer = match serde_json::from_str::<WorkerCommand>(&line) {
+            Err(e) => refused(format!("not a command: {e}")),
+            Ok(WorkerCommand::Pause {}) => match gate.pause(threads, PAUSE_TIMEOUT) {
+                Ok(()) => WorkerMessage::Done,
+                Err(e) => refused(e.to_string()),
             },
-            ("resume", None) => {
+            Ok(WorkerCommand::Resume {}) => {
                 gate.resume();
-                "resumed".to_string()
+                WorkerMessage::Done
             }
-            // `attach ID BYTES`: vmmd says how long the image is (the
-            // filter allows no fstat).
-            ("attach", Some(id)) => match (
-                fds.pop(),
-                slots.iter().find(|(s, _)| s == id),
-                words.next().and_then(|n| n.parse::<u64>().ok()),
-            ) {
-                (None, _, _) => "error: attach needs a disk image passed with it".to_string(),
-                (_, None, _) => format!("error: no empty disk slot {id:?}"),
-                (_, _, None) => "error: attach needs the image's size in bytes".to_string(),
-                (Some(file), Some((_, t)), Some(len)) => {
-                    match crate::devices::virtio::lock(t).attach_backing(file, len) {
-                        Ok(()) => "attached".to_string(),
-                        Err(e) => format!("error: {e}"),
+            // vmmd says how long the image is (the filter allows no fstat).
+            Ok(WorkerCommand::Attach { disk, bytes }) => {
+                match (fds.pop(), slots.iter().find(|(s, _)| *s == disk)) {
+                    (None, _) => refused("attach needs a disk image passed with it".into()),
+                    (_, None) => refused(format!("no empty disk slot {disk:?}")),
+                    (Some(file), Some((_, t))) => {
+                        match crate::devices::virtio::lock(t).attach_backing(file, bytes) {
+                            Ok(()) => WorkerMessage::Done,
+                            Err(e) => refused(e.to_string()),
+                        }
                     }
                 }
-            },
-            _ => format!("error: unknown command {line:?} (pause, resume, attach ID BYTES)"),
+            }
         };
         // Descriptors no command took are not kept.
         fds.clear();
-        eprintln!("{CONTROL_PREFIX}{answer}");
+        send(&answer);
     }
 }
 
@@ -417,6 +435,13 @@ pub fn main() -> i32 {
         unsafe {
             libc::signal(sig, libc::SIG_IGN);
         }
+    }
+    // The control socket carries the messages back; a pipe (a worker run
+    // by hand) cannot, so they go to stderr then.
+    if !nix::sys::stat::fstat(std::io::stdin())
+        .is_ok_and(|s| s.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+    {
+        MESSAGES_FD.store(2, std::sync::atomic::Ordering::Relaxed);
     }
     let vm = create_vm();
     let mut control = Control {
@@ -439,10 +464,7 @@ pub fn main() -> i32 {
         outcome,
         run_ms: t0.elapsed().as_millis() as u64,
     };
-    match serde_json::to_string(&report) {
-        Ok(json) => eprintln!("{REPORT_PREFIX}{json}"),
-        Err(e) => eprintln!("worker: cannot encode report: {e}"),
-    }
+    send(&WorkerMessage::Report { report });
     0
 }
 

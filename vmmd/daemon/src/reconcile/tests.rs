@@ -38,9 +38,14 @@ impl Backend for Fake {
     fn probe(&mut self, name: &str, _check: &HealthCheck) {
         self.calls.push(format!("probe {name}"));
     }
-    fn control(&mut self, name: &str, command: &str) -> Result<String, String> {
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String> {
+        let command = match command {
+            WorkerCommand::Pause {} => "pause",
+            WorkerCommand::Resume {} => "resume",
+            WorkerCommand::Attach { .. } => "attach",
+        };
         self.calls.push(format!("{command} {name}"));
-        Ok("ok".into())
+        Ok(())
     }
     fn forgotten(&mut self, name: &str) {
         self.calls.push(format!("forget {name}"));
