@@ -4,16 +4,16 @@
 //! # Design
 //! [`guest`] is the guest's config (written into its initramfs or sent on
 //! claim) and the exit status vminit reports; [`stdio`] is the framing of a
-//! workload's stdio and exec requests over vsock; [`probe`] is the health
-//! probe request vmmd sends vminit; [`worker`] is what vmmd hands a
+//! workload's stdio and exec requests over vsock; [`control`] is what vmmd
+//! asks vminit (stop, kill, ping, health [`probe`]s, a warm VM's claim); [`worker`] is what vmmd hands a
 //! VM's worker process and what the worker reports back. Every type here is serde, compiled by
 //! both sides, so a change to a message breaks the build, not a guest.
 //!
 //! # Limitations
-//! The worker's control channel still carries text commands (see the
-//! worker's docs); the guest control requests are text lines with a JSON
-//! body.
+//! The stdio frames' exec request and exit status are JSON inside a
+//! binary frame; the rest is one JSON object per line.
 
+pub mod control;
 pub mod guest;
 pub mod probe;
 pub mod stdio;

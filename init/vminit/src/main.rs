@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
+use steelcup_proto::control::{GuestAnswer, GuestRequest, CONTROL_PORT, MAX_REQUEST};
 use steelcup_proto::guest::{
     ExitStatus, GuestConfig, GuestVolume, CONFIG_PATH, MAX_CLAIM, POOL_PORT, STATUS_PORT,
 };
@@ -240,13 +241,10 @@ fn untouched(dir: &Path) -> bool {
     root_owned && only_lost_found
 }
 
-/// The vsock port vmmd sends control requests to.
-const CONTROL_PORT: u32 = 1024;
-
-/// Listens on vsock [`CONTROL_PORT`] for vmmd's one-line requests: `stop`
-/// (SIGTERM to the workload's process group; vmmd kills the VM if it does
-/// not end in time), `kill N`, `ping` and health probes (`probe ...`, see
-/// [`steelcup_proto::probe`]).
+/// Listens on vsock [`CONTROL_PORT`] for vmmd's requests
+/// ([`GuestRequest`], one JSON line per connection): stop (SIGTERM to the
+/// workload's process group; vmmd kills the VM if it does not end in
+/// time), kill, ping and health probes.
 fn serve_control(workload: Pid) -> std::io::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -287,37 +285,36 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
         // SAFETY: `conn` is a new descriptor nobody else owns.
         let mut stream = unsafe { std::fs::File::from_raw_fd(conn) };
         let mut line = String::new();
-        let _ = BufReader::new((&stream).take(1200)).read_line(&mut line);
-        let request = line.trim();
-        // A health probe takes its time: answered by a thread of its own.
-        if let Some((probe, timeout)) = steelcup_proto::probe::Probe::parse(request) {
-            std::thread::spawn(move || {
-                let answer = match probe.run(timeout) {
-                    Ok(()) => "ok".to_string(),
-                    Err(e) => format!("fail: {e}"),
-                };
-                let _ = writeln!(stream, "{answer}");
-            });
-            continue;
-        }
-        // `kill N`: signal N to the workload's process group.
-        let signal = request
-            .strip_prefix("kill ")
-            .and_then(|n| n.parse::<i32>().ok())
-            .and_then(|n| Signal::try_from(n).ok());
-        let answer = match (request, signal) {
-            ("stop", _) => "stopping",
-            ("ping", _) => "pong",
-            (_, Some(_)) => "signalled",
-            _ => "error: unknown request",
+        let _ = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+        let refused = |reason: String| GuestAnswer::Refused { reason };
+        let (answer, signal) = match GuestRequest::parse(&line) {
+            // A health probe takes its time: answered by a thread of its own.
+            Ok(GuestRequest::Probe {
+                probe,
+                timeout_secs,
+            }) => {
+                std::thread::spawn(move || {
+                    let answer = match probe.run(Duration::from_secs(timeout_secs)) {
+                        Ok(()) => GuestAnswer::Done {},
+                        Err(reason) => GuestAnswer::Failed { reason },
+                    };
+                    let _ = stream.write_all(answer.line().as_bytes());
+                });
+                continue;
+            }
+            Ok(GuestRequest::Stop {}) => (GuestAnswer::Done {}, Some(Signal::SIGTERM)),
+            Ok(GuestRequest::Kill { signal }) => match Signal::try_from(signal) {
+                Ok(s) => (GuestAnswer::Done {}, Some(s)),
+                Err(_) => (refused(format!("{signal} is not a signal")), None),
+            },
+            Ok(GuestRequest::Ping {}) => (GuestAnswer::Done {}, None),
+            Ok(GuestRequest::Claim { .. }) => (refused("not a warm VM".into()), None),
+            Err(e) => (refused(e), None),
         };
         // Answer first: once the workload ends, the VM ends with it.
-        let _ = writeln!(stream, "{answer}");
+        let _ = stream.write_all(answer.line().as_bytes());
         let _ = stream.flush();
-        if request == "stop" {
-            eprintln!("vminit: vmmd asks the workload to stop (SIGTERM)");
-            let _ = kill(Pid::from_raw(-workload.as_raw()), Signal::SIGTERM);
-        } else if let Some(sig) = signal {
+        if let Some(sig) = signal {
             eprintln!("vminit: vmmd sends the workload {sig}");
             let _ = kill(Pid::from_raw(-workload.as_raw()), sig);
         }
@@ -519,22 +516,16 @@ fn wait_in_pool() -> Result<GuestConfig, String> {
         {
             continue;
         }
-        let request = line.trim_end();
-        let (answer, config) = match request.split_once(' ') {
-            _ if request == "ping" => ("pong".to_string(), None),
-            Some(("claim", json)) => match serde_json::from_str::<GuestConfig>(json) {
-                Ok(c) if c.pool => ("error: a claim must not be a pool config".into(), None),
-                Ok(c) => ("ok".to_string(), Some(c)),
-                Err(e) => (format!("error: claim: {e}"), None),
-            },
-            _ => (
-                "error: unknown request (ping, claim JSON)".to_string(),
-                None,
-            ),
+        let refused = |reason: String| GuestAnswer::Refused { reason };
+        let (answer, config) = match GuestRequest::parse(&line) {
+            Ok(GuestRequest::Ping {}) => (GuestAnswer::Done {}, None),
+            Ok(GuestRequest::Claim { config }) => (GuestAnswer::Done {}, Some(config)),
+            Ok(_) => (refused("a warm VM takes ping and claim".into()), None),
+            Err(e) => (refused(e), None),
         };
-        let _ = writeln!(conn, "{answer}");
+        let _ = conn.write_all(answer.line().as_bytes());
         if let Some(c) = config {
-            return Ok(c);
+            return Ok(*c);
         }
     }
 }

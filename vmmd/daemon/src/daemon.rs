@@ -36,6 +36,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use steelcup_api::vmm1::{self, Action, ApiError, Reply, VmInfo, WorkloadState};
 use steelcup_os::logs::LogStore;
+use steelcup_proto::control::{GuestAnswer, GuestRequest, CONTROL_PORT};
 use steelcup_proto::guest::{disk_device, GuestConfig, GuestNetwork, GuestVolume, POOL_PORT};
 use steelcup_proto::worker::{
     DiskConfig, NetConfig, VmConfig, VmOutcome, VsockConfig, WorkerCommand, WorkerMessage,
@@ -439,14 +440,9 @@ fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure> {
             return probe_command(conn, &check.command, timeout).map_err(failed);
         }
     };
-    let conn = steelcup_api::attach::connect(uds, GUEST_CONTROL_PORT).map_err(unreachable)?;
-    let answer =
-        request_on(conn, &p.request(timeout), timeout + Duration::from_secs(2)).map_err(failed)?;
-    match answer.strip_prefix("fail: ") {
-        None if answer == "ok" => Ok(()),
-        None => Err(failed(format!("the guest answered {answer:?}"))),
-        Some(why) => Err(failed(why.to_string())),
-    }
+    let conn = steelcup_api::attach::connect(uds, CONTROL_PORT).map_err(unreachable)?;
+    let request = GuestRequest::probe(p, timeout);
+    request_on(conn, &request, timeout + Duration::from_secs(2)).map_err(failed)
 }
 
 /// Runs `argv` inside the VM as `cup exec` does; Ok when it exits 0.
@@ -964,14 +960,8 @@ fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
                         .name(format!("kill-{name}"))
                         .spawn(move || {
                             let answer =
-                                ask_guest(&uds, GUEST_CONTROL_PORT, &format!("kill {signal}"))
-                                    .and_then(|a| {
-                                        if a == "signalled" {
-                                            Ok(Reply::Done)
-                                        } else {
-                                            Err(a)
-                                        }
-                                    })
+                                ask_guest(&uds, CONTROL_PORT, &GuestRequest::Kill { signal })
+                                    .map(|()| Reply::Done)
                                     .map_err(|e| {
                                         ApiError::Refused(format!("workload {name:?}: {e}"))
                                     });
@@ -1350,54 +1340,49 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
 /// Asks workload `name`'s vminit, over its vsock socket `uds`, to stop,
 /// and logs the answer.
 fn ask_to_stop(uds: &Path, name: &str) {
-    match ask_guest(uds, GUEST_CONTROL_PORT, "stop") {
-        Ok(a) => tracing::info!("workload {name}: asked to stop; guest: {a}"),
+    match ask_guest(uds, CONTROL_PORT, &GuestRequest::Stop {}) {
+        Ok(()) => tracing::info!("workload {name}: asked to stop; guest: stopping"),
         Err(e) => tracing::warn!("workload {name}: cannot ask the guest to stop: {e}"),
     }
 }
-
-/// The vsock port vminit answers control requests on (`stop`, `ping`).
-pub const GUEST_CONTROL_PORT: u32 = 1024;
 
 /// The host side of workload `name`'s vsock device.
 pub fn vsock_path(opts: &Options, name: &str) -> PathBuf {
     opts.run_dir.join("vsock").join(format!("{name}.sock"))
 }
 
-/// Sends one request line to a guest's vsock `port` through the VM's Unix
-/// socket and returns the guest's one-line answer.
-pub fn ask_guest(uds: &Path, port: u32, request: &str) -> Result<String, String> {
-    ask_guest_within(uds, port, request, Duration::from_secs(2))
+/// Sends `request` to a guest's vsock `port` through the VM's Unix socket
+/// and reads vminit's answer: Ok when it carried the request out.
+pub fn ask_guest(uds: &Path, port: u32, request: &GuestRequest) -> Result<(), String> {
+    let conn = steelcup_api::attach::connect(uds, port)?;
+    request_on(conn, request, Duration::from_secs(2))
 }
 
-/// [`ask_guest`], waiting up to `patience` for the answer.
-fn ask_guest_within(
-    uds: &Path,
-    port: u32,
-    request: &str,
-    patience: Duration,
-) -> Result<String, String> {
-    request_on(steelcup_api::attach::connect(uds, port)?, request, patience)
-}
-
-/// Sends one request line on a connection to the guest and reads the
-/// one-line answer, waiting up to `patience`.
+/// Sends `request` on a connection to the guest and reads its answer,
+/// waiting up to `patience`.
 fn request_on(
     mut s: std::os::unix::net::UnixStream,
-    request: &str,
+    request: &GuestRequest,
     patience: Duration,
-) -> Result<String, String> {
+) -> Result<(), String> {
     s.set_read_timeout(Some(patience))
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    writeln!(s, "{request}").map_err(|e| format!("write: {e}"))?;
+    s.write_all(request.line().as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut line = String::new();
-    BufReader::new(s)
+    BufReader::new(s.take(MAX_ANSWER))
         .read_line(&mut line)
         .map_err(|e| format!("no answer from the guest: {e}"))?;
-    Ok(line.trim().to_string())
+    if line.is_empty() {
+        return Err("the guest closed the connection without an answer".into());
+    }
+    GuestAnswer::parse(&line)
 }
+
+/// The longest answer read from a guest (a failed probe's reason).
+const MAX_ANSWER: u64 = 4096;
 
 /// The disk file of volume `volume` of workload `unit`, created empty
 /// (sparse) at its size if it does not exist yet. An existing disk is kept
@@ -1819,7 +1804,7 @@ fn spawn_pool_ping(opts: &Options, name: &str, tx: mpsc::Sender<Event>) {
             while t0.elapsed() < POOL_BOOT_LIMIT {
                 // Refused until the worker has bound its socket and vminit
                 // listens.
-                if ask_guest(&uds, POOL_PORT, "ping").as_deref() == Ok("pong") {
+                if ask_guest(&uds, POOL_PORT, &GuestRequest::Ping {}).is_ok() {
                     let _ = tx.send(Event::PoolReady { name });
                     return;
                 }
@@ -1861,19 +1846,15 @@ fn claim(
     control
         .ask_with_fd(&attach, file.as_fd())
         .map_err(|e| format!("attach root: {e}"))?;
-    let json = serde_json::to_string(&vm.guest).map_err(|e| e.to_string())?;
+    let claim = GuestRequest::Claim {
+        config: Box::new(vm.guest.clone()),
+    };
     // From here the VM's output and end are the workload's.
     worker.report_as(name, worker.started.elapsed());
     let old = vsock_path(opts, pool_name);
-    match ask_guest(&old, POOL_PORT, &format!("claim {json}")) {
-        Ok(a) if a == "ok" => {}
-        other => {
-            worker.report_as(pool_name, Duration::ZERO);
-            return Err(match other {
-                Ok(a) => format!("vminit: {a}"),
-                Err(e) => e,
-            });
-        }
+    if let Err(e) = ask_guest(&old, POOL_PORT, &claim) {
+        worker.report_as(pool_name, Duration::ZERO);
+        return Err(format!("vminit: {e}"));
     }
     let new = vsock_path(opts, name);
     let _ = std::fs::remove_file(&new);
