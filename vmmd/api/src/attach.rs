@@ -20,13 +20,11 @@ use steelcup_proto::stdio::{self, read_frame, write_frame};
 
 /// Connects to `port` inside the guest through its vsock socket `uds`.
 pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
-    let mut s = match crate::remote::REMOTE.get() {
-        // cup --remote: the same socket on the remote machine, by its
-        // workload's name.
-        Some(r) => r.open(&format!(
-            "vsock {}",
-            uds.file_stem().unwrap_or_default().to_string_lossy()
-        ))?,
+    // cup --remote: the same socket on the remote machine, by its
+    // workload's name.
+    let name = uds.file_stem().unwrap_or_default().to_string_lossy();
+    let mut s = match crate::remote_stream(&format!("vsock {name}")) {
+        Some(remote) => remote?.0,
         None => UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?,
     };
     writeln!(s, "CONNECT {port}").map_err(|e| format!("write: {e}"))?;

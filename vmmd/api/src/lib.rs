@@ -20,6 +20,21 @@ pub mod init1;
 pub mod remote;
 pub mod vmm1;
 
+/// With `cup --remote` (the `remote` feature, and [`remote::REMOTE`] set):
+/// a stream to `target` (`init`, `vmmd`, `vsock NAME`) on the remote
+/// machine, and the address it was reached at. `None`: talk to the local
+/// sockets.
+#[cfg_attr(not(feature = "remote"), allow(unused_variables))]
+pub fn remote_stream(
+    target: &str,
+) -> Option<Result<(std::os::unix::net::UnixStream, String), String>> {
+    #[cfg(feature = "remote")]
+    if let Some(r) = remote::REMOTE.get() {
+        return Some(r.open(target).map(|s| (s, r.addr.clone())));
+    }
+    None
+}
+
 /// A byte count as people read it: `512 B`, `1.5 KiB`, `3.2 MiB`, `1.1 GiB`.
 pub fn human(bytes: u64) -> String {
     match bytes {

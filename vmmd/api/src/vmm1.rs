@@ -358,15 +358,11 @@ pub trait Vmm1Client {
 /// Connects to vmmd at `socket` (with `cup --remote`, to the remote
 /// machine's vmmd).
 pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
-    #[cfg(feature = "remote")]
-    let remote = crate::remote::REMOTE.get();
-    #[cfg(not(feature = "remote"))]
-    let remote: Option<&std::convert::Infallible> = None;
-    let conn = match remote {
-        #[cfg(feature = "remote")]
-        Some(r) => crate::bus::p2p_over(r.open("vmmd")?, &r.addr)?,
-        #[cfg(not(feature = "remote"))]
-        Some(never) => match *never {},
+    let conn = match crate::remote_stream("vmmd") {
+        Some(remote) => {
+            let (stream, addr) = remote?;
+            crate::bus::p2p_over(stream, &addr)?
+        }
         None => crate::bus::connect_p2p(
             "vmmd",
             socket,
