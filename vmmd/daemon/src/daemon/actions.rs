@@ -1,0 +1,372 @@
+//! The API's actions, executed on the daemon's loop: each decodes into
+//! what the reconciler's `Core` or the image store does, and answers.
+
+use super::*;
+
+/// Executes an API request on the daemon's state and answers it, or (a
+/// stop) keeps the answer for when the VM has ended.
+pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
+    let now = Instant::now();
+    if let Action::Stop(name) = &req.action {
+        if !core.workloads.contains_key(name) {
+            let _ = req.reply.send(Err(ApiError::NoSuchVm(name.clone())));
+            return;
+        }
+        core.stop(name, Some(req.reply), AfterStop::Stay, now);
+        return;
+    }
+    if let Action::Pull(source) = &req.action {
+        let (store, source) = (opts.state_dir.clone(), source.clone());
+        let pull = pull_options(opts, &source);
+        let reply = req.reply;
+        let pulls = opts.pulls.clone();
+        let _ = std::thread::Builder::new()
+            .name("pull".into())
+            .spawn(move || {
+                let (mut progress, _guard) = track(&pulls, &source);
+                let answer = crate::image::store::Store::open(&store)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        crate::image::source::pull(&s, &source, &pull, &mut progress)
+                            .map_err(|e| steelcup_sys::error_chain(&e))
+                    })
+                    .map(|(name, d)| Reply::Pulled {
+                        name,
+                        digest: d.to_string(),
+                    })
+                    .map_err(ApiError::Refused);
+                let _ = reply.send(answer);
+            });
+        return;
+    }
+    let answer = match req.action {
+        Action::Run(spec) => {
+            run_workload(&core.workloads, &core.units, spec, now).map(|(name, w)| {
+                core.add(name.clone(), w);
+                Reply::Text(name)
+            })
+        }
+        Action::Socket(name) => match core.workloads.get(&name) {
+            None => {
+                let removed = opts.removed.lock().unwrap_or_else(|e| e.into_inner());
+                match removed.iter().rev().find(|(n, _)| *n == name) {
+                    Some((_, outcome)) => Err(ApiError::Refused(format!(
+                        "workload {name:?} ended ({}) and was removed",
+                        outcome.text
+                    ))),
+                    None => Err(ApiError::NoSuchVm(name)),
+                }
+            }
+            Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+                "workload {name:?} is not running"
+            ))),
+            Some(_) => Ok(Reply::Text(vsock_path(opts, &name).display().to_string())),
+        },
+        Action::Remove(name) => match core.workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) if w.pid.is_some() || w.preparing => Err(ApiError::Refused(format!(
+                "workload {name:?} is running; stop it first (or cup rm -f)"
+            ))),
+            Some(_) => {
+                core.forget(&name);
+                Ok(Reply::Done)
+            }
+        },
+        Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
+        Action::Inspect(name) => match core.workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) => Ok(Reply::Text(inspect(opts, &core.backend, &name, w))),
+        },
+        Action::Kill(name, signal) => {
+            match core.workloads.get(&name) {
+                None => Err(ApiError::NoSuchVm(name)),
+                Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+                    "workload {name:?} is not running"
+                ))),
+                Some(_) if Signal::try_from(signal).is_err() => {
+                    Err(ApiError::Refused(format!("{signal} is not a signal")))
+                }
+                Some(_) => {
+                    // The guest answers on its own time; the loop goes on.
+                    let uds = vsock_path(opts, &name);
+                    let reply = req.reply;
+                    let _ = std::thread::Builder::new()
+                        .name(format!("kill-{name}"))
+                        .spawn(move || {
+                            let answer =
+                                ask_guest(&uds, CONTROL_PORT, &GuestRequest::Kill { signal })
+                                    .map(|()| Reply::Done)
+                                    .map_err(|e| {
+                                        ApiError::Refused(format!("workload {name:?}: {e}"))
+                                    });
+                            let _ = reply.send(answer);
+                        });
+                    return;
+                }
+            }
+        }
+        Action::Pulls => Ok(Reply::Pulls(
+            opts.pulls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+        )),
+        Action::Logs { name, since, max } => match core.workloads.get(&name) {
+            None => Err(ApiError::NoSuchVm(name)),
+            Some(w) => {
+                let max = max.min(10_000) as usize;
+                let (lines, next) = match since {
+                    Some(s) => opts.logs.read(&name, s, max),
+                    None => opts.logs.tail(&name, max),
+                };
+                Ok(Reply::Logs(
+                    lines,
+                    next,
+                    w.pid.is_some() || w.restart_at.is_some() || w.preparing,
+                ))
+            }
+        },
+        action => execute_now(core, action),
+    };
+    let _ = req.reply.send(answer);
+}
+
+/// `cup inspect`: what vmmd knows of a workload.
+pub(super) fn inspect(opts: &Options, backend: &WorkerBackend, name: &str, w: &Workload) -> String {
+    let v = serde_json::json!({
+        "name": name,
+        "state": w.state(),
+        "health": w.health_name(),
+        "last_probe": w.last_probe,
+        "pid": w.pid,
+        "runs": w.runs,
+        "last_outcome": w.last_outcome.text,
+        "exit_code": w.last_outcome.code(),
+        "from": if w.unit.is_some() { "unit" } else { "cup run" },
+        "unit": w.unit,
+        "replica": w.unit.as_ref().map(|_| w.slot + 1),
+        "remove_when_done": w.remove_when_done,
+        "vsock_cid": w.cid,
+        "vsock_socket": vsock_path(opts, name),
+        "address": backend.address_of(name).map(|a| a.to_string()),
+        "network": {
+            "mode": w.spec.network,
+            "scope": network_scope(name, w),
+            "ports": w.spec.ports,
+            "tap": backend.taps.get(name),
+            "mac": backend.address_of(name).map(|_| steelcup_proto::guest::format_mac(crate::net::mac_for_name(name))),
+        },
+        "image": w.spec.image,
+        "image_digest": w.prepared.as_ref().map(|p| p.digest.clone()),
+        "root_image": w.prepared.as_ref().map(|p| p.rootfs.clone()),
+        "spec": w.spec,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// A workload for `cup run`: its name and the workload, checked.
+pub(super) fn run_workload(
+    workloads: &BTreeMap<String, Workload>,
+    units: &BTreeMap<String, MicrovmSection>,
+    spec: vmm1::RunSpec,
+    now: Instant,
+) -> Result<(String, Workload), ApiError> {
+    let refused = |s: String| Err(ApiError::Refused(s));
+    crate::image::source::Source::parse(&spec.image)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let taken = |n: &str| workloads.contains_key(n) || units.contains_key(n);
+    let name = match spec.name {
+        Some(n) => {
+            if !units::valid_name(&n) {
+                return refused(format!(
+                    "name {n:?}: lowercase letters, digits, '.', '_', '-', at most 64"
+                ));
+            }
+            if taken(&n) {
+                return refused(format!(
+                    "a workload or unit named {n:?} exists; `cup rm {n}` first or pick another name"
+                ));
+            }
+            n
+        }
+        None => (1..)
+            .map(|i| format!("run-{i}"))
+            .find(|n| !taken(n))
+            .unwrap_or_default(),
+    };
+    let memory = match &spec.memory {
+        Some(m) => units::MemSize::try_from(m.as_str())
+            .map_err(|e| ApiError::Refused(format!("memory {m:?}: {e}")))?,
+        None => units::MemSize::default(),
+    };
+    steelcup_proto::guest::check_rlimits(&spec.rlimits)
+        .map_err(|e| ApiError::Refused(format!("--ulimit: {e}")))?;
+    let vcpus = spec.vcpus.unwrap_or(1);
+    if !(1..=32).contains(&vcpus) {
+        return refused(format!("{vcpus} vCPUs: 1 to 32"));
+    }
+    if memory.mib() < 16 || memory.mib() > 3072 {
+        return refused(format!("memory {}MiB: 16 MiB to 3 GiB", memory.mib()));
+    }
+    let network = match spec.network.as_deref() {
+        None | Some("bridge") => Network::Bridge,
+        Some("none") => Network::None,
+        Some(other) => return refused(format!("--network {other:?}: bridge or none")),
+    };
+    let ports = spec
+        .ports
+        .iter()
+        .map(|p| steelcup_units::ports::PortSpec::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::Refused(format!("-p {e}")))?;
+    let section = MicrovmSection {
+        image: Some(spec.image),
+        cmd: spec.cmd,
+        env: spec.env,
+        vcpus,
+        memory,
+        restart: spec.restart,
+        kernel: None,
+        initramfs: None,
+        root: None,
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| named_volume(v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::Refused(format!("-v {e}")))?,
+        network,
+        ports,
+        network_scope: None,
+        memory_backing: Default::default(),
+        huge_pages: false,
+        rlimits: spec.rlimits,
+        replicas: 1,
+        health: None,
+    };
+    section
+        .check_network()
+        .map_err(|e| ApiError::Refused(e.replace("ports:", "-p:")))?;
+    port_clash(workloads, units, &name, &section.ports).map_err(ApiError::Refused)?;
+    for p in &section.ports {
+        crate::net::host_port_free(p).map_err(ApiError::Refused)?;
+    }
+    let used: std::collections::BTreeSet<u32> = workloads.values().map(|w| w.cid).collect();
+    let cid = (3..).find(|c| !used.contains(c)).unwrap_or(3);
+    if spec.rm && spec.restart != Restart::No {
+        return refused(
+            "--rm and --restart cannot go together (a workload that restarts never ends)".into(),
+        );
+    }
+    let mut w = Workload::new(section, cid, now);
+    w.remove_when_done = spec.rm;
+    w.attach = spec.attach;
+    w.tty = spec.tty;
+    Ok((name, w))
+}
+
+/// The image store's actions, answered at once.
+pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
+    let store = crate::image::store::Store::open(&opts.state_dir)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let err = |e: crate::image::store::StoreError| ApiError::Refused(steelcup_sys::error_chain(&e));
+    match action {
+        Action::Images => Ok(Reply::Images(
+            store
+                .list()
+                .map_err(err)?
+                .into_iter()
+                .map(|i| vmm1::ImageInfo {
+                    name: i.name,
+                    digest: i.digest,
+                    size: i.size,
+                    rootfs: i.rootfs,
+                })
+                .collect(),
+        )),
+        Action::RemoveImage(name) => match store.untag(&name).map_err(err)? {
+            true => Ok(Reply::Done),
+            false => Err(ApiError::Refused(format!(
+                "no image named {name:?}; see `cup images`"
+            ))),
+        },
+        Action::Prune => {
+            let r = store.gc().map_err(err)?;
+            Ok(Reply::Text(format!(
+                "removed {} blobs, {} root images, {} temporary files ({} bytes)",
+                r.blobs, r.rootfs, r.tmp, r.bytes
+            )))
+        }
+        other => Err(ApiError::Refused(format!("{other:?}: not an image action"))),
+    }
+}
+
+/// Executes an action that is answered at once.
+pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
+    let running = |core: &Daemon, name: &str| match core.workloads.get(name) {
+        None => Err(ApiError::NoSuchVm(name.to_string())),
+        Some(w) if w.pid.is_none() => Err(ApiError::Refused(format!(
+            "workload {name:?} is not running"
+        ))),
+        Some(_) => Ok(()),
+    };
+    let pause = matches!(action, Action::Pause(_));
+    match action {
+        Action::List => Ok(Reply::Vms(
+            core.workloads
+                .iter()
+                .map(|(name, w)| VmInfo {
+                    name: name.clone(),
+                    state: w.state().as_str().into(),
+                    health: w.health_name().into(),
+                    unit: w.unit.clone().unwrap_or_default(),
+                    last_outcome: w.last_outcome.text.clone(),
+                    exit_code: w.last_outcome.exit_code,
+                    pid: w.pid.unwrap_or(0) as u32,
+                    runs: w.runs as u32,
+                    vcpus: u32::from(w.spec.vcpus),
+                    memory_mib: w.spec.memory.mib() as u32,
+                    address: core
+                        .backend
+                        .address_of(name)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        )),
+        Action::Pause(name) | Action::Resume(name) => {
+            running(core, &name)?;
+            let (command, done) = if pause {
+                (WorkerCommand::Pause {}, "paused")
+            } else {
+                (WorkerCommand::Resume {}, "resumed")
+            };
+            core.backend
+                .control(&name, &command)
+                .map_err(ApiError::Refused)?;
+            if let Some(w) = core.workloads.get_mut(&name) {
+                w.paused = pause;
+            }
+            tracing::info!("workload {name}: {done}");
+            Ok(Reply::Done)
+        }
+        Action::Start(name) => {
+            let w = core
+                .workloads
+                .get_mut(&name)
+                .ok_or_else(|| ApiError::NoSuchVm(name.clone()))?;
+            if w.pid.is_some() {
+                return Err(ApiError::Refused(format!(
+                    "workload {name:?} is already running"
+                )));
+            }
+            w.restart_at = Some(Instant::now());
+            w.backoff = Duration::from_secs(1);
+            Ok(Reply::Done)
+        }
+        // Answered by `execute`.
+        other => Err(ApiError::Refused(format!("{other:?}: internal error"))),
+    }
+}

@@ -1,0 +1,150 @@
+//! The warm pool's side of the daemon: a pool VM's config, which start
+//! fits which pool size, waiting for a pool VM to be ready, and the claim
+//! that makes it a workload. What to keep booted is `crate::pool`.
+
+use super::*;
+
+/// The VM config of a warm-pool VM `name` of size `key`: the default
+/// kernel and initramfs, an empty root disk slot, vsock; vminit waits.
+pub(super) fn pool_vm_config(
+    opts: &Options,
+    name: &str,
+    key: crate::pool::Key,
+    net: Option<NetConfig>,
+) -> VmConfig {
+    VmConfig {
+        name: name.to_string(),
+        kernel: opts.kernel.clone(),
+        initramfs: opts.initramfs.clone(),
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        vcpus: key.0,
+        memory_mib: key.1,
+        memory_backing: Default::default(),
+        huge_pages: false,
+        guest: GuestConfig {
+            pool: true,
+            ..Default::default()
+        },
+        disks: vec![DiskConfig {
+            path: PathBuf::new(),
+            read_only: true,
+            id: "root".into(),
+            empty_slot: true,
+        }],
+        // The context id is the guest's own (each VM has its own vsock
+        // device), so pool VMs need not differ from workloads.
+        vsock: Some(VsockConfig {
+            cid: 3,
+            uds: vsock_path(opts, name),
+        }),
+        net,
+        report_timing: false,
+        jail_scratch: opts
+            .jail
+            .then(|| steelcup_vmm::jail::mount::scratch_dir(&opts.run_dir)),
+    }
+}
+
+/// The warm-pool size a cold start of `vm` could take instead: a VM with
+/// one read-only root disk and nothing a booted pool VM lacks.
+pub(super) fn pool_fit(
+    opts: &Options,
+    vm: &VmConfig,
+    pool_has_net: bool,
+) -> Option<crate::pool::Key> {
+    let fits = matches!(vm.disks.as_slice(), [d] if d.read_only && d.id == "root" && !d.empty_slot)
+        && vm.guest.root.as_deref() == Some(disk_device(0).as_str())
+        && vm.net.is_some() == pool_has_net
+        && vm.kernel == opts.kernel
+        && vm.initramfs == opts.initramfs
+        && vm.cmdline == DEFAULT_CMDLINE
+        && vm.memory_backing == Default::default()
+        && !vm.huge_pages;
+    fits.then_some((vm.vcpus, vm.memory_mib))
+}
+
+/// How long a pool VM may take to boot before it is given up.
+pub(super) const POOL_BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Pings pool VM `name`'s vminit until it answers, then reports it ready.
+pub(super) fn spawn_pool_ping(opts: &Options, name: &str, tx: mpsc::Sender<Event>) {
+    let (uds, name) = (vsock_path(opts, name), name.to_string());
+    let _ = std::thread::Builder::new()
+        .name(format!("ping-{name}"))
+        .spawn(move || {
+            let t0 = Instant::now();
+            while t0.elapsed() < POOL_BOOT_LIMIT {
+                // Refused until the worker has bound its socket and vminit
+                // listens.
+                if ask_guest(&uds, POOL_PORT, &GuestRequest::Ping {}).is_ok() {
+                    let _ = tx.send(Event::PoolReady { name });
+                    return;
+                }
+                if !uds.exists() && t0.elapsed() > Duration::from_secs(10) {
+                    return; // the worker is gone
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = tx.send(Event::PoolStuck { name });
+        });
+}
+
+/// Hands pool VM `pool_name` (its worker `worker`) to workload `name`: the
+/// root image to its empty slot, the config to its vminit, then the VM's
+/// vsock socket takes the workload's name and its worker moves to the
+/// workload's cgroup.
+pub(super) fn claim(
+    opts: &Options,
+    pool_name: &str,
+    name: &str,
+    worker: &mut Worker,
+    vm: &VmConfig,
+) -> Result<(), String> {
+    let root = &vm.disks[0].path;
+    let file = std::fs::File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", root.display()))?
+        .len();
+    let control = worker
+        .control
+        .as_mut()
+        .ok_or("the pool VM has no control channel")?;
+    use std::os::fd::AsFd;
+    let attach = WorkerCommand::Attach {
+        disk: "root".into(),
+        bytes: len,
+    };
+    control
+        .ask_with_fd(&attach, file.as_fd())
+        .map_err(|e| format!("attach root: {e}"))?;
+    let claim = GuestRequest::Claim {
+        config: Box::new(vm.guest.clone()),
+    };
+    // From here the VM's output and end are the workload's.
+    worker.report_as(name, worker.started.elapsed());
+    let old = vsock_path(opts, pool_name);
+    if let Err(e) = ask_guest(&old, POOL_PORT, &claim) {
+        worker.report_as(pool_name, Duration::ZERO);
+        return Err(format!("vminit: {e}"));
+    }
+    let new = vsock_path(opts, name);
+    let _ = std::fs::remove_file(&new);
+    if let Err(e) = std::fs::rename(&old, &new) {
+        // The VM runs the workload already: it is the workload's, whatever
+        // its socket is called; but nothing reaches it at `new`.
+        tracing::warn!("workload {name}: cannot rename {}: {e}", old.display());
+    }
+    if let Some(c) = worker
+        .cgroup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+    {
+        let limits = steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
+        if let Err(e) = c.move_to(name, limits, worker.pid as u32) {
+            tracing::warn!("workload {name}: its VM stays in the pool's cgroup: {e}");
+        }
+    }
+    Ok(())
+}
