@@ -14,8 +14,11 @@
 //! # Limitations
 //! A unit's file is read whole into memory; no size limit yet.
 
+pub mod backoff;
 pub mod graph;
 pub mod ports;
+
+pub use backoff::Backoff;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

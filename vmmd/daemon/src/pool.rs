@@ -26,6 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use steelcup_units::Backoff;
 
 /// One size of warm VM and how many to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +100,9 @@ pub struct Member<T> {
 
 /// Refill backoff for one size whose VMs die before they are claimed.
 #[derive(Debug, Clone, Copy)]
-struct Backoff {
+struct Refill {
     until: Instant,
-    delay: Duration,
+    backoff: Backoff,
 }
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -113,7 +114,7 @@ pub struct Pool<T> {
     specs: Vec<PoolSpec>,
     members: BTreeMap<String, Member<T>>,
     next: u64,
-    backoff: BTreeMap<Key, Backoff>,
+    backoff: BTreeMap<Key, Refill>,
 }
 
 impl<T> Pool<T> {
@@ -206,18 +207,11 @@ impl<T> Pool<T> {
     /// A VM of size `key` could not be booted (or died unclaimed): the
     /// size backs off.
     pub fn boot_failed(&mut self, key: Key, now: Instant) {
-        let delay = self
-            .backoff
-            .get(&key)
-            .map(|b| (b.delay * 2).min(BACKOFF_MAX))
-            .unwrap_or(BACKOFF_FIRST);
-        self.backoff.insert(
-            key,
-            Backoff {
-                until: now + delay,
-                delay,
-            },
-        );
+        let refill = self.backoff.entry(key).or_insert(Refill {
+            until: now,
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
+        });
+        refill.until = now + refill.backoff.take();
     }
 
     /// When a backoff ends (the next refill to try).

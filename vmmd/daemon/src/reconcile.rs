@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use steelcup_api::vmm1::{ApiError, Outcome, Reply, WorkloadState};
 use steelcup_proto::worker::{VmOutcome, WorkerCommand, WorkerReport};
-use steelcup_units::{HealthCheck, MicrovmSection, Restart};
+use steelcup_units::{Backoff, HealthCheck, MicrovmSection, Restart};
 
 /// What the core asks of the world.
 pub trait Backend {
@@ -134,7 +134,7 @@ pub struct Workload {
     pub pid: Option<i32>,
     pub paused: bool,
     pub restart_at: Option<Instant>,
-    pub backoff: Duration,
+    pub backoff: Backoff,
     pub runs: u64,
     pub last_outcome: Outcome,
     pub started_at: Option<Instant>,
@@ -166,7 +166,7 @@ impl Workload {
             pid: None,
             paused: false,
             restart_at: Some(now),
-            backoff: BACKOFF_FIRST,
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
             runs: 0,
             last_outcome: Outcome::none(),
             started_at: None,
@@ -368,8 +368,7 @@ impl<B: Backend> Core<B> {
                 tracing::error!("workload {name}: cannot start its VM: {e}");
                 w.last_outcome = Outcome::failed(format!("cannot start: {e}"));
                 if w.unit.is_some() {
-                    w.restart_at = Some(now + w.backoff);
-                    w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+                    w.restart_at = Some(now + w.backoff.take());
                 }
             }
         }
@@ -567,7 +566,7 @@ impl<B: Backend> Core<B> {
             }
         }
         if ran.is_some_and(|r| r >= STEADY) {
-            w.backoff = BACKOFF_FIRST;
+            w.backoff.reset();
         }
         let again = match w.spec.restart {
             Restart::Always => true,
@@ -576,9 +575,9 @@ impl<B: Backend> Core<B> {
             Restart::No => false,
         };
         if again {
-            tracing::info!("workload {name}: restarting in {}s", w.backoff.as_secs());
-            w.restart_at = Some(now + w.backoff);
-            w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+            let delay = w.backoff.take();
+            tracing::info!("workload {name}: restarting in {}s", delay.as_secs());
+            w.restart_at = Some(now + delay);
         } else if w.remove_when_done {
             self.forget(name);
         }
@@ -609,13 +608,13 @@ impl<B: Backend> Core<B> {
                 }
             }
             Err(e) => {
+                let delay = w.backoff.take();
                 tracing::error!(
                     "workload {name}: image {image}: {e}; trying again in {}s",
-                    w.backoff.as_secs()
+                    delay.as_secs()
                 );
                 w.last_outcome = Outcome::failed(format!("image failed: {e}"));
-                w.restart_at = Some(now + w.backoff);
-                w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+                w.restart_at = Some(now + delay);
             }
         }
     }
@@ -642,7 +641,7 @@ impl<B: Backend> Core<B> {
                 }
                 w.health = Some(Health::Healthy);
                 w.probe_failures = 0;
-                w.backoff = BACKOFF_FIRST;
+                w.backoff.reset();
                 w.last_probe = "ok".into();
                 w.next_probe = Some(now + Duration::from_secs(u64::from(check.interval)));
             }

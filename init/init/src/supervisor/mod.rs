@@ -24,6 +24,11 @@
 //! Stopping a unit blocks the loop for up to its stop timeout.
 
 pub mod capture;
+mod cgroup;
+mod gate;
+mod reload;
+
+pub use gate::{Gate, Verdict};
 pub use steelcup_os::logs;
 
 use crate::api::{Action, ApiError, ReloadSummary, Reply, UnitInfo};
@@ -38,7 +43,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steelcup_sys::{self as sys, NotifySocket, PowerAction};
-use steelcup_units::{self as units, graph, Ready, Restart, ServiceSection, Unit, UnitKind};
+use steelcup_units::{
+    self as units, graph, Backoff, Ready, Restart, ServiceSection, Unit, UnitKind,
+};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -88,7 +95,7 @@ struct Service {
     pid: Option<Pid>,
     /// Starts in a row that ended before running [`STABLE_AFTER`].
     quick_exits: u32,
-    backoff: Duration,
+    backoff: Backoff,
     restart_at: Option<Instant>,
     ready_deadline: Option<Instant>,
     started_at: Option<Instant>,
@@ -106,7 +113,7 @@ impl Service {
             state,
             pid: None,
             quick_exits: 0,
-            backoff: BACKOFF_START,
+            backoff: Backoff::new(BACKOFF_START, BACKOFF_MAX),
             restart_at: None,
             ready_deadline: None,
             started_at: None,
@@ -136,33 +143,6 @@ pub struct Options {
 
 /// Called on every state change: (unit, new state).
 pub type Observer = Box<dyn Fn(&str, &State) + Send>;
-
-/// The boot's health gate: it passes once every service has started (each
-/// running and ready, or done with status 0, or skipped by its condition)
-/// before `deadline`, and fails when a service has failed or the deadline
-/// comes first. Judged once per boot.
-pub struct Gate {
-    pub deadline: Instant,
-    pub on_pass: Box<dyn FnOnce() + Send>,
-    /// Told why; returns true to reboot.
-    pub on_fail: Box<dyn FnOnce(&str) -> bool + Send>,
-}
-
-impl std::fmt::Debug for Gate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate")
-            .field("deadline", &self.deadline)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a gate sees now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Pending,
-    Passed,
-    Failed(String),
-}
 
 /// The supervisor of a set of service units.
 pub struct Supervisor {
@@ -221,61 +201,6 @@ impl Supervisor {
         sup
     }
 
-    /// Sets the boot's health gate.
-    pub fn set_gate(&mut self, gate: Gate) {
-        self.gate = Some(gate);
-    }
-
-    /// The gate's verdict on the services now, at `now` against `deadline`.
-    pub fn verdict(&self, now: Instant, deadline: Instant) -> Verdict {
-        let mut waiting = Vec::new();
-        for (name, s) in &self.services {
-            match &s.state {
-                State::Running | State::Exited(0) | State::Skipped(_) => {}
-                State::Failed(why) => return Verdict::Failed(format!("unit {name} failed: {why}")),
-                State::Exited(code) => {
-                    return Verdict::Failed(format!("unit {name} exited with status {code}"))
-                }
-                _ => waiting.push(name.as_str()),
-            }
-        }
-        if waiting.is_empty() {
-            Verdict::Passed
-        } else if now >= deadline {
-            Verdict::Failed(format!(
-                "not started within {:.0}s: {}",
-                deadline.saturating_duration_since(self.boot).as_secs_f64(),
-                waiting.join(", ")
-            ))
-        } else {
-            Verdict::Pending
-        }
-    }
-
-    /// Judges the gate once its verdict is in; true: reboot.
-    fn judge_gate(&mut self, now: Instant) -> bool {
-        let Some(deadline) = self.gate.as_ref().map(|g| g.deadline) else {
-            return false;
-        };
-        match self.verdict(now, deadline) {
-            Verdict::Pending => false,
-            Verdict::Passed => {
-                tracing::info!(
-                    "health gate passed in {:.1}s",
-                    self.boot.elapsed().as_secs_f64()
-                );
-                if let Some(g) = self.gate.take() {
-                    (g.on_pass)();
-                }
-                false
-            }
-            Verdict::Failed(why) => {
-                tracing::error!("health gate failed: {why}");
-                self.gate.take().is_some_and(|g| (g.on_fail)(&why))
-            }
-        }
-    }
-
     /// Registers the observer of state changes (the API's signals).
     pub fn observe(&mut self, observer: Observer) {
         self.observer = Some(observer);
@@ -295,134 +220,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    /// Installs a new set of units (at start, or the new side of a reload).
-    /// Existing services with an identical unit keep running.
-    fn apply(&mut self, units: Vec<Unit>) -> ReloadSummary {
-        let plan = graph::plan(&units);
-        for (name, why) in &plan.refused {
-            tracing::error!("unit {name}: refused: {why}");
-        }
-        let names: Vec<String> = units.iter().map(|u| u.name.clone()).collect();
-        let mut summary = ReloadSummary::default();
-        let mut next: BTreeMap<String, Service> = BTreeMap::new();
-        let old_microvms = std::mem::take(&mut self.microvms);
-        for u in &units {
-            if let UnitKind::Microvm(_) = u.kind {
-                match old_microvms.get(&u.name) {
-                    None => summary.started.push(u.name.clone()),
-                    Some(o) if *o != *u => summary.restarted.push(u.name.clone()),
-                    Some(_) => {}
-                }
-            }
-        }
-        for name in old_microvms.keys() {
-            if !units.iter().any(|u| u.name == *name) {
-                summary.stopped.push(name.clone());
-            }
-        }
-        for u in units {
-            let spec = match &u.kind {
-                UnitKind::Service(s) => s.clone(),
-                UnitKind::Microvm(_) => {
-                    self.microvms.insert(u.name.clone(), u);
-                    continue;
-                }
-            };
-            let deps = u
-                .unit
-                .after
-                .iter()
-                .chain(&u.unit.requires)
-                .filter(|d| names.contains(d))
-                .cloned()
-                .collect();
-            let refused = plan.refused.get(&u.name).cloned();
-            match self.services.remove(&u.name) {
-                Some(old) if old.unit == u && refused.is_none() => {
-                    next.insert(u.name.clone(), old);
-                }
-                Some(mut old) => {
-                    // Changed: stop the old one; the new one starts from Waiting.
-                    if old.pid.is_some() {
-                        summary.restarted.push(u.name.clone());
-                        self.services.insert(u.name.clone(), old);
-                        self.stop_one(&u.name);
-                        old = match self.services.remove(&u.name) {
-                            Some(o) => o,
-                            None => continue,
-                        };
-                    }
-                    let state = refused.map(State::Failed).unwrap_or(State::Waiting);
-                    let mut s = Service::new(u, spec, deps, state);
-                    s.restarts = old.restarts;
-                    next.insert(s.unit.name.clone(), s);
-                }
-                None => {
-                    if refused.is_none() {
-                        summary.started.push(u.name.clone());
-                    }
-                    let state = refused.map(State::Failed).unwrap_or(State::Waiting);
-                    next.insert(u.name.clone(), Service::new(u, spec, deps, state));
-                }
-            }
-        }
-        // What is left in self.services was removed from disk.
-        for name in self.services.keys().cloned().collect::<Vec<_>>() {
-            if self.services[&name].pid.is_some() {
-                summary.stopped.push(name.clone());
-                self.stop_one(&name);
-            }
-            self.remove_cgroup(&name);
-        }
-        self.services = next;
-        self.started.retain(|n| self.services.contains_key(n));
-        self.order = plan
-            .order
-            .into_iter()
-            .filter(|n| self.services.contains_key(n))
-            .collect();
-        self.all_started_reported = false;
-        summary
-    }
-
-    /// Re-reads the units directory and applies only the difference: new
-    /// units start, removed ones stop, changed ones restart.
-    pub fn reload(&mut self) -> ReloadSummary {
-        let (units, errors) = units::load_dir(&self.opts.units_dir);
-        for e in &errors {
-            tracing::error!("{}", steelcup_sys::error_chain(e));
-        }
-        let mut summary = self.apply(units);
-        summary.errors = errors
-            .iter()
-            .map(|e| steelcup_sys::error_chain(e))
-            .collect();
-        // Running services whose units stayed the same hear of the reload.
-        for (name, svc) in &self.services {
-            let (Some(pid), Some(sig)) = (svc.pid, svc.spec.reload_signal.as_deref()) else {
-                continue;
-            };
-            if summary.restarted.contains(name) || summary.started.contains(name) {
-                continue;
-            }
-            if let Some(sig) = units::parse_signal(sig) {
-                tracing::info!("reload: {sig} to {name} (pid {pid})");
-                if let Err(e) = nix::sys::signal::kill(pid, sig) {
-                    tracing::warn!("reload: cannot send {sig} to {name}: {e}");
-                }
-            }
-        }
-        tracing::info!(
-            "reload: {} new, {} removed, {} changed, {} bad files",
-            summary.started.len(),
-            summary.stopped.len(),
-            summary.restarted.len(),
-            summary.errors.len()
-        );
-        self.start_ready(Instant::now());
-        summary
     }
 
     /// The state of every service.
@@ -507,49 +304,6 @@ impl Supervisor {
                 self.services.len(),
                 self.boot.elapsed().as_secs_f64() * 1000.0
             );
-        }
-    }
-
-    fn cgroup_of(&self, name: &str) -> Option<PathBuf> {
-        self.opts
-            .cgroup
-            .as_ref()
-            .map(|c| c.join(format!("{name}.service")))
-    }
-
-    fn setup_cgroup(&self, name: &str, spec: &ServiceSection) -> Option<PathBuf> {
-        let Some(dir) = self.cgroup_of(name) else {
-            if spec.memory_max.is_some() || spec.cpu_max.is_some() || spec.pids_max.is_some() {
-                tracing::warn!("unit {name}: no cgroup tree; its limits are not applied");
-            }
-            return None;
-        };
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::warn!("unit {name}: cgroup {}: {e}", dir.display());
-            return None;
-        }
-        let limits = [
-            ("memory.max", spec.memory_max.map(|m| m.0.to_string())),
-            (
-                "cpu.max",
-                spec.cpu_max
-                    .map(|c| format!("{} 100000", (c * 100_000.0).round() as u64)),
-            ),
-            ("pids.max", spec.pids_max.map(|p| p.to_string())),
-        ];
-        for (file, value) in limits {
-            if let Some(v) = value {
-                if let Err(e) = std::fs::write(dir.join(file), &v) {
-                    tracing::warn!("unit {name}: {file} = {v}: {e}");
-                }
-            }
-        }
-        Some(dir.join("cgroup.procs"))
-    }
-
-    fn remove_cgroup(&self, name: &str) {
-        if let Some(dir) = self.cgroup_of(name) {
-            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -694,7 +448,7 @@ impl Supervisor {
         if s.started_at
             .is_some_and(|t| now.duration_since(t) >= STABLE_AFTER)
         {
-            s.backoff = BACKOFF_START;
+            s.backoff.reset();
             s.quick_exits = 0;
         } else {
             s.quick_exits += 1;
@@ -712,9 +466,9 @@ impl Supervisor {
             );
             self.set_state(name, State::Failed("start limit hit".into()));
         } else if restart {
-            tracing::info!("unit {name}: restarting in {:.1}s", s.backoff.as_secs_f64());
-            s.restart_at = Some(now + s.backoff);
-            s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+            let delay = s.backoff.take();
+            tracing::info!("unit {name}: restarting in {:.1}s", delay.as_secs_f64());
+            s.restart_at = Some(now + delay);
             self.set_state(name, State::Waiting);
         } else {
             self.set_state(name, State::Exited(code));
@@ -834,7 +588,7 @@ impl Supervisor {
                 }
                 if let Some(s) = self.services.get_mut(&name) {
                     s.quick_exits = 0;
-                    s.backoff = BACKOFF_START;
+                    s.backoff.reset();
                     s.restart_at = None;
                 }
                 self.set_state(&name, State::Waiting);
@@ -1076,7 +830,7 @@ mod tests {
         // on-failure restarts until the start limit, then fails.
         let mut s = sup(vec![svc("crashy", "exit 1", "on-failure", &[])]);
         for x in s.services.values_mut() {
-            x.backoff = Duration::from_millis(1);
+            x.backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(1));
         }
         wait_for(&mut s, |s| matches!(s.states()["crashy"], State::Failed(_)));
         assert_eq!(s.services["crashy"].quick_exits, START_LIMIT);

@@ -363,7 +363,7 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                 )));
             }
             w.restart_at = Some(Instant::now());
-            w.backoff = Duration::from_secs(1);
+            w.backoff.reset();
             Ok(Reply::Done)
         }
         // Answered by `execute`.
