@@ -158,7 +158,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         };
         let mut sup = Supervisor::new(found, opts, logs.clone());
         // The OS slots' methods (cup update, rollback) for init as PID 1.
-        let slots = pid1.then(|| api::dbus::Slots {
+        let slots = pid1.then(|| api::slots::Slots {
             class_block: PathBuf::from("/sys/class/block"),
             passed_over: booted.as_ref().and_then(|b| b.env.passed_over()),
             key_file: PathBuf::from(steelcup_os::update::KEY_PATH),

@@ -34,12 +34,6 @@ pub enum Init1Error {
     Internal(String),
 }
 
-impl From<steelcup_os::update::UpdateError> for Init1Error {
-    fn from(e: steelcup_os::update::UpdateError) -> Self {
-        Init1Error::Update(e.to_string())
-    }
-}
-
 impl From<ApiError> for Init1Error {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
@@ -48,6 +42,7 @@ impl From<ApiError> for Init1Error {
             ApiError::NotAService(_) => Init1Error::NotAService(msg),
             ApiError::Refused(_) => Init1Error::Refused(msg),
             ApiError::ShuttingDown => Init1Error::ShuttingDown(msg),
+            ApiError::Update(_) => Init1Error::Update(msg),
         }
     }
 }
@@ -109,37 +104,19 @@ impl Handle {
 pub struct Init1 {
     handle: Handle,
     logs: Arc<LogStore>,
-    slots: Option<Slots>,
-}
-
-/// Where the OS slots' methods find this machine's disk: set only for
-/// init as PID 1 (a supervisor on a development machine has no slots).
-#[derive(Debug, Clone)]
-pub struct Slots {
-    /// `/sys/class/block`, where the partitions are found by name.
-    pub class_block: std::path::PathBuf,
-    /// The slot GRUB passed over in this boot (a rollback), if any.
-    pub passed_over: Option<String>,
-    /// The update key: with one, only updates it signed are taken.
-    pub key_file: std::path::PathBuf,
+    slots: Option<super::slots::Slots>,
 }
 
 impl Init1 {
-    /// This machine's steelcup disk.
-    fn disk(&self) -> Result<steelcup_os::update::Disk, steelcup_os::update::UpdateError> {
-        let slots = self
-            .slots
-            .as_ref()
-            .ok_or(steelcup_os::update::UpdateError::NoDisk)?;
-        steelcup_os::update::Disk::probe(&steelcup_os::state::partitions(&slots.class_block))
-    }
-
-    /// Reboots through the supervisor (units stopped in order) when asked.
-    async fn reboot_if(&self, reboot: bool) -> Result<(), Init1Error> {
+    /// Executes a slot action on a thread of its own and, if asked, reboots
+    /// through the supervisor (units stopped in order).
+    async fn slot_action(&self, action: Action, reboot: bool) -> Result<Reply, Init1Error> {
+        let slots = self.slots.clone();
+        let reply = off_thread(move || super::slots::execute(slots.as_ref(), action)).await??;
         if reboot {
             self.handle.call(Action::Reboot).await?;
         }
-        Ok(())
+        Ok(reply)
     }
 }
 
@@ -233,35 +210,31 @@ impl Init1 {
     /// is not running, checks it as written and makes it boot next, once;
     /// then reboots if `reboot`. Returns (slot, version).
     async fn update(&self, source: String, reboot: bool) -> Result<(String, String), Init1Error> {
-        let disk = self.disk()?;
-        let key_file = self.slots.as_ref().map(|s| s.key_file.clone());
-        let done = off_thread(move || {
-            let key = match &key_file {
-                Some(k) => steelcup_os::update::load_key(k)?,
-                None => None,
-            };
-            steelcup_os::update::apply(&disk, std::path::Path::new(&source), key.as_ref())
-        })
-        .await??;
-        self.reboot_if(reboot).await?;
-        Ok((done.slot, done.version))
+        let action = Action::Update {
+            source: source.into(),
+        };
+        match self.slot_action(action, reboot).await? {
+            Reply::Installed { slot, version } => Ok((slot, version)),
+            r => Err(unexpected(r)),
+        }
     }
 
     /// Makes the other OS slot boot next, once, if it holds an OS that
     /// checks; then reboots if `reboot`. Returns (slot, version).
     async fn rollback(&self, reboot: bool) -> Result<(String, String), Init1Error> {
-        let disk = self.disk()?;
-        let done = off_thread(move || steelcup_os::update::rollback(&disk)).await??;
-        self.reboot_if(reboot).await?;
-        Ok((done.slot, done.version))
+        match self.slot_action(Action::Rollback, reboot).await? {
+            Reply::Installed { slot, version } => Ok((slot, version)),
+            r => Err(unexpected(r)),
+        }
     }
 
     /// The OS slots: which booted, GRUB's order and tries, each slot's
     /// version (checked).
     async fn update_status(&self) -> Result<steelcup_os::update::Status, Init1Error> {
-        let disk = self.disk()?;
-        let passed_over = self.slots.as_ref().and_then(|s| s.passed_over.clone());
-        Ok(off_thread(move || steelcup_os::update::status(&disk, passed_over)).await??)
+        match self.slot_action(Action::UpdateStatus, false).await? {
+            Reply::SlotStatus(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
     }
 
     /// Emitted on every unit state change.
@@ -276,7 +249,7 @@ pub fn serve(
     socket: &Path,
     handle: Handle,
     logs: Arc<LogStore>,
-    slots: Option<Slots>,
+    slots: Option<super::slots::Slots>,
 ) -> std::io::Result<crate::supervisor::Observer> {
     let listener = bind_private(socket)?;
     let conns = accept_p2p(listener, PATH, move || Init1 {

@@ -7,9 +7,10 @@
 //! actions without a bus. Log reads go straight to the log store, which is
 //! shared and locked, so a slow reader never holds up the supervisor.
 //!
-//! The OS slots' methods (`Update`, `Rollback`, `UpdateStatus`) are disk
-//! work, not supervision: the adapter runs them in [`crate::update`] on a
-//! thread of their own and then, if asked, sends [`Action::Reboot`].
+//! The OS slots' actions (`Update`, `Rollback`, `UpdateStatus`) are disk
+//! work, not supervision: [`slots::execute`] runs them (in
+//! `steelcup_os::update`) on a thread of their own, and a reboot asked with
+//! them goes to the supervisor as [`Action::Reboot`].
 //!
 //! Which states accept which action: `Start` — any state but a running or
 //! starting one (resets the start limit); `Stop` — running or starting
@@ -17,6 +18,7 @@
 //! `Reload`, `PowerOff`, `Reboot` — always.
 
 pub mod dbus;
+pub mod slots;
 
 pub use steelcup_api::init1::{ReloadSummary, UnitInfo, INTERFACE, PATH, SOCKET};
 
@@ -31,6 +33,26 @@ pub enum Action {
     Reload,
     PowerOff,
     Reboot,
+    /// Write the update at `source` (a file or block device on this host)
+    /// into the OS slot that is not running and make it boot next, once.
+    Update {
+        source: std::path::PathBuf,
+    },
+    /// Make the other OS slot boot next, once.
+    Rollback,
+    /// The OS slots as they are.
+    UpdateStatus,
+}
+
+impl Action {
+    /// Disk work on the OS slots: executed by [`slots::execute`] on a
+    /// thread of its own, never on the supervisor's loop.
+    pub fn is_slot_work(&self) -> bool {
+        matches!(
+            self,
+            Action::Update { .. } | Action::Rollback | Action::UpdateStatus
+        )
+    }
 }
 
 /// The answer to an action.
@@ -39,6 +61,12 @@ pub enum Reply {
     Units(Vec<UnitInfo>),
     Unit(UnitInfo),
     Reloaded(ReloadSummary),
+    /// An update or rollback made `slot`, holding `version`, boot next.
+    Installed {
+        slot: String,
+        version: String,
+    },
+    SlotStatus(steelcup_os::update::Status),
     Done,
 }
 
@@ -53,6 +81,9 @@ pub enum ApiError {
     Refused(String),
     #[error("init is shutting down")]
     ShuttingDown,
+    /// An update, rollback or slot status refused.
+    #[error(transparent)]
+    Update(#[from] steelcup_os::update::UpdateError),
 }
 
 /// A request from the API to the supervisor, with where to send the answer.

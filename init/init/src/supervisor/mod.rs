@@ -607,6 +607,10 @@ impl Supervisor {
             }
             Action::Reload => Ok(Reply::Reloaded(self.reload())),
             Action::PowerOff | Action::Reboot => Ok(Reply::Done),
+            // Disk work: the API executes it off this loop (api::slots).
+            a @ (Action::Update { .. } | Action::Rollback | Action::UpdateStatus) => Err(
+                ApiError::Refused(format!("{a:?} is not the supervisor's to execute")),
+            ),
         }
     }
 

@@ -349,7 +349,11 @@ fn a_crashing_vm_restarts_with_backoff_and_a_steady_one_resets_it() {
         w.crash("web");
         w.wait(30.0);
     }
-    assert_eq!(w.core.workloads["web"].backoff.peek(), BACKOFF_MAX, "capped");
+    assert_eq!(
+        w.core.workloads["web"].backoff.peek(),
+        BACKOFF_MAX,
+        "capped"
+    );
     w.calls();
     // Up long enough: the next crash restarts after 1 s again.
     w.wait(STEADY.as_secs_f64());
