@@ -11,10 +11,6 @@
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
 
 mod bench;
-mod bench_http;
-mod bench_image;
-mod bench_init;
-mod bench_vmm;
 mod build;
 mod deps;
 mod disk;

@@ -25,7 +25,7 @@ pub(crate) fn test() -> Result<()> {
     ]))
     .context("clippy found something: fix it, or allow it where it is with the reason")?;
     step("a debootstrapped Debian as an OCI image, for the image store's tests");
-    let debian = bench_image::debian_image()?;
+    let debian = bench::image::debian_image()?;
     step("unit and host-side integration tests");
     sh::run(
         Command::new(&cargo)
@@ -60,7 +60,7 @@ pub(crate) fn qemu_tests(only: Option<&str>) -> Result<()> {
     let artifacts = build()?;
     let disk = test_disk(&sh::out_dir().join("test-artifacts"))?;
     step("Debian's nginx as an OCI image, for the network test");
-    let nginx = bench_image::nginx_image()?;
+    let nginx = bench::image::nginx_image()?;
     let results = sh::out_dir().join("qemu-results.txt");
     let _ = std::fs::remove_file(&results);
     step("QEMU end-to-end tests (the appliance booted under QEMU, one test at a time)");

@@ -15,7 +15,7 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// QEMU, the shared libraries it loads (by their path, with the content of
 /// the file behind any symlink), and the microvm firmware.
 fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
-    let mut files = crate::bench_http::with_libraries(std::path::Path::new(QEMU), QEMU)?;
+    let mut files = crate::bench::http::with_libraries(std::path::Path::new(QEMU), QEMU)?;
     for fw in [
         "/usr/share/qemu/qboot.rom",
         "/usr/share/qemu/bios-microvm.bin",

@@ -199,15 +199,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run() -> Result<String> {
     crate::deps::ensure_packages(&["wrk"])?;
     step("HTTP: nginx in a microVM through a published port, beside nginx on the appliance");
-    let nginx = crate::bench_image::nginx_image()?;
-    let dir = crate::bench_vmm::build_image("bench-http-artifacts", files(&nginx)?)?;
+    let nginx = crate::bench::image::nginx_image()?;
+    let dir = crate::bench::vmm::build_image("bench-http-artifacts", files(&nginx)?)?;
     let mut cfg = GuestConfig::direct("bench-http", &dir)?;
     cfg.memory_mib = 3072;
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
         cmdline.push_str(" steelcup.bench=http");
     }
     let serial =
-        crate::bench_vmm::boot_until(&cfg, &[("http-bench: done", Duration::from_secs(1500))])?;
+        crate::bench::vmm::boot_until(&cfg, &[("http-bench: done", Duration::from_secs(1500))])?;
     let log = sh::out_dir().join("qemu-logs/bench-http.log");
     section(&serial).with_context(|| format!("see {}", log.display()))
 }

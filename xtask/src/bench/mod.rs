@@ -3,10 +3,15 @@
 
 use crate::*;
 
+pub mod http;
+pub mod image;
+pub mod init;
+pub mod vmm;
+
 /// `cargo xtask bench --init-only`: the init benchmark alone, printed.
 pub(crate) fn bench_init_only() -> Result<()> {
     build()?;
-    let md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
+    let md = bench::init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
     print!("{md}");
     Ok(())
 }
@@ -14,7 +19,7 @@ pub(crate) fn bench_init_only() -> Result<()> {
 /// `cargo xtask bench --image-only`: the image benchmark alone, printed and
 /// written over its section of docs/performance.md.
 pub(crate) fn bench_image_only() -> Result<()> {
-    let md = bench_image::run()?;
+    let md = bench::image::run()?;
     print!("{md}");
     write_sections(&md)
 }
@@ -23,7 +28,7 @@ pub(crate) fn bench_image_only() -> Result<()> {
 /// boot of the bench image), printed and written over their sections.
 pub(crate) fn bench_vmm_only() -> Result<()> {
     build()?;
-    let md = bench_vmm::run()?;
+    let md = bench::vmm::run()?;
     print!("{md}");
     write_sections(&md)
 }
@@ -32,7 +37,7 @@ pub(crate) fn bench_vmm_only() -> Result<()> {
 /// its bench image), printed and written over its section.
 pub(crate) fn bench_http_only() -> Result<()> {
     build()?;
-    let md = bench_http::run()?;
+    let md = bench::http::run()?;
     print!("{md}");
     write_sections(&md)
 }
@@ -66,15 +71,15 @@ pub(crate) fn write_sections(md: &str) -> Result<()> {
 
 pub(crate) fn bench() -> Result<()> {
     let artifacts = build()?;
-    let vmm_md = bench_vmm::run()?;
+    let vmm_md = bench::vmm::run()?;
     eprint!("{vmm_md}");
-    let http_md = bench_http::run()?;
+    let http_md = bench::http::run()?;
     eprint!("{http_md}");
     step("OCI image to root image, beside umoci unpack + mkfs.erofs");
-    let image_md = bench_image::run()?;
+    let image_md = bench::image::run()?;
     eprint!("{image_md}");
     step("init: 100 services, side by side with runit");
-    let init_md = bench_init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
+    let init_md = bench::init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
     eprint!("{init_md}");
     let manifest: image_build::ArtifactManifest =
         serde_json::from_slice(&std::fs::read(artifacts.join("manifest.json"))?)?;
