@@ -314,6 +314,10 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The most descriptors one message on the control socket may carry (a
+/// config's disks and tap, see `VmConfig::handles`).
+pub const MAX_HANDLES: usize = 32;
+
 /// The control channel: what was read past the config line, then fd 0.
 #[derive(Debug)]
 pub struct Control {
@@ -340,7 +344,7 @@ fn next_line(control: &mut Control, fds: &mut Vec<std::fs::File>, max: usize) ->
             return None;
         }
         let mut buf = [0u8; 4096];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_HANDLES]);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let got = match recvmsg::<()>(
             control.fd,
@@ -349,6 +353,12 @@ fn next_line(control: &mut Control, fds: &mut Vec<std::fs::File>, max: usize) ->
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Ok(msg) => {
+                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    // Descriptors beyond the buffer were dropped by the
+                    // kernel: what came cannot be matched to the config.
+                    tracing::error!("more than {MAX_HANDLES} descriptors came with one message");
+                    return None;
+                }
                 for c in msg.cmsgs().into_iter().flatten() {
                     if let ControlMessageOwned::ScmRights(received) = c {
                         for fd in received {
@@ -519,6 +529,50 @@ mod tests {
             pending: Vec::new(),
             fd: fd.as_raw_fd(),
         }
+    }
+
+    /// A config with two disks and a tap came with three descriptors, and
+    /// the worker's buffer had room for two: it got none.
+    #[test]
+    fn a_config_s_disks_and_tap_all_arrive_with_it() {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let (vmmd, worker) = UnixStream::pair().unwrap();
+        let mut control = control_on(&worker);
+        let files: Vec<std::fs::File> = (0..3)
+            .map(|_| std::fs::File::open("/proc/self/exe").unwrap())
+            .collect();
+        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let line = b"{\"config\": 1}\n";
+        sendmsg::<()>(
+            vmmd.as_raw_fd(),
+            &[std::io::IoSlice::new(line)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        assert_eq!(
+            next_line(&mut control, &mut fds, 1 << 20).as_deref(),
+            Some("{\"config\": 1}")
+        );
+        assert_eq!(fds.len(), 3);
+        // More than a message may carry ends the channel, not silently
+        // short.
+        let many: Vec<std::fs::File> = (0..MAX_HANDLES + 1)
+            .map(|_| std::fs::File::open("/proc/self/exe").unwrap())
+            .collect();
+        let raw: Vec<i32> = many.iter().map(|f| f.as_raw_fd()).collect();
+        sendmsg::<()>(
+            vmmd.as_raw_fd(),
+            &[std::io::IoSlice::new(b"pause\n")],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        assert_eq!(next_line(&mut control, &mut fds, 64), None);
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub(super) fn send_with_fds(
 /// and put on its bridge. The jailed worker opens none of them itself and
 /// needs no network capability.
 pub(super) fn open_vm_handles(vm: &VmConfig) -> Result<Vec<std::fs::File>, String> {
+    if vm.handles() > steelcup_vmm::worker::MAX_HANDLES {
+        return Err(format!(
+            "{} disks and a tap are more than a worker takes ({})",
+            vm.handles(),
+            steelcup_vmm::worker::MAX_HANDLES
+        ));
+    }
     let mut handles = Vec::new();
     for d in vm.disks.iter().filter(|d| !d.empty_slot) {
         let f = steelcup_vmm::devices::virtio::block::Block::open_file(&d.path, d.read_only)
