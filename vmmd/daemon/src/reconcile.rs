@@ -31,8 +31,14 @@
 //! `start-period`) make the workload unhealthy: it is stopped and that
 //! counts as a failure. An image that cannot be pulled is retried with the
 //! same backoff, without holding up other workloads.
+//!
+//! The warm pool is the core's too (`warm.rs`): it decides which pool VMs
+//! to boot and when (the bookkeeping of `crate::pool`), and a start that
+//! fits a ready pool VM takes it, or starts cold when the VM cannot take
+//! the workload.
 
 use crate::image::workload::Prepared;
+use crate::pool::{Key, Pool, PoolSpec};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +48,8 @@ use steelcup_units::{Backoff, HealthCheck, MicrovmSection, Restart};
 
 /// What the core asks of the world.
 pub trait Backend {
+    /// A warm-pool VM as the backend holds it (the real one: its worker).
+    type PoolVm: std::fmt::Debug;
     /// Pull `image` and build its root image for workload `name`; the
     /// answer comes back through [`Core::prepared`].
     fn prepare(&mut self, name: &str, image: &str);
@@ -59,6 +67,23 @@ pub trait Backend {
     fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String>;
     /// A workload is gone for good: drop what is kept for it.
     fn forgotten(&mut self, name: &str);
+    /// The warm-pool size a start of workload `w` fits, if any.
+    fn pool_fit(&self, name: &str, w: &Workload) -> Option<Key>;
+    /// Boot pool VM `name` of size `key`; that it is ready comes back
+    /// through [`Core::pool_ready`], its end through [`Core::pool_ended`].
+    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<Self::PoolVm, String>;
+    /// Start workload `name` in warm VM `vm` (pool member `pool_name`).
+    /// Err: the VM could not take it and is gone; the core starts it cold.
+    fn start_warm(
+        &mut self,
+        name: &str,
+        w: &Workload,
+        attach: bool,
+        pool_name: &str,
+        vm: Self::PoolVm,
+    ) -> Result<i32, String>;
+    /// Kill pool VM `name` (it did not come up in time, or vmmd stops).
+    fn kill_pool_vm(&mut self, name: &str, vm: &Self::PoolVm);
 }
 
 /// How long a guest has to end its workload after being asked to stop.
@@ -247,15 +272,18 @@ pub struct Core<B: Backend> {
     pub units: BTreeMap<String, MicrovmSection>,
     pub backend: B,
     pub removed: Removed,
+    /// The warm pool's VMs.
+    pub pool: Pool<B::PoolVm>,
 }
 
 impl<B: Backend> Core<B> {
-    pub fn new(backend: B, removed: Removed) -> Self {
+    pub fn new(backend: B, removed: Removed, pool: Vec<PoolSpec>) -> Self {
         Core {
             workloads: BTreeMap::new(),
             units: BTreeMap::new(),
             backend,
             removed,
+            pool: Pool::new(pool),
         }
     }
 
@@ -355,7 +383,28 @@ impl<B: Backend> Core<B> {
         }
         w.runs += 1;
         let attach = std::mem::take(&mut w.attach);
-        match self.backend.start(name, w, attach) {
+        let warm = self
+            .backend
+            .pool_fit(name, w)
+            .and_then(|key| self.pool.take(key));
+        let started = match warm {
+            Some((pool_name, m)) => {
+                match self
+                    .backend
+                    .start_warm(name, w, attach, &pool_name, m.handle)
+                {
+                    Ok(pid) => Ok(pid),
+                    Err(e) => {
+                        tracing::warn!(
+                            "workload {name}: warm VM {pool_name} refused: {e}; starting cold"
+                        );
+                        self.backend.start(name, w, attach)
+                    }
+                }
+            }
+            None => self.backend.start(name, w, attach),
+        };
+        match started {
             Ok(pid) => {
                 w.pid = Some(pid);
                 w.paused = false;
@@ -711,6 +760,7 @@ impl<B: Backend> Core<B> {
                 [restart, w.stopping.as_ref().map(|s| s.kill_at), probe]
             })
             .flatten()
+            .chain(self.pool.next_wakeup())
             .min()
     }
 
@@ -722,3 +772,4 @@ impl<B: Backend> Core<B> {
 
 #[cfg(test)]
 mod tests;
+mod warm;

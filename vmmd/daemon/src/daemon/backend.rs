@@ -9,8 +9,6 @@ pub struct WorkerBackend {
     pub(super) opts: Options,
     pub(super) tx: mpsc::Sender<Event>,
     pub(super) controls: BTreeMap<String, WorkerControl>,
-    /// The warm pool's VMs, by their workers.
-    pub(super) pool: Pool<Worker>,
     /// The workload network, or why there is none.
     pub(super) net: Result<crate::net::HostNet, String>,
     /// Each running workload's tap.
@@ -23,25 +21,6 @@ impl WorkerBackend {
     /// Workload `name`'s address on the workload network, if it has one.
     pub(super) fn address_of(&self, name: &str) -> Option<std::net::Ipv4Addr> {
         self.net.as_ref().ok()?.address_of(name)
-    }
-
-    /// Boots what the warm pool is missing.
-    pub(super) fn refill_pool(&mut self, now: Instant) {
-        for (name, key) in self.pool.wanted(now) {
-            let net = self.pool_net(&name);
-            let vm = pool_vm_config(&self.opts, &name, key, net);
-            match spawn_worker(&self.opts, &vm, self.tx.clone()) {
-                Ok(worker) => {
-                    tracing::debug!("warm pool: booting {name} ({} vCPU, {} MiB)", key.0, key.1);
-                    spawn_pool_ping(&self.opts, &name, self.tx.clone());
-                    self.pool.add(name, key, worker, now);
-                }
-                Err(e) => {
-                    tracing::warn!("warm pool: cannot boot {name}: {e}");
-                    self.pool.boot_failed(key, now);
-                }
-            }
-        }
     }
 
     /// A tap for a new VM `name` on the bridge (its MAC from the name), if
@@ -79,42 +58,67 @@ impl WorkerBackend {
         let ip = net.lease(name)?;
         Ok(Some((tap, net.guest_network(name, ip))))
     }
-
-    /// Takes a warm VM for workload `name` if one fits `vm`; None: start
-    /// cold.
-    pub(super) fn claim_warm(&mut self, name: &str, vm: &VmConfig) -> Option<i32> {
-        let key = pool_fit(&self.opts, vm, self.net.is_ok())?;
-        let (pool_name, member) = self.pool.take(key)?;
-        let waited = member.since.elapsed();
-        let t0 = Instant::now();
-        let mut worker = member.handle;
-        match claim(&self.opts, &pool_name, name, &mut worker, vm) {
-            Ok(()) => {
-                tracing::info!(
-                    "workload {name}: started from the warm pool in {} ms (VM {pool_name}, worker pid {}, booted {:.1}s before)",
-                    t0.elapsed().as_millis(),
-                    worker.pid,
-                    waited.as_secs_f64()
-                );
-                let pid = worker.pid;
-                if let Some(c) = worker.control.take() {
-                    self.controls.insert(name.to_string(), c);
-                }
-                if let Some(tap) = worker.tap.take() {
-                    self.taps.insert(name.to_string(), tap);
-                }
-                Some(pid)
-            }
-            Err(e) => {
-                tracing::warn!("workload {name}: warm VM {pool_name} refused: {e}; starting cold");
-                kill_worker(worker.pid);
-                None
-            }
-        }
-    }
 }
 
 impl Backend for WorkerBackend {
+    type PoolVm = Worker;
+
+    fn pool_fit(&self, _name: &str, w: &Workload) -> Option<crate::pool::Key> {
+        let wants_net = w.spec.network != Network::None && self.opts.network.is_some();
+        spec_fit(
+            &self.opts,
+            w,
+            wants_net && self.net.is_ok(),
+            self.net.is_ok(),
+        )
+    }
+
+    fn boot_pool_vm(&mut self, name: &str, key: crate::pool::Key) -> Result<Worker, String> {
+        let net = self.pool_net(name);
+        let vm = pool_vm_config(&self.opts, name, key, net);
+        let worker = spawn_worker(&self.opts, &vm, self.tx.clone())?;
+        spawn_pool_ping(&self.opts, name, self.tx.clone());
+        Ok(worker)
+    }
+
+    fn start_warm(
+        &mut self,
+        name: &str,
+        w: &Workload,
+        attach: bool,
+        pool_name: &str,
+        mut worker: Worker,
+    ) -> Result<i32, String> {
+        let t0 = Instant::now();
+        let waited = worker.started.elapsed();
+        let taken = self.workload_net(name, &w.spec).and_then(|net| {
+            let mut vm = vm_config(&self.opts, name, w, net)?;
+            (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
+            claim(&self.opts, pool_name, name, &mut worker, &vm)
+        });
+        if let Err(e) = taken {
+            kill_worker(worker.pid);
+            return Err(e);
+        }
+        tracing::info!(
+            "workload {name}: started from the warm pool in {} ms (VM {pool_name}, worker pid {}, booted {:.1}s before)",
+            t0.elapsed().as_millis(),
+            worker.pid,
+            waited.as_secs_f64()
+        );
+        if let Some(c) = worker.control.take() {
+            self.controls.insert(name.to_string(), c);
+        }
+        if let Some(tap) = worker.tap.take() {
+            self.taps.insert(name.to_string(), tap);
+        }
+        Ok(worker.pid)
+    }
+
+    fn kill_pool_vm(&mut self, _name: &str, worker: &Worker) {
+        kill_worker(worker.pid);
+    }
+
     fn prepare(&mut self, name: &str, image: &str) {
         spawn_prepare(&self.opts, name, image, self.tx.clone());
     }
@@ -123,9 +127,6 @@ impl Backend for WorkerBackend {
         let net = self.workload_net(name, &w.spec)?;
         let mut vm = vm_config(&self.opts, name, w, net)?;
         (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
-        if let Some(pid) = self.claim_warm(name, &vm) {
-            return Ok(pid);
-        }
         let mut worker = spawn_worker(&self.opts, &vm, self.tx.clone())?;
         tracing::info!(
             "workload {name}: starting microVM (worker pid {})",

@@ -26,7 +26,7 @@
 use crate::dbus;
 use crate::image::source::PullOptions;
 use crate::image::workload::{Merged, Prepared};
-use crate::pool::Pool;
+
 use crate::reconcile::{AfterStop, Backend, Core, ProbeFailure, Workload};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
@@ -62,6 +62,7 @@ pub use guest::{ask_guest, vsock_path};
 use volumes::*;
 pub use volumes::{ensure_volume, NAMED_VOLUMES, NAMED_VOLUME_SIZE};
 use warm::*;
+pub use workers::Worker;
 use workers::*;
 
 /// Where the image puts the default guest kernel and initramfs.
@@ -257,7 +258,6 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts: opts.clone(),
         tx: tx.clone(),
         controls: BTreeMap::new(),
-        pool: Pool::new(opts.warm_pool.clone()),
         net: match &opts.network {
             None => Err("vmmd runs with --network none".into()),
             Some(n) => crate::net::HostNet::setup(n.clone(), &opts.state_dir).map_err(|e| {
@@ -268,7 +268,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         taps: BTreeMap::new(),
         next_tap: 0,
     };
-    let mut core = Core::new(backend, opts.removed.clone());
+    let mut core = Core::new(backend, opts.removed.clone(), opts.warm_pool.clone());
     let found = without_port_clashes(load_units(&opts.units), &core.workloads);
     core.set_units(found);
     // Leases of VMs no unit can have any more (and of `cup run`s of the
@@ -316,13 +316,11 @@ pub fn run(opts: Options) -> Result<(), String> {
     let mut seen: BTreeMap<String, dbus::Change> = BTreeMap::new();
     loop {
         core.tick(Instant::now());
-        core.backend.refill_pool(Instant::now());
+        core.refill_pool(Instant::now());
         announce(&core, &mut seen, &changes);
         sync_network(&mut core);
-        let timeout = [core.next_wakeup(), core.backend.pool.next_wakeup()]
-            .into_iter()
-            .flatten()
-            .min()
+        let timeout = core
+            .next_wakeup()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         let now = || Instant::now();
@@ -348,7 +346,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
             Ok(Event::Ended { name, report }) if name.starts_with('_') => {
                 // A warm-pool VM that ended unclaimed (or whose claim failed).
-                if core.backend.pool.ended(&name, now()).is_some() {
+                if core.pool_ended(&name, now()) {
                     tracing::warn!(
                         "warm pool: {name} ended before a workload took it: {}",
                         report.outcome
@@ -361,31 +359,8 @@ pub fn run(opts: Options) -> Result<(), String> {
                 core.backend.taps.remove(&name);
                 core.ended(&name, report, now());
             }
-            Ok(Event::PoolStuck { name }) => {
-                if let Some(pid) = core.backend.pool.booting_handle(&name).map(|w| w.pid) {
-                    tracing::warn!(
-                        "warm pool: {name} did not come up within {}s; killing it",
-                        POOL_BOOT_LIMIT.as_secs()
-                    );
-                    kill_worker(pid);
-                }
-            }
-            Ok(Event::PoolReady { name }) => {
-                let seen = core
-                    .backend
-                    .pool
-                    .ready(&name)
-                    .map(|m| (m.key, m.since.elapsed()));
-                if let Some((key, took)) = seen {
-                    let (ready, booting) = core.backend.pool.counts();
-                    tracing::info!(
-                        "warm pool: {name} ready ({} vCPU, {} MiB) after {:.1}s; {ready} ready, {booting} booting",
-                        key.0,
-                        key.1,
-                        took.as_secs_f64()
-                    );
-                }
-            }
+            Ok(Event::PoolStuck { name }) => core.pool_stuck(&name),
+            Ok(Event::PoolReady { name }) => core.pool_ready(&name, now()),
             Ok(Event::Api(req)) => execute(&opts, &mut core, req),
             Ok(Event::Prepared { name, result }) => core.prepared(&name, result, now()),
             Ok(Event::Probed { name, result }) => core.probed(&name, result, now()),
@@ -562,10 +537,7 @@ type Daemon = Core<WorkerBackend>;
 fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
     let now = Instant::now();
     // Warm VMs run no workload: nothing to ask, they just go.
-    for (name, m) in core.backend.pool.drain() {
-        tracing::debug!("warm pool: {name} goes");
-        kill_worker(m.handle.pid);
-    }
+    core.drain_pool();
     let running: Vec<String> = core
         .workloads
         .iter()

@@ -45,22 +45,27 @@ pub(super) fn pool_vm_config(
     }
 }
 
-/// The warm-pool size a cold start of `vm` could take instead: a VM with
-/// one read-only root disk and nothing a booted pool VM lacks.
-pub(super) fn pool_fit(
+/// The warm-pool size a start of workload `w` could take instead of a
+/// cold boot: one read-only root image and nothing a booted pool VM lacks
+/// (no volumes, the default kernel, initramfs and command line, plain
+/// memory, and a network device exactly when the pool VMs have one).
+/// `wants_net`: the workload would get a network device; `pool_has_net`:
+/// pool VMs have one.
+pub(super) fn spec_fit(
     opts: &Options,
-    vm: &VmConfig,
+    w: &Workload,
+    wants_net: bool,
     pool_has_net: bool,
 ) -> Option<crate::pool::Key> {
-    let fits = matches!(vm.disks.as_slice(), [d] if d.read_only && d.id == "root" && !d.empty_slot)
-        && vm.guest.root.as_deref() == Some(disk_device(0).as_str())
-        && vm.net.is_some() == pool_has_net
-        && vm.kernel == opts.kernel
-        && vm.initramfs == opts.initramfs
-        && vm.cmdline == DEFAULT_CMDLINE
-        && vm.memory_backing == Default::default()
-        && !vm.huge_pages;
-    fits.then_some((vm.vcpus, vm.memory_mib))
+    let spec = &w.spec;
+    let fits = (w.prepared.is_some() || spec.root.is_some())
+        && spec.volumes.is_empty()
+        && wants_net == pool_has_net
+        && spec.kernel.as_ref().is_none_or(|k| *k == opts.kernel)
+        && spec.initramfs.as_ref().is_none_or(|i| *i == opts.initramfs)
+        && spec.memory_backing == Default::default()
+        && !spec.huge_pages;
+    fits.then_some((spec.vcpus, spec.memory.mib()))
 }
 
 /// How long a pool VM may take to boot before it is given up.

@@ -107,7 +107,7 @@ pub(super) fn label_of(l: &Label) -> String {
 
 /// A running worker, as its starter holds it.
 #[derive(Debug)]
-pub(super) struct Worker {
+pub struct Worker {
     pub(super) pid: i32,
     pub(super) control: Option<WorkerControl>,
     pub(super) label: Label,

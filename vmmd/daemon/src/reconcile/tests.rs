@@ -11,9 +11,43 @@ struct Fake {
     next_pid: i32,
     /// `start` fails while set.
     refuse_starts: bool,
+    /// Every start fits the warm pool's first size while set.
+    pool_fits: bool,
+    /// `start_warm` fails while set (the VM would not take the workload).
+    refuse_warm: bool,
 }
 
 impl Backend for Fake {
+    type PoolVm = String;
+
+    fn pool_fit(&self, _name: &str, w: &Workload) -> Option<Key> {
+        self.pool_fits
+            .then_some((w.spec.vcpus, w.spec.memory.mib()))
+    }
+    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<String, String> {
+        self.calls
+            .push(format!("boot-pool {name} {}x{}", key.0, key.1));
+        Ok(name.to_string())
+    }
+    fn start_warm(
+        &mut self,
+        name: &str,
+        _w: &Workload,
+        _attach: bool,
+        pool_name: &str,
+        vm: String,
+    ) -> Result<i32, String> {
+        assert_eq!(vm, pool_name, "the pool VM handed over is the one named");
+        self.calls.push(format!("start-warm {name} {pool_name}"));
+        if self.refuse_warm {
+            return Err("vminit refused the claim".into());
+        }
+        self.next_pid += 1;
+        Ok(1000 + self.next_pid)
+    }
+    fn kill_pool_vm(&mut self, name: &str, _vm: &String) {
+        self.calls.push(format!("kill-pool {name}"));
+    }
     fn prepare(&mut self, name: &str, image: &str) {
         self.calls.push(format!("prepare {name} {image}"));
     }
@@ -96,7 +130,7 @@ struct World {
 
 impl World {
     fn new(units: &[(&str, MicrovmSection)]) -> World {
-        let mut core = Core::new(Fake::default(), Default::default());
+        let mut core = Core::new(Fake::default(), Default::default(), Vec::new());
         core.set_units(
             units
                 .iter()
@@ -510,4 +544,93 @@ fn a_start_that_fails_is_retried_for_units_only() {
     w.core.backend.refuse_starts = false;
     w.wait(1.0);
     assert_eq!(w.calls(), ["start web slot=0 env=a"]);
+}
+
+/// A world with one warm pool size (1 vCPU, 64 MiB, one VM) that every
+/// start fits.
+fn warm_world(units: &[(&str, MicrovmSection)]) -> World {
+    let mut w = World::new(units);
+    w.core.pool = Pool::new(vec![PoolSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        count: 1,
+    }]);
+    w.core.backend.pool_fits = true;
+    w
+}
+
+#[test]
+fn the_pool_boots_its_vms_and_a_fitting_start_takes_a_ready_one() {
+    let mut w = warm_world(&[]);
+    w.core.refill_pool(w.now);
+    assert_eq!(w.calls(), ["boot-pool _pool-1 1x64"]);
+    w.core.refill_pool(w.now);
+    assert!(w.calls().is_empty(), "one is booting: nothing more");
+    // Not ready yet: a unit's workload starts cold.
+    w.core.set_units([("a".to_string(), unit(1, "1"))].into());
+    w.tick();
+    assert_eq!(w.calls(), ["start a slot=0 env=1"]);
+    // Ready: the next start takes it, and the pool boots another.
+    w.core.pool_ready("_pool-1", w.now);
+    w.core.set_units(
+        [
+            ("a".to_string(), unit(1, "1")),
+            ("b".to_string(), unit(1, "1")),
+        ]
+        .into(),
+    );
+    w.tick();
+    assert_eq!(w.calls(), ["start-warm b _pool-1"]);
+    assert_eq!(w.state("b"), "running");
+    w.core.refill_pool(w.now);
+    assert_eq!(w.calls(), ["boot-pool _pool-2 1x64"]);
+}
+
+#[test]
+fn a_warm_vm_that_refuses_the_workload_gives_way_to_a_cold_start() {
+    let mut w = warm_world(&[]);
+    w.core.refill_pool(w.now);
+    w.core.pool_ready("_pool-1", w.now);
+    w.calls();
+    w.core.backend.refuse_warm = true;
+    w.core.set_units([("a".to_string(), unit(1, "1"))].into());
+    w.tick();
+    assert_eq!(w.calls(), ["start-warm a _pool-1", "start a slot=0 env=1"]);
+    assert_eq!(w.state("a"), "running");
+    assert!(!w.core.pool.owns("_pool-1"), "the refused VM is gone");
+}
+
+#[test]
+fn a_start_that_does_not_fit_boots_cold_and_leaves_the_pool_alone() {
+    let mut w = warm_world(&[]);
+    w.core.refill_pool(w.now);
+    w.core.pool_ready("_pool-1", w.now);
+    w.calls();
+    w.core.backend.pool_fits = false;
+    w.core.set_units([("a".to_string(), unit(1, "1"))].into());
+    w.tick();
+    assert_eq!(w.calls(), ["start a slot=0 env=1"]);
+    assert!(w.core.pool.owns("_pool-1"));
+}
+
+#[test]
+fn pool_vms_that_die_unclaimed_back_off_and_a_stuck_one_is_killed() {
+    let mut w = warm_world(&[]);
+    w.core.refill_pool(w.now);
+    w.calls();
+    assert!(w.core.pool_ended("_pool-1", w.now));
+    assert!(!w.core.pool_ended("web", w.now), "not a pool VM");
+    w.core.refill_pool(w.now);
+    assert!(w.calls().is_empty(), "its size backs off");
+    assert_eq!(w.core.next_wakeup(), Some(w.now + Duration::from_secs(1)));
+    w.now += Duration::from_secs(1);
+    w.core.refill_pool(w.now);
+    assert_eq!(w.calls(), ["boot-pool _pool-2 1x64"]);
+    w.core.pool_stuck("_pool-2");
+    assert_eq!(w.calls(), ["kill-pool _pool-2"]);
+    w.core.pool_ready("_pool-2", w.now);
+    w.core.pool_stuck("_pool-2");
+    assert!(w.calls().is_empty(), "a ready VM is not stuck");
+    w.core.drain_pool();
+    assert_eq!(w.calls(), ["kill-pool _pool-2"]);
 }
