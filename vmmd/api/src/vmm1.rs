@@ -91,9 +91,9 @@ pub struct RunSpec {
     pub name: Option<String>,
     #[serde(default)]
     pub vcpus: Option<u8>,
-    /// Like `128MiB`.
+    /// Like `128MiB` on the wire; checked as it is read.
     #[serde(default)]
-    pub memory: Option<String>,
+    pub memory: Option<steelcup_units::MemSize>,
     /// The workload waits for `cup` to attach to its stdio.
     #[serde(default)]
     pub attach: bool,
@@ -106,19 +106,96 @@ pub struct RunSpec {
     /// Resource limits by name (`nofile`, `nproc`, ...).
     #[serde(default)]
     pub rlimits: std::collections::BTreeMap<String, u64>,
-    /// Named volumes, `NAME:/PATH[:ro]` (kept by vmmd as disks).
+    /// Named volumes (kept by vmmd as disks).
     #[serde(default)]
-    pub volumes: Vec<String>,
+    pub volumes: Vec<NamedVolume>,
     /// `no` (the default), `on-failure` or `always`, with the units'
     /// backoff.
     #[serde(default)]
     pub restart: steelcup_units::Restart,
-    /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]`.
+    /// Published ports, `[HOST_IP:]HOST:GUEST[/tcp|udp]` on the wire.
     #[serde(default)]
-    pub ports: Vec<String>,
+    pub ports: Vec<steelcup_units::ports::PortSpec>,
     /// `bridge` (the default) or `none`.
     #[serde(default)]
-    pub network: Option<String>,
+    pub network: Option<steelcup_units::Network>,
+}
+
+/// A named volume of a `cup run` workload, `NAME:/PATH[:ro]` on the
+/// command line and on the wire, checked once where it is read: vmmd keeps
+/// it as a disk of its own; a host directory is refused (a microVM shares
+/// no host filesystem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedVolume {
+    pub name: String,
+    pub mount: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+impl TryFrom<&str> for NamedVolume {
+    type Error = String;
+    fn try_from(v: &str) -> Result<NamedVolume, String> {
+        let mut parts = v.split(':');
+        let (Some(name), Some(mount)) = (parts.next(), parts.next()) else {
+            return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+        };
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(o) => return Err(format!("{v:?}: unknown option {o:?} (ro or rw)")),
+        };
+        if parts.next().is_some() {
+            return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+        }
+        if name.starts_with('/') || name.starts_with('.') {
+            return Err(format!(
+                "{v:?}: a microVM cannot share a host directory; name a volume instead (like data:/data), vmmd keeps it as a disk"
+            ));
+        }
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(format!(
+                "{v:?}: volume name {name:?} must be 1-64 letters, digits, '-' or '_'"
+            ));
+        }
+        if !mount.starts_with('/') || mount == "/" || mount.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "{v:?}: {mount:?} must be an absolute path other than /, without '..'"
+            ));
+        }
+        Ok(NamedVolume {
+            name: name.to_string(),
+            mount: mount.into(),
+            read_only,
+        })
+    }
+}
+
+impl std::fmt::Display for NamedVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name, self.mount.display())?;
+        if self.read_only {
+            f.write_str(":ro")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for NamedVolume {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NamedVolume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        NamedVolume::try_from(s.as_str()).map_err(serde::de::Error::custom)
+    }
 }
 
 /// An image in the store as the API shows it.
@@ -378,6 +455,43 @@ pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
 mod tests {
     use super::*;
     use steelcup_proto::worker::VmOutcome;
+
+    #[test]
+    fn a_run_spec_is_checked_as_it_is_read() {
+        let ok = r#"{"image":"busybox","memory":"256MiB","volumes":["data:/data:ro"],"ports":["8080:80"],"network":"none"}"#;
+        let spec: RunSpec = serde_json::from_str(ok).unwrap();
+        assert_eq!(spec.memory.map(|m| m.mib()), Some(256));
+        assert_eq!(spec.volumes[0].to_string(), "data:/data:ro");
+        assert_eq!(spec.network, Some(steelcup_units::Network::None));
+        let back: RunSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        for bad in [
+            r#"{"image":"x","memory":"lots"}"#,
+            r#"{"image":"x","volumes":["/etc:/etc"]}"#,
+            r#"{"image":"x","volumes":["data:relative"]}"#,
+            r#"{"image":"x","ports":["99999:80"]}"#,
+            r#"{"image":"x","network":"host"}"#,
+        ] {
+            assert!(serde_json::from_str::<RunSpec>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn named_volumes_refuse_host_paths_and_escapes() {
+        for bad in [
+            "/srv:/data",
+            "./x:/data",
+            "data",
+            "data:/",
+            "data:/a/../b",
+            "data:/d:rx",
+            "a b:/d",
+        ] {
+            assert!(NamedVolume::try_from(bad).is_err(), "{bad}");
+        }
+        let v = NamedVolume::try_from("cache-1:/var/cache").unwrap();
+        assert_eq!((v.name.as_str(), v.read_only), ("cache-1", false));
+    }
 
     #[test]
     fn every_state_reads_back_from_its_name() {

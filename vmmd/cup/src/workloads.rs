@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 use steelcup_api::attach;
-use steelcup_api::vmm1::{Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
+use steelcup_api::vmm1::{NamedVolume, Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
 use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
 /// A D-Bus error as the daemon worded it.
@@ -119,8 +119,15 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
                         .map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?,
                 )
             }
-            "--memory" | "-m" => spec.memory = Some(v),
-            "-v" | "--volume" => spec.volumes.push(v),
+            "--memory" | "-m" => {
+                spec.memory = Some(
+                    steelcup_units::MemSize::try_from(v.as_str())
+                        .map_err(|e| format!("{f} {v:?}: {e}"))?,
+                )
+            }
+            "-v" | "--volume" => spec
+                .volumes
+                .push(NamedVolume::try_from(v.as_str()).map_err(|e| format!("{f} {e}"))?),
             "--restart" => {
                 spec.restart = match v.as_str() {
                     "no" => steelcup_units::Restart::No,
@@ -140,12 +147,17 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
                     .map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
                 spec.rlimits.insert(n.to_string(), val);
             }
-            "-p" | "--publish" => {
-                // Checked here so a typo fails before anything is sent.
-                steelcup_units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?;
-                spec.ports.push(v)
+            // Checked here, once: a typo fails before anything is sent.
+            "-p" | "--publish" => spec
+                .ports
+                .push(steelcup_units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?),
+            "--network" | "--net" => {
+                spec.network = Some(match v.as_str() {
+                    "bridge" => steelcup_units::Network::Bridge,
+                    "none" => steelcup_units::Network::None,
+                    _ => return Err(format!("{f} {v:?}: bridge or none")),
+                })
             }
-            "--network" | "--net" => spec.network = Some(v),
             other => return Err(format!("run: unknown flag {other:?}; see `cup help`")),
         }
     }

@@ -196,11 +196,7 @@ pub(super) fn run_workload(
             .find(|n| !taken(n))
             .unwrap_or_default(),
     };
-    let memory = match &spec.memory {
-        Some(m) => units::MemSize::try_from(m.as_str())
-            .map_err(|e| ApiError::Refused(format!("memory {m:?}: {e}")))?,
-        None => units::MemSize::default(),
-    };
+    let memory = spec.memory.unwrap_or_default();
     steelcup_proto::guest::check_rlimits(&spec.rlimits)
         .map_err(|e| ApiError::Refused(format!("--ulimit: {e}")))?;
     let vcpus = spec.vcpus.unwrap_or(1);
@@ -210,17 +206,8 @@ pub(super) fn run_workload(
     if memory.mib() < 16 || memory.mib() > 3072 {
         return refused(format!("memory {}MiB: 16 MiB to 3 GiB", memory.mib()));
     }
-    let network = match spec.network.as_deref() {
-        None | Some("bridge") => Network::Bridge,
-        Some("none") => Network::None,
-        Some(other) => return refused(format!("--network {other:?}: bridge or none")),
-    };
-    let ports = spec
-        .ports
-        .iter()
-        .map(|p| steelcup_units::ports::PortSpec::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::Refused(format!("-p {e}")))?;
+    let network = spec.network.unwrap_or_default();
+    let ports = spec.ports;
     let section = MicrovmSection {
         image: Some(spec.image),
         cmd: spec.cmd,
@@ -231,12 +218,7 @@ pub(super) fn run_workload(
         kernel: None,
         initramfs: None,
         root: None,
-        volumes: spec
-            .volumes
-            .iter()
-            .map(|v| named_volume(v))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ApiError::Refused(format!("-v {e}")))?,
+        volumes: spec.volumes.into_iter().map(named_volume).collect(),
         network,
         ports,
         network_scope: None,

@@ -804,14 +804,16 @@ mod tests {
         for (json, why) in [
             (r#","name":"Bad Name""#, "lowercase"),
             (r#","memory":"8MiB""#, "16 MiB to 3 GiB"),
-            (r#","memory":"lots""#, "not a size"),
             (r#","vcpus":0"#, "1 to 32"),
             (r#","rlimits":{"files":1}"#, "unknown limit"),
         ] {
             let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
             assert!(e.contains(why), "{json}: {e}");
         }
+        // Sizes and volumes are refused where the spec is read, before it
+        // reaches the daemon's loop (the API answers `run spec: ...`).
         for (json, why) in [
+            (r#","memory":"lots""#, "not a size"),
             (
                 r#","volumes":["/srv:/data"]"#,
                 "cannot share a host directory",
@@ -822,7 +824,9 @@ mod tests {
             (r#","volumes":["data:/data:rx"]"#, "unknown option"),
             (r#","volumes":["da ta:/data"]"#, "letters, digits"),
         ] {
-            let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
+            let e = serde_json::from_str::<vmm1::RunSpec>(&format!("{{{img}{json}}}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(why), "{json}: {e}");
         }
         assert!(w.is_empty(), "nothing half-made");

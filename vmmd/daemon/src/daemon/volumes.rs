@@ -11,47 +11,14 @@ pub const NAMED_VOLUMES: &str = "_named";
 /// The size of a named volume vmmd creates.
 pub const NAMED_VOLUME_SIZE: u64 = 1 << 30;
 
-/// `NAME:/path[:ro|:rw]`: a named volume (created empty, 1 GiB sparse, on
-/// first use) mounted at `/path`.
-pub(super) fn named_volume(v: &str) -> Result<steelcup_units::VolumeSpec, String> {
-    let mut parts = v.split(':');
-    let (Some(name), Some(mount)) = (parts.next(), parts.next()) else {
-        return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
-    };
-    let read_only = match parts.next() {
-        None | Some("rw") => false,
-        Some("ro") => true,
-        Some(o) => return Err(format!("{v:?}: unknown option {o:?} (ro or rw)")),
-    };
-    if parts.next().is_some() {
-        return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
-    }
-    if name.starts_with('/') || name.starts_with('.') {
-        return Err(format!(
-            "{v:?}: a microVM cannot share a host directory; name a volume instead (like data:/data), vmmd keeps it as a disk"
-        ));
-    }
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !ok {
-        return Err(format!(
-            "{v:?}: volume name {name:?} must be 1-64 letters, digits, '-' or '_'"
-        ));
-    }
-    if !mount.starts_with('/') || mount == "/" || mount.split('/').any(|c| c == "..") {
-        return Err(format!(
-            "{v:?}: {mount:?} must be an absolute path other than /, without '..'"
-        ));
-    }
-    Ok(steelcup_units::VolumeSpec {
-        name: name.to_string(),
+/// The disk of named volume `v` of a `cup run` workload.
+pub(super) fn named_volume(v: steelcup_api::vmm1::NamedVolume) -> steelcup_units::VolumeSpec {
+    steelcup_units::VolumeSpec {
+        name: v.name,
         size: units::MemSize(NAMED_VOLUME_SIZE),
-        mount: mount.into(),
-        read_only,
-    })
+        mount: v.mount,
+        read_only: v.read_only,
+    }
 }
 
 /// The disk file of volume `volume` of workload `unit`, created empty
