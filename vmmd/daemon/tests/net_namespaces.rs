@@ -31,7 +31,7 @@ fn missing_tools() -> Option<String> {
         }
     }
     if let Err(e) = vmmd::net::find_nft() {
-        return Some(e);
+        return Some(e.to_string());
     }
     None
 }

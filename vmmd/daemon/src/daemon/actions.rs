@@ -233,7 +233,7 @@ pub(super) fn run_workload(
         .map_err(|e| ApiError::Refused(e.replace("ports:", "-p:")))?;
     port_clash(workloads, units, &name, &section.ports).map_err(ApiError::Refused)?;
     for p in &section.ports {
-        crate::net::host_port_free(p).map_err(ApiError::Refused)?;
+        crate::net::host_port_free(p).map_err(|e| ApiError::Refused(e.to_string()))?;
     }
     let used: std::collections::BTreeSet<u32> = workloads.values().map(|w| w.cid).collect();
     let cid = (3..).find(|c| !used.contains(c)).unwrap_or(3);

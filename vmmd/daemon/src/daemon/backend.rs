@@ -55,7 +55,7 @@ impl WorkerBackend {
             };
         };
         let net = self.net.as_mut().map_err(|e| e.clone())?;
-        let ip = net.lease(name)?;
+        let ip = net.lease(name).map_err(|e| e.to_string())?;
         Ok(Some((tap, net.guest_network(name, ip))))
     }
 }

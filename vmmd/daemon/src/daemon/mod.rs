@@ -218,7 +218,7 @@ fn without_port_clashes(
             if published {
                 Ok(())
             } else {
-                crate::net::host_port_free(p)
+                crate::net::host_port_free(p).map_err(|e| e.to_string())
             }
         });
         match port_clash(workloads, &kept, &name, &spec.ports).and(host) {
@@ -261,6 +261,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         net: match &opts.network {
             None => Err("vmmd runs with --network none".into()),
             Some(n) => crate::net::HostNet::setup(n.clone(), &opts.state_dir).map_err(|e| {
+                let e = steelcup_sys::error_chain(&e);
                 tracing::error!("network: {e}; workloads that want a network cannot start");
                 e
             }),

@@ -92,7 +92,7 @@ pub(super) fn open_vm_handles(vm: &VmConfig) -> Result<Vec<std::fs::File>, Strin
         handles.push(f);
     }
     if let Some(n) = &vm.net {
-        handles.push(crate::net::link::open_tap(n).map_err(|e| format!("tap {}: {e}", n.tap))?);
+        handles.push(crate::net::link::open_tap(n).map_err(|e| steelcup_sys::error_chain(&e))?);
     }
     Ok(handles)
 }

@@ -120,18 +120,19 @@ impl Ipam {
     }
 
     /// VM `name`'s address: its lease, or the lowest free address.
-    pub fn lease(&mut self, name: &str) -> Result<Ipv4Addr, String> {
+    pub fn lease(&mut self, name: &str) -> Result<Ipv4Addr, super::NetError> {
         if let Some(a) = self.leases.get(name) {
             return Ok(*a);
         }
         let used: std::collections::BTreeSet<Ipv4Addr> = self.leases.values().copied().collect();
-        let addr = self.subnet.hosts().find(|a| !used.contains(a)).ok_or_else(|| {
-            format!(
-                "the workload network {} has no free address ({} VMs hold one); give vmmd a larger --network subnet or remove workloads",
-                self.subnet,
-                self.leases.len()
-            )
-        })?;
+        let addr =
+            self.subnet
+                .hosts()
+                .find(|a| !used.contains(a))
+                .ok_or(super::NetError::NoAddress {
+                    subnet: self.subnet,
+                    held: self.leases.len(),
+                })?;
         self.leases.insert(name.to_string(), addr);
         self.save();
         Ok(addr)
@@ -223,7 +224,7 @@ mod tests {
         for i in 0..5 {
             ipam.lease(&format!("vm{i}")).unwrap();
         }
-        let e = ipam.lease("one-too-many").unwrap_err();
+        let e = ipam.lease("one-too-many").unwrap_err().to_string();
         assert!(
             e.contains("no free address") && e.contains("10.1.0.0/29"),
             "{e}"

@@ -166,43 +166,145 @@ pub struct HostNet {
     )>,
 }
 
+/// What went wrong setting up or running the workload network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("no {program} program (looked in {looked})")]
+    NoProgram {
+        program: &'static str,
+        looked: String,
+    },
+    #[error("run {}", program.display())]
+    Run {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("conntrack -D --reply-src {ip} ({status}): {said}")]
+    Conntrack {
+        ip: Ipv4Addr,
+        status: std::process::ExitStatus,
+        said: String,
+    },
+    #[error("nft refused the rule set ({status}): {said}")]
+    NftRefused {
+        status: std::process::ExitStatus,
+        said: String,
+    },
+    #[error("bridge {bridge}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: Box<NetError>,
+    },
+    #[error("sysctl {key}={value}")]
+    Sysctl {
+        key: String,
+        value: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("DNS server on {addr}:53")]
+    Dns {
+        addr: Ipv4Addr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spawn the DNS thread")]
+    DnsThread(#[source] std::io::Error),
+    #[error("the workload network {subnet} has no free address ({held} VMs hold one); give vmmd a larger --network subnet or remove workloads")]
+    NoAddress { subnet: Subnet, held: usize },
+    #[error("port {port}/{protocol} is in use on the host")]
+    PortInUse { port: u16, protocol: &'static str },
+    #[error("port {spec}: {ip} is not an address of this host")]
+    NotHostAddress { spec: String, ip: Ipv4Addr },
+    #[error("port {spec}")]
+    Port {
+        spec: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a runtime for netlink")]
+    Runtime(#[source] std::io::Error),
+    #[error("netlink")]
+    Netlink(#[source] std::io::Error),
+    #[error("{what}")]
+    Link {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("no interface {0}")]
+    NoLink(String),
+    #[error("tap {tap}")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tap {tap}")]
+    TapSetup {
+        tap: String,
+        #[source]
+        source: steelcup_sys::NetError,
+    },
+    #[error("tap {tap}")]
+    TapUp {
+        tap: String,
+        #[source]
+        source: steelcup_sys::SysError,
+    },
+    #[error("tap {tap}: host address {address:?}: {why}")]
+    TapAddress {
+        tap: String,
+        address: String,
+        why: String,
+    },
+}
+
 /// Where vmmd looks for `nft`.
 const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 
 /// Where vmmd looks for `conntrack`.
 const CONNTRACK_PATHS: &[&str] = &["/usr/sbin/conntrack", "/sbin/conntrack"];
 
-fn find_program(name: &str, paths: &[&str]) -> Result<PathBuf, String> {
+fn find_program(name: &'static str, paths: &[&str]) -> Result<PathBuf, NetError> {
     paths
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .ok_or_else(|| format!("no {name} program (looked in {})", paths.join(", ")))
+        .ok_or_else(|| NetError::NoProgram {
+            program: name,
+            looked: paths.join(", "),
+        })
 }
 
 /// The `nft` program, or why there is none.
-pub fn find_nft() -> Result<PathBuf, String> {
+pub fn find_nft() -> Result<PathBuf, NetError> {
     find_program("nft", NFT_PATHS)
 }
 
 /// Deletes the connections the kernel tracks whose replies come from `ip`
 /// (`conntrack -D --reply-src IP`): its NAT bindings included. None found
 /// is not an error.
-pub fn forget_flows(conntrack: &Path, ip: Ipv4Addr) -> Result<usize, String> {
+pub fn forget_flows(conntrack: &Path, ip: Ipv4Addr) -> Result<usize, NetError> {
     let out = std::process::Command::new(conntrack)
         .args(["-D", "--reply-src"])
         .arg(ip.to_string())
         .output()
-        .map_err(|e| format!("run {}: {e}", conntrack.display()))?;
+        .map_err(|source| NetError::Run {
+            program: conntrack.to_path_buf(),
+            source,
+        })?;
     let said = String::from_utf8_lossy(&out.stderr);
     match flows_deleted(&said) {
         Some(n) => Ok(n),
         None if out.status.success() => Ok(0),
-        None => Err(format!(
-            "conntrack -D --reply-src {ip} ({}): {}",
-            out.status,
-            said.trim()
-        )),
+        None => Err(NetError::Conntrack {
+            ip,
+            status: out.status,
+            said: said.trim().to_string(),
+        }),
     }
 }
 
@@ -219,7 +321,7 @@ impl HostNet {
     /// Makes (or takes over) the bridge, sets the sysctls routing needs,
     /// replaces the rule set with one for no VMs, loads the leases and
     /// starts the DNS server.
-    pub fn setup(opts: NetOptions, state_dir: &Path) -> Result<HostNet, String> {
+    pub fn setup(opts: NetOptions, state_dir: &Path) -> Result<HostNet, NetError> {
         let nft = find_nft()?;
         let conntrack = find_program("conntrack", CONNTRACK_PATHS)
             .map_err(|e| {
@@ -228,8 +330,10 @@ impl HostNet {
                 )
             })
             .ok();
-        link::ensure_bridge(&opts.bridge, opts.subnet, opts.mtu)
-            .map_err(|e| format!("bridge {}: {e}", opts.bridge))?;
+        link::ensure_bridge(&opts.bridge, opts.subnet, opts.mtu).map_err(|e| NetError::Bridge {
+            bridge: opts.bridge.clone(),
+            source: Box::new(e),
+        })?;
         set_sysctls(&opts.bridge)?;
         let ipam = Ipam::load(opts.subnet, Some(&state_dir.join("net/leases.json")));
         let mut net = HostNet {
@@ -247,7 +351,7 @@ impl HostNet {
         let gw = net.opts.subnet.gateway();
         let socket = std::net::UdpSocket::bind((gw, 53))
             .map(std::sync::Arc::new)
-            .map_err(|e| format!("DNS server on {gw}:53: {e}"))?;
+            .map_err(|source| NetError::Dns { addr: gw, source })?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         net.dns = Some((socket.clone(), stop.clone()));
         let server = dns::Server {
@@ -258,7 +362,7 @@ impl HostNet {
         std::thread::Builder::new()
             .name("dns".into())
             .spawn(move || server.serve(socket, stop))
-            .map_err(|e| format!("spawn the DNS thread: {e}"))?;
+            .map_err(NetError::DnsThread)?;
         tracing::info!(
             "network: bridge {} at {}/{}, DNS for *.{} on {gw}:53, {} leases kept",
             net.opts.bridge,
@@ -271,7 +375,7 @@ impl HostNet {
     }
 
     /// VM `name`'s address (kept across its restarts).
-    pub fn lease(&mut self, name: &str) -> Result<Ipv4Addr, String> {
+    pub fn lease(&mut self, name: &str) -> Result<Ipv4Addr, NetError> {
         self.ipam.lease(name)
     }
 
@@ -305,7 +409,7 @@ impl HostNet {
 
     /// Replaces the rule set and the DNS records with those of `vms`, if
     /// they changed.
-    pub fn sync(&mut self, vms: &[RunningVm]) -> Result<(), String> {
+    pub fn sync(&mut self, vms: &[RunningVm]) -> Result<(), NetError> {
         let plan = self.plan(vms);
         *self.records.write().unwrap_or_else(|p| p.into_inner()) = records(vms, &self.ipam);
         let script = nft::render(&plan);
@@ -326,7 +430,9 @@ impl HostNet {
                             Ok(n) => tracing::info!(
                                 "network: {n} tracked connections to {ip} deleted (no longer behind a published port)"
                             ),
-                            Err(e) => tracing::warn!("network: {e}"),
+                            Err(e) => {
+                                tracing::warn!("network: {}", steelcup_sys::error_chain(&e))
+                            }
                         }
                     }
                 }
@@ -336,7 +442,7 @@ impl HostNet {
             Err(e) => {
                 // Said once per rule set, not on every event.
                 if self.failed.as_deref() != Some(script.as_str()) {
-                    tracing::error!("network: {e}");
+                    tracing::error!("network: {}", steelcup_sys::error_chain(&e));
                     self.failed = Some(script);
                 }
                 Err(e)
@@ -415,26 +521,29 @@ fn records(vms: &[RunningVm], ipam: &Ipam) -> BTreeMap<String, Vec<Ipv4Addr>> {
 
 /// Whether host port `p` is free of the host's own listeners (a
 /// publication would hide them).
-pub fn host_port_free(p: &PortSpec) -> Result<(), String> {
+pub fn host_port_free(p: &PortSpec) -> Result<(), NetError> {
     let ip = p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let bound = match p.protocol {
         Protocol::Tcp => std::net::TcpListener::bind((ip, p.host_port)).map(drop),
         Protocol::Udp => std::net::UdpSocket::bind((ip, p.host_port)).map(drop),
     };
     bound.map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => format!(
-            "port {}/{} is in use on the host",
-            p.host_port,
-            p.protocol.name()
-        ),
-        std::io::ErrorKind::AddrNotAvailable => {
-            format!("port {p}: {ip} is not an address of this host")
-        }
-        _ => format!("port {p}: {e}"),
+        std::io::ErrorKind::AddrInUse => NetError::PortInUse {
+            port: p.host_port,
+            protocol: p.protocol.name(),
+        },
+        std::io::ErrorKind::AddrNotAvailable => NetError::NotHostAddress {
+            spec: p.to_string(),
+            ip,
+        },
+        _ => NetError::Port {
+            spec: p.to_string(),
+            source: e,
+        },
     })
 }
 
-fn set_sysctls(bridge: &str) -> Result<(), String> {
+fn set_sysctls(bridge: &str) -> Result<(), NetError> {
     let settings = [
         ("net/ipv4/ip_forward".to_string(), "1"),
         // Private-VLAN proxy ARP: VMs on isolated ports reach each other
@@ -450,14 +559,14 @@ fn set_sysctls(bridge: &str) -> Result<(), String> {
     ];
     for (key, value) in settings {
         let path = Path::new("/proc/sys").join(&key);
-        std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))?;
+        std::fs::write(&path, value).map_err(|source| NetError::Sysctl { key, value, source })?;
     }
     Ok(())
 }
 
 /// The bridge and the VMs' taps, over rtnetlink.
 pub mod link {
-    use super::Subnet;
+    use super::{NetError, Subnet};
     use futures_util::TryStreamExt;
     use steelcup_proto::worker::NetConfig;
     use steelcup_sys as sys;
@@ -466,49 +575,71 @@ pub mod link {
     /// isolated port: the VM reaches other ports only through the host) or
     /// with the host's end's address, its MTU, up. The descriptor goes to
     /// the VM's worker; the tap lives as long as a descriptor of it is open.
-    pub fn open_tap(n: &NetConfig) -> Result<std::fs::File, String> {
-        let chain = |e: &dyn std::error::Error| steelcup_sys::error_chain(e);
-        let tap = steelcup_vmm::devices::virtio::net::open_tap(&n.tap).map_err(|e| chain(&e))?;
+    pub fn open_tap(n: &NetConfig) -> Result<std::fs::File, NetError> {
+        let setup = |source: steelcup_sys::NetError| NetError::TapSetup {
+            tap: n.tap.clone(),
+            source,
+        };
+        let tap = steelcup_vmm::devices::virtio::net::open_tap(&n.tap).map_err(|source| {
+            NetError::Tap {
+                tap: n.tap.clone(),
+                source,
+            }
+        })?;
         if let Some(mtu) = n.mtu {
-            sys::set_mtu(&n.tap, mtu).map_err(|e| chain(&e))?;
+            sys::set_mtu(&n.tap, mtu).map_err(setup)?;
         }
         if let Some(bridge) = &n.bridge {
             add_isolated_port(bridge, &n.tap)?;
         }
         if let Some(address) = &n.host_address {
-            let (addr, prefix) = steelcup_proto::parse_cidr(address)?;
-            sys::set_ipv4(&n.tap, addr, prefix).map_err(|e| chain(&e))?;
+            let (addr, prefix) =
+                steelcup_proto::parse_cidr(address).map_err(|why| NetError::TapAddress {
+                    tap: n.tap.clone(),
+                    address: address.clone(),
+                    why,
+                })?;
+            sys::set_ipv4(&n.tap, addr, prefix).map_err(setup)?;
         }
-        sys::link_up(&n.tap).map_err(|e| chain(&e))?;
+        sys::link_up(&n.tap).map_err(|source| NetError::TapUp {
+            tap: n.tap.clone(),
+            source,
+        })?;
         Ok(tap)
     }
 
-    fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    fn block_on<T>(
+        f: impl std::future::Future<Output = Result<T, NetError>>,
+    ) -> Result<T, NetError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(|e| format!("tokio runtime: {e}"))?;
+            .map_err(NetError::Runtime)?;
         rt.block_on(f)
     }
 
-    async fn index_of(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, String> {
+    fn link_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+        let what = what.into();
+        move |source| NetError::Link { what, source }
+    }
+
+    async fn index_of(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetError> {
         let mut links = handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(l)) => Ok(Some(l.header.index)),
             Ok(None) => Ok(None),
             // No such device.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(link_err(format!("look up {name}"))(e)),
         }
     }
 
     /// Makes bridge `name` if it is missing, gives it the subnet's first
     /// address and `mtu`, and brings it up.
-    pub fn ensure_bridge(name: &str, subnet: Subnet, mtu: u32) -> Result<(), String> {
+    pub fn ensure_bridge(name: &str, subnet: Subnet, mtu: u32) -> Result<(), NetError> {
         let name = name.to_string();
         block_on(async move {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
             tokio::spawn(conn);
             let index = match index_of(&handle, &name).await? {
                 Some(i) => i,
@@ -518,10 +649,10 @@ pub mod link {
                         .add(rtnetlink::LinkBridge::new(&name).build())
                         .execute()
                         .await
-                        .map_err(|e| format!("create: {e}"))?;
+                        .map_err(link_err("create"))?;
                     index_of(&handle, &name)
                         .await?
-                        .ok_or("created, then not found")?
+                        .ok_or_else(|| NetError::NoLink(name.clone()))?
                 }
             };
             handle
@@ -530,7 +661,11 @@ pub mod link {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| format!("address {}/{}: {e}", subnet.gateway(), subnet.prefix))?;
+                .map_err(link_err(format!(
+                    "address {}/{}",
+                    subnet.gateway(),
+                    subnet.prefix
+                )))?;
             handle
                 .link()
                 .set(
@@ -541,26 +676,25 @@ pub mod link {
                 )
                 .execute()
                 .await
-                .map_err(|e| format!("bring up: {e}"))?;
+                .map_err(link_err("bring up"))?;
             Ok(())
         })
     }
 
     /// Puts `port` on `bridge` as an isolated port (it reaches the other
     /// ports only through the host) and brings it up.
-    pub fn add_isolated_port(bridge: &str, port: &str) -> Result<(), String> {
+    pub fn add_isolated_port(bridge: &str, port: &str) -> Result<(), NetError> {
         let (bridge, port) = (bridge.to_string(), port.to_string());
         block_on(async move {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
             tokio::spawn(conn);
             let br = index_of(&handle, &bridge)
                 .await?
-                .ok_or_else(|| format!("no bridge {bridge}"))?;
+                .ok_or_else(|| NetError::NoLink(bridge.clone()))?;
             let p = index_of(&handle, &port)
                 .await?
-                .ok_or_else(|| format!("no interface {port}"))?;
-            let err = |e: rtnetlink::Error| format!("put {port} on {bridge}: {e}");
+                .ok_or_else(|| NetError::NoLink(port.clone()))?;
+            let what = format!("put {port} on {bridge}");
             handle
                 .link()
                 .set(
@@ -571,23 +705,22 @@ pub mod link {
                 )
                 .execute()
                 .await
-                .map_err(err)?;
+                .map_err(link_err(what.clone()))?;
             handle
                 .link()
                 .set_port(rtnetlink::LinkBridgePort::new(p).isolated(true).build())
                 .execute()
                 .await
-                .map_err(err)?;
+                .map_err(link_err(what.clone()))?;
             Ok(())
         })
     }
 
     /// Deletes link `name` (Ok if there is none).
-    pub fn delete(name: &str) -> Result<(), String> {
+    pub fn delete(name: &str) -> Result<(), NetError> {
         let name = name.to_string();
         block_on(async move {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
             tokio::spawn(conn);
             if let Some(index) = index_of(&handle, &name).await? {
                 handle
@@ -595,23 +728,22 @@ pub mod link {
                     .del(index)
                     .execute()
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(link_err(format!("delete {name}")))?;
             }
             Ok(())
         })
     }
 
     /// The names of every link whose name starts with `prefix`.
-    pub fn names_with_prefix(prefix: &str) -> Result<Vec<String>, String> {
+    pub fn names_with_prefix(prefix: &str) -> Result<Vec<String>, NetError> {
         use rtnetlink::packet_route::link::LinkAttribute;
         let prefix = prefix.to_string();
         block_on(async move {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
             tokio::spawn(conn);
             let mut links = handle.link().get().execute();
             let mut names = Vec::new();
-            while let Some(l) = links.try_next().await.map_err(|e| e.to_string())? {
+            while let Some(l) = links.try_next().await.map_err(link_err("list links"))? {
                 for a in l.attributes {
                     if let LinkAttribute::IfName(n) = a {
                         if n.starts_with(&prefix) {
@@ -710,11 +842,13 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let p = PortSpec::parse(&format!("127.0.0.1:{port}:80")).unwrap();
-        let e = host_port_free(&p).unwrap_err();
+        let e = host_port_free(&p).unwrap_err().to_string();
         assert!(e.contains("in use on the host"), "{e}");
         drop(l);
         assert!(host_port_free(&p).is_ok());
-        let e = host_port_free(&PortSpec::parse("192.0.2.1:8080:80").unwrap()).unwrap_err();
+        let e = host_port_free(&PortSpec::parse("192.0.2.1:8080:80").unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not an address of this host"), "{e}");
     }
 }

@@ -201,7 +201,8 @@ pub fn render_teardown() -> String {
 }
 
 /// Runs `nft -f -` with `script`; the error carries nft's message.
-pub fn apply(nft: &std::path::Path, script: &str) -> Result<(), String> {
+pub fn apply(nft: &std::path::Path, script: &str) -> Result<(), super::NetError> {
+    use super::NetError;
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new(nft)
@@ -210,23 +211,29 @@ pub fn apply(nft: &std::path::Path, script: &str) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("run {}: {e}", nft.display()))?;
+        .map_err(|source| NetError::Run {
+            program: nft.to_path_buf(),
+            source,
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
-            .map_err(|e| format!("write to nft: {e}"))?;
+            .map_err(|source| NetError::Run {
+                program: nft.to_path_buf(),
+                source,
+            })?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("wait for nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|source| NetError::Run {
+        program: nft.to_path_buf(),
+        source,
+    })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "nft refused the rule set ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(NetError::NftRefused {
+            status: out.status,
+            said: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
