@@ -30,7 +30,11 @@ pub fn remote_stream(
 ) -> Option<Result<(std::os::unix::net::UnixStream, String), String>> {
     #[cfg(feature = "remote")]
     if let Some(r) = remote::REMOTE.get() {
-        return Some(r.open(target).map(|s| (s, r.addr.clone())));
+        return Some(
+            r.open(target)
+                .map(|s| (s, r.addr.clone()))
+                .map_err(|e| steelcup_sys::error_chain(&e)),
+        );
     }
     None
 }

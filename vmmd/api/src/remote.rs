@@ -41,26 +41,112 @@ pub const CLIENT_KEY: &str = "client.key";
 /// The port the gateway listens on by default.
 pub const DEFAULT_PORT: u16 = 7443;
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// What went wrong reaching a machine remotely, or serving it.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{}", path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}", path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{}", path.display())]
+    Verifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("TLS set-up")]
+    Tls(#[source] rustls::Error),
+    #[error("unknown target {0:?}: init, vmmd or vsock NAME")]
+    UnknownTarget(String),
+    #[error("start the runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no TLS handshake within 10 s")]
+    HandshakeTimeout,
+    #[error("TLS")]
+    Handshake(#[source] std::io::Error),
+    #[error("no request within 10 s")]
+    RequestTimeout,
+    #[error("read the request")]
+    ReadRequest(#[source] std::io::Error),
+    #[error("{}", path.display())]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay")]
+    Relay(#[source] std::io::Error),
+    #[error("{host}: not a host name or address")]
+    HostName {
+        host: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr}")]
+    TlsWith {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} closed the connection (is this client's certificate signed by the machine's client CA?)")]
+    Closed { addr: String },
+    #[error("{addr}: {said}")]
+    Refused { addr: String, said: String },
+    #[error("the remote connection ended")]
+    Ended,
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| RemoteError::Pem {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
+        return Err(RemoteError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, RemoteError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| RemoteError::Pem {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+fn roots(path: &Path) -> Result<rustls::RootCertStore, RemoteError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(path)? {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(c).map_err(|source| RemoteError::Certificate {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     Ok(roots)
 }
@@ -71,46 +157,55 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The gateway's TLS setup from `dir` (server.crt, server.key,
 /// client-ca.crt): clients must present a certificate the CA signed.
-pub fn server_config(dir: &Path) -> Result<rustls::ServerConfig, String> {
+pub fn server_config(dir: &Path) -> Result<rustls::ServerConfig, RemoteError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots(&dir.join(CLIENT_CA))?),
         provider(),
     )
     .build()
-    .map_err(|e| format!("{}: {e}", dir.join(CLIENT_CA).display()))?;
+    .map_err(|source| RemoteError::Verifier {
+        path: dir.join(CLIENT_CA),
+        source,
+    })?;
     rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(RemoteError::Tls)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&dir.join(SERVER_CERT))?, key(&dir.join(SERVER_KEY))?)
-        .map_err(|e| format!("{}: {e}", dir.join(SERVER_CERT).display()))
+        .map_err(|source| RemoteError::Certificate {
+            path: dir.join(SERVER_CERT),
+            source,
+        })
 }
 
 /// Where a request line leads on the machine, or why it is refused.
-pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, String> {
+pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, RemoteError> {
     match line.split_once(' ') {
         None if line == "init" => Ok(run_dir.join(crate::init1::SOCKET)),
         None if line == "vmmd" => Ok(run_dir.join("vmmd.sock")),
         Some(("vsock", name)) if steelcup_units::valid_name(name) => {
             Ok(run_dir.join("vsock").join(format!("{name}.sock")))
         }
-        _ => Err(format!("unknown target {line:?}: init, vmmd or vsock NAME")),
+        _ => Err(RemoteError::UnknownTarget(line.chars().take(64).collect())),
     }
 }
 
 /// `vmmd admin --listen ADDR --tls-dir DIR [--run-dir DIR]`: serves until
 /// killed.
-pub fn serve(listen: &str, tls_dir: &Path, run_dir: &Path) -> Result<(), String> {
+pub fn serve(listen: &str, tls_dir: &Path, run_dir: &Path) -> Result<(), RemoteError> {
     let config = Arc::new(server_config(tls_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("start the runtime: {e}"))?;
+        .map_err(RemoteError::Runtime)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|e| format!("listen on {listen}: {e}"))?;
+            .map_err(|source| RemoteError::Listen {
+                addr: listen.to_string(),
+                source,
+            })?;
         tracing::info!(
             "admin: cup --remote on {} (mutual TLS, clients signed by {})",
             listener
@@ -138,7 +233,7 @@ pub async fn serve_on(
         let (acceptor, run_dir) = (acceptor.clone(), run_dir.clone());
         tokio::spawn(async move {
             if let Err(e) = relay(acceptor, tcp, &run_dir).await {
-                tracing::warn!("admin: {peer}: {e}");
+                tracing::warn!("admin: {peer}: {}", steelcup_sys::error_chain(&e));
             }
         });
     }
@@ -149,20 +244,20 @@ async fn relay(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     run_dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), RemoteError> {
     let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
     let tls = handshake
         .await
-        .map_err(|_| "no TLS handshake within 10 s".to_string())?
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|_| RemoteError::HandshakeTimeout)?
+        .map_err(RemoteError::Handshake)?;
     let mut tls = tokio::io::BufReader::new(tls);
     let mut line = String::new();
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         (&mut tls).take(256).read_line(&mut line).await
     });
     read.await
-        .map_err(|_| "no request within 10 s".to_string())?
-        .map_err(|e| format!("read the request: {e}"))?;
+        .map_err(|_| RemoteError::RequestTimeout)?
+        .map_err(RemoteError::ReadRequest)?;
     let line = line.trim_end();
     let path = match target(run_dir, line) {
         Ok(p) => p,
@@ -173,14 +268,15 @@ async fn relay(
     };
     let mut local = match tokio::net::UnixStream::connect(&path).await {
         Ok(s) => s,
-        Err(e) => {
-            let e = format!("{}: {e}", path.display());
-            let _ = tls.write_all(format!("error: {e}\n").as_bytes()).await;
+        Err(source) => {
+            let e = RemoteError::Local { path, source };
+            let said = steelcup_sys::error_chain(&e);
+            let _ = tls.write_all(format!("error: {said}\n").as_bytes()).await;
             return Err(e);
         }
     };
-    tls.write_all(b"ok\n").await.map_err(|e| e.to_string())?;
-    tls.flush().await.map_err(|e| e.to_string())?;
+    tls.write_all(b"ok\n").await.map_err(RemoteError::Relay)?;
+    tls.flush().await.map_err(RemoteError::Relay)?;
     tracing::debug!("admin: relaying to {}", path.display());
     let _ = tokio::io::copy_bidirectional(&mut tls, &mut local).await;
     Ok(())
@@ -213,26 +309,31 @@ impl Remote {
         }
     }
 
-    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+    fn client_config(&self) -> Result<rustls::ClientConfig, RemoteError> {
         let d = &self.tls_dir;
         rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(RemoteError::Tls)?
             .with_root_certificates(roots(&d.join(CA))?)
             .with_client_auth_cert(certs(&d.join(CLIENT_CERT))?, key(&d.join(CLIENT_KEY))?)
-            .map_err(|e| format!("{}: {e}", d.join(CLIENT_CERT).display()))
+            .map_err(|source| RemoteError::Certificate {
+                path: d.join(CLIENT_CERT),
+                source,
+            })
     }
 
     /// A stream to `target` (`init`, `vmmd`, `vsock NAME`) on the remote
     /// machine: one end of a Unix socket pair whose other end a thread
     /// relays over the TLS connection.
-    pub fn open(&self, target: &str) -> Result<UnixStream, String> {
+    pub fn open(&self, target: &str) -> Result<UnixStream, RemoteError> {
         let config = Arc::new(self.client_config()?);
         let (host, addr) = self.host_port();
-        let name = ServerName::try_from(host.clone())
-            .map_err(|e| format!("{host}: not a host name or address: {e}"))?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let name = ServerName::try_from(host.clone()).map_err(|source| RemoteError::HostName {
+            host: host.clone(),
+            source,
+        })?;
+        let (ours, theirs) = UnixStream::pair().map_err(RemoteError::Relay)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), RemoteError>>();
         let request = format!("{target}\n");
         std::thread::Builder::new()
             .name("remote".into())
@@ -243,37 +344,43 @@ impl Remote {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
+                        let _ = tx.send(Err(RemoteError::Runtime(e)));
                         return;
                     }
                 };
                 rt.block_on(async move {
                     let setup = async {
-                        let tcp = tokio::net::TcpStream::connect(&addr)
-                            .await
-                            .map_err(|e| format!("connect to {addr}: {e}"))?;
+                        let tcp =
+                            tokio::net::TcpStream::connect(&addr)
+                                .await
+                                .map_err(|source| RemoteError::Connect {
+                                    addr: addr.clone(),
+                                    source,
+                                })?;
+                        let tls_err = |source| RemoteError::TlsWith {
+                            addr: addr.clone(),
+                            source,
+                        };
                         let tls = tokio_rustls::TlsConnector::from(config)
                             .connect(name, tcp)
                             .await
-                            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+                            .map_err(tls_err)?;
                         let mut tls = tokio::io::BufReader::new(tls);
-                        tls.write_all(request.as_bytes())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        tls.flush().await.map_err(|e| e.to_string())?;
+                        tls.write_all(request.as_bytes()).await.map_err(tls_err)?;
+                        tls.flush().await.map_err(tls_err)?;
                         let mut answer = String::new();
                         (&mut tls)
                             .take(1024)
                             .read_line(&mut answer)
                             .await
-                            .map_err(|e| format!("{addr}: {e}"))?;
+                            .map_err(tls_err)?;
                         match answer.trim_end() {
                             "ok" => Ok(tls),
-                            "" => Err(format!("{addr} closed the connection (is this client's certificate signed by the machine's client CA?)")),
-                            other => Err(format!(
-                                "{addr}: {}",
-                                other.strip_prefix("error: ").unwrap_or(other)
-                            )),
+                            "" => Err(RemoteError::Closed { addr: addr.clone() }),
+                            other => Err(RemoteError::Refused {
+                                addr: addr.clone(),
+                                said: other.strip_prefix("error: ").unwrap_or(other).to_string(),
+                            }),
                         }
                     };
                     let mut tls = match setup.await {
@@ -289,7 +396,7 @@ impl Remote {
                     let mut local = match local {
                         Ok(l) => l,
                         Err(e) => {
-                            let _ = tx.send(Err(e.to_string()));
+                            let _ = tx.send(Err(RemoteError::Relay(e)));
                             return;
                         }
                     };
@@ -297,9 +404,8 @@ impl Remote {
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut local).await;
                 });
             })
-            .map_err(|e| e.to_string())?;
-        rx.recv()
-            .map_err(|_| "the remote connection ended".to_string())??;
+            .map_err(RemoteError::Relay)?;
+        rx.recv().map_err(|_| RemoteError::Ended)??;
         Ok(ours)
     }
 }
@@ -378,11 +484,11 @@ mod tests {
         s.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hello init");
 
-        let e = remote.open("/etc/shadow").unwrap_err();
+        let e = remote.open("/etc/shadow").unwrap_err().to_string();
         assert!(e.contains("unknown target \"/etc/shadow\""), "{e}");
-        let e = remote.open("vsock ../init").unwrap_err();
+        let e = remote.open("vsock ../init").unwrap_err().to_string();
         assert!(e.contains("unknown target"), "{e}");
-        let e = remote.open("vmmd").unwrap_err();
+        let e = remote.open("vmmd").unwrap_err().to_string();
         assert!(e.contains("vmmd.sock"), "{e}");
 
         // A client of another CA is turned away.

@@ -124,8 +124,11 @@ fn json(args: &[String]) -> bool {
 }
 
 fn proxy() -> Result<Init1Proxy<'static>, String> {
-    match steelcup_api::remote::REMOTE.get() {
-        Some(r) => client::init1_over(r.open("init")?, &r.addr),
+    match steelcup_api::remote_stream("init") {
+        Some(remote) => {
+            let (stream, addr) = remote?;
+            client::init1_over(stream, &addr)
+        }
         None => client::connect(&steelcup_api::bus::run_dir()),
     }
 }

@@ -134,7 +134,7 @@ fn admin(args: &[String]) -> i32 {
     match steelcup_api::remote::serve(&listen, &tls_dir, &run_dir) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("admin: {e}");
+            tracing::error!("admin: {}", steelcup_sys::error_chain(&e));
             1
         }
     }
