@@ -259,8 +259,7 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
         // Checked as init will check it at first boot.
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read the machine config {}", path.display()))?;
-        steelcup_os::provision::check(&path.display().to_string(), &text)
-            .map_err(anyhow::Error::msg)?;
+        steelcup_os::provision::check(&path.display().to_string(), &text)?;
         t.file("etc/steelcup/machine.toml", 0o644, text.into_bytes())?;
     }
     if let Some(path) = &m.host.update_key {

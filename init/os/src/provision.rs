@@ -137,40 +137,128 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
+/// What is wrong with a machine config, or with reading, fetching or
+/// applying one. A config's errors name where it came from (`source`:
+/// a file, a drive, a URL) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("{source_name}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Toml {
+        source_name: String,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{source_name}: hostname {hostname:?} is not a hostname (letters, digits, inner hyphens; labels of 1-63)")]
+    Hostname {
+        source_name: String,
+        hostname: String,
+    },
+    #[error("{source_name}: {field}")]
+    Encode {
+        source_name: String,
+        field: String,
+        #[source]
+        source: toml::ser::Error,
+    },
+    #[error("{0}")]
+    Network(String),
+    #[error("{source_name}: units.{name}: not a valid unit name")]
+    UnitName { source_name: String, name: String },
+    #[error(transparent)]
+    Unit(#[from] steelcup_units::UnitError),
+    #[error("{source_name}: registry host {host:?} is not HOST[:PORT]")]
+    RegistryHost { source_name: String, host: String },
+    #[error("{source_name}: registry {host}: username and password go together")]
+    RegistryCredentials { source_name: String, host: String },
+    #[error("{source_name}: admin.listen {listen:?} is not ADDRESS:PORT")]
+    AdminListen { source_name: String, listen: String },
+    #[error("{source_name}: admin.{field}: not a PEM {kind}")]
+    AdminPem {
+        source_name: String,
+        field: &'static str,
+        kind: String,
+    },
+    #[error("{source_name}: units.{ADMIN_UNIT}: the name is taken by [admin]")]
+    AdminUnitTaken { source_name: String },
+    #[error("{source_name}: update-key: {why}")]
+    UpdateKey { source_name: String, why: String },
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: no parent directory", .0.display())]
+    NoParent(PathBuf),
+    #[error("the record")]
+    Record(#[source] serde_json::Error),
+    #[error("config drive {}: {why}", dev.display())]
+    Drive { dev: PathBuf, why: String },
+    #[error("{url}: only http:// URLs are fetched")]
+    NotHttp { url: String },
+    #[error("{url}: {why} (tried for {secs}s)")]
+    Unreachable { url: String, why: String, secs: u64 },
+    #[error("{url}")]
+    Fetch {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: not an HTTP answer")]
+    NotAnAnswer { url: String },
+    #[error("{url}: {status}")]
+    Status { url: String, status: String },
+    #[error("{url}: larger than {MAX_BYTES} bytes")]
+    TooLarge { url: String },
+    #[error("{what}: not UTF-8 text")]
+    NotText { what: String },
+}
+
 /// Parses and checks a config read from `source`; its files, or an error
 /// naming the source and what is wrong.
-pub fn check(source: &str, text: &str) -> Result<Files, String> {
-    let c: MachineConfig = toml::from_str(text).map_err(|e| {
-        let at = e
+pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
+    let src = || source.to_string();
+    let c: MachineConfig = toml::from_str(text).map_err(|e| ProvisionError::Toml {
+        source_name: src(),
+        line: e
             .span()
-            .map(|s| {
-                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                format!(":{line}")
-            })
-            .unwrap_or_default();
-        format!("{source}{at}: {}", e.message().trim())
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+        message: e.message().trim().to_string(),
     })?;
+    let encode = |field: String| {
+        move |source| ProvisionError::Encode {
+            source_name: src(),
+            field,
+            source,
+        }
+    };
     let mut files = Vec::new();
     if let Some(h) = &c.hostname {
         if !valid_hostname(h) {
-            return Err(format!(
-                "{source}: hostname {h:?} is not a hostname (letters, digits, inner hyphens; labels of 1-63)"
-            ));
+            return Err(ProvisionError::Hostname {
+                source_name: src(),
+                hostname: h.clone(),
+            });
         }
         files.push(("hostname".to_string(), format!("{h}\n")));
     }
     if let Some(net) = &c.network {
-        let text = toml::to_string(net).map_err(|e| format!("{source}: network: {e}"))?;
-        NetworkConfig::parse(Path::new(&format!("{source}: network")), &text)?;
+        let text = toml::to_string(net).map_err(encode("network".into()))?;
+        NetworkConfig::parse(Path::new(&format!("{source}: network")), &text)
+            .map_err(ProvisionError::Network)?;
         files.push(("network.toml".to_string(), text));
     }
     for (name, unit) in &c.units {
         if !steelcup_units::valid_name(name) {
-            return Err(format!("{source}: units.{name}: not a valid unit name"));
+            return Err(ProvisionError::UnitName {
+                source_name: src(),
+                name: name.clone(),
+            });
         }
-        let text = toml::to_string(unit).map_err(|e| format!("{source}: units.{name}: {e}"))?;
+        let text = toml::to_string(unit).map_err(encode(format!("units.{name}")))?;
         let path = PathBuf::from(format!("{source}: units.{name}")).join(format!("{name}.toml"));
-        steelcup_units::parse(&path, &text).map_err(|e| steelcup_sys::error_chain(&e))?;
+        steelcup_units::parse(&path, &text)?;
         files.push((format!("units/{name}.toml"), text));
     }
     if !c.registries.is_empty() {
@@ -180,16 +268,16 @@ pub fn check(source: &str, text: &str) -> Result<Files, String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
             if !ok {
-                return Err(format!(
-                    "{source}: registry host {:?} is not HOST[:PORT]",
-                    r.host
-                ));
+                return Err(ProvisionError::RegistryHost {
+                    source_name: src(),
+                    host: r.host.clone(),
+                });
             }
             if r.username.is_some() != r.password.is_some() {
-                return Err(format!(
-                    "{source}: registry {}: username and password go together",
-                    r.host
-                ));
+                return Err(ProvisionError::RegistryCredentials {
+                    source_name: src(),
+                    host: r.host.clone(),
+                });
             }
         }
         #[derive(Serialize)]
@@ -199,30 +287,32 @@ pub fn check(source: &str, text: &str) -> Result<Files, String> {
         let text = toml::to_string(&Registries {
             registry: &c.registries,
         })
-        .map_err(|e| format!("{source}: registry: {e}"))?;
+        .map_err(encode("registry".into()))?;
         files.push(("registries.toml".to_string(), text));
     }
     if let Some(a) = &c.admin {
         let listen = a.listen.clone().unwrap_or_else(|| "0.0.0.0:7443".into());
         listen
             .parse::<std::net::SocketAddr>()
-            .map_err(|_| format!("{source}: admin.listen {listen:?} is not ADDRESS:PORT"))?;
+            .map_err(|_| ProvisionError::AdminListen {
+                source_name: src(),
+                listen: listen.clone(),
+            })?;
         for (field, text, kind) in [
             ("server-cert", &a.server_cert, "CERTIFICATE-----"),
             ("server-key", &a.server_key, "PRIVATE KEY-----"),
             ("client-ca", &a.client_ca, "CERTIFICATE-----"),
         ] {
             if !text.contains("-----BEGIN ") || !text.contains(kind) {
-                return Err(format!(
-                    "{source}: admin.{field}: not a PEM {}",
-                    kind.trim_end_matches('-').to_lowercase()
-                ));
+                return Err(ProvisionError::AdminPem {
+                    source_name: src(),
+                    field,
+                    kind: kind.trim_end_matches('-').to_lowercase(),
+                });
             }
         }
         if c.units.contains_key(ADMIN_UNIT) {
-            return Err(format!(
-                "{source}: units.{ADMIN_UNIT}: the name is taken by [admin]"
-            ));
+            return Err(ProvisionError::AdminUnitTaken { source_name: src() });
         }
         files.push(("admin/server.crt".into(), a.server_cert.clone()));
         files.push(("admin/server.key".into(), a.server_key.clone()));
@@ -233,12 +323,14 @@ pub fn check(source: &str, text: &str) -> Result<Files, String> {
              [service]\nexec = [\"/usr/bin/vmmd\", \"admin\", \"--listen\", \"{listen}\", \"--tls-dir\", \"/etc/steelcup/admin\"]\n\
              restart = \"always\"\n"
         );
-        steelcup_units::parse(Path::new("admin.toml"), &unit)
-            .map_err(|e| steelcup_sys::error_chain(&e))?;
+        steelcup_units::parse(Path::new("admin.toml"), &unit)?;
         files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
     }
     if let Some(k) = &c.update_key {
-        crate::update::parse_key(k).map_err(|e| format!("{source}: update-key: {e}"))?;
+        crate::update::parse_key(k).map_err(|why| ProvisionError::UpdateKey {
+            source_name: src(),
+            why,
+        })?;
         files.push(("update.pub".to_string(), format!("{}\n", k.trim())));
     }
     Ok(Files { files })
@@ -259,20 +351,29 @@ pub fn applied(dir: &Path) -> Option<Record> {
 
 /// Writes `files` and the record into `dir`, all at once: a new directory
 /// beside it renamed into place.
-pub fn apply(dir: &Path, source: &str, text: &str, files: &Files) -> Result<Record, String> {
+pub fn apply(
+    dir: &Path,
+    source: &str,
+    text: &str,
+    files: &Files,
+) -> Result<Record, ProvisionError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ProvisionError::Io { what, path, source }
+    };
     let record = Record {
         source: source.to_string(),
         sha256: crate::update::hex(&Sha256::digest(text.as_bytes())),
     };
     let parent = dir
         .parent()
-        .ok_or_else(|| format!("{}: no parent directory", dir.display()))?;
+        .ok_or_else(|| ProvisionError::NoParent(dir.to_path_buf()))?;
     let new = parent.join(".machine.new");
     let _ = std::fs::remove_dir_all(&new);
-    let write = |rel: &str, data: &[u8]| -> Result<(), String> {
+    let write = |rel: &str, data: &[u8]| -> Result<(), ProvisionError> {
         let p = new.join(rel);
         if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(io("create", d))?;
         }
         // Private keys are root's alone (install copies the mode).
         let mode = if rel.ends_with(".key") { 0o600 } else { 0o644 };
@@ -285,20 +386,20 @@ pub fn apply(dir: &Path, source: &str, text: &str, files: &Files) -> Result<Reco
                 .mode(mode)
                 .open(&p)
         }
-        .map_err(|e| format!("create {}: {e}", p.display()))?;
+        .map_err(io("create", &p))?;
         f.write_all(data)
             .and_then(|_| f.sync_all())
-            .map_err(|e| format!("write {}: {e}", p.display()))
+            .map_err(io("write", &p))
     };
-    std::fs::create_dir_all(&new).map_err(|e| format!("create {}: {e}", new.display()))?;
+    std::fs::create_dir_all(&new).map_err(io("create", &new))?;
     for (rel, data) in &files.files {
         write(rel, data.as_bytes())?;
     }
     write(FILE, text.as_bytes())?;
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(&record).map_err(ProvisionError::Record)?;
     write("applied.json", &json)?;
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&new, dir).map_err(|e| format!("rename to {}: {e}", dir.display()))?;
+    std::fs::rename(&new, dir).map_err(io("rename to", dir))?;
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
@@ -307,12 +408,15 @@ pub fn apply(dir: &Path, source: &str, text: &str, files: &Files) -> Result<Reco
 
 /// Copies what was applied in `dir` into `etc` (files other than the
 /// record and the config itself): returns their paths.
-pub fn install(dir: &Path, etc: &Path) -> Result<Vec<String>, String> {
+pub fn install(dir: &Path, etc: &Path) -> Result<Vec<String>, ProvisionError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ProvisionError::Io { what, path, source }
+    };
     let mut done = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let entries = std::fs::read_dir(dir.join(&rel))
-            .map_err(|e| format!("read {}: {e}", dir.join(&rel).display()))?;
+        let entries = std::fs::read_dir(dir.join(&rel)).map_err(io("read", &dir.join(&rel)))?;
         let mut names: Vec<_> = entries.flatten().collect();
         names.sort_by_key(|e| e.file_name());
         for e in names {
@@ -323,11 +427,9 @@ pub fn install(dir: &Path, etc: &Path) -> Result<Vec<String>, String> {
             } else if s != "applied.json" && s != FILE {
                 let to = etc.join(&r);
                 if let Some(d) = to.parent() {
-                    std::fs::create_dir_all(d)
-                        .map_err(|e| format!("create {}: {e}", d.display()))?;
+                    std::fs::create_dir_all(d).map_err(io("create", d))?;
                 }
-                std::fs::copy(e.path(), &to)
-                    .map_err(|e| format!("copy to {}: {e}", to.display()))?;
+                std::fs::copy(e.path(), &to).map_err(io("copy to", &to))?;
                 done.push(s);
             }
         }
@@ -354,7 +456,10 @@ pub fn fat_label(sector: &[u8]) -> Option<String> {
 
 /// `machine.toml` on a config drive among the block devices in
 /// `class_block`: (the device, the text).
-pub fn find_drive(class_block: &Path, dev_dir: &Path) -> Result<Option<(PathBuf, String)>, String> {
+pub fn find_drive(
+    class_block: &Path,
+    dev_dir: &Path,
+) -> Result<Option<(PathBuf, String)>, ProvisionError> {
     let Ok(entries) = std::fs::read_dir(class_block) else {
         return Ok(None);
     };
@@ -373,10 +478,15 @@ pub fn find_drive(class_block: &Path, dev_dir: &Path) -> Result<Option<(PathBuf,
         {
             continue;
         }
-        f.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|source| ProvisionError::Io {
+                what: "read",
+                path: dev.clone(),
+                source,
+            })?;
         return read_from_fat(f)
             .map(|text| Some((dev.clone(), text)))
-            .map_err(|e| format!("config drive {}: {e}", dev.display()));
+            .map_err(|why| ProvisionError::Drive { dev, why });
     }
     Ok(None)
 }
@@ -399,10 +509,11 @@ pub fn url_from_cmdline(cmdline: &str) -> Option<String> {
 /// GETs `url` (plain `http://HOST[:PORT]/PATH`), trying to connect until
 /// `patience` has passed (DHCP may still be getting the address); the
 /// body of a 200 answer, at most [`MAX_BYTES`].
-pub fn fetch(url: &str, patience: Duration) -> Result<String, String> {
+pub fn fetch(url: &str, patience: Duration) -> Result<String, ProvisionError> {
+    let at = || url.to_string();
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are fetched"))?;
+        .ok_or_else(|| ProvisionError::NotHttp { url: at() })?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -423,13 +534,17 @@ pub fn fetch(url: &str, patience: Duration) -> Result<String, String> {
             });
         match tried {
             Ok(s) => break s,
-            Err(e) if t0.elapsed() >= patience => {
-                return Err(format!("{url}: {e} (tried for {}s)", patience.as_secs()))
+            Err(why) if t0.elapsed() >= patience => {
+                return Err(ProvisionError::Unreachable {
+                    url: at(),
+                    why,
+                    secs: patience.as_secs(),
+                })
             }
             Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }
     };
-    let io = |e: std::io::Error| format!("{url}: {e}");
+    let io = |source| ProvisionError::Fetch { url: at(), source };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io)?;
@@ -446,17 +561,20 @@ pub fn fetch(url: &str, patience: Duration) -> Result<String, String> {
     let split = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("{url}: not an HTTP answer"))?;
+        .ok_or_else(|| ProvisionError::NotAnAnswer { url: at() })?;
     let head = String::from_utf8_lossy(&answer[..split]);
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("{url}: {status}"));
+        return Err(ProvisionError::Status {
+            url: at(),
+            status: status.to_string(),
+        });
     }
     let body = &answer[split + 4..];
     if body.len() as u64 > MAX_BYTES {
-        return Err(format!("{url}: larger than {MAX_BYTES} bytes"));
+        return Err(ProvisionError::TooLarge { url: at() });
     }
-    String::from_utf8(body.to_vec()).map_err(|_| format!("{url}: not UTF-8 text"))
+    String::from_utf8(body.to_vec()).map_err(|_| ProvisionError::NotText { what: at() })
 }
 
 /// What the provisioning phase did.
@@ -480,7 +598,7 @@ pub fn provision(
     dir: &Path,
     etc: &Path,
     found: Option<(String, String)>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, ProvisionError> {
     let outcome = match (applied(dir), found) {
         (Some(record), offered) => Outcome::Before {
             record,
@@ -498,7 +616,7 @@ pub fn provision(
 }
 
 /// Says on the console what [`provision`] did.
-pub fn report(r: &Result<Outcome, String>) {
+pub fn report(r: &Result<Outcome, ProvisionError>) {
     match r {
         Ok(Outcome::None) => tracing::info!("provision: no machine config"),
         Ok(Outcome::Applied(rec)) => tracing::info!(
@@ -515,7 +633,10 @@ pub fn report(r: &Result<Outcome, String>) {
                 tracing::info!("provision: the config offered by {o} is not applied (this machine is provisioned)");
             }
         }
-        Err(e) => tracing::error!("provision: {e}; provisioning stopped, nothing was changed"),
+        Err(e) => tracing::error!(
+            "provision: {}; provisioning stopped, nothing was changed",
+            steelcup_sys::error_chain(e)
+        ),
     }
 }
 
@@ -591,7 +712,7 @@ password = "s3cret"
             ("update-key = \"00\"\n", "update-key: not 64 hex digits"),
         ];
         for (text, want) in cases {
-            let e = check("drive", text).unwrap_err();
+            let e = steelcup_sys::error_chain(&check("drive", text).unwrap_err());
             assert!(e.contains(want), "{text:?}: {e}");
             assert!(e.starts_with("drive"), "{e}");
         }
@@ -676,9 +797,13 @@ password = "s3cret"
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{}", d.display());
         }
-        let e = check("drive", &text.replace("PRIVATE KEY", "PUBLIC KEY")).unwrap_err();
+        let e = steelcup_sys::error_chain(
+            &check("drive", &text.replace("PRIVATE KEY", "PUBLIC KEY")).unwrap_err(),
+        );
         assert!(e.contains("admin.server-key: not a PEM private key"), "{e}");
-        let e = check("drive", &text.replace("0.0.0.0:9443", "anywhere")).unwrap_err();
+        let e = steelcup_sys::error_chain(
+            &check("drive", &text.replace("0.0.0.0:9443", "anywhere")).unwrap_err(),
+        );
         assert!(e.contains("admin.listen \"anywhere\""), "{e}");
     }
 
@@ -687,7 +812,9 @@ password = "s3cret"
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("machine");
         let etc = tmp.path().join("etc");
-        let e = provision(&dir, &etc, Some(("drive".into(), "hostname = 7\n".into()))).unwrap_err();
+        let e = steelcup_sys::error_chain(
+            &provision(&dir, &etc, Some(("drive".into(), "hostname = 7\n".into()))).unwrap_err(),
+        );
         assert!(e.starts_with("drive:1:"), "{e}");
         assert!(!dir.exists() && !etc.exists());
         assert_eq!(provision(&dir, &etc, None).unwrap(), Outcome::None);
@@ -748,11 +875,12 @@ password = "s3cret"
             fetch(&url, Duration::from_secs(5)).unwrap(),
             "hostname = \"node\"\n"
         );
-        let e = fetch(&url, Duration::from_secs(5)).unwrap_err();
+        let e = fetch(&url, Duration::from_secs(5)).unwrap_err().to_string();
         assert!(e.ends_with("HTTP/1.0 404 Not Found"), "{e}");
         server.join().unwrap();
         assert!(fetch("https://x/", Duration::ZERO)
             .unwrap_err()
+            .to_string()
             .contains("only http://"));
         assert_eq!(
             url_from_cmdline("console=ttyS0 steelcup.config=http://10.0.2.2:8000/m.toml quiet"),
