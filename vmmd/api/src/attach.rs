@@ -18,32 +18,41 @@ use std::time::{Duration, Instant};
 use steelcup_proto::guest::ExitStatus;
 use steelcup_proto::stdio::{self, read_frame, write_frame};
 
+use crate::ClientError;
+
 /// Connects to `port` inside the guest through its vsock socket `uds`.
-pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
     // cup --remote: the same socket on the remote machine, by its
     // workload's name.
     let name = uds.file_stem().unwrap_or_default().to_string_lossy();
     let mut s = match crate::remote_stream(&format!("vsock {name}")) {
-        Some(remote) => remote?.0,
-        None => UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?,
+        Some(remote) => remote.map_err(ClientError::Remote)?.0,
+        None => UnixStream::connect(uds).map_err(|source| ClientError::Vsock {
+            path: uds.to_path_buf(),
+            source,
+        })?,
     };
-    writeln!(s, "CONNECT {port}").map_err(|e| format!("write: {e}"))?;
+    let io = |what| move |source| ClientError::Io { what, source };
+    writeln!(s, "CONNECT {port}").map_err(io("write to the vsock socket"))?;
     // The answer is one line; read it byte by byte so nothing after it is
     // swallowed by a buffer.
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
+        .map_err(io("set a timeout"))?;
     while line.len() < 64 {
         match s.read(&mut b) {
             Ok(1) if b[0] == b'\n' => break,
             Ok(1) => line.push(b[0]),
-            _ => return Err(format!("port {port}: the guest does not listen (yet)")),
+            _ => return Err(ClientError::NotListening { port }),
         }
     }
-    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    s.set_read_timeout(None).map_err(io("set a timeout"))?;
     if !line.starts_with(b"OK ") {
-        return Err(format!("port {port}: {:?}", String::from_utf8_lossy(&line)));
+        return Err(ClientError::PortRefused {
+            port,
+            said: String::from_utf8_lossy(&line).into_owned(),
+        });
     }
     Ok(s)
 }
@@ -62,7 +71,7 @@ pub fn connect_when_ready(
         if let Some(uds) = socket()? {
             match connect(Path::new(&uds), port) {
                 Ok(s) => return Ok(s),
-                Err(e) => last = e,
+                Err(e) => last = e.into(),
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -116,10 +125,13 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 
 /// Runs a session on `conn`: copies stdin in (when `stdin`), output out,
 /// and returns the exit status (Err when the stream ends without one).
-pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, String> {
+pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, ClientError> {
     let local_tty = tty && std::io::IsTerminal::is_terminal(&std::io::stdin());
     let _raw = RawTerminal::new(local_tty);
-    let mut writer = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut writer = conn.try_clone().map_err(|source| ClientError::Io {
+        what: "the guest's stream",
+        source,
+    })?;
     if local_tty {
         if let Some((rows, cols)) = steelcup_sys::window_size(&std::io::stdout()) {
             let mut p = rows.to_le_bytes().to_vec();
@@ -151,8 +163,12 @@ pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, S
     let mut reader = BufReader::new(conn);
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     loop {
-        match read_frame(&mut reader).map_err(|e| format!("the guest's stream: {e}"))? {
-            None => return Err("the VM ended before the process reported an exit status".into()),
+        let frame = read_frame(&mut reader).map_err(|source| ClientError::Io {
+            what: "the guest's stream",
+            source,
+        })?;
+        match frame {
+            None => return Err(ClientError::NoExitStatus),
             Some((stdio::STDOUT, d)) => {
                 let _ = out.write_all(&d);
                 let _ = out.flush();
@@ -162,25 +178,31 @@ pub fn session(conn: UnixStream, stdin: bool, tty: bool) -> Result<ExitStatus, S
                 let _ = err.flush();
             }
             Some((stdio::EXIT, d)) => {
-                return serde_json::from_slice(&d)
-                    .map_err(|e| format!("a bad exit status from the guest: {e}"))
+                return serde_json::from_slice(&d).map_err(ClientError::BadExitStatus)
             }
-            Some((stdio::ERROR, d)) => return Err(String::from_utf8_lossy(&d).into_owned()),
+            Some((stdio::ERROR, d)) => {
+                return Err(ClientError::Guest(String::from_utf8_lossy(&d).into_owned()))
+            }
             Some(_) => {}
         }
     }
 }
 
 /// Sends an exec request on a fresh connection to the exec port.
-pub fn start_exec(uds: &Path, request: &stdio::ExecRequest) -> Result<UnixStream, String> {
+pub fn start_exec(uds: &Path, request: &stdio::ExecRequest) -> Result<UnixStream, ClientError> {
     send_exec(connect(uds, stdio::EXEC_PORT)?, request)
 }
 
 /// Sends an exec request on `conn`, a connection to the exec port.
-pub fn send_exec(mut conn: UnixStream, request: &stdio::ExecRequest) -> Result<UnixStream, String> {
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+pub fn send_exec(
+    mut conn: UnixStream,
+    request: &stdio::ExecRequest,
+) -> Result<UnixStream, ClientError> {
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
     line.push(b'\n');
-    conn.write_all(&line)
-        .map_err(|e| format!("send the request: {e}"))?;
+    conn.write_all(&line).map_err(|source| ClientError::Io {
+        what: "send the request",
+        source,
+    })?;
     Ok(conn)
 }

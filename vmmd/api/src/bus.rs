@@ -6,6 +6,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::ClientError;
+
 /// `$STEELCUP_RUN_DIR`, else `/run/steelcup`.
 pub fn run_dir() -> PathBuf {
     std::env::var_os("STEELCUP_RUN_DIR")
@@ -19,19 +21,26 @@ pub fn connect_p2p(
     who: &str,
     socket: &Path,
     hint: &str,
-) -> Result<zbus::blocking::Connection, String> {
-    let stream = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach {who} at {}: {e} ({hint})", socket.display()))?;
+) -> Result<zbus::blocking::Connection, ClientError> {
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+        who: who.to_string(),
+        socket: socket.to_path_buf(),
+        hint: hint.to_string(),
+        source,
+    })?;
     p2p_over(stream, &socket.display().to_string())
 }
 
 /// A peer-to-peer D-Bus connection over `stream` (a local socket, or one
 /// relayed to a remote machine); `peer` names it in errors.
-pub fn p2p_over(stream: UnixStream, peer: &str) -> Result<zbus::blocking::Connection, String> {
+pub fn p2p_over(stream: UnixStream, peer: &str) -> Result<zbus::blocking::Connection, ClientError> {
     zbus::blocking::connection::Builder::async_io_unix_stream(stream)
         .p2p()
         .build()
-        .map_err(|e| format!("D-Bus handshake with {peer}: {e}"))
+        .map_err(|source| ClientError::Handshake {
+            peer: peer.to_string(),
+            source: Box::new(source),
+        })
 }
 
 /// Live client connections, for signals.

@@ -3,6 +3,7 @@
 //! supervisor executes and the D-Bus adapter) is `steelcup_init::api`.
 
 use crate::bus::{connect_p2p, p2p_over};
+use crate::ClientError;
 use serde::{Deserialize, Serialize};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -72,15 +73,18 @@ pub trait Init1 {
 }
 
 /// Init's API over `stream`.
-pub fn init1_over(stream: UnixStream, peer: &str) -> Result<Init1Proxy<'static>, String> {
+pub fn init1_over(stream: UnixStream, peer: &str) -> Result<Init1Proxy<'static>, ClientError> {
     let conn = p2p_over(stream, peer)?;
     Init1Proxy::builder(&conn)
         .build()
-        .map_err(|e| format!("init API: {e}"))
+        .map_err(|source| ClientError::Proxy {
+            what: "init",
+            source: Box::new(source),
+        })
 }
 
 /// Connects to init's socket in `run_dir`.
-pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, String> {
+pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, ClientError> {
     let path = run_dir.join(SOCKET);
     let conn = connect_p2p(
         "init",
@@ -89,5 +93,8 @@ pub fn connect(run_dir: &Path) -> Result<Init1Proxy<'static>, String> {
     )?;
     Init1Proxy::builder(&conn)
         .build()
-        .map_err(|e| format!("init API: {e}"))
+        .map_err(|source| ClientError::Proxy {
+            what: "init",
+            source: Box::new(source),
+        })
 }

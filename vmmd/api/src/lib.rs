@@ -15,10 +15,13 @@
 
 pub mod attach;
 pub mod bus;
+mod error;
 pub mod init1;
 #[cfg(feature = "remote")]
 pub mod remote;
 pub mod vmm1;
+
+pub use error::ClientError;
 
 /// With `cup --remote` (the `remote` feature, and [`remote::REMOTE`] set):
 /// a stream to `target` (`init`, `vmmd`, `vsock NAME`) on the remote

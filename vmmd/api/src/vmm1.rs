@@ -434,10 +434,10 @@ pub trait Vmm1Client {
 
 /// Connects to vmmd at `socket` (with `cup --remote`, to the remote
 /// machine's vmmd).
-pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
+pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, crate::ClientError> {
     let conn = match crate::remote_stream("vmmd") {
         Some(remote) => {
-            let (stream, addr) = remote?;
+            let (stream, addr) = remote.map_err(crate::ClientError::Remote)?;
             crate::bus::p2p_over(stream, &addr)?
         }
         None => crate::bus::connect_p2p(
@@ -448,7 +448,10 @@ pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, String> {
     };
     Vmm1ClientProxy::builder(&conn)
         .build()
-        .map_err(|e| format!("vmmd API: {e}"))
+        .map_err(|source| crate::ClientError::Proxy {
+            what: "vmmd",
+            source: Box::new(source),
+        })
 }
 
 #[cfg(test)]

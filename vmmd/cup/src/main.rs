@@ -127,9 +127,9 @@ fn proxy() -> Result<Init1Proxy<'static>, String> {
     match steelcup_api::remote_stream("init") {
         Some(remote) => {
             let (stream, addr) = remote?;
-            client::init1_over(stream, &addr)
+            Ok(client::init1_over(stream, &addr)?)
         }
-        None => client::connect(&steelcup_api::bus::run_dir()),
+        None => Ok(client::connect(&steelcup_api::bus::run_dir())?),
     }
 }
 
@@ -143,7 +143,7 @@ fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, String> {
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| steelcup_api::vmm1::DEFAULT_SOCKET.into())
     });
-    steelcup_api::vmm1::connect(&socket)
+    Ok(steelcup_api::vmm1::connect(&socket)?)
 }
 
 /// cup's exit code from a workload verb's result.

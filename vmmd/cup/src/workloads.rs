@@ -371,7 +371,7 @@ fn connect_again() -> Result<Vmm1ClientProxy<'static>, String> {
     let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| steelcup_api::vmm1::DEFAULT_SOCKET.into());
-    steelcup_api::vmm1::connect(&socket)
+    Ok(steelcup_api::vmm1::connect(&socket)?)
 }
 
 /// `cup pull SOURCE`, `cup images`, `cup rmi NAME`, `cup image prune`.

@@ -11,8 +11,8 @@ pub(super) fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure>
         message,
         unreachable: false,
     };
-    let unreachable = |message: String| ProbeFailure {
-        message,
+    let unreachable = |e: steelcup_api::ClientError| ProbeFailure {
+        message: e.into(),
         unreachable: true,
     };
     let p = match (check.tcp, check.http) {
