@@ -24,6 +24,17 @@ impl Sup {
     /// `read_console: false` leaves init's stdout (where unit output is
     /// echoed) a pipe nobody reads, like a console that cannot keep up.
     fn start_with(test: &str, units: &[(&str, &str)], read_console: bool) -> Sup {
+        Self::start_ignoring(test, units, read_console, &[])
+    }
+
+    /// Starts init with `ignored` signals set to SIG_IGN, as a parent
+    /// (nohup, a shell, a container runtime) may hand them over.
+    fn start_ignoring(
+        test: &str,
+        units: &[(&str, &str)],
+        read_console: bool,
+        ignored: &[i32],
+    ) -> Sup {
         let dir = std::env::temp_dir().join(format!("steelcup-it-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("units")).unwrap();
@@ -42,6 +53,18 @@ impl Sup {
             }
             None => Command::new(env!("CARGO_BIN_EXE_init")),
         };
+        let ignored = ignored.to_vec();
+        // SAFETY: the closure runs between fork and exec and only calls
+        // signal(2), which is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                for s in &ignored {
+                    libc::signal(*s, libc::SIG_IGN);
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .arg("--units")
             .arg(dir.join("units"))
@@ -317,6 +340,45 @@ fn services_get_an_empty_signal_mask_and_stop_on_sigterm() {
         "{}",
         s.output()
     );
+}
+
+/// A service of an init started with SIGHUP ignored could not trap
+/// SIGHUP, so its `reload-signal` was lost: every disposition is reset.
+#[test]
+fn services_start_with_default_signal_dispositions_whatever_init_inherited() {
+    let s = Sup::start_ignoring(
+        "sigign",
+        &[(
+            "dispositions",
+            &service("grep SigIgn /proc/self/status; sleep 300", ""),
+        )],
+        true,
+        &[libc::SIGHUP, libc::SIGINT, libc::SIGUSR1],
+    );
+    s.wait_for("[dispositions] SigIgn:", Duration::from_secs(10));
+    assert!(
+        s.output()
+            .contains("[dispositions] SigIgn:\t0000000000000000"),
+        "{}",
+        s.output()
+    );
+}
+
+/// A program that is not there is said so in words, not as `errno 2`.
+#[test]
+fn a_failed_exec_names_the_error() {
+    let s = Sup::start(
+        "execfail",
+        &[(
+            "missing",
+            "[service]\nexec = [\"/no/such/program\"]\nrestart = \"no\"\n",
+        )],
+    );
+    s.wait_for("/no/such/program", Duration::from_secs(10));
+    s.wait_until("the error's name", Duration::from_secs(10), |o| {
+        o.contains("/no/such/program: No such file or directory")
+    });
+    assert!(!s.output().contains("errno 2"), "{}", s.output());
 }
 
 #[test]

@@ -490,11 +490,19 @@ unsafe fn child_exec(
                 break;
             }
         }
-        let msg: [&[u8]; 5] = [
+        // The error's name from a table of our own (strerror may take a
+        // lock or allocate, which a forked child of a threaded parent must
+        // not), with the number for any other.
+        let (name, number): (&[u8], &[u8]) = match errno_text(errno) {
+            Some(text) => (text, b""),
+            None => (b"errno ", &digits[i..]),
+        };
+        let msg: [&[u8]; 6] = [
             b"steelcup init: cannot start: ",
             what,
-            b": errno ",
-            &digits[i..],
+            b": ",
+            name,
+            number,
             b"\n",
         ];
         // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are
@@ -513,8 +521,35 @@ unsafe fn child_exec(
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        // The Rust runtime ignores SIGPIPE; a service expects the default.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // Every disposition back to the default, whatever init inherited
+        // or set: an ignored signal stays ignored across exec (the Rust
+        // runtime ignores SIGPIPE; init started by hand may have SIGHUP
+        // ignored, and then a service could never trap its reload signal).
+        // SIGKILL and SIGSTOP refuse, as they should. The raw system call,
+        // not signal(3): glibc refuses 32 and 33 (its own), which a parent
+        // may still have set to ignored.
+        #[repr(C)]
+        struct KernelSigaction {
+            handler: usize,
+            flags: libc::c_ulong,
+            restorer: usize,
+            mask: u64,
+        }
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64 {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
+        }
         if libc::dup2(null_fd, 0) < 0 || libc::dup2(out_fd, 1) < 0 || libc::dup2(err_fd, 2) < 0 {
             fail(err_fd, b"stdio");
         }
@@ -544,6 +579,28 @@ unsafe fn child_exec(
         libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
         fail(2, spec.argv[0].as_bytes())
     }
+}
+
+/// The name of the errors a start fails with most, as strerror words it.
+fn errno_text(errno: libc::c_int) -> Option<&'static [u8]> {
+    Some(match errno {
+        libc::ENOENT => b"No such file or directory",
+        libc::EACCES => b"Permission denied",
+        libc::EPERM => b"Operation not permitted",
+        libc::ENOEXEC => b"Exec format error",
+        libc::ENOTDIR => b"Not a directory",
+        libc::EISDIR => b"Is a directory",
+        libc::ELOOP => b"Too many levels of symbolic links",
+        libc::ENAMETOOLONG => b"File name too long",
+        libc::E2BIG => b"Argument list too long",
+        libc::ENOMEM => b"Cannot allocate memory",
+        libc::ETXTBSY => b"Text file busy",
+        libc::EINVAL => b"Invalid argument",
+        libc::ELIBBAD => b"Accessing a corrupted shared library",
+        libc::EMFILE => b"Too many open files",
+        libc::EAGAIN => b"Resource temporarily unavailable",
+        _ => return None,
+    })
 }
 
 /// A pipe whose ends are close-on-exec (the child's end is dup2'd to its
