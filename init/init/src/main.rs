@@ -51,12 +51,6 @@ fn parse_args() -> Result<Args, String> {
                         .into(),
                 )
             }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]"
-                        .into(),
-                );
-            }
             // The kernel passes unknown command-line words to init; ignore them as PID 1.
             _ if sys::is_pid1() => {}
             other => return Err(format!("unknown argument {other:?}; see --help")),
@@ -281,9 +275,26 @@ fn health_gate(mut booted: slots::Booted, cmdline: &str) -> Gate {
     }
 }
 
+/// `init --help`.
+const USAGE: &str = "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]
+
+steelcup's init: PID 1 of a steelcup machine, or a supervisor of the unit
+files in DIR (default /etc/steelcup/units) anywhere else.
+  --units DIR    the unit files
+  --run-dir DIR  where the API socket (init.sock) and the units' notify
+                 sockets go (default /run/steelcup)
+  --log-dir DIR  keep each unit's log in DIR/NAME.log too
+  --cgroup DIR   a cgroup v2 directory to put each service in";
+
 fn main() {
-    steelcup_init::init_logging();
     let pid1 = sys::is_pid1();
+    // As PID 1 the kernel's leftover command-line words are not ours to
+    // answer; anywhere else --help is a request.
+    if !pid1 && std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
+    steelcup_init::init_logging();
     if pid1 {
         // Release builds abort on panic, so nothing unwinds to main: the hook
         // is PID 1's last word. Log, sync, power off — never let the kernel

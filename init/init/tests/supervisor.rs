@@ -364,6 +364,31 @@ fn services_start_with_default_signal_dispositions_whatever_init_inherited() {
     );
 }
 
+#[test]
+fn init_help_prints_its_usage_and_exits_0() {
+    let out = Command::new(env!("CARGO_BIN_EXE_init"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("usage: init [--units DIR]"), "{text}");
+}
+
+#[test]
+fn the_logs_of_a_unit_that_does_not_exist_are_an_error() {
+    let s = Sup::start("nolog", &[("quiet", &service("sleep 300", ""))]);
+    let e = s.api().tail("nosuch", 10).unwrap_err().to_string();
+    assert!(
+        e.contains("NoSuchUnit") || e.contains("no unit named"),
+        "{e}"
+    );
+    assert!(
+        s.api().tail("quiet", 10).is_ok(),
+        "a unit with no output yet"
+    );
+}
+
 /// A program that is not there is said so in words, not as `errno 2`.
 #[test]
 fn a_failed_exec_names_the_error() {

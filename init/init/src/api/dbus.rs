@@ -194,6 +194,9 @@ impl Init1 {
         name: String,
         lines: u32,
     ) -> Result<(Vec<(u64, String)>, u64), Init1Error> {
+        // A unit that does not exist is an error, not an empty log (`cup
+        // logs --unit NOSUCH`); following (`logs`) does not ask again.
+        self.handle.call(Action::Status(name.clone())).await?;
         Ok(self.logs.tail(&name, lines.min(10_000) as usize))
     }
 
