@@ -288,10 +288,19 @@ pub fn build(inputs: &Inputs) -> Result<ArtifactManifest> {
             }
         }
     }
+    // A unit that would be refused at boot is refused at build time: each
+    // file as init reads it, then the set's dependency graph.
+    let mut parsed = Vec::new();
     for u in units.values() {
-        let text = std::fs::read_to_string(u).with_context(|| format!("read {}", u.display()))?;
-        // A unit that would be refused at boot is refused at build time.
-        steelcup_units::parse(u, &text)?;
+        let text = steelcup_units::read_unit_file(u)?;
+        parsed.push(steelcup_units::parse(u, &text)?);
+    }
+    let plan = steelcup_units::graph::plan(&parsed);
+    if let Some((name, why)) = plan.refused.iter().next() {
+        anyhow::bail!("unit {name} would be refused at boot: {why}");
+    }
+    for u in units.values() {
+        let text = steelcup_units::read_unit_file(u)?;
         let name = u.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         t.file(
             &format!("etc/steelcup/units/{name}"),

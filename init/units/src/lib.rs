@@ -20,7 +20,7 @@ mod load;
 pub mod ports;
 
 pub use backoff::Backoff;
-pub use load::{load_dir, parse, parse_layered};
+pub use load::{load_dir, load_files, parse, parse_layered, read_unit_file, MAX_UNIT_FILE};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -37,6 +37,10 @@ pub enum UnitError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: not a regular file (a unit file is read only from one)")]
+    NotAFile { path: PathBuf },
+    #[error("{path}: larger than {max} bytes; a unit file is at most that")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
         path: PathBuf,
@@ -789,6 +793,52 @@ restart = "on-failure"
         assert_eq!(names, ["a", "c"]);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("b.toml:1:"), "{}", errors[0]);
+    }
+
+    /// A FIFO named `*.toml` hung the read of the units directory, and a
+    /// link to /dev/zero would have read until memory ran out: only
+    /// regular files of a bounded size are read, and the rest load.
+    #[test]
+    fn fifos_devices_and_huge_files_are_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("good.toml"), "[service]\nexec=[\"/bin/a\"]\n").unwrap();
+        nix::unistd::mkfifo(
+            &d.join("fifo.toml"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("zero.toml")).unwrap();
+        std::fs::write(d.join("huge.toml"), vec![b'#'; MAX_UNIT_FILE as usize + 1]).unwrap();
+        std::fs::create_dir_all(d.join("good.d")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("good.d/10-zero.toml")).unwrap();
+        std::fs::write(d.join("ok.toml"), "[service]\nexec=[\"/bin/b\"]\n").unwrap();
+        let t0 = std::time::Instant::now();
+        let (units, errors) = load_dir(d);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let names: Vec<_> = units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["ok"]);
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(text.len(), 4, "{text:?}");
+        assert!(
+            text.iter()
+                .any(|e| e.contains("fifo.toml: not a regular file")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.contains("zero.toml: not a regular file")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.contains("10-zero.toml: not a regular file")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|e| e.contains("huge.toml: larger than")),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -253,6 +253,49 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The most a unit file or drop-in may hold.
+pub const MAX_UNIT_FILE: u64 = 256 * 1024;
+
+/// Reads the unit file or drop-in at `path`: a regular file (a FIFO, a
+/// device or a link to one named `*.toml` is refused without waiting on
+/// it) of at most [`MAX_UNIT_FILE`] bytes.
+pub fn read_unit_file(path: &Path) -> Result<String, UnitError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read = |source| UnitError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Non-blocking: opening a FIFO for reading would wait for a writer.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read)?;
+    // Checked on what was opened, so a file swapped in meanwhile is too.
+    if !f.metadata().map_err(read)?.is_file() {
+        return Err(UnitError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_UNIT_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > MAX_UNIT_FILE {
+        return Err(UnitError::TooLarge {
+            path: path.to_path_buf(),
+            max: MAX_UNIT_FILE,
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        read(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text",
+        ))
+    })
+}
+
 /// The drop-ins of unit file `path`: `NAME.d/*.toml` beside it, by name.
 fn dropins(path: &Path) -> Result<Vec<(PathBuf, String)>, UnitError> {
     let mut dir = path.as_os_str().to_owned();
@@ -269,11 +312,24 @@ fn dropins(path: &Path) -> Result<Vec<(PathBuf, String)>, UnitError> {
     paths.sort();
     paths
         .into_iter()
-        .map(|p| match std::fs::read_to_string(&p) {
-            Ok(t) => Ok((p, t)),
-            Err(source) => Err(UnitError::Read { path: p, source }),
-        })
+        .map(|p| read_unit_file(&p).map(|t| (p, t)))
         .collect()
+}
+
+/// Reads the unit files `paths`, each with its drop-ins, as [`load_dir`]
+/// reads a directory's (`cup validate FILE...`).
+pub fn load_files(paths: &[PathBuf]) -> (Vec<Unit>, Vec<UnitError>) {
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        match read_unit_file(path)
+            .and_then(|text| dropins(path).and_then(|d| parse_layered(path, &text, &d)))
+        {
+            Ok(u) => units.push(u),
+            Err(e) => errors.push(e),
+        }
+    }
+    (units, errors)
 }
 
 /// Reads every `*.toml` in `dir` with its drop-ins, sorted by name. Good
@@ -296,12 +352,12 @@ pub fn load_dir(dir: &Path) -> (Vec<Unit>, Vec<UnitError>) {
     };
     paths.sort();
     for path in paths {
-        match std::fs::read_to_string(&path) {
+        match read_unit_file(&path) {
             Ok(text) => match dropins(&path).and_then(|d| parse_layered(&path, &text, &d)) {
                 Ok(u) => units.push(u),
                 Err(e) => errors.push(e),
             },
-            Err(source) => errors.push(UnitError::Read { path, source }),
+            Err(e) => errors.push(e),
         }
     }
     (units, errors)

@@ -193,27 +193,42 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             println!("cup {}", env!("CARGO_PKG_VERSION"));
         }
         Some("validate") if args.len() > 1 => {
-            let mut ok = true;
+            // The whole set as init reads it: each file with its drop-ins
+            // (a directory: every unit in it), then the dependency graph
+            // (cycles, a `requires` of a unit that is not in the set).
+            let (mut units, mut errors) = (Vec::new(), Vec::new());
+            let mut files = Vec::new();
             for f in &args[1..] {
                 let path = Path::new(f);
-                let result = std::fs::read_to_string(path)
-                    .map_err(|e| format!("{f}: {e}"))
-                    .and_then(|t| steelcup_units::parse(path, &t).map_err(|e| e.to_string()));
-                match result {
-                    Ok(u) => println!(
-                        "{f}: ok ({})",
+                if path.is_dir() {
+                    let (u, e) = steelcup_units::load_dir(path);
+                    units.extend(u);
+                    errors.extend(e);
+                } else {
+                    files.push(path.to_path_buf());
+                }
+            }
+            let (u, e) = steelcup_units::load_files(&files);
+            units.extend(u);
+            errors.extend(e);
+            let plan = steelcup_units::graph::plan(&units);
+            for e in &errors {
+                eprintln!("{}", steelcup_sys::error_chain(e));
+            }
+            for u in &units {
+                match plan.refused.get(&u.name) {
+                    Some(why) => eprintln!("{}: refused: {why}", u.name),
+                    None => println!(
+                        "{}: ok ({})",
+                        u.name,
                         match u.kind {
                             steelcup_units::UnitKind::Service(_) => "service",
                             steelcup_units::UnitKind::Microvm(_) => "microvm",
                         }
                     ),
-                    Err(e) => {
-                        eprintln!("{e}");
-                        ok = false;
-                    }
                 }
             }
-            return Ok(if ok {
+            return Ok(if errors.is_empty() && plan.refused.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
