@@ -143,10 +143,27 @@ fn parse_id(s: &str, what: &str) -> Option<Result<u32, String>> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    // As runc: an id is at most 2^31 - 1 (the kernel's ids are unsigned,
+    // but -1 and its neighbours mean "no id" to too much of userspace).
     Some(match s.parse::<u64>() {
-        Ok(n) if n < u64::from(u32::MAX) => Ok(n as u32),
-        _ => Err(format!("{what} {s} does not fit a 32-bit id")),
+        Ok(n) if n <= MAX_ID => Ok(n as u32),
+        _ => Err(format!("{what} {s} is above {MAX_ID}")),
     })
+}
+
+/// The largest uid or gid a workload may run as (runc's bound).
+pub const MAX_ID: u64 = 2_147_483_647;
+
+/// An id field of `/etc/passwd` or `/etc/group`: a number within
+/// [`MAX_ID`], or an error naming the entry (never a silent 0, which would
+/// be root).
+fn id_field(file: &str, entry: &str, field: &str, value: &str) -> Result<u32, String> {
+    match parse_id(value, field) {
+        Some(Ok(id)) => Ok(id),
+        _ => Err(format!(
+            "{entry:?} in the image's {file}: its {field} {value:?} is not a number up to {MAX_ID}"
+        )),
+    }
 }
 
 /// Resolves an OCI `User` (`user[:group]`, names or ids) against the
@@ -158,32 +175,34 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Credentials
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    // name:x:uid:gid:gecos:home:shell
+    // name:x:uid:gid:gecos:home:shell; the ids are checked where an entry
+    // is used.
     let passwd_entries = passwd.lines().filter_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 7).then(|| {
-            (
-                f[0],
-                f[2].parse::<u32>().ok(),
-                f[3].parse::<u32>().ok(),
-                f[5],
-            )
-        })
+        (f.len() >= 7).then(|| (f[0], f[2], f[3], f[5]))
     });
+    let gid_of = |name: &str, gid: &str| id_field("/etc/passwd", name, "gid", gid);
     let entry = match parse_id(user, "uid") {
         Some(uid) => {
             let uid = uid?;
-            passwd_entries
+            match passwd_entries
                 .clone()
-                .find(|e| e.1 == Some(uid))
-                .map(|e| (e.0, uid, e.2.unwrap_or(0), e.3))
-                .or(Some(("", uid, 0, "/")))
+                .find(|e| parse_id(e.1, "uid").and_then(Result::ok) == Some(uid))
+            {
+                Some(e) => Some((e.0, uid, gid_of(e.0, e.2)?, e.3)),
+                None => Some(("", uid, 0, "/")),
+            }
         }
         None if user.is_empty() => Some(("root", 0, 0, "/root")),
-        None => passwd_entries
-            .clone()
-            .find(|e| e.0 == user)
-            .map(|e| (e.0, e.1.unwrap_or(0), e.2.unwrap_or(0), e.3)),
+        None => match passwd_entries.clone().find(|e| e.0 == user) {
+            Some(e) => Some((
+                e.0,
+                id_field("/etc/passwd", e.0, "uid", e.1)?,
+                gid_of(e.0, e.2)?,
+                e.3,
+            )),
+            None => None,
+        },
     };
     let Some((name, uid, mut gid, home)) = entry else {
         return Err(format!("user {user:?} is not in the image's /etc/passwd"));
@@ -196,7 +215,7 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Credentials
             (f.len() >= 4).then(|| {
                 (
                     f[0],
-                    f[2].parse::<u32>().ok(),
+                    parse_id(f[2], "gid").and_then(Result::ok),
                     f[3].split(',').filter(|m| !m.is_empty()).collect(),
                 )
             })
@@ -508,11 +527,36 @@ mod tests {
             .contains("\"nobody\" is not in the image's /etc/passwd"));
         assert!(r("app:nogroup").unwrap_err().contains("/etc/group"));
         assert!(
-            r("4294967295").unwrap_err().contains("does not fit"),
+            r("4294967295").unwrap_err().contains("above 2147483647"),
             "-1 is refused"
         );
-        assert!(r("99999999999").unwrap_err().contains("does not fit"));
-        assert!(r("0:4294967296").unwrap_err().contains("does not fit"));
+        assert!(r("99999999999").unwrap_err().contains("above"));
+        assert!(r("0:4294967296").unwrap_err().contains("above"));
+        // runc's bound: 2^31 - 1 is the largest id.
+        assert_eq!(r("2147483647"), Ok(c(2147483647, 0, &[0], "/")));
+        assert!(r("2147483648").unwrap_err().contains("above 2147483647"));
+        assert!(r("0:2147483648").unwrap_err().contains("above"));
+    }
+
+    /// A passwd entry whose uid or gid was not a number ran the workload
+    /// as uid 0 or gid 0.
+    #[test]
+    fn a_passwd_entry_with_a_bad_id_is_an_error_not_root() {
+        let passwd =
+            "web:x:abc:100:web:/srv:/bin/sh\ndb:x:70:-1:db:/db:/bin/sh\nok:x:80:80::/:/bin/sh\n";
+        let e = resolve_user("web", passwd, "").unwrap_err();
+        assert!(
+            e.contains("\"web\" in the image's /etc/passwd: its uid \"abc\""),
+            "{e}"
+        );
+        let e = resolve_user("db", passwd, "").unwrap_err();
+        assert!(e.contains("its gid \"-1\""), "{e}");
+        let e = resolve_user("70", passwd, "").unwrap_err();
+        assert!(e.contains("its gid"), "by number too: {e}");
+        assert_eq!(
+            resolve_user("ok", passwd, "").map(|c| (c.uid, c.gid)),
+            Ok((80, 80))
+        );
     }
 
     #[test]
