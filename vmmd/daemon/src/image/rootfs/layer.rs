@@ -99,6 +99,14 @@ fn parse_pax(data: &[u8], p: &mut Pending) -> Result<(), String> {
             whole.parse().map_err(|_| format!("a bad PAX number {s:?}"))
         };
         match key {
+            // A NUL would end the name for a C reader (GNU tar) and not
+            // for us: `a` and `a\0x` would be two files, one image apart.
+            b"path" | b"linkpath" if value.contains(&0) => {
+                return Err(format!(
+                    "a PAX {} with a NUL byte",
+                    String::from_utf8_lossy(key)
+                ))
+            }
             b"path" => p.path = Some(value.to_vec()),
             b"linkpath" => p.link = Some(value.to_vec()),
             b"uid" => p.uid = Some(number(value)?),
@@ -251,6 +259,16 @@ pub fn apply_layer(
                     )))
                 }
             };
+            // Go's archive/tar (Docker, containerd, umoci) and GNU tar read
+            // no data after a directory, link, device or FIFO whatever its
+            // size says, and take what follows as the next header; skipping
+            // the bytes would show another file list than theirs.
+            if size != 0 && !matches!(kind, EntryKind::File { .. }) {
+                return Err(bad(format!(
+                    "a {} entry that declares {size} bytes of data (other tar readers take them for headers)",
+                    kind.name()
+                )));
+            }
             let id = |pax: Option<u64>, raw: io::Result<u64>| -> Result<u32, LayerError> {
                 let v = match pax {
                     Some(v) => v,

@@ -416,6 +416,76 @@ fn bombs_stop_at_the_caps() {
     assert!(matches!(err, LayerError::TooLarge { .. }), "{err}");
 }
 
+/// A directory (or link, device, FIFO) whose header declared a size: we
+/// skipped that many bytes, where Go's archive/tar and GNU tar read a
+/// header there, so a scanner and the VM saw different files.
+#[test]
+fn a_header_only_entry_that_declares_data_is_refused() {
+    for ty in [
+        tar::EntryType::Directory,
+        tar::EntryType::Symlink,
+        tar::EntryType::Link,
+        tar::EntryType::Char,
+        tar::EntryType::Fifo,
+    ] {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path("smuggler").unwrap();
+        h.set_link_name("target").unwrap();
+        h.set_entry_type(ty);
+        h.set_mode(0o755);
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+        h.set_size(512);
+        h.set_cksum();
+        // The 512 "data" bytes are a whole header of a file for the others.
+        let mut hidden = tar::Header::new_ustar();
+        hidden.set_path("hidden").unwrap();
+        hidden.set_size(0);
+        hidden.set_cksum();
+        b.append(&h, hidden.as_bytes().as_slice()).unwrap();
+        let layer = b.into_inner().unwrap();
+        let e = apply_all(&[layer], Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("declares 512 bytes of data"), "{ty:?}: {e}");
+    }
+}
+
+/// `a` and `a\0x` in PAX paths landed as two files (and the erofs
+/// directory unsorted); GNU tar reads both as `a`.
+#[test]
+fn a_nul_byte_in_a_pax_path_is_refused() {
+    for key in ["path", "linkpath"] {
+        let mut rec = format!(" {key}=a").into_bytes();
+        rec.extend_from_slice(b"\0x\n");
+        let mut len = rec.len() + 1;
+        while rec.len() + len.to_string().len() != len {
+            len = rec.len() + len.to_string().len();
+        }
+        let mut pax = len.to_string().into_bytes();
+        pax.extend_from_slice(&rec);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(pax.len() as u64);
+        x.set_path("pax").unwrap();
+        x.set_cksum();
+        b.append(&x, &pax[..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("a").unwrap();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_link_name("b").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let e = apply_all(&[b.into_inner().unwrap()], Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("a PAX {key} with a NUL byte")), "{e}");
+    }
+}
+
 #[test]
 fn a_truncated_layer_is_an_error() {
     let mut t = tar(&[T::File("f", &[1u8; 10000])]);

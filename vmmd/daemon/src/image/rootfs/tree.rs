@@ -187,6 +187,21 @@ pub enum EntryKind {
     Fifo,
 }
 
+impl EntryKind {
+    /// The kind's name in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EntryKind::Dir => "directory",
+            EntryKind::File { .. } => "file",
+            EntryKind::Symlink(_) => "symlink",
+            EntryKind::Hardlink(_) => "hard link",
+            EntryKind::CharDevice { .. } => "character device",
+            EntryKind::BlockDevice { .. } => "block device",
+            EntryKind::Fifo => "FIFO",
+        }
+    }
+}
+
 /// One entry of a layer: its path, kind and metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
