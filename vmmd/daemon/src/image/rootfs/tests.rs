@@ -486,6 +486,40 @@ fn a_nul_byte_in_a_pax_path_is_refused() {
     }
 }
 
+/// `.wh..`, `.wh...`, `.wh.` and whiteout names as directories were
+/// silently ignored where other runtimes read them otherwise.
+#[test]
+fn odd_whiteouts_are_errors_not_no_ops() {
+    for name in [
+        "a/.wh.",
+        "a/.wh..",
+        "a/.wh...",
+        "a/.wh..wh.other",
+        ".wh.dir/file",
+        "a/.wh.b/c",
+    ] {
+        let e = apply_all(
+            &[tar(&[T::Dir("a"), T::File(name, b"")])],
+            Limits::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("whiteout") || e.contains("`.wh..wh.`"),
+            "{name}: {e}"
+        );
+    }
+    // The opaque marker and an ordinary whiteout still work.
+    apply_all(
+        &[
+            tar(&[T::Dir("a"), T::File("a/x", b"1")]),
+            tar(&[T::File("a/.wh..wh..opq", b""), T::File(".wh.zz", b"")]),
+        ],
+        Limits::default(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_truncated_layer_is_an_error() {
     let mut t = tar(&[T::File("f", &[1u8; 10000])]);

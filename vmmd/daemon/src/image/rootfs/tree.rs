@@ -69,6 +69,8 @@ pub enum TreeError {
     Traversal { path: String },
     #[error("{path}: {component} is not a directory")]
     NotADirectory { path: String, component: String },
+    #[error("{path}: {why}")]
+    BadWhiteout { path: String, why: &'static str },
     #[error("{path}: too many levels of symbolic links")]
     SymlinkLoop { path: String },
     #[error("{path}: the image root must be a directory")]
@@ -425,14 +427,34 @@ impl Tree {
             return Ok(());
         };
         let name: &[u8] = name;
-
+        // What other runtimes would read differently is refused: a
+        // whiteout name on a directory of the path, a whiteout of nothing
+        // (`.wh.`), of `.` or `..`, or another name under the reserved
+        // `.wh..wh.` prefix than the opaque marker.
+        let bad_whiteout = |why| TreeError::BadWhiteout {
+            path: show(&path),
+            why,
+        };
+        if parents.iter().any(|c| c.starts_with(WHITEOUT)) {
+            return Err(bad_whiteout("a whiteout name as a directory of the path"));
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(bad_whiteout("a whiteout of nothing, `.` or `..`"));
+            }
+            if name != OPAQUE && hidden.starts_with(WHITEOUT) {
+                return Err(bad_whiteout(
+                    "a reserved `.wh..wh.` name other than the opaque marker",
+                ));
+            }
+        }
         if let Some(hidden) = name.strip_prefix(WHITEOUT) {
             let Some(dir) = self.resolve_dir(&path, parents, false, layer)? else {
                 return Ok(()); // hides something no lower layer has
             };
             if name == OPAQUE {
                 self.hide_lower(dir, layer);
-            } else if !hidden.starts_with(WHITEOUT) {
+            } else {
                 let found = self.children(dir).and_then(|m| m.get(hidden)).copied();
                 match found {
                     Some(d) if d.layer < layer => {
