@@ -4,7 +4,7 @@
 use crate::FileEntry;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use steelcup_vmm::cpio::CpioWriter;
+use steelcup_proto::cpio::CpioWriter;
 
 #[derive(Debug, Clone)]
 enum Node {

@@ -5,7 +5,8 @@
 //! [`guest`] is the guest's config (written into its initramfs or sent on
 //! claim) and the exit status vminit reports; [`stdio`] is the framing of a
 //! workload's stdio and exec requests over vsock; [`control`] is what vmmd
-//! asks vminit (stop, kill, ping, health [`probe`]s, a warm VM's claim); [`worker`] is what vmmd hands a
+//! asks vminit (stop, kill, ping, health [`probe`]s, a warm VM's claim);
+//! [`cpio`] writes the initramfs format the guest config travels in; [`worker`] is what vmmd hands a
 //! VM's worker process and what the worker reports back. Every type here is serde, compiled by
 //! both sides, so a change to a message breaks the build, not a guest.
 //!
@@ -14,6 +15,7 @@
 //! binary frame; the rest is one JSON object per line.
 
 pub mod control;
+pub mod cpio;
 pub mod guest;
 pub mod probe;
 pub mod stdio;

@@ -4,7 +4,6 @@
 
 use crate::arch::{self, ArchError};
 use crate::config::VmConfig;
-use crate::cpio::{CpioError, CpioWriter};
 use crate::devices::event_loop::DeviceLoop;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
@@ -24,6 +23,7 @@ use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use std::io::{Read, Seek};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use steelcup_proto::cpio::{CpioError, CpioWriter};
 use steelcup_proto::guest::CONFIG_PATH;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;

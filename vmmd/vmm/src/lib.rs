@@ -21,7 +21,7 @@
 
 pub mod arch;
 pub mod builder;
-pub mod cpio;
+
 pub mod devices;
 pub mod fuzz;
 pub mod jail;
