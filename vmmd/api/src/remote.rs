@@ -38,6 +38,9 @@ pub const CLIENT_CA: &str = "client-ca.crt";
 pub const CA: &str = "ca.crt";
 pub const CLIENT_CERT: &str = "client.crt";
 pub const CLIENT_KEY: &str = "client.key";
+/// How long connecting, the TLS handshake and the gateway's answer may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The port the gateway listens on by default.
 pub const DEFAULT_PORT: u16 = 7443;
 
@@ -116,6 +119,8 @@ pub enum RemoteError {
     Refused { addr: String, said: String },
     #[error("the remote connection ended")]
     Ended,
+    #[error("{addr} did not answer within {secs} s")]
+    Timeout { addr: String, secs: u64 },
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
@@ -335,6 +340,7 @@ impl Remote {
         let (ours, theirs) = UnixStream::pair().map_err(RemoteError::Relay)?;
         let (tx, rx) = std::sync::mpsc::channel::<Result<(), RemoteError>>();
         let request = format!("{target}\n");
+        let addr_shown = addr.clone();
         std::thread::Builder::new()
             .name("remote".into())
             .spawn(move || {
@@ -383,10 +389,21 @@ impl Remote {
                             }),
                         }
                     };
-                    let mut tls = match setup.await {
-                        Ok(t) => t,
-                        Err(e) => {
+                    // A machine that accepts the connection (QEMU's port
+                    // forwarding always does) but never answers is an
+                    // error, not a wait without end.
+                    let answered = tokio::time::timeout(CONNECT_TIMEOUT, setup).await;
+                    let mut tls = match answered {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
                             let _ = tx.send(Err(e));
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(Err(RemoteError::Timeout {
+                                addr: addr_shown,
+                                secs: CONNECT_TIMEOUT.as_secs(),
+                            }));
                             return;
                         }
                     };
