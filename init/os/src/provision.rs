@@ -336,6 +336,13 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
     Ok(Files { files })
 }
 
+/// Maps an I/O error on `path` to [`ProvisionError::Io`], saying `what`
+/// was being done.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
+    let path = path.to_path_buf();
+    move |source| ProvisionError::Io { what, path, source }
+}
+
 /// What `applied.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -357,10 +364,6 @@ pub fn apply(
     text: &str,
     files: &Files,
 ) -> Result<Record, ProvisionError> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ProvisionError::Io { what, path, source }
-    };
     let record = Record {
         source: source.to_string(),
         sha256: crate::update::hex(&Sha256::digest(text.as_bytes())),
@@ -409,10 +412,6 @@ pub fn apply(
 /// Copies what was applied in `dir` into `etc` (files other than the
 /// record and the config itself): returns their paths.
 pub fn install(dir: &Path, etc: &Path) -> Result<Vec<String>, ProvisionError> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ProvisionError::Io { what, path, source }
-    };
     let mut done = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
