@@ -483,18 +483,21 @@ pub fn find_drive(
                 path: dev.clone(),
                 source,
             })?;
-        return read_from_fat(f)
-            .map(|text| Some((dev.clone(), text)))
-            .map_err(|why| ProvisionError::Drive { dev, why });
+        return read_from_fat(f, &dev).map(|text| Some((dev.clone(), text)));
     }
     Ok(None)
 }
 
-/// `machine.toml` from the FAT filesystem on `f`, read only.
-fn read_from_fat(f: std::fs::File) -> Result<String, String> {
-    let fs = crate::update::open_fat(f)?;
-    String::from_utf8(crate::update::read_file(&fs, FILE, MAX_BYTES)?)
-        .map_err(|_| format!("{FILE} is not UTF-8 text"))
+/// `machine.toml` from the FAT filesystem on `f` (config drive `dev`),
+/// read only.
+fn read_from_fat(f: std::fs::File, dev: &Path) -> Result<String, ProvisionError> {
+    let drive = |why: String| ProvisionError::Drive {
+        dev: dev.to_path_buf(),
+        why,
+    };
+    let fs = crate::update::open_fat(f).map_err(drive)?;
+    let bytes = crate::update::read_file(&fs, FILE, MAX_BYTES).map_err(drive)?;
+    String::from_utf8(bytes).map_err(|_| drive(format!("{FILE} is not UTF-8 text")))
 }
 
 /// `steelcup.config=URL` on the kernel command line.

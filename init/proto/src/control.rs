@@ -116,16 +116,30 @@ impl GuestAnswer {
         s
     }
 
-    /// Reads an answer line; Ok for [`GuestAnswer::Done`], the reason
+    /// Reads an answer line; Ok for [`GuestAnswer::Done`], why not
     /// otherwise.
-    pub fn parse(line: &str) -> Result<(), String> {
+    pub fn parse(line: &str) -> Result<(), AnswerError> {
         match serde_json::from_str::<GuestAnswer>(line.trim_end()) {
             Ok(GuestAnswer::Done {}) => Ok(()),
-            Ok(GuestAnswer::Failed { reason }) => Err(reason),
-            Ok(GuestAnswer::Refused { reason }) => Err(format!("refused: {reason}")),
-            Err(e) => Err(format!("an answer that is not one: {e}")),
+            Ok(GuestAnswer::Failed { reason }) => Err(AnswerError::Failed(reason)),
+            Ok(GuestAnswer::Refused { reason }) => Err(AnswerError::Refused(reason)),
+            Err(e) => Err(AnswerError::Garbled(e)),
         }
     }
+}
+
+/// A guest's answer other than done.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// vminit tried and failed (a probe that failed says why).
+    #[error("{0}")]
+    Failed(String),
+    /// vminit would not do it (a bad request, a claim of a VM that is no
+    /// pool VM).
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("an answer that is not one: {0}")]
+    Garbled(serde_json::Error),
 }
 
 #[cfg(test)]
@@ -181,14 +195,24 @@ mod tests {
 
     #[test]
     fn answers_say_done_or_why_not() {
-        assert_eq!(GuestAnswer::parse(&GuestAnswer::Done {}.line()), Ok(()));
+        assert!(GuestAnswer::parse(&GuestAnswer::Done {}.line()).is_ok());
         let failed = GuestAnswer::Failed {
             reason: "connect to port 80: refused".into(),
         };
-        assert_eq!(
+        assert!(matches!(
             GuestAnswer::parse(&failed.line()),
-            Err("connect to port 80: refused".into())
+            Err(AnswerError::Failed(r)) if r == "connect to port 80: refused"
+        ));
+        let refused = GuestAnswer::Refused {
+            reason: "not a pool VM".into(),
+        };
+        assert_eq!(
+            GuestAnswer::parse(&refused.line()).unwrap_err().to_string(),
+            "refused: not a pool VM"
         );
-        assert!(GuestAnswer::parse("pong").is_err());
+        assert!(matches!(
+            GuestAnswer::parse("pong"),
+            Err(AnswerError::Garbled(_))
+        ));
     }
 }

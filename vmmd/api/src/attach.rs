@@ -26,7 +26,7 @@ pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
     // workload's name.
     let name = uds.file_stem().unwrap_or_default().to_string_lossy();
     let mut s = match crate::remote_stream(&format!("vsock {name}")) {
-        Some(remote) => remote.map_err(ClientError::Remote)?.0,
+        Some(remote) => remote?.0,
         None => UnixStream::connect(uds).map_err(|source| ClientError::Vsock {
             path: uds.to_path_buf(),
             source,
@@ -60,23 +60,27 @@ pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
 /// Connects to `port` of the VM whose vsock socket `socket()` names (None
 /// while it has none yet; an error when it will never have one), trying
 /// again for up to `patience`: the guest listens once it has booted.
-pub fn connect_when_ready(
-    socket: &mut dyn FnMut() -> Result<Option<String>, String>,
+pub fn connect_when_ready<E: From<ClientError>>(
+    socket: &mut dyn FnMut() -> Result<Option<String>, E>,
     port: u32,
     patience: Duration,
-) -> Result<UnixStream, String> {
+) -> Result<UnixStream, E> {
     let t = Instant::now();
-    let mut last = String::new();
+    let mut last = None;
     while t.elapsed() < patience {
         if let Some(uds) = socket()? {
             match connect(Path::new(&uds), port) {
                 Ok(s) => return Ok(s),
-                Err(e) => last = e.into(),
+                Err(e) => last = Some(Box::new(e)),
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("gave up after {}s: {last}", patience.as_secs()))
+    Err(ClientError::GaveUp {
+        secs: patience.as_secs(),
+        last,
+    }
+    .into())
 }
 
 /// A terminal put in raw mode, restored on drop.

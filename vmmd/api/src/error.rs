@@ -28,8 +28,8 @@ pub enum ClientError {
         source: Box<zbus::Error>,
     },
     /// `cup --remote`: the machine could not be reached.
-    #[error("{0}")]
-    Remote(String),
+    #[error("the remote machine")]
+    Remote(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("connect {}", path.display())]
     Vsock {
         path: PathBuf,
@@ -52,6 +52,13 @@ pub enum ClientError {
     BadExitStatus(#[source] serde_json::Error),
     #[error("{0}")]
     Guest(String),
+    /// [`crate::attach::connect_when_ready`] waited long enough.
+    #[error("gave up after {secs}s")]
+    GaveUp {
+        secs: u64,
+        #[source]
+        last: Option<Box<ClientError>>,
+    },
 }
 
 /// Clients that speak in messages (cup's verbs) get the whole chain, once.

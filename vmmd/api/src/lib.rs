@@ -30,13 +30,13 @@ pub use error::ClientError;
 #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
 pub fn remote_stream(
     target: &str,
-) -> Option<Result<(std::os::unix::net::UnixStream, String), String>> {
+) -> Option<Result<(std::os::unix::net::UnixStream, String), ClientError>> {
     #[cfg(feature = "remote")]
     if let Some(r) = remote::REMOTE.get() {
         return Some(
             r.open(target)
                 .map(|s| (s, r.addr.clone()))
-                .map_err(|e| steelcup_sys::error_chain(&e)),
+                .map_err(|e| ClientError::Remote(Box::new(e))),
         );
     }
     None

@@ -437,7 +437,7 @@ pub trait Vmm1Client {
 pub fn connect(socket: &Path) -> Result<Vmm1ClientProxy<'static>, crate::ClientError> {
     let conn = match crate::remote_stream("vmmd") {
         Some(remote) => {
-            let (stream, addr) = remote.map_err(crate::ClientError::Remote)?;
+            let (stream, addr) = remote?;
             crate::bus::p2p_over(stream, &addr)?
         }
         None => crate::bus::connect_p2p(

@@ -10,9 +10,11 @@
 //! `cup image prune` (see [`crate::workloads`]). `cup validate FILE...`
 //! checks unit files offline.
 
+mod error;
 mod update;
 mod workloads;
 
+use error::{usage, CupError};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -123,7 +125,7 @@ fn json(args: &[String]) -> bool {
         || args.iter().any(|a| a == "--format=json")
 }
 
-fn proxy() -> Result<Init1Proxy<'static>, String> {
+fn proxy() -> Result<Init1Proxy<'static>, CupError> {
     match steelcup_api::remote_stream("init") {
         Some(remote) => {
             let (stream, addr) = remote?;
@@ -137,7 +139,7 @@ fn proxy() -> Result<Init1Proxy<'static>, String> {
 /// appliance's.
 static VMMD_SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
-fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, String> {
+fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, CupError> {
     let socket = VMMD_SOCKET.get().cloned().unwrap_or_else(|| {
         std::env::var_os("STEELCUP_VMMD_SOCKET")
             .map(std::path::PathBuf::from)
@@ -147,15 +149,8 @@ fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, String> {
 }
 
 /// cup's exit code from a workload verb's result.
-fn code(r: Result<u8, String>) -> Result<ExitCode, String> {
+fn code(r: Result<u8, CupError>) -> Result<ExitCode, CupError> {
     r.map(ExitCode::from)
-}
-
-fn api_err(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(_, Some(desc), _) => desc,
-        other => other.to_string(),
-    }
 }
 
 fn print_units(units: &[UnitInfo]) {
@@ -186,7 +181,7 @@ fn print_units(units: &[UnitInfo]) {
     }
 }
 
-fn run(args: &[String]) -> Result<ExitCode, String> {
+fn run(args: &[String]) -> Result<ExitCode, CupError> {
     let verb = args.first().map(String::as_str);
     match verb {
         Some("version") | Some("--version") => {
@@ -235,38 +230,32 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             });
         }
         Some("units") => {
-            let units = proxy()?.list_units().map_err(api_err)?;
+            let units = proxy()?.list_units()?;
             if json(args) {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&units).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string_pretty(&units)?);
             } else {
                 print_units(&units);
             }
         }
         Some("unit") => {
             let (Some(action), Some(name)) = (args.get(1), args.get(2)) else {
-                return Err(format!("unit needs an action and a unit name\n{USAGE}"));
+                return Err(usage!("unit needs an action and a unit name\n{USAGE}"));
             };
             let p = proxy()?;
             match action.as_str() {
                 "status" => {
-                    let u = p.status(name).map_err(api_err)?;
+                    let u = p.status(name)?;
                     if json(args) {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&u).map_err(|e| e.to_string())?
-                        );
+                        println!("{}", serde_json::to_string_pretty(&u)?);
                     } else {
                         print_units(&[u]);
                     }
                 }
-                "start" => p.start(name).map_err(api_err)?,
-                "stop" => p.stop(name).map_err(api_err)?,
-                "restart" => p.restart(name).map_err(api_err)?,
+                "start" => p.start(name)?,
+                "stop" => p.stop(name)?,
+                "restart" => p.restart(name)?,
                 other => {
-                    return Err(format!(
+                    return Err(usage!(
                         "unknown unit action {other:?}; use status, start, stop or restart"
                     ))
                 }
@@ -285,27 +274,27 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                         lines = it
                             .next()
                             .and_then(|n| n.parse().ok())
-                            .ok_or("-n needs a number")?
+                            .ok_or_else(|| usage!("-n needs a number"))?
                     }
                     other if workload.is_none() && !other.starts_with('-') => {
                         workload = Some(other.to_string())
                     }
-                    other => return Err(format!("unknown logs option {other:?}")),
+                    other => return Err(usage!("unknown logs option {other:?}")),
                 }
             }
             if let (None, Some(name)) = (&unit, workload) {
                 return code(crate::workloads::logs(&vmmd()?, &name, lines, follow));
             }
-            let unit = unit.ok_or("logs needs a workload name or --unit NAME")?;
+            let unit = unit.ok_or_else(|| usage!("logs needs a workload name or --unit NAME"))?;
             let p = proxy()?;
-            let (first, mut cursor) = p.tail(&unit, lines).map_err(api_err)?;
+            let (first, mut cursor) = p.tail(&unit, lines)?;
             for (_, l) in first {
                 println!("{l}");
             }
             // A unit's log is followed until cup is interrupted.
             if follow {
                 loop {
-                    let (more, next) = p.logs(&unit, cursor, 1000).map_err(api_err)?;
+                    let (more, next) = p.logs(&unit, cursor, 1000)?;
                     if more.is_empty() {
                         std::thread::sleep(Duration::from_millis(200));
                     }
@@ -317,7 +306,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
         }
         Some("reload") => {
-            let s = proxy()?.reload().map_err(api_err)?;
+            let s = proxy()?.reload()?;
             println!(
                 "reloaded: started [{}], stopped [{}], restarted [{}]",
                 s.started.join(", "),
@@ -339,18 +328,15 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             ))
         }
         Some("rollback") => return code(crate::update::rollback(&proxy()?, &args[1..])),
-        Some("poweroff") => proxy()?.power_off().map_err(api_err)?,
-        Some("reboot") => proxy()?.reboot().map_err(api_err)?,
+        Some("poweroff") => proxy()?.power_off()?,
+        Some("reboot") => proxy()?.reboot()?,
         Some("ps") => {
             let all = args[1..].iter().any(|a| a == "-a" || a == "--all");
-            let mut vms = vmmd()?.list().map_err(api_err)?;
+            let mut vms = vmmd()?.list()?;
             // As docker ps: what runs (or is about to); -a: every workload.
             vms.retain(|v| all || v.state() != Some(WorkloadState::Ended));
             if json(args) {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&vms).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string_pretty(&vms)?);
             } else {
                 println!(
                     "{:<16} {:<20} {:>7} {:>5} {:>5} {:>7}  {:<15}  LAST OUTCOME",
@@ -409,22 +395,21 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         Some(verb @ ("pause" | "unpause" | "stop" | "start")) => {
             let name = args
                 .get(1)
-                .ok_or_else(|| format!("{verb} needs a workload name (see `cup ps`)"))?;
+                .ok_or_else(|| usage!("{verb} needs a workload name (see `cup ps`)"))?;
             let p = vmmd()?;
             match verb {
                 "pause" => p.pause(name),
                 "unpause" => p.resume(name),
                 "stop" => p.stop(name),
                 _ => p.start(name),
-            }
-            .map_err(api_err)?;
+            }?;
             println!("{name}");
         }
         Some("kill") => return code(crate::workloads::kill(&vmmd()?, &args[1..])),
         Some("attach") => return code(crate::workloads::attach(&vmmd()?, &args[1..])),
         Some("events") => {
             let p = vmmd()?;
-            let changes = p.receive_workload_changed().map_err(api_err)?;
+            let changes = p.receive_workload_changed()?;
             for c in changes {
                 let Ok(a) = c.args() else { continue };
                 let state = match a.health {

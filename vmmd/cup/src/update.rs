@@ -8,6 +8,7 @@
 //! the appliance), and removed when init is done with it; PID 1 never
 //! speaks HTTP.
 
+use crate::error::{usage, CupError};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use steelcup_api::init1::Init1Proxy;
@@ -16,13 +17,6 @@ use steelcup_os::update::Status;
 /// The largest update cup fetches (the slot partitions are 64 MiB as
 /// built; init checks the real size).
 const MAX_DOWNLOAD: u64 = 1 << 30;
-
-fn api_err(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(_, Some(desc), _) => desc,
-        other => other.to_string(),
-    }
-}
 
 /// A downloaded update file, removed when dropped.
 #[derive(Debug)]
@@ -35,53 +29,50 @@ impl Drop for Download {
 }
 
 /// Fetches `url` into a new file in `dir`, with progress on stderr.
-fn download(url: &str, dir: &Path) -> Result<Download, String> {
+fn download(url: &str, dir: &Path) -> Result<Download, CupError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(CupError::file("create", dir))?;
     let path = dir.join(format!("update-{}.img", std::process::id()));
     let file = Download(path.clone());
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&path)
-        .map_err(|e| format!("create {}: {e}", path.display()))?;
+        .map_err(CupError::file("create", &path))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("start the download: {e}"))?;
+        .map_err(CupError::file("start the download into", &path))?;
     let tty = std::io::stderr().is_terminal();
     rt.block_on(async {
         let client = reqwest::Client::builder()
             .build()
-            .map_err(|e| format!("set up the HTTP client: {e}"))?;
+            .map_err(|e| download_err(url, &e))?;
         let mut resp = client
             .get(url)
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("{url}: {}", steelcup_sys::error_chain(&e)))?;
+            .map_err(|e| download_err(url, &e))?;
         let total = resp.content_length();
         if total.is_some_and(|t| t > MAX_DOWNLOAD) {
-            return Err(format!(
-                "{url}: {} bytes is not an OS slot",
-                total.unwrap_or(0)
-            ));
+            return Err(CupError::Download {
+                url: url.to_string(),
+                why: format!("{} bytes is not an OS slot", total.unwrap_or(0)),
+            });
         }
         let mut done = 0u64;
         eprintln!("cup: fetching {url}");
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("{url}: {}", steelcup_sys::error_chain(&e)))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| download_err(url, &e))? {
             done += chunk.len() as u64;
             if done > MAX_DOWNLOAD {
-                return Err(format!(
-                    "{url}: more than {MAX_DOWNLOAD} bytes; not an OS slot"
-                ));
+                return Err(CupError::Download {
+                    url: url.to_string(),
+                    why: format!("more than {MAX_DOWNLOAD} bytes; not an OS slot"),
+                });
             }
             out.write_all(&chunk)
-                .map_err(|e| format!("write {}: {e}", path.display()))?;
+                .map_err(CupError::file("write", &path))?;
             if tty {
                 let of = total.map(|t| format!(" of {:.1} MB", t as f64 / 1e6));
                 eprint!(
@@ -95,30 +86,36 @@ fn download(url: &str, dir: &Path) -> Result<Download, String> {
             eprintln!();
         }
         if total.is_some_and(|t| t != done) {
-            return Err(format!(
-                "{url}: the connection ended after {done} of {} bytes",
-                total.unwrap_or(0)
-            ));
+            return Err(CupError::Download {
+                url: url.to_string(),
+                why: format!(
+                    "the connection ended after {done} of {} bytes",
+                    total.unwrap_or(0)
+                ),
+            });
         }
         eprintln!("cup: fetched {:.1} MB", done as f64 / 1e6);
         Ok(())
     })?;
-    out.sync_all()
-        .map_err(|e| format!("sync {}: {e}", path.display()))?;
+    out.sync_all().map_err(CupError::file("sync", &path))?;
     Ok(file)
 }
 
+fn download_err(url: &str, e: &reqwest::Error) -> CupError {
+    CupError::Download {
+        url: url.to_string(),
+        why: steelcup_sys::error_chain(e),
+    }
+}
+
 /// `cup update SOURCE [--no-reboot]` | `cup update --status [--format json]`.
-pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Result<u8, String> {
+pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Result<u8, CupError> {
     if args.iter().any(|a| a == "--status") {
-        let st = p.update_status().map_err(api_err)?;
+        let st = p.update_status()?;
         let json = args.windows(2).any(|w| w == ["--format", "json"])
             || args.iter().any(|a| a == "--format=json");
         if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?
-            );
+            println!("{}", serde_json::to_string_pretty(&st)?);
         } else {
             print!("{}", describe(&st));
         }
@@ -130,23 +127,22 @@ pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Resul
         .iter()
         .find(|a| a.starts_with('-') && *a != "--no-reboot")
     {
-        return Err(format!("unknown update option {bad:?}"));
+        return Err(usage!("unknown update option {bad:?}"));
     }
     let [source] = sources.as_slice() else {
-        return Err(
+        return Err(usage!(
             "update needs one update file or URL (slot.img from `cargo xtask disk`), or --status"
-                .into(),
-        );
+        ));
     };
     let fetched;
     let path = if source.starts_with("http://") || source.starts_with("https://") {
         fetched = download(source, run_dir)?;
         fetched.0.clone()
     } else {
-        std::fs::canonicalize(source).map_err(|e| format!("{source}: {e}"))?
+        std::fs::canonicalize(source).map_err(CupError::file("read", Path::new(source)))?
     };
     eprintln!("cup: writing the update into the slot that is not running, then checking it");
-    let answer = p.update(&path.to_string_lossy(), reboot).map_err(api_err)?;
+    let answer = p.update(&path.to_string_lossy(), reboot)?;
     Ok(boots_next(answer, reboot))
 }
 
@@ -162,12 +158,12 @@ fn boots_next((slot, version): (String, String), reboot: bool) -> u8 {
 }
 
 /// `cup rollback [--no-reboot]`.
-pub fn rollback(p: &Init1Proxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn rollback(p: &Init1Proxy<'static>, args: &[String]) -> Result<u8, CupError> {
     if let Some(bad) = args.iter().find(|a| *a != "--no-reboot") {
-        return Err(format!("unknown rollback option {bad:?}"));
+        return Err(usage!("unknown rollback option {bad:?}"));
     }
     let reboot = args.is_empty();
-    let answer = p.rollback(reboot).map_err(api_err)?;
+    let answer = p.rollback(reboot)?;
     Ok(boots_next(answer, reboot))
 }
 
@@ -274,7 +270,9 @@ mod tests {
     fn a_download_that_fails_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         // Nothing listens on port 1 of loopback.
-        let e = download("http://127.0.0.1:1/slot.img", dir.path()).unwrap_err();
+        let e = download("http://127.0.0.1:1/slot.img", dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("http://127.0.0.1:1/slot.img: "), "{e}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -1,27 +1,20 @@
 //! `cup run`, `cup exec`, `cup rm` and the image verbs (`pull`, `images`,
 //! `rmi`, `image prune`): docker-like, against vmmd's `org.steelcup.Vmm1`.
 
+use crate::error::{usage, CupError};
 use std::io::Write;
 use std::time::Duration;
 use steelcup_api::attach;
 use steelcup_api::vmm1::{NamedVolume, Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
 use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
-/// A D-Bus error as the daemon worded it.
-pub fn api_err(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(_, Some(desc), _) => desc,
-        other => other.to_string(),
-    }
-}
-
-fn env_pair(v: &str) -> Result<(String, String), String> {
+fn env_pair(v: &str) -> Result<(String, String), CupError> {
     match v.split_once('=') {
         Some((k, val)) if !k.is_empty() => Ok((k.to_string(), val.to_string())),
         _ => match std::env::var(v) {
             // `-e NAME` passes cup's own value, as docker does.
             Ok(val) if !v.is_empty() => Ok((v.to_string(), val)),
-            _ => Err(format!("-e {v:?}: expected NAME=VALUE")),
+            _ => Err(usage!("-e {v:?}: expected NAME=VALUE")),
         },
     }
 }
@@ -31,7 +24,7 @@ fn env_pair(v: &str) -> Result<(String, String), String> {
 fn flags(
     args: &[String],
     with_value: &[&str],
-) -> Result<(Vec<(String, Option<String>)>, Vec<String>), String> {
+) -> Result<(Vec<(String, Option<String>)>, Vec<String>), CupError> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < args.len() {
@@ -54,7 +47,7 @@ fn flags(
                     i += 1;
                     args.get(i)
                         .cloned()
-                        .ok_or_else(|| format!("{name} needs a value"))?
+                        .ok_or_else(|| usage!("{name} needs a value"))?
                 }
             };
             out.push((name, Some(v)));
@@ -76,7 +69,7 @@ fn flags(
 /// `cup run [-d] [--rm] [-i] [-t] [--name N] [-e K=V]... [--cpus N]
 /// [--memory SIZE] [--ulimit NAME=N]... [-p [IP:]HOST:GUEST[/PROTO]]...
 /// [--network bridge|none] IMAGE [CMD...]`; returns cup's exit code.
-pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     let (flags, rest) = flags(
         args,
         &[
@@ -116,64 +109,63 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
             "--cpus" => {
                 spec.vcpus = Some(
                     v.parse()
-                        .map_err(|_| format!("--cpus {v:?}: a whole number of vCPUs"))?,
+                        .map_err(|_| usage!("--cpus {v:?}: a whole number of vCPUs"))?,
                 )
             }
             "--memory" | "-m" => {
                 spec.memory = Some(
                     steelcup_units::MemSize::try_from(v.as_str())
-                        .map_err(|e| format!("{f} {v:?}: {e}"))?,
+                        .map_err(|e| usage!("{f} {v:?}: {e}"))?,
                 )
             }
             "-v" | "--volume" => spec
                 .volumes
-                .push(NamedVolume::try_from(v.as_str()).map_err(|e| format!("{f} {e}"))?),
+                .push(NamedVolume::try_from(v.as_str()).map_err(|e| usage!("{f} {e}"))?),
             "--restart" => {
                 spec.restart = match v.as_str() {
                     "no" => steelcup_units::Restart::No,
                     "on-failure" => steelcup_units::Restart::OnFailure,
                     "always" | "unless-stopped" => steelcup_units::Restart::Always,
-                    _ => return Err(format!("--restart {v:?}: no, on-failure or always")),
+                    _ => return Err(usage!("--restart {v:?}: no, on-failure or always")),
                 }
             }
             "--ulimit" => {
                 // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
                 let (n, val) = v
                     .split_once('=')
-                    .ok_or_else(|| format!("--ulimit {v:?}: expected NAME=N"))?;
+                    .ok_or_else(|| usage!("--ulimit {v:?}: expected NAME=N"))?;
                 let val = val.rsplit(':').next().unwrap_or(val);
                 let val = val
                     .parse()
-                    .map_err(|_| format!("--ulimit {v:?}: {val:?} is not a number"))?;
+                    .map_err(|_| usage!("--ulimit {v:?}: {val:?} is not a number"))?;
                 spec.rlimits.insert(n.to_string(), val);
             }
             // Checked here, once: a typo fails before anything is sent.
             "-p" | "--publish" => spec
                 .ports
-                .push(steelcup_units::ports::PortSpec::parse(&v).map_err(|e| format!("{f} {e}"))?),
+                .push(steelcup_units::ports::PortSpec::parse(&v).map_err(|e| usage!("{f} {e}"))?),
             "--network" | "--net" => {
                 spec.network = Some(match v.as_str() {
                     "bridge" => steelcup_units::Network::Bridge,
                     "none" => steelcup_units::Network::None,
-                    _ => return Err(format!("{f} {v:?}: bridge or none")),
+                    _ => return Err(usage!("{f} {v:?}: bridge or none")),
                 })
             }
-            other => return Err(format!("run: unknown flag {other:?}; see `cup help`")),
+            other => return Err(usage!("run: unknown flag {other:?}; see `cup help`")),
         }
     }
     let Some((image, cmd)) = rest.split_first() else {
-        return Err(
+        return Err(usage!(
             "run needs an image, like `cup run --rm oci-archive:/path/image.tar sh -c 'echo hi'`"
-                .into(),
-        );
+        ));
     };
     spec.image = image.clone();
     spec.cmd = cmd.to_vec();
     if !spec.attach {
         spec.tty = false;
     }
-    let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
-    let name = p.run(&json).map_err(api_err)?;
+    let json = serde_json::to_string(&spec)?;
+    let name = p.run(&json)?;
     if !spec.attach {
         println!("{name}");
         return Ok(0);
@@ -190,7 +182,10 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
         Ok(status) => Ok(attach::exit_code(status)),
         Err(e) => match ended.recv_timeout(Duration::from_secs(60)) {
             Ok(o) if o.is_some() => Ok(o.code().unwrap_or(125)),
-            _ => Err(format!("{name}: {e}{}", outcome(p, &name))),
+            _ => Err(CupError::Workload {
+                why: format!("{}{}", steelcup_sys::error_chain(&e), outcome(p, &name)),
+                name,
+            }),
         },
     }
 }
@@ -201,9 +196,9 @@ pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> 
 fn run_end(
     p: &Vmm1ClientProxy<'static>,
     name: &str,
-) -> Result<std::sync::mpsc::Receiver<Outcome>, String> {
+) -> Result<std::sync::mpsc::Receiver<Outcome>, CupError> {
     let (tx, ended) = std::sync::mpsc::channel::<Outcome>();
-    let changes = p.receive_workload_changed().map_err(api_err)?;
+    let changes = p.receive_workload_changed()?;
     let watched = name.to_string();
     std::thread::spawn(move || {
         for c in changes {
@@ -232,23 +227,26 @@ fn outcome(p: &Vmm1ClientProxy<'static>, name: &str) -> String {
 }
 
 /// The VM's vsock socket once it runs; an error once it will not.
-fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>, String> {
+fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>, CupError> {
     let why = match p.socket(name) {
         Ok(path) => return Ok(Some(path)),
-        Err(e) => api_err(e),
+        Err(e) => e,
     };
-    let vms = p.list().map_err(api_err)?;
+    let vms = p.list()?;
     match vms.into_iter().find(|v| v.name == name) {
-        None => Err(why),
+        None => Err(why.into()),
         Some(v) if v.state() == Some(WorkloadState::Ended) && !v.last_outcome.is_empty() => {
-            Err(format!("{name}: {}", v.last_outcome))
+            Err(CupError::Workload {
+                name: name.to_string(),
+                why: v.last_outcome,
+            })
         }
         Some(_) => Ok(None),
     }
 }
 
 /// `cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...`.
-pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     let (flags, rest) = flags(args, &["-e", "--env", "-w", "--workdir", "-u", "--user"])?;
     let mut request = ExecRequest::default();
     let mut stdin = false;
@@ -263,26 +261,33 @@ pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String>
             }
             "-w" | "--workdir" => request.workdir = Some(v),
             "-u" | "--user" => request.user = Some(v),
-            other => return Err(format!("exec: unknown flag {other:?}; see `cup help`")),
+            other => return Err(usage!("exec: unknown flag {other:?}; see `cup help`")),
         }
     }
     let (name, argv) = match rest.split_first() {
         Some((n, a)) if !a.is_empty() => (n, a),
-        _ => return Err("exec needs a workload and a command, like `cup exec web ls /`".into()),
+        _ => {
+            return Err(usage!(
+                "exec needs a workload and a command, like `cup exec web ls /`"
+            ))
+        }
     };
     request.argv = argv.to_vec();
-    let uds = p.socket(name).map_err(api_err)?;
+    let uds = p.socket(name)?;
     let conn = attach::start_exec(std::path::Path::new(&uds), &request)?;
-    let status = attach::session(conn, stdin, request.tty).map_err(|e| format!("{name}: {e}"))?;
+    let status = attach::session(conn, stdin, request.tty).map_err(|e| CupError::Workload {
+        name: name.to_string(),
+        why: steelcup_sys::error_chain(&e),
+    })?;
     Ok(attach::exit_code(status))
 }
 
 /// A signal by name (`KILL`, `SIGTERM`) or number.
-pub fn parse_signal(s: &str) -> Result<i32, String> {
+pub fn parse_signal(s: &str) -> Result<i32, CupError> {
     if let Ok(n) = s.parse::<i32>() {
         return nix::sys::signal::Signal::try_from(n)
             .map(|_| n)
-            .map_err(|_| format!("{n} is not a signal"));
+            .map_err(|_| usage!("{n} is not a signal"));
     }
     let name = s.to_ascii_uppercase();
     let name = if name.starts_with("SIG") {
@@ -292,59 +297,56 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
     };
     name.parse::<nix::sys::signal::Signal>()
         .map(|sig| sig as i32)
-        .map_err(|_| format!("{s:?} is not a signal (like KILL, TERM, HUP or 9)"))
+        .map_err(|_| usage!("{s:?} is not a signal (like KILL, TERM, HUP or 9)"))
 }
 
 /// `cup kill [-s SIGNAL] NAME...`: a signal (KILL unless given) to each
 /// workload's processes in its VM.
-pub fn kill(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn kill(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     let (flags, names) = flags(args, &["-s", "--signal"])?;
     let mut signal = libc::SIGKILL;
     for (f, v) in flags {
         match f.as_str() {
             "-s" | "--signal" => signal = parse_signal(&v.unwrap_or_default())?,
-            other => return Err(format!("kill: unknown flag {other:?}")),
+            other => return Err(usage!("kill: unknown flag {other:?}")),
         }
     }
     if names.is_empty() {
-        return Err("kill needs a workload name (see `cup ps`)".into());
+        return Err(usage!("kill needs a workload name (see `cup ps`)"));
     }
     for n in &names {
-        p.kill(n, signal).map_err(api_err)?;
+        p.kill(n, signal)?;
         println!("{n}");
     }
     Ok(0)
 }
 
 /// `cup inspect NAME...`: what vmmd knows of each, as a JSON array.
-pub fn inspect(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn inspect(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     if args.is_empty() {
-        return Err("inspect needs a workload name (see `cup ps`)".into());
+        return Err(usage!("inspect needs a workload name (see `cup ps`)"));
     }
     let mut all = Vec::new();
     for n in args {
-        let json = p.inspect(n).map_err(api_err)?;
-        all.push(serde_json::from_str::<serde_json::Value>(&json).map_err(|e| e.to_string())?);
+        let json = p.inspect(n)?;
+        all.push(serde_json::from_str::<serde_json::Value>(&json)?);
     }
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
-    );
+    println!("{}", serde_json::to_string_pretty(&all)?);
     Ok(0)
 }
 
 /// `cup rm [-f] NAME...`: forgets ended workloads (`-f` stops them first).
-pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     let force = args.iter().any(|a| a == "-f" || a == "--force");
     let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if names.is_empty() {
-        return Err("rm needs a workload name (see `cup ps`)".into());
+        return Err(usage!("rm needs a workload name (see `cup ps`)"));
     }
     for n in names {
         if force {
             let _ = p.stop(n);
         }
-        p.remove(n).map_err(api_err)?;
+        p.remove(n)?;
         println!("{n}");
     }
     Ok(0)
@@ -367,7 +369,7 @@ pub fn progress_bar(p: &steelcup_api::vmm1::PullInfo) -> String {
 }
 
 /// A new connection to vmmd (for a call made from another thread).
-fn connect_again() -> Result<Vmm1ClientProxy<'static>, String> {
+fn connect_again() -> Result<Vmm1ClientProxy<'static>, CupError> {
     let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| steelcup_api::vmm1::DEFAULT_SOCKET.into());
@@ -380,19 +382,19 @@ pub fn image_verb(
     verb: &str,
     args: &[String],
     json: bool,
-) -> Result<u8, String> {
+) -> Result<u8, CupError> {
     match verb {
         "pull" => {
             let source = args
                 .first()
-                .ok_or("pull needs an image, like `cup pull localhost:5000/app:1`")?
+                .ok_or_else(|| usage!("pull needs an image, like `cup pull localhost:5000/app:1`"))?
                 .clone();
             // The pull is one call on its own connection; this one polls
             // `Pulls` to draw the bar meanwhile.
             let call = std::thread::spawn({
                 let source = source.clone();
-                move || -> Result<(String, String), String> {
-                    connect_again()?.pull(&source).map_err(api_err)
+                move || -> Result<(String, String), CupError> {
+                    Ok(connect_again()?.pull(&source)?)
                 }
             });
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -413,18 +415,13 @@ pub fn image_verb(
             if drawn {
                 eprint!("\r\x1b[2K");
             }
-            let (name, digest) = call
-                .join()
-                .map_err(|_| "the pull thread failed".to_string())??;
+            let (name, digest) = call.join().map_err(|_| CupError::Thread("the pull"))??;
             println!("{name} {digest}");
         }
         "images" => {
-            let images = p.images().map_err(api_err)?;
+            let images = p.images()?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&images).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
                 println!("{:<56} {:<19} {:>10}  ROOT IMAGE", "NAME", "DIGEST", "SIZE");
                 for i in images {
@@ -441,12 +438,12 @@ pub fn image_verb(
         "rmi" => {
             let name = args
                 .first()
-                .ok_or("rmi needs an image name (see `cup images`)")?;
-            p.remove_image(name).map_err(api_err)?;
+                .ok_or_else(|| usage!("rmi needs an image name (see `cup images`)"))?;
+            p.remove_image(name)?;
             println!("untagged {name}");
         }
-        "prune" => println!("{}", p.prune().map_err(api_err)?),
-        other => return Err(format!("unknown image verb {other:?}")),
+        "prune" => println!("{}", p.prune()?),
+        other => return Err(usage!("unknown image verb {other:?}")),
     }
     Ok(0)
 }
@@ -474,7 +471,7 @@ extern "C" fn note_signal(sig: libc::c_int) {
 /// workload's code. Signals to cup (Ctrl-C is SIGINT) go to the workload;
 /// with `--no-sig-proxy`, Ctrl-C detaches and leaves it running. stdin is
 /// not connected: a detached workload runs with its stdin closed.
-pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, String> {
+pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
     // First, so no signal meant for the workload ends cup instead.
     for sig in PROXIED {
         // SAFETY: the handler only stores into an atomic.
@@ -491,26 +488,25 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
         match (f.as_str(), v.as_deref()) {
             ("--no-sig-proxy", None) | ("--sig-proxy", Some("false")) => proxy_signals = false,
             ("--sig-proxy", None | Some("true")) => proxy_signals = true,
-            (other, _) => return Err(format!("attach: unknown flag {other:?}; see `cup help`")),
+            (other, _) => return Err(usage!("attach: unknown flag {other:?}; see `cup help`")),
         }
     }
     let [name] = names.as_slice() else {
-        return Err("attach needs one workload name (see `cup ps`)".into());
+        return Err(usage!("attach needs one workload name (see `cup ps`)"));
     };
     let info = p
-        .list()
-        .map_err(api_err)?
+        .list()?
         .into_iter()
         .find(|v| v.name == *name)
-        .ok_or_else(|| format!("no workload named {name:?} (see `cup ps`)"))?;
+        .ok_or_else(|| CupError::NoWorkload(name.to_string()))?;
     if !info.state().is_some_and(WorkloadState::is_live) {
-        return Err(format!(
-            "workload {name:?} is {}, not running; `cup logs {name}` shows its output, `cup start {name}` runs it again",
-            info.state
-        ));
+        return Err(CupError::NotRunning {
+            name: name.to_string(),
+            state: info.state,
+        });
     }
     let ended = run_end(p, name)?;
-    let (_, mut cursor, _) = p.tail(name, 0).map_err(api_err)?;
+    let (_, mut cursor, _) = p.tail(name, 0)?;
     let mut out = std::io::stdout().lock();
     let mut outcome: Option<Outcome> = None;
     loop {
@@ -532,7 +528,7 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
             Ok(l) => l,
             // Removed (--rm): its last lines went with it.
             Err(_) if outcome.is_some() => (Vec::new(), cursor, false),
-            Err(e) => return Err(api_err(e)),
+            Err(e) => return Err(e.into()),
         };
         for (_, l) in &more {
             let _ = writeln!(out, "{l}");
@@ -550,12 +546,12 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, Strin
 
 /// `cup logs [-f] [-n N] NAME`: a workload's console output; with `-f`,
 /// new lines as they come until the workload has ended.
-pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result<u8, String> {
+pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result<u8, CupError> {
     let api = |e: zbus::Error| match e {
-        zbus::Error::MethodError(n, _, _) if n.as_str().ends_with(".NoSuchVm") => format!(
-            "no workload named {name:?} (see `cup ps`; a unit's log is `cup logs --unit {name}`)"
-        ),
-        e => api_err(e),
+        zbus::Error::MethodError(n, _, _) if n.as_str().ends_with(".NoSuchVm") => {
+            CupError::NoWorkloadLog(name.to_string())
+        }
+        e => e.into(),
     };
     let (first, mut cursor, mut running) = p.tail(name, lines).map_err(api)?;
     let mut out = std::io::stdout().lock();
@@ -617,6 +613,7 @@ mod tests {
         assert_eq!(rest, s(&["-img"]));
         assert!(flags(&s(&["--name"]), &["--name"])
             .unwrap_err()
+            .to_string()
             .contains("needs a value"));
     }
 
@@ -648,11 +645,11 @@ mod tests {
 
     #[test]
     fn signals_by_name_or_number() {
-        assert_eq!(parse_signal("KILL"), Ok(libc::SIGKILL));
-        assert_eq!(parse_signal("sigterm"), Ok(libc::SIGTERM));
-        assert_eq!(parse_signal("1"), Ok(libc::SIGHUP));
-        assert!(parse_signal("NOPE").unwrap_err().contains("not a signal"));
-        assert!(parse_signal("99").unwrap_err().contains("not a signal"));
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("sigterm").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("1").unwrap(), libc::SIGHUP);
+        assert!(parse_signal("NOPE").unwrap_err().to_string().contains("not a signal"));
+        assert!(parse_signal("99").unwrap_err().to_string().contains("not a signal"));
     }
 
     #[test]

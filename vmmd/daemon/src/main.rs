@@ -104,7 +104,7 @@ fn main() {
         Err(e) => tracing::error!("registries: {e}; pulling without it"),
     }
     if let Err(e) = vmmd::daemon::run(opts) {
-        tracing::error!("fatal: {e}");
+        tracing::error!("fatal: {}", steelcup_sys::error_chain(&e));
         std::process::exit(1);
     }
 }

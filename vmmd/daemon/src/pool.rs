@@ -40,49 +40,60 @@ pub struct PoolSpec {
 pub const MAX_COUNT: u32 = 64;
 
 impl TryFrom<&str> for PoolSpec {
-    type Error = String;
+    type Error = PoolSpecError;
     /// `vcpus=N,memory=SIZE,count=N` (any order; vcpus 1 and memory 128MiB
     /// when left out; count is required).
-    fn try_from(s: &str) -> Result<Self, String> {
+    fn try_from(s: &str) -> Result<Self, PoolSpecError> {
+        let bad = |why: String| PoolSpecError {
+            spec: s.to_string(),
+            why,
+        };
         let (mut vcpus, mut memory, mut count) = (1u8, 128u64, None);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
-                .ok_or_else(|| format!("warm pool {s:?}: {part:?} is not KEY=VALUE"))?;
+                .ok_or_else(|| bad(format!("{part:?} is not KEY=VALUE")))?;
             match k {
                 "vcpus" => {
                     vcpus = v
                         .parse()
                         .ok()
                         .filter(|n| (1..=32).contains(n))
-                        .ok_or_else(|| format!("warm pool {s:?}: vcpus {v:?} is not 1..=32"))?
+                        .ok_or_else(|| bad(format!("vcpus {v:?} is not 1..=32")))?
                 }
                 "memory" => {
                     let m = steelcup_units::MemSize::try_from(v)
-                        .map_err(|e| format!("warm pool {s:?}: memory: {e}"))?;
+                        .map_err(|e| bad(format!("memory: {e}")))?;
                     if m.mib() < 16 {
-                        return Err(format!("warm pool {s:?}: memory {v:?} is under 16MiB"));
+                        return Err(bad(format!("memory {v:?} is under 16MiB")));
                     }
                     memory = m.mib();
                 }
                 "count" => {
-                    count = Some(v.parse().ok().filter(|n| *n <= MAX_COUNT).ok_or_else(|| {
-                        format!("warm pool {s:?}: count {v:?} is not 0..={MAX_COUNT}")
-                    })?)
+                    count = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|n| *n <= MAX_COUNT)
+                            .ok_or_else(|| bad(format!("count {v:?} is not 0..={MAX_COUNT}")))?,
+                    )
                 }
-                other => {
-                    return Err(format!(
-                        "warm pool {s:?}: unknown key {other:?} (vcpus, memory, count)"
-                    ))
-                }
+                other => return Err(bad(format!("unknown key {other:?} (vcpus, memory, count)"))),
             }
         }
         Ok(PoolSpec {
             vcpus,
             memory_mib: memory,
-            count: count.ok_or_else(|| format!("warm pool {s:?}: count=N is missing"))?,
+            count: count.ok_or_else(|| bad("count=N is missing".into()))?,
         })
     }
+}
+
+/// A `--warm-pool` value vmmd refuses: the value, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("warm pool {spec:?}: {why}")]
+pub struct PoolSpecError {
+    pub spec: String,
+    pub why: String,
 }
 
 /// What a member's size is: (vCPUs, memory in MiB).
@@ -263,7 +274,7 @@ mod tests {
             ("size=1,count=1", "unknown key \"size\""),
             ("count", "not KEY=VALUE"),
         ] {
-            let e = PoolSpec::try_from(bad).unwrap_err();
+            let e = PoolSpec::try_from(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

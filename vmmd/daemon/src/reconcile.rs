@@ -37,7 +37,7 @@
 //! fits a ready pool VM takes it, or starts cold when the VM cannot take
 //! the workload.
 
-use crate::image::workload::Prepared;
+use crate::image::workload::{PrepareError, Prepared};
 use crate::pool::{Key, Pool, PoolSpec};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -50,12 +50,14 @@ use steelcup_units::{Backoff, HealthCheck, MicrovmSection, Restart};
 pub trait Backend {
     /// A warm-pool VM as the backend holds it (the real one: its worker).
     type PoolVm: std::fmt::Debug;
+    /// Why a start, a warm start or a control command failed.
+    type Error: std::error::Error + 'static;
     /// Pull `image` and build its root image for workload `name`; the
     /// answer comes back through [`Core::prepared`].
     fn prepare(&mut self, name: &str, image: &str);
     /// Start workload `name`'s VM; its end comes back through
     /// [`Core::ended`]. Ok with the worker's pid.
-    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String>;
+    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, Self::Error>;
     /// Ask the guest to end its workload (it may not answer).
     fn ask_stop(&mut self, name: &str);
     /// Kill the VM's worker.
@@ -64,14 +66,14 @@ pub trait Backend {
     /// [`Core::probed`].
     fn probe(&mut self, name: &str, check: &HealthCheck);
     /// Send a control command (pause, resume) to the VM's worker.
-    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String>;
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), Self::Error>;
     /// A workload is gone for good: drop what is kept for it.
     fn forgotten(&mut self, name: &str);
     /// The warm-pool size a start of workload `w` fits, if any.
     fn pool_fit(&self, name: &str, w: &Workload) -> Option<Key>;
     /// Boot pool VM `name` of size `key`; that it is ready comes back
     /// through [`Core::pool_ready`], its end through [`Core::pool_ended`].
-    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<Self::PoolVm, String>;
+    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<Self::PoolVm, Self::Error>;
     /// Start workload `name` in warm VM `vm` (pool member `pool_name`).
     /// Err: the VM could not take it and is gone; the core starts it cold.
     fn start_warm(
@@ -81,7 +83,7 @@ pub trait Backend {
         attach: bool,
         pool_name: &str,
         vm: Self::PoolVm,
-    ) -> Result<i32, String>;
+    ) -> Result<i32, Self::Error>;
     /// Kill pool VM `name` (it did not come up in time, or vmmd stops).
     fn kill_pool_vm(&mut self, name: &str, vm: &Self::PoolVm);
 }
@@ -396,7 +398,8 @@ impl<B: Backend> Core<B> {
                     Ok(pid) => Ok(pid),
                     Err(e) => {
                         tracing::warn!(
-                            "workload {name}: warm VM {pool_name} refused: {e}; starting cold"
+                            "workload {name}: warm VM {pool_name} refused: {}; starting cold",
+                            steelcup_sys::error_chain(&e)
                         );
                         self.backend.start(name, w, attach)
                     }
@@ -414,6 +417,7 @@ impl<B: Backend> Core<B> {
                 w.next_probe = Some(now + FIRST_PROBES);
             }
             Err(e) => {
+                let e = steelcup_sys::error_chain(&e);
                 tracing::error!("workload {name}: cannot start its VM: {e}");
                 w.last_outcome = Outcome::failed(format!("cannot start: {e}"));
                 if w.unit.is_some() {
@@ -633,13 +637,13 @@ impl<B: Backend> Core<B> {
     }
 
     /// A workload's image is ready (or not).
-    pub fn prepared(&mut self, name: &str, result: Result<Prepared, String>, now: Instant) {
+    pub fn prepared(&mut self, name: &str, result: Result<Prepared, PrepareError>, now: Instant) {
         let Some(w) = self.workloads.get_mut(name) else {
             return;
         };
         w.preparing = false;
         let image = w.spec.image.clone().unwrap_or_default();
-        match result {
+        match result.map_err(|e| steelcup_sys::error_chain(&e)) {
             Ok(p) => {
                 tracing::info!("workload {name}: image {} ready", p.digest);
                 w.prepared = Some(p);

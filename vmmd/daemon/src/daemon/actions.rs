@@ -231,7 +231,8 @@ pub(super) fn run_workload(
     section
         .check_network()
         .map_err(|e| ApiError::Refused(e.replace("ports:", "-p:")))?;
-    port_clash(workloads, units, &name, &section.ports).map_err(ApiError::Refused)?;
+    port_clash(workloads, units, &name, &section.ports)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
     for p in &section.ports {
         crate::net::host_port_free(p).map_err(|e| ApiError::Refused(e.to_string()))?;
     }
@@ -327,7 +328,7 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
             };
             core.backend
                 .control(&name, &command)
-                .map_err(ApiError::Refused)?;
+                .map_err(|e| ApiError::Refused(steelcup_sys::error_chain(&e)))?;
             if let Some(w) = core.workloads.get_mut(&name) {
                 w.paused = pause;
             }

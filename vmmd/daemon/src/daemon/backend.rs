@@ -10,7 +10,7 @@ pub struct WorkerBackend {
     pub(super) tx: mpsc::Sender<Event>,
     pub(super) controls: BTreeMap<String, WorkerControl>,
     /// The workload network, or why there is none.
-    pub(super) net: Result<crate::net::HostNet, String>,
+    pub(super) net: Result<crate::net::HostNet, NoNetwork>,
     /// Each running workload's tap.
     pub(super) taps: BTreeMap<String, String>,
     /// Numbers the taps (`sctN`).
@@ -43,25 +43,26 @@ impl WorkerBackend {
         &mut self,
         name: &str,
         spec: &MicrovmSection,
-    ) -> Result<Option<(NetConfig, GuestNetwork)>, String> {
+    ) -> Result<Option<(NetConfig, GuestNetwork)>, VmError> {
         // `vmmd --network none`: no VM gets a network device.
         if spec.network == Network::None || self.opts.network.is_none() {
             return Ok(None);
         }
         let Some(tap) = self.pool_net(name) else {
             return match &self.net {
-                Err(e) => Err(format!("the workload network is not available: {e}")),
+                Err(e) => Err(e.clone().into()),
                 Ok(_) => Ok(None),
             };
         };
         let net = self.net.as_mut().map_err(|e| e.clone())?;
-        let ip = net.lease(name).map_err(|e| e.to_string())?;
+        let ip = net.lease(name)?;
         Ok(Some((tap, net.guest_network(name, ip))))
     }
 }
 
 impl Backend for WorkerBackend {
     type PoolVm = Worker;
+    type Error = VmError;
 
     fn pool_fit(&self, _name: &str, w: &Workload) -> Option<crate::pool::Key> {
         let wants_net = w.spec.network != Network::None && self.opts.network.is_some();
@@ -73,7 +74,7 @@ impl Backend for WorkerBackend {
         )
     }
 
-    fn boot_pool_vm(&mut self, name: &str, key: crate::pool::Key) -> Result<Worker, String> {
+    fn boot_pool_vm(&mut self, name: &str, key: crate::pool::Key) -> Result<Worker, VmError> {
         let net = self.pool_net(name);
         let vm = pool_vm_config(&self.opts, name, key, net);
         let worker = spawn_worker(&self.opts, &vm, self.tx.clone())?;
@@ -88,7 +89,7 @@ impl Backend for WorkerBackend {
         attach: bool,
         pool_name: &str,
         mut worker: Worker,
-    ) -> Result<i32, String> {
+    ) -> Result<i32, VmError> {
         let t0 = Instant::now();
         let waited = worker.started.elapsed();
         let taken = self.workload_net(name, &w.spec).and_then(|net| {
@@ -123,7 +124,7 @@ impl Backend for WorkerBackend {
         spawn_prepare(&self.opts, name, image, self.tx.clone());
     }
 
-    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, String> {
+    fn start(&mut self, name: &str, w: &Workload, attach: bool) -> Result<i32, VmError> {
         let net = self.workload_net(name, &w.spec)?;
         let mut vm = vm_config(&self.opts, name, w, net)?;
         (vm.guest.attach, vm.guest.tty) = (attach, w.tty);
@@ -164,10 +165,10 @@ impl Backend for WorkerBackend {
             });
     }
 
-    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String> {
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), VmError> {
         match self.controls.get_mut(name) {
             Some(c) => c.ask(command),
-            None => Err(format!("workload {name:?} is not running")),
+            None => Err(VmError::NotRunning(name.to_string())),
         }
     }
 

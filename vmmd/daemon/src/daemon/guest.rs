@@ -7,8 +7,8 @@ use super::*;
 pub(super) fn probe(uds: &Path, check: &HealthCheck) -> Result<(), ProbeFailure> {
     use steelcup_proto::probe::Probe;
     let timeout = Duration::from_secs(u64::from(check.timeout));
-    let failed = |message: String| ProbeFailure {
-        message,
+    let failed = |e: GuestError| ProbeFailure {
+        message: steelcup_sys::error_chain(&e),
         unreachable: false,
     };
     let unreachable = |e: steelcup_api::ClientError| ProbeFailure {
@@ -34,7 +34,7 @@ pub(super) fn probe_command(
     conn: std::os::unix::net::UnixStream,
     argv: &[String],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), GuestError> {
     use steelcup_proto::stdio::{read_frame, ExecRequest, EXIT, STDIN_EOF};
     let request = ExecRequest {
         argv: argv.to_vec(),
@@ -45,26 +45,37 @@ pub(super) fn probe_command(
     };
     let mut conn = steelcup_api::attach::send_exec(conn, &request)?;
     conn.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(GuestError::io("set a read timeout"))?;
     let _ = steelcup_proto::stdio::write_frame(&mut conn, STDIN_EOF, b"");
     let deadline = Instant::now() + timeout;
     let mut r = BufReader::new(conn);
     loop {
         if Instant::now() > deadline {
-            return Err(format!("{argv:?} took more than {}s", timeout.as_secs()));
+            return Err(GuestError::TimedOut {
+                argv: argv.to_vec(),
+                secs: timeout.as_secs(),
+            });
         }
         match read_frame(&mut r) {
             Ok(Some((EXIT, d))) => {
-                let status: steelcup_proto::guest::ExitStatus = serde_json::from_slice(&d)
-                    .map_err(|e| format!("a bad exit status from the guest: {e}"))?;
+                let status: steelcup_proto::guest::ExitStatus =
+                    serde_json::from_slice(&d).map_err(GuestError::BadStatus)?;
                 return match steelcup_api::attach::exit_code(status) {
                     0 => Ok(()),
-                    code => Err(format!("{argv:?} exited with {code}")),
+                    code => Err(GuestError::Exited {
+                        argv: argv.to_vec(),
+                        code: i32::from(code),
+                    }),
                 };
             }
             Ok(Some(_)) => {}
-            Ok(None) => return Err(format!("{argv:?}: the guest closed the connection")),
-            Err(e) => return Err(format!("{argv:?}: {e}")),
+            Ok(None) => return Err(GuestError::Closed),
+            Err(source) => {
+                return Err(GuestError::Io {
+                    what: "read the command's output",
+                    source,
+                })
+            }
         }
     }
 }
@@ -85,7 +96,7 @@ pub fn vsock_path(opts: &Options, name: &str) -> PathBuf {
 
 /// Sends `request` to a guest's vsock `port` through the VM's Unix socket
 /// and reads vminit's answer: Ok when it carried the request out.
-pub fn ask_guest(uds: &Path, port: u32, request: &GuestRequest) -> Result<(), String> {
+pub fn ask_guest(uds: &Path, port: u32, request: &GuestRequest) -> Result<(), GuestError> {
     let conn = steelcup_api::attach::connect(uds, port)?;
     request_on(conn, request, Duration::from_secs(2))
 }
@@ -96,21 +107,20 @@ pub(super) fn request_on(
     mut s: std::os::unix::net::UnixStream,
     request: &GuestRequest,
     patience: Duration,
-) -> Result<(), String> {
+) -> Result<(), GuestError> {
     s.set_read_timeout(Some(patience))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(2))))
+        .map_err(GuestError::io("set the connection's timeouts"))?;
     s.write_all(request.line().as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
+        .map_err(GuestError::io("send the request"))?;
     let mut line = String::new();
     BufReader::new(s.take(MAX_ANSWER))
         .read_line(&mut line)
-        .map_err(|e| format!("no answer from the guest: {e}"))?;
+        .map_err(GuestError::io("no answer from the guest"))?;
     if line.is_empty() {
-        return Err("the guest closed the connection without an answer".into());
+        return Err(GuestError::Closed);
     }
-    GuestAnswer::parse(&line)
+    Ok(GuestAnswer::parse(&line)?)
 }
 
 /// The longest answer read from a guest (a failed probe's reason).

@@ -25,7 +25,7 @@
 
 use crate::dbus;
 use crate::image::source::PullOptions;
-use crate::image::workload::{Merged, Prepared};
+use crate::image::workload::{Merged, PrepareError, Prepared};
 
 use crate::reconcile::{AfterStop, Backend, Core, ProbeFailure, Workload};
 use nix::sys::signal::Signal;
@@ -50,6 +50,7 @@ pub use crate::reconcile::STOP_GRACE;
 
 mod actions;
 mod backend;
+mod error;
 mod guest;
 mod volumes;
 mod warm;
@@ -57,6 +58,7 @@ mod workers;
 
 use actions::*;
 pub use backend::WorkerBackend;
+pub use error::{DaemonError, GuestError, NoNetwork, PortError, VmError};
 use guest::*;
 pub use guest::{ask_guest, vsock_path};
 use volumes::*;
@@ -157,7 +159,7 @@ enum Event {
     /// A workload's image is pulled and its root image built (or not).
     Prepared {
         name: String,
-        result: Result<Prepared, String>,
+        result: Result<Prepared, PrepareError>,
     },
     /// A health probe's answer.
     Probed {
@@ -218,7 +220,7 @@ fn without_port_clashes(
             if published {
                 Ok(())
             } else {
-                crate::net::host_port_free(p).map_err(|e| e.to_string())
+                crate::net::host_port_free(p).map_err(PortError::from)
             }
         });
         match port_clash(workloads, &kept, &name, &spec.ports).and(host) {
@@ -232,9 +234,8 @@ fn without_port_clashes(
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(opts: Options) -> Result<(), String> {
-    let sfd = steelcup_sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
-        .map_err(|e| steelcup_vmm::worker::error_chain(&e))?;
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let sfd = steelcup_sys::signalfd(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])?;
     let (tx, rx) = mpsc::channel::<Event>();
     let sig_tx = tx.clone();
     std::thread::Builder::new()
@@ -252,18 +253,18 @@ pub fn run(opts: Options) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("spawn signal thread: {e}"))?;
+        .map_err(DaemonError::io("spawn the signal thread"))?;
 
     let backend = WorkerBackend {
         opts: opts.clone(),
         tx: tx.clone(),
         controls: BTreeMap::new(),
         net: match &opts.network {
-            None => Err("vmmd runs with --network none".into()),
+            None => Err(NoNetwork::TurnedOff),
             Some(n) => crate::net::HostNet::setup(n.clone(), &opts.state_dir).map_err(|e| {
                 let e = steelcup_sys::error_chain(&e);
                 tracing::error!("network: {e}; workloads that want a network cannot start");
-                e
+                NoNetwork::SetupFailed(e)
             }),
         },
         taps: BTreeMap::new(),
@@ -289,12 +290,17 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts.run_dir.join("vsock"),
         steelcup_vmm::jail::mount::scratch_dir(&opts.run_dir),
     ] {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| DaemonError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
     }
     clean_leftovers(&opts);
     let (api_tx, api_rx) = mpsc::channel::<dbus::Request>();
-    let changes = dbus::serve(&opts.api_socket, api_tx)
-        .map_err(|e| format!("serve the API on {}: {e}", opts.api_socket.display()))?;
+    let changes = dbus::serve(&opts.api_socket, api_tx).map_err(|source| DaemonError::Api {
+        socket: opts.api_socket.clone(),
+        source,
+    })?;
     let fwd = tx.clone();
     std::thread::Builder::new()
         .name("api-forward".into())
@@ -305,7 +311,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("spawn API thread: {e}"))?;
+        .map_err(DaemonError::io("spawn the API thread"))?;
     notify_ready();
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
@@ -366,7 +372,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             Ok(Event::Prepared { name, result }) => core.prepared(&name, result, now()),
             Ok(Event::Probed { name, result }) => core.probed(&name, result, now()),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("event channel closed".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(DaemonError::EventsClosed),
         }
     }
 }
@@ -411,7 +417,7 @@ fn port_clash(
     units: &BTreeMap<String, MicrovmSection>,
     owner: &str,
     ports: &[steelcup_units::ports::PortSpec],
-) -> Result<(), String> {
+) -> Result<(), PortError> {
     let theirs = units
         .iter()
         .filter(|(u, _)| u.as_str() != owner)
@@ -425,11 +431,12 @@ fn port_clash(
     for (who, their) in theirs {
         for p in ports {
             if let Some(q) = their.iter().find(|q| p.clashes(q)) {
-                return Err(format!(
-                    "port {}/{} is already published by {who} ({q})",
-                    p.host_port,
-                    p.protocol.name()
-                ));
+                return Err(PortError::Clash {
+                    port: p.host_port,
+                    protocol: p.protocol.name(),
+                    who,
+                    theirs: *q,
+                });
             }
         }
     }
@@ -614,7 +621,7 @@ fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event
     if let Err(e) = spawned {
         let _ = tx.send(Event::Prepared {
             name,
-            result: Err(format!("spawn a thread: {e}")),
+            result: Err(PrepareError::Thread(e)),
         });
     }
 }
@@ -625,7 +632,7 @@ fn vm_config(
     name: &str,
     w: &Workload,
     net: Option<(NetConfig, GuestNetwork)>,
-) -> Result<VmConfig, String> {
+) -> Result<VmConfig, VmError> {
     let (spec, prepared, cid) = (&w.spec, w.prepared.as_ref(), w.cid);
     let mut disks = Vec::new();
     let mut root = None;

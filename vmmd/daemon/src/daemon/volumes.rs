@@ -28,24 +28,24 @@ pub fn ensure_volume(
     state_dir: &Path,
     unit: &str,
     volume: &steelcup_units::VolumeSpec,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, VmError> {
     let dir = state_dir.join("volumes").join(unit);
     let path = dir.join(format!("{}.img", volume.name));
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(VmError::file("create", &dir))?;
     // Create under a temporary name and rename, so a crash never leaves a
     // disk of the wrong size behind.
     let tmp = dir.join(format!(".{}.img.new", volume.name));
-    let f = std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let f = std::fs::File::create(&tmp).map_err(VmError::file("create", &tmp))?;
     f.set_len(volume.size.0)
-        .map_err(|e| format!("size {}: {e}", tmp.display()))?;
+        .map_err(VmError::file("size", &tmp))?;
     drop(f);
     let formatted = format_volume(&tmp).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    std::fs::rename(&tmp, &path).map_err(VmError::file("create", &path))?;
     let whose = match unit {
         NAMED_VOLUMES => "cup run".to_string(),
         unit => format!("workload {unit}"),
@@ -70,7 +70,7 @@ pub(super) const MKE2FS_PATHS: [&str; 3] = ["/usr/sbin/mke2fs", "/sbin/mke2fs", 
 /// milliseconds, where the guest's busybox mke2fs writes every inode
 /// table through the VM's disk. Without mke2fs (false), vminit formats the
 /// blank disk on first use.
-pub(super) fn format_volume(file: &Path) -> Result<bool, String> {
+pub(super) fn format_volume(file: &Path) -> Result<bool, VmError> {
     let Some(mke2fs) = MKE2FS_PATHS.iter().map(Path::new).find(|p| p.exists()) else {
         return Ok(false);
     };
@@ -94,14 +94,16 @@ pub(super) fn format_volume(file: &Path) -> Result<bool, String> {
         .arg(file)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("run {}: {e}", mke2fs.display()))?;
+        .map_err(|source| VmError::Spawn {
+            program: mke2fs.to_path_buf(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "format {} as ext4: {}: {}",
-            file.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(VmError::Format {
+            file: file.to_path_buf(),
+            status: out.status,
+            said: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(true)
 }

@@ -104,25 +104,17 @@ pub(super) fn claim(
     name: &str,
     worker: &mut Worker,
     vm: &VmConfig,
-) -> Result<(), String> {
+) -> Result<(), VmError> {
     let root = &vm.disks[0].path;
-    let file = std::fs::File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", root.display()))?
-        .len();
-    let control = worker
-        .control
-        .as_mut()
-        .ok_or("the pool VM has no control channel")?;
+    let file = std::fs::File::open(root).map_err(VmError::file("open", root))?;
+    let len = file.metadata().map_err(VmError::file("open", root))?.len();
+    let control = worker.control.as_mut().ok_or(VmError::NoControl)?;
     use std::os::fd::AsFd;
     let attach = WorkerCommand::Attach {
         disk: "root".into(),
         bytes: len,
     };
-    control
-        .ask_with_fd(&attach, file.as_fd())
-        .map_err(|e| format!("attach root: {e}"))?;
+    control.ask_with_fd(&attach, file.as_fd())?;
     let claim = GuestRequest::Claim {
         config: Box::new(vm.guest.clone()),
     };
@@ -131,7 +123,7 @@ pub(super) fn claim(
     let old = vsock_path(opts, pool_name);
     if let Err(e) = ask_guest(&old, POOL_PORT, &claim) {
         worker.report_as(pool_name, Duration::ZERO);
-        return Err(format!("vminit: {e}"));
+        return Err(e.into());
     }
     let new = vsock_path(opts, name);
     let _ = std::fs::remove_file(&new);

@@ -18,12 +18,12 @@ pub(super) const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl WorkerControl {
     /// Sends `command`; Ok once the worker has carried it out.
-    pub(super) fn ask(&mut self, command: &WorkerCommand) -> Result<(), String> {
+    pub(super) fn ask(&mut self, command: &WorkerCommand) -> Result<(), VmError> {
         while self.answers.try_recv().is_ok() {}
         self.commands
             .write_all(command.line().as_bytes())
             .and_then(|_| self.commands.flush())
-            .map_err(|e| format!("worker control channel: {e}"))?;
+            .map_err(VmError::io("the worker's control channel"))?;
         self.answer(command)
     }
 
@@ -32,20 +32,23 @@ impl WorkerControl {
         &mut self,
         command: &WorkerCommand,
         fd: std::os::fd::BorrowedFd,
-    ) -> Result<(), String> {
+    ) -> Result<(), VmError> {
         while self.answers.try_recv().is_ok() {}
         send_with_fds(&self.commands, command.line().as_bytes(), &[fd])
-            .map_err(|e| format!("worker control channel: {e}"))?;
+            .map_err(VmError::io("the worker's control channel"))?;
         self.answer(command)
     }
 
-    pub(super) fn answer(&mut self, command: &WorkerCommand) -> Result<(), String> {
+    pub(super) fn answer(&mut self, command: &WorkerCommand) -> Result<(), VmError> {
         match self.answers.recv_timeout(CONTROL_TIMEOUT) {
-            Ok(a) => a,
-            Err(_) => Err(format!(
-                "the worker did not answer {command:?} within {}s",
-                CONTROL_TIMEOUT.as_secs()
-            )),
+            Ok(a) => a.map_err(|reason| VmError::Refused {
+                command: format!("{command:?}"),
+                reason,
+            }),
+            Err(_) => Err(VmError::NoAnswer {
+                command: format!("{command:?}"),
+                secs: CONTROL_TIMEOUT.as_secs(),
+            }),
         }
     }
 }
@@ -77,22 +80,24 @@ pub(super) fn send_with_fds(
 /// slot, opened here (writable ones locked), then the VM's tap, made here
 /// and put on its bridge. The jailed worker opens none of them itself and
 /// needs no network capability.
-pub(super) fn open_vm_handles(vm: &VmConfig) -> Result<Vec<std::fs::File>, String> {
+pub(super) fn open_vm_handles(vm: &VmConfig) -> Result<Vec<std::fs::File>, VmError> {
     if vm.handles() > steelcup_vmm::worker::MAX_HANDLES {
-        return Err(format!(
-            "{} disks and a tap are more than a worker takes ({})",
-            vm.handles(),
-            steelcup_vmm::worker::MAX_HANDLES
-        ));
+        return Err(VmError::TooManyHandles {
+            count: vm.handles(),
+            max: steelcup_vmm::worker::MAX_HANDLES,
+        });
     }
     let mut handles = Vec::new();
     for d in vm.disks.iter().filter(|d| !d.empty_slot) {
         let f = steelcup_vmm::devices::virtio::block::Block::open_file(&d.path, d.read_only)
-            .map_err(|e| format!("disk {}: {}", d.id, steelcup_sys::error_chain(&e)))?;
+            .map_err(|source| VmError::Disk {
+                id: d.id.clone(),
+                source,
+            })?;
         handles.push(f);
     }
     if let Some(n) = &vm.net {
-        handles.push(crate::net::link::open_tap(n).map_err(|e| steelcup_sys::error_chain(&e))?);
+        handles.push(crate::net::link::open_tap(n)?);
     }
     Ok(handles)
 }
@@ -138,9 +143,9 @@ pub(super) fn spawn_worker(
     opts: &Options,
     vm: &VmConfig,
     tx: mpsc::Sender<Event>,
-) -> Result<Worker, String> {
+) -> Result<Worker, VmError> {
     let name = vm.name.as_str();
-    let mut config = serde_json::to_vec(&vm).map_err(|e| e.to_string())?;
+    let mut config = serde_json::to_vec(&vm).map_err(VmError::Encode)?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
         let limits = steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
@@ -169,26 +174,29 @@ pub(super) fn spawn_worker(
     }
     let handles = open_vm_handles(vm)?;
     let (commands, theirs) =
-        UnixStream::pair().map_err(|e| format!("a control socket for the worker: {e}"))?;
+        UnixStream::pair().map_err(VmError::io("a control socket for the worker"))?;
     let mut child = cmd
         .args(["worker", name])
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{}: {e}", opts.worker_exe.display()))?;
+        .map_err(|source| VmError::Spawn {
+            program: opts.worker_exe.clone(),
+            source,
+        })?;
     let pid = child.id() as i32;
     let started = Instant::now();
     // One line with the VM's descriptors; the worker reads it first thing.
     let fds: Vec<_> = handles.iter().map(std::os::fd::AsFd::as_fd).collect();
     send_with_fds(&commands, &config, &fds)
-        .map_err(|e| format!("send config to the worker: {e}"))?;
+        .map_err(VmError::io("send the config to the worker"))?;
     drop(handles);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let messages = commands
         .try_clone()
-        .map_err(|e| format!("the worker's control socket: {e}"))?;
+        .map_err(VmError::io("the worker's control socket"))?;
     let label: Label = Arc::new(Mutex::new(name.to_string()));
     let cgroup = Arc::new(Mutex::new(cgroup));
     let (answer_tx, answers) = mpsc::channel();
@@ -232,7 +240,7 @@ pub(super) fn spawn_worker(
             let name = label_of(&l);
             let _ = tx.send(Event::Ended { name, report });
         })
-        .map_err(|e| format!("spawn monitor thread: {e}"))?;
+        .map_err(VmError::io("spawn a monitor thread"))?;
     Ok(Worker {
         pid,
         control: Some(WorkerControl { commands, answers }),

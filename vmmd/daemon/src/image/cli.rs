@@ -12,7 +12,8 @@
 //! `STEELCUP_REGISTRY_AUTH=USER:PASSWORD`.
 
 use super::source::{self, PullOptions};
-use super::store::Store;
+use super::store::{Store, StoreError};
+use super::workload::PrepareError;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -58,9 +59,9 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    let result: Result<(), String> = match words.as_slice() {
+    let result: Result<(), PrepareError> = match words.as_slice() {
         ["pull", src] => pull(&store, src, &opts),
-        ["ls"] => store.list().map_err(|e| e.to_string()).map(|list| {
+        ["ls"] => store.list().map_err(PrepareError::from).map(|list| {
             println!("{:<60} {:<20} {:>10} ROOTFS", "NAME", "DIGEST", "SIZE");
             for i in list {
                 println!(
@@ -75,10 +76,10 @@ pub fn main(args: &[String]) -> i32 {
         ["rootfs", name] => rootfs(&store, name),
         ["rm", name] => match store.untag(name) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(format!("no image named {name:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(false) => Err(StoreError::UnknownImage(name.to_string()).into()),
+            Err(e) => Err(e.into()),
         },
-        ["gc"] => store.gc().map_err(|e| e.to_string()).map(|r| {
+        ["gc"] => store.gc().map_err(PrepareError::from).map(|r| {
             println!(
                 "removed {} blobs, {} root images, {} temporary files ({})",
                 r.blobs,
@@ -98,7 +99,7 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), String> {
+fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), PrepareError> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = std::time::Instant::now();
     let mut report = |p: source::Progress| {
@@ -121,19 +122,16 @@ fn pull(store: &Store, src: &str, opts: &PullOptions) -> Result<(), String> {
             );
         }
     };
-    let (name, digest) =
-        source::pull(store, src, opts, &mut report).map_err(|e| steelcup_sys::error_chain(&e))?;
+    let (name, digest) = source::pull(store, src, opts, &mut report)?;
     println!("{name} {digest}");
     Ok(())
 }
 
-fn rootfs(store: &Store, name: &str) -> Result<(), String> {
-    let d = store.resolve(name).map_err(|e| e.to_string())?;
-    let image = store.image(&d).map_err(|e| e.to_string())?;
+fn rootfs(store: &Store, name: &str) -> Result<(), PrepareError> {
+    let d = store.resolve(name)?;
+    let image = store.image(&d)?;
     let started = std::time::Instant::now();
-    let path = store
-        .rootfs(&image)
-        .map_err(|e| steelcup_sys::error_chain(&e))?;
+    let path = store.rootfs(&image)?;
     println!("{}", path.display());
     eprintln!("({} ms)", started.elapsed().as_millis());
     Ok(())

@@ -43,6 +43,14 @@ struct Entry {
     insecure: bool,
 }
 
+/// A registries file vmmd cannot use: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {why}", path.display())]
+pub struct RegistriesError {
+    pub path: std::path::PathBuf,
+    pub why: String,
+}
+
 /// What the file says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registries {
@@ -54,9 +62,12 @@ pub struct Registries {
 
 impl Registries {
     /// Parses the file's text; errors name `path`.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
-        let f: File =
-            toml::from_str(text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    pub fn parse(path: &Path, text: &str) -> Result<Self, RegistriesError> {
+        let bad = |why: String| RegistriesError {
+            path: path.to_path_buf(),
+            why,
+        };
+        let f: File = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
         let mut r = Registries::default();
         for e in f.registry {
             if e.insecure {
@@ -68,11 +79,10 @@ impl Registries {
                 }
                 (None, None) => {}
                 _ => {
-                    return Err(format!(
-                        "{}: registry {}: username and password go together",
-                        path.display(),
+                    return Err(bad(format!(
+                        "registry {}: username and password go together",
                         e.host
-                    ))
+                    )))
                 }
             }
         }
@@ -80,11 +90,14 @@ impl Registries {
     }
 
     /// Reads `path`; a missing file is no registries.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, RegistriesError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(RegistriesError {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            }),
         }
     }
 
@@ -145,14 +158,15 @@ insecure = true
             Path::new("/etc/r.toml"),
             "[[registry]]\nhost = \"x\"\nuser = \"u\"\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("/etc/r.toml: unknown field `user`"), "{e}");
         let e = Registries::parse(
             Path::new("r.toml"),
             "[[registry]]\nhost = \"x\"\nusername = \"u\"\n",
         )
         .unwrap_err();
-        assert!(e.contains("go together"), "{e}");
+        assert!(e.to_string().contains("go together"), "{e}");
         assert_eq!(
             Registries::load(Path::new("/nonexistent/registries.toml")).unwrap(),
             Registries::default()

@@ -66,7 +66,11 @@ impl Process {
 
     /// Applies a workload's command and environment; an error when nothing
     /// is left to run.
-    pub fn merge(&self, cmd: &[String], env: &BTreeMap<String, String>) -> Result<Merged, String> {
+    pub fn merge(
+        &self,
+        cmd: &[String],
+        env: &BTreeMap<String, String>,
+    ) -> Result<Merged, NothingToRun> {
         let mut argv = self.entrypoint.clone();
         argv.extend(
             if cmd.is_empty() {
@@ -77,9 +81,7 @@ impl Process {
             .cloned(),
         );
         if argv.is_empty() {
-            return Err(
-                "the image has no Entrypoint or Cmd and the workload gives no command".into(),
-            );
+            return Err(NothingToRun);
         }
         let mut merged: BTreeMap<String, String> = self.env.iter().cloned().collect();
         merged.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -92,6 +94,22 @@ impl Process {
     }
 }
 
+/// A workload with nothing to run.
+#[derive(Debug, thiserror::Error)]
+#[error("the image has no Entrypoint or Cmd and the workload gives no command")]
+pub struct NothingToRun;
+
+/// Why an image could not be made ready to boot.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{}", steelcup_sys::error_chain(.0))]
+    Store(#[from] super::store::StoreError),
+    #[error("{}", steelcup_sys::error_chain(.0))]
+    Source(#[from] source::SourceError),
+    #[error("spawn a thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Makes `image` ready to boot from the store at `store_dir`: pulled if
 /// it is not there, its root image built.
 pub fn prepare(
@@ -99,32 +117,24 @@ pub fn prepare(
     image: &str,
     opts: &PullOptions,
     progress: &mut dyn FnMut(source::Progress),
-) -> Result<Prepared, String> {
+) -> Result<Prepared, PrepareError> {
     // One preparation at a time: two units of one image pull it and build
     // its root image once, not side by side.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let store = Store::open(store_dir).map_err(|e| e.to_string())?;
-    let name = source::Source::parse(image)
-        .map_err(|e| e.to_string())?
-        .name(image);
+    let store = Store::open(store_dir)?;
+    let name = source::Source::parse(image)?.name(image);
     let digest = match store.resolve(&name) {
         Ok(d) => d,
         Err(_) => {
             tracing::info!("image {image}: pulling");
-            source::pull(&store, image, opts, progress)
-                .map_err(|e| steelcup_sys::error_chain(&e))?
-                .1
+            source::pull(&store, image, opts, progress)?.1
         }
     };
-    let img = store
-        .image(&digest)
-        .map_err(|e| steelcup_sys::error_chain(&e))?;
+    let img = store.image(&digest)?;
     let started = std::time::Instant::now();
     let built = !store.rootfs_path(&img).is_file();
-    let rootfs = store
-        .rootfs(&img)
-        .map_err(|e| steelcup_sys::error_chain(&e))?;
+    let rootfs = store.rootfs(&img)?;
     if built {
         tracing::info!(
             "image {image}: root image built in {} ms",
@@ -173,6 +183,7 @@ mod tests {
         assert!(Process::default()
             .merge(&[], &BTreeMap::new())
             .unwrap_err()
+            .to_string()
             .contains("no Entrypoint"));
     }
 

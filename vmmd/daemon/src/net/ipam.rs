@@ -14,23 +14,40 @@ pub struct Subnet {
     pub prefix: u8,
 }
 
+/// A workload subnet vmmd refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubnetError {
+    /// Not `A.B.C.D/N` (what is wrong, from the CIDR parser).
+    #[error("subnet {0}")]
+    Cidr(String),
+    #[error("subnet {0:?}: prefix must be 8 to 29")]
+    Prefix(String),
+    #[error("subnet {addr}/{prefix}: {addr} has host bits set; the network is {network}/{prefix}")]
+    HostBits {
+        addr: Ipv4Addr,
+        network: Ipv4Addr,
+        prefix: u8,
+    },
+}
+
 impl Subnet {
     /// Parses `A.B.C.D/N`; the address must be the network's own (no host
     /// bits), and the subnet must hold a gateway and at least one VM.
-    pub fn parse(s: &str) -> Result<Subnet, String> {
-        let (addr, prefix) = steelcup_proto::parse_cidr(s)?;
+    pub fn parse(s: &str) -> Result<Subnet, SubnetError> {
+        let (addr, prefix) = steelcup_proto::parse_cidr(s).map_err(SubnetError::Cidr)?;
         if !(8..=29).contains(&prefix) {
-            return Err(format!("subnet {s:?}: prefix must be 8 to 29"));
+            return Err(SubnetError::Prefix(s.to_string()));
         }
         let net = Subnet {
             network: addr,
             prefix,
         };
         if u32::from(addr) & !net.mask() != 0 {
-            return Err(format!(
-                "subnet {s:?}: {addr} has host bits set; the network is {}/{prefix}",
-                Ipv4Addr::from(u32::from(addr) & net.mask())
-            ));
+            return Err(SubnetError::HostBits {
+                addr,
+                network: Ipv4Addr::from(u32::from(addr) & net.mask()),
+                prefix,
+            });
         }
         Ok(net)
     }
@@ -201,7 +218,7 @@ mod tests {
             ("10.88.0.0/33", "prefix must be"),
             ("ten/16", "not an IPv4 address"),
         ] {
-            let e = Subnet::parse(bad).unwrap_err();
+            let e = Subnet::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

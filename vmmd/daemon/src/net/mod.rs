@@ -65,15 +65,15 @@ impl NetOptions {
     /// Parses `none` (no workload network: None) or
     /// `bridge=NAME,subnet=CIDR,mtu=N,domain=NAME` (any of them, the rest
     /// default).
-    pub fn parse(s: &str) -> Result<Option<NetOptions>, String> {
+    pub fn parse(s: &str) -> Result<Option<NetOptions>, OptionError> {
         if s == "none" {
             return Ok(None);
         }
         let mut o = NetOptions::default();
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                format!("{part:?}: expected KEY=VALUE (bridge, subnet, mtu, domain) or none")
-            })?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| OptionError::NotKeyValue(part.to_string()))?;
             match k {
                 "bridge" => {
                     if v.is_empty()
@@ -82,7 +82,7 @@ impl NetOptions {
                             .chars()
                             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                     {
-                        return Err(format!("bridge {v:?}: 1 to 15 letters, digits, '-' or '_'"));
+                        return Err(OptionError::Bridge(v.to_string()));
                     }
                     o.bridge = v.to_string();
                 }
@@ -92,7 +92,7 @@ impl NetOptions {
                         .parse()
                         .ok()
                         .filter(|m| (576..=65535).contains(m))
-                        .ok_or_else(|| format!("mtu {v:?}: 576 to 65535"))?
+                        .ok_or_else(|| OptionError::Mtu(v.to_string()))?
                 }
                 "domain" => {
                     let ok = !v.is_empty()
@@ -103,19 +103,32 @@ impl NetOptions {
                                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                         });
                     if !ok {
-                        return Err(format!("domain {v:?} is not a DNS name"));
+                        return Err(OptionError::Domain(v.to_string()));
                     }
                     o.domain = v.to_ascii_lowercase();
                 }
-                other => {
-                    return Err(format!(
-                        "unknown key {other:?} (bridge, subnet, mtu, domain)"
-                    ))
-                }
+                other => return Err(OptionError::UnknownKey(other.to_string())),
             }
         }
         Ok(Some(o))
     }
+}
+
+/// A `--network` value vmmd refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    #[error("{0:?}: expected KEY=VALUE (bridge, subnet, mtu, domain) or none")]
+    NotKeyValue(String),
+    #[error("bridge {0:?}: 1 to 15 letters, digits, '-' or '_'")]
+    Bridge(String),
+    #[error(transparent)]
+    Subnet(#[from] ipam::SubnetError),
+    #[error("mtu {0:?}: 576 to 65535")]
+    Mtu(String),
+    #[error("domain {0:?} is not a DNS name")]
+    Domain(String),
+    #[error("unknown key {0:?} (bridge, subnet, mtu, domain)")]
+    UnknownKey(String),
 }
 
 /// A stable, locally administered MAC address for VM `name`.
@@ -799,7 +812,7 @@ mod tests {
             ("colour=blue", "unknown key"),
             ("bridge", "KEY=VALUE"),
         ] {
-            let e = NetOptions::parse(bad).unwrap_err();
+            let e = NetOptions::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

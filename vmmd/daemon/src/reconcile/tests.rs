@@ -17,14 +17,20 @@ struct Fake {
     refuse_warm: bool,
 }
 
+/// What the fake backend refuses with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(&'static str);
+
 impl Backend for Fake {
     type PoolVm = String;
+    type Error = Refusal;
 
     fn pool_fit(&self, _name: &str, w: &Workload) -> Option<Key> {
         self.pool_fits
             .then_some((w.spec.vcpus, w.spec.memory.mib()))
     }
-    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<String, String> {
+    fn boot_pool_vm(&mut self, name: &str, key: Key) -> Result<String, Refusal> {
         self.calls
             .push(format!("boot-pool {name} {}x{}", key.0, key.1));
         Ok(name.to_string())
@@ -36,11 +42,11 @@ impl Backend for Fake {
         _attach: bool,
         pool_name: &str,
         vm: String,
-    ) -> Result<i32, String> {
+    ) -> Result<i32, Refusal> {
         assert_eq!(vm, pool_name, "the pool VM handed over is the one named");
         self.calls.push(format!("start-warm {name} {pool_name}"));
         if self.refuse_warm {
-            return Err("vminit refused the claim".into());
+            return Err(Refusal("vminit refused the claim"));
         }
         self.next_pid += 1;
         Ok(1000 + self.next_pid)
@@ -51,9 +57,9 @@ impl Backend for Fake {
     fn prepare(&mut self, name: &str, image: &str) {
         self.calls.push(format!("prepare {name} {image}"));
     }
-    fn start(&mut self, name: &str, w: &Workload, _attach: bool) -> Result<i32, String> {
+    fn start(&mut self, name: &str, w: &Workload, _attach: bool) -> Result<i32, Refusal> {
         if self.refuse_starts {
-            return Err("no KVM".into());
+            return Err(Refusal("no KVM"));
         }
         self.next_pid += 1;
         self.calls.push(format!(
@@ -72,7 +78,7 @@ impl Backend for Fake {
     fn probe(&mut self, name: &str, _check: &HealthCheck) {
         self.calls.push(format!("probe {name}"));
     }
-    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), String> {
+    fn control(&mut self, name: &str, command: &WorkerCommand) -> Result<(), Refusal> {
         let command = match command {
             WorkerCommand::Pause {} => "pause",
             WorkerCommand::Resume {} => "resume",
@@ -84,6 +90,15 @@ impl Backend for Fake {
     fn forgotten(&mut self, name: &str) {
         self.calls.push(format!("forget {name}"));
     }
+}
+
+/// A pull that failed: the registry did not answer.
+fn unreachable_registry() -> PrepareError {
+    crate::image::source::SourceError::Registry {
+        reference: "registry.example/app".into(),
+        what: "connection refused".into(),
+    }
+    .into()
 }
 
 fn unit(replicas: u32, v: &str) -> MicrovmSection {
@@ -420,8 +435,7 @@ fn an_image_that_cannot_be_pulled_is_retried_without_holding_up_others() {
         ]
     );
     assert_eq!(w.state("app"), "preparing");
-    w.core
-        .prepared("app", Err("connection refused".into()), w.now);
+    w.core.prepared("app", Err(unreachable_registry()), w.now);
     assert_eq!(w.state("app"), "waiting");
     assert!(w.core.workloads["app"]
         .last_outcome
@@ -429,8 +443,7 @@ fn an_image_that_cannot_be_pulled_is_retried_without_holding_up_others() {
         .contains("connection refused"));
     w.wait(1.0);
     assert_eq!(w.calls(), ["prepare app registry.example/app:1"]);
-    w.core
-        .prepared("app", Err("connection refused".into()), w.now);
+    w.core.prepared("app", Err(unreachable_registry()), w.now);
     w.wait(1.0);
     assert_eq!(w.calls(), Vec::<String>::new(), "2 s the second time");
     w.wait(1.0);

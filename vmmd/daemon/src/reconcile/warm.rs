@@ -14,7 +14,10 @@ impl<B: Backend> Core<B> {
                     self.pool.add(name, key, vm, now);
                 }
                 Err(e) => {
-                    tracing::warn!("warm pool: cannot boot {name}: {e}");
+                    tracing::warn!(
+                        "warm pool: cannot boot {name}: {}",
+                        steelcup_sys::error_chain(&e)
+                    );
                     self.pool.boot_failed(key, now);
                 }
             }
