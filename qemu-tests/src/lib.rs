@@ -12,6 +12,9 @@
 //! so that KVM works inside the booted host. A guest dropped while a test is
 //! panicking keeps its serial log and says where it is.
 
+pub mod registry;
+pub mod run_machine;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -96,6 +99,9 @@ pub struct GuestConfig {
     /// 127.0.0.1 ([`Guest::forwarded`]), through QEMU's user networking (a
     /// direct boot gets a network interface only with it).
     pub forward_port: Option<u16>,
+    /// Ports of 127.0.0.1 here forwarded to the appliance's: (here,
+    /// there). The caller has checked they are free.
+    pub forwards: Vec<(u16, u16)>,
     /// More disks (raw images) after the boot disk, as virtio drives: a
     /// config drive, say.
     pub drives: Vec<PathBuf>,
@@ -118,6 +124,7 @@ impl GuestConfig {
             log_dir: log_dir(artifacts),
             echo: false,
             forward_port: None,
+            forwards: Vec::new(),
             drives: Vec::new(),
         })
     }
@@ -140,6 +147,7 @@ impl GuestConfig {
             log_dir: log_dir.into(),
             echo: false,
             forward_port: None,
+            forwards: Vec::new(),
             drives: Vec::new(),
         })
     }
@@ -157,9 +165,26 @@ impl GuestConfig {
             log_dir: log_dir(artifacts),
             echo: false,
             forward_port: None,
+            forwards: Vec::new(),
             drives: Vec::new(),
         }
     }
+}
+
+/// QEMU's user network with a virtio NIC: `cfg.forward_port` from a free
+/// port of 127.0.0.1 (written to `forwarded`), and `cfg.forwards` as
+/// given.
+fn user_nic(cfg: &GuestConfig, forwarded: &mut Option<u16>) -> Result<String> {
+    let mut nic = "user,model=virtio-net-pci".to_string();
+    if let Some(port) = cfg.forward_port {
+        let free = free_port()?;
+        *forwarded = Some(free);
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{free}-:{port}"));
+    }
+    for (here, there) in &cfg.forwards {
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{here}-:{there}"));
+    }
+    Ok(nic)
 }
 
 /// A free port of 127.0.0.1 for QEMU's host forwarding.
@@ -239,13 +264,10 @@ impl Guest {
                 cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
                 // A hardware RNG, as servers have: init's coldplug must load
                 // its driver (virtio_pci, virtio_rng) by modalias.
-                let nic = match cfg.forward_port {
-                    None => "none".to_string(),
-                    Some(port) => {
-                        let free = free_port()?;
-                        forwarded = Some(free);
-                        format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{free}-:{port}")
-                    }
+                let nic = if cfg.forward_port.is_none() && cfg.forwards.is_empty() {
+                    "none".to_string()
+                } else {
+                    user_nic(cfg, &mut forwarded)?
                 };
                 cmd.args([
                     "-append",
@@ -265,16 +287,7 @@ impl Guest {
                     .arg("-drive")
                     .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
                     .arg("-nic")
-                    .arg(match cfg.forward_port {
-                        None => "user,model=virtio-net-pci".to_string(),
-                        Some(port) => {
-                            let free = free_port()?;
-                            forwarded = Some(free);
-                            format!(
-                                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{free}-:{port}"
-                            )
-                        }
-                    })
+                    .arg(user_nic(cfg, &mut forwarded)?)
                     .args(["-device", "virtio-rng-pci"]);
             }
             Boot::Pxe { dir, bootfile } => {

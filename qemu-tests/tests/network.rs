@@ -9,9 +9,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use qemu_tests::Guest;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(300);
@@ -19,72 +18,6 @@ const BOOT: Duration = Duration::from_secs(300);
 /// nested nginx boots.
 const PULL_AND_BOOT: Duration = Duration::from_secs(900);
 const STEP: Duration = Duration::from_secs(300);
-/// The registry's port on this machine; the unit names it (10.0.2.2 is
-/// this machine as QEMU's user network shows it to the appliance).
-const REGISTRY_PORT: u16 = 15055;
-
-/// docker-registry on 127.0.0.1:15055, stopped (and its data removed) on drop.
-struct Registry {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A registry holding the nginx image as `steelcup-test/nginx:latest`.
-fn registry_with_nginx(image: &str) -> Result<Registry> {
-    let dir = std::env::temp_dir().join(format!("steelcup-registry-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{REGISTRY_PORT}\n",
-            dir.join("data").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start docker-registry (Debian's docker-registry package)")?;
-    let reg = Registry { child, dir };
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", REGISTRY_PORT)).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !up {
-        bail!("docker-registry did not listen on 127.0.0.1:{REGISTRY_PORT}");
-    }
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{image}"))
-        .arg(format!(
-            "docker://127.0.0.1:{REGISTRY_PORT}/steelcup-test/nginx:latest"
-        ))
-        .output()
-        .context("run skopeo")?;
-    if !out.status.success() {
-        bail!(
-            "skopeo copy {image}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(reg)
-}
-
 /// `GET /` from here on the appliance's forwarded port 8080.
 fn get_page(g: &Guest) -> Result<String> {
     use std::io::{Read, Write};
@@ -115,7 +48,7 @@ fn nginx_replicas_behind_a_published_port() {
         );
         return;
     };
-    let _registry = registry_with_nginx(&image.to_string_lossy()).unwrap();
+    let _registry = qemu_tests::registry::Registry::with_nginx(&image.to_string_lossy()).unwrap();
     qemu_tests::run_booted(
         "network",
         || qemu_tests::boot_test_image("network"),

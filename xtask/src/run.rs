@@ -17,11 +17,130 @@ pub(crate) fn finite_workloads() -> Vec<String> {
         .collect()
 }
 
+/// cup's config directory, as cup finds it (`vmmd/cup/src/context.rs`):
+/// `$STEELCUP_CONFIG_DIR`, else `$XDG_CONFIG_HOME/steelcup`, else
+/// `~/.config/steelcup`.
+fn cup_config_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = var("STEELCUP_CONFIG_DIR") {
+        return d.into();
+    }
+    if let Some(d) = var("XDG_CONFIG_HOME") {
+        return Path::new(&d).join("steelcup");
+    }
+    Path::new(&var("HOME").unwrap_or_else(|| "/root".into())).join(".config/steelcup")
+}
+
+/// The `cup` built for the appliance (static: it runs here too).
+pub(crate) fn cup_binary() -> PathBuf {
+    sh::root()
+        .join("target")
+        .join(TARGET)
+        .join("release")
+        .join("cup")
+}
+
+/// Makes `cup` on this machine's PATH the one just built: a link in
+/// /usr/local/bin, unless something else is there. Returns how to run it.
+fn install_cup(cup: &Path) -> String {
+    let link = Path::new("/usr/local/bin/cup");
+    let ours = std::fs::read_link(link).is_ok_and(|t| t == cup);
+    if ours {
+        return "cup".into();
+    }
+    if !link.exists() && std::os::unix::fs::symlink(cup, link).is_ok() {
+        eprintln!("==> linked {} to {}", link.display(), cup.display());
+        return "cup".into();
+    }
+    cup.display().to_string()
+}
+
+/// Context `appliance` (cup's current one from now on): the machine just
+/// booted, through its forwarded admin gateway.
+fn write_context(cup: &Path, admin: &str, certs: &Path) -> Result<()> {
+    let add = Command::new(cup)
+        .args([
+            "context",
+            "add",
+            "appliance",
+            "--remote",
+            admin,
+            "--tls-dir",
+        ])
+        .arg(certs)
+        .args([
+            "--description",
+            "the appliance `cargo xtask run` boots",
+            "--made-by",
+            "cargo xtask run",
+        ])
+        .output()
+        .context("run cup context add")?;
+    let used = Command::new(cup)
+        .args(["context", "use", "appliance"])
+        .output()
+        .context("run cup context use")?;
+    for out in [add, used] {
+        if !out.status.success() {
+            bail!(
+                "cup context: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What to type in another terminal once the machine is up.
+fn quick_start(cup: &str, ports: &[u16], taken: &[u16]) -> String {
+    let web = ports.first().copied().unwrap_or(8080);
+    let mut s = format!(
+        "==> the appliance is up; cup's context `appliance` reaches it. In another terminal:\n\
+         \x20     {cup} ps\n\
+         \x20     {cup} units\n\
+         \x20     {cup} run -d --name web -p {web}:80 nginx:alpine\n\
+         \x20         (or an image in a registry on this machine: {reg}/NAME:TAG)\n\
+         \x20     curl localhost:{web}\n\
+         \x20     {cup} logs -f web\n\
+         \x20     {cup} exec -it web sh\n\
+         \x20     {cup} stop web\n",
+        reg = qemu_tests::run_machine::LOCAL_REGISTRY,
+    );
+    if let (Some(first), Some(last)) = (ports.first(), ports.last()) {
+        s.push_str(&format!(
+            "    the appliance's ports {first}-{last} are localhost's{}\n",
+            if taken.is_empty() {
+                String::new()
+            } else {
+                format!(" (not {taken:?}: taken here)")
+            }
+        ));
+    }
+    s.push_str("    Ctrl-C here presses its power button");
+    s
+}
+
 pub(crate) fn run(once: bool) -> Result<()> {
     let artifacts = build()?;
     let once = once || !std::io::stdin().is_terminal();
-    let mut cfg = GuestConfig::direct("run", &artifacts)?;
+    let certs = cup_config_dir().join("appliance");
+    if qemu_tests::run_machine::ensure_certs(&certs)? {
+        eprintln!(
+            "==> made the appliance's admin certificates in {} (kept for the next runs)",
+            certs.display()
+        );
+    }
+    let machine = qemu_tests::run_machine::run_machine("run", &artifacts, &certs, &[])?;
+    let mut cfg = machine.cfg;
     cfg.echo = true;
+    let cup = cup_binary();
+    let cup_cmd = if once {
+        cup.display().to_string()
+    } else {
+        write_context(&cup, &machine.admin, &certs)?;
+        install_cup(&cup)
+    };
+    let mut announced = once;
     let accel = qemu_tests::Accel::detect();
     step(&format!(
         "booting the appliance in QEMU ({}); {}",
@@ -60,6 +179,13 @@ pub(crate) fn run(once: bool) -> Result<()> {
             pressed = Some(Instant::now());
         }
         let s = g.serial();
+        if !announced && s.contains("phase units: done") && s.contains("admin: cup --remote on") {
+            announced = true;
+            eprintln!(
+                "\n{}\n",
+                quick_start(&cup_cmd, &machine.ports, &machine.taken)
+            );
+        }
         if s.contains("Kernel panic") {
             std::thread::sleep(Duration::from_secs(1));
             g.kill();

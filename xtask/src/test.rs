@@ -72,6 +72,7 @@ pub(crate) fn qemu_tests(only: Option<&str>) -> Result<()> {
     sh::run(
         cmd.args(["--", "--test-threads=1", "--nocapture"])
             .env("STEELCUP_ARTIFACTS", &artifacts)
+            .env("STEELCUP_CUP", run::cup_binary())
             .env(
                 "STEELCUP_TEST_ARTIFACTS",
                 sh::out_dir().join("test-artifacts"),

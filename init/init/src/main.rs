@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use steelcup_init::api;
 use steelcup_init::boot::{self, error_chain, phase};
-use steelcup_init::supervisor::{Ending, Gate, Options, Supervisor};
+use steelcup_init::supervisor::{self, Ending, Gate, Options, Supervisor};
 use steelcup_os::logs::LogStore;
 use steelcup_os::{provision, slots, state};
 use steelcup_sys::{self as sys, PowerAction};
@@ -133,7 +133,16 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     });
     let logs = Arc::new(LogStore::new(log_dir, true));
     let (handle, control) = api::dbus::channel().map_err(|e| format!("API channel: {e}"))?;
+    // Units `cup apply` installed are kept on a state partition; a machine
+    // with its /var in memory keeps them until it powers off.
+    let applied_dir = pid1.then(|| PathBuf::from(supervisor::apply::APPLIED_DIR));
     let mut sup = phase("units", || {
+        if let Some(dir) = &applied_dir {
+            let n = supervisor::apply::install_applied(dir, &args.units);
+            if n > 0 {
+                tracing::info!("{n} units applied with cup apply, from {}", dir.display());
+            }
+        }
         let (found, errors) = units::load_dir(&args.units);
         for e in &errors {
             tracing::error!("{}", error_chain(e));
@@ -146,6 +155,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         );
         let opts = Options {
             units_dir: args.units.clone(),
+            applied_dir: applied_dir.clone(),
             run_dir: args.run_dir.clone(),
             cgroup,
             pid1,

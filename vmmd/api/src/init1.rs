@@ -61,6 +61,9 @@ pub trait Init1 {
     fn stop(&self, name: &str) -> zbus::Result<()>;
     fn restart(&self, name: &str) -> zbus::Result<()>;
     fn reload(&self) -> zbus::Result<ReloadSummary>;
+    fn apply(&self, files: &[(String, String)], dry_run: bool) -> zbus::Result<ReloadSummary>;
+    fn remove_unit(&self, name: &str) -> zbus::Result<ReloadSummary>;
+    fn cat_unit(&self, name: &str) -> zbus::Result<String>;
     fn logs(&self, name: &str, since: u64, max: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn power_off(&self) -> zbus::Result<()>;

@@ -10,6 +10,8 @@
 //! `cup image prune` (see [`crate::workloads`]). `cup validate FILE...`
 //! checks unit files offline.
 
+mod apply;
+mod context;
 mod error;
 mod update;
 mod workloads;
@@ -27,6 +29,10 @@ const USAGE: &str = "usage:
   cup unit status|start|stop|restart NAME [--format json]
   cup logs --unit NAME [-f] [-n N]   a unit's output (-f: follow)
   cup reload                         re-read unit files, apply the difference
+  cup apply [--dry-run] FILE|DIR...  send unit files (NAME.toml) to the machine: checked whole there,
+                                     then installed and applied like reload (a bad one changes nothing)
+  cup unit cat NAME | cup unit rm NAME
+                                     a unit's file as the machine reads it / remove a unit cup apply installed
   cup poweroff | cup reboot          stop every unit in order, then power off / reboot
   cup validate UNIT-FILE...          check unit files as the host reads them
   cup update FILE|URL [--no-reboot]  write a new OS (slot.img) into the slot not running, check it, boot it once
@@ -52,12 +58,18 @@ const USAGE: &str = "usage:
                                      oci-archive:FILE:TAG, docker-archive:FILE)
   cup version
 
-cup talks to init at $STEELCUP_RUN_DIR/init.sock (default /run/steelcup), and
-to vmmd at -H/--host PATH (before the verb), else $STEELCUP_VMMD_SOCKET,
-else /run/steelcup/vmmd.sock. With --remote HOST[:PORT] (before the verb, or
-$STEELCUP_REMOTE) it talks to another machine's init and vmmd over mutual TLS
-(vmmd admin there), with ca.crt, client.crt and client.key from --tls-dir DIR,
-$STEELCUP_TLS_DIR or ~/.config/steelcup/tls (docs/remote.md).";
+  cup context ls | use NAME | show [NAME] | add NAME --remote HOST[:PORT] [--tls-dir DIR] | rm NAME
+                                     the machines cup talks to, and which one it uses
+
+cup talks to the machine of its current context (`cup context ls`; `cargo
+xtask run` adds and selects `appliance`), else this machine: init at
+$STEELCUP_RUN_DIR/init.sock (default /run/steelcup), vmmd at -H/--host PATH
+(before the verb), else $STEELCUP_VMMD_SOCKET, else /run/steelcup/vmmd.sock.
+Before the verb, --context NAME (or $STEELCUP_CONTEXT) picks another
+context, and --remote HOST[:PORT] (or $STEELCUP_REMOTE) another machine's
+init and vmmd over mutual TLS (vmmd admin there), with ca.crt, client.crt
+and client.key from --tls-dir DIR, $STEELCUP_TLS_DIR or
+~/.config/steelcup/tls (docs/remote.md, docs/cli.md).";
 
 fn main() -> ExitCode {
     // Like any Unix filter: `cup logs ... | head` ends cup quietly when the
@@ -72,23 +84,20 @@ fn main() -> ExitCode {
     // socket (unix:PATH is accepted too). `--remote HOST[:PORT]` (or
     // $STEELCUP_REMOTE): another machine, over mutual TLS with the files
     // in `--tls-dir DIR` (or $STEELCUP_TLS_DIR, else ~/.config/steelcup/tls).
-    let mut remote = std::env::var("STEELCUP_REMOTE")
-        .ok()
-        .filter(|r| !r.is_empty());
-    let mut tls_dir = std::env::var_os("STEELCUP_TLS_DIR").map(std::path::PathBuf::from);
+    let mut asked = context::Asked::from_env();
     while let Some(first) = args.first().cloned() {
         let (taken, value) = match first.as_str() {
             "-H" | "--host" => (2, args.get(1).cloned()),
             s if s.starts_with("--host=") => (1, Some(s["--host=".len()..].to_string())),
-            "--remote" | "--tls-dir" => {
+            "--remote" | "--tls-dir" | "--context" | "-c" => {
                 let Some(v) = args.get(1).cloned() else {
                     eprintln!("cup: {first} needs a value");
                     return ExitCode::from(2);
                 };
-                if first == "--remote" {
-                    remote = Some(v);
-                } else {
-                    tls_dir = Some(v.into());
+                match first.as_str() {
+                    "--remote" => asked.remote = Some(v),
+                    "--tls-dir" => asked.tls_dir = Some(v.into()),
+                    _ => asked.context = Some(v),
                 }
                 args.drain(..2);
                 continue;
@@ -101,14 +110,37 @@ fn main() -> ExitCode {
         };
         let path = v.strip_prefix("unix:").unwrap_or(&v);
         let _ = VMMD_SOCKET.set(path.into());
+        asked.context = Some(context::LOCAL.into());
         args.drain(..taken);
     }
-    if let Some(addr) = remote {
-        let tls_dir = tls_dir.unwrap_or_else(|| {
-            std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default())
-                .join(".config/steelcup/tls")
-        });
-        let _ = steelcup_api::remote::REMOTE.set(steelcup_api::remote::Remote { addr, tls_dir });
+    // Verbs that reach no machine do not read the contexts.
+    let offline = matches!(
+        args.first().map(String::as_str),
+        None | Some("context" | "validate" | "version" | "--version" | "help" | "--help" | "-h")
+    );
+    if !offline {
+        let target = context::Asked::resolve(&asked, &context::config_dir())
+            .and_then(|t| t.check_files().map(|()| t));
+        match target {
+            Ok(context::Target::Local) => {}
+            Ok(context::Target::Remote { addr, tls_dir, .. }) => {
+                let _ = steelcup_api::remote::REMOTE
+                    .set(steelcup_api::remote::Remote { addr, tls_dir });
+            }
+            Err(e) => {
+                eprintln!("cup: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if args.first().map(String::as_str) == Some("context") {
+        return match context::command(&args[1..], &asked) {
+            Ok(c) => ExitCode::from(c),
+            Err(e) => {
+                eprintln!("cup: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     match run(&args) {
         Ok(code) => code,
@@ -151,6 +183,16 @@ fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, CupError> {
 /// cup's exit code from a workload verb's result.
 fn code(r: Result<u8, CupError>) -> Result<ExitCode, CupError> {
     r.map(ExitCode::from)
+}
+
+/// What a reload, an apply or a removal changed (or would).
+fn print_summary(what: &str, s: &steelcup_api::init1::ReloadSummary) {
+    println!(
+        "{what}: started [{}], stopped [{}], restarted [{}]",
+        s.started.join(", "),
+        s.stopped.join(", "),
+        s.restarted.join(", ")
+    );
 }
 
 fn print_units(units: &[UnitInfo]) {
@@ -254,9 +296,11 @@ fn run(args: &[String]) -> Result<ExitCode, CupError> {
                 "start" => p.start(name)?,
                 "stop" => p.stop(name)?,
                 "restart" => p.restart(name)?,
+                "cat" => print!("{}", p.cat_unit(name)?),
+                "rm" => print_summary("removed", &p.remove_unit(name)?),
                 other => {
                     return Err(usage!(
-                        "unknown unit action {other:?}; use status, start, stop or restart"
+                        "unknown unit action {other:?}; use status, start, stop, restart, cat or rm"
                     ))
                 }
             }
@@ -305,14 +349,22 @@ fn run(args: &[String]) -> Result<ExitCode, CupError> {
                 }
             }
         }
+        Some("apply") => {
+            let dry_run = args[1..].iter().any(|a| a == "--dry-run");
+            if let Some(bad) = args[1..]
+                .iter()
+                .find(|a| a.starts_with('-') && *a != "--dry-run")
+            {
+                return Err(usage!("apply: unknown flag {bad:?}"));
+            }
+            let paths: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
+            let files = apply::read_files(&paths)?;
+            let s = proxy()?.apply(&files, dry_run)?;
+            print_summary(if dry_run { "would apply" } else { "applied" }, &s);
+        }
         Some("reload") => {
             let s = proxy()?.reload()?;
-            println!(
-                "reloaded: started [{}], stopped [{}], restarted [{}]",
-                s.started.join(", "),
-                s.stopped.join(", "),
-                s.restarted.join(", ")
-            );
+            print_summary("reloaded", &s);
             for e in &s.errors {
                 eprintln!("{e}");
             }

@@ -648,8 +648,14 @@ mod tests {
         assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
         assert_eq!(parse_signal("sigterm").unwrap(), libc::SIGTERM);
         assert_eq!(parse_signal("1").unwrap(), libc::SIGHUP);
-        assert!(parse_signal("NOPE").unwrap_err().to_string().contains("not a signal"));
-        assert!(parse_signal("99").unwrap_err().to_string().contains("not a signal"));
+        assert!(parse_signal("NOPE")
+            .unwrap_err()
+            .to_string()
+            .contains("not a signal"));
+        assert!(parse_signal("99")
+            .unwrap_err()
+            .to_string()
+            .contains("not a signal"));
     }
 
     #[test]

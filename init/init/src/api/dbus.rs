@@ -177,6 +177,36 @@ impl Init1 {
         }
     }
 
+    /// Installs unit files (`NAME.toml`, text), checked against the whole
+    /// set first (a bad one changes nothing), then reloads; with
+    /// `dry_run`, only says what would change.
+    async fn apply(
+        &self,
+        files: Vec<(String, String)>,
+        dry_run: bool,
+    ) -> Result<ReloadSummary, Init1Error> {
+        match self.handle.call(Action::Apply { files, dry_run }).await? {
+            Reply::Reloaded(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Removes a unit `cup apply` installed, then reloads.
+    async fn remove_unit(&self, name: String) -> Result<ReloadSummary, Init1Error> {
+        match self.handle.call(Action::RemoveUnit(name)).await? {
+            Reply::Reloaded(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// A unit's file and its drop-ins, as init reads them.
+    async fn cat_unit(&self, name: String) -> Result<String, Init1Error> {
+        match self.handle.call(Action::CatUnit(name)).await? {
+            Reply::Text(t) => Ok(t),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Lines of a unit's log with sequence number >= `since` (at most `max`),
     /// and the cursor to continue from: call again with it to follow.
     async fn logs(

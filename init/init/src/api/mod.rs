@@ -31,6 +31,17 @@ pub enum Action {
     Stop(String),
     Restart(String),
     Reload,
+    /// Install unit files (`NAME.toml`, text) after checking them against
+    /// the whole set, then reload; with `dry_run`, only say what would
+    /// change.
+    Apply {
+        files: Vec<(String, String)>,
+        dry_run: bool,
+    },
+    /// Remove an applied unit's file, then reload.
+    RemoveUnit(String),
+    /// A unit's file and drop-ins as text.
+    CatUnit(String),
     PowerOff,
     Reboot,
     /// Write the update at `source` (a file or block device on this host)
@@ -67,6 +78,7 @@ pub enum Reply {
         version: String,
     },
     SlotStatus(steelcup_os::update::Status),
+    Text(String),
     Done,
 }
 

@@ -23,6 +23,7 @@
 //! # Limitations
 //! Stopping a unit blocks the loop for up to its stop timeout.
 
+pub mod apply;
 pub mod capture;
 mod cgroup;
 mod gate;
@@ -134,6 +135,9 @@ pub enum Ending {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub units_dir: PathBuf,
+    /// Where `cup apply` keeps applied unit files across boots (a
+    /// machine with a state partition); None: only in `units_dir`.
+    pub applied_dir: Option<PathBuf>,
     pub run_dir: PathBuf,
     /// A cgroup v2 directory init may create unit cgroups in.
     pub cgroup: Option<PathBuf>,
@@ -606,6 +610,11 @@ impl Supervisor {
                 self.handle(Action::Start(name))
             }
             Action::Reload => Ok(Reply::Reloaded(self.reload())),
+            Action::Apply { files, dry_run } => {
+                self.apply_files(&files, dry_run).map(Reply::Reloaded)
+            }
+            Action::RemoveUnit(name) => self.remove_unit(&name).map(Reply::Reloaded),
+            Action::CatUnit(name) => self.cat_unit(&name).map(Reply::Text),
             Action::PowerOff | Action::Reboot => Ok(Reply::Done),
             // Disk work: the API executes it off this loop (api::slots).
             a @ (Action::Update { .. } | Action::Rollback | Action::UpdateStatus) => Err(
@@ -787,6 +796,7 @@ mod tests {
         std::fs::create_dir_all(&run).unwrap();
         let opts = Options {
             units_dir: run.clone(),
+            applied_dir: None,
             run_dir: run,
             cgroup: None,
             pid1: false,

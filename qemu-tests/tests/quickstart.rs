@@ -1,0 +1,285 @@
+//! The README's quick start, from this machine's side through the real
+//! `cup` binary: the appliance booted as `cargo xtask run` boots it (user
+//! networking, the admin gateway and workload ports forwarded to
+//! 127.0.0.1, a config drive turning the gateway on), a cup context made
+//! the way `cargo xtask run` makes it, then plain `cup` verbs with no
+//! flags: `ps`, `units`, `run -d -p` of nginx from a registry on this
+//! machine, an HTTP GET on the published port from here, `logs`, `exec`,
+//! `stop`, `poweroff`.
+
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
+use anyhow::{ensure, Context, Result};
+use qemu_tests::run_machine::{run_machine, RunMachine};
+use qemu_tests::Guest;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(300);
+/// Pulling ~40 MB and building its root image under emulation, then a
+/// nested nginx boot.
+const PULL_AND_BOOT: Duration = Duration::from_secs(900);
+const STEP: Duration = Duration::from_secs(300);
+
+/// cup as `cargo xtask build` made it (static; it runs here too).
+fn cup_binary() -> PathBuf {
+    std::env::var_os("STEELCUP_CUP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-gnu/release/cup")
+        })
+}
+
+/// `cup ARGS` with cup's config in `config`, as a user in another
+/// terminal types it: no flags but the verb's.
+fn cup(config: &Path, args: &[&str]) -> Result<Output> {
+    let out = Command::new(cup_binary())
+        .args(args)
+        .env("STEELCUP_CONFIG_DIR", config)
+        .env_remove("STEELCUP_REMOTE")
+        .env_remove("STEELCUP_CONTEXT")
+        .env_remove("STEELCUP_TLS_DIR")
+        .output()
+        .with_context(|| format!("run {}", cup_binary().display()))?;
+    println!(
+        "quickstart: $ cup {} -> {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// `cup ARGS`, which must succeed; its standard output.
+fn cup_ok(config: &Path, args: &[&str]) -> Result<String> {
+    let out = cup(config, args)?;
+    ensure!(
+        out.status.success(),
+        "cup {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `GET /` from here on 127.0.0.1:`port`.
+fn get_page(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(c, "GET / HTTP/1.0\r\nHost: steelcup\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn the_gateway_port_is_vmmd_admins_default() {
+    assert_eq!(
+        qemu_tests::run_machine::GATEWAY_PORT,
+        steelcup_api::remote::DEFAULT_PORT
+    );
+}
+
+#[test]
+fn quick_start_from_this_machines_shell() {
+    let Some(artifacts) = qemu_tests::artifacts() else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "STEELCUP_ARTIFACTS is not set"
+        );
+        eprintln!("quickstart: skipped: no appliance built (cargo xtask test builds it)");
+        return;
+    };
+    let Some(image) = std::env::var_os("STEELCUP_NGINX_IMAGE") else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_ARTIFACTS").is_none(),
+            "STEELCUP_NGINX_IMAGE is not set (cargo xtask test builds the image)"
+        );
+        eprintln!("quickstart: skipped: needs the nginx image `cargo xtask test` builds");
+        return;
+    };
+    let _registry = qemu_tests::registry::Registry::with_nginx(&image.to_string_lossy()).unwrap();
+    let home = tempfile_dir("quickstart");
+    let config = home.join("config");
+    let certs = config.join("appliance");
+    let machine = run_machine(
+        "quickstart",
+        &artifacts.dir,
+        &certs,
+        &[qemu_tests::registry::FROM_APPLIANCE],
+    )
+    .unwrap();
+    qemu_tests::run_booted(
+        "quickstart",
+        || Some(Guest::boot(&machine.cfg).unwrap()),
+        |g| scenario(g, &machine, &config, &certs),
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// A fresh directory under the system's temporary one.
+fn tempfile_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("steelcup-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) -> Result<()> {
+    // Before anything is set up, cup says what is missing and what makes it.
+    let out = cup(config, &["--context", "appliance", "ps"])?;
+    ensure!(!out.status.success(), "cup ps with no context succeeded");
+    // The context, made as `cargo xtask run` makes it.
+    let certs_arg = certs.to_string_lossy();
+    cup_ok(
+        config,
+        &[
+            "context",
+            "add",
+            "appliance",
+            "--remote",
+            &machine.admin,
+            "--tls-dir",
+            &certs_arg,
+            "--made-by",
+            "cargo xtask run",
+        ],
+    )?;
+    cup_ok(config, &["context", "use", "appliance"])?;
+    let ls = cup_ok(config, &["context", "ls"])?;
+    ensure!(ls.contains("appliance *"), "context ls: {ls}");
+    g.wait_for("phase units: done", BOOT)?;
+    g.wait_for("admin: cup --remote on", BOOT)?;
+    // Plain verbs, the context's machine.
+    let units = cup_ok(config, &["units"])?;
+    ensure!(
+        units.contains("vmmd") && units.contains("admin"),
+        "cup units: {units}"
+    );
+    let ps = cup_ok(config, &["ps", "-a"])?;
+    ensure!(ps.contains("hello"), "cup ps -a: {ps}");
+    let port = *machine
+        .ports
+        .first()
+        .context("no workload port was free here")?;
+    let publish = format!("{port}:80");
+    cup_ok(
+        config,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            &publish,
+            qemu_tests::registry::NGINX,
+        ],
+    )?;
+    // Pulled from the registry on this machine, its root image built, its
+    // VM booted: the page answers here on localhost.
+    let t = Instant::now();
+    let page = loop {
+        match get_page(port) {
+            Ok(p) if p.starts_with("HTTP/1.1 200") => break p,
+            other if t.elapsed() > PULL_AND_BOOT => {
+                anyhow::bail!("GET localhost:{port} after {:?}: {other:?}", t.elapsed())
+            }
+            _ => std::thread::sleep(Duration::from_secs(2)),
+        }
+    };
+    ensure!(
+        page.contains("<title>Welcome to nginx!</title>"),
+        "GET localhost:{port}: {page}"
+    );
+    println!(
+        "quickstart: nginx answered on localhost:{port} after {:.0}s",
+        t.elapsed().as_secs_f64()
+    );
+    let ps = cup_ok(config, &["ps"])?;
+    ensure!(
+        ps.lines()
+            .any(|l| l.starts_with("web") && l.contains("running")),
+        "cup ps: {ps}"
+    );
+    cup_ok(config, &["logs", "web"])?;
+    let hostname = cup_ok(config, &["exec", "web", "cat", "/proc/sys/kernel/hostname"])?;
+    ensure!(
+        hostname.trim() == "web",
+        "cup exec web: hostname {hostname:?}"
+    );
+    cup_ok(config, &["stop", "web"])?;
+    let t = Instant::now();
+    loop {
+        let ps = cup_ok(config, &["ps", "-a"])?;
+        if ps
+            .lines()
+            .any(|l| l.starts_with("web") && !l.contains("running"))
+        {
+            break;
+        }
+        ensure!(t.elapsed() < STEP, "web did not stop: {ps}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    apply_units(config)?;
+    cup_ok(config, &["poweroff"])?;
+    g.wait_clean_poweroff(STEP)?;
+    Ok(())
+}
+
+/// `cup apply` from here: a new unit, then it changed (only it restarts),
+/// then a bad file (refused, with its error, nothing changed).
+fn apply_units(config: &Path) -> Result<()> {
+    let dir = config.join("units");
+    std::fs::create_dir_all(&dir)?;
+    let unit = |word: &str| {
+        format!(
+            "[unit]\ndescription = \"applied from cup\"\nafter = [\"vmmd\"]\n\n[microvm]\ncmd = [\"/bin/sh\", \"-c\", \"echo greet {word}\"]\nmemory = \"64MiB\"\nrestart = \"no\"\n"
+        )
+    };
+    let greet = dir.join("greet.toml");
+    std::fs::write(&greet, unit("one"))?;
+    let path = greet.to_string_lossy().into_owned();
+    let dry = cup_ok(config, &["apply", "--dry-run", &path])?;
+    ensure!(
+        dry.contains("would apply: started [greet]"),
+        "apply --dry-run: {dry}"
+    );
+    let units = cup_ok(config, &["units"])?;
+    ensure!(
+        !units.contains("greet"),
+        "a dry run installed greet: {units}"
+    );
+    let out = cup_ok(config, &["apply", &path])?;
+    ensure!(out.contains("applied: started [greet]"), "apply: {out}");
+    std::fs::write(&greet, unit("two"))?;
+    let out = cup_ok(config, &["apply", &path])?;
+    ensure!(
+        out.contains("started [], stopped [], restarted [greet]"),
+        "apply of a changed unit: {out}"
+    );
+    let cat = cup_ok(config, &["unit", "cat", "greet"])?;
+    ensure!(cat.contains("echo greet two"), "unit cat greet: {cat}");
+    let bad = dir.join("broken.toml");
+    std::fs::write(&bad, "[microvm]\ncmd = 3\n")?;
+    let out = cup(config, &["apply", &bad.to_string_lossy()])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && said.contains("nothing applied") && said.contains("broken.toml"),
+        "apply of a bad unit: {said}"
+    );
+    let units = cup_ok(config, &["units"])?;
+    ensure!(
+        !units.contains("broken"),
+        "a refused unit was installed: {units}"
+    );
+    let gone = cup_ok(config, &["unit", "rm", "greet"])?;
+    ensure!(
+        gone.contains("stopped [greet]") || gone.contains("removed"),
+        "unit rm: {gone}"
+    );
+    Ok(())
+}
