@@ -548,6 +548,17 @@ pub fn test_artifacts() -> Option<Artifacts> {
     std::env::var_os("STEELCUP_TEST_ARTIFACTS").map(|d| Artifacts { dir: d.into() })
 }
 
+/// cup as `cargo xtask build` made it (static: it runs here too):
+/// `STEELCUP_CUP`, else the workspace's release build.
+pub fn cup_binary() -> PathBuf {
+    std::env::var_os("STEELCUP_CUP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-gnu/release/cup")
+        })
+}
+
 /// `STEELCUP_ARTIFACTS`, set by `cargo xtask test`.
 pub fn artifacts() -> Option<Artifacts> {
     std::env::var_os("STEELCUP_ARTIFACTS").map(|d| Artifacts { dir: d.into() })

@@ -321,12 +321,45 @@ fn disk_image_boots_updates_and_rolls_back() {
             "driver: volume after the update: written before the update",
             BOOT,
         )?;
+        // From outside, as an administrator does: the real cup, the URL
+        // fetched here and streamed to the machine through its gateway.
+        g.wait_for("driver: waiting for the remote update", STEP)?;
+        let admin = format!("127.0.0.1:{}", g.forwarded.expect("port 7443 forwarded"));
+        let remote = |args: &[&str]| -> anyhow::Result<String> {
+            let out = Command::new(qemu_tests::cup_binary())
+                .args(["--remote", &admin, "--tls-dir"])
+                .arg(dir.join("admin"))
+                .args(args)
+                .env("STEELCUP_CONFIG_DIR", dir.join("cup-config"))
+                .output()?;
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!("disk: $ cup --remote {admin} {}\n{said}", args.join(" "));
+            anyhow::ensure!(out.status.success(), "cup {args:?}: {said}");
+            Ok(said)
+        };
+        let url = format!("http://127.0.0.1:{UPDATE_PORT}/update-bad.img");
+        let said = remote(&["update", "--no-reboot", &url])?;
+        anyhow::ensure!(
+            said.contains(&format!("slot A holds version {v3} and boots next")),
+            "cup --remote update: {said}"
+        );
         g.wait_for(
             &format!(
                 "update: slot A holds version {v3} and boots next, once; slot B stays the fallback"
             ),
-            BOOT,
+            STEP,
         )?;
+        let status = remote(&["update", "--status"])?;
+        anyhow::ensure!(
+            status.contains(&v3),
+            "cup --remote update --status: {status}"
+        );
+        // The reboot's answer may not make it out before the gateway stops.
+        let _ = remote(&["reboot"]);
         rebooted(g)
     });
 

@@ -22,27 +22,17 @@ const BOOT: Duration = Duration::from_secs(300);
 const PULL_AND_BOOT: Duration = Duration::from_secs(900);
 const STEP: Duration = Duration::from_secs(300);
 
-/// cup as `cargo xtask build` made it (static; it runs here too).
-fn cup_binary() -> PathBuf {
-    std::env::var_os("STEELCUP_CUP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/x86_64-unknown-linux-gnu/release/cup")
-        })
-}
-
 /// `cup ARGS` with cup's config in `config`, as a user in another
 /// terminal types it: no flags but the verb's.
 fn cup(config: &Path, args: &[&str]) -> Result<Output> {
-    let out = Command::new(cup_binary())
+    let out = Command::new(qemu_tests::cup_binary())
         .args(args)
         .env("STEELCUP_CONFIG_DIR", config)
         .env_remove("STEELCUP_REMOTE")
         .env_remove("STEELCUP_CONTEXT")
         .env_remove("STEELCUP_TLS_DIR")
         .output()
-        .with_context(|| format!("run {}", cup_binary().display()))?;
+        .with_context(|| format!("run {}", qemu_tests::cup_binary().display()))?;
     println!(
         "quickstart: $ cup {} -> {}\n{}{}",
         args.join(" "),

@@ -12,7 +12,11 @@
 //! - `init`: init's API (`org.steelcup.Init1`, `RUN_DIR/init.sock`);
 //! - `vmmd`: vmmd's API (`org.steelcup.Vmm1`, `RUN_DIR/vmmd.sock`);
 //! - `vsock NAME`: workload NAME's vsock socket, for `cup run`/`exec`/
-//!   `attach` stdio.
+//!   `attach` stdio;
+//! - `upload BYTES`: a file streamed to the machine (`cup --remote ...
+//!   update FILE|URL`): after `ok` the client sends exactly BYTES (at most
+//!   [`MAX_UPLOAD`]), the gateway writes them to a new file in its upload
+//!   directory (the one before is removed) and answers `done PATH`.
 //!
 //! Anything else gets `error: ...` and the connection is closed. So the
 //! APIs are the same D-Bus peer-to-peer protocol as on the machine, and
@@ -20,9 +24,8 @@
 //! a Unix socket pair and runs its usual client on the other end.
 //!
 //! # Limitations
-//! `cup update FILE` names a file on the machine (a URL works from
-//! anywhere); there is no per-client authorisation beyond the CA (every
-//! client the CA signed is an administrator).
+//! There is no per-client authorisation beyond the CA (every client the CA
+//! signed is an administrator).
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -43,6 +46,12 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The port the gateway listens on by default.
 pub const DEFAULT_PORT: u16 = 7443;
+
+/// The largest file `upload` takes (an OS slot image is far smaller).
+pub const MAX_UPLOAD: u64 = 1 << 30;
+
+/// Where the gateway keeps an upload by default (on the state partition).
+pub const DEFAULT_UPLOAD_DIR: &str = "/var/lib/steelcup/uploads";
 
 /// What went wrong reaching a machine remotely, or serving it.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +128,16 @@ pub enum RemoteError {
     Refused { addr: String, said: String },
     #[error("the remote connection ended")]
     Ended,
+    #[error("upload {0:?}: not a size of at most {MAX_UPLOAD} bytes")]
+    UploadSize(String),
+    #[error("upload into {}", path.display())]
+    Upload {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the upload ended after {got} of {want} bytes")]
+    UploadShort { got: u64, want: u64 },
     #[error("{addr} did not answer within {secs} s")]
     Timeout { addr: String, secs: u64 },
 }
@@ -197,7 +216,12 @@ pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, RemoteError> {
 
 /// `vmmd admin --listen ADDR --tls-dir DIR [--run-dir DIR]`: serves until
 /// killed.
-pub fn serve(listen: &str, tls_dir: &Path, run_dir: &Path) -> Result<(), RemoteError> {
+pub fn serve(
+    listen: &str,
+    tls_dir: &Path,
+    run_dir: &Path,
+    upload_dir: &Path,
+) -> Result<(), RemoteError> {
     let config = Arc::new(server_config(tls_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -219,7 +243,13 @@ pub fn serve(listen: &str, tls_dir: &Path, run_dir: &Path) -> Result<(), RemoteE
                 .unwrap_or_default(),
             tls_dir.join(CLIENT_CA).display()
         );
-        serve_on(listener, config, run_dir.to_path_buf()).await;
+        serve_on(
+            listener,
+            config,
+            run_dir.to_path_buf(),
+            upload_dir.to_path_buf(),
+        )
+        .await;
         Ok(())
     })
 }
@@ -229,6 +259,7 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     run_dir: PathBuf,
+    upload_dir: PathBuf,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
@@ -236,8 +267,9 @@ pub async fn serve_on(
             continue;
         };
         let (acceptor, run_dir) = (acceptor.clone(), run_dir.clone());
+        let upload_dir = upload_dir.clone();
         tokio::spawn(async move {
-            if let Err(e) = relay(acceptor, tcp, &run_dir).await {
+            if let Err(e) = relay(acceptor, tcp, &run_dir, &upload_dir).await {
                 tracing::warn!("admin: {peer}: {}", steelcup_sys::error_chain(&e));
             }
         });
@@ -249,6 +281,7 @@ async fn relay(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     run_dir: &Path,
+    upload_dir: &Path,
 ) -> Result<(), RemoteError> {
     let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
     let tls = handshake
@@ -264,6 +297,16 @@ async fn relay(
         .map_err(|_| RemoteError::RequestTimeout)?
         .map_err(RemoteError::ReadRequest)?;
     let line = line.trim_end();
+    if let Some(size) = line.strip_prefix("upload ") {
+        let done = receive_upload(&mut tls, size, upload_dir).await;
+        let answer = match &done {
+            Ok(path) => format!("done {}\n", path.display()),
+            Err(e) => format!("error: {}\n", steelcup_sys::error_chain(e)),
+        };
+        let _ = tls.write_all(answer.as_bytes()).await;
+        let _ = tls.flush().await;
+        return done.map(|path| tracing::info!("admin: received {}", path.display()));
+    }
     let path = match target(run_dir, line) {
         Ok(p) => p,
         Err(e) => {
@@ -285,6 +328,66 @@ async fn relay(
     tracing::debug!("admin: relaying to {}", path.display());
     let _ = tokio::io::copy_bidirectional(&mut tls, &mut local).await;
     Ok(())
+}
+
+/// `upload SIZE`: exactly SIZE bytes from `tls` into a new file in
+/// `dir` (the upload before is removed first: the directory holds one).
+async fn receive_upload<S>(
+    tls: &mut tokio::io::BufReader<S>,
+    size: &str,
+    dir: &Path,
+) -> Result<PathBuf, RemoteError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let want: u64 = size
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_UPLOAD).contains(n))
+        .ok_or_else(|| RemoteError::UploadSize(size.chars().take(32).collect()))?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RemoteError::Upload { path, source }
+    };
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let path = dir.join(format!("upload-{stamp}.img"));
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    tls.write_all(b"ok\n").await.map_err(RemoteError::Relay)?;
+    tls.flush().await.map_err(RemoteError::Relay)?;
+    let copied = tokio::io::copy(&mut tls.take(want), &mut file).await;
+    let result = match copied {
+        Ok(got) if got == want => file.sync_all().await.map_err(io(&path)),
+        Ok(got) => Err(RemoteError::UploadShort { got, want }),
+        Err(source) => Err(RemoteError::Upload {
+            path: path.clone(),
+            source,
+        }),
+    };
+    match result {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
 }
 
 /// Where cup reaches a remote machine, and with what.
@@ -325,6 +428,35 @@ impl Remote {
                 path: d.join(CLIENT_CERT),
                 source,
             })
+    }
+
+    /// Streams `len` bytes of `data` to the machine (`upload`); the path
+    /// of the file they are in there.
+    pub fn upload(&self, data: &mut dyn std::io::Read, len: u64) -> Result<PathBuf, RemoteError> {
+        use std::io::{BufRead, Write};
+        let mut s = self.open(&format!("upload {len}"))?;
+        let sent = std::io::copy(&mut std::io::Read::take(data, len), &mut s)
+            .map_err(RemoteError::Relay)?;
+        s.flush().map_err(RemoteError::Relay)?;
+        if sent != len {
+            return Err(RemoteError::UploadShort {
+                got: sent,
+                want: len,
+            });
+        }
+        let mut answer = String::new();
+        std::io::BufReader::new(std::io::Read::take(s, 4096))
+            .read_line(&mut answer)
+            .map_err(RemoteError::Relay)?;
+        let addr = self.addr.clone();
+        match answer.trim_end() {
+            a if a.starts_with("done ") => Ok(PathBuf::from(&a["done ".len()..])),
+            "" => Err(RemoteError::Closed { addr }),
+            other => Err(RemoteError::Refused {
+                addr,
+                said: other.strip_prefix("error: ").unwrap_or(other).to_string(),
+            }),
+        }
     }
 
     /// A stream to `target` (`init`, `vmmd`, `vsock NAME`) on the remote
@@ -489,7 +621,7 @@ mod tests {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        rt.spawn(serve_on(listener, config, run.clone()));
+        rt.spawn(serve_on(listener, config, run.clone(), run.join("uploads")));
 
         let remote = Remote {
             addr: format!("127.0.0.1:{port}"),
@@ -507,6 +639,33 @@ mod tests {
         assert!(e.contains("unknown target"), "{e}");
         let e = remote.open("vmmd").unwrap_err().to_string();
         assert!(e.contains("vmmd.sock"), "{e}");
+
+        // A file streamed to the machine lands whole in its upload
+        // directory, which keeps only the last one; a size out of bounds
+        // or a short stream leaves nothing.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let first = remote.upload(&mut &data[..], data.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&first).unwrap(), data);
+        let second = remote.upload(&mut &data[..10], 10).unwrap();
+        assert!(!first.exists(), "the upload before is removed");
+        assert_eq!(std::fs::read(&second).unwrap(), &data[..10]);
+        let e = remote
+            .upload(&mut &data[..], MAX_UPLOAD + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a size"), "{e}");
+        let e = remote.upload(&mut &data[..5], 6).unwrap_err().to_string();
+        assert!(e.contains("5 of 6"), "{e}");
+        // The gateway sees the stream end after the client gave up.
+        let t = std::time::Instant::now();
+        let left = loop {
+            let left: Vec<_> = std::fs::read_dir(run.join("uploads")).unwrap().collect();
+            if left.is_empty() || t.elapsed() > std::time::Duration::from_secs(10) {
+                break left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(left.is_empty(), "{left:?}");
 
         // A client of another CA is turned away.
         let other = dir.path().join("other");

@@ -136,10 +136,33 @@ pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Resul
     };
     let fetched;
     let path = if source.starts_with("http://") || source.starts_with("https://") {
-        fetched = download(source, run_dir)?;
+        // For another machine the file is only passed through here.
+        let dir = match steelcup_api::remote::REMOTE.get() {
+            Some(_) => std::env::temp_dir(),
+            None => run_dir.to_path_buf(),
+        };
+        fetched = download(source, &dir)?;
         fetched.0.clone()
     } else {
         std::fs::canonicalize(source).map_err(CupError::file("read", Path::new(source)))?
+    };
+    // Another machine reads no file of this one: the update is streamed to
+    // it first, through its admin gateway.
+    let path = match steelcup_api::remote::REMOTE.get() {
+        None => path,
+        Some(remote) => {
+            let mut f = std::fs::File::open(&path).map_err(CupError::file("read", &path))?;
+            let len = f.metadata().map_err(CupError::file("read", &path))?.len();
+            eprintln!(
+                "cup: sending {} ({:.1} MB) to {}",
+                path.display(),
+                len as f64 / 1e6,
+                remote.addr
+            );
+            remote
+                .upload(&mut f, len)
+                .map_err(|e| steelcup_api::ClientError::Remote(Box::new(e)))?
+        }
     };
     eprintln!("cup: writing the update into the slot that is not running, then checking it");
     let answer = p.update(&path.to_string_lossy(), reboot)?;

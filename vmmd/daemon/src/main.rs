@@ -109,12 +109,14 @@ fn main() {
     }
 }
 
-/// `vmmd admin [--listen ADDR] [--tls-dir DIR] [--run-dir DIR]`: cup
+/// `vmmd admin [--listen ADDR] [--tls-dir DIR] [--run-dir DIR]
+/// [--upload-dir DIR]`: cup
 /// --remote's gateway (docs/remote.md).
 fn admin(args: &[String]) -> i32 {
     let mut listen = format!("0.0.0.0:{}", steelcup_api::remote::DEFAULT_PORT);
     let mut tls_dir = PathBuf::from("/etc/steelcup/admin");
     let mut run_dir = PathBuf::from("/run/steelcup");
+    let mut upload_dir = PathBuf::from(steelcup_api::remote::DEFAULT_UPLOAD_DIR);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let Some(v) = it.next() else {
@@ -125,13 +127,14 @@ fn admin(args: &[String]) -> i32 {
             "--listen" => listen = v.clone(),
             "--tls-dir" => tls_dir = v.into(),
             "--run-dir" => run_dir = v.into(),
+            "--upload-dir" => upload_dir = v.into(),
             other => {
                 eprintln!("vmmd admin: unknown argument {other:?}");
                 return 2;
             }
         }
     }
-    match steelcup_api::remote::serve(&listen, &tls_dir, &run_dir) {
+    match steelcup_api::remote::serve(&listen, &tls_dir, &run_dir, &upload_dir) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("admin: {}", steelcup_sys::error_chain(&e));
