@@ -3,9 +3,10 @@
 //! networking, the admin gateway and workload ports forwarded to
 //! 127.0.0.1, a config drive turning the gateway on), a cup context made
 //! the way `cargo xtask run` makes it, then plain `cup` verbs with no
-//! flags: `ps`, `units`, `run -d -p` of nginx from a registry on this
-//! machine, an HTTP GET on the published port from here, `logs`, `exec`,
-//! `stop`, `poweroff`.
+//! flags: `ps`, `units`, `run -d --restart always -p` of nginx from a
+//! registry on this machine, an HTTP GET on the published port from here,
+//! `logs`, vmmd restarted (the run comes back), `exec`, `stop`, `apply`
+//! of a new, a changed and a bad unit, `unit cat`/`rm`, `poweroff`.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
@@ -164,6 +165,8 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
             "-d",
             "--name",
             "web",
+            "--restart",
+            "always",
             "-p",
             &publish,
             qemu_tests::registry::NGINX,
@@ -196,6 +199,18 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         "cup ps: {ps}"
     );
     cup_ok(config, &["logs", "web"])?;
+    // Like docker's restart policies: a `--restart always` run outlives
+    // vmmd (its spec is kept on /var); the new vmmd runs it again.
+    cup_ok(config, &["unit", "restart", "vmmd"])?;
+    g.wait_for("workload web: kept run, started again", STEP)?;
+    let t = Instant::now();
+    loop {
+        match get_page(port) {
+            Ok(p) if p.contains("<title>Welcome to nginx!</title>") => break,
+            other => ensure!(t.elapsed() < STEP, "web after vmmd restarted: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let hostname = cup_ok(config, &["exec", "web", "cat", "/proc/sys/kernel/hostname"])?;
     ensure!(
         hostname.trim() == "web",

@@ -41,7 +41,11 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
     }
     let answer = match req.action {
         Action::Run(spec) => {
+            let keep = runs::kept(&spec).then(|| spec.clone());
             run_workload(&core.workloads, &core.units, spec, now).map(|(name, w)| {
+                if let Some(spec) = keep {
+                    runs::keep(&opts.state_dir, &name, &spec);
+                }
                 core.add(name.clone(), w);
                 Reply::Text(name)
             })
@@ -68,6 +72,7 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
                 "workload {name:?} is running; stop it first (or cup rm -f)"
             ))),
             Some(_) => {
+                runs::forget(&opts.state_dir, &name);
                 core.forget(&name);
                 Ok(Reply::Done)
             }

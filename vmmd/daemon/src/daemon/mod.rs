@@ -52,6 +52,7 @@ mod actions;
 mod backend;
 mod error;
 mod guest;
+mod runs;
 mod volumes;
 mod warm;
 mod workers;
@@ -273,17 +274,29 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mut core = Core::new(backend, opts.removed.clone(), opts.warm_pool.clone());
     let found = without_port_clashes(load_units(&opts.units), &core.workloads);
     core.set_units(found);
-    // Leases of VMs no unit can have any more (and of `cup run`s of the
-    // vmmd before) go back.
+    // `cup run`s with a restart policy, kept by the vmmd before.
+    for spec in runs::load(&opts.state_dir) {
+        let name = spec.name.clone().unwrap_or_default();
+        match run_workload(&core.workloads, &core.units, spec, Instant::now()) {
+            Ok((name, w)) => {
+                tracing::info!("workload {name}: kept run, started again");
+                core.add(name, w);
+            }
+            Err(e) => tracing::error!("workload {name}: kept run not started: {e}"),
+        }
+    }
+    // Leases of VMs no unit or kept run can have any more (and of other
+    // `cup run`s of the vmmd before) go back.
     if let Ok(net) = &mut core.backend.net {
-        let units = &core.units;
+        let (units, runs) = (&core.units, &core.workloads);
         net.prune(|vm| {
-            units.keys().any(|u| {
-                vm == u
-                    || vm
-                        .strip_prefix(u.as_str())
-                        .is_some_and(|k| k.starts_with('.'))
-            })
+            runs.contains_key(vm)
+                || units.keys().any(|u| {
+                    vm == u
+                        || vm
+                            .strip_prefix(u.as_str())
+                            .is_some_and(|k| k.starts_with('.'))
+                })
         });
     }
     for dir in [
