@@ -156,6 +156,8 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         let opts = Options {
             units_dir: args.units.clone(),
             applied_dir: applied_dir.clone(),
+            machine_dir: pid1.then(|| PathBuf::from(provision::APPLIED_DIR)),
+            etc_dir: PathBuf::from(boot::ETC),
             run_dir: args.run_dir.clone(),
             cgroup,
             pid1,

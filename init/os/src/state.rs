@@ -148,8 +148,22 @@ pub enum Outcome {
     },
 }
 
+/// `cup machine reset` leaves this on the state partition: the next boot
+/// formats the partition again (a first boot: provisioning runs again).
+pub const RESET_MARKER: &str = "/var/lib/steelcup/reset-requested";
+
+/// True when `/var` is the state partition (not the memory of a machine
+/// booted without one).
+pub fn var_is_persistent() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(VAR) && l.contains(" - ext4 "))
+    })
+}
+
 /// The `state` phase: find, (grow and format,) mount. An error leaves /var
-/// in memory and the disk as it was found.
+/// in memory and the disk as it was found. A reset asked for by `cup
+/// machine reset` formats the partition again.
 pub fn mount_state(parts: &[Partition]) -> Result<Outcome, String> {
     let Some(part) = find(parts, STATE_LABEL)? else {
         return Ok(Outcome::None);
@@ -185,8 +199,24 @@ pub fn mount_state(parts: &[Partition]) -> Result<Outcome, String> {
         }
     };
     let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
-    steelcup_sys::mount(&dev.to_string_lossy(), Path::new(VAR), "ext4", flags, None)
-        .map_err(|e| steelcup_sys::error_chain(&e))?;
+    let mount = || {
+        steelcup_sys::mount(&dev.to_string_lossy(), Path::new(VAR), "ext4", flags, None)
+            .map_err(|e| steelcup_sys::error_chain(&e))
+    };
+    mount()?;
+    if Path::new(RESET_MARKER).exists() {
+        tracing::warn!(
+            "state: cup machine reset asked for a wipe: formatting {} again",
+            dev.display()
+        );
+        nix::mount::umount(VAR).map_err(|e| format!("unmount {VAR}: {e}"))?;
+        format_ext4(dev)?;
+        mount()?;
+        return Ok(Outcome::Formatted {
+            dev: dev.clone(),
+            grown: None,
+        });
+    }
     Ok(outcome)
 }
 

@@ -64,6 +64,13 @@ pub trait Init1 {
     fn apply(&self, files: &[(String, String)], dry_run: bool) -> zbus::Result<ReloadSummary>;
     fn remove_unit(&self, name: &str) -> zbus::Result<ReloadSummary>;
     fn cat_unit(&self, name: &str) -> zbus::Result<String>;
+    fn machine_apply(
+        &self,
+        text: &str,
+        dry_run: bool,
+    ) -> zbus::Result<(Vec<String>, Vec<String>, ReloadSummary)>;
+    fn machine_show(&self) -> zbus::Result<String>;
+    fn machine_reset(&self, confirm: &str) -> zbus::Result<()>;
     fn logs(&self, name: &str, since: u64, max: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn power_off(&self) -> zbus::Result<()>;

@@ -31,6 +31,9 @@ const USAGE: &str = "usage:
   cup reload                         re-read unit files, apply the difference
   cup apply [--dry-run] FILE|DIR...  send unit files (NAME.toml) to the machine: checked whole there,
                                      then installed and applied like reload (a bad one changes nothing)
+  cup machine apply [--dry-run] FILE | cup machine show | cup machine reset --wipe-all-data
+                                     the machine config (docs/provisioning.md): checked whole, applied live
+                                     where it can be, kept on /var / shown without secrets / back to first boot
   cup unit cat NAME | cup unit rm NAME
                                      a unit's file as the machine reads it / remove a unit cup apply installed
   cup poweroff | cup reboot          stop every unit in order, then power off / reboot
@@ -183,6 +186,68 @@ fn vmmd() -> Result<steelcup_api::vmm1::Vmm1ClientProxy<'static>, CupError> {
 /// cup's exit code from a workload verb's result.
 fn code(r: Result<u8, CupError>) -> Result<ExitCode, CupError> {
     r.map(ExitCode::from)
+}
+
+/// `cup machine apply [--dry-run] FILE | show | reset --wipe-all-data`.
+fn machine(args: &[String]) -> Result<ExitCode, CupError> {
+    let dry_run = args.iter().any(|a| a == "--dry-run");
+    let words: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--dry-run")
+        .collect();
+    match words.as_slice() {
+        ["apply", file] => {
+            let path = Path::new(file);
+            let text = read_bounded(path, steelcup_os::provision::MAX_BYTES)?;
+            let (changed, reboot, units) = proxy()?.machine_apply(&text, dry_run)?;
+            let verb = if dry_run { "would change" } else { "changed" };
+            if changed.is_empty() {
+                println!("nothing {verb}: the machine has this config");
+            } else {
+                println!("{verb}: {}", changed.join(", "));
+            }
+            if !reboot.is_empty() {
+                println!(
+                    "{} {} effect at the next boot (`cup reboot`)",
+                    reboot.join(", "),
+                    if dry_run { "would take" } else { "takes" }
+                );
+            }
+            if !dry_run {
+                print_summary("units", &units);
+            }
+        }
+        ["show"] => print!("{}", proxy()?.machine_show()?),
+        ["reset", "--wipe-all-data"] => {
+            proxy()?.machine_reset("wipe-all-data")?;
+            println!("the state partition is wiped at the next boot; rebooting");
+        }
+        ["reset"] => {
+            return Err(usage!(
+                "machine reset wipes /var (workloads' volumes, images, logs, the applied config) and provisions the machine again: confirm with `cup machine reset --wipe-all-data`"
+            ))
+        }
+        _ => {
+            return Err(usage!(
+                "machine needs apply [--dry-run] FILE, show, or reset --wipe-all-data"
+            ))
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A file of at most `max` bytes, as text.
+fn read_bounded(path: &Path, max: u64) -> Result<String, CupError> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
+        .map_err(CupError::file("read", path))?;
+    if text.len() as u64 > max {
+        return Err(usage!("{}: more than {max} bytes", path.display()));
+    }
+    Ok(text)
 }
 
 /// What a reload, an apply or a removal changed (or would).
@@ -362,6 +427,7 @@ fn run(args: &[String]) -> Result<ExitCode, CupError> {
             let s = proxy()?.apply(&files, dry_run)?;
             print_summary(if dry_run { "would apply" } else { "applied" }, &s);
         }
+        Some("machine") => return machine(&args[1..]),
         Some("reload") => {
             let s = proxy()?.reload()?;
             print_summary("reloaded", &s);

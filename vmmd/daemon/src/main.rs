@@ -88,21 +88,9 @@ fn main() {
         next = args.next();
     }
     // Credentials and plain-HTTP registries (docs/provisioning.md); a bad
-    // file is said and pulls go on without it.
-    match vmmd::image::registries::Registries::load(&registries) {
-        Ok(r) => {
-            if r != Default::default() {
-                tracing::info!(
-                    "registries: {} with credentials, {} over plain HTTP, from {}",
-                    r.credentials.len(),
-                    r.insecure.len(),
-                    registries.display()
-                );
-            }
-            opts.registries = r;
-        }
-        Err(e) => tracing::error!("registries: {e}; pulling without it"),
-    }
+    // file is said and pulls go on without it. Read again on SIGHUP.
+    opts.registries = vmmd::daemon::load_registries(&registries);
+    opts.registries_file = Some(registries);
     if let Err(e) = vmmd::daemon::run(opts) {
         tracing::error!("fatal: {}", steelcup_sys::error_chain(&e));
         std::process::exit(1);

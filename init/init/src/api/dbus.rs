@@ -207,6 +207,45 @@ impl Init1 {
         }
     }
 
+    /// Checks a machine config whole and, unless `dry_run`, applies it
+    /// live: (files changed, those that need a reboot, the units' reload).
+    async fn machine_apply(
+        &self,
+        text: String,
+        dry_run: bool,
+    ) -> Result<(Vec<String>, Vec<String>, ReloadSummary), Init1Error> {
+        match self
+            .handle
+            .call(Action::MachineApply { text, dry_run })
+            .await?
+        {
+            Reply::MachineChanged(c) => Ok((c.changed, c.needs_reboot, c.units)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The applied machine config, its secrets left out.
+    async fn machine_show(&self) -> Result<String, Init1Error> {
+        match self.handle.call(Action::MachineShow).await? {
+            Reply::Text(t) => Ok(t),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Marks the state partition to be wiped, then reboots: the machine
+    /// comes back as on its first boot. `confirm` must be
+    /// `wipe-all-data`.
+    async fn machine_reset(&self, confirm: String) -> Result<(), Init1Error> {
+        if confirm != "wipe-all-data" {
+            return Err(Init1Error::Refused(
+                "a reset wipes /var: confirm with \"wipe-all-data\"".into(),
+            ));
+        }
+        self.handle.call(Action::MachineReset).await?;
+        self.handle.call(Action::Reboot).await?;
+        Ok(())
+    }
+
     /// Lines of a unit's log with sequence number >= `since` (at most `max`),
     /// and the cursor to continue from: call again with it to follow.
     async fn logs(

@@ -42,6 +42,15 @@ pub enum Action {
     RemoveUnit(String),
     /// A unit's file and drop-ins as text.
     CatUnit(String),
+    /// Check a machine config whole and (unless `dry_run`) apply it live.
+    MachineApply {
+        text: String,
+        dry_run: bool,
+    },
+    /// The applied machine config, secrets left out.
+    MachineShow,
+    /// Wipe the state partition at the next boot (then the API reboots).
+    MachineReset,
     PowerOff,
     Reboot,
     /// Write the update at `source` (a file or block device on this host)
@@ -79,6 +88,7 @@ pub enum Reply {
     },
     SlotStatus(steelcup_os::update::Status),
     Text(String),
+    MachineChanged(crate::supervisor::machine::MachineChange),
     Done,
 }
 

@@ -274,6 +274,8 @@ mod tests {
         let opts = Options {
             units_dir: units,
             applied_dir: Some(dir.join("applied")),
+            machine_dir: None,
+            etc_dir: dir.to_path_buf(),
             run_dir: dir.to_path_buf(),
             cgroup: None,
             pid1: false,

@@ -27,6 +27,7 @@ pub mod apply;
 pub mod capture;
 mod cgroup;
 mod gate;
+pub mod machine;
 mod reload;
 
 pub use gate::{Gate, Verdict};
@@ -138,6 +139,11 @@ pub struct Options {
     /// Where `cup apply` keeps applied unit files across boots (a
     /// machine with a state partition); None: only in `units_dir`.
     pub applied_dir: Option<PathBuf>,
+    /// Where the machine config is applied (`/var/lib/steelcup/machine`)
+    /// for `cup machine apply|show`; None: not this init's to change.
+    pub machine_dir: Option<PathBuf>,
+    /// What a machine config installs into (`/etc/steelcup`).
+    pub etc_dir: PathBuf,
     pub run_dir: PathBuf,
     /// A cgroup v2 directory init may create unit cgroups in.
     pub cgroup: Option<PathBuf>,
@@ -164,6 +170,9 @@ pub struct Supervisor {
     boot: Instant,
     all_started_reported: bool,
     gate: Option<Gate>,
+    /// Services to restart at a time (`cup machine apply`'s new admin
+    /// certificates, once its answer has left).
+    restart_later: Vec<(String, Instant)>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -200,6 +209,7 @@ impl Supervisor {
             boot: Instant::now(),
             all_started_reported: false,
             gate: None,
+            restart_later: Vec::new(),
         };
         sup.apply(units);
         sup
@@ -535,6 +545,7 @@ impl Supervisor {
                 s.ready_deadline = None;
             }
         }
+        self.restart_due(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -546,6 +557,7 @@ impl Supervisor {
                 _ => None,
             })
             .chain(self.gate.as_ref().map(|g| g.deadline))
+            .chain(self.restart_later.iter().map(|(_, at)| *at))
             .min()
     }
 
@@ -615,6 +627,12 @@ impl Supervisor {
             }
             Action::RemoveUnit(name) => self.remove_unit(&name).map(Reply::Reloaded),
             Action::CatUnit(name) => self.cat_unit(&name).map(Reply::Text),
+            Action::MachineApply { text, dry_run } => self
+                .machine_apply(&text, dry_run)
+                .map(Reply::MachineChanged),
+            Action::MachineShow => self.machine_show().map(Reply::Text),
+            // The reboot itself is the API's to ask for, after the answer.
+            Action::MachineReset => self.machine_reset().map(|()| Reply::Done),
             Action::PowerOff | Action::Reboot => Ok(Reply::Done),
             // Disk work: the API executes it off this loop (api::slots).
             a @ (Action::Update { .. } | Action::Rollback | Action::UpdateStatus) => Err(
@@ -797,6 +815,8 @@ mod tests {
         let opts = Options {
             units_dir: run.clone(),
             applied_dir: None,
+            machine_dir: None,
+            etc_dir: run.clone(),
             run_dir: run,
             cgroup: None,
             pid1: false,

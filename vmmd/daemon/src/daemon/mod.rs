@@ -98,6 +98,9 @@ pub struct Options {
     /// `/etc/steelcup/registries.toml`: credentials (and more plain-HTTP
     /// registries) by registry host.
     pub registries: crate::image::registries::Registries,
+    /// Where `registries` came from, read again on SIGHUP (`cup reload`,
+    /// `cup machine apply`).
+    pub registries_file: Option<PathBuf>,
     /// Pulls in flight, by source: shared by the threads doing them and
     /// the API.
     pub pulls: Pulls,
@@ -346,6 +349,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         let now = || Instant::now();
         match rx.recv_timeout(timeout) {
             Ok(Event::Signal(Signal::SIGHUP)) => {
+                if let Some(file) = &opts.registries_file {
+                    core.backend.opts.registries = load_registries(file);
+                }
                 let found = without_port_clashes(load_units(&opts.units), &core.workloads);
                 let c = core.set_units(found);
                 tracing::info!(
@@ -723,6 +729,28 @@ fn vm_config(
     })
 }
 
+/// The registries file at `path` (docs/provisioning.md): said when it
+/// has something; a bad one is said and pulls go on without it.
+pub fn load_registries(path: &Path) -> crate::image::registries::Registries {
+    match crate::image::registries::Registries::load(path) {
+        Ok(r) => {
+            if r != Default::default() {
+                tracing::info!(
+                    "registries: {} with credentials, {} over plain HTTP, from {}",
+                    r.credentials.len(),
+                    r.insecure.len(),
+                    path.display()
+                );
+            }
+            r
+        }
+        Err(e) => {
+            tracing::error!("registries: {e}; pulling without it");
+            Default::default()
+        }
+    }
+}
+
 /// The default options for the appliance.
 pub fn default_options(units: &Path) -> Options {
     Options {
@@ -739,6 +767,7 @@ pub fn default_options(units: &Path) -> Options {
         jail: nix::unistd::geteuid().is_root(),
         insecure_registries: Vec::new(),
         registries: Default::default(),
+        registries_file: None,
         pulls: Default::default(),
         removed: Default::default(),
         logs: Arc::new(LogStore::new(None, false)),
