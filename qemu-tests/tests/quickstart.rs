@@ -230,6 +230,7 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         std::thread::sleep(Duration::from_secs(1));
     }
     apply_units(config)?;
+    machine_config(g, config, certs)?;
     cup_ok(config, &["poweroff"])?;
     g.wait_clean_poweroff(STEP)?;
     Ok(())
@@ -285,6 +286,40 @@ fn apply_units(config: &Path) -> Result<()> {
     ensure!(
         gone.contains("stopped [greet]") || gone.contains("removed"),
         "unit rm: {gone}"
+    );
+    Ok(())
+}
+
+/// `cup machine show` and `apply`: the running machine's config, changed
+/// live (its hostname), its secrets never shown.
+fn machine_config(g: &mut Guest, config: &Path, certs: &Path) -> Result<()> {
+    let shown = cup_ok(config, &["machine", "show"])?;
+    ensure!(
+        shown.contains("steelcup-run") && shown.contains("(secret: not shown)"),
+        "machine show: {shown}"
+    );
+    ensure!(
+        !shown.contains("PRIVATE KEY"),
+        "machine show printed a key: {shown}"
+    );
+    let text =
+        qemu_tests::run_machine::machine_config(certs, &[qemu_tests::registry::FROM_APPLIANCE])?
+            .replace("steelcup-run", "quick-start");
+    let file = config.join("machine.toml");
+    std::fs::write(&file, text)?;
+    let path = file.to_string_lossy();
+    let dry = cup_ok(config, &["machine", "apply", "--dry-run", &path])?;
+    ensure!(
+        dry.contains("would change: hostname"),
+        "machine apply --dry-run: {dry}"
+    );
+    let done = cup_ok(config, &["machine", "apply", &path])?;
+    ensure!(done.contains("changed: hostname"), "machine apply: {done}");
+    g.wait_for("hostname quick-start", STEP)?;
+    let shown = cup_ok(config, &["machine", "show"])?;
+    ensure!(
+        shown.contains("quick-start"),
+        "machine show after apply: {shown}"
     );
     Ok(())
 }
