@@ -163,6 +163,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
             pid1,
         };
         let mut sup = Supervisor::new(found, opts, logs.clone());
+        sup.refuse_files(&errors);
         // The OS slots' methods (cup update, rollback) for init as PID 1.
         let slots = pid1.then(|| api::slots::Slots {
             class_block: PathBuf::from("/sys/class/block"),

@@ -439,7 +439,10 @@ fn bad_files_and_cycles_refuse_only_themselves() {
         assert_eq!(u.state, "failed");
         assert!(u.reason.contains("dependency cycle: x -> y"), "{u:?}");
     }
-    assert!(api.status("typo").is_err());
+    // Listed, with its error, and never run.
+    let typo = api.status("typo").unwrap();
+    assert_eq!((typo.state.as_str(), typo.pid), ("refused", 0));
+    assert!(typo.reason.contains("unknown field `restrat`"), "{typo:?}");
 }
 
 #[test]
@@ -672,4 +675,89 @@ fn a_standard_dbus_client_drives_the_api() {
     let (ok, out) = call("PowerOff", &[]);
     assert!(ok, "{out}");
     s.wait_for("all units stopped; exiting", Duration::from_secs(10));
+}
+
+/// Regression: an exit reaped while a reload stopped another unit was
+/// lost (the unit stayed "running" with a dead pid, never restarted).
+#[test]
+fn an_exit_during_a_reload_is_recorded() {
+    let go = std::env::temp_dir()
+        .join(format!("steelcup-it-lost-exit-{}", std::process::id()))
+        .join("go");
+    let s = Sup::start(
+        "lost-exit",
+        &[
+            (
+                "alpha",
+                &service(
+                    &format!(
+                        "while [ ! -e {} ]; do sleep 0.05; done; exit 4",
+                        go.display()
+                    ),
+                    "restart = \"no\"",
+                ),
+            ),
+            (
+                "zeta",
+                &service(
+                    &format!(
+                        "trap 'touch {}' TERM; echo ready; while :; do sleep 0.1; done",
+                        go.display()
+                    ),
+                    "stop-timeout = 2",
+                ),
+            ),
+        ],
+    );
+    s.wait_for("[zeta] ready", Duration::from_secs(10));
+    // zeta changes: the reload stops it, its TERM trap lets alpha end, and
+    // alpha's exit is reaped while zeta is still stopping.
+    std::fs::write(
+        s.dir.join("units/zeta.toml"),
+        service("echo ready again; sleep 300", ""),
+    )
+    .unwrap();
+    let api = s.api();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.restarted, ["zeta"]);
+    let alpha = api.status("alpha").unwrap();
+    assert_eq!(
+        (alpha.state.as_str(), alpha.last_exit, alpha.pid),
+        ("exited", 4, 0),
+        "{alpha:?}\n{}",
+        s.output()
+    );
+}
+
+/// A running unit whose file turns bad goes on as it was; `cup units`
+/// lists refused files with their error, and a fixed file is taken.
+#[test]
+fn a_unit_whose_file_turns_bad_keeps_its_last_good_definition() {
+    let s = Sup::start(
+        "keep-good",
+        &[("web", &service("sleep 300", "")), ("broken", "[service\n")],
+    );
+    let api = s.api();
+    let web = api.status("web").unwrap();
+    let listed = api.list_units().unwrap();
+    let broken = listed.iter().find(|u| u.name == "broken").unwrap();
+    assert_eq!(broken.state, "refused");
+    assert!(broken.reason.contains("broken.toml"), "{broken:?}");
+    // A typo in web's file: web is neither stopped nor restarted.
+    std::fs::write(s.dir.join("units/web.toml"), "[service]\nexec = 3\n").unwrap();
+    let summary = api.reload().unwrap();
+    assert!(
+        summary.stopped.is_empty() && summary.restarted.is_empty(),
+        "{summary:?}"
+    );
+    assert_eq!(summary.errors.len(), 2, "{summary:?}");
+    let now = api.status("web").unwrap();
+    assert_eq!((now.state.as_str(), now.pid), ("running", web.pid));
+    assert!(now.reason.contains("its file is refused"), "{now:?}");
+    // Fixed (and changed): taken as any change is.
+    std::fs::write(s.dir.join("units/web.toml"), service("sleep 301", "")).unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.restarted, ["web"]);
+    let now = api.status("web").unwrap();
+    assert!(now.reason.is_empty() && now.pid != web.pid, "{now:?}");
 }

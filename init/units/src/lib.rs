@@ -53,6 +53,33 @@ pub enum UnitError {
 }
 
 impl UnitError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            UnitError::Read { path, .. }
+            | UnitError::NotAFile { path }
+            | UnitError::TooLarge { path, .. }
+            | UnitError::Parse { path, .. }
+            | UnitError::Invalid { path, .. } => path,
+        }
+    }
+
+    /// The unit the refused file is (or is a drop-in of): `NAME` of
+    /// `NAME.toml` or of `NAME.toml.d/X.toml`.
+    pub fn unit_name(&self) -> Option<String> {
+        let p = self.path();
+        let file = p.file_name()?.to_str()?;
+        let name = match p
+            .parent()
+            .and_then(|d| d.file_name())
+            .and_then(|d| d.to_str())
+        {
+            Some(dir) if dir.ends_with(".toml.d") => dir.strip_suffix(".toml.d")?,
+            _ => file.strip_suffix(".toml")?,
+        };
+        valid_name(name).then(|| name.to_string())
+    }
+
     fn invalid(path: &Path, message: impl Into<String>) -> Self {
         UnitError::Invalid {
             path: path.to_path_buf(),

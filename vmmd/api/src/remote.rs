@@ -207,9 +207,12 @@ pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, RemoteError> {
     match line.split_once(' ') {
         None if line == "init" => Ok(run_dir.join(crate::init1::SOCKET)),
         None if line == "vmmd" => Ok(run_dir.join("vmmd.sock")),
-        Some(("vsock", name)) if steelcup_units::valid_name(name) => {
-            Ok(run_dir.join("vsock").join(format!("{name}.sock")))
-        }
+        // vmmd keeps its VMs' sockets in its own run directory,
+        // `RUN_DIR/vmmd/vsock` (`vmmd::daemon::DEFAULT_RUN_DIR`).
+        Some(("vsock", name)) if steelcup_units::valid_name(name) => Ok(run_dir
+            .join("vmmd")
+            .join("vsock")
+            .join(format!("{name}.sock"))),
         _ => Err(RemoteError::UnknownTarget(line.chars().take(64).collect())),
     }
 }
@@ -598,7 +601,7 @@ mod tests {
         let tls = dir.path().join("tls");
         let run = dir.path().join("run");
         std::fs::create_dir_all(&tls).unwrap();
-        std::fs::create_dir_all(run.join("vsock")).unwrap();
+        std::fs::create_dir_all(run.join("vmmd/vsock")).unwrap();
         certs_in(&tls);
         // init's socket: an echo server.
         let init = std::os::unix::net::UnixListener::bind(run.join("init.sock")).unwrap();
@@ -679,7 +682,7 @@ mod tests {
         assert!(stranger.open("init").is_err());
         assert_eq!(
             target(&run, "vsock web.1").unwrap(),
-            run.join("vsock/web.1.sock")
+            run.join("vmmd/vsock/web.1.sock")
         );
     }
 }

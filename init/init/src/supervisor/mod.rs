@@ -173,6 +173,12 @@ pub struct Supervisor {
     /// Services to restart at a time (`cup machine apply`'s new admin
     /// certificates, once its answer has left).
     restart_later: Vec<(String, Instant)>,
+    /// While a reload moves services between maps: exits of pids no
+    /// service in `services` has, recorded once the move is done.
+    held_exits: Option<Vec<(Pid, WaitStatus)>>,
+    /// Units whose file (or a drop-in) is refused, and why; a running one
+    /// goes on with its last good definition.
+    refused_files: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -210,6 +216,8 @@ impl Supervisor {
             all_started_reported: false,
             gate: None,
             restart_later: Vec::new(),
+            held_exits: None,
+            refused_files: BTreeMap::new(),
         };
         sup.apply(units);
         sup
@@ -250,14 +258,17 @@ impl Supervisor {
     }
 
     fn info(&self, name: &str) -> Option<UnitInfo> {
+        let refused = self.refused_files.get(name);
+        let kept = |r: &String| format!("its file is refused, it runs as it was: {r}");
         if let Some(s) = self.services.get(name) {
             return Some(UnitInfo {
                 name: name.to_string(),
                 kind: "service".into(),
                 state: s.state.name().into(),
-                reason: match &s.state {
-                    State::Failed(r) => r.clone(),
-                    State::Skipped(c) => format!("condition not met: {c}"),
+                reason: match (&s.state, refused) {
+                    (_, Some(r)) => kept(r),
+                    (State::Failed(r), None) => r.clone(),
+                    (State::Skipped(c), None) => format!("condition not met: {c}"),
                     _ => String::new(),
                 },
                 pid: s.pid.map(|p| p.as_raw() as u32).unwrap_or(0),
@@ -266,15 +277,27 @@ impl Supervisor {
                 description: s.unit.unit.description.clone().unwrap_or_default(),
             });
         }
-        self.microvms.get(name).map(|u| UnitInfo {
+        if let Some(u) = self.microvms.get(name) {
+            return Some(UnitInfo {
+                name: name.to_string(),
+                kind: "microvm".into(),
+                state: "vmmd".into(),
+                reason: refused.map(kept).unwrap_or_default(),
+                pid: 0,
+                restarts: 0,
+                last_exit: -1,
+                description: u.unit.description.clone().unwrap_or_default(),
+            });
+        }
+        refused.map(|r| UnitInfo {
             name: name.to_string(),
-            kind: "microvm".into(),
-            state: "vmmd".into(),
-            reason: String::new(),
+            kind: "-".into(),
+            state: "refused".into(),
+            reason: r.clone(),
             pid: 0,
             restarts: 0,
             last_exit: -1,
-            description: u.unit.description.clone().unwrap_or_default(),
+            description: String::new(),
         })
     }
 
@@ -498,6 +521,10 @@ impl Supervisor {
                 .find(|(_, s)| s.pid == Some(pid))
                 .map(|(n, _)| n.clone())
             else {
+                // Mid-reload the unit may be in the map being built.
+                if let Some(held) = &mut self.held_exits {
+                    held.push((pid, status));
+                }
                 continue;
             };
             let (code, what) = match status {
@@ -577,10 +604,11 @@ impl Supervisor {
         };
         match action {
             Action::ListUnits => {
-                let names: Vec<String> = self
+                let names: std::collections::BTreeSet<String> = self
                     .services
                     .keys()
                     .chain(self.microvms.keys())
+                    .chain(self.refused_files.keys())
                     .cloned()
                     .collect();
                 Ok(Reply::Units(

@@ -7,6 +7,17 @@ impl Supervisor {
     /// Installs a new set of units (at start, or the new side of a reload).
     /// Existing services with an identical unit keep running.
     pub(super) fn apply(&mut self, units: Vec<Unit>) -> ReloadSummary {
+        // Exits reaped while a changed unit stops (its stop waits and
+        // reaps) may be of services already moved to `next`: held, and
+        // recorded once `next` is the set.
+        self.held_exits = Some(Vec::new());
+        let summary = self.apply_units(units);
+        let held = self.held_exits.take().unwrap_or_default();
+        self.reaped(held, Instant::now());
+        summary
+    }
+
+    fn apply_units(&mut self, units: Vec<Unit>) -> ReloadSummary {
         let plan = graph::plan(&units);
         for (name, why) in &plan.refused {
             tracing::error!("unit {name}: refused: {why}");
@@ -94,13 +105,42 @@ impl Supervisor {
         summary
     }
 
+    /// Records the units whose files `errors` refuse (shown by `cup
+    /// units` with the error) in place of those refused before; returns
+    /// their names.
+    pub fn refuse_files(&mut self, errors: &[units::UnitError]) -> Vec<String> {
+        self.refused_files.clear();
+        for e in errors {
+            if let Some(name) = e.unit_name() {
+                self.refused_files
+                    .entry(name)
+                    .or_insert_with(|| steelcup_sys::error_chain(e));
+            }
+        }
+        self.refused_files.keys().cloned().collect()
+    }
+
     /// Re-reads the units directory and applies only the difference: new
     /// units start, removed ones stop, changed ones restart.
     pub fn reload(&mut self) -> ReloadSummary {
-        let (units, errors) = units::load_dir(&self.opts.units_dir);
+        let (mut units, errors) = units::load_dir(&self.opts.units_dir);
         for e in &errors {
             tracing::error!("{}", steelcup_sys::error_chain(e));
         }
+        // A unit whose file no longer reads keeps its last good definition
+        // (it is not stopped for a typo) until the file is fixed.
+        for name in self.refuse_files(&errors) {
+            let old = self
+                .services
+                .get(&name)
+                .map(|s| s.unit.clone())
+                .or_else(|| self.microvms.get(&name).cloned());
+            if let Some(u) = old.filter(|_| !units.iter().any(|u| u.name == name)) {
+                tracing::warn!("unit {name}: its file is refused; it goes on as it was");
+                units.push(u);
+            }
+        }
+        units.sort_by(|a, b| a.name.cmp(&b.name));
         let mut summary = self.apply(units);
         summary.errors = errors
             .iter()

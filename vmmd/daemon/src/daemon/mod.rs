@@ -181,13 +181,26 @@ enum Event {
 }
 
 /// The `[microvm]` units in `dir` whose conditions hold.
-fn load_units(dir: &Path) -> BTreeMap<String, MicrovmSection> {
+fn load_units(
+    dir: &Path,
+    current: &BTreeMap<String, MicrovmSection>,
+) -> BTreeMap<String, MicrovmSection> {
     let (found, errors) = units::load_dir(dir);
+    let mut kept = BTreeMap::new();
     for e in &errors {
         tracing::error!("{}", steelcup_vmm::worker::error_chain(e));
+        // A unit whose file no longer reads goes on as it was (init keeps
+        // its last good definition too) until the file is fixed.
+        if let Some((name, spec)) = e
+            .unit_name()
+            .and_then(|n| current.get(&n).map(|s| (n, s.clone())))
+        {
+            tracing::warn!("unit {name}: its file is refused; it goes on as it was");
+            kept.insert(name, spec);
+        }
     }
     let cmdline = units::kernel_cmdline();
-    found
+    let mut found: BTreeMap<String, MicrovmSection> = found
         .into_iter()
         .filter(|u| match u.unit.unmet_condition(&cmdline) {
             Some(c) => {
@@ -203,7 +216,11 @@ fn load_units(dir: &Path) -> BTreeMap<String, MicrovmSection> {
             UnitKind::Microvm(spec) => Some((u.name, spec)),
             UnitKind::Service(_) => None,
         })
-        .collect()
+        .collect();
+    for (name, spec) in kept {
+        found.entry(name).or_insert(spec);
+    }
+    found
 }
 
 /// Leaves out (with an error each) the units whose published ports another
@@ -275,7 +292,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         next_tap: 0,
     };
     let mut core = Core::new(backend, opts.removed.clone(), opts.warm_pool.clone());
-    let found = without_port_clashes(load_units(&opts.units), &core.workloads);
+    let found = without_port_clashes(load_units(&opts.units, &BTreeMap::new()), &core.workloads);
     core.set_units(found);
     // `cup run`s with a restart policy, kept by the vmmd before.
     for spec in runs::load(&opts.state_dir) {
@@ -352,7 +369,8 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                 if let Some(file) = &opts.registries_file {
                     core.backend.opts.registries = load_registries(file);
                 }
-                let found = without_port_clashes(load_units(&opts.units), &core.workloads);
+                let found =
+                    without_port_clashes(load_units(&opts.units, &core.units), &core.workloads);
                 let c = core.set_units(found);
                 tracing::info!(
                     "reload: units new [{}], removed [{}], changed [{}]",
