@@ -145,6 +145,7 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     ensure!(ls.contains("appliance *"), "context ls: {ls}");
     g.wait_for("phase units: done", BOOT)?;
     g.wait_for("admin: cup --remote on", BOOT)?;
+    g.wait_for("unit vmmd: ready", BOOT)?;
     // Plain verbs, the context's machine.
     let units = cup_ok(config, &["units"])?;
     ensure!(

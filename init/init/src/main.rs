@@ -20,6 +20,9 @@ use steelcup_init::supervisor::{self, Ending, Gate, Options, Supervisor};
 use steelcup_os::logs::LogStore;
 use steelcup_os::{provision, slots, state};
 use steelcup_sys::{self as sys, PowerAction};
+
+/// The open-file limit init raises itself to.
+const NOFILE: u64 = 65536;
 use steelcup_units as units;
 
 struct Args {
@@ -119,6 +122,10 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
             .map_err(|e| format!("set child subreaper: {e}"))?;
     }
     sys::mkdir_p(&args.run_dir).map_err(|e| error_chain(&e))?;
+    // Every API client is a descriptor (or two); services inherit the
+    // limit set in their unit, not this one.
+    let nofile = sys::raise_nofile(NOFILE);
+    tracing::debug!("open-file limit {nofile}");
     let cgroup = if pid1 {
         boot::unit_cgroups()
     } else {

@@ -761,3 +761,142 @@ fn a_unit_whose_file_turns_bad_keeps_its_last_good_definition() {
     let now = api.status("web").unwrap();
     assert!(now.reason.is_empty() && now.pid != web.pid, "{now:?}");
 }
+
+/// How many threads and descriptors process `pid` has.
+fn threads_and_fds(pid: i32) -> (usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
+/// A D-Bus client that does the handshake by hand and then never reads:
+/// a suspended `cup logs -f`.
+fn suspended_follower(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let uid: String = nix::unistd::getuid()
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    s.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes())
+        .unwrap();
+    let mut ok = String::new();
+    std::io::BufReader::new(&s).read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    s.write_all(b"BEGIN\r\n").unwrap();
+    s
+}
+
+/// No client wedges or exhausts init's API: 500 connections that never
+/// finish the handshake, a follower that stops reading its signals (it is
+/// dropped once its queue is full, and nobody waits for it), and 1000
+/// clients at once, while calls keep answering within a second; the
+/// threads and descriptors go back to what they were.
+#[test]
+fn no_client_wedges_or_exhausts_the_api() {
+    let s = Sup::start("api-load", &[("svc", &service("sleep 300", ""))]);
+    let socket = s.dir.join("run/init.sock");
+    let run = s.dir.join("run");
+    // Warmed up (zbus starts its shared threads on first use), then the
+    // baseline.
+    let warm: Vec<_> = (0..50).map(|_| connect(&run).unwrap()).collect();
+    for w in &warm {
+        w.list_units().unwrap();
+    }
+    drop(warm);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = threads_and_fds(s.pid());
+    let idle: Vec<_> = (0..std::env::var("IDLE")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(500))
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    // A follower that never reads: every restart is several state changes,
+    // and its socket and queue fill; restarts go on at their pace.
+    let follower = suspended_follower(&socket);
+    let api = s.api();
+    for i in 0..600 {
+        let t = Instant::now();
+        api.restart("svc").unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "restart {i} took {:?}",
+            t.elapsed()
+        );
+    }
+    follower
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut drained = Vec::new();
+    let end = (&follower).read_to_end(&mut drained);
+    assert!(end.is_ok(), "the follower was not dropped: {end:?}");
+    // 1000 clients at once, each with a call; then signals for them all.
+    let clients: Vec<_> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..20)
+            .map(|_| {
+                let run = &run;
+                scope.spawn(move || {
+                    (0..50)
+                        .map(|_| {
+                            let api = connect(run).unwrap();
+                            assert!(!api.list_units().unwrap().is_empty());
+                            api
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(clients.len(), 1000);
+    // Signals for all 1000 (each restart is several state changes) while
+    // other calls are timed.
+    let storm = {
+        let run = run.clone();
+        std::thread::spawn(move || {
+            let api = connect(&run).unwrap();
+            for _ in 0..10 {
+                api.restart("svc").unwrap();
+            }
+        })
+    };
+    let mut slowest = Duration::ZERO;
+    while !storm.is_finished() {
+        let t = Instant::now();
+        api.status("svc").unwrap();
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    storm.join().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a call took {slowest:?} while 1000 clients got signals"
+    );
+    drop((idle, clients, follower, api));
+    // Handshakes cut after 10 s, hang-ups noticed: back to the baseline.
+    let t = Instant::now();
+    loop {
+        let now = threads_and_fds(s.pid());
+        // Descriptors exactly; threads within the few that zbus's shared
+        // pools (async-io, blocking) keep once they have grown.
+        if now.0 <= before.0 + 8 && now.1 <= before.1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "threads and descriptors before {before:?}, now {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

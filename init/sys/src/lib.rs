@@ -448,7 +448,8 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
     // SAFETY: fork in a multi-threaded process. The child touches only memory
     // prepared above (argv/envp pointer arrays, C strings, raw fds), which
     // stays valid because this frame is copied into the child, and calls only
-    // async-signal-safe functions (setpgid, sigprocmask, signal, open, write,
+    // async-signal-safe functions (setpgid, getrlimit, setrlimit,
+    // sigprocmask, signal, open, write,
     // close, setgroups, setgid, setuid, chdir, dup2, execve, _exit) before
     // exec or exit. No allocation, no locks.
     match unsafe { libc::fork() } {
@@ -457,7 +458,17 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
             // SAFETY: (the child) see above.
             child_exec(spec, &argv, &envp, null_fd, out_fd, err_fd)
         },
-        pid => Ok(Pid::from_raw(pid)),
+        pid => {
+            // The child makes itself a group leader too; doing it here as
+            // well closes the race where a stop signalled to the group
+            // right after the fork finds no group yet and is lost.
+            // SAFETY: setpgid on our own child; EACCES once it has exec'd
+            // is harmless (it has done it itself by then).
+            unsafe {
+                libc::setpgid(pid, pid);
+            }
+            Ok(Pid::from_raw(pid))
+        }
     }
 }
 
@@ -518,6 +529,15 @@ unsafe fn child_exec(
     // prepared before the fork (see `spawn`).
     unsafe {
         libc::setpgid(0, 0);
+        // The open-file limit init had before it raised its own.
+        let nofile = CHILD_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+        if nofile > 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = nofile.min(lim.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -841,6 +861,37 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Raises this process's open-file limit to `want` (the hard limit too
+/// when allowed: root's), or as far as the hard limit lets; returns the
+/// soft limit now. A daemon serving many clients (init's and vmmd's APIs)
+/// would otherwise stop accepting at 1024 descriptors.
+///
+/// Processes [`spawn`] starts get the soft limit back as it was: a raised
+/// limit is the daemon's own, not its services' (select(2) breaks above
+/// 1024).
+pub fn raise_nofile(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= want {
+        return soft;
+    }
+    CHILD_NOFILE.store(soft, std::sync::atomic::Ordering::Relaxed);
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return want;
+    }
+    let to = want.min(hard);
+    match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
+        Ok(()) => to,
+        Err(_) => soft,
+    }
+}
+
+/// The open-file soft limit [`spawn`]'s children get (0: as inherited);
+/// set by [`raise_nofile`].
+static CHILD_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::ClientError;
 
@@ -43,9 +44,6 @@ pub fn p2p_over(stream: UnixStream, peer: &str) -> Result<zbus::blocking::Connec
         })
 }
 
-/// Live client connections, for signals.
-pub type Connections = Arc<Mutex<Vec<zbus::blocking::Connection>>>;
-
 /// Binds a Unix socket at `socket` (replacing a stale one) that only root
 /// may connect to (mode 0600).
 pub fn bind_private(socket: &Path) -> std::io::Result<UnixListener> {
@@ -58,49 +56,252 @@ pub fn bind_private(socket: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The most clients an API serves at once; one more is turned away (a
+/// connection in use is never dropped to make room).
+pub const MAX_CLIENTS: usize = 4096;
+
+/// How long a client has to finish the D-Bus handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The signals a client may have waiting; a client that falls this far
+/// behind (a suspended `cup logs -f`, say) is dropped, so it never holds
+/// up the others.
+pub const CLIENT_QUEUE: usize = 256;
+
+/// Sends one signal on a client's connection; false when it failed.
+pub type Emit<S> = Arc<dyn Fn(&zbus::blocking::Connection, &S) -> bool + Send + Sync>;
+
+/// The clients of a peer-to-peer API, each with its own bounded queue of
+/// signals and its own sender thread.
+pub struct Clients<S> {
+    inner: Arc<Mutex<Vec<Client<S>>>>,
+}
+
+impl<S> Clone for Clients<S> {
+    fn clone(&self) -> Self {
+        Clients {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Clients<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clients({})", self.count())
+    }
+}
+
+struct Client<S> {
+    id: u64,
+    queue: std::sync::mpsc::SyncSender<S>,
+    /// The client's socket (a duplicate): polled for a hang-up, shut
+    /// down to drop the client.
+    sock: UnixStream,
+}
+
+impl<S: Clone> Clients<S> {
+    /// Queues `signal` for every client; a client whose queue is full is
+    /// dropped.
+    pub fn broadcast(&self, signal: &S) {
+        let mut list = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|c| match c.queue.try_send(signal.clone()) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    "API client {}: {CLIENT_QUEUE} signals behind; dropped",
+                    c.id
+                );
+                let _ = c.sock.shutdown(std::net::Shutdown::Both);
+                false
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        });
+    }
+}
+
+impl<S> Clients<S> {
+    /// How many clients are connected (handshake done).
+    pub fn count(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Forgets clients whose peer hung up.
+    fn sweep(&self) {
+        use std::os::fd::AsFd;
+        let mut list = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|c| {
+            // No events asked for: the kernel still reports a hang-up
+            // (POLLHUP once the peer has closed), and nothing else.
+            let mut fds = [nix::poll::PollFd::new(
+                c.sock.as_fd(),
+                nix::poll::PollFlags::empty(),
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+                Ok(0) => true,
+                _ => !fds[0].revents().is_none_or(|r| {
+                    r.intersects(
+                        nix::poll::PollFlags::POLLHUP
+                            | nix::poll::PollFlags::POLLERR
+                            | nix::poll::PollFlags::POLLNVAL,
+                    )
+                }),
+            }
+        });
+    }
+}
+
+/// A connection still in its handshake, and when it must be done.
+struct Pending {
+    deadline: std::time::Instant,
+    sock: UnixStream,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Accepts connections on `listener` and speaks D-Bus peer to peer on
-/// each, serving `iface()` at `path`. Each handshake runs on its own
-/// thread, so a client that stalls in it holds up nobody else. Returns the
-/// live connections (at most 64: the oldest goes first).
-pub fn accept_p2p<I>(
+/// each, serving `iface()` at `path`. Each client has a thread of its own
+/// (its handshake, then sending its signals with `emit`), a handshake
+/// limit of [`HANDSHAKE_TIMEOUT`] and a queue of [`CLIENT_QUEUE`]
+/// signals; at most [`MAX_CLIENTS`] are served at once. A watchdog thread
+/// cuts handshakes that take too long and forgets clients that hung up,
+/// so threads and descriptors go back to what they were when clients
+/// leave.
+pub fn accept_p2p<I, S>(
     listener: UnixListener,
     path: &'static str,
     iface: impl Fn() -> I + Send + 'static,
-) -> std::io::Result<Connections>
+    emit: Emit<S>,
+) -> std::io::Result<Clients<S>>
 where
     I: zbus::object_server::Interface,
+    S: Send + 'static,
 {
-    let conns: Connections = Arc::new(Mutex::new(Vec::new()));
+    let clients = Clients {
+        inner: Arc::new(Mutex::new(Vec::new())),
+    };
+    let pending: Arc<Mutex<Vec<Pending>>> = Arc::default();
     let guid = zbus::Guid::generate();
-    let accept_conns = conns.clone();
+    {
+        let (clients, pending) = (clients.clone(), pending.clone());
+        std::thread::Builder::new()
+            .name("api-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = std::time::Instant::now();
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|p| {
+                        if p.done.load(std::sync::atomic::Ordering::Acquire) {
+                            return false;
+                        }
+                        if p.deadline <= now {
+                            let _ = p.sock.shutdown(std::net::Shutdown::Both);
+                            return false;
+                        }
+                        true
+                    });
+                clients.sweep();
+            })?;
+    }
+    let accept_clients = clients.clone();
     std::thread::Builder::new()
         .name("api-accept".into())
         .spawn(move || {
+            let mut next_id = 0u64;
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                let waiting = pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+                if accept_clients.count() + waiting >= MAX_CLIENTS {
+                    tracing::warn!("API: {MAX_CLIENTS} clients already; one more turned away");
+                    continue;
+                }
+                let Ok(dup) = stream.try_clone() else {
+                    continue;
+                };
+                let Ok(watch) = stream.try_clone() else {
+                    continue;
+                };
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Pending {
+                        deadline: std::time::Instant::now() + HANDSHAKE_TIMEOUT,
+                        sock: watch,
+                        done: done.clone(),
+                    });
+                next_id += 1;
+                let id = next_id;
                 let iface = iface();
                 let guid = guid.clone();
-                let conns = accept_conns.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        let built =
-                            zbus::blocking::connection::Builder::async_io_unix_stream(stream)
-                                .server(guid)
-                                .and_then(|b| b.p2p().serve_at(path, iface))
-                                .and_then(|b| b.build());
-                        match built {
-                            Ok(c) => {
-                                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                                if list.len() >= 64 {
-                                    drop(list.remove(0));
-                                }
-                                list.push(c);
+                let clients = accept_clients.clone();
+                let emit = emit.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            // Until the client speaks, it costs this thread
+                            // only: zbus's handshake would hold a thread of
+                            // its shared blocking pool meanwhile, and enough
+                            // silent clients would starve everyone else.
+                            if !speaks_within(&stream, HANDSHAKE_TIMEOUT) {
+                                done.store(true, std::sync::atomic::Ordering::Release);
+                                return;
                             }
-                            Err(e) => tracing::debug!("API connection failed: {e}"),
-                        }
-                    });
+                            let built =
+                                zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+                                    .server(guid)
+                                    .and_then(|b| b.p2p().serve_at(path, iface))
+                                    .and_then(|b| b.build());
+                            done.store(true, std::sync::atomic::Ordering::Release);
+                            let conn = match built {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::debug!("API connection failed: {e}");
+                                    return;
+                                }
+                            };
+                            let (queue, signals) = std::sync::mpsc::sync_channel(CLIENT_QUEUE);
+                            clients
+                                .inner
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(Client {
+                                    id,
+                                    queue,
+                                    sock: dup,
+                                });
+                            // Until the client is forgotten (it hung up, or
+                            // fell behind) or a send fails.
+                            for s in signals {
+                                if !emit(&conn, &s) {
+                                    break;
+                                }
+                            }
+                            clients
+                                .inner
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .retain(|c| c.id != id);
+                        });
+                if spawned.is_err() {
+                    tracing::warn!("API: cannot start a client thread; one turned away");
+                }
             }
         })?;
-    Ok(conns)
+    Ok(clients)
+}
+
+/// True once `stream` has something to read within `limit`.
+fn speaks_within(stream: &UnixStream, limit: Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        stream.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+    matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN))
 }

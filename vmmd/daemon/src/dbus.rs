@@ -230,29 +230,35 @@ pub fn serve(
     use steelcup_api::bus::{accept_p2p, bind_private};
     use zbus::object_server::SignalEmitter;
     let listener = bind_private(socket)?;
-    let conns = accept_p2p(listener, PATH, move || Vmm1 {
-        requests: requests.clone(),
-    })?;
+    let emit: steelcup_api::bus::Emit<Change> = std::sync::Arc::new(|conn, c: &Change| {
+        SignalEmitter::new(conn.inner(), PATH).is_ok_and(|emitter| {
+            zbus::block_on(Vmm1::workload_changed(
+                &emitter,
+                &c.name,
+                c.state.as_str(),
+                &c.health,
+                &c.outcome.text,
+                c.outcome.exit_code,
+            ))
+            .is_ok()
+        })
+    });
+    let clients = accept_p2p(
+        listener,
+        PATH,
+        move || Vmm1 {
+            requests: requests.clone(),
+        },
+        emit,
+    )?;
+    // The main loop sends changes here; this thread queues them for each
+    // client (never blocking on one).
     let (tx, rx) = mpsc::channel::<Change>();
     std::thread::Builder::new()
         .name("api-signals".into())
         .spawn(move || {
             for c in rx {
-                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                list.retain(|conn| {
-                    let Ok(emitter) = SignalEmitter::new(conn.inner(), PATH) else {
-                        return false;
-                    };
-                    zbus::block_on(Vmm1::workload_changed(
-                        &emitter,
-                        &c.name,
-                        c.state.as_str(),
-                        &c.health,
-                        &c.outcome.text,
-                        c.outcome.exit_code,
-                    ))
-                    .is_ok()
-                });
+                clients.broadcast(&c);
             }
         })?;
     tracing::info!("API {INTERFACE} on {}", socket.display());

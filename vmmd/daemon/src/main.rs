@@ -87,6 +87,8 @@ fn main() {
         }
         next = args.next();
     }
+    // Each API client and each VM's worker is a few descriptors.
+    steelcup_sys::raise_nofile(65536);
     // Credentials and plain-HTTP registries (docs/provisioning.md); a bad
     // file is said and pulls go on without it. Read again on SIGHUP.
     opts.registries = vmmd::daemon::load_registries(&registries);

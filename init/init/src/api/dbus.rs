@@ -324,31 +324,28 @@ pub fn serve(
     slots: Option<super::slots::Slots>,
 ) -> std::io::Result<crate::supervisor::Observer> {
     let listener = bind_private(socket)?;
-    let conns = accept_p2p(listener, PATH, move || Init1 {
-        handle: handle.clone(),
-        logs: logs.clone(),
-        slots: slots.clone(),
-    })?;
-    let (tx, rx) = mpsc::channel::<(String, String)>();
-    std::thread::Builder::new()
-        .name("api-signals".into())
-        .spawn(move || {
-            for (name, state) in rx {
-                let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-                list.retain(|c| {
-                    let Ok(emitter) = SignalEmitter::new(c.inner(), PATH) else {
-                        return false;
-                    };
-                    zbus::block_on(Init1::unit_changed(&emitter, &name, &state)).is_ok()
-                });
-            }
-        })?;
-    let tx = Mutex::new(tx);
+    let emit: steelcup_api::bus::Emit<(String, String)> = Arc::new(
+        |c: &zbus::blocking::Connection, (name, state): &(String, String)| {
+            SignalEmitter::new(c.inner(), PATH)
+                .is_ok_and(|e| zbus::block_on(Init1::unit_changed(&e, name, state)).is_ok())
+        },
+    );
+    let clients = accept_p2p(
+        listener,
+        PATH,
+        move || Init1 {
+            handle: handle.clone(),
+            logs: logs.clone(),
+            slots: slots.clone(),
+        },
+        emit,
+    )?;
+    let tx = Mutex::new(clients);
     tracing::info!("API {INTERFACE} on {}", socket.display());
     Ok(Box::new(
         move |name: &str, state: &crate::supervisor::State| {
-            if let Ok(tx) = tx.lock() {
-                let _ = tx.send((name.to_string(), state.name().to_string()));
+            if let Ok(clients) = tx.lock() {
+                clients.broadcast(&(name.to_string(), state.name().to_string()));
             }
         },
     ))
