@@ -179,7 +179,11 @@ pub(crate) fn run(once: bool) -> Result<()> {
             pressed = Some(Instant::now());
         }
         let s = g.serial();
-        if !announced && s.contains("phase units: done") && s.contains("admin: cup --remote on") {
+        if !announced
+            && s.contains("phase units: done")
+            && s.contains("admin: cup --remote on")
+            && s.contains("unit vmmd: ready")
+        {
             announced = true;
             eprintln!(
                 "\n{}\n",
