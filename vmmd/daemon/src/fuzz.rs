@@ -14,6 +14,8 @@ pub fn layer_tar(data: &[u8]) {
         max_header: 16 << 10,
         max_bytes: 4 << 20,
         max_inline_total: 64 << 10,
+        max_inodes: 4096,
+        max_xattr_total: 64 << 10,
     };
     let mut tree = Tree::new(limits);
     let mut sink = MemorySink::default();

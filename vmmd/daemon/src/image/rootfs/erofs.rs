@@ -25,12 +25,12 @@ const MAGIC: u32 = 0xE0F5_E1E2;
 const SUPERBLOCK_OFFSET: u64 = 1024;
 const INODE_SIZE: usize = 64;
 const DIRENT_SIZE: usize = 12;
-const XATTR_HEADER: usize = 12;
+pub(super) const XATTR_HEADER: usize = 12;
 const LAYOUT_PLAIN: u16 = 0;
 const LAYOUT_INLINE: u16 = 2;
 const BS: usize = BLOCK_SIZE as usize;
 /// The most xattr bytes one inode keeps (inline, beside a 64-byte inode).
-const MAX_XATTR_BODY: usize = 2048;
+pub(super) const MAX_XATTR_BODY: usize = 2048;
 
 /// File types in directory entries.
 const FT_REG: u8 = 1;
@@ -97,6 +97,13 @@ fn xattr_prefix(name: &[u8]) -> Option<(u8, &[u8])> {
         }
     }
     None
+}
+
+/// The bytes an xattr takes in an inode's xattr area; `None` for a name
+/// erofs cannot store (it is left out).
+pub(super) fn xattr_need(name: &[u8], value: &[u8]) -> Option<usize> {
+    let (_, suffix) = xattr_prefix(name)?;
+    Some((4 + suffix.len() + value.len()).next_multiple_of(4))
 }
 
 /// The inline xattr area of an inode (header and entries), empty when it

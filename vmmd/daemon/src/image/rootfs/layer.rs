@@ -29,6 +29,8 @@ pub enum LayerError {
     TooLarge { limit: u64 },
     #[error("read the tar stream")]
     Io(#[source] io::Error),
+    #[error("write the root image")]
+    Write(#[source] io::Error),
 }
 
 /// Counts and hashes everything read through it; fails once more than
@@ -204,7 +206,7 @@ pub fn apply_layer(
             let path = p.path.unwrap_or_else(|| header.path_bytes().into_owned());
             let bad = |what: String| LayerError::Bad {
                 index,
-                path: String::from_utf8_lossy(&path).into_owned(),
+                path: super::tree::show(&path),
                 what,
             };
             if path.len() > limits.max_path {
@@ -290,7 +292,8 @@ pub fn apply_layer(
             };
             tree.apply(entry_meta, layer, &mut entry, sink)
                 .map_err(|source| match source {
-                    TreeError::Io(e) => too_large(e),
+                    TreeError::Read(e) => too_large(e),
+                    TreeError::Write(e) => LayerError::Write(e),
                     source => LayerError::Entry { index, source },
                 })?;
         }

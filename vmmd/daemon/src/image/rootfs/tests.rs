@@ -414,6 +414,63 @@ fn bombs_stop_at_the_caps() {
     )
     .unwrap_err();
     assert!(matches!(err, LayerError::TooLarge { .. }), "{err}");
+
+    // Parent directories a path makes count: a few entries of deep paths
+    // cannot make millions of inodes.
+    let deep: Vec<String> = (0..20)
+        .map(|i| format!("{i}/{}", ["d"; 40].join("/")))
+        .collect();
+    let items: Vec<T> = deep.iter().map(|p| T::File(p, b"x")).collect();
+    let limits = Limits {
+        max_inodes: 200,
+        ..Limits::default()
+    };
+    let err = apply_all(&[tar(&items)], limits).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than 200 files and directories"),
+        "{err}"
+    );
+
+    // Extended attributes: what one inode cannot hold is an error (not
+    // left out), and the whole tree's are capped.
+    let err = apply_all(
+        &[tar(&[T::Xattr("f", "user.big", &[b'v'; 4000])])],
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("extended attributes of"), "{err}");
+    let many: Vec<T> = (0..10)
+        .map(|_| T::Xattr("f", "user.x", &[b'v'; 1000]))
+        .collect();
+    let limits = Limits {
+        max_xattr_total: 4096,
+        ..Limits::default()
+    };
+    let err = apply_all(&[tar(&many)], limits).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than 4096 bytes of extended attributes"),
+        "{err}"
+    );
+}
+
+/// A failure writing the root image is said as that, not as a failure to
+/// read the layer.
+#[test]
+fn a_write_failure_is_not_a_read_failure() {
+    struct Full;
+    impl tree::BlockSink for Full {
+        fn append(&mut self, _data: &mut dyn std::io::Read, _len: u64) -> std::io::Result<u32> {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+    }
+    let big = vec![3u8; 64 << 10];
+    let layer = tar(&[T::File("big", &big)]);
+    let mut tree = Tree::new(Limits::default());
+    let err = layer::apply_layer(&mut tree, &mut Full, &mut &layer[..], 0, 0).unwrap_err();
+    assert!(matches!(err, LayerError::Write(_)), "{err}");
+    assert_eq!(err.to_string(), "write the root image");
 }
 
 /// A directory (or link, device, FIFO) whose header declared a size: we
@@ -724,4 +781,62 @@ fn the_erofs_image_reads_back_with_erofs_utils() {
         got[many[399].replace("many", "/many").as_str()],
         format!("file 1 {} 644 1000:100", sum(b"m"))
     );
+}
+
+/// A directory a layer writes into belongs to that layer too: an opaque
+/// marker or a whiteout later in the same layer hides what lower layers
+/// put there, never the layer's own files (as Docker and containerd read
+/// it).
+#[test]
+fn a_layers_own_files_under_an_implicit_parent_survive_its_opaque_marker() {
+    let lower = tar(&[T::File("a/b/old", b"old"), T::File("c/d/old", b"old")]);
+    let upper = tar(&[
+        T::File("a/b/new", b"new"),
+        T::File("a/.wh..wh..opq", b""),
+        T::File("c/d/new", b"new"),
+        T::File("c/.wh.d", b""),
+    ]);
+    let (tree, _) = apply_all(&[lower, upper], Limits::default()).unwrap();
+    let p = paths(&tree);
+    for want in ["/a/b/new file", "/c/d/new file"] {
+        assert!(p.iter().any(|x| x == want), "{want} missing: {p:?}");
+    }
+    for gone in ["/a/b/old file", "/c/d/old file"] {
+        assert!(!p.iter().any(|x| x == gone), "{gone} still there: {p:?}");
+    }
+}
+
+#[test]
+fn long_names_are_shortened_in_errors() {
+    let long = format!("{}/..", "a".repeat(3000));
+    let err = apply_all(&[tar_pax_path(&long)], Limits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("(3003 bytes)") && err.len() < 400, "{err}");
+}
+
+/// A layer of one file whose (long) name is in a PAX `path` record.
+fn tar_pax_path(path: &str) -> Vec<u8> {
+    let mut rec = format!(" path={path}\n").into_bytes();
+    let mut len = rec.len() + 1;
+    while rec.len() + len.to_string().len() != len {
+        len = rec.len() + len.to_string().len();
+    }
+    let mut pax = len.to_string().into_bytes();
+    pax.append(&mut rec);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut x = tar::Header::new_ustar();
+    x.set_entry_type(tar::EntryType::XHeader);
+    x.set_size(pax.len() as u64);
+    x.set_path("pax").unwrap();
+    x.set_cksum();
+    b.append(&x, &pax[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_path("placeholder").unwrap();
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b""[..]).unwrap();
+    b.into_inner().unwrap()
 }

@@ -13,8 +13,10 @@
 //! OCI whiteouts: `.wh.NAME` hides `NAME` of a lower layer (never following
 //! a symlink), `.wh..wh..opq` hides everything a lower layer put in its
 //! directory, wherever in the layer the marker comes. Each directory entry
-//! remembers the layer that last declared it, which is what makes both
-//! order-independent within a layer.
+//! remembers the layer that last declared it (a directory a layer writes
+//! into counts as declared by it), which is what makes both
+//! order-independent within a layer and keeps a layer's own files from
+//! its own whiteouts.
 //!
 //! Regular file contents go to a [`BlockSink`] as they stream past (the
 //! erofs image being written); small files and the tails of large ones stay
@@ -48,6 +50,11 @@ pub struct Limits {
     pub max_bytes: u64,
     /// Bytes of file contents kept in memory to pack next to inodes.
     pub max_inline_total: u64,
+    /// Inodes in the tree: entries and the parent directories their
+    /// paths make.
+    pub max_inodes: u64,
+    /// Bytes of extended attributes over all inodes.
+    pub max_xattr_total: u64,
 }
 
 impl Default for Limits {
@@ -58,6 +65,8 @@ impl Default for Limits {
             max_header: 1 << 20,
             max_bytes: 32 << 30,
             max_inline_total: 256 << 20,
+            max_inodes: 1 << 20,
+            max_xattr_total: 64 << 20,
         }
     }
 }
@@ -85,8 +94,37 @@ pub enum TreeError {
     TooManyEntries { limit: u64 },
     #[error("{path}: file contents ended early")]
     ShortFile { path: String },
-    #[error("write file contents")]
-    Io(#[from] io::Error),
+    /// Reading the entry's contents from the layer failed.
+    #[error("read the layer")]
+    Read(#[source] io::Error),
+    /// Writing them into the root image failed (a full disk, say).
+    #[error("write the root image")]
+    Write(#[source] io::Error),
+    #[error("{path}: a file larger than 16 TiB")]
+    FileTooLarge { path: String },
+    #[error("{path}: extended attributes of {bytes} bytes; an image inode holds at most {max}")]
+    XattrsTooLarge {
+        path: String,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("more than {limit} bytes of extended attributes")]
+    TooManyXattrs { limit: u64 },
+    #[error("more than {limit} files and directories (those made for a path's parents count too)")]
+    TooManyInodes { limit: u64 },
+}
+
+/// Passes reads through and remembers whether one failed, so a failure
+/// of a copy is known to be the reader's or the writer's.
+struct Tagged<'a> {
+    inner: &'a mut dyn Read,
+    failed: bool,
+}
+
+impl Read for Tagged<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|_| self.failed = true)
+    }
 }
 
 /// What kind of file an inode is, with what only that kind has.
@@ -248,11 +286,23 @@ pub struct Tree {
     inodes: Vec<Inode>,
     entries: u64,
     inline_bytes: u64,
+    xattr_bytes: u64,
     limits: Limits,
 }
 
-fn show(path: &[u8]) -> String {
-    String::from_utf8_lossy(path).into_owned()
+/// A name as an error shows it: a long one (a hostile layer's 4 KiB
+/// path) shortened to its start and end, with its length.
+pub(super) fn show(path: &[u8]) -> String {
+    const KEEP: usize = 96;
+    if path.len() <= 2 * KEEP {
+        return String::from_utf8_lossy(path).into_owned();
+    }
+    format!(
+        "{}...{} ({} bytes)",
+        String::from_utf8_lossy(&path[..KEEP]),
+        String::from_utf8_lossy(&path[path.len() - KEEP..]),
+        path.len()
+    )
 }
 
 /// Splits an entry name into its components, refusing `..` and taking an
@@ -280,6 +330,7 @@ impl Tree {
             inodes: vec![Inode::dir(0o755)],
             entries: 0,
             inline_bytes: 0,
+            xattr_bytes: 0,
             limits,
         }
     }
@@ -351,7 +402,17 @@ impl Tree {
                 continue;
             };
             match &self.inodes[d.ino].kind {
-                Kind::Dir(_) => stack.push(d.ino),
+                Kind::Dir(_) => {
+                    // A directory this layer writes into is this layer's
+                    // too: its own opaque marker or whiteout further on
+                    // hides only what lower layers put there.
+                    if create && d.layer < layer {
+                        if let Some(e) = self.children_mut(cur).get_mut(c.as_slice()) {
+                            e.layer = layer;
+                        }
+                    }
+                    stack.push(d.ino)
+                }
                 Kind::Symlink(target) => {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
@@ -413,7 +474,37 @@ impl Tree {
                 limit: self.limits.max_entries,
             });
         }
+        // An entry makes its inode and its path's missing parents (at most
+        // `max_path / 2` of them): the tree stops once it holds the most.
+        if self.inodes.len() as u64 >= self.limits.max_inodes {
+            return Err(TreeError::TooManyInodes {
+                limit: self.limits.max_inodes,
+            });
+        }
         let path = entry.path.clone();
+        // What an image inode can hold of extended attributes, and what
+        // the whole tree may keep of them.
+        let mut need = 0;
+        for (name, value) in &entry.xattrs {
+            need += super::erofs::xattr_need(name, value).unwrap_or(0);
+        }
+        if need > 0 && super::erofs::XATTR_HEADER + need > super::erofs::MAX_XATTR_BODY {
+            return Err(TreeError::XattrsTooLarge {
+                path: show(&path),
+                bytes: super::erofs::XATTR_HEADER + need,
+                max: super::erofs::MAX_XATTR_BODY,
+            });
+        }
+        self.xattr_bytes += entry
+            .xattrs
+            .iter()
+            .map(|(n, v)| (n.len() + v.len()) as u64)
+            .sum::<u64>();
+        if self.xattr_bytes > self.limits.max_xattr_total {
+            return Err(TreeError::TooManyXattrs {
+                limit: self.limits.max_xattr_total,
+            });
+        }
         let comps = components(&path)?;
         let Some((name, parents)) = comps.split_last() else {
             // The root itself: only its metadata can change.
@@ -555,7 +646,7 @@ impl Tree {
     ) -> Result<FileData, TreeError> {
         let short = |e: io::Error| match e.kind() {
             io::ErrorKind::UnexpectedEof => TreeError::ShortFile { path: show(path) },
-            _ => TreeError::Io(e),
+            _ => TreeError::Read(e),
         };
         let tail_len = size % BLOCK_SIZE;
         let inline_ok =
@@ -573,9 +664,20 @@ impl Tree {
             return Ok(FileData::Inline(Vec::new()));
         }
         let body = if inline_ok { size - tail_len } else { size };
-        let start = sink.append(data, body).map_err(short)?;
+        let mut tagged = Tagged {
+            inner: data,
+            failed: false,
+        };
+        let start = sink.append(&mut tagged, body).map_err(|e| {
+            if tagged.failed || e.kind() == io::ErrorKind::UnexpectedEof {
+                short(e)
+            } else {
+                TreeError::Write(e)
+            }
+        })?;
+        let data = tagged.inner;
         let blocks = u32::try_from(body.div_ceil(BLOCK_SIZE))
-            .map_err(|_| TreeError::Io(io::Error::other("file larger than 16 TiB")))?;
+            .map_err(|_| TreeError::FileTooLarge { path: show(path) })?;
         let tail = if inline_ok {
             let mut v = Vec::with_capacity(tail_len as usize);
             data.take(tail_len).read_to_end(&mut v).map_err(short)?;
