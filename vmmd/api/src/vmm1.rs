@@ -132,25 +132,50 @@ pub struct NamedVolume {
     pub read_only: bool,
 }
 
+/// A `-v` value cup and vmmd refuse: the value, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?}: {why}")]
+pub struct VolumeError {
+    pub value: String,
+    pub why: VolumeProblem,
+}
+
+/// What is wrong with a `-v` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeProblem {
+    #[error("expected NAME:/PATH[:ro]")]
+    Form,
+    #[error("unknown option {0:?} (ro or rw)")]
+    Option(String),
+    #[error("a microVM cannot share a host directory; name a volume instead (like data:/data), vmmd keeps it as a disk")]
+    HostDirectory,
+    #[error("volume name {0:?} must be 1-64 letters, digits, '-' or '_'")]
+    Name(String),
+    #[error("{0:?} must be an absolute path other than /, without '..'")]
+    Mount(String),
+}
+
 impl TryFrom<&str> for NamedVolume {
-    type Error = String;
-    fn try_from(v: &str) -> Result<NamedVolume, String> {
+    type Error = VolumeError;
+    fn try_from(v: &str) -> Result<NamedVolume, VolumeError> {
+        let bad = |why| VolumeError {
+            value: v.to_string(),
+            why,
+        };
         let mut parts = v.split(':');
         let (Some(name), Some(mount)) = (parts.next(), parts.next()) else {
-            return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+            return Err(bad(VolumeProblem::Form));
         };
         let read_only = match parts.next() {
             None | Some("rw") => false,
             Some("ro") => true,
-            Some(o) => return Err(format!("{v:?}: unknown option {o:?} (ro or rw)")),
+            Some(o) => return Err(bad(VolumeProblem::Option(o.to_string()))),
         };
         if parts.next().is_some() {
-            return Err(format!("{v:?}: expected NAME:/PATH[:ro]"));
+            return Err(bad(VolumeProblem::Form));
         }
         if name.starts_with('/') || name.starts_with('.') {
-            return Err(format!(
-                "{v:?}: a microVM cannot share a host directory; name a volume instead (like data:/data), vmmd keeps it as a disk"
-            ));
+            return Err(bad(VolumeProblem::HostDirectory));
         }
         let ok = !name.is_empty()
             && name.len() <= 64
@@ -158,14 +183,10 @@ impl TryFrom<&str> for NamedVolume {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !ok {
-            return Err(format!(
-                "{v:?}: volume name {name:?} must be 1-64 letters, digits, '-' or '_'"
-            ));
+            return Err(bad(VolumeProblem::Name(name.to_string())));
         }
         if !mount.starts_with('/') || mount == "/" || mount.split('/').any(|c| c == "..") {
-            return Err(format!(
-                "{v:?}: {mount:?} must be an absolute path other than /, without '..'"
-            ));
+            return Err(bad(VolumeProblem::Mount(mount.to_string())));
         }
         Ok(NamedVolume {
             name: name.to_string(),
