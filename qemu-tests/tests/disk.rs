@@ -162,20 +162,57 @@ fn versions(dir: &Path) -> (String, String, String) {
 }
 
 /// Boots the disk, runs `steps`, panics with the boot's name and serial log
-/// when one does not come.
-fn boot(cfg: &GuestConfig, name: &str, steps: impl FnOnce(&mut Guest) -> anyhow::Result<()>) {
+/// when one does not come. When the emulated host fails underneath (see
+/// `qemu_tests::emulation_fault`), the disk and firmware variables go back
+/// to what they were before this boot and it boots again.
+fn boot(cfg: &GuestConfig, name: &str, steps: impl Fn(&mut Guest) -> anyhow::Result<()>) {
     let cfg = GuestConfig {
         name: format!("uefi-disk-{name}"),
         ..cfg.clone()
     };
-    let mut g = Guest::boot(&cfg).unwrap();
-    if let Err(e) = steps(&mut g) {
-        panic!("boot {name}: {e:#}; serial log: {}", g.log_path.display());
+    let qemu_tests::Boot::Uefi { disk, vars } = &cfg.boot else {
+        panic!("the disk test boots a disk");
+    };
+    let kept: Vec<(PathBuf, PathBuf)> = [disk, vars]
+        .iter()
+        .map(|f| (f.to_path_buf(), f.with_extension("before-boot")))
+        .collect();
+    let copy = |from: &Path, to: &Path| {
+        let st = Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp {} {}: {st}", from.display(), to.display());
+    };
+    for (f, before) in &kept {
+        copy(f, before);
     }
-    println!(
-        "disk: boot {name} done in {:.0}s",
-        g.started.elapsed().as_secs_f64()
+    let mut attempt = 0;
+    qemu_tests::run_booted(
+        &format!("disk: boot {name}"),
+        || {
+            attempt += 1;
+            if attempt > 1 {
+                for (f, before) in &kept {
+                    copy(before, f);
+                }
+            }
+            Some(Guest::boot(&cfg).unwrap())
+        },
+        |g| {
+            steps(g)?;
+            println!(
+                "disk: boot {name} done in {:.0}s",
+                g.started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        },
     );
+    for (_, before) in &kept {
+        let _ = std::fs::remove_file(before);
+    }
 }
 
 /// init reboots (QEMU, run with -no-reboot, exits).
