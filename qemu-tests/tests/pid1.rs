@@ -1,5 +1,6 @@
 //! init as the real PID 1 of the booted appliance: units start, a unit killed
-//! with SIGKILL is restarted (vmmd too: the new one cleans up after the old),
+//! with SIGKILL is restarted and what it left in its cgroup is killed
+//! (vmmd too: the new one cleans up after the old),
 //! and `cup poweroff` or SIGTERM to PID 1 stops everything in order and
 //! powers the machine off.
 //!
@@ -26,6 +27,9 @@ fn shuts_down_in_order(g: &mut Guest, trigger: &str, announce: &str) -> anyhow::
     g.wait_for("unit victim: killed by SIGKILL", STEP)?;
     g.wait_for("unit victim: restarting in 0.5s", STEP)?;
     g.wait_for("driver: victim restarted (restarts=1", STEP)?;
+    // What it left in its cgroup went with its main process.
+    g.wait_for("unit victim: killing 1 processes it left behind", STEP)?;
+    g.wait_for("driver: processes the old victim left: 0 still alive", STEP)?;
     g.wait_for(trigger, STEP)?;
     g.wait_for(announce, STEP)?;
     g.wait_for("syncing disks and powering off", STEP)?;

@@ -1,5 +1,8 @@
-//! Each service's cgroup v2 under init's tree, with the unit's limits;
-//! removed with the unit.
+//! Each service's cgroup v2 under init's tree, with the unit's limits.
+//! When the service's main process ends (it exited, was killed, or was
+//! stopped), whatever it left behind in its cgroup is killed
+//! (`cgroup.kill`) and the cgroup removed: a restart starts clean, and a
+//! stopped unit leaves no process and no cgroup.
 
 use super::*;
 
@@ -39,6 +42,41 @@ impl Supervisor {
             }
         }
         Some(dir.join("cgroup.procs"))
+    }
+
+    /// Kills what is left in `name`'s cgroup and removes it once empty.
+    pub(super) fn clean_cgroup(&self, name: &str) {
+        let Some(dir) = self.cgroup_of(name) else {
+            return;
+        };
+        let populated = || {
+            std::fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+        };
+        if populated() {
+            let left = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            tracing::info!(
+                "unit {name}: killing {} processes it left behind",
+                left.lines().count()
+            );
+            if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+                // Kernels before 5.14: one by one.
+                for pid in left.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            // A killed process leaves the cgroup as it exits (before it is
+            // reaped).
+            let t0 = Instant::now();
+            while populated() && t0.elapsed() < Duration::from_millis(500) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!("unit {name}: cgroup {}: {e}", dir.display());
+            }
+        }
     }
 
     pub(super) fn remove_cgroup(&self, name: &str) {

@@ -478,7 +478,12 @@ impl Supervisor {
         s.ready_deadline = None;
         s.notify = None;
         s.last_exit = Some(code);
-        if s.state == State::Stopping {
+        let stopping = s.state == State::Stopping;
+        self.clean_cgroup(name);
+        let Some(s) = self.services.get_mut(name) else {
+            return;
+        };
+        if stopping {
             self.set_state(name, State::Stopped);
             return;
         }
