@@ -33,7 +33,7 @@ pub fn phase<T>(name: &str, f: impl FnOnce() -> T) -> T {
 }
 
 /// `early-mounts`: the pseudo filesystems every process expects.
-pub fn early_mounts() -> Result<(), SysError> {
+pub fn early_mounts(container: bool) -> Result<(), SysError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mounts: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
         ("proc", "/proc", "proc", nosuid, None),
@@ -81,8 +81,25 @@ pub fn early_mounts() -> Result<(), SysError> {
             Some("nsdelegate"),
         ),
     ];
+    let mounted = mount_points();
     for (src, target, fstype, flags, data) in mounts {
-        sys::mount(src, Path::new(target), fstype, *flags, *data)?;
+        // A container's /run and /tmp are its own (a tmpfs over them would
+        // hide what the runtime put there).
+        if container && matches!(*target, "/run" | "/tmp") {
+            continue;
+        }
+        // A container runtime (or whoever made this PID namespace) may have
+        // mounted it already: that one stays.
+        if mounted.iter().any(|m| m == target) {
+            tracing::debug!("early-mounts: {target} is mounted already");
+            continue;
+        }
+        match sys::mount(src, Path::new(target), fstype, *flags, *data) {
+            Ok(()) => {}
+            // In a container, what cannot be mounted is the runtime's call.
+            Err(e) if container => tracing::warn!("early-mounts: {}", error_chain(&e)),
+            Err(e) => return Err(e),
+        }
     }
     // Let child cgroups use every controller the kernel offers.
     if let Ok(ctrls) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
@@ -94,9 +111,32 @@ pub fn early_mounts() -> Result<(), SysError> {
     Ok(())
 }
 
+/// The mount points of this mount namespace (none when /proc is not
+/// there yet).
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .collect()
+}
+
+/// True when this PID 1 is a container's (or a PID namespace's), not the
+/// machine's: `container=` in the environment (the convention container
+/// runtimes and systemd share), or `--container`. Then only the phases
+/// that belong to a container run: no kernel log, modules, state
+/// partition, machine config, entropy, host network or power button.
+pub fn in_container(flag: bool) -> bool {
+    flag || std::env::var_os("container").is_some_and(|v| !v.is_empty())
+}
+
 /// The cgroup that holds one cgroup per unit, `/sys/fs/cgroup/steelcup`,
 /// with every controller enabled for the units.
 pub fn unit_cgroups() -> Option<std::path::PathBuf> {
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        tracing::warn!("no cgroup v2 at /sys/fs/cgroup; unit limits are off");
+        return None;
+    }
     let dir = Path::new("/sys/fs/cgroup/steelcup");
     if let Err(e) = std::fs::create_dir_all(dir) {
         tracing::warn!("cgroup {}: {e}; unit limits are off", dir.display());

@@ -30,6 +30,8 @@ struct Args {
     run_dir: PathBuf,
     log_dir: Option<PathBuf>,
     cgroup: Option<PathBuf>,
+    /// PID 1 of a container or PID namespace, not of a machine.
+    container: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
         run_dir: PathBuf::from("/run/steelcup"),
         log_dir: None,
         cgroup: None,
+        container: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -47,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "--log-dir" => {
                 args.log_dir = Some(it.next().ok_or("--log-dir needs a directory")?.into())
             }
+            "--container" => args.container = true,
             "--cgroup" => {
                 args.cgroup = Some(
                     it.next()
@@ -76,12 +80,19 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     // Block signals before any thread exists, so every thread inherits the mask.
     let mut sfd = sys::signalfd(&signals).map_err(|e| error_chain(&e))?;
     let mut booted = None;
-    if pid1 {
+    let container = pid1 && boot::in_container(args.container);
+    if container {
+        tracing::info!(
+            "steelcup init {} starting as PID 1 of a container: the machine's phases are left to the host",
+            env!("CARGO_PKG_VERSION")
+        );
+        phase("early-mounts", || boot::early_mounts(true)).map_err(|e| error_chain(&e))?;
+    } else if pid1 {
         tracing::info!(
             "steelcup init {} starting as PID 1",
             env!("CARGO_PKG_VERSION")
         );
-        phase("early-mounts", boot::early_mounts).map_err(|e| error_chain(&e))?;
+        phase("early-mounts", || boot::early_mounts(false)).map_err(|e| error_chain(&e))?;
         phase("kmsg-logging", steelcup_init::log_to_kmsg)
             .unwrap_or_else(|e| tracing::warn!("/dev/kmsg: {e}; logging to the console only"));
         if let Err(e) = sys::disable_ctrl_alt_del() {
@@ -126,10 +137,10 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     // limit set in their unit, not this one.
     let nofile = sys::raise_nofile(NOFILE);
     tracing::debug!("open-file limit {nofile}");
-    let cgroup = if pid1 {
-        boot::unit_cgroups()
-    } else {
-        args.cgroup.clone()
+    let cgroup = match (&args.cgroup, pid1) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => boot::unit_cgroups(),
+        (None, false) => None,
     };
     let log_dir = args.log_dir.clone().or_else(|| {
         Some(if pid1 {
@@ -142,7 +153,8 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
     let (handle, control) = api::dbus::channel().map_err(|e| format!("API channel: {e}"))?;
     // Units `cup apply` installed are kept on a state partition; a machine
     // with its /var in memory keeps them until it powers off.
-    let applied_dir = pid1.then(|| PathBuf::from(supervisor::apply::APPLIED_DIR));
+    let machine = pid1 && !container;
+    let applied_dir = machine.then(|| PathBuf::from(supervisor::apply::APPLIED_DIR));
     let mut sup = phase("units", || {
         if let Some(dir) = &applied_dir {
             let n = supervisor::apply::install_applied(dir, &args.units);
@@ -163,7 +175,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         let opts = Options {
             units_dir: args.units.clone(),
             applied_dir: applied_dir.clone(),
-            machine_dir: pid1.then(|| PathBuf::from(provision::APPLIED_DIR)),
+            machine_dir: machine.then(|| PathBuf::from(provision::APPLIED_DIR)),
             etc_dir: PathBuf::from(boot::ETC),
             run_dir: args.run_dir.clone(),
             cgroup,
@@ -172,7 +184,7 @@ fn run(pid1: bool) -> Result<PowerAction, String> {
         let mut sup = Supervisor::new(found, opts, logs.clone());
         sup.refuse_files(&errors);
         // The OS slots' methods (cup update, rollback) for init as PID 1.
-        let slots = pid1.then(|| api::slots::Slots {
+        let slots = machine.then(|| api::slots::Slots {
             class_block: PathBuf::from("/sys/class/block"),
             passed_over: booted.as_ref().and_then(|b| b.env.passed_over()),
             key_file: PathBuf::from(steelcup_os::update::KEY_PATH),
@@ -296,7 +308,8 @@ fn health_gate(mut booted: slots::Booted, cmdline: &str) -> Gate {
 }
 
 /// `init --help`.
-const USAGE: &str = "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR]
+const USAGE: &str =
+    "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR] [--container]
 
 steelcup's init: PID 1 of a steelcup machine, or a supervisor of the unit
 files in DIR (default /etc/steelcup/units) anywhere else.
@@ -304,7 +317,12 @@ files in DIR (default /etc/steelcup/units) anywhere else.
   --run-dir DIR  where the API socket (init.sock) and the units' notify
                  sockets go (default /run/steelcup)
   --log-dir DIR  keep each unit's log in DIR/NAME.log too
-  --cgroup DIR   a cgroup v2 directory to put each service in";
+  --cgroup DIR   a cgroup v2 directory to put each service in
+  --container    as PID 1 of a container or PID namespace (also when the
+                 environment has container=...): only the pseudo
+                 filesystems that are not mounted yet, then the units;
+                 no modules, state partition, machine config or host
+                 network";
 
 fn main() {
     let pid1 = sys::is_pid1();

@@ -248,6 +248,14 @@ where
                                 done.store(true, std::sync::atomic::Ordering::Release);
                                 return;
                             }
+                            let stream = match identifiable(stream) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::info!("API: a client turned away: {e}");
+                                    done.store(true, std::sync::atomic::Ordering::Release);
+                                    return;
+                                }
+                            };
                             let built =
                                 zbus::blocking::connection::Builder::async_io_unix_stream(stream)
                                     .server(guid)
@@ -257,7 +265,7 @@ where
                             let conn = match built {
                                 Ok(c) => c,
                                 Err(e) => {
-                                    tracing::debug!("API connection failed: {e}");
+                                    tracing::info!("API: a client's handshake failed: {e}");
                                     return;
                                 }
                             };
@@ -304,4 +312,38 @@ fn speaks_within(stream: &UnixStream, limit: Duration) -> bool {
         && fds[0]
             .revents()
             .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN))
+}
+
+/// `stream`, or a stream zbus can take: the peer of a client in another
+/// PID namespace (init as a container's PID 1, `cup` outside it) has no
+/// pid here, and zbus's handshake refuses such a peer; its bytes are
+/// relayed through a socket pair of our own instead. Its user must be
+/// ours, as the socket's mode already demands.
+fn identifiable(stream: UnixStream) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let creds = getsockopt(&stream, PeerCredentials).map_err(std::io::Error::from)?;
+    if creds.pid() != 0 {
+        return Ok(stream);
+    }
+    if creds.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("uid {} from outside this PID namespace", creds.uid()),
+        ));
+    }
+    let (ours, theirs) = UnixStream::pair()?;
+    let relay = |mut from: UnixStream, mut to: UnixStream| {
+        move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        }
+    };
+    std::thread::Builder::new()
+        .name("api-relay".into())
+        .spawn(relay(stream.try_clone()?, ours.try_clone()?))?;
+    std::thread::Builder::new()
+        .name("api-relay".into())
+        .spawn(relay(ours, stream))?;
+    Ok(theirs)
 }
