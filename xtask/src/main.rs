@@ -9,11 +9,14 @@
 //!   `--qemu NAME` builds and runs only `qemu-tests/tests/NAME.rs`.
 //! - `cargo xtask bench`: boot measurements, written to `docs/performance.md`.
 //! - `cargo xtask build`: just build the appliance into `target/steelcup/artifacts`.
+//! - `cargo xtask fuzz [--seconds N] [TARGET...]`: the fuzz targets under
+//!   libFuzzer; crashing inputs become regression inputs every test plays.
 
 mod bench;
 mod build;
 mod deps;
 mod disk;
+mod fuzz;
 mod kernel;
 mod keys;
 mod run;
@@ -60,9 +63,10 @@ fn main() {
         Some("disk") => disk().map(|_| ()),
         Some("update-key") => update_key(args.get(1).map(String::as_str)),
         Some("admin-certs") => admin_certs(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk | update-key DIR | admin-certs DIR HOST..."
+                "usage: cargo xtask run [--once] | test [--qemu NAME] | bench [--init-only|--image-only|--vmm-only|--http-only] | build | disk | update-key DIR | admin-certs DIR HOST... | fuzz [--seconds N] [TARGET...]"
             );
             std::process::exit(2);
         }

@@ -44,3 +44,27 @@ pub fn image_json(data: &[u8]) {
         let _ = s.parse::<Digest>();
     }
 }
+
+/// Any bytes as the bodies the APIs and the guest channels read: a `cup
+/// run` spec, a guest control request and answer, a worker's message and
+/// command, an exec request, a published port, a memory size, a `-v`
+/// volume, a `--network` value, a warm-pool size.
+pub fn api_bodies(data: &[u8]) {
+    use steelcup_api::vmm1::{NamedVolume, RunSpec};
+    use steelcup_proto::control::{GuestAnswer, GuestRequest};
+    use steelcup_proto::worker::{WorkerCommand, WorkerMessage};
+    let _ = serde_json::from_slice::<RunSpec>(data);
+    let _ = serde_json::from_slice::<WorkerMessage>(data);
+    let _ = serde_json::from_slice::<WorkerCommand>(data);
+    let _ = serde_json::from_slice::<steelcup_proto::stdio::ExecRequest>(data);
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = GuestRequest::parse(s);
+    let _ = GuestAnswer::parse(s);
+    let _ = steelcup_units::ports::PortSpec::parse(s);
+    let _ = steelcup_units::MemSize::try_from(s);
+    let _ = NamedVolume::try_from(s);
+    let _ = crate::net::NetOptions::parse(s);
+    let _ = crate::pool::PoolSpec::try_from(s);
+}

@@ -136,3 +136,54 @@ fn manifest_and_config_parsing_survive_random_and_mutated_json() {
         }
     }
 }
+
+#[test]
+fn api_bodies_survive_random_and_mutated_input() {
+    rounds(0x5eed_0020, 2000, 512, vmmd::fuzz::api_bodies);
+    let seeds: [&[u8]; 6] = [
+        br#"{"image":"busybox:latest","cmd":["sh"],"memory":"128MiB","ports":["8080:80"],"volumes":["data:/data:ro"],"restart":"always"}"#,
+        br#"{"request":"probe","probe":{"http":[8080,"/healthz"]},"timeout_secs":3}"#,
+        br#"{"message":"report","report":{"outcome":{"exited":{"code":3}},"run_ms":10}}"#,
+        b"127.0.0.1:8080:80/udp",
+        b"bridge=br0,subnet=10.5.0.0/24,mtu=1400,domain=lab",
+        b"vcpus=2,memory=1GiB,count=3",
+    ];
+    let mut r = Rand(0x5eed_0021);
+    for seed in seeds {
+        vmmd::fuzz::api_bodies(seed);
+        for _ in 0..1000 {
+            let mut t = seed.to_vec();
+            for _ in 0..(1 + r.next() % 4) {
+                let at = (r.next() as usize) % t.len();
+                t[at] = b"{}[]\":,0a-9 /=."[(r.next() % 15) as usize];
+            }
+            vmmd::fuzz::api_bodies(&t);
+        }
+    }
+}
+
+/// Every input a fuzzing session found to crash a target (kept in
+/// `init/fuzz/regressions/TARGET/` and `vmmd/fuzz/regressions/TARGET/` by
+/// `cargo xtask fuzz`) runs through it again on every test run.
+#[test]
+fn fuzz_regressions_stay_fixed() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let targets: [(&str, &str, fn(&[u8])); 7] = [
+        ("vmmd", "virtio_mmio", steelcup_vmm::fuzz::virtio_mmio),
+        ("vmmd", "block_request", steelcup_vmm::fuzz::block_request),
+        ("vmmd", "vsock_packet", steelcup_vmm::fuzz::vsock_packet),
+        ("vmmd", "layer_tar", vmmd::fuzz::layer_tar),
+        ("vmmd", "image_json", vmmd::fuzz::image_json),
+        ("vmmd", "api_bodies", vmmd::fuzz::api_bodies),
+        ("init", "unit_file", steelcup_units::fuzz_one),
+    ];
+    let mut n = 0;
+    for (dir, name, target) in targets {
+        let kept = root.join(dir).join("fuzz/regressions").join(name);
+        for e in std::fs::read_dir(kept).into_iter().flatten().flatten() {
+            target(&std::fs::read(e.path()).unwrap());
+            n += 1;
+        }
+    }
+    println!("{n} regression inputs replayed");
+}
