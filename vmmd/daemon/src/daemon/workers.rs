@@ -10,7 +10,15 @@ use super::*;
 pub(super) struct WorkerControl {
     pub(super) commands: UnixStream,
     /// Each command's answer: done, or refused and why.
-    pub(super) answers: mpsc::Receiver<Result<(), String>>,
+    pub(super) answers: mpsc::Receiver<Answer>,
+}
+
+/// A worker's answer to a control command.
+#[derive(Debug)]
+pub(super) enum Answer {
+    Done,
+    /// Not carried out, and the worker's reason.
+    Refused(String),
 }
 
 /// How long a worker has to answer a control command.
@@ -41,7 +49,8 @@ impl WorkerControl {
 
     pub(super) fn answer(&mut self, command: &WorkerCommand) -> Result<(), VmError> {
         match self.answers.recv_timeout(CONTROL_TIMEOUT) {
-            Ok(a) => a.map_err(|reason| VmError::Refused {
+            Ok(Answer::Done) => Ok(()),
+            Ok(Answer::Refused(reason)) => Err(VmError::Refused {
                 command: format!("{command:?}"),
                 reason,
             }),
@@ -314,7 +323,7 @@ pub(super) fn echo_worker_log(label: &Label, err: impl Read) {
 pub(super) fn read_messages(
     label: &Label,
     socket: UnixStream,
-    answers: &mpsc::Sender<Result<(), String>>,
+    answers: &mpsc::Sender<Answer>,
 ) -> Option<WorkerReport> {
     let mut report = None;
     // A line is a short JSON object; a worker that sends more is cut off.
@@ -335,10 +344,10 @@ pub(super) fn read_messages(
         }
         match serde_json::from_slice::<WorkerMessage>(&line) {
             Ok(WorkerMessage::Done) => {
-                let _ = answers.send(Ok(()));
+                let _ = answers.send(Answer::Done);
             }
             Ok(WorkerMessage::Refused { reason }) => {
-                let _ = answers.send(Err(reason));
+                let _ = answers.send(Answer::Refused(reason));
             }
             Ok(WorkerMessage::Report { report: r }) => report = Some(r),
             Ok(timing) => tracing::debug!("workload {}: {timing:?}", label_of(label)),

@@ -69,46 +69,63 @@ struct Pending {
     xattrs: Vec<(Box<[u8]>, Box<[u8]>)>,
 }
 
+/// A PAX extended header that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum PaxError {
+    #[error("a PAX record without a length")]
+    NoLength,
+    #[error("a PAX record with a bad length")]
+    BadLength,
+    #[error("a PAX record without `=`")]
+    NoEquals,
+    #[error("a PAX number that is not text")]
+    NumberNotText,
+    #[error("a bad PAX number {0:?}")]
+    BadNumber(String),
+    #[error("a PAX {0} with a NUL byte")]
+    Nul(&'static str),
+    #[error("GNU sparse files are not supported")]
+    Sparse,
+}
+
 /// Parses PAX records (`LEN KEY=VALUE\n`) into `p`.
-fn parse_pax(data: &[u8], p: &mut Pending) -> Result<(), String> {
+fn parse_pax(data: &[u8], p: &mut Pending) -> Result<(), PaxError> {
     let mut rest = data;
     while !rest.is_empty() {
         let sp = rest
             .iter()
             .position(|b| *b == b' ')
-            .ok_or("a PAX record without a length")?;
+            .ok_or(PaxError::NoLength)?;
         let len: usize = std::str::from_utf8(&rest[..sp])
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or("a PAX record with a bad length")?;
+            .ok_or(PaxError::BadLength)?;
         if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return Err("a PAX record with a bad length".into());
+            return Err(PaxError::BadLength);
         }
         let record = &rest[sp + 1..len - 1];
         rest = &rest[len..];
         let eq = record
             .iter()
             .position(|b| *b == b'=')
-            .ok_or("a PAX record without `=`")?;
+            .ok_or(PaxError::NoEquals)?;
         let (key, value) = (&record[..eq], &record[eq + 1..]);
-        let number = |v: &[u8]| -> Result<u64, String> {
-            let s = std::str::from_utf8(v).map_err(|_| "a PAX number that is not text")?;
+        let number = |v: &[u8]| -> Result<u64, PaxError> {
+            let s = std::str::from_utf8(v).map_err(|_| PaxError::NumberNotText)?;
             // mtime may carry a fraction; whole seconds are kept.
             let whole = s.split('.').next().unwrap_or("");
             if whole.starts_with('-') {
                 return Ok(0);
             }
-            whole.parse().map_err(|_| format!("a bad PAX number {s:?}"))
+            whole
+                .parse()
+                .map_err(|_| PaxError::BadNumber(s.chars().take(64).collect()))
         };
         match key {
             // A NUL would end the name for a C reader (GNU tar) and not
             // for us: `a` and `a\0x` would be two files, one image apart.
-            b"path" | b"linkpath" if value.contains(&0) => {
-                return Err(format!(
-                    "a PAX {} with a NUL byte",
-                    String::from_utf8_lossy(key)
-                ))
-            }
+            b"path" if value.contains(&0) => return Err(PaxError::Nul("path")),
+            b"linkpath" if value.contains(&0) => return Err(PaxError::Nul("linkpath")),
             b"path" => p.path = Some(value.to_vec()),
             b"linkpath" => p.link = Some(value.to_vec()),
             b"uid" => p.uid = Some(number(value)?),
@@ -119,9 +136,7 @@ fn parse_pax(data: &[u8], p: &mut Pending) -> Result<(), String> {
                 p.xattrs
                     .push((k[b"SCHILY.xattr.".len()..].into(), value.into()));
             }
-            k if k.starts_with(b"GNU.sparse.") => {
-                return Err("GNU sparse files are not supported".into())
-            }
+            k if k.starts_with(b"GNU.sparse.") => return Err(PaxError::Sparse),
             _ => {}
         }
     }
@@ -198,7 +213,7 @@ pub fn apply_layer(
                 } else if kind.is_gnu_longlink() {
                     pending.link = Some(trim_nul(&data));
                 } else if kind.is_pax_local_extensions() {
-                    parse_pax(&data, &mut pending).map_err(bad)?;
+                    parse_pax(&data, &mut pending).map_err(|e| bad(e.to_string()))?;
                 }
                 continue;
             }
