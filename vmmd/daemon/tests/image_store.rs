@@ -680,3 +680,101 @@ fn a_registry_that_wants_credentials_gets_them_or_refuses_clearly() {
     .unwrap();
     assert_eq!(name, reference);
 }
+
+/// An OCI layout (in `dir`) of one image whose one layer holds `files`
+/// files of `size` bytes each: tiny gzipped, large to build (each small
+/// file is kept in memory to pack beside its inode).
+fn bomb_layout(dir: &Path, files: usize, size: usize) -> String {
+    use sha2::Digest as _;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> String {
+        let d = hex(&sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&d), bytes).unwrap();
+        format!("sha256:{d}")
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let data = vec![b'x'; size];
+    for i in 0..files {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(format!("d{}/f{i}", i % 100)).unwrap();
+        h.set_size(size as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        tar.append(&h, &data[..]).unwrap();
+    }
+    let raw = tar.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", hex(&sha2::Sha256::digest(&raw)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &raw).unwrap();
+    let layer = gz.finish().unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+    );
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}]}}"#,
+        put(config.as_bytes()),
+        config.len(),
+        put(&layer),
+        layer.len()
+    );
+    let m = put(manifest.as_bytes());
+    std::fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"bomb"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    format!("oci:{}:bomb", dir.display())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// vmmd builds root images in a child process with its address space
+/// capped: a layer that makes the build take more memory than that fails
+/// that child with a clear error (vmmd goes on), leaves no temporary file,
+/// and the next build, with room, succeeds.
+#[test]
+fn a_root_image_build_that_runs_out_of_memory_fails_alone() {
+    use vmmd::image::workload::{prepare, Builder};
+    let dir = tempfile::tempdir().unwrap();
+    // 15 000 files of 3 KiB: about 45 MiB kept in memory to build, from a
+    // layer of a few hundred KiB.
+    let source = bomb_layout(&dir.path().join("layout"), 15_000, 3072);
+    let store_dir = dir.path().join("store");
+    let opts = vmmd::image::source::PullOptions::default();
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_vmmd"));
+    let starved = Builder::Child {
+        exe: exe.clone(),
+        memory: 40 << 20,
+        timeout: std::time::Duration::from_secs(300),
+    };
+    let err = prepare(&store_dir, &source, &opts, &mut |_| {}, &starved)
+        .unwrap_err()
+        .to_string();
+    println!("the starved build: {err}");
+    assert!(
+        err.starts_with("build the root image: killed by SIGABRT (more than 40 MiB of memory?)"),
+        "{err}"
+    );
+    let tmp: Vec<_> = std::fs::read_dir(store_dir.join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "a failed build left {tmp:?}");
+    let roomy = Builder::Child {
+        exe,
+        memory: 1 << 30,
+        timeout: std::time::Duration::from_secs(300),
+    };
+    let ready = prepare(&store_dir, &source, &opts, &mut |_| {}, &roomy).unwrap();
+    assert!(ready.rootfs.is_file());
+    // Built once: the next preparation finds it.
+    let again = prepare(&store_dir, &source, &opts, &mut |_| {}, &roomy).unwrap();
+    assert_eq!(again.rootfs, ready.rootfs);
+}

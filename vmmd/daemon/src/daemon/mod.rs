@@ -493,6 +493,13 @@ fn clean_leftovers(opts: &Options) {
             );
         }
     }
+    // Pulls and builds of the vmmd before that never finished.
+    if let Ok(store) = crate::image::store::Store::open(&opts.state_dir) {
+        let n = store.remove_tmp("");
+        if n > 0 {
+            tracing::info!("removed {n} temporary files an earlier vmmd left in the image store");
+        }
+    }
     let dir = opts.run_dir.join("vsock");
     let stale: Vec<PathBuf> = std::fs::read_dir(&dir)
         .into_iter()
@@ -651,7 +658,13 @@ fn spawn_prepare(opts: &Options, name: &str, image: &str, tx: mpsc::Sender<Event
             let name = name.clone();
             move || {
                 let (mut progress, _guard) = track(&pulls, &image);
-                let result = crate::image::workload::prepare(&store, &image, &pull, &mut progress);
+                let result = crate::image::workload::prepare(
+                    &store,
+                    &image,
+                    &pull,
+                    &mut progress,
+                    &crate::image::workload::child_builder(),
+                );
                 let _ = tx.send(Event::Prepared { name, result });
             }
         });

@@ -475,8 +475,10 @@ impl Store {
         if dest.is_file() {
             return Ok(dest);
         }
-        let tmp =
-            tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_at(&self.root))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(ROOTFS_TMP)
+            .tempfile_in(self.root.join("tmp"))
+            .map_err(io_at(&self.root))?;
         let file = tmp.reopen().map_err(io_at(tmp.path()))?;
         let mut builder = RootfsBuilder::new(file, self.limits);
         for (index, layer) in image.manifest.layers().iter().enumerate() {
@@ -600,9 +602,46 @@ impl Store {
             &|n| keep_rootfs.contains(n),
             &mut rootfs,
         )?;
-        sweep(&self.root.join("tmp"), &|_| false, &mut tmp)?;
+        // A temporary file still being written (a pull, a root image
+        // build) is not garbage: only those untouched for a while go.
+        let tmp_dir = self.root.join("tmp");
+        let fresh = |n: &str| {
+            std::fs::metadata(tmp_dir.join(n))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < TMP_IN_USE)
+        };
+        sweep(&tmp_dir, &fresh, &mut tmp)?;
         (report.blobs, report.rootfs, report.tmp) = (blobs, rootfs, tmp);
         Ok(report)
+    }
+}
+
+/// How root images under construction are named in `tmp/`.
+pub const ROOTFS_TMP: &str = "rootfs-";
+
+/// A temporary file modified this recently is in use (`gc` leaves it).
+const TMP_IN_USE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Store {
+    /// Removes temporary files in `tmp/` whose names start with `prefix`
+    /// (all with an empty prefix); how many went. For vmmd's start (no
+    /// pull or build of its own runs yet) and after a build that died.
+    pub fn remove_tmp(&self, prefix: &str) -> usize {
+        let mut n = 0;
+        for e in std::fs::read_dir(self.root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(prefix)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
     }
 }
 

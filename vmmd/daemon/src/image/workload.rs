@@ -99,9 +99,40 @@ impl Process {
 #[error("the image has no Entrypoint or Cmd and the workload gives no command")]
 pub struct NothingToRun;
 
+/// Where a root image is built.
+#[derive(Debug, Clone)]
+pub enum Builder {
+    /// In this process (tests, `vmmd image rootfs`).
+    InProcess,
+    /// In a child process (`EXE image --store DIR rootfs DIGEST`) whose
+    /// address space is capped at `memory` bytes and which is killed after
+    /// `timeout`: a hostile layer that gets past the build's own caps
+    /// fails that child, never vmmd, and never holds up the next image's
+    /// preparation for longer than `timeout`.
+    Child {
+        exe: PathBuf,
+        memory: u64,
+        timeout: std::time::Duration,
+    },
+}
+
+/// vmmd's own builds: 1 GiB of address space (the build's caps keep a
+/// tree well under it), 10 minutes.
+pub fn child_builder() -> Builder {
+    Builder::Child {
+        exe: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/vmmd".into()),
+        memory: 1 << 30,
+        timeout: std::time::Duration::from_secs(600),
+    }
+}
+
 /// Why an image could not be made ready to boot.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
+    /// The child process building the root image failed or ran out of
+    /// time or memory.
+    #[error("build the root image: {what}")]
+    Build { what: String },
     #[error("{}", steelcup_sys::error_chain(.0))]
     Store(#[from] super::store::StoreError),
     #[error("{}", steelcup_sys::error_chain(.0))]
@@ -117,6 +148,7 @@ pub fn prepare(
     image: &str,
     opts: &PullOptions,
     progress: &mut dyn FnMut(source::Progress),
+    builder: &Builder,
 ) -> Result<Prepared, PrepareError> {
     // One preparation at a time: two units of one image pull it and build
     // its root image once, not side by side.
@@ -134,7 +166,20 @@ pub fn prepare(
     let img = store.image(&digest)?;
     let started = std::time::Instant::now();
     let built = !store.rootfs_path(&img).is_file();
-    let rootfs = store.rootfs(&img)?;
+    let rootfs = match builder {
+        Builder::InProcess => store.rootfs(&img)?,
+        Builder::Child {
+            exe,
+            memory,
+            timeout,
+        } if built => build_in_child(store_dir, &digest.to_string(), exe, *memory, *timeout)
+            .inspect_err(|_| {
+                // A builder that died leaves its file; nothing else builds
+                // now (one preparation at a time).
+                store.remove_tmp(super::store::ROOTFS_TMP);
+            })?,
+        Builder::Child { .. } => store.rootfs_path(&img),
+    };
     if built {
         tracing::info!(
             "image {image}: root image built in {} ms",
@@ -146,6 +191,115 @@ pub fn prepare(
         digest: digest.to_string(),
         process: Process::from_config(&img.config),
     })
+}
+
+/// Builds image `digest`'s root image in a child process (see
+/// [`Builder::Child`]); the path it printed.
+fn build_in_child(
+    store_dir: &Path,
+    digest: &str,
+    exe: &Path,
+    memory: u64,
+    timeout: std::time::Duration,
+) -> Result<PathBuf, PrepareError> {
+    use std::io::Read;
+    let fail = |what: String| PrepareError::Build { what };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("image")
+        .arg("--store")
+        .arg(store_dir)
+        .args(["rootfs", digest])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit(2) is async-signal-safe; nothing else runs between
+    // fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || steelcup_sys::set_rlimit(libc::RLIMIT_AS as i32, memory));
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("start {}: {e}", exe.display())))?;
+    // Its output, read beside it (bounded) so a full pipe never stalls it.
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(64 << 10).read_to_end(&mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let stdout = read(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let stderr = read(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| fail(e.to_string()))? {
+            break st;
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!("it took more than {} s", timeout.as_secs())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (out, err) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        let said = err
+            .lines()
+            .filter(|l| !l.starts_with('('))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let said = said.strip_prefix("vmmd image: ").unwrap_or(&said);
+        return Err(fail(match status.signal_name() {
+            Some(sig) => format!(
+                "killed by {sig} (more than {} MiB of memory?){}",
+                memory >> 20,
+                if said.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {said}")
+                }
+            ),
+            None => format!("{status}: {said}"),
+        }));
+    }
+    let path = out.lines().next().unwrap_or_default().trim();
+    if path.is_empty() {
+        return Err(fail("the builder printed no path".into()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The name of the signal that ended a process, if one did.
+trait SignalName {
+    fn signal_name(&self) -> Option<String>;
+}
+
+impl SignalName for std::process::ExitStatus {
+    fn signal_name(&self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        self.signal().map(|s| {
+            nix::sys::signal::Signal::try_from(s)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| format!("signal {s}"))
+        })
+    }
 }
 
 #[cfg(test)]
