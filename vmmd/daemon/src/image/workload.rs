@@ -212,11 +212,18 @@ fn build_in_child(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: setrlimit(2) is async-signal-safe; nothing else runs between
-    // fork and exec.
+    steelcup_sys::reset_signal_mask(&mut cmd);
+    // SAFETY: prctl(2) and setrlimit(2) are async-signal-safe; nothing
+    // else runs between fork and exec.
     unsafe {
         use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || steelcup_sys::set_rlimit(libc::RLIMIT_AS as i32, memory));
+        cmd.pre_exec(move || {
+            // The build ends with vmmd.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            steelcup_sys::set_rlimit(libc::RLIMIT_AS as i32, memory)
+        });
     }
     let mut child = cmd
         .spawn()
