@@ -65,8 +65,10 @@ pub(crate) fn fuzz(args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&found)?;
         let regressions = root.join(dir).join("fuzz/regressions").join(target);
         let status = Command::new(&cargo)
-            .current_dir(root.join(dir))
-            .args(["fuzz", "run", target])
+            .current_dir(&root)
+            .args(["fuzz", "run", "--fuzz-dir"])
+            .arg(root.join(dir).join("fuzz"))
+            .arg(target)
             .arg(&corpus)
             .args([
                 "--",
