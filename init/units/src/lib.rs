@@ -376,6 +376,29 @@ pub struct MicrovmSection {
     /// counts as the workload failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Labels, as Docker's (`cup run -l`, `cup ps --filter label=`): at
+    /// most [`MAX_LABELS`], names non-empty, each at most 4 KiB.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The most labels a workload may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// What is wrong with a workload's labels, if anything.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{} labels: at most {MAX_LABELS}", labels.len()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 256 || k.chars().any(|c| c.is_control() || c == '=') {
+            return Err(format!("label name {k:?}: 1 to 256 characters, no '=' or control characters"));
+        }
+        if v.len() > 4096 {
+            return Err(format!("label {k:?}: its value is longer than 4096 bytes"));
+        }
+    }
+    Ok(())
 }
 
 impl MicrovmSection {
@@ -574,6 +597,44 @@ impl TryFrom<&str> for MemSize {
     }
 }
 
+impl MemSize {
+    /// A size as Docker writes it (`-m 512m`, `1g`, `1.5g`, `64MB`): a
+    /// number, fractions allowed, with an optional case-insensitive `b`,
+    /// `k`, `m`, `g` or `t` (and a trailing `b` or `ib`), in powers of
+    /// 1024 as Docker's `RAMInBytes` reads them; a plain number is bytes.
+    pub fn from_docker(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || format!("{s:?} is not a size (like 512m, 1g or 1.5g)");
+        if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+            return Err(bad());
+        }
+        let shift = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => return Err(bad()),
+        };
+        let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+        let whole: u64 = whole.parse().map_err(|_| bad())?;
+        let too_large = || format!("{s:?} is too large");
+        let mut bytes = whole.checked_mul(1u64 << shift).ok_or_else(too_large)?;
+        if !frac.is_empty() {
+            // At most 9 digits of fraction: exact in u128 and far below a byte.
+            let digits = &frac[..frac.len().min(9)];
+            let f: u128 = digits.parse().map_err(|_| bad())?;
+            let part = (f << shift) / 10u128.pow(digits.len() as u32);
+            bytes = bytes.checked_add(part as u64).ok_or_else(too_large)?;
+        }
+        Ok(MemSize(bytes))
+    }
+}
+
 impl fmt::Display for MemSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_multiple_of(1 << 30) && self.0 > 0 {
@@ -653,6 +714,21 @@ mod tests {
 
     fn p(name: &str) -> PathBuf {
         PathBuf::from(format!("/etc/steelcup/units/{name}.toml"))
+    }
+
+    #[test]
+    fn sizes_as_docker_writes_them() {
+        let b = |s: &str| MemSize::from_docker(s).map(|m| m.0);
+        assert_eq!(b("512m"), Ok(512 << 20));
+        assert_eq!(b("1g"), Ok(1 << 30));
+        assert_eq!(b("1.5g"), Ok(3 << 29));
+        assert_eq!(b("64MB"), Ok(64 << 20));
+        assert_eq!(b("2GiB"), Ok(2 << 30));
+        assert_eq!(b("4096"), Ok(4096));
+        assert_eq!(b("1k"), Ok(1024));
+        for bad in ["", "m", ".5g", "1.g", "1..2m", "1.2.3m", "12x", "-1m", "99999999999t"] {
+            assert!(b(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

@@ -164,6 +164,9 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
             if let Err(e) = m.check_network() {
                 return Err(UnitError::invalid(path, format!("[microvm] {e}")));
             }
+            if let Err(e) = crate::check_labels(&m.labels) {
+                return Err(UnitError::invalid(path, format!("[microvm] labels: {e}")));
+            }
             if let Some(Err(e)) = m.health.as_ref().map(HealthCheck::check) {
                 return Err(UnitError::invalid(path, format!("[microvm.health] {e}")));
             }

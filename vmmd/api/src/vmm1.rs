@@ -30,9 +30,10 @@ pub enum Action {
     List,
     Pause(String),
     Resume(String),
-    /// Ask the guest to stop, kill its worker after the grace period; not
-    /// restarted. Answered once the VM has ended.
-    Stop(String),
+    /// Ask the guest to stop, kill its worker after the grace period (the
+    /// seconds given, else vmmd's 5 s); not restarted. Answered once the VM
+    /// has ended.
+    Stop(String, Option<u32>),
     /// Start a workload that is not running (resets its restart backoff).
     Start(String),
     /// A new workload from an image (`cup run`); answered with its name.
@@ -119,6 +120,9 @@ pub struct RunSpec {
     /// `bridge` (the default) or `none`.
     #[serde(default)]
     pub network: Option<steelcup_units::Network>,
+    /// `-l NAME=VALUE`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A named volume of a `cup run` workload, `NAME:/PATH[:ro]` on the
@@ -373,6 +377,10 @@ pub struct VmInfo {
     pub memory_mib: u32,
     /// The guest's IPv4 address; empty without a network.
     pub address: String,
+    /// The image as the unit or `cup run` named it; empty for a unit that
+    /// boots a kernel of its own.
+    pub image: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl VmInfo {
@@ -424,6 +432,7 @@ pub trait Vmm1Client {
     fn pause(&self, name: &str) -> zbus::Result<()>;
     fn resume(&self, name: &str) -> zbus::Result<()>;
     fn stop(&self, name: &str) -> zbus::Result<()>;
+    fn stop_within(&self, name: &str, seconds: u32) -> zbus::Result<()>;
     fn start(&self, name: &str) -> zbus::Result<()>;
     fn run(&self, spec: &str) -> zbus::Result<String>;
     fn socket(&self, name: &str) -> zbus::Result<String>;

@@ -79,7 +79,16 @@ impl Vmm1 {
     /// Asks the guest to stop (then kills it after 5 s); answers once the
     /// VM has ended. It is not restarted.
     async fn stop(&self, name: String) -> Result<(), Vmm1Error> {
-        self.call(Action::Stop(name)).await.map(|_| ())
+        self.call(Action::Stop(name, None)).await.map(|_| ())
+    }
+
+    /// As `stop`, with `seconds` (at most an hour) before the worker is
+    /// killed (`cup stop -t`).
+    async fn stop_within(&self, name: String, seconds: u32) -> Result<(), Vmm1Error> {
+        if seconds > 3600 {
+            return Err(ApiError::Refused(format!("stop within {seconds} s: at most 3600")).into());
+        }
+        self.call(Action::Stop(name, Some(seconds))).await.map(|_| ())
     }
 
     /// Starts a workload that is not running.

@@ -530,15 +530,28 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Begins stopping workload `name`, or joins a stop in progress;
-    /// `reply` is answered once it has ended. A workload that is not
-    /// running is kept from starting again.
+    /// Begins stopping workload `name` (killed after [`STOP_GRACE`]), or
+    /// joins a stop in progress; `reply` is answered once it has ended. A
+    /// workload that is not running is kept from starting again.
     pub fn stop(
         &mut self,
         name: &str,
         reply: Option<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
         then: AfterStop,
         now: Instant,
+    ) {
+        self.stop_within(name, reply, then, now, STOP_GRACE)
+    }
+
+    /// As [`Self::stop`], killed after `grace` (`cup stop -t`); joining a
+    /// stop in progress can only bring its kill nearer.
+    pub fn stop_within(
+        &mut self,
+        name: &str,
+        reply: Option<futures_channel::oneshot::Sender<Result<Reply, ApiError>>>,
+        then: AfterStop,
+        now: Instant,
+        grace: Duration,
     ) {
         let Some(w) = self.workloads.get_mut(name) else {
             if let Some(r) = reply {
@@ -558,6 +571,7 @@ impl<B: Backend> Core<B> {
         }
         if let Some(s) = &mut w.stopping {
             s.replies.extend(reply);
+            s.kill_at = s.kill_at.min(now + grace);
             // Removing is the strongest wish.
             if then == AfterStop::Remove || s.then == AfterStop::Stay {
                 s.then = then;
@@ -565,7 +579,7 @@ impl<B: Backend> Core<B> {
             return;
         }
         w.stopping = Some(Stopping {
-            kill_at: now + STOP_GRACE,
+            kill_at: now + grace,
             replies: reply.into_iter().collect(),
             then,
         });

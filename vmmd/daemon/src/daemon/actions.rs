@@ -7,12 +7,15 @@ use super::*;
 /// stop) keeps the answer for when the VM has ended.
 pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
     let now = Instant::now();
-    if let Action::Stop(name) = &req.action {
+    if let Action::Stop(name, within) = &req.action {
         if !core.workloads.contains_key(name) {
             let _ = req.reply.send(Err(ApiError::NoSuchVm(name.clone())));
             return;
         }
-        core.stop(name, Some(req.reply), AfterStop::Stay, now);
+        let grace = within.map_or(crate::reconcile::STOP_GRACE, |s| {
+            Duration::from_secs(u64::from(s))
+        });
+        core.stop_within(name, Some(req.reply), AfterStop::Stay, now, grace);
         return;
     }
     if let Action::Pull(source) = &req.action {
@@ -232,7 +235,9 @@ pub(super) fn run_workload(
         rlimits: spec.rlimits,
         replicas: 1,
         health: None,
+        labels: spec.labels,
     };
+    units::check_labels(&section.labels).map_err(|e| ApiError::Refused(format!("--label: {e}")))?;
     section
         .check_network()
         .map_err(|e| ApiError::Refused(e.replace("ports:", "-p:")))?;
@@ -316,6 +321,8 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                     runs: w.runs as u32,
                     vcpus: u32::from(w.spec.vcpus),
                     memory_mib: w.spec.memory.mib() as u32,
+                    image: w.spec.image.clone().unwrap_or_default(),
+                    labels: w.spec.labels.clone(),
                     address: core
                         .backend
                         .address_of(name)

@@ -121,6 +121,7 @@ fn unit(replicas: u32, v: &str) -> MicrovmSection {
         rlimits: BTreeMap::new(),
         replicas,
         health: None,
+        labels: Default::default(),
     }
 }
 
@@ -545,6 +546,27 @@ fn a_stopped_unit_vm_stays_stopped_and_a_removed_one_comes_back() {
     w.core.workloads.get_mut("web").unwrap().paused = true;
     w.core.stop("web", None, AfterStop::Stay, w.now);
     assert_eq!(w.calls(), ["resume web", "stop web"]);
+}
+
+#[test]
+fn a_stop_kills_after_its_own_grace_and_a_shorter_one_wins() {
+    let mut w = World::new(&[("db", unit(1, "a")), ("web", unit(1, "a"))]);
+    w.tick();
+    w.calls();
+    // `cup stop -t 1`: the guest has one second, not STOP_GRACE.
+    w.core
+        .stop_within("web", None, AfterStop::Stay, w.now, Duration::from_secs(1));
+    assert_eq!(w.calls(), ["stop web"]);
+    w.wait(0.5);
+    assert_eq!(w.calls(), Vec::<String>::new());
+    w.wait(0.6);
+    assert_eq!(w.calls(), ["kill web"]);
+    // A default stop joined by `-t 0` is killed at once.
+    w.core.stop("db", None, AfterStop::Stay, w.now);
+    w.core
+        .stop_within("db", None, AfterStop::Stay, w.now, Duration::ZERO);
+    w.tick();
+    assert_eq!(w.calls(), ["stop db", "kill db"]);
 }
 
 #[test]
