@@ -140,6 +140,11 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: killed sleeper", STEP)?;
     g.wait_for("workload sleeper: killed by signal 9", STEP)?;
     g.wait_for("driver: attach exited 137", STEP)?;
+    // Docker's scripting verbs: wait, inspect -f, ps -q --filter.
+    g.wait_for(
+        "driver: scripted: wait 137, inspect exited 137, exited [sleeper]",
+        STEP,
+    )?;
     g.wait_for("driver: removed sleeper", STEP)?;
     // A named volume outlives the cup run that wrote it; `:ro` mounts it
     // read-only. Each run boots a VM of its own (the warm pool's have no

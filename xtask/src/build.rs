@@ -46,6 +46,30 @@ pub(crate) fn build() -> Result<PathBuf> {
         }
     }
 
+    // cup's man pages and shell completions, beside the binaries.
+    let cup = bin_dir.join("cup");
+    sh::run(Command::new(&cup).arg("man").arg(bin_dir.join("man/man1")))?;
+    let completions = bin_dir.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for (shell, file) in [("bash", "cup.bash"), ("zsh", "_cup"), ("fish", "cup.fish")] {
+        let out = Command::new(&cup)
+            .args(["completion", shell])
+            .output()
+            .with_context(|| format!("run {} completion {shell}", cup.display()))?;
+        if !out.status.success() {
+            bail!(
+                "cup completion {shell} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(completions.join(file), out.stdout)?;
+    }
+    println!(
+        "cup's man pages: {}, completions: {}",
+        bin_dir.join("man/man1").display(),
+        completions.display()
+    );
+
     step("building the appliance image");
     let out = sh::out_dir().join("artifacts");
     let oci_archive = example_oci_archive()?;

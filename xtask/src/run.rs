@@ -43,6 +43,26 @@ pub(crate) fn cup_binary() -> PathBuf {
 /// Makes `cup` on this machine's PATH the one just built: a link in
 /// /usr/local/bin, unless something else is there. Returns how to run it.
 fn install_cup(cup: &Path) -> String {
+    // Its bash completion and man pages too, where nothing of someone
+    // else's is in the way.
+    let dir = cup.parent().unwrap_or(Path::new("."));
+    for (ours, link) in [
+        (
+            dir.join("completions/cup.bash"),
+            Path::new("/usr/share/bash-completion/completions/cup"),
+        ),
+        (
+            dir.join("man/man1/cup.1"),
+            Path::new("/usr/local/share/man/man1/cup.1"),
+        ),
+    ] {
+        if ours.exists()
+            && link.parent().is_some_and(Path::is_dir)
+            && std::fs::symlink_metadata(link).is_err()
+        {
+            let _ = std::os::unix::fs::symlink(&ours, link);
+        }
+    }
     let link = Path::new("/usr/local/bin/cup");
     let ours = std::fs::read_link(link).is_ok_and(|t| t == cup);
     if ours {

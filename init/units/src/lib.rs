@@ -392,7 +392,9 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     }
     for (k, v) in labels {
         if k.is_empty() || k.len() > 256 || k.chars().any(|c| c.is_control() || c == '=') {
-            return Err(format!("label name {k:?}: 1 to 256 characters, no '=' or control characters"));
+            return Err(format!(
+                "label name {k:?}: 1 to 256 characters, no '=' or control characters"
+            ));
         }
         if v.len() > 4096 {
             return Err(format!("label {k:?}: its value is longer than 4096 bytes"));
@@ -609,7 +611,11 @@ impl MemSize {
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let bad = || format!("{s:?} is not a size (like 512m, 1g or 1.5g)");
-        if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+        if num.is_empty()
+            || num.starts_with('.')
+            || num.ends_with('.')
+            || num.matches('.').count() > 1
+        {
             return Err(bad());
         }
         let shift = match unit.to_ascii_lowercase().as_str() {
@@ -726,7 +732,17 @@ mod tests {
         assert_eq!(b("2GiB"), Ok(2 << 30));
         assert_eq!(b("4096"), Ok(4096));
         assert_eq!(b("1k"), Ok(1024));
-        for bad in ["", "m", ".5g", "1.g", "1..2m", "1.2.3m", "12x", "-1m", "99999999999t"] {
+        for bad in [
+            "",
+            "m",
+            ".5g",
+            "1.g",
+            "1..2m",
+            "1.2.3m",
+            "12x",
+            "-1m",
+            "99999999999t",
+        ] {
             assert!(b(bad).is_err(), "{bad:?} must be refused");
         }
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 /// `(NAME.toml, text)` of each file given, and of each `*.toml` in each
 /// directory given (not its drop-in directories: a drop-in is applied as
 /// part of a machine config).
-pub fn read_files(paths: &[&String]) -> Result<Vec<(String, String)>, CupError> {
+pub fn read_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, String)>, CupError> {
     if paths.is_empty() {
         return Err(usage!(
             "apply needs unit files or directories, like `cup apply web.toml`"
@@ -15,7 +15,7 @@ pub fn read_files(paths: &[&String]) -> Result<Vec<(String, String)>, CupError> 
     }
     let mut files = Vec::new();
     for p in paths {
-        let p = Path::new(p.as_str());
+        let p = p.as_path();
         if p.is_dir() {
             let rd = std::fs::read_dir(p).map_err(CupError::file("read", p))?;
             let mut found: Vec<_> = rd

@@ -20,6 +20,7 @@
 //! `$STEELCUP_REMOTE`), `--context NAME` (or `$STEELCUP_CONTEXT`), the
 //! file's `current`, else `local`.
 
+use crate::cli::ContextCommand;
 use crate::error::{usage, CupError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -266,14 +267,15 @@ impl Target {
 }
 
 /// `cup context ls|use|show|add|rm`.
-pub fn command(args: &[String], asked: &Asked) -> Result<u8, CupError> {
+pub fn command(c: ContextCommand, asked: &Asked) -> Result<u8, CupError> {
     let dir = config_dir();
-    let verb = args.first().map(String::as_str).unwrap_or("ls");
-    let rest = args.get(1..).unwrap_or_default();
-    match verb {
-        "ls" | "list" => {
+    match c {
+        ContextCommand::Ls => {
             let file = Contexts::load(&dir)?;
-            let current = asked.context.clone().unwrap_or_else(|| file.current().to_string());
+            let current = asked
+                .context
+                .clone()
+                .unwrap_or_else(|| file.current().to_string());
             println!("{:<20} {:<30} DESCRIPTION", "NAME", "MACHINE");
             let local = file.get(LOCAL)?;
             for (name, c) in std::iter::once((LOCAL.to_string(), local)).chain(file.contexts) {
@@ -286,22 +288,18 @@ pub fn command(args: &[String], asked: &Asked) -> Result<u8, CupError> {
                 );
             }
         }
-        "use" => {
-            let [name] = rest else {
-                return Err(usage!("context use needs one context name (see `cup context ls`)"));
-            };
+        ContextCommand::Use { name } => {
             let mut file = Contexts::load(&dir)?;
-            file.get(name)?;
+            file.get(&name)?;
             file.current = (name != LOCAL).then(|| name.clone());
             file.save(&dir)?;
             println!("cup now talks to context {name:?}");
         }
-        "show" => {
+        ContextCommand::Show { name } => {
             let file = Contexts::load(&dir)?;
-            let name = match rest {
-                [] => asked.context.as_deref().unwrap_or(file.current()),
-                [name] => name.as_str(),
-                _ => return Err(usage!("context show takes at most one context name")),
+            let name = match &name {
+                None => asked.context.as_deref().unwrap_or(file.current()),
+                Some(name) => name.as_str(),
             };
             let c = file.get(name)?;
             println!("name: {name}");
@@ -328,51 +326,33 @@ pub fn command(args: &[String], asked: &Asked) -> Result<u8, CupError> {
             }
             println!("config: {}", Contexts::path(&dir).display());
         }
-        "add" => {
-            let Some((name, flags)) = rest.split_first() else {
-                return Err(usage!(
-                    "context add needs a name, like `cup context add node17 --remote 192.168.10.21 --tls-dir ./admin`"
-                ));
-            };
-            check_name(name)?;
+        ContextCommand::Add {
+            name,
+            remote,
+            tls_dir,
+            description,
+            made_by,
+        } => {
+            check_name(&name)?;
             if name == LOCAL {
                 return Err(usage!("context {LOCAL:?} is built in"));
             }
-            let mut c = Context::default();
-            let mut it = flags.iter();
-            while let Some(f) = it.next() {
-                let mut value = || {
-                    it.next()
-                        .cloned()
-                        .ok_or_else(|| usage!("context add: {f} needs a value"))
-                };
-                match f.as_str() {
-                    "--remote" => c.remote = Some(value()?),
-                    "--tls-dir" => {
-                        let d = PathBuf::from(value()?);
-                        c.tls_dir = Some(std::path::absolute(&d).unwrap_or(d));
-                    }
-                    "--description" => c.description = value()?,
-                    // What makes its certificates, for the error when
-                    // they are missing (`cargo xtask run` says itself).
-                    "--made-by" => c.made_by = Some(value()?),
-                    other => return Err(usage!("context add: unknown flag {other:?}")),
-                }
-            }
-            if c.remote.is_none() {
-                return Err(usage!("context add {name}: --remote HOST[:PORT] is missing"));
-            }
+            let c = Context {
+                description,
+                remote: Some(remote),
+                tls_dir: tls_dir.map(|d| std::path::absolute(&d).unwrap_or(d)),
+                made_by,
+            };
             let mut file = Contexts::load(&dir)?;
             file.contexts.insert(name.clone(), c);
             file.save(&dir)?;
-            println!("context {name:?} added; `cup context use {name}` makes it the one cup talks to");
+            println!(
+                "context {name:?} added; `cup context use {name}` makes it the one cup talks to"
+            );
         }
-        "rm" | "remove" => {
-            if rest.is_empty() {
-                return Err(usage!("context rm needs a context name"));
-            }
+        ContextCommand::Rm { names } => {
             let mut file = Contexts::load(&dir)?;
-            for name in rest {
+            for name in &names {
                 if name == LOCAL {
                     return Err(usage!("context {LOCAL:?} is built in"));
                 }
@@ -384,11 +364,6 @@ pub fn command(args: &[String], asked: &Asked) -> Result<u8, CupError> {
                 }
             }
             file.save(&dir)?;
-        }
-        other => {
-            return Err(usage!(
-                "unknown context verb {other:?}: ls, use NAME, show [NAME], add NAME --remote HOST[:PORT] [--tls-dir DIR], rm NAME"
-            ))
         }
     }
     Ok(0)

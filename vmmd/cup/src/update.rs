@@ -8,7 +8,7 @@
 //! the appliance), and removed when init is done with it; PID 1 never
 //! speaks HTTP.
 
-use crate::error::{usage, CupError};
+use crate::error::CupError;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use steelcup_api::init1::Init1Proxy;
@@ -108,32 +108,24 @@ fn download_err(url: &str, e: &reqwest::Error) -> CupError {
     }
 }
 
-/// `cup update SOURCE [--no-reboot]` | `cup update --status [--format json]`.
-pub fn update(p: &Init1Proxy<'static>, args: &[String], run_dir: &Path) -> Result<u8, CupError> {
-    if args.iter().any(|a| a == "--status") {
-        let st = p.update_status()?;
-        let json = args.windows(2).any(|w| w == ["--format", "json"])
-            || args.iter().any(|a| a == "--format=json");
-        if json {
-            println!("{}", serde_json::to_string_pretty(&st)?);
-        } else {
-            print!("{}", describe(&st));
-        }
-        return Ok(0);
+/// `cup update --status [--format json]`.
+pub fn status(p: &Init1Proxy<'static>, json: bool) -> Result<u8, CupError> {
+    let st = p.update_status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", describe(&st));
     }
-    let reboot = !args.iter().any(|a| a == "--no-reboot");
-    let sources: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if let Some(bad) = args
-        .iter()
-        .find(|a| a.starts_with('-') && *a != "--no-reboot")
-    {
-        return Err(usage!("unknown update option {bad:?}"));
-    }
-    let [source] = sources.as_slice() else {
-        return Err(usage!(
-            "update needs one update file or URL (slot.img from `cargo xtask disk`), or --status"
-        ));
-    };
+    Ok(0)
+}
+
+/// `cup update SOURCE [--no-reboot]`.
+pub fn update(
+    p: &Init1Proxy<'static>,
+    source: &str,
+    reboot: bool,
+    run_dir: &Path,
+) -> Result<u8, CupError> {
     let fetched;
     let path = if source.starts_with("http://") || source.starts_with("https://") {
         // For another machine the file is only passed through here.
@@ -181,11 +173,7 @@ fn boots_next((slot, version): (String, String), reboot: bool) -> u8 {
 }
 
 /// `cup rollback [--no-reboot]`.
-pub fn rollback(p: &Init1Proxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    if let Some(bad) = args.iter().find(|a| *a != "--no-reboot") {
-        return Err(usage!("unknown rollback option {bad:?}"));
-    }
-    let reboot = args.is_empty();
+pub fn rollback(p: &Init1Proxy<'static>, reboot: bool) -> Result<u8, CupError> {
     let answer = p.rollback(reboot)?;
     Ok(boots_next(answer, reboot))
 }

@@ -1,11 +1,13 @@
 //! `cup run`, `cup exec`, `cup rm` and the image verbs (`pull`, `images`,
 //! `rmi`, `image prune`): docker-like, against vmmd's `org.steelcup.Vmm1`.
 
+use crate::cli::{AttachArgs, ExecArgs, ImagesArgs, InspectArgs, PortArgs, PsArgs, RunArgs};
 use crate::error::{usage, CupError};
+use crate::view;
 use std::io::Write;
 use std::time::Duration;
 use steelcup_api::attach;
-use steelcup_api::vmm1::{NamedVolume, Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
+use steelcup_api::vmm1::{Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
 use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
 fn env_pair(v: &str) -> Result<(String, String), CupError> {
@@ -19,151 +21,81 @@ fn env_pair(v: &str) -> Result<(String, String), CupError> {
     }
 }
 
-/// Splits `-it`-style flag clusters; stops at the first non-flag (the
-/// image or the workload name), after which everything is the command.
-fn flags(
-    args: &[String],
-    with_value: &[&str],
-) -> Result<(Vec<(String, Option<String>)>, Vec<String>), CupError> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        if a == "--" {
-            i += 1;
-            break;
-        }
-        if !a.starts_with('-') || a == "-" {
-            break;
-        }
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        if with_value.contains(&name.as_str()) {
-            let v = match inline {
-                Some(v) => v,
-                None => {
-                    i += 1;
-                    args.get(i)
-                        .cloned()
-                        .ok_or_else(|| usage!("{name} needs a value"))?
-                }
-            };
-            out.push((name, Some(v)));
-        } else if !name.starts_with("--") && name.len() > 2 {
-            // -it, -dt, ...
-            for c in name[1..].chars() {
-                out.push((format!("-{c}"), None));
+/// `-e` values and `--env-file` files, as Docker reads them: `NAME=VALUE`,
+/// or `NAME` alone for cup's own value (left out when cup has none, from a
+/// file); in a file, blank lines and `#` comments are skipped and nothing
+/// is unquoted.
+fn environment(
+    flags: &[String],
+    files: &[std::path::PathBuf],
+) -> Result<std::collections::BTreeMap<String, String>, CupError> {
+    let mut env = std::collections::BTreeMap::new();
+    for f in files {
+        let text = crate::read_bounded(f, 1 << 20)?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
             }
-        } else {
-            // `--flag=value` of a flag that needs none keeps its value
-            // (`--sig-proxy=false`).
-            out.push((name, inline));
+            match line.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+                    env.insert(k.to_string(), v.to_string());
+                }
+                Some(_) => {
+                    return Err(usage!(
+                        "{}:{}: {line:?} is not NAME=VALUE",
+                        f.display(),
+                        i + 1
+                    ))
+                }
+                None => {
+                    if let Ok(v) = std::env::var(line.trim_end()) {
+                        env.insert(line.trim_end().to_string(), v);
+                    }
+                }
+            }
         }
-        i += 1;
     }
-    Ok((out, args[i..].to_vec()))
+    for v in flags {
+        let (k, val) = env_pair(v)?;
+        env.insert(k, val);
+    }
+    Ok(env)
 }
 
-/// `cup run [-d] [--rm] [-i] [-t] [--name N] [-e K=V]... [--cpus N]
-/// [--memory SIZE] [--ulimit NAME=N]... [-p [IP:]HOST:GUEST[/PROTO]]...
-/// [--network bridge|none] IMAGE [CMD...]`; returns cup's exit code.
-pub fn run(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    let (flags, rest) = flags(
-        args,
-        &[
-            "--name",
-            "-e",
-            "--env",
-            "--cpus",
-            "--memory",
-            "-m",
-            "--ulimit",
-            "--restart",
-            "-v",
-            "--volume",
-            "-p",
-            "--publish",
-            "--network",
-            "--net",
-        ],
-    )?;
-    let mut spec = RunSpec {
-        attach: true,
-        ..Default::default()
+/// `cup run`: returns cup's exit code (the workload's, attached).
+pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
+    let (image, cmd) = r
+        .image_and_command
+        .split_first()
+        .ok_or_else(|| usage!("run needs an image"))?;
+    let labels = r
+        .label
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (l.clone(), String::new()),
+        })
+        .collect();
+    steelcup_units::check_labels(&labels).map_err(|e| usage!("--label: {e}"))?;
+    let spec = RunSpec {
+        image: image.clone(),
+        cmd: cmd.to_vec(),
+        env: environment(&r.env, &r.env_file)?,
+        name: r.name,
+        vcpus: r.cpus,
+        memory: r.memory,
+        attach: !r.detach,
+        tty: r.tty && !r.detach,
+        rm: r.rm,
+        rlimits: r.ulimit.into_iter().collect(),
+        volumes: r.volume,
+        restart: r.restart.unwrap_or_default(),
+        ports: r.publish,
+        network: r.network,
+        labels,
     };
-    let mut stdin = false;
-    for (f, v) in flags {
-        let v = v.unwrap_or_default();
-        match f.as_str() {
-            "-d" | "--detach" => spec.attach = false,
-            "--rm" => spec.rm = true,
-            "-i" | "--interactive" => stdin = true,
-            "-t" | "--tty" => spec.tty = true,
-            "--name" => spec.name = Some(v),
-            "-e" | "--env" => {
-                let (k, val) = env_pair(&v)?;
-                spec.env.insert(k, val);
-            }
-            "--cpus" => {
-                spec.vcpus = Some(
-                    v.parse()
-                        .map_err(|_| usage!("--cpus {v:?}: a whole number of vCPUs"))?,
-                )
-            }
-            "--memory" | "-m" => {
-                spec.memory = Some(
-                    steelcup_units::MemSize::try_from(v.as_str())
-                        .map_err(|e| usage!("{f} {v:?}: {e}"))?,
-                )
-            }
-            "-v" | "--volume" => spec
-                .volumes
-                .push(NamedVolume::try_from(v.as_str()).map_err(|e| usage!("{f} {e}"))?),
-            "--restart" => {
-                spec.restart = match v.as_str() {
-                    "no" => steelcup_units::Restart::No,
-                    "on-failure" => steelcup_units::Restart::OnFailure,
-                    "always" | "unless-stopped" => steelcup_units::Restart::Always,
-                    _ => return Err(usage!("--restart {v:?}: no, on-failure or always")),
-                }
-            }
-            "--ulimit" => {
-                // NAME=N or NAME=SOFT:HARD (one value is kept: the hard one).
-                let (n, val) = v
-                    .split_once('=')
-                    .ok_or_else(|| usage!("--ulimit {v:?}: expected NAME=N"))?;
-                let val = val.rsplit(':').next().unwrap_or(val);
-                let val = val
-                    .parse()
-                    .map_err(|_| usage!("--ulimit {v:?}: {val:?} is not a number"))?;
-                spec.rlimits.insert(n.to_string(), val);
-            }
-            // Checked here, once: a typo fails before anything is sent.
-            "-p" | "--publish" => spec
-                .ports
-                .push(steelcup_units::ports::PortSpec::parse(&v).map_err(|e| usage!("{f} {e}"))?),
-            "--network" | "--net" => {
-                spec.network = Some(match v.as_str() {
-                    "bridge" => steelcup_units::Network::Bridge,
-                    "none" => steelcup_units::Network::None,
-                    _ => return Err(usage!("{f} {v:?}: bridge or none")),
-                })
-            }
-            other => return Err(usage!("run: unknown flag {other:?}; see `cup help`")),
-        }
-    }
-    let Some((image, cmd)) = rest.split_first() else {
-        return Err(usage!(
-            "run needs an image, like `cup run --rm oci-archive:/path/image.tar sh -c 'echo hi'`"
-        ));
-    };
-    spec.image = image.clone();
-    spec.cmd = cmd.to_vec();
-    if !spec.attach {
-        spec.tty = false;
-    }
+    let stdin = r.interactive;
     let json = serde_json::to_string(&spec)?;
     let name = p.run(&json)?;
     if !spec.attach {
@@ -246,39 +178,21 @@ fn vm_socket(p: &Vmm1ClientProxy<'static>, name: &str) -> Result<Option<String>,
 }
 
 /// `cup exec [-i] [-t] [-e K=V]... [-w DIR] [-u USER] NAME CMD...`.
-pub fn exec(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    let (flags, rest) = flags(args, &["-e", "--env", "-w", "--workdir", "-u", "--user"])?;
-    let mut request = ExecRequest::default();
-    let mut stdin = false;
-    for (f, v) in flags {
-        let v = v.unwrap_or_default();
-        match f.as_str() {
-            "-i" | "--interactive" => stdin = true,
-            "-t" | "--tty" => request.tty = true,
-            "-e" | "--env" => {
-                let (k, val) = env_pair(&v)?;
-                request.env.insert(k, val);
-            }
-            "-w" | "--workdir" => request.workdir = Some(v),
-            "-u" | "--user" => request.user = Some(v),
-            other => return Err(usage!("exec: unknown flag {other:?}; see `cup help`")),
-        }
-    }
-    let (name, argv) = match rest.split_first() {
-        Some((n, a)) if !a.is_empty() => (n, a),
-        _ => {
-            return Err(usage!(
-                "exec needs a workload and a command, like `cup exec web ls /`"
-            ))
-        }
+pub fn exec(p: &Vmm1ClientProxy<'static>, e: ExecArgs) -> Result<u8, CupError> {
+    let request = ExecRequest {
+        argv: e.command,
+        env: environment(&e.env, &[])?,
+        workdir: e.workdir,
+        user: e.user,
+        tty: e.tty,
     };
-    request.argv = argv.to_vec();
-    let uds = p.socket(name)?;
+    let uds = p.socket(&e.name)?;
     let conn = attach::start_exec(std::path::Path::new(&uds), &request)?;
-    let status = attach::session(conn, stdin, request.tty).map_err(|e| CupError::Workload {
-        name: name.to_string(),
-        why: steelcup_sys::error_chain(&e),
-    })?;
+    let status =
+        attach::session(conn, e.interactive, request.tty).map_err(|err| CupError::Workload {
+            name: e.name.clone(),
+            why: steelcup_sys::error_chain(&err),
+        })?;
     Ok(attach::exit_code(status))
 }
 
@@ -300,54 +214,139 @@ pub fn parse_signal(s: &str) -> Result<i32, CupError> {
         .map_err(|_| usage!("{s:?} is not a signal (like KILL, TERM, HUP or 9)"))
 }
 
-/// `cup kill [-s SIGNAL] NAME...`: a signal (KILL unless given) to each
-/// workload's processes in its VM.
-pub fn kill(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    let (flags, names) = flags(args, &["-s", "--signal"])?;
-    let mut signal = libc::SIGKILL;
-    for (f, v) in flags {
-        match f.as_str() {
-            "-s" | "--signal" => signal = parse_signal(&v.unwrap_or_default())?,
-            other => return Err(usage!("kill: unknown flag {other:?}")),
-        }
-    }
-    if names.is_empty() {
-        return Err(usage!("kill needs a workload name (see `cup ps`)"));
-    }
-    for n in &names {
-        p.kill(n, signal)?;
-        println!("{n}");
-    }
-    Ok(0)
-}
-
-/// `cup inspect NAME...`: what vmmd knows of each, as a JSON array.
-pub fn inspect(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    if args.is_empty() {
-        return Err(usage!("inspect needs a workload name (see `cup ps`)"));
-    }
+/// `cup inspect [-f TEMPLATE] NAME...`: what vmmd knows of each, as a
+/// JSON array, or the template once per workload.
+pub fn inspect(p: &Vmm1ClientProxy<'static>, i: &InspectArgs) -> Result<u8, CupError> {
+    let template = i.format.as_deref().map(view::Template::parse).transpose()?;
     let mut all = Vec::new();
-    for n in args {
-        let json = p.inspect(n)?;
-        all.push(serde_json::from_str::<serde_json::Value>(&json)?);
+    let mut failed = false;
+    for n in &i.names {
+        match p.inspect(n) {
+            Ok(json) => all.push(serde_json::from_str::<serde_json::Value>(&json)?),
+            Err(e) => {
+                eprintln!("cup: {}", CupError::from(e));
+                failed = true;
+            }
+        }
     }
-    println!("{}", serde_json::to_string_pretty(&all)?);
+    match template {
+        Some(t) => {
+            for v in &all {
+                println!("{}", t.render(v)?);
+            }
+        }
+        None => println!("{}", serde_json::to_string_pretty(&all)?),
+    }
+    Ok(u8::from(failed))
+}
+
+/// `cup ps [-a] [-q] [--filter K=V]... [--format F] [--no-trunc]`.
+pub fn ps(p: &Vmm1ClientProxy<'static>, a: &PsArgs) -> Result<u8, CupError> {
+    let format = view::Format::parse(a.format.as_deref());
+    if let view::Format::Template { text, .. } = &format {
+        view::Template::parse(text)?;
+    }
+    let mut vms = p.list()?;
+    // As docker ps: what runs (or is about to); -a (or a status filter):
+    // every workload.
+    let all = a.all || view::wants_ended(&a.filter);
+    vms.retain(|v| (all || v.state() != Some(WorkloadState::Ended)) && view::passes(&a.filter, v));
+    if a.quiet {
+        for v in &vms {
+            println!("{}", v.name);
+        }
+        return Ok(0);
+    }
+    let rows: Vec<serde_json::Value> = vms.iter().map(view::ps_row).collect();
+    view::print_rows(&rows, &format, |_| {
+        println!(
+            "{:<16} {:<20} {:>7} {:>5} {:>5} {:>7}  {:<15}  {:<24}  LAST OUTCOME",
+            "NAME", "STATE", "PID", "RUNS", "VCPUS", "MEMORY", "ADDRESS", "IMAGE"
+        );
+        for v in &vms {
+            let state = match v.health.as_str() {
+                "" => v.state.clone(),
+                h => format!("{} ({h})", v.state),
+            };
+            let dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            println!(
+                "{:<16} {:<20} {:>7} {:>5} {:>5} {:>6}M  {:<15}  {:<24}  {}",
+                v.name,
+                state,
+                if v.pid == 0 {
+                    "-".to_string()
+                } else {
+                    v.pid.to_string()
+                },
+                v.runs,
+                v.vcpus,
+                v.memory_mib,
+                dash(&v.address),
+                view::trunc(&dash(&v.image), 24, a.no_trunc),
+                view::trunc(&v.last_outcome, 48, a.no_trunc)
+            );
+        }
+    })?;
     Ok(0)
 }
 
-/// `cup rm [-f] NAME...`: forgets ended workloads (`-f` stops them first).
-pub fn rm(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
-    let force = args.iter().any(|a| a == "-f" || a == "--force");
-    let names: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if names.is_empty() {
-        return Err(usage!("rm needs a workload name (see `cup ps`)"));
+/// `cup wait NAME...`: blocks until each workload's run has ended, then
+/// prints its exit code, as docker wait.
+pub fn wait(p: &Vmm1ClientProxy<'static>, names: &[String]) -> Result<u8, CupError> {
+    for name in names {
+        let ended = run_end(p, name)?;
+        let now = p
+            .list()?
+            .into_iter()
+            .find(|v| v.name == *name)
+            .ok_or_else(|| CupError::NoWorkload(name.clone()))?;
+        let code = if now.state().is_some_and(WorkloadState::run_is_over) && now.exit_code >= 0 {
+            now.exit_code
+        } else {
+            ended
+                .recv()
+                .map_err(|_| CupError::Thread("the signal"))?
+                .exit_code
+        };
+        println!("{code}");
     }
-    for n in names {
-        if force {
-            let _ = p.stop(n);
+    Ok(0)
+}
+
+/// `cup port NAME [PORT[/PROTO]]`: `80/tcp -> 0.0.0.0:8080`, as docker port.
+pub fn port(p: &Vmm1ClientProxy<'static>, a: &PortArgs) -> Result<u8, CupError> {
+    let v: serde_json::Value = serde_json::from_str(&p.inspect(&a.name)?)?;
+    let ports = v["network"]["ports"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut shown = 0;
+    for spec in ports {
+        let spec: steelcup_units::ports::PortSpec = serde_json::from_value(spec)?;
+        let guest = format!("{}/{}", spec.guest_port, spec.protocol.name());
+        if let Some(want) = &a.port {
+            if *want != guest && *want != spec.guest_port.to_string() {
+                continue;
+            }
         }
-        p.remove(n)?;
-        println!("{n}");
+        let ip = spec
+            .host_ip
+            .map_or("0.0.0.0".to_string(), |ip| ip.to_string());
+        println!("{guest} -> {ip}:{}", spec.host_port);
+        shown += 1;
+    }
+    if shown == 0 && a.port.is_some() {
+        return Err(usage!(
+            "{}: no published port {}",
+            a.name,
+            a.port.as_deref().unwrap_or("")
+        ));
     }
     Ok(0)
 }
@@ -369,82 +368,72 @@ pub fn progress_bar(p: &steelcup_api::vmm1::PullInfo) -> String {
 }
 
 /// A new connection to vmmd (for a call made from another thread).
+/// (The socket `-H` named, or the remote machine, as the first one.)
 fn connect_again() -> Result<Vmm1ClientProxy<'static>, CupError> {
-    let socket = std::env::var_os("STEELCUP_VMMD_SOCKET")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| steelcup_api::vmm1::DEFAULT_SOCKET.into());
-    Ok(steelcup_api::vmm1::connect(&socket)?)
+    crate::vmmd()
 }
 
-/// `cup pull SOURCE`, `cup images`, `cup rmi NAME`, `cup image prune`.
-pub fn image_verb(
-    p: &Vmm1ClientProxy<'static>,
-    verb: &str,
-    args: &[String],
-    json: bool,
-) -> Result<u8, CupError> {
-    match verb {
-        "pull" => {
-            let source = args
-                .first()
-                .ok_or_else(|| usage!("pull needs an image, like `cup pull localhost:5000/app:1`"))?
-                .clone();
-            // The pull is one call on its own connection; this one polls
-            // `Pulls` to draw the bar meanwhile.
-            let call = std::thread::spawn({
-                let source = source.clone();
-                move || -> Result<(String, String), CupError> {
-                    Ok(connect_again()?.pull(&source)?)
-                }
-            });
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let mut drawn = false;
-            while !call.is_finished() {
-                if tty {
-                    if let Some(pi) = p
-                        .pulls()
-                        .ok()
-                        .and_then(|v| v.into_iter().find(|x| x.source == source))
-                    {
-                        eprint!("\r\x1b[2K{}", progress_bar(&pi));
-                        drawn = true;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(150));
-            }
-            if drawn {
-                eprint!("\r\x1b[2K");
-            }
-            let (name, digest) = call.join().map_err(|_| CupError::Thread("the pull"))??;
-            println!("{name} {digest}");
-        }
-        "images" => {
-            let images = p.images()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
-            } else {
-                println!("{:<56} {:<19} {:>10}  ROOT IMAGE", "NAME", "DIGEST", "SIZE");
-                for i in images {
-                    println!(
-                        "{:<56} {:<19} {:>10}  {}",
-                        i.name,
-                        &i.digest[..19.min(i.digest.len())],
-                        steelcup_api::human(i.size),
-                        if i.rootfs { "built" } else { "-" }
-                    );
-                }
+/// `cup pull SOURCE`: a progress bar on a terminal, then `NAME DIGEST`.
+pub fn pull(p: &Vmm1ClientProxy<'static>, source: &str) -> Result<u8, CupError> {
+    // The pull is one call on its own connection; this one polls
+    // `Pulls` to draw the bar meanwhile.
+    let call = std::thread::spawn({
+        let source = source.to_string();
+        move || -> Result<(String, String), CupError> { Ok(connect_again()?.pull(&source)?) }
+    });
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut drawn = false;
+    while !call.is_finished() {
+        if tty {
+            if let Some(pi) = p
+                .pulls()
+                .ok()
+                .and_then(|v| v.into_iter().find(|x| x.source == source))
+            {
+                eprint!("\r\x1b[2K{}", progress_bar(&pi));
+                drawn = true;
             }
         }
-        "rmi" => {
-            let name = args
-                .first()
-                .ok_or_else(|| usage!("rmi needs an image name (see `cup images`)"))?;
-            p.remove_image(name)?;
-            println!("untagged {name}");
-        }
-        "prune" => println!("{}", p.prune()?),
-        other => return Err(usage!("unknown image verb {other:?}")),
+        std::thread::sleep(Duration::from_millis(150));
     }
+    if drawn {
+        eprint!("\r\x1b[2K");
+    }
+    let (name, digest) = call.join().map_err(|_| CupError::Thread("the pull"))??;
+    println!("{name} {digest}");
+    Ok(0)
+}
+
+/// `cup images [-q] [--format F] [--no-trunc]`.
+pub fn images(p: &Vmm1ClientProxy<'static>, a: &ImagesArgs) -> Result<u8, CupError> {
+    let format = view::Format::parse(a.format.as_deref());
+    if let view::Format::Template { text, .. } = &format {
+        view::Template::parse(text)?;
+    }
+    let images = p.images()?;
+    if a.quiet {
+        for i in &images {
+            println!("{}", i.name);
+        }
+        return Ok(0);
+    }
+    let rows: Vec<serde_json::Value> = images
+        .iter()
+        .map(|i| view::image_row(i, a.no_trunc))
+        .collect();
+    view::print_rows(&rows, &format, |_| {
+        let w = if a.no_trunc { 71 } else { 19 };
+        println!("{:<56} {:<w$} {:>10}  ROOT IMAGE", "NAME", "DIGEST", "SIZE");
+        for i in &images {
+            println!(
+                "{:<56} {:<w$} {:>10}  {}",
+                i.name,
+                &i.digest[..w.min(i.digest.len())],
+                steelcup_api::human(i.size),
+                if i.rootfs { "built" } else { "-" }
+            );
+        }
+    })?;
     Ok(0)
 }
 
@@ -471,7 +460,7 @@ extern "C" fn note_signal(sig: libc::c_int) {
 /// workload's code. Signals to cup (Ctrl-C is SIGINT) go to the workload;
 /// with `--no-sig-proxy`, Ctrl-C detaches and leaves it running. stdin is
 /// not connected: a detached workload runs with its stdin closed.
-pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupError> {
+pub fn attach(p: &Vmm1ClientProxy<'static>, a: &AttachArgs) -> Result<u8, CupError> {
     // First, so no signal meant for the workload ends cup instead.
     for sig in PROXIED {
         // SAFETY: the handler only stores into an atomic.
@@ -482,18 +471,8 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, args: &[String]) -> Result<u8, CupEr
             );
         }
     }
-    let (flags, names) = flags(args, &[])?;
-    let mut proxy_signals = true;
-    for (f, v) in flags {
-        match (f.as_str(), v.as_deref()) {
-            ("--no-sig-proxy", None) | ("--sig-proxy", Some("false")) => proxy_signals = false,
-            ("--sig-proxy", None | Some("true")) => proxy_signals = true,
-            (other, _) => return Err(usage!("attach: unknown flag {other:?}; see `cup help`")),
-        }
-    }
-    let [name] = names.as_slice() else {
-        return Err(usage!("attach needs one workload name (see `cup ps`)"));
-    };
+    let proxy_signals = !a.no_sig_proxy && a.sig_proxy.unwrap_or(true);
+    let name = &a.name;
     let info = p
         .list()?
         .into_iter()
@@ -584,39 +563,6 @@ pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn flags_stop_at_the_image_and_split_clusters() {
-        let (f, rest) = flags(
-            &s(&[
-                "-it", "--rm", "--name", "web", "-e", "A=1", "img", "sh", "-c", "x",
-            ]),
-            &["--name", "-e"],
-        )
-        .unwrap();
-        assert_eq!(
-            f,
-            vec![
-                ("-i".to_string(), None),
-                ("-t".to_string(), None),
-                ("--rm".to_string(), None),
-                ("--name".to_string(), Some("web".to_string())),
-                ("-e".to_string(), Some("A=1".to_string())),
-            ]
-        );
-        assert_eq!(rest, s(&["img", "sh", "-c", "x"]));
-        let (f, rest) = flags(&s(&["--memory=64MiB", "--", "-img"]), &["--memory"]).unwrap();
-        assert_eq!(f, vec![("--memory".to_string(), Some("64MiB".to_string()))]);
-        assert_eq!(rest, s(&["-img"]));
-        assert!(flags(&s(&["--name"]), &["--name"])
-            .unwrap_err()
-            .to_string()
-            .contains("needs a value"));
-    }
-
     #[test]
     fn the_progress_bar_fills_with_the_bytes() {
         let p = |done, total| steelcup_api::vmm1::PullInfo {
@@ -656,6 +602,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a signal"));
+    }
+
+    #[test]
+    fn env_files_as_docker_reads_them() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("app.env");
+        std::fs::write(&f, "# settings\n\nA=1\nB=two words\nQ=\"kept\"\nA=3\n").unwrap();
+        let env = environment(&["B=flag".into()], std::slice::from_ref(&f)).unwrap();
+        assert_eq!(env["A"], "3", "a later line wins");
+        assert_eq!(env["B"], "flag", "-e wins over the file");
+        assert_eq!(env["Q"], "\"kept\"", "nothing is unquoted");
+        std::fs::write(&f, "A=1\nBAD NAME=2\n").unwrap();
+        let e = environment(&[], std::slice::from_ref(&f))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("app.env:2: \"BAD NAME=2\" is not NAME=VALUE"),
+            "{e}"
+        );
     }
 
     #[test]

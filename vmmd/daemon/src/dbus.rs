@@ -88,7 +88,9 @@ impl Vmm1 {
         if seconds > 3600 {
             return Err(ApiError::Refused(format!("stop within {seconds} s: at most 3600")).into());
         }
-        self.call(Action::Stop(name, Some(seconds))).await.map(|_| ())
+        self.call(Action::Stop(name, Some(seconds)))
+            .await
+            .map(|_| ())
     }
 
     /// Starts a workload that is not running.

@@ -278,6 +278,9 @@ fn sighup_applies_changed_units() {
             "{flag:?}: {text}"
         );
     }
+    if cup.exists() {
+        scripts_read_cup_as_they_read_docker(&cup, &sock);
+    }
     let out = call("Tail", &["string:web.1", "uint32:10"]);
     assert!(out.contains("array ["), "{out}");
     let out = call("Tail", &["string:ghost", "uint32:10"]);
@@ -300,5 +303,78 @@ fn sighup_applies_changed_units() {
     }
     for e in ["web.1 running", "web.2 running", "web.2 removed"] {
         assert!(got.contains(&e.to_string()), "{e:?} not signalled: {got:?}");
+    }
+}
+
+/// `cup` with Docker's scripting flags against the daemon: names only with
+/// `-q`, one JSON object per line, templates, filters, inspect -f, and
+/// several names per verb. Flags are refused before anything connects.
+fn scripts_read_cup_as_they_read_docker(cup: &Path, sock: &Path) {
+    let cup_out = |args: &[&str]| {
+        let out = Command::new(cup)
+            .arg("-H")
+            .arg(sock)
+            .args(args)
+            .env_remove("STEELCUP_VMMD_SOCKET")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cup_out(&["ps", "-aq"]);
+    assert_eq!((code, out.as_str()), (Some(0), "web.1\nweb.2\n"), "{err}");
+    let (_, out, _) = cup_out(&["ps", "-aq", "--filter", "name=b.2"]);
+    assert_eq!(out, "web.2\n");
+    let (_, out, _) = cup_out(&["ps", "-a", "--format", "{{.Names}}:{{.CPUs}}:{{.Memory}}"]);
+    assert_eq!(out, "web.1:1:128MiB\nweb.2:1:128MiB\n");
+    let (_, out, _) = cup_out(&["ps", "-a", "--format", "json"]);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[1]["Names"], "web.2");
+    let (code, out, err) = cup_out(&[
+        "inspect",
+        "-f",
+        "{{.Name}} {{.State.Running}} {{json .Config.Cmd}}",
+        "web.1",
+        "web.2",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "web.1 false [\"/bin/true\"]\nweb.2 false [\"/bin/true\"]\n"
+    );
+    let (code, _, err) = cup_out(&["inspect", "-f", "{{.State.Nope}}", "web.1"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no field .State.Nope"), "{err}");
+    // Several names: each done is printed; a missing one fails alone.
+    let (code, out, err) = cup_out(&["stop", "-t", "0", "web.1", "ghost", "web.2"]);
+    assert_eq!((code, out.as_str()), (Some(1), "web.1\nweb.2\n"), "{err}");
+    assert!(err.contains("ghost"), "{err}");
+    // Checked before connecting: no socket is needed to be told.
+    for (args, says) in [
+        (
+            vec!["ps", "--filter", "color=red"],
+            "name, label, status and ancestor",
+        ),
+        (vec!["stop", "-t", "soon", "web.1"], "soon"),
+        (vec!["run", "-m", "12x", "img"], "512m"),
+    ] {
+        let out = Command::new(cup)
+            .args(["-H", "/nonexistent/vmmd.sock"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && !err.contains("cannot reach"),
+            "{args:?}: {err}"
+        );
+        assert_ne!(out.status.code(), Some(0));
     }
 }

@@ -170,8 +170,44 @@ pub(super) fn inspect(opts: &Options, backend: &WorkerBackend, name: &str, w: &W
         "image_digest": w.prepared.as_ref().map(|p| p.digest.clone()),
         "root_image": w.prepared.as_ref().map(|p| p.rootfs.clone()),
         "spec": w.spec,
+        // Docker's names for the same, so `cup inspect -f
+        // '{{.State.ExitCode}}'` and its kin read as they do with docker.
+        "Name": name,
+        "State": {
+            "Status": docker_status(w),
+            "Running": w.pid.is_some() && !w.paused,
+            "Paused": w.paused,
+            "Restarting": w.restart_at.is_some(),
+            "Pid": w.pid.unwrap_or(0),
+            "ExitCode": w.last_outcome.code().unwrap_or(0),
+            "Error": if w.last_outcome.code().is_none() { w.last_outcome.text.clone() } else { String::new() },
+            "Health": w.spec.health.as_ref().map(|_| serde_json::json!({"Status": w.health_name()})),
+        },
+        "Config": {
+            "Image": w.spec.image,
+            "Cmd": w.spec.cmd,
+            "Env": w.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "Labels": w.spec.labels,
+        },
+        "NetworkSettings": {
+            "IPAddress": backend.address_of(name).map(|a| a.to_string()).unwrap_or_default(),
+        },
+        "RestartCount": w.runs.saturating_sub(1),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// A workload's state as Docker names it: `created`, `running`, `paused`,
+/// `restarting`, `removing` (stopping) or `exited`.
+fn docker_status(w: &Workload) -> &'static str {
+    match w.state() {
+        WorkloadState::Preparing => "created",
+        WorkloadState::Waiting => "restarting",
+        WorkloadState::Running => "running",
+        WorkloadState::Paused => "paused",
+        WorkloadState::Stopping => "removing",
+        WorkloadState::Ended | WorkloadState::Removed => "exited",
+    }
 }
 
 /// A workload for `cup run`: its name and the workload, checked.

@@ -1,0 +1,653 @@
+//! cup's command line, declared once with clap: every verb's flags, their
+//! help, `cup --version`, shell completions and man pages come from here.
+//! Flags and their values are checked here, before anything connects.
+//!
+//! Spellings follow Docker's wherever Docker has the verb (`-q`, `-a`,
+//! `--filter`, `--format`, `stop -t`, `-m 512m`, several names where
+//! Docker takes several), so scripts port by replacing the word `docker`.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use steelcup_api::vmm1::NamedVolume;
+use steelcup_units::ports::PortSpec;
+use steelcup_units::{MemSize, Network, Restart};
+
+const AFTER_HELP: &str = "\
+cup talks to the machine of its current context (`cup context ls`; `cargo
+xtask run` adds and selects `appliance`), else this machine: init at
+$STEELCUP_RUN_DIR/init.sock (default /run/steelcup) and vmmd at -H PATH,
+else $STEELCUP_VMMD_SOCKET, else /run/steelcup/vmmd.sock. --context (or
+$STEELCUP_CONTEXT) picks another context; --remote (or $STEELCUP_REMOTE)
+another machine's admin gateway over mutual TLS, with ca.crt, client.crt and
+client.key from --tls-dir, $STEELCUP_TLS_DIR or ~/.config/steelcup/tls.
+See docs/cli.md and docs/remote.md.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cup",
+    version,
+    about = "Run OCI images as microVMs and manage a steelcup machine",
+    after_help = AFTER_HELP,
+    max_term_width = 100,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// vmmd's socket on this machine (`unix:PATH` too)
+    #[arg(
+        short = 'H',
+        long = "host",
+        global = true,
+        value_name = "PATH",
+        help_heading = "Machine"
+    )]
+    pub host: Option<String>,
+    /// Another machine's admin gateway, over mutual TLS [env: STEELCUP_REMOTE]
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST[:PORT]",
+        help_heading = "Machine"
+    )]
+    pub remote: Option<String>,
+    /// ca.crt, client.crt and client.key for --remote [env: STEELCUP_TLS_DIR]
+    #[arg(long, global = true, value_name = "DIR", help_heading = "Machine")]
+    pub tls_dir: Option<PathBuf>,
+    /// The context to talk to instead of the current one [env: STEELCUP_CONTEXT]
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Machine"
+    )]
+    pub context: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List microVM workloads (running ones; -a: every one)
+    Ps(PsArgs),
+    /// Run an image as a new microVM (attached: cup exits with its code)
+    Run(Box<RunArgs>),
+    /// Run a process inside a running workload
+    Exec(ExecArgs),
+    /// A workload's console output, or a unit's (--unit)
+    Logs(LogsArgs),
+    /// Follow a running workload's output until it ends (exit code = its)
+    Attach(AttachArgs),
+    /// Ask workloads to stop; killed after the grace (-t)
+    Stop(StopArgs),
+    /// Start workloads that are not running
+    Start(Names),
+    /// Stop workloads' vCPUs
+    Pause(Names),
+    /// Let paused workloads' vCPUs run again
+    Unpause(Names),
+    /// Send a signal (KILL unless given) to workloads' processes
+    Kill(KillArgs),
+    /// Forget ended workloads (-f: stop them first)
+    Rm(RmArgs),
+    /// What vmmd knows of workloads, as JSON (or -f TEMPLATE)
+    Inspect(InspectArgs),
+    /// Wait until workloads' runs end; print each exit code
+    Wait(Names),
+    /// A workload's published ports
+    Port(PortArgs),
+    /// Workload state changes as they happen
+    Events,
+    /// Pull an image into the machine's store
+    Pull(PullArgs),
+    /// List the images in the store
+    Images(ImagesArgs),
+    /// Remove images from the store
+    Rmi(Names),
+    /// Manage images (ls, pull, rm, prune)
+    #[command(subcommand)]
+    Image(ImageCommand),
+
+    /// List units: name, kind, state, pid, restarts, last exit
+    Units(FormatArg),
+    /// One unit: status, start, stop, restart, cat, rm
+    #[command(subcommand)]
+    Unit(UnitCommand),
+    /// Re-read unit files and apply the difference
+    Reload,
+    /// Send unit files (NAME.toml) to the machine: checked whole, then applied
+    Apply(ApplyArgs),
+    /// The machine config: apply, show, reset
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// Stop every unit in order, then power off
+    Poweroff,
+    /// Stop every unit in order, then reboot
+    Reboot,
+    /// Check unit files as the host reads them (offline)
+    Validate(ValidateArgs),
+    /// Write a new OS into the slot not running and boot it once; or --status
+    Update(UpdateArgs),
+    /// Boot the other slot's OS next (once), if it holds one
+    Rollback(RebootArg),
+
+    /// The machines cup talks to, and which one it uses
+    #[command(subcommand)]
+    Context(ContextCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completion(CompletionArgs),
+    /// cup's version
+    Version,
+    /// Write cup's man pages (cup.1, cup-run.1, ...) into DIR
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// One or more workload (or image) names.
+#[derive(Debug, Args)]
+pub struct Names {
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArg {
+    /// `table` (the default), `json`, or a template like '{{.Name}}'
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Every workload, ended ones too
+    #[arg(short, long)]
+    pub all: bool,
+    /// Only the names (one per line), for scripts
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// name=, label=KEY[=VALUE], status=, ancestor=IMAGE (repeatable)
+    #[arg(short, long = "filter", value_name = "KEY=VALUE", value_parser = crate::view::Filter::parse)]
+    pub filter: Vec<crate::view::Filter>,
+    /// `table`, `json` (one object per line), or a template like '{{.Names}}\t{{.Status}}'
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// Do not shorten long fields
+    #[arg(long)]
+    pub no_trunc: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run in the background; print the workload's name
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Forget the workload once it has ended
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin open and send it to the workload
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// A terminal for the workload
+    #[arg(short, long)]
+    pub tty: bool,
+    /// The workload's name (default: run-N)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// An environment variable; NAME alone passes cup's own value
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// A file of NAME=VALUE lines (# comments), as Docker reads it
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// A label, NAME=VALUE (or NAME)
+    #[arg(short, long = "label", value_name = "NAME[=VALUE]")]
+    pub label: Vec<String>,
+    /// vCPUs (whole numbers)
+    #[arg(long, value_name = "N", value_parser = parse_cpus)]
+    pub cpus: Option<u8>,
+    /// Guest memory, as Docker writes it: 512m, 1g, 1.5g (16 MiB to 3 GiB)
+    #[arg(short, long, value_name = "SIZE", value_parser = parse_memory)]
+    pub memory: Option<MemSize>,
+    /// A resource limit, NAME=N or NAME=SOFT:HARD (the hard one is kept)
+    #[arg(long, value_name = "NAME=N", value_parser = parse_ulimit)]
+    pub ulimit: Vec<(String, u64)>,
+    /// no, on-failure, always or unless-stopped
+    #[arg(long, value_name = "POLICY", value_parser = parse_restart)]
+    pub restart: Option<Restart>,
+    /// A named volume, NAME:/PATH[:ro] (host paths are refused: a microVM shares no host filesystem)
+    #[arg(short, long = "volume", value_name = "NAME:/PATH[:ro]", value_parser = parse_volume)]
+    pub volume: Vec<NamedVolume>,
+    /// Publish a port, [IP:]HOST:GUEST[/udp]
+    #[arg(short, long = "publish", value_name = "[IP:]HOST:GUEST", value_parser = parse_port)]
+    pub publish: Vec<PortSpec>,
+    /// bridge (the default) or none
+    #[arg(long, visible_alias = "net", value_name = "NETWORK", value_parser = parse_network)]
+    pub network: Option<Network>,
+    /// The image, then the command and its arguments (everything after the image)
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "IMAGE [COMMAND [ARG...]]"
+    )]
+    pub image_and_command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Keep stdin open and send it to the process
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// A terminal for the process
+    #[arg(short, long)]
+    pub tty: bool,
+    /// An environment variable; NAME alone passes cup's own value
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// The working directory inside the guest
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The user (name or uid[:gid]) inside the guest
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The workload
+    pub name: String,
+    /// The command and its arguments
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND [ARG...]"
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// A unit's log instead of a workload's
+    #[arg(short, long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Follow: new lines as they come (a workload's: until it has ended)
+    #[arg(short, long)]
+    pub follow: bool,
+    /// How many lines from the end, or `all`
+    #[arg(short = 'n', long = "tail", value_name = "N", default_value = "100", value_parser = parse_tail)]
+    pub tail: u32,
+    /// The workload
+    #[arg(required_unless_present = "unit", conflicts_with = "unit")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Ctrl-C detaches instead of going to the workload
+    #[arg(long)]
+    pub no_sig_proxy: bool,
+    /// Pass signals to the workload (the default); --sig-proxy=false as --no-sig-proxy
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub sig_proxy: Option<bool>,
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Seconds the guest has to stop before it is killed (default 5)
+    #[arg(short = 't', long = "time", visible_alias = "timeout", value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub time: Option<u32>,
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The signal, by name (KILL, TERM, HUP) or number
+    #[arg(short, long, value_name = "SIGNAL", default_value = "KILL", value_parser = parse_signal)]
+    pub signal: i32,
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Stop running workloads first
+    #[arg(short, long)]
+    pub force: bool,
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A template, like '{{.State.ExitCode}}' or '{{json .Config}}'
+    #[arg(short, long, value_name = "TEMPLATE")]
+    pub format: Option<String>,
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    pub name: String,
+    /// Only this guest port (PORT[/PROTO])
+    pub port: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// REGISTRY/REPO:TAG, oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Only the names (one per line), for scripts
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// `table`, `json` (one object per line), or a template like '{{.Repository}}'
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// Do not shorten digests
+    #[arg(long)]
+    pub no_trunc: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List the images in the store
+    #[command(visible_alias = "list")]
+    Ls(ImagesArgs),
+    /// Pull an image into the store
+    Pull(PullArgs),
+    /// Remove images from the store
+    #[command(visible_alias = "remove")]
+    Rm(Names),
+    /// Remove blobs and root images no image uses
+    Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UnitCommand {
+    /// A unit's state
+    Status {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
+    /// The unit's file as the machine reads it
+    Cat {
+        name: String,
+    },
+    /// Remove a unit `cup apply` installed
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Check only: say what would change
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(required = true, value_name = "FILE|DIR")]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Check a machine config whole and apply it live where it can be
+    Apply {
+        #[arg(long)]
+        dry_run: bool,
+        file: PathBuf,
+    },
+    /// The applied machine config, without secrets
+    Show,
+    /// Wipe /var and provision the machine again at the next boot
+    Reset {
+        /// Confirms that every workload's volumes, images and logs go
+        #[arg(long)]
+        wipe_all_data: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[arg(required = true, value_name = "UNIT-FILE|DIR")]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RebootArg {
+    /// Do not reboot now
+    #[arg(long)]
+    pub no_reboot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// The OS slots: which booted, what boots next, each slot's version
+    #[arg(long, conflicts_with_all = ["source", "no_reboot"])]
+    pub status: bool,
+    /// With --status: `json`
+    #[arg(long, value_name = "FORMAT", requires = "status")]
+    pub format: Option<String>,
+    #[command(flatten)]
+    pub reboot: RebootArg,
+    /// slot.img (from `cargo xtask disk`), as a file or an http(s) URL
+    #[arg(required_unless_present = "status", value_name = "FILE|URL")]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCommand {
+    /// The contexts; * marks the one in use
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Make a context the one plain cup talks to
+    Use { name: String },
+    /// A context, and whether its certificates are there
+    Show { name: Option<String> },
+    /// A machine by its admin gateway's address
+    Add {
+        name: String,
+        #[arg(long, value_name = "HOST[:PORT]")]
+        remote: String,
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// The command that makes its certificates (named when they are missing)
+        #[arg(long, value_name = "COMMAND")]
+        made_by: Option<String>,
+    },
+    /// Forget contexts
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    pub shell: clap_complete::Shell,
+}
+
+impl Command {
+    /// Whether the verb reaches no machine (so no context is read).
+    pub fn offline(&self) -> bool {
+        matches!(
+            self,
+            Command::Context(_)
+                | Command::Validate(_)
+                | Command::Version
+                | Command::Completion(_)
+                | Command::Man { .. }
+        )
+    }
+}
+
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(n) if (1..=32).contains(&n) => Ok(n),
+        _ if s.parse::<f64>().is_ok_and(|f| f.fract() != 0.0) => Err(format!(
+            "{s}: whole vCPUs only (1 to 32); a fraction of a CPU is not offered yet"
+        )),
+        _ => Err(format!("{s}: a whole number of vCPUs, 1 to 32")),
+    }
+}
+
+fn parse_memory(s: &str) -> Result<MemSize, String> {
+    MemSize::from_docker(s)
+}
+
+fn parse_ulimit(s: &str) -> Result<(String, u64), String> {
+    let (n, val) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=N"))?;
+    let hard = val.rsplit(':').next().unwrap_or(val);
+    let n_val = hard
+        .parse()
+        .map_err(|_| format!("{s:?}: {hard:?} is not a number"))?;
+    Ok((n.to_string(), n_val))
+}
+
+fn parse_restart(s: &str) -> Result<Restart, String> {
+    match s {
+        "no" => Ok(Restart::No),
+        "on-failure" => Ok(Restart::OnFailure),
+        "always" | "unless-stopped" => Ok(Restart::Always),
+        _ if s.starts_with("on-failure:") => Err(format!(
+            "{s}: a retry limit is not offered yet; on-failure retries with the units' backoff"
+        )),
+        _ => Err(format!("{s}: no, on-failure, always or unless-stopped")),
+    }
+}
+
+fn parse_volume(s: &str) -> Result<NamedVolume, String> {
+    NamedVolume::try_from(s).map_err(|e| e.to_string())
+}
+
+fn parse_port(s: &str) -> Result<PortSpec, String> {
+    PortSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_network(s: &str) -> Result<Network, String> {
+    match s {
+        "bridge" | "default" => Ok(Network::Bridge),
+        "none" => Ok(Network::None),
+        _ => Err(format!("{s}: bridge or none")),
+    }
+}
+
+fn parse_tail(s: &str) -> Result<u32, String> {
+    match s {
+        "all" => Ok(u32::MAX),
+        _ => s
+            .parse()
+            .map_err(|_| format!("{s}: a number of lines, or all")),
+    }
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    crate::workloads::parse_signal(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cup").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_everything_after_the_image_as_its_command() {
+        let Command::Run(r) = parse("run -it --rm -m 512m --name web -e A=1 img sh -c --rm")
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(r.interactive && r.tty && r.rm);
+        assert_eq!(r.memory, Some(MemSize(512 << 20)));
+        assert_eq!(r.image_and_command, ["img", "sh", "-c", "--rm"]);
+        let Command::Run(r) = parse("run --memory=1.5g img").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(r.memory, Some(MemSize(3 << 29)));
+    }
+
+    #[test]
+    fn flags_are_checked_before_anything_connects() {
+        for (line, says) in [
+            ("run -m 12x img", "12x"),
+            ("run --cpus 1.5 img", "whole vCPUs"),
+            ("run -p nope img", "--publish"),
+            ("run -v /etc:/etc img", "--volume"),
+            ("run --restart on-failure:3 img", "retry limit"),
+            ("stop -t five web", "five"),
+            ("kill -s NOPE web", "not a signal"),
+            ("ps --filter color=red", "color"),
+            ("stop", "NAME"),
+            ("logs", "NAME"),
+            ("update", "FILE|URL"),
+            ("update --status x", "cannot be used"),
+        ] {
+            let e = parse(line).unwrap_err().to_string();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn docker_spellings() {
+        let Command::Stop(s) = parse("stop -t 0 a b").unwrap().command else {
+            panic!()
+        };
+        assert_eq!((s.time, s.names), (Some(0), vec!["a".into(), "b".into()]));
+        let Command::Ps(p) = parse("ps -aq --filter status=exited -f name=web")
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(p.all && p.quiet);
+        assert_eq!(p.filter.len(), 2);
+        let Command::Logs(l) = parse("logs -f --tail all web").unwrap().command else {
+            panic!()
+        };
+        assert_eq!((l.follow, l.tail), (true, u32::MAX));
+        let cli = parse("ps -H unix:/tmp/v.sock").unwrap();
+        assert_eq!(cli.host.as_deref(), Some("unix:/tmp/v.sock"));
+        let Command::Attach(a) = Cli::try_parse_from(["cup", "attach", "--sig-proxy=false", "w"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.sig_proxy, Some(false));
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors() {
+        for line in ["--help", "run --help", "--version", "help ps"] {
+            let e = parse(line).unwrap_err();
+            assert_eq!(e.exit_code(), 0, "{line}");
+        }
+    }
+}
