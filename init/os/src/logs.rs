@@ -3,7 +3,9 @@
 //!
 //! # Design
 //! Every line gets a sequence number per unit, so a reader can follow a log
-//! with a cursor (`read(unit, since)`) and never sees a line twice. The ring
+//! with a cursor (`read(unit, since)`) and never sees a line twice, and the
+//! wall-clock time it arrived (`read_timed`, `tail_timed`: `cup logs -t
+//! --since --until`). The ring
 //! keeps at most [`RING_LINES`] lines and [`RING_BYTES`] bytes; files rotate
 //! at [`FILE_BYTES`] keeping [`FILE_KEEP`] old ones; lines are cut at
 //! [`MAX_LINE`] bytes. The console echo is rate-limited per unit (a unit that
@@ -77,13 +79,35 @@ fn rotated(path: &Path, i: usize) -> PathBuf {
 
 #[derive(Debug, Default)]
 struct UnitLog {
-    ring: VecDeque<(u64, String)>,
+    ring: VecDeque<Line>,
     bytes: usize,
     next: u64,
     file: Option<RotatingFile>,
     window: Option<Instant>,
     echoed: u32,
     suppressed: u64,
+}
+
+/// One line: its sequence number, when it arrived (microseconds since the
+/// Unix epoch) and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub seq: u64,
+    pub micros: u64,
+    pub text: String,
+}
+
+impl Line {
+    fn untimed(&self) -> (u64, String) {
+        (self.seq, self.text.clone())
+    }
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Lines queued for the console at most; beyond that they are dropped there.
@@ -167,11 +191,15 @@ impl LogStore {
             }
         }
         log.bytes += line.len();
-        log.ring.push_back((log.next, line.to_string()));
+        log.ring.push_back(Line {
+            seq: log.next,
+            micros: now_micros(),
+            text: line.to_string(),
+        });
         log.next += 1;
         while log.ring.len() > RING_LINES || log.bytes > RING_BYTES {
             match log.ring.pop_front() {
-                Some((_, l)) => log.bytes -= l.len(),
+                Some(l) => log.bytes -= l.text.len(),
                 None => break,
             }
         }
@@ -203,23 +231,35 @@ impl LogStore {
     /// Lines of `unit` with sequence number `>= since`, at most `max`, and
     /// the cursor to continue from. Lines that fell out of the ring are skipped.
     pub fn read(&self, unit: &str, since: u64, max: usize) -> (Vec<(u64, String)>, u64) {
+        let (lines, next) = self.read_timed(unit, since, max);
+        (lines.iter().map(Line::untimed).collect(), next)
+    }
+
+    /// As [`Self::read`], each line with its time.
+    pub fn read_timed(&self, unit: &str, since: u64, max: usize) -> (Vec<Line>, u64) {
         let units = self.units.lock().unwrap_or_else(|p| p.into_inner());
         let Some(log) = units.get(unit) else {
             return (Vec::new(), since);
         };
-        let lines: Vec<(u64, String)> = log
+        let lines: Vec<Line> = log
             .ring
             .iter()
-            .filter(|(s, _)| *s >= since)
+            .filter(|l| l.seq >= since)
             .take(max)
             .cloned()
             .collect();
-        let next = lines.last().map(|(s, _)| s + 1).unwrap_or(since);
+        let next = lines.last().map(|l| l.seq + 1).unwrap_or(since);
         (lines, next)
     }
 
     /// The last `n` lines of `unit`, and the cursor after them.
     pub fn tail(&self, unit: &str, n: usize) -> (Vec<(u64, String)>, u64) {
+        let (lines, next) = self.tail_timed(unit, n);
+        (lines.iter().map(Line::untimed).collect(), next)
+    }
+
+    /// As [`Self::tail`], each line with its time.
+    pub fn tail_timed(&self, unit: &str, n: usize) -> (Vec<Line>, u64) {
         let units = self.units.lock().unwrap_or_else(|p| p.into_inner());
         let Some(log) = units.get(unit) else {
             return (Vec::new(), 0);

@@ -73,6 +73,13 @@ pub trait Init1 {
     fn machine_reset(&self, confirm: &str) -> zbus::Result<()>;
     fn logs(&self, name: &str, since: u64, max: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64)>;
+    fn logs_timed(
+        &self,
+        name: &str,
+        since: u64,
+        max: u32,
+    ) -> zbus::Result<(Vec<(u64, u64, String)>, u64)>;
+    fn tail_timed(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, u64, String)>, u64)>;
     fn power_off(&self) -> zbus::Result<()>;
     fn reboot(&self) -> zbus::Result<()>;
     fn update(&self, source: &str, reboot: bool) -> zbus::Result<(String, String)>;

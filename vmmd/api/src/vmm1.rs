@@ -403,10 +403,15 @@ pub enum Reply {
     },
     Images(Vec<ImageInfo>),
     Pulls(Vec<PullInfo>),
-    /// Lines with their sequence numbers, the cursor to go on from, and
-    /// whether the workload still runs.
-    Logs(Vec<(u64, String)>, u64, bool),
+    /// Lines as (sequence number, microseconds since the Unix epoch when
+    /// it arrived, text), the cursor to go on from, and whether the
+    /// workload still runs.
+    Logs(Vec<TimedLine>, u64, bool),
 }
+
+/// A line of a workload's output: (sequence number, microseconds since the
+/// Unix epoch when vmmd got it, text).
+pub type TimedLine = (u64, u64, String);
 
 /// Why an action was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -460,6 +465,13 @@ pub trait Vmm1Client {
         since: u64,
         max: u32,
     ) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;
+    fn tail_timed(&self, name: &str, lines: u32) -> zbus::Result<(Vec<TimedLine>, u64, bool)>;
+    fn logs_timed(
+        &self,
+        name: &str,
+        since: u64,
+        max: u32,
+    ) -> zbus::Result<(Vec<TimedLine>, u64, bool)>;
 }
 
 /// Connects to vmmd at `socket` (with `cup --remote`, to the remote

@@ -273,6 +273,15 @@ pub struct LogsArgs {
     /// How many lines from the end, or `all`
     #[arg(short = 'n', long = "tail", value_name = "N", default_value = "100", value_parser = parse_tail)]
     pub tail: u32,
+    /// Only lines from this time on: 2026-12-07T10:00:00Z, Unix seconds, or a duration ago (10m, 1h30m)
+    #[arg(long, value_name = "TIME", value_parser = crate::logs::parse_time)]
+    pub since: Option<u64>,
+    /// Only lines up to this time (as --since); with -f, follow until then
+    #[arg(long, value_name = "TIME", value_parser = crate::logs::parse_time)]
+    pub until: Option<u64>,
+    /// Each line with the time it arrived (RFC 3339, UTC)
+    #[arg(short, long)]
+    pub timestamps: bool,
     /// The workload
     #[arg(required_unless_present = "unit", conflicts_with = "unit")]
     pub name: Option<String>,

@@ -14,6 +14,7 @@ mod apply;
 mod cli;
 mod context;
 mod error;
+mod logs;
 mod update;
 mod view;
 mod workloads;
@@ -23,7 +24,6 @@ use cli::{Cli, Command, ImageCommand, MachineCommand, UnitCommand};
 use error::{usage, CupError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 use steelcup_api::init1::UnitInfo;
 use steelcup_api::init1::{self as client, Init1Proxy};
 
@@ -260,26 +260,24 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-/// `cup logs --unit NAME [-f] [-n N]`: a unit's log; followed until cup
-/// is interrupted.
-fn unit_logs(unit: &str, lines: u32, follow: bool) -> Result<(), CupError> {
-    let p = proxy()?;
-    let (first, mut cursor) = p.tail(unit, lines)?;
-    for (_, l) in first {
-        println!("{l}");
+/// A unit's log, for `cup logs --unit NAME`: followed until cup is
+/// interrupted.
+struct UnitLog<'a> {
+    p: Init1Proxy<'static>,
+    unit: &'a str,
+}
+
+impl logs::Source for UnitLog<'_> {
+    fn tail(&self, n: u32) -> Result<(Vec<steelcup_api::vmm1::TimedLine>, u64, bool), CupError> {
+        let (lines, next) = self.p.tail_timed(self.unit, n)?;
+        Ok((lines, next, true))
     }
-    if !follow {
-        return Ok(());
-    }
-    loop {
-        let (more, next) = p.logs(unit, cursor, 1000)?;
-        if more.is_empty() {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        for (_, l) in more {
-            println!("{l}");
-        }
-        cursor = next;
+    fn read(
+        &self,
+        cursor: u64,
+    ) -> Result<(Vec<steelcup_api::vmm1::TimedLine>, u64, bool), CupError> {
+        let (lines, next) = self.p.logs_timed(self.unit, cursor, 1000)?;
+        Ok((lines, next, true))
     }
 }
 
@@ -295,7 +293,7 @@ fn each(
         match act(n) {
             Ok(()) => println!("{n}"),
             Err(e) => {
-                eprintln!("cup: {n}: {e}");
+                eprintln!("cup: {e}");
                 failed = true;
             }
         }
@@ -354,9 +352,14 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             }
         }
         Command::Logs(l) => match (&l.unit, &l.name) {
-            (Some(unit), _) => unit_logs(unit, l.tail, l.follow)?,
+            (Some(unit), _) => {
+                let src = UnitLog { p: proxy()?, unit };
+                return code(logs::show(&src, &l, &mut std::io::stdout().lock()));
+            }
             (None, Some(name)) => {
-                return code(crate::workloads::logs(&vmmd()?, name, l.tail, l.follow))
+                let p = vmmd()?;
+                let src = crate::workloads::WorkloadLog { p: &p, name };
+                return code(logs::show(&src, &l, &mut std::io::stdout().lock()));
             }
             (None, None) => return Err(usage!("logs needs a workload name or --unit NAME")),
         },
@@ -417,7 +420,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
                 match p.remove_image(name) {
                     Ok(()) => println!("untagged {name}"),
                     Err(e) => {
-                        eprintln!("cup: {name}: {}", CupError::from(e));
+                        eprintln!("cup: {}", CupError::from(e));
                         failed = true;
                     }
                 }

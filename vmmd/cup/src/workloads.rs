@@ -7,7 +7,7 @@ use crate::view;
 use std::io::Write;
 use std::time::Duration;
 use steelcup_api::attach;
-use steelcup_api::vmm1::{Outcome, RunSpec, Vmm1ClientProxy, WorkloadState};
+use steelcup_api::vmm1::{Outcome, RunSpec, TimedLine, Vmm1ClientProxy, WorkloadState};
 use steelcup_proto::stdio::{ExecRequest, ATTACH_PORT};
 
 fn env_pair(v: &str) -> Result<(String, String), CupError> {
@@ -523,40 +523,33 @@ pub fn attach(p: &Vmm1ClientProxy<'static>, a: &AttachArgs) -> Result<u8, CupErr
     }
 }
 
-/// `cup logs [-f] [-n N] NAME`: a workload's console output; with `-f`,
-/// new lines as they come until the workload has ended.
-pub fn logs(p: &Vmm1ClientProxy, name: &str, lines: u32, follow: bool) -> Result<u8, CupError> {
-    let api = |e: zbus::Error| match e {
-        zbus::Error::MethodError(n, _, _) if n.as_str().ends_with(".NoSuchVm") => {
-            CupError::NoWorkloadLog(name.to_string())
-        }
-        e => e.into(),
-    };
-    let (first, mut cursor, mut running) = p.tail(name, lines).map_err(api)?;
-    let mut out = std::io::stdout().lock();
-    for (_, l) in first {
-        let _ = writeln!(out, "{l}");
-    }
-    let _ = out.flush();
-    if !follow {
-        return Ok(0);
-    }
-    // Until the workload has ended and its log is read.
-    loop {
-        let (more, next, still) = p.logs(name, cursor, 1000).map_err(api)?;
-        if more.is_empty() {
-            if !running {
-                break;
+/// A workload's console output, for `cup logs NAME`: followed until the
+/// workload has ended.
+pub struct WorkloadLog<'a> {
+    pub p: &'a Vmm1ClientProxy<'static>,
+    pub name: &'a str,
+}
+
+impl WorkloadLog<'_> {
+    fn api(&self, e: zbus::Error) -> CupError {
+        match e {
+            zbus::Error::MethodError(n, _, _) if n.as_str().ends_with(".NoSuchVm") => {
+                CupError::NoWorkloadLog(self.name.to_string())
             }
-            std::thread::sleep(Duration::from_millis(200));
+            e => e.into(),
         }
-        for (_, l) in more {
-            let _ = writeln!(out, "{l}");
-        }
-        let _ = out.flush();
-        (cursor, running) = (next, still);
     }
-    Ok(0)
+}
+
+impl crate::logs::Source for WorkloadLog<'_> {
+    fn tail(&self, n: u32) -> Result<(Vec<TimedLine>, u64, bool), CupError> {
+        self.p.tail_timed(self.name, n).map_err(|e| self.api(e))
+    }
+    fn read(&self, cursor: u64) -> Result<(Vec<TimedLine>, u64, bool), CupError> {
+        self.p
+            .logs_timed(self.name, cursor, 1000)
+            .map_err(|e| self.api(e))
+    }
 }
 
 #[cfg(test)]

@@ -167,7 +167,28 @@ impl Vmm1 {
         name: String,
         lines: u32,
     ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+        let (lines, next, running) = self.logs_of(name, None, lines).await?;
+        Ok((untimed(lines), next, running))
+    }
+
+    /// As `Tail`, each line as (sequence number, microseconds since the
+    /// Unix epoch when vmmd got it, text).
+    async fn tail_timed(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<TimedLine>, u64, bool), Vmm1Error> {
         self.logs_of(name, None, lines).await
+    }
+
+    /// As `Logs`, each line with its time (see `TailTimed`).
+    async fn logs_timed(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<TimedLine>, u64, bool), Vmm1Error> {
+        self.logs_of(name, Some(since), max).await
     }
 
     /// A workload's console output from sequence number `since`, at most
@@ -178,7 +199,8 @@ impl Vmm1 {
         since: u64,
         max: u32,
     ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
-        self.logs_of(name, Some(since), max).await
+        let (lines, next, running) = self.logs_of(name, Some(since), max).await?;
+        Ok((untimed(lines), next, running))
     }
 
     /// Emitted on every change of a workload's state, health or last
@@ -200,13 +222,20 @@ impl Vmm1 {
     }
 }
 
+fn untimed(lines: Vec<TimedLine>) -> Vec<(u64, String)> {
+    lines
+        .into_iter()
+        .map(|(seq, _, text)| (seq, text))
+        .collect()
+}
+
 impl Vmm1 {
     async fn logs_of(
         &self,
         name: String,
         since: Option<u64>,
         max: u32,
-    ) -> Result<(Vec<(u64, String)>, u64, bool), Vmm1Error> {
+    ) -> Result<(Vec<TimedLine>, u64, bool), Vmm1Error> {
         match self.call(Action::Logs { name, since, max }).await? {
             Reply::Logs(lines, next, running) => Ok((lines, next, running)),
             r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),

@@ -269,6 +269,29 @@ impl Init1 {
         Ok(self.logs.tail(&name, lines.min(10_000) as usize))
     }
 
+    /// As `Logs`, each line as (sequence number, microseconds since the
+    /// Unix epoch when init got it, text).
+    async fn logs_timed(
+        &self,
+        name: String,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, u64, String)>, u64), Init1Error> {
+        let (lines, next) = self.logs.read_timed(&name, since, max.min(10_000) as usize);
+        Ok((timed(lines), next))
+    }
+
+    /// As `Tail`, each line with its time (see `LogsTimed`).
+    async fn tail_timed(
+        &self,
+        name: String,
+        lines: u32,
+    ) -> Result<(Vec<(u64, u64, String)>, u64), Init1Error> {
+        self.handle.call(Action::Status(name.clone())).await?;
+        let (lines, next) = self.logs.tail_timed(&name, lines.min(10_000) as usize);
+        Ok((timed(lines), next))
+    }
+
     async fn power_off(&self) -> Result<(), Init1Error> {
         self.handle.call(Action::PowerOff).await.map(|_| ())
     }
@@ -349,6 +372,13 @@ pub fn serve(
             }
         },
     ))
+}
+
+fn timed(lines: Vec<steelcup_os::logs::Line>) -> Vec<(u64, u64, String)> {
+    lines
+        .into_iter()
+        .map(|l| (l.seq, l.micros, l.text))
+        .collect()
 }
 
 #[cfg(test)]

@@ -126,11 +126,14 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
             Some(w) => {
                 let max = max.min(10_000) as usize;
                 let (lines, next) = match since {
-                    Some(s) => opts.logs.read(&name, s, max),
-                    None => opts.logs.tail(&name, max),
+                    Some(s) => opts.logs.read_timed(&name, s, max),
+                    None => opts.logs.tail_timed(&name, max),
                 };
                 Ok(Reply::Logs(
-                    lines,
+                    lines
+                        .into_iter()
+                        .map(|l| (l.seq, l.micros, l.text))
+                        .collect(),
                     next,
                     w.pid.is_some() || w.restart_at.is_some() || w.preparing,
                 ))
