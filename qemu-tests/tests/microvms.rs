@@ -111,6 +111,13 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: detached: sleeper", STEP)?;
     g.wait_for("driver: exec as app in /work with hello", STEP)?;
     g.wait_for("driver: exec -u root: 0", STEP)?;
+    g.wait_for("driver: exec -d returned 0", STEP)?;
+    g.wait_for("driver: exec -d: detached exec ran", STEP)?;
+    g.wait_for(
+        "driver: options: in /tmp as 1000:1000 on made-up, db at 10.1.2.3, root read-only",
+        STEP,
+    )?;
+    g.wait_for("driver: half: cpu.max 50000 100000, vCPUs 1", BOOT)?;
     // Workloads find each other by name (vmmd's DNS on the bridge); one
     // with network = none has no interface but loopback and reaches nothing.
     g.wait_for("driver: sleeper reached web by name: web is 10.88.", STEP)?;

@@ -81,6 +81,13 @@ pub struct GuestConfig {
     /// module docs); every other field is ignored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pool: bool,
+    /// The root stays read-only: no writable layer over the root image
+    /// (volumes and the tmpfs mounts stay writable).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// More `/etc/hosts` lines: a name and its address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<(String, std::net::IpAddr)>,
 }
 
 /// The resource limits a workload may set, by the names `ulimit` and
@@ -295,8 +302,7 @@ impl GuestNetwork {
 
     /// `/etc/hosts`: loopback, and the workload's own name on its address.
     pub fn hosts(&self, hostname: Option<&str>) -> String {
-        let mut s =
-            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let mut s = String::from(LOCALHOST_LINES);
         let addr = self.address.split('/').next().unwrap_or_default();
         if let Some(h) = hostname.filter(|h| !h.is_empty()) {
             match self.search.first() {
@@ -307,6 +313,10 @@ impl GuestNetwork {
         s
     }
 }
+
+/// The loopback lines every `/etc/hosts` vminit writes starts with.
+pub const LOCALHOST_LINES: &str =
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// Parses a MAC address written `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -471,6 +481,8 @@ mod tests {
             tty: false,
             rlimits: [("nofile".to_string(), 1024)].into(),
             pool: false,
+            read_only: true,
+            extra_hosts: vec![("db.internal".into(), [10, 1, 2, 3].into())],
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<GuestConfig>(&json).unwrap(), c);

@@ -51,6 +51,10 @@ pub struct ExecRequest {
     /// A terminal: stdout and stderr become one stream.
     #[serde(default)]
     pub tty: bool,
+    /// `cup exec -d`: start the process and answer at once (exit code 0
+    /// once it runs); its output goes to the workload's console log.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
 }
 
 /// Writes one frame.

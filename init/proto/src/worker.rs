@@ -59,6 +59,11 @@ pub struct VmConfig {
     /// directory (see `jail::mount`). None: no jail (a worker run by hand).
     #[serde(default)]
     pub jail_scratch: Option<PathBuf>,
+    /// For vmmd, not the worker: the CPU time its cgroup allows, in
+    /// thousandths of a CPU per period (`cpu-max`, `cup run --cpus 1.5`);
+    /// as many CPUs as vCPUs when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_millis: Option<u32>,
 }
 
 impl VmConfig {

@@ -97,8 +97,10 @@ pub struct Unit {
     pub kind: UnitKind,
 }
 
-/// What a unit runs.
+/// What a unit runs. (A machine holds tens of units: the size of the
+/// larger variant costs nothing worth a box.)
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum UnitKind {
     Service(ServiceSection),
     Microvm(MicrovmSection),
@@ -380,7 +382,129 @@ pub struct MicrovmSection {
     /// most [`MAX_LABELS`], names non-empty, each at most 4 KiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Replaces the image's `Entrypoint` and, as `docker run --entrypoint`
+    /// does, its `Cmd` (then `cmd` alone is the arguments); `[]` runs
+    /// `cmd` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// The working directory (absolute), over the image's `WorkingDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Who the workload runs as (`USER`, `UID`, `USER:GROUP`, `UID:GID`),
+    /// over the image's `User`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The guest's hostname; the workload's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The root filesystem is mounted read-only (no writable layer);
+    /// volumes, `/tmp`, `/run` and `/dev` stay writable.
+    #[serde(
+        default,
+        rename = "read-only",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_only: bool,
+    /// More `/etc/hosts` lines: a name and its address (`cup run --add-host`).
+    #[serde(
+        default,
+        rename = "extra-hosts",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub extra_hosts: BTreeMap<String, std::net::IpAddr>,
+    /// CPU time the VM may use, in CPUs (`1.5`: one and a half CPUs' worth
+    /// each 100 ms, spread over its vCPUs); it gets at least that many
+    /// vCPUs, rounded up. As many CPUs as vCPUs when absent.
+    #[serde(default, rename = "cpu-max", skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<Cpus>,
 }
+
+impl Default for MicrovmSection {
+    fn default() -> Self {
+        MicrovmSection {
+            image: None,
+            kernel: None,
+            initramfs: None,
+            cmd: Vec::new(),
+            env: BTreeMap::new(),
+            vcpus: default_vcpus(),
+            memory: MemSize::default(),
+            restart: Restart::default(),
+            root: None,
+            volumes: Vec::new(),
+            network: Network::default(),
+            ports: Vec::new(),
+            network_scope: None,
+            memory_backing: MemoryBacking::default(),
+            huge_pages: false,
+            rlimits: BTreeMap::new(),
+            replicas: default_replicas(),
+            health: None,
+            labels: BTreeMap::new(),
+            entrypoint: None,
+            workdir: None,
+            user: None,
+            hostname: None,
+            read_only: false,
+            extra_hosts: BTreeMap::new(),
+            cpu_max: None,
+        }
+    }
+}
+
+/// A number of CPUs as Docker's `--cpus` writes it (`0.5`, `2`), kept in
+/// thousandths: 0.001 to 255.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Cpus(u32);
+
+impl Cpus {
+    /// Thousandths of a CPU.
+    pub fn millis(self) -> u32 {
+        self.0
+    }
+    /// The whole CPUs it needs: 1.5 needs 2.
+    pub fn whole(self) -> u8 {
+        self.0.div_ceil(1000).clamp(1, 255) as u8
+    }
+}
+
+impl TryFrom<f64> for Cpus {
+    type Error = String;
+    fn try_from(c: f64) -> Result<Cpus, String> {
+        let millis = (c * 1000.0).round();
+        if !(1.0..=255_000.0).contains(&millis) {
+            return Err(format!("{c} CPUs: 0.001 to 255"));
+        }
+        Ok(Cpus(millis as u32))
+    }
+}
+
+impl From<Cpus> for f64 {
+    fn from(c: Cpus) -> f64 {
+        f64::from(c.0) / 1000.0
+    }
+}
+
+impl std::str::FromStr for Cpus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cpus, String> {
+        let c: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: a number of CPUs, like 0.5 or 2"))?;
+        Cpus::try_from(c)
+    }
+}
+
+impl fmt::Display for Cpus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", f64::from(*self))
+    }
+}
+
+/// The most `extra-hosts` a workload may have.
+pub const MAX_EXTRA_HOSTS: usize = 64;
 
 /// The most labels a workload may carry.
 pub const MAX_LABELS: usize = 64;
@@ -404,6 +528,61 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
 }
 
 impl MicrovmSection {
+    /// What is wrong with `entrypoint`, `workdir`, `user`, `hostname`,
+    /// `extra-hosts` and `cpu-max`, if anything (`cup run` checks the same).
+    pub fn check_process(&self) -> Result<(), String> {
+        let clean = |s: &str| !s.chars().any(|c| c.is_control());
+        if let Some(e) = &self.entrypoint {
+            if e.len() > 256
+                || e.iter().any(|a| a.contains('\0'))
+                || e.first().is_some_and(String::is_empty)
+            {
+                return Err("entrypoint: at most 256 arguments, the first not empty, none holding a NUL byte".into());
+            }
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || w.len() > 4096 || !clean(w) {
+                return Err(format!("workdir: {w:?} must be an absolute path"));
+            }
+        }
+        if let Some(u) = &self.user {
+            let ok = !u.is_empty()
+                && u.len() <= 256
+                && u.split(':').count() <= 2
+                && u.split(':').all(|p| !p.is_empty())
+                && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(format!(
+                    "user: {u:?} must be USER, UID, USER:GROUP or UID:GID"
+                ));
+            }
+        }
+        if let Some(h) = &self.hostname {
+            if !valid_hostname(h) {
+                return Err(format!(
+                    "hostname: {h:?} must be 1-63 letters, digits and '-' per dot-separated label, at most 253 in all"
+                ));
+            }
+        }
+        if self.extra_hosts.len() > MAX_EXTRA_HOSTS {
+            return Err(format!("extra-hosts: at most {MAX_EXTRA_HOSTS}"));
+        }
+        if let Some(h) = self.extra_hosts.keys().find(|h| !valid_hostname(h)) {
+            return Err(format!(
+                "extra-hosts: {h:?} is not a host name (letters, digits, '-' and '.')"
+            ));
+        }
+        if self.cpu_max.is_some_and(|c| c.whole() > 32) {
+            return Err("cpu-max: at most 32 CPUs (as vcpus)".into());
+        }
+        Ok(())
+    }
+
+    /// The vCPUs the VM gets: `vcpus`, or more when `cpu-max` needs them.
+    pub fn vcpus(&self) -> u8 {
+        self.vcpus.max(self.cpu_max.map_or(1, Cpus::whole))
+    }
+
     /// What is wrong with `network`, `ports` and `network-scope`, if
     /// anything (`cup run` checks the same).
     pub fn check_network(&self) -> Result<(), String> {
@@ -429,6 +608,20 @@ impl MicrovmSection {
         }
         Ok(())
     }
+}
+
+/// A host name as RFC 1123 allows it: dot-separated labels of 1-63
+/// letters, digits and '-' (not first or last), at most 253 in all.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// The most ports one workload may publish.
@@ -790,6 +983,59 @@ vcpus = 2
         assert_eq!(m.memory, MemSize(64 << 20));
         assert_eq!(m.vcpus, 2);
         assert_eq!(u.unit.after, vec!["vmmd"]);
+    }
+
+    #[test]
+    fn a_microvm_takes_dockers_process_options() {
+        let u = parse(
+            &p("app"),
+            r#"
+[microvm]
+image = "busybox"
+entrypoint = ["/bin/sh", "-c"]
+cmd = ["echo hi"]
+workdir = "/srv"
+user = "app:staff"
+hostname = "box.example"
+read-only = true
+extra-hosts = { "db.internal" = "10.1.2.3", "v6" = "::1" }
+cpu-max = 1.5
+"#,
+        )
+        .unwrap();
+        let UnitKind::Microvm(m) = u.kind else {
+            panic!("not a microvm")
+        };
+        assert_eq!(m.entrypoint, Some(vec!["/bin/sh".into(), "-c".into()]));
+        assert_eq!(m.workdir.as_deref(), Some("/srv"));
+        assert_eq!(m.user.as_deref(), Some("app:staff"));
+        assert_eq!(m.hostname.as_deref(), Some("box.example"));
+        assert!(m.read_only);
+        assert_eq!(m.extra_hosts["db.internal"].to_string(), "10.1.2.3");
+        assert_eq!(m.cpu_max.map(Cpus::millis), Some(1500));
+        assert_eq!(m.vcpus(), 2, "1.5 CPUs need 2 vCPUs");
+        // Written back as read.
+        let again = toml::to_string(&m).unwrap();
+        assert_eq!(toml::from_str::<MicrovmSection>(&again).unwrap(), m);
+        for (line, says) in [
+            ("workdir = \"srv\"", "workdir"),
+            ("user = \"a:b:c\"", "user"),
+            ("user = \"\"", "user"),
+            ("hostname = \"-bad\"", "hostname"),
+            ("hostname = \"a b\"", "hostname"),
+            ("extra-hosts = { \"x_y\" = \"10.0.0.1\" }", "extra-hosts"),
+            (
+                "extra-hosts = { \"db\" = \"10.0.0\" }",
+                "invalid IP address",
+            ),
+            ("cpu-max = 0", "0.001 to 255"),
+            ("cpu-max = 40", "cpu-max"),
+            ("entrypoint = [\"\"]", "entrypoint"),
+        ] {
+            let text = format!("[microvm]\nimage = \"busybox\"\n{line}\n");
+            let err = parse(&p("app"), &text).unwrap_err().to_string();
+            assert!(err.contains(says), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -164,6 +164,9 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
             if let Err(e) = m.check_network() {
                 return Err(UnitError::invalid(path, format!("[microvm] {e}")));
             }
+            if let Err(e) = m.check_process() {
+                return Err(UnitError::invalid(path, format!("[microvm] {e}")));
+            }
             if let Err(e) = crate::check_labels(&m.labels) {
                 return Err(UnitError::invalid(path, format!("[microvm] labels: {e}")));
             }

@@ -423,6 +423,9 @@ fn exec_one(config: &GuestConfig, conn: std::fs::File) {
         Ok(c) => c,
         Err(e) => return stdio::guest::refuse(conn, &e, libc::EINVAL),
     };
+    if request.detach {
+        return exec_detached(cmd, conn, &request.argv);
+    }
     let (tx, rx) = mpsc::channel();
     // Registered before the main loop can reap it: the lock is held from
     // before the fork until the pid is in the map.
@@ -455,6 +458,36 @@ fn exec_one(config: &GuestConfig, conn: std::fs::File) {
     attached.finish(status);
 }
 
+/// `cup exec -d`: the process runs with stdin closed and its output on
+/// the console (the workload's log); the host is told it started (exit
+/// code 0) or why not. The main loop reaps it like any orphan.
+fn exec_detached(mut cmd: std::process::Command, mut conn: std::fs::File, argv: &[String]) {
+    cmd.stdin(std::process::Stdio::null()).process_group(0);
+    // Held across the spawn, as for an attached exec (see `run`).
+    let spawned = {
+        let _execs = EXECS.lock().unwrap_or_else(|p| p.into_inner());
+        cmd.spawn()
+    };
+    match spawned {
+        Ok(_) => {
+            let status = ExitStatus::Exited { code: 0 };
+            let _ = stdio::write_frame(
+                &mut conn,
+                stdio::EXIT,
+                &serde_json::to_vec(&status).unwrap_or_default(),
+            );
+        }
+        Err(e) => stdio::guest::refuse(
+            conn,
+            &format!(
+                "cannot run {}: {e}",
+                argv.first().map(String::as_str).unwrap_or("")
+            ),
+            e.raw_os_error().unwrap_or(libc::ENOENT),
+        ),
+    }
+}
+
 /// Brings the interface up with its address and default route.
 fn configure_network(net: &steelcup_proto::guest::GuestNetwork) -> Result<(), String> {
     let (addr, prefix) = steelcup_proto::parse_cidr(&net.address)?;
@@ -473,22 +506,43 @@ fn configure_network(net: &steelcup_proto::guest::GuestNetwork) -> Result<(), St
     Ok(())
 }
 
-/// `/etc/hosts` and `/etc/resolv.conf` of the workload's root (its
-/// writable layer), replacing the image's (a symlink too).
-fn write_name_files(
-    net: &steelcup_proto::guest::GuestNetwork,
-    hostname: Option<&str>,
-) -> Result<(), String> {
+/// `/etc/hosts` (with the extra hosts) and `/etc/resolv.conf` of the
+/// workload's root (its writable layer), replacing the image's (a symlink
+/// too). Without a network, `/etc/hosts` only when there are extra hosts.
+fn write_name_files(config: &GuestConfig) -> Result<(), String> {
     let write = |path: &str, text: &str| {
         let _ = std::fs::create_dir_all("/etc");
         let _ = std::fs::remove_file(path);
         std::fs::write(path, text).map_err(|e| format!("{path}: {e}"))
     };
-    write("/etc/hosts", &net.hosts(hostname))?;
-    if let Some(r) = net.resolv_conf() {
+    let hostname = config.hostname.as_deref();
+    let mut hosts = match &config.network {
+        Some(net) => net.hosts(hostname),
+        None if config.extra_hosts.is_empty() => return Ok(()),
+        None => steelcup_proto::guest::LOCALHOST_LINES.to_string(),
+    };
+    for (name, addr) in &config.extra_hosts {
+        hosts.push_str(&format!("{addr}\t{name}\n"));
+    }
+    write("/etc/hosts", &hosts)?;
+    if let Some(r) = config.network.as_ref().and_then(|n| n.resolv_conf()) {
         write("/etc/resolv.conf", &r)?;
     }
     Ok(())
+}
+
+/// `--read-only`: the root mount (the overlay, or the initramfs) becomes
+/// read-only; the mounts under it (volumes, /proc, /dev, /run, /tmp) keep
+/// their own flags.
+fn root_read_only() -> Result<(), String> {
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("remount / read-only: {e}"))
 }
 
 fn fail(msg: &str, errno: i32) -> ExitStatus {
@@ -569,9 +623,12 @@ fn run() -> ExitStatus {
     if let Err(e) = prepared {
         return fail(&e, libc::EIO);
     }
-    if let Some(net) = &config.network {
-        if let Err(e) = write_name_files(net, config.hostname.as_deref()) {
-            return fail(&format!("network files: {e}"), libc::EIO);
+    if let Err(e) = write_name_files(&config) {
+        return fail(&format!("network files: {e}"), libc::EIO);
+    }
+    if config.read_only {
+        if let Err(e) = root_read_only() {
+            return fail(&e, libc::EIO);
         }
     }
     let Some(program) = config.cmd.first() else {

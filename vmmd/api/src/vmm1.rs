@@ -37,7 +37,7 @@ pub enum Action {
     /// Start a workload that is not running (resets its restart backoff).
     Start(String),
     /// A new workload from an image (`cup run`); answered with its name.
-    Run(RunSpec),
+    Run(Box<RunSpec>),
     /// The Unix socket of a running workload's vsock device (the host
     /// side of `cup run`'s attach and `cup exec`).
     Socket(String),
@@ -123,6 +123,28 @@ pub struct RunSpec {
     /// `-l NAME=VALUE`.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `--entrypoint` (`""`: none); replaces the image's Cmd too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `-w DIR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `-u USER[:GROUP]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `--hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `--read-only`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// `--add-host NAME:ADDRESS`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra_hosts: std::collections::BTreeMap<String, std::net::IpAddr>,
+    /// `--cpus 1.5`: CPU time in CPUs (the VM gets at least that many
+    /// vCPUs, rounded up, and a cgroup quota of exactly that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<steelcup_units::Cpus>,
 }
 
 /// A named volume of a `cup run` workload, `NAME:/PATH[:ro]` on the

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use steelcup_api::vmm1::NamedVolume;
 use steelcup_units::ports::PortSpec;
-use steelcup_units::{MemSize, Network, Restart};
+use steelcup_units::{Cpus, MemSize, Network, Restart};
 
 const AFTER_HELP: &str = "\
 cup talks to the machine of its current context (`cup context ls`; `cargo
@@ -176,7 +176,9 @@ pub struct PsArgs {
     pub no_trunc: bool,
 }
 
+/// `-h` is `--hostname`, as in `docker run`; help is `--help` alone.
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct RunArgs {
     /// Run in the background; print the workload's name
     #[arg(short, long)]
@@ -202,9 +204,9 @@ pub struct RunArgs {
     /// A label, NAME=VALUE (or NAME)
     #[arg(short, long = "label", value_name = "NAME[=VALUE]")]
     pub label: Vec<String>,
-    /// vCPUs (whole numbers)
+    /// CPU time in CPUs, like 0.5 or 2: the VM gets that many vCPUs rounded up, and a CPU quota of exactly that
     #[arg(long, value_name = "N", value_parser = parse_cpus)]
-    pub cpus: Option<u8>,
+    pub cpus: Option<Cpus>,
     /// Guest memory, as Docker writes it: 512m, 1g, 1.5g (16 MiB to 3 GiB)
     #[arg(short, long, value_name = "SIZE", value_parser = parse_memory)]
     pub memory: Option<MemSize>,
@@ -223,6 +225,30 @@ pub struct RunArgs {
     /// bridge (the default) or none
     #[arg(long, visible_alias = "net", value_name = "NETWORK", value_parser = parse_network)]
     pub network: Option<Network>,
+    /// The working directory inside the guest (over the image's)
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Who the workload runs as: USER, UID, USER:GROUP or UID:GID (over the image's)
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Replaces the image's entrypoint and its default command ("" for none)
+    #[arg(long, value_name = "PROGRAM")]
+    pub entrypoint: Option<String>,
+    /// The guest's hostname (default: the workload's name)
+    #[arg(short = 'h', long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Mount the root filesystem read-only (volumes, /tmp and /run stay writable)
+    #[arg(long)]
+    pub read_only: bool,
+    /// Run an init that reaps zombies and forwards signals: every microVM has one already (vminit, its PID 1)
+    #[arg(long)]
+    pub init: bool,
+    /// A line for /etc/hosts, NAME:ADDRESS
+    #[arg(long = "add-host", value_name = "NAME:ADDRESS", value_parser = parse_add_host)]
+    pub add_host: Vec<(String, std::net::IpAddr)>,
+    /// Print help
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
     /// The image, then the command and its arguments (everything after the image)
     #[arg(
         required = true,
@@ -250,6 +276,9 @@ pub struct ExecArgs {
     /// The user (name or uid[:gid]) inside the guest
     #[arg(short, long, value_name = "USER")]
     pub user: Option<String>,
+    /// Start the process and return at once; its output goes to the workload's log
+    #[arg(short, long, conflicts_with_all = ["interactive", "tty"])]
+    pub detach: bool,
     /// The workload
     pub name: String,
     /// The command and its arguments
@@ -505,14 +534,31 @@ impl Command {
     }
 }
 
-fn parse_cpus(s: &str) -> Result<u8, String> {
-    match s.parse::<u8>() {
-        Ok(n) if (1..=32).contains(&n) => Ok(n),
-        _ if s.parse::<f64>().is_ok_and(|f| f.fract() != 0.0) => Err(format!(
-            "{s}: whole vCPUs only (1 to 32); a fraction of a CPU is not offered yet"
-        )),
-        _ => Err(format!("{s}: a whole number of vCPUs, 1 to 32")),
+fn parse_cpus(s: &str) -> Result<Cpus, String> {
+    let c: Cpus = s.parse()?;
+    if c.whole() > 32 {
+        return Err(format!("{s}: at most 32 CPUs"));
     }
+    Ok(c)
+}
+
+/// `--add-host NAME:ADDRESS` (or `NAME=ADDRESS`, as newer Docker takes
+/// it); an IPv6 address may be in brackets.
+fn parse_add_host(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .ok_or_else(|| format!("{s:?}: expected NAME:ADDRESS"))?;
+    if !steelcup_units::valid_hostname(name) {
+        return Err(format!(
+            "{s:?}: {name:?} is not a host name (letters, digits, '-' and '.')"
+        ));
+    }
+    let bare = addr.trim_start_matches('[').trim_end_matches(']');
+    let ip = bare.parse().map_err(|_| {
+        format!("{s:?}: {addr:?} is not an IP address (host-gateway is not offered)")
+    })?;
+    Ok((name.to_string(), ip))
 }
 
 fn parse_memory(s: &str) -> Result<MemSize, String> {
@@ -606,7 +652,12 @@ mod tests {
     fn flags_are_checked_before_anything_connects() {
         for (line, says) in [
             ("run -m 12x img", "12x"),
-            ("run --cpus 1.5 img", "whole vCPUs"),
+            ("run --cpus 0 img", "0.001 to 255"),
+            ("run --cpus 33 img", "at most 32"),
+            ("run --add-host db img", "NAME:ADDRESS"),
+            ("run --add-host db:host-gateway img", "not an IP address"),
+            ("run --add-host bad_name:10.0.0.1 img", "not a host name"),
+            ("exec -d -t web ls", "cannot be used"),
             ("run -p nope img", "--publish"),
             ("run -v /etc:/etc img", "--volume"),
             ("run --restart on-failure:3 img", "retry limit"),
@@ -650,6 +701,37 @@ mod tests {
             panic!()
         };
         assert_eq!(a.sig_proxy, Some(false));
+    }
+
+    #[test]
+    fn run_takes_dockers_process_options() {
+        let Command::Run(r) = parse(
+            "run -w /srv -u 1000:1000 -h box --entrypoint /bin/sh --read-only --init --cpus 1.5 --add-host db:10.1.2.3 --add-host v6=[::1] img -c true",
+        )
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(r.workdir.as_deref(), Some("/srv"));
+        assert_eq!(r.user.as_deref(), Some("1000:1000"));
+        assert_eq!(r.hostname.as_deref(), Some("box"));
+        assert_eq!(r.entrypoint.as_deref(), Some("/bin/sh"));
+        assert!(r.read_only && r.init);
+        let cpus = r.cpus.unwrap();
+        assert_eq!((cpus.millis(), cpus.whole()), (1500, 2));
+        assert_eq!(
+            r.add_host,
+            [
+                ("db".to_string(), "10.1.2.3".parse().unwrap()),
+                ("v6".to_string(), "::1".parse().unwrap())
+            ]
+        );
+        assert_eq!(r.image_and_command, ["img", "-c", "true"]);
+        let Command::Exec(e) = parse("exec -d web sh -c x").unwrap().command else {
+            panic!()
+        };
+        assert!(e.detach);
     }
 
     #[test]

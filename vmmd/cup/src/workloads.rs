@@ -83,7 +83,8 @@ pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
         cmd: cmd.to_vec(),
         env: environment(&r.env, &r.env_file)?,
         name: r.name,
-        vcpus: r.cpus,
+        vcpus: None,
+        cpus: r.cpus,
         memory: r.memory,
         attach: !r.detach,
         tty: r.tty && !r.detach,
@@ -94,6 +95,15 @@ pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
         ports: r.publish,
         network: r.network,
         labels,
+        // As Docker: `--entrypoint ""` runs the command alone.
+        entrypoint: r
+            .entrypoint
+            .map(|e| if e.is_empty() { vec![] } else { vec![e] }),
+        workdir: r.workdir,
+        user: r.user,
+        hostname: r.hostname,
+        read_only: r.read_only,
+        extra_hosts: r.add_host.into_iter().collect(),
     };
     let stdin = r.interactive;
     let json = serde_json::to_string(&spec)?;
@@ -185,6 +195,7 @@ pub fn exec(p: &Vmm1ClientProxy<'static>, e: ExecArgs) -> Result<u8, CupError> {
         workdir: e.workdir,
         user: e.user,
         tty: e.tty,
+        detach: e.detach,
     };
     let uds = p.socket(&e.name)?;
     let conn = attach::start_exec(std::path::Path::new(&uds), &request)?;

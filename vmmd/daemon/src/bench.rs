@@ -124,13 +124,14 @@ fn run(args: &[String]) -> Result<(), String> {
             attach: false,
             tty: false,
             rlimits: Default::default(),
-            pool: false,
+            ..Default::default()
         },
         disks: vec![],
         vsock: None,
         net: None,
         report_timing: true,
         jail_scratch: None,
+        cpu_max_millis: None,
     };
     // QEMU gets the very initramfs our worker builds in guest memory.
     let mut initrd =

@@ -104,7 +104,7 @@ impl Vmm1 {
     async fn run(&self, spec: String) -> Result<String, Vmm1Error> {
         let spec: RunSpec = serde_json::from_str(&spec)
             .map_err(|e| Vmm1Error::from(ApiError::Refused(format!("run spec: {e}"))))?;
-        self.text(Action::Run(spec)).await
+        self.text(Action::Run(Box::new(spec))).await
     }
 
     /// The Unix socket of a workload's vsock device (`CONNECT PORT`).

@@ -37,7 +37,7 @@ pub fn image_json(data: &[u8]) {
     let _ = parse_manifest(&d, data);
     if let Ok(config) = serde_json::from_slice::<oci_spec::image::ImageConfiguration>(data) {
         let p = crate::image::workload::Process::from_config(&config);
-        let _ = p.merge(&[], &Default::default());
+        let _ = p.merge(&Default::default());
     }
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = crate::image::source::Source::parse(s);

@@ -44,8 +44,8 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
     }
     let answer = match req.action {
         Action::Run(spec) => {
-            let keep = runs::kept(&spec).then(|| spec.clone());
-            run_workload(&core.workloads, &core.units, spec, now).map(|(name, w)| {
+            let keep = runs::kept(&spec).then(|| spec.as_ref().clone());
+            run_workload(&core.workloads, &core.units, *spec, now).map(|(name, w)| {
                 if let Some(spec) = keep {
                     runs::keep(&opts.state_dir, &name, &spec);
                 }
@@ -246,6 +246,8 @@ pub(super) fn run_workload(
     let memory = spec.memory.unwrap_or_default();
     steelcup_proto::guest::check_rlimits(&spec.rlimits)
         .map_err(|e| ApiError::Refused(format!("--ulimit: {e}")))?;
+    // With `cpus`, the VM gets at least that many, rounded up (see
+    // `MicrovmSection::vcpus`).
     let vcpus = spec.vcpus.unwrap_or(1);
     if !(1..=32).contains(&vcpus) {
         return refused(format!("{vcpus} vCPUs: 1 to 32"));
@@ -275,7 +277,15 @@ pub(super) fn run_workload(
         replicas: 1,
         health: None,
         labels: spec.labels,
+        entrypoint: spec.entrypoint,
+        workdir: spec.workdir,
+        user: spec.user,
+        hostname: spec.hostname,
+        read_only: spec.read_only,
+        extra_hosts: spec.extra_hosts,
+        cpu_max: spec.cpus,
     };
+    section.check_process().map_err(ApiError::Refused)?;
     units::check_labels(&section.labels).map_err(|e| ApiError::Refused(format!("--label: {e}")))?;
     section
         .check_network()
@@ -358,7 +368,7 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                     exit_code: w.last_outcome.exit_code,
                     pid: w.pid.unwrap_or(0) as u32,
                     runs: w.runs as u32,
-                    vcpus: u32::from(w.spec.vcpus),
+                    vcpus: u32::from(w.spec.vcpus()),
                     memory_mib: w.spec.memory.mib() as u32,
                     image: w.spec.image.clone().unwrap_or_default(),
                     labels: w.spec.labels.clone(),

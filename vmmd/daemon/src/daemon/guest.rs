@@ -42,6 +42,7 @@ pub(super) fn probe_command(
         workdir: None,
         user: None,
         tty: false,
+        detach: false,
     };
     let mut conn = steelcup_api::attach::send_exec(conn, &request)?;
     conn.set_read_timeout(Some(timeout))

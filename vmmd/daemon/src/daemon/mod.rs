@@ -25,7 +25,7 @@
 
 use crate::dbus;
 use crate::image::source::PullOptions;
-use crate::image::workload::{Merged, PrepareError, Prepared};
+use crate::image::workload::{PrepareError, Prepared};
 
 use crate::reconcile::{AfterStop, Backend, Core, ProbeFailure, Workload};
 use nix::sys::signal::Signal;
@@ -713,13 +713,8 @@ fn vm_config(
     }
     let (net, network) = net.unzip();
     let process = match prepared {
-        Some(p) => p.process.merge(&spec.cmd, &spec.env)?,
-        None => Merged {
-            argv: spec.cmd.clone(),
-            env: spec.env.clone(),
-            workdir: None,
-            user: None,
-        },
+        Some(p) => p.process.merge(spec)?,
+        None => crate::image::workload::Process::default().merge(spec)?,
     };
     Ok(VmConfig {
         name: name.to_string(),
@@ -729,7 +724,7 @@ fn vm_config(
             .clone()
             .unwrap_or_else(|| opts.initramfs.clone()),
         cmdline: DEFAULT_CMDLINE.to_string(),
-        vcpus: spec.vcpus,
+        vcpus: spec.vcpus(),
         memory_mib: spec.memory.mib(),
         memory_backing: spec.memory_backing,
         huge_pages: spec.huge_pages,
@@ -737,7 +732,7 @@ fn vm_config(
             cmd: process.argv,
             env: process.env,
             workdir: process.workdir,
-            hostname: Some(name.to_string()),
+            hostname: Some(spec.hostname.clone().unwrap_or_else(|| name.to_string())),
             root,
             volumes,
             network,
@@ -746,6 +741,8 @@ fn vm_config(
             tty: false,
             rlimits: spec.rlimits.clone(),
             pool: false,
+            read_only: spec.read_only,
+            extra_hosts: spec.extra_hosts.clone().into_iter().collect(),
         },
         disks,
         vsock: Some(VsockConfig {
@@ -757,6 +754,7 @@ fn vm_config(
         jail_scratch: opts
             .jail
             .then(|| steelcup_vmm::jail::mount::scratch_dir(&opts.run_dir)),
+        cpu_max_millis: None,
     })
 }
 
@@ -887,6 +885,10 @@ mod tests {
             (r#","memory":"8MiB""#, "16 MiB to 3 GiB"),
             (r#","vcpus":0"#, "1 to 32"),
             (r#","rlimits":{"files":1}"#, "unknown limit"),
+            (r#","workdir":"srv""#, "absolute path"),
+            (r#","hostname":"a_b""#, "hostname"),
+            (r#","user":"a:b:c""#, "USER:GROUP"),
+            (r#","extra_hosts":{"-x":"10.0.0.1"}"#, "not a host name"),
         ] {
             let e = refused(run(&mut w, &units, &format!("{{{img}{json}}}")));
             assert!(e.contains(why), "{json}: {e}");

@@ -42,6 +42,7 @@ pub(super) fn pool_vm_config(
         jail_scratch: opts
             .jail
             .then(|| steelcup_vmm::jail::mount::scratch_dir(&opts.run_dir)),
+        cpu_max_millis: None,
     }
 }
 
@@ -65,7 +66,7 @@ pub(super) fn spec_fit(
         && spec.initramfs.as_ref().is_none_or(|i| *i == opts.initramfs)
         && spec.memory_backing == Default::default()
         && !spec.huge_pages;
-    fits.then_some((spec.vcpus, spec.memory.mib()))
+    fits.then_some((spec.vcpus(), spec.memory.mib()))
 }
 
 /// How long a pool VM may take to boot before it is given up.
@@ -138,7 +139,8 @@ pub(super) fn claim(
         .unwrap_or_else(|p| p.into_inner())
         .as_mut()
     {
-        let limits = steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
+        let limits =
+            steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib, vm.cpu_max_millis);
         if let Err(e) = c.move_to(name, limits, worker.pid as u32) {
             tracing::warn!("workload {name}: its VM stays in the pool's cgroup: {e}");
         }

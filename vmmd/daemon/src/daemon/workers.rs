@@ -157,7 +157,8 @@ pub(super) fn spawn_worker(
     let mut config = serde_json::to_vec(&vm).map_err(VmError::Encode)?;
     config.push(b'\n');
     let cgroup = opts.cgroup_root.as_ref().and_then(|root| {
-        let limits = steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib);
+        let limits =
+            steelcup_vmm::jail::cgroup::Limits::for_vm(vm.vcpus, vm.memory_mib, vm.cpu_max_millis);
         steelcup_vmm::jail::cgroup::VmCgroup::create(root, name, limits)
             .map_err(|e| tracing::warn!("workload {name}: no cgroup, limits are off: {e}"))
             .ok()

@@ -64,19 +64,21 @@ impl Process {
         }
     }
 
-    /// Applies a workload's command and environment; an error when nothing
-    /// is left to run.
-    pub fn merge(
-        &self,
-        cmd: &[String],
-        env: &BTreeMap<String, String>,
-    ) -> Result<Merged, NothingToRun> {
-        let mut argv = self.entrypoint.clone();
+    /// Applies a workload's overrides as `docker run` does: its command
+    /// replaces `Cmd`; its `entrypoint` replaces `Entrypoint` and drops
+    /// the image's `Cmd`; its environment wins; its `workdir` and `user`
+    /// replace the image's. An error when nothing is left to run.
+    pub fn merge(&self, w: &steelcup_units::MicrovmSection) -> Result<Merged, NothingToRun> {
+        let (entrypoint, image_cmd) = match &w.entrypoint {
+            Some(e) => (e, &Vec::new()),
+            None => (&self.entrypoint, &self.cmd),
+        };
+        let mut argv = entrypoint.clone();
         argv.extend(
-            if cmd.is_empty() {
-                self.cmd.iter()
+            if w.cmd.is_empty() {
+                image_cmd.iter()
             } else {
-                cmd.iter()
+                w.cmd.iter()
             }
             .cloned(),
         );
@@ -84,12 +86,12 @@ impl Process {
             return Err(NothingToRun);
         }
         let mut merged: BTreeMap<String, String> = self.env.iter().cloned().collect();
-        merged.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged.extend(w.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(Merged {
             argv,
             env: merged,
-            workdir: self.workdir.clone(),
-            user: self.user.clone(),
+            workdir: w.workdir.clone().or_else(|| self.workdir.clone()),
+            user: w.user.clone().or_else(|| self.user.clone()),
         })
     }
 }
@@ -326,10 +328,19 @@ mod tests {
             workdir: Some("/work".into()),
             user: Some("app".into()),
         };
-        let m = p.merge(&[], &BTreeMap::new()).unwrap();
+        let w = |f: &dyn Fn(&mut steelcup_units::MicrovmSection)| {
+            let mut w = steelcup_units::MicrovmSection::default();
+            f(&mut w);
+            w
+        };
+        let m = p.merge(&w(&|_| {})).unwrap();
         assert_eq!(m.argv, v(&["/entry", "default"]));
-        let env: BTreeMap<String, String> = [("A".to_string(), "unit".to_string())].into();
-        let m = p.merge(&v(&["other", "arg"]), &env).unwrap();
+        let m = p
+            .merge(&w(&|w| {
+                w.cmd = v(&["other", "arg"]);
+                w.env = [("A".to_string(), "unit".to_string())].into();
+            }))
+            .unwrap();
         assert_eq!(
             m.argv,
             v(&["/entry", "other", "arg"]),
@@ -341,8 +352,35 @@ mod tests {
             (m.workdir.as_deref(), m.user.as_deref()),
             (Some("/work"), Some("app"))
         );
+        // --entrypoint: the image's Cmd goes with its Entrypoint.
+        let m = p
+            .merge(&w(&|w| w.entrypoint = Some(v(&["/bin/sh"]))))
+            .unwrap();
+        assert_eq!(m.argv, v(&["/bin/sh"]));
+        let m = p
+            .merge(&w(&|w| {
+                w.entrypoint = Some(v(&["/bin/sh"]));
+                w.cmd = v(&["-c", "true"]);
+                w.workdir = Some("/tmp".into());
+                w.user = Some("0:0".into());
+            }))
+            .unwrap();
+        assert_eq!(m.argv, v(&["/bin/sh", "-c", "true"]));
+        assert_eq!(
+            (m.workdir.as_deref(), m.user.as_deref()),
+            (Some("/tmp"), Some("0:0"))
+        );
+        // --entrypoint "" with a command: the command alone.
+        let m = p
+            .merge(&w(&|w| {
+                w.entrypoint = Some(vec![]);
+                w.cmd = v(&["/bin/true"]);
+            }))
+            .unwrap();
+        assert_eq!(m.argv, v(&["/bin/true"]));
+        assert!(p.merge(&w(&|w| w.entrypoint = Some(vec![]))).is_err());
         assert!(Process::default()
-            .merge(&[], &BTreeMap::new())
+            .merge(&w(&|_| {}))
             .unwrap_err()
             .to_string()
             .contains("no Entrypoint"));

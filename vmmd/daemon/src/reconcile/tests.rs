@@ -122,6 +122,7 @@ fn unit(replicas: u32, v: &str) -> MicrovmSection {
         replicas,
         health: None,
         labels: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -36,11 +36,16 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn for_vm(vcpus: u8, memory_mib: u64) -> Self {
+    /// A VM of `vcpus` and `memory_mib`; `cpu_max_millis` (thousandths of
+    /// a CPU) caps its CPU time below its vCPUs' worth (`--cpus 1.5`).
+    pub fn for_vm(vcpus: u8, memory_mib: u64, cpu_max_millis: Option<u32>) -> Self {
+        let whole = u64::from(vcpus.max(1)) * 100_000;
         Limits {
             memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
             pids: u64::from(vcpus) + EXTRA_PIDS,
-            cpu_quota_us: u64::from(vcpus.max(1)) * 100_000,
+            // The kernel's floor for a quota is 1 ms.
+            cpu_quota_us: cpu_max_millis
+                .map_or(whole, |m| (u64::from(m) * 100).clamp(1_000, whole)),
         }
     }
 }
@@ -173,9 +178,12 @@ mod tests {
 
     #[test]
     fn limits_follow_the_vm() {
-        let l = Limits::for_vm(2, 128);
+        let l = Limits::for_vm(2, 128, None);
         assert_eq!(l.memory_bytes, (128 + MEMORY_OVERHEAD_MIB) << 20);
         assert_eq!(l.pids, 2 + EXTRA_PIDS);
         assert_eq!(l.cpu_quota_us, 200_000);
+        // --cpus 1.5 on 2 vCPUs: 150 ms of each 100 ms period's 200.
+        assert_eq!(Limits::for_vm(2, 128, Some(1500)).cpu_quota_us, 150_000);
+        assert_eq!(Limits::for_vm(1, 128, Some(1)).cpu_quota_us, 1_000);
     }
 }
