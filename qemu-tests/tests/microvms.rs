@@ -118,6 +118,7 @@ fn workloads(g: &mut Guest) -> Result<String> {
         STEP,
     )?;
     g.wait_for("driver: half: cpu.max 50000 100000, vCPUs 1", BOOT)?;
+    g.wait_for("driver: flaky: 1 exited 3", BOOT)?;
     // Workloads find each other by name (vmmd's DNS on the bridge); one
     // with network = none has no interface but loopback and reaches nothing.
     g.wait_for("driver: sleeper reached web by name: web is 10.88.", STEP)?;

@@ -417,6 +417,15 @@ pub struct MicrovmSection {
     /// vCPUs, rounded up. As many CPUs as vCPUs when absent.
     #[serde(default, rename = "cpu-max", skip_serializing_if = "Option::is_none")]
     pub cpu_max: Option<Cpus>,
+    /// With `restart = "on-failure"`: at most this many restarts, then the
+    /// workload stays ended (Docker's `on-failure:N`); a `cup start`
+    /// counts from 0 again.
+    #[serde(
+        default,
+        rename = "max-restarts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_restarts: Option<u32>,
 }
 
 impl Default for MicrovmSection {
@@ -448,6 +457,7 @@ impl Default for MicrovmSection {
             read_only: false,
             extra_hosts: BTreeMap::new(),
             cpu_max: None,
+            max_restarts: None,
         }
     }
 }
@@ -571,6 +581,9 @@ impl MicrovmSection {
             return Err(format!(
                 "extra-hosts: {h:?} is not a host name (letters, digits, '-' and '.')"
             ));
+        }
+        if self.max_restarts.is_some() && self.restart != Restart::OnFailure {
+            return Err("max-restarts: only with restart = \"on-failure\"".into());
         }
         if self.cpu_max.is_some_and(|c| c.whole() > 32) {
             return Err("cpu-max: at most 32 CPUs (as vcpus)".into());
@@ -1000,6 +1013,8 @@ hostname = "box.example"
 read-only = true
 extra-hosts = { "db.internal" = "10.1.2.3", "v6" = "::1" }
 cpu-max = 1.5
+restart = "on-failure"
+max-restarts = 3
 "#,
         )
         .unwrap();
@@ -1014,6 +1029,7 @@ cpu-max = 1.5
         assert_eq!(m.extra_hosts["db.internal"].to_string(), "10.1.2.3");
         assert_eq!(m.cpu_max.map(Cpus::millis), Some(1500));
         assert_eq!(m.vcpus(), 2, "1.5 CPUs need 2 vCPUs");
+        assert_eq!(m.max_restarts, Some(3));
         // Written back as read.
         let again = toml::to_string(&m).unwrap();
         assert_eq!(toml::from_str::<MicrovmSection>(&again).unwrap(), m);
@@ -1030,6 +1046,7 @@ cpu-max = 1.5
             ),
             ("cpu-max = 0", "0.001 to 255"),
             ("cpu-max = 40", "cpu-max"),
+            ("max-restarts = 3", "only with restart"),
             ("entrypoint = [\"\"]", "entrypoint"),
         ] {
             let text = format!("[microvm]\nimage = \"busybox\"\n{line}\n");

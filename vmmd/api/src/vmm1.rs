@@ -145,6 +145,9 @@ pub struct RunSpec {
     /// vCPUs, rounded up, and a cgroup quota of exactly that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<steelcup_units::Cpus>,
+    /// `--restart on-failure:N`: at most N restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
 }
 
 /// A named volume of a `cup run` workload, `NAME:/PATH[:ro]` on the

@@ -213,9 +213,9 @@ pub struct RunArgs {
     /// A resource limit, NAME=N or NAME=SOFT:HARD (the hard one is kept)
     #[arg(long, value_name = "NAME=N", value_parser = parse_ulimit)]
     pub ulimit: Vec<(String, u64)>,
-    /// no, on-failure, always or unless-stopped
+    /// no, on-failure[:N] (at most N restarts), always or unless-stopped
     #[arg(long, value_name = "POLICY", value_parser = parse_restart)]
-    pub restart: Option<Restart>,
+    pub restart: Option<(Restart, Option<u32>)>,
     /// A named volume, NAME:/PATH[:ro] (host paths are refused: a microVM shares no host filesystem)
     #[arg(short, long = "volume", value_name = "NAME:/PATH[:ro]", value_parser = parse_volume)]
     pub volume: Vec<NamedVolume>,
@@ -576,15 +576,16 @@ fn parse_ulimit(s: &str) -> Result<(String, u64), String> {
     Ok((n.to_string(), n_val))
 }
 
-fn parse_restart(s: &str) -> Result<Restart, String> {
+fn parse_restart(s: &str) -> Result<(Restart, Option<u32>), String> {
     match s {
-        "no" => Ok(Restart::No),
-        "on-failure" => Ok(Restart::OnFailure),
-        "always" | "unless-stopped" => Ok(Restart::Always),
-        _ if s.starts_with("on-failure:") => Err(format!(
-            "{s}: a retry limit is not offered yet; on-failure retries with the units' backoff"
-        )),
-        _ => Err(format!("{s}: no, on-failure, always or unless-stopped")),
+        "no" => Ok((Restart::No, None)),
+        "on-failure" => Ok((Restart::OnFailure, None)),
+        "always" | "unless-stopped" => Ok((Restart::Always, None)),
+        _ => match s.strip_prefix("on-failure:").map(str::parse::<u32>) {
+            Some(Ok(n)) => Ok((Restart::OnFailure, Some(n))),
+            Some(Err(_)) => Err(format!("{s}: on-failure:N takes a number of restarts")),
+            None => Err(format!("{s}: no, on-failure[:N], always or unless-stopped")),
+        },
     }
 }
 
@@ -660,7 +661,8 @@ mod tests {
             ("exec -d -t web ls", "cannot be used"),
             ("run -p nope img", "--publish"),
             ("run -v /etc:/etc img", "--volume"),
-            ("run --restart on-failure:3 img", "retry limit"),
+            ("run --restart on-failure:x img", "number of restarts"),
+            ("run --restart sometimes img", "on-failure[:N]"),
             ("stop -t five web", "five"),
             ("kill -s NOPE web", "not a signal"),
             ("ps --filter color=red", "color"),
@@ -732,6 +734,10 @@ mod tests {
             panic!()
         };
         assert!(e.detach);
+        let Command::Run(r) = parse("run --restart on-failure:3 img").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(r.restart, Some((Restart::OnFailure, Some(3))));
     }
 
     #[test]

@@ -181,6 +181,8 @@ pub struct Workload {
     pub last_probe: String,
     pub next_probe: Option<Instant>,
     pub probing: bool,
+    /// Restarts its policy made since it was started (`max-restarts`).
+    pub policy_restarts: u32,
 }
 
 impl Workload {
@@ -208,6 +210,7 @@ impl Workload {
             last_probe: String::new(),
             next_probe: None,
             probing: false,
+            policy_restarts: 0,
         }
     }
 
@@ -635,13 +638,25 @@ impl<B: Backend> Core<B> {
         if ran.is_some_and(|r| r >= STEADY) {
             w.backoff.reset();
         }
-        let again = match w.spec.restart {
+        let mut again = match w.spec.restart {
             Restart::Always => true,
             // A reboot from inside asks for the workload again.
             Restart::OnFailure => failed || report.outcome == VmOutcome::Rebooted,
             Restart::No => false,
         };
+        if again
+            && w.spec
+                .max_restarts
+                .is_some_and(|max| w.policy_restarts >= max)
+        {
+            tracing::info!(
+                "workload {name}: not restarted: {} restarts were its most",
+                w.policy_restarts
+            );
+            again = false;
+        }
         if again {
+            w.policy_restarts += 1;
             let delay = w.backoff.take();
             tracing::info!("workload {name}: restarting in {}s", delay.as_secs());
             w.restart_at = Some(now + delay);

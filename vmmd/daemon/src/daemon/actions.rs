@@ -284,6 +284,7 @@ pub(super) fn run_workload(
         read_only: spec.read_only,
         extra_hosts: spec.extra_hosts,
         cpu_max: spec.cpus,
+        max_restarts: spec.max_restarts,
     };
     section.check_process().map_err(ApiError::Refused)?;
     units::check_labels(&section.labels).map_err(|e| ApiError::Refused(format!("--label: {e}")))?;
@@ -408,6 +409,7 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
             }
             w.restart_at = Some(Instant::now());
             w.backoff.reset();
+            w.policy_restarts = 0;
             Ok(Reply::Done)
         }
         // Answered by `execute`.

@@ -424,6 +424,27 @@ fn a_crashing_vm_restarts_with_backoff_and_a_steady_one_resets_it() {
 }
 
 #[test]
+fn on_failure_with_a_limit_gives_up_after_that_many_restarts() {
+    let mut flaky = unit(1, "a");
+    flaky.restart = Restart::OnFailure;
+    flaky.max_restarts = Some(2);
+    let mut w = World::new(&[("flaky", flaky)]);
+    w.tick();
+    assert_eq!(w.calls(), ["start flaky slot=0 env=a"]);
+    for _ in 0..2 {
+        w.crash("flaky");
+        w.wait(30.0);
+        assert_eq!(w.calls(), ["start flaky slot=0 env=a"]);
+    }
+    // The third failure: two restarts were its most.
+    w.crash("flaky");
+    w.wait(60.0);
+    assert_eq!(w.calls(), Vec::<String>::new());
+    assert_eq!(w.state("flaky"), "ended");
+    assert_eq!(w.core.workloads["flaky"].runs, 3);
+}
+
+#[test]
 fn an_image_that_cannot_be_pulled_is_retried_without_holding_up_others() {
     let mut img = unit(1, "a");
     img.image = Some("registry.example/app:1".into());
