@@ -119,6 +119,7 @@ fn workloads(g: &mut Guest) -> Result<String> {
     )?;
     g.wait_for("driver: half: cpu.max 50000 100000, vCPUs 1", BOOT)?;
     g.wait_for("driver: flaky: 1 exited 3", BOOT)?;
+    check_stats(g)?;
     // Workloads find each other by name (vmmd's DNS on the bridge); one
     // with network = none has no interface but loopback and reaches nothing.
     g.wait_for("driver: sleeper reached web by name: web is 10.88.", STEP)?;
@@ -169,6 +170,49 @@ fn workloads(g: &mut Guest) -> Result<String> {
     // Power-off: the rolled replicas are asked to stop over vsock.
     g.wait_for("workload web.3: asked to stop; guest: stopping", STEP)?;
     g.wait_clean_poweroff(STEP)
+}
+
+/// `cup stats --no-stream` as the driver printed it: `busy` (a shell busy
+/// loop) used about one vCPU's worth of CPU between cup's two readings
+/// (its worker's cgroup), and `writer`'s disk counted the 100 MiB it
+/// wrote (the worker's own block counters).
+fn check_stats(g: &mut Guest) -> Result<()> {
+    g.wait_for("driver: stats: writer ", BOOT)?;
+    let serial = g.serial();
+    let line = |name: &str| {
+        serial
+            .lines()
+            .find_map(|l| {
+                l.split_once(&format!("driver: stats: {name} "))
+                    .map(|(_, r)| r.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let (busy, writer) = (line("busy"), line("writer"));
+    // `98.52% 0B / 0B 70.2MiB / 192MiB`
+    let cpu: f64 = busy
+        .split('%')
+        .next()
+        .and_then(|c| c.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("cup stats busy: {busy:?}"))?;
+    anyhow::ensure!(
+        (50.0..=150.0).contains(&cpu),
+        "cup stats: busy used {cpu}% of a CPU: {busy:?}"
+    );
+    let written = writer
+        .split_whitespace()
+        .nth(3)
+        .ok_or_else(|| anyhow::anyhow!("cup stats writer: {writer:?}"))?;
+    let mb: f64 = written
+        .strip_suffix("MB")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("cup stats writer wrote {written:?}: {writer:?}"))?;
+    anyhow::ensure!(
+        mb >= 104.0,
+        "cup stats: writer's disk counted {mb} MB of 100 MiB: {writer:?}"
+    );
+    println!("workloads: cup stats: busy {busy}; writer {writer}");
+    Ok(())
 }
 
 /// An HTTP GET of `path` from this machine to the appliance's published

@@ -217,6 +217,8 @@ pub enum WorkerCommand {
     /// The image for empty disk slot `disk`, `bytes` long (the jailed
     /// worker cannot `fstat`); its descriptor comes with this line.
     Attach { disk: String, bytes: u64 },
+    /// The devices' counters, answered with [`WorkerMessage::Counters`].
+    Counters {},
 }
 
 impl WorkerCommand {
@@ -247,6 +249,20 @@ pub enum WorkerMessage {
     FirstKvmRun { ns: u64 },
     /// How the VM ended: the worker's last message.
     Report { report: WorkerReport },
+    /// The answer to [`WorkerCommand::Counters`].
+    Counters { counters: DeviceCounters },
+}
+
+/// What a VM's devices counted since its worker started (`cup stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceCounters {
+    /// Bytes the guest read from and wrote to its disks.
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+    /// Read and write requests.
+    pub block_reads: u64,
+    pub block_writes: u64,
 }
 
 impl WorkerMessage {

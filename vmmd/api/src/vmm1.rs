@@ -56,6 +56,8 @@ pub enum Action {
     Inspect(String),
     /// Pulls in flight and how far each is.
     Pulls,
+    /// The counters of every running VM.
+    Stats,
     /// A workload's console output: lines from sequence number `since`
     /// (or the last `max` when None), at most `max`.
     Logs {
@@ -432,6 +434,28 @@ pub enum Reply {
     /// it arrived, text), the cursor to go on from, and whether the
     /// workload still runs.
     Logs(Vec<TimedLine>, u64, bool),
+    Stats(Vec<VmStats>),
+}
+
+/// A running VM's counters as the host keeps them (`cup stats`): all
+/// totals since its worker started, except memory and tasks (now).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct VmStats {
+    pub name: String,
+    /// CPU time of its worker (vCPUs and devices), µs.
+    pub cpu_usec: u64,
+    /// Memory charged to its cgroup (guest memory it touched, the VMM).
+    pub memory_bytes: u64,
+    /// The cgroup's memory limit.
+    pub memory_limit: u64,
+    /// Tasks (threads) of its worker.
+    pub pids: u64,
+    /// Bytes the guest received and sent on its network device.
+    pub net_rx: u64,
+    pub net_tx: u64,
+    /// Bytes its disk files were read and written at the storage layer.
+    pub block_read: u64,
+    pub block_write: u64,
 }
 
 /// A line of a workload's output: (sequence number, microseconds since the
@@ -472,6 +496,7 @@ pub trait Vmm1Client {
     fn remove_image(&self, name: &str) -> zbus::Result<()>;
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
+    fn stats(&self) -> zbus::Result<Vec<VmStats>>;
     fn kill(&self, name: &str, signal: i32) -> zbus::Result<()>;
     fn inspect(&self, name: &str) -> zbus::Result<String>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;

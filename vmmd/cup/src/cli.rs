@@ -96,6 +96,8 @@ pub enum Command {
     Wait(Names),
     /// A workload's published ports
     Port(PortArgs),
+    /// CPU, memory, network and disk I/O of running microVMs, live
+    Stats(StatsArgs),
     /// Workload state changes as they happen
     Events,
     /// Pull an image into the machine's store
@@ -360,6 +362,18 @@ pub struct InspectArgs {
     #[arg(short, long, value_name = "TEMPLATE")]
     pub format: Option<String>,
     #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// One screen, then exit
+    #[arg(long)]
+    pub no_stream: bool,
+    /// json (one object per line), table, or a template like '{{.Name}} {{.CPUPerc}}'
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// Only these workloads
     pub names: Vec<String>,
 }
 

@@ -15,6 +15,7 @@ mod cli;
 mod context;
 mod error;
 mod logs;
+mod stats;
 mod update;
 mod view;
 mod workloads;
@@ -396,6 +397,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Poweroff => proxy()?.power_off()?,
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
+        Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
         Command::Run(r) => return code(vmmd().and_then(|p| crate::workloads::run(&p, *r))),
         Command::Exec(e) => return code(crate::workloads::exec(&vmmd()?, e)),
         Command::Rm(r) => {

@@ -148,6 +148,15 @@ impl Vmm1 {
         }
     }
 
+    /// Every running VM's counters (CPU µs, memory, tasks, network and
+    /// disk bytes), for `cup stats`.
+    async fn stats(&self) -> Result<Vec<VmStats>, Vmm1Error> {
+        match self.call(Action::Stats).await? {
+            Reply::Stats(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
     /// Sends signal `signal` (a number, like 9) to the workload's process
     /// group inside its VM; answers once the guest has it.
     async fn kill(&self, name: String, signal: i32) -> Result<(), Vmm1Error> {

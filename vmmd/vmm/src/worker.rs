@@ -412,6 +412,17 @@ fn serve_control(
                 gate.resume();
                 WorkerMessage::Done
             }
+            Ok(WorkerCommand::Counters {}) => {
+                let (r, w, reads, writes) = crate::devices::virtio::block::IO.totals();
+                WorkerMessage::Counters {
+                    counters: steelcup_proto::worker::DeviceCounters {
+                        block_read_bytes: r,
+                        block_write_bytes: w,
+                        block_reads: reads,
+                        block_writes: writes,
+                    },
+                }
+            }
             // vmmd says how long the image is (the filter allows no fstat).
             Ok(WorkerCommand::Attach { disk, bytes }) => {
                 match (fds.pop(), slots.iter().find(|(s, _)| *s == disk)) {

@@ -381,6 +381,32 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                 })
                 .collect(),
         )),
+        Action::Stats => {
+            let backend = &mut core.backend;
+            Ok(Reply::Stats(
+                core.workloads
+                    .iter()
+                    .filter_map(|(name, w)| {
+                        let cgroup = (backend.opts.cgroup_root.as_ref())
+                            .map(|r| r.join(name))
+                            .filter(|c| c.exists());
+                        let mut s = stats::read(
+                            name,
+                            w.pid?,
+                            cgroup.as_deref(),
+                            backend.taps.get(name).map(String::as_str),
+                            w.spec.memory.0,
+                        );
+                        // The disks' own counts, where the worker answers.
+                        if let Some(c) = backend.controls.get_mut(name).and_then(|c| c.counters()) {
+                            (s.block_read, s.block_write) =
+                                (c.block_read_bytes, c.block_write_bytes);
+                        }
+                        Some(s)
+                    })
+                    .collect(),
+            ))
+        }
         Action::Pause(name) | Action::Resume(name) => {
             running(core, &name)?;
             let (command, done) = if pause {

@@ -53,6 +53,7 @@ mod backend;
 mod error;
 mod guest;
 mod runs;
+mod stats;
 mod volumes;
 mod warm;
 mod workers;

@@ -19,6 +19,7 @@ pub(super) enum Answer {
     Done,
     /// Not carried out, and the worker's reason.
     Refused(String),
+    Counters(steelcup_proto::worker::DeviceCounters),
 }
 
 /// How long a worker has to answer a control command.
@@ -47,9 +48,25 @@ impl WorkerControl {
         self.answer(command)
     }
 
+    /// The VM's device counters; None when the worker does not answer
+    /// within a second (`cup stats` shows the host's counters alone).
+    pub(super) fn counters(&mut self) -> Option<steelcup_proto::worker::DeviceCounters> {
+        while self.answers.try_recv().is_ok() {}
+        let line = WorkerCommand::Counters {}.line();
+        self.commands.write_all(line.as_bytes()).ok()?;
+        match self.answers.recv_timeout(Duration::from_secs(1)) {
+            Ok(Answer::Counters(c)) => Some(c),
+            _ => None,
+        }
+    }
+
     pub(super) fn answer(&mut self, command: &WorkerCommand) -> Result<(), VmError> {
         match self.answers.recv_timeout(CONTROL_TIMEOUT) {
             Ok(Answer::Done) => Ok(()),
+            Ok(Answer::Counters(_)) => Err(VmError::Refused {
+                command: format!("{command:?}"),
+                reason: "answered with counters".into(),
+            }),
             Ok(Answer::Refused(reason)) => Err(VmError::Refused {
                 command: format!("{command:?}"),
                 reason,
@@ -349,6 +366,9 @@ pub(super) fn read_messages(
             }
             Ok(WorkerMessage::Refused { reason }) => {
                 let _ = answers.send(Answer::Refused(reason));
+            }
+            Ok(WorkerMessage::Counters { counters }) => {
+                let _ = answers.send(Answer::Counters(counters));
             }
             Ok(WorkerMessage::Report { report: r }) => report = Some(r),
             Ok(timing) => tracing::debug!("workload {}: {timing:?}", label_of(label)),

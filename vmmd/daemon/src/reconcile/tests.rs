@@ -83,6 +83,7 @@ impl Backend for Fake {
             WorkerCommand::Pause {} => "pause",
             WorkerCommand::Resume {} => "resume",
             WorkerCommand::Attach { .. } => "attach",
+            WorkerCommand::Counters {} => "counters",
         };
         self.calls.push(format!("{command} {name}"));
         Ok(())

@@ -26,6 +26,7 @@ use crate::devices::Refusals;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -170,6 +171,46 @@ impl std::fmt::Debug for Block {
     }
 }
 
+/// The bytes and requests every disk of this worker read and wrote for
+/// its guest (a worker runs one VM: these are that VM's), for `cup stats`.
+pub static IO: IoCounters = IoCounters {
+    read_bytes: AtomicU64::new(0),
+    write_bytes: AtomicU64::new(0),
+    reads: AtomicU64::new(0),
+    writes: AtomicU64::new(0),
+};
+
+/// See [`IO`].
+#[derive(Debug)]
+pub struct IoCounters {
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl IoCounters {
+    fn count(&self, kind: RequestType, bytes: u64) {
+        let (b, n) = match kind {
+            RequestType::In => (&self.read_bytes, &self.reads),
+            RequestType::Out => (&self.write_bytes, &self.writes),
+            _ => return,
+        };
+        b.fetch_add(bytes, Ordering::Relaxed);
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (bytes read, bytes written, reads, writes) so far.
+    pub fn totals(&self) -> (u64, u64, u64, u64) {
+        (
+            self.read_bytes.load(Ordering::Relaxed),
+            self.write_bytes.load(Ordering::Relaxed),
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Errors opening a disk image.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -280,8 +321,17 @@ impl Block {
     }
 
     /// Carries out a parsed request; returns its status and the bytes written
-    /// into guest buffers (besides the status byte).
+    /// into guest buffers (besides the status byte). Each read and write
+    /// done counts in [`IO`].
     pub fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        let answer = self.carry_out(req, mem);
+        if answer.0 == S_OK {
+            IO.count(req.kind, req.data_len);
+        }
+        answer
+    }
+
+    fn carry_out(&mut self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
         match req.kind {
             RequestType::In | RequestType::Out => {
                 let Some(offset) = self.range(req) else {
@@ -578,6 +628,7 @@ mod tests {
     fn writes_then_reads_back_and_flushes() {
         let m = mem();
         let (mut b, file) = disk(64, false);
+        let before = IO.totals();
         m.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
         header(&m, T_OUT, 3);
         assert_eq!(
@@ -599,6 +650,10 @@ mod tests {
 
         header(&m, T_FLUSH, 0);
         assert_eq!(run(&mut b, &m, &chain(&[])), (S_OK, 0));
+        // Counted for `cup stats` (other tests count in the same process).
+        let after = IO.totals();
+        assert!(after.0 >= before.0 + 1024 && after.1 >= before.1 + 1024);
+        assert!(after.2 > before.2 && after.3 > before.3);
     }
 
     #[test]
