@@ -161,6 +161,9 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: volume: written", STEP)?;
     g.wait_for("driver: volume: kept across runs", STEP)?;
     g.wait_for("driver: volume: read-only: yes", STEP)?;
+    g.wait_for("driver: volumes: made scratch stats ", STEP)?;
+    g.wait_for("driver: volume removed: scratch", STEP)?;
+    g.wait_for("driver: volumes pruned: 2", STEP)?;
     g.wait_for(
         "driver: images: oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest",
         STEP,

@@ -58,6 +58,12 @@ pub enum Action {
     Pulls,
     /// The counters of every running VM.
     Stats,
+    Volumes,
+    /// A named volume of that many bytes (kept if it exists).
+    CreateVolume(String, u64),
+    RemoveVolume(String),
+    /// Named volumes no workload names; answered with their names.
+    PruneVolumes,
     /// A workload's console output: lines from sequence number `since`
     /// (or the last `max` when None), at most `max`.
     Logs {
@@ -261,6 +267,20 @@ pub struct ImageInfo {
     pub rootfs: bool,
 }
 
+/// A volume as the API shows it (`cup volume ls`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct VolumeInfo {
+    /// `NAME` for `cup run -v NAME:...`'s, `UNIT/NAME` for a unit's.
+    pub name: String,
+    /// Its disk file on the machine.
+    pub path: String,
+    /// Its size, and the bytes its (sparse) file takes.
+    pub size: u64,
+    pub allocated: u64,
+    /// Workloads (running or not) that name it.
+    pub used_by: Vec<String>,
+}
+
 /// A workload's state. On the wire it is its name (`running`, ...), so any
 /// D-Bus client reads it; vmmd and cup both go through this enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -435,6 +455,7 @@ pub enum Reply {
     /// workload still runs.
     Logs(Vec<TimedLine>, u64, bool),
     Stats(Vec<VmStats>),
+    Volumes(Vec<VolumeInfo>),
 }
 
 /// A running VM's counters as the host keeps them (`cup stats`): all
@@ -497,6 +518,10 @@ pub trait Vmm1Client {
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;
+    fn volumes(&self) -> zbus::Result<Vec<VolumeInfo>>;
+    fn create_volume(&self, name: &str, size: u64) -> zbus::Result<String>;
+    fn remove_volume(&self, name: &str) -> zbus::Result<()>;
+    fn prune_volumes(&self) -> zbus::Result<String>;
     fn kill(&self, name: &str, signal: i32) -> zbus::Result<()>;
     fn inspect(&self, name: &str) -> zbus::Result<String>;
     fn tail(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, String)>, u64, bool)>;

@@ -109,6 +109,9 @@ pub enum Command {
     /// Manage images (ls, pull, rm, prune)
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage volumes (ls, create, inspect, rm, prune)
+    #[command(subcommand)]
+    Volume(VolumeCommand),
 
     /// List units: name, kind, state, pid, restarts, last exit
     Units(FormatArg),
@@ -415,6 +418,47 @@ pub enum ImageCommand {
     Rm(Names),
     /// Remove blobs and root images no image uses
     Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// List volumes: named ones (cup run -v NAME:/PATH) and units' (UNIT/NAME)
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Names only
+        #[arg(short, long)]
+        quiet: bool,
+        /// table, json, or a template like '{{.Name}} {{.UsedBy}}'
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+    },
+    /// Make a named volume now (kept if it exists)
+    Create {
+        /// 1 GiB unless given, as Docker writes sizes: 512m, 10g
+        #[arg(long, value_name = "SIZE", default_value = "1g", value_parser = parse_memory)]
+        size: MemSize,
+        /// Letters, digits, '-', '_' (a new hex name if none)
+        name: Option<String>,
+    },
+    /// Volumes as JSON (or -f TEMPLATE)
+    Inspect {
+        #[arg(short, long, value_name = "TEMPLATE")]
+        format: Option<String>,
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Delete volumes no workload names (their data is gone)
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Delete every named volume no workload names
+    Prune {
+        /// Accepted for Docker's scripts (cup does not ask)
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,7 @@ mod logs;
 mod stats;
 mod update;
 mod view;
+mod volumes;
 mod workloads;
 
 use clap::Parser;
@@ -434,6 +435,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             });
         }
         Command::Image(ImageCommand::Prune) => println!("{}", vmmd()?.prune()?),
+        Command::Volume(v) => return code(crate::volumes::volume(&vmmd()?, v)),
         Command::Pause(n) => {
             let p = vmmd()?;
             return each(&n.names, |name| Ok(p.pause(name)?));

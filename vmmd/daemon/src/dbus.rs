@@ -157,6 +157,32 @@ impl Vmm1 {
         }
     }
 
+    /// Every volume: (name, disk file, size, bytes allocated, workloads
+    /// that name it).
+    async fn volumes(&self) -> Result<Vec<VolumeInfo>, Vmm1Error> {
+        match self.call(Action::Volumes).await? {
+            Reply::Volumes(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Makes named volume `name` of `size` bytes (kept if it exists);
+    /// answers its disk file.
+    async fn create_volume(&self, name: String, size: u64) -> Result<String, Vmm1Error> {
+        self.text(Action::CreateVolume(name, size)).await
+    }
+
+    /// Deletes a volume no workload names.
+    async fn remove_volume(&self, name: String) -> Result<(), Vmm1Error> {
+        self.call(Action::RemoveVolume(name)).await.map(|_| ())
+    }
+
+    /// Deletes every named volume no workload names; answers their names,
+    /// one per line.
+    async fn prune_volumes(&self) -> Result<String, Vmm1Error> {
+        self.text(Action::PruneVolumes).await
+    }
+
     /// Sends signal `signal` (a number, like 9) to the workload's process
     /// group inside its VM; answers once the guest has it.
     async fn kill(&self, name: String, signal: i32) -> Result<(), Vmm1Error> {

@@ -381,6 +381,22 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                 })
                 .collect(),
         )),
+        Action::Volumes => Ok(Reply::Volumes(list_volumes(
+            &core.backend.opts.state_dir,
+            &core.workloads,
+        ))),
+        Action::CreateVolume(name, size) => {
+            create_volume(&core.backend.opts.state_dir, &name, size).map(Reply::Text)
+        }
+        Action::RemoveVolume(name) => {
+            remove_volume(&core.backend.opts.state_dir, &core.workloads, &name).map(|_| Reply::Done)
+        }
+        Action::PruneVolumes => Ok(Reply::Text(
+            prune_volumes(&core.backend.opts.state_dir, &core.workloads)
+                .into_iter()
+                .map(|n| n + "\n")
+                .collect(),
+        )),
         Action::Stats => {
             let backend = &mut core.backend;
             Ok(Reply::Stats(
