@@ -111,6 +111,7 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: detached: sleeper", STEP)?;
     g.wait_for("driver: exec as app in /work with hello", STEP)?;
     g.wait_for("driver: exec -u root: 0", STEP)?;
+    g.wait_for("driver: top: 1 with the script, pid 1 is /init", STEP)?;
     g.wait_for("driver: exec -d returned 0", STEP)?;
     g.wait_for("driver: exec -d: detached exec ran", STEP)?;
     g.wait_for(

@@ -43,6 +43,9 @@ pub enum GuestRequest {
     Probe { probe: Probe, timeout_secs: u64 },
     /// A warm VM's workload config: the VM becomes this workload.
     Claim { config: Box<GuestConfig> },
+    /// The guest's processes (`cup top`), answered with
+    /// [`GuestAnswer::Processes`].
+    Processes {},
 }
 
 /// vminit's answer to a [`GuestRequest`].
@@ -56,6 +59,10 @@ pub enum GuestAnswer {
     Failed { reason: String },
     /// The request was not understood or not allowed here.
     Refused { reason: String },
+    /// The answer to [`GuestRequest::Processes`].
+    Processes {
+        processes: Vec<crate::processes::GuestProcess>,
+    },
 }
 
 impl GuestRequest {
@@ -123,6 +130,9 @@ impl GuestAnswer {
             Ok(GuestAnswer::Done {}) => Ok(()),
             Ok(GuestAnswer::Failed { reason }) => Err(AnswerError::Failed(reason)),
             Ok(GuestAnswer::Refused { reason }) => Err(AnswerError::Refused(reason)),
+            Ok(GuestAnswer::Processes { .. }) => Err(AnswerError::Refused(
+                "a process list where done or not was asked".into(),
+            )),
             Err(e) => Err(AnswerError::Garbled(e)),
         }
     }

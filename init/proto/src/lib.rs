@@ -18,6 +18,7 @@ pub mod control;
 pub mod cpio;
 pub mod guest;
 pub mod probe;
+pub mod processes;
 pub mod stdio;
 pub mod worker;
 

@@ -308,6 +308,12 @@ fn serve_control(workload: Pid) -> std::io::Result<()> {
                 Err(_) => (refused(format!("{signal} is not a signal")), None),
             },
             Ok(GuestRequest::Ping {}) => (GuestAnswer::Done {}, None),
+            Ok(GuestRequest::Processes {}) => (
+                GuestAnswer::Processes {
+                    processes: steelcup_proto::processes::list(Path::new("/proc")),
+                },
+                None,
+            ),
             Ok(GuestRequest::Claim { .. }) => (refused("not a warm VM".into()), None),
             Err(e) => (refused(e), None),
         };

@@ -98,6 +98,8 @@ pub enum Command {
     Port(PortArgs),
     /// CPU, memory, network and disk I/O of running microVMs, live
     Stats(StatsArgs),
+    /// The processes inside a running microVM
+    Top { name: String },
     /// Workload state changes as they happen
     Events,
     /// Pull an image into the machine's store

@@ -16,6 +16,7 @@ mod context;
 mod error;
 mod logs;
 mod stats;
+mod top;
 mod update;
 mod view;
 mod volumes;
@@ -399,6 +400,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
         Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
+        Command::Top { name } => return code(crate::top::top(&vmmd()?, &name)),
         Command::Run(r) => return code(vmmd().and_then(|p| crate::workloads::run(&p, *r))),
         Command::Exec(e) => return code(crate::workloads::exec(&vmmd()?, e)),
         Command::Rm(r) => {
