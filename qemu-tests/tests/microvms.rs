@@ -112,6 +112,9 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: exec as app in /work with hello", STEP)?;
     g.wait_for("driver: exec -u root: 0", STEP)?;
     g.wait_for("driver: top: 1 with the script, pid 1 is /init", STEP)?;
+    g.wait_for("driver: cp in: from the host", STEP)?;
+    g.wait_for("driver: cp out: from the guest, link to /etc/passwd", STEP)?;
+    g.wait_for("driver: cp refused: cup: sleeper:\"/tmp/../etc/shadow\": a path in the guest is absolute, without '..'", STEP)?;
     g.wait_for("driver: exec -d returned 0", STEP)?;
     g.wait_for("driver: exec -d: detached exec ran", STEP)?;
     g.wait_for(

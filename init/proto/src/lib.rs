@@ -15,6 +15,8 @@
 //! binary frame; the rest is one JSON object per line.
 
 pub mod control;
+#[cfg(feature = "copy")]
+pub mod copy;
 pub mod cpio;
 pub mod guest;
 pub mod probe;

@@ -464,6 +464,64 @@ fn exec_one(config: &GuestConfig, conn: std::fs::File) {
     attached.finish(status);
 }
 
+/// `cup cp`: each connection to the copy port copies one path out of or
+/// into the guest (see `steelcup_proto::copy`), as root.
+fn serve_copy() -> std::io::Result<()> {
+    let listener = stdio::guest::listen(steelcup_proto::copy::COPY_PORT)?;
+    loop {
+        let Ok(Some(conn)) = stdio::guest::accept(&listener, None) else {
+            continue;
+        };
+        std::thread::spawn(move || copy_one(conn));
+    }
+}
+
+fn copy_one(mut conn: std::fs::File) {
+    use steelcup_proto::copy::{self, CopyError, CopyRequest};
+    // Byte by byte: what follows the line (the archive) stays unread.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while (&conn).read(&mut byte).ok() == Some(1) && byte[0] != b'\n' {
+        if line.len() as u64 >= stdio::MAX_REQUEST {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let result = serde_json::from_slice::<CopyRequest>(&line)
+        .map_err(|e| CopyError::Shape(format!("bad copy request: {e}")))
+        .and_then(|req| match req {
+            CopyRequest::Out { path } => {
+                copy::check_guest_path(&path)?;
+                let p = Path::new(&path);
+                copy::pack(
+                    p,
+                    &copy::top_name(p),
+                    copy::FrameWriter {
+                        inner: &mut conn,
+                        kind: stdio::STDOUT,
+                    },
+                )
+            }
+            CopyRequest::In { path } => {
+                copy::check_guest_path(&path)?;
+                copy::place(copy::FrameReader::new(&conn), Path::new(&path))
+            }
+        });
+    let status = match result {
+        Ok(()) => ExitStatus::Exited { code: 0 },
+        Err(e) => {
+            let why = format!("{}\n", steelcup_sys::error_chain(&e));
+            let _ = stdio::write_frame(&mut conn, stdio::STDERR, why.as_bytes());
+            ExitStatus::Exited { code: 1 }
+        }
+    };
+    let _ = stdio::write_frame(
+        &mut conn,
+        stdio::EXIT,
+        &serde_json::to_vec(&status).unwrap_or_default(),
+    );
+}
+
 /// `cup exec -d`: the process runs with stdin closed and its output on
 /// the console (the workload's log); the host is told it started (exit
 /// code 0) or why not. The main loop reaps it like any orphan.
@@ -677,6 +735,11 @@ fn run() -> ExitStatus {
     std::thread::spawn(move || {
         if let Err(e) = serve_exec(&exec_config) {
             eprintln!("vminit: no vsock exec port: {e}");
+        }
+    });
+    std::thread::spawn(|| {
+        if let Err(e) = serve_copy() {
+            eprintln!("vminit: no vsock copy port: {e}");
         }
     });
     // `cup run`: the workload's stdio is the host's connection, once it comes.

@@ -100,6 +100,13 @@ pub enum Command {
     Stats(StatsArgs),
     /// The processes inside a running microVM
     Top { name: String },
+    /// Copy files between this machine and a running microVM (NAME:PATH), or - for a tar stream
+    Cp {
+        /// NAME:PATH, a local path, or -
+        src: String,
+        /// NAME:PATH, a local path, or -
+        dst: String,
+    },
     /// Workload state changes as they happen
     Events,
     /// Pull an image into the machine's store
