@@ -274,6 +274,16 @@ impl LogStore {
         units.remove(unit);
     }
 
+    /// `unit`'s lines are `to`'s from now on (`cup rename`); its file is
+    /// closed and the next line opens `to`'s.
+    pub fn rename(&self, unit: &str, to: &str) {
+        let mut units = self.units.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut log) = units.remove(unit) {
+            log.file = None;
+            units.insert(to.to_string(), log);
+        }
+    }
+
     /// Bytes held in memory for `unit`.
     pub fn ring_bytes(&self, unit: &str) -> usize {
         let units = self.units.lock().unwrap_or_else(|p| p.into_inner());

@@ -58,6 +58,8 @@ pub enum Action {
     Pulls,
     /// The counters of every running VM.
     Stats,
+    /// A `cup run` workload that is not running gets another name.
+    Rename(String, String),
     Volumes,
     /// A named volume of that many bytes (kept if it exists).
     CreateVolume(String, u64),
@@ -519,6 +521,7 @@ pub trait Vmm1Client {
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;
     fn volumes(&self) -> zbus::Result<Vec<VolumeInfo>>;
+    fn rename(&self, name: &str, to: &str) -> zbus::Result<()>;
     fn create_volume(&self, name: &str, size: u64) -> zbus::Result<String>;
     fn remove_volume(&self, name: &str) -> zbus::Result<()>;
     fn prune_volumes(&self) -> zbus::Result<String>;

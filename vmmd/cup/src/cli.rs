@@ -100,6 +100,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// The processes inside a running microVM
     Top { name: String },
+    /// Give a workload (a cup run one, not running) another name
+    Rename { name: String, new_name: String },
     /// Copy files between this machine and a running microVM (NAME:PATH), or - for a tar stream
     Cp {
         /// NAME:PATH, a local path, or -

@@ -402,6 +402,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
         Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
         Command::Top { name } => return code(crate::top::top(&vmmd()?, &name)),
+        Command::Rename { name, new_name } => vmmd()?.rename(&name, &new_name)?,
         Command::Cp { src, dst } => return code(crate::copy::cp(&vmmd()?, &src, &dst)),
         Command::Run(r) => return code(vmmd().and_then(|p| crate::workloads::run(&p, *r))),
         Command::Exec(e) => return code(crate::workloads::exec(&vmmd()?, e)),

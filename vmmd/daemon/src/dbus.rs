@@ -157,6 +157,11 @@ impl Vmm1 {
         }
     }
 
+    /// Gives workload `name` (a `cup run` one, not running) the name `to`.
+    async fn rename(&self, name: String, to: String) -> Result<(), Vmm1Error> {
+        self.call(Action::Rename(name, to)).await.map(|_| ())
+    }
+
     /// Every volume: (name, disk file, size, bytes allocated, workloads
     /// that name it).
     async fn volumes(&self) -> Result<Vec<VolumeInfo>, Vmm1Error> {

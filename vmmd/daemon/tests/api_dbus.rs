@@ -356,6 +356,39 @@ fn scripts_read_cup_as_they_read_docker(cup: &Path, sock: &Path) {
     let (code, out, err) = cup_out(&["stop", "-t", "0", "web.1", "ghost", "web.2"]);
     assert_eq!((code, out.as_str()), (Some(1), "web.1\nweb.2\n"), "{err}");
     assert!(err.contains("ghost"), "{err}");
+    // rename: a cup run workload that has ended (its image cannot be
+    // found) takes another name; a unit's cannot.
+    let (code, out, err) = cup_out(&[
+        "run",
+        "-d",
+        "--name",
+        "lost",
+        "oci-archive:/nonexistent/img.tar:latest",
+    ]);
+    assert_eq!((code, out.as_str()), (Some(0), "lost\n"), "{err}");
+    let t = Instant::now();
+    while cup_out(&[
+        "ps",
+        "-q",
+        "--filter",
+        "status=exited",
+        "--filter",
+        "name=lost",
+    ])
+    .1 != "lost\n"
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "lost never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, err) = cup_out(&["rename", "lost", "found"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cup_out(&["ps", "-aq", "--filter", "name=found"]);
+    assert_eq!(out, "found\n");
+    let (code, _, err) = cup_out(&["rename", "web.1", "other"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("its unit's"), "{err}");
+    let (code, _, err) = cup_out(&["rm", "found"]);
+    assert_eq!(code, Some(0), "{err}");
     // Checked before connecting: no socket is needed to be told.
     for (args, says) in [
         (

@@ -381,6 +381,35 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                 })
                 .collect(),
         )),
+        Action::Rename(name, to) => {
+            let taken = core.workloads.contains_key(&to) || core.units.contains_key(&to);
+            match core.workloads.get(&name) {
+                None => Err(ApiError::NoSuchVm(name)),
+                Some(w) if w.unit.is_some() => Err(ApiError::Refused(format!(
+                    "workload {name:?} is its unit's; a unit's workloads are named by its unit file"
+                ))),
+                Some(w) if w.state() != WorkloadState::Ended => Err(ApiError::Refused(format!(
+                    "workload {name:?} is {}; stop it first (a running microVM's vsock socket and cgroup carry its name)",
+                    w.state().as_str()
+                ))),
+                Some(_) if !units::valid_name(&to) => Err(ApiError::Refused(format!(
+                    "name {to:?}: lowercase letters, digits, '.', '_', '-', at most 64"
+                ))),
+                Some(_) if taken => Err(ApiError::Refused(format!(
+                    "a workload or unit named {to:?} exists"
+                ))),
+                Some(_) => {
+                    let w = core.workloads.remove(&name).expect("looked up above");
+                    core.workloads.insert(to.clone(), w);
+                    // Its lines first: forgetting the old name drops them.
+                    core.backend.opts.logs.rename(&name, &to);
+                    core.backend.forgotten(&name);
+                    runs::rename(&core.backend.opts.state_dir, &name, &to);
+                    tracing::info!("workload {name}: renamed {to}");
+                    Ok(Reply::Done)
+                }
+            }
+        }
         Action::Volumes => Ok(Reply::Volumes(list_volumes(
             &core.backend.opts.state_dir,
             &core.workloads,

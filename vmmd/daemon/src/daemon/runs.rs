@@ -46,6 +46,18 @@ pub(super) fn keep(state_dir: &Path, name: &str, spec: &vmm1::RunSpec) {
     }
 }
 
+/// Workload `name`'s kept run spec, if it has one, is `to`'s from now on.
+pub(super) fn rename(state_dir: &Path, name: &str, to: &str) {
+    let path = dir(state_dir).join(format!("{name}.json"));
+    let Ok(text) = std::fs::read(&path) else {
+        return;
+    };
+    if let Ok(spec) = serde_json::from_slice::<vmm1::RunSpec>(&text) {
+        keep(state_dir, to, &spec);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Forgets workload `name`'s kept run spec, if it has one.
 pub(super) fn forget(state_dir: &Path, name: &str) {
     let _ = std::fs::remove_file(dir(state_dir).join(format!("{name}.json")));
