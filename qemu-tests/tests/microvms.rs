@@ -173,6 +173,9 @@ fn workloads(g: &mut Guest) -> Result<String> {
         STEP,
     )?;
     g.wait_for("driver: leftover cup run workloads: 0", STEP)?;
+    g.wait_for("driver: df: Images", STEP)?;
+    g.wait_for("driver: df: Volumes", STEP)?;
+    g.wait_for("driver: system prune: removed workload gone", STEP)?;
     g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: the rolled replicas are asked to stop over vsock.
     g.wait_for("workload web.3: asked to stop; guest: stopping", STEP)?;

@@ -123,6 +123,9 @@ pub enum Command {
     /// Manage volumes (ls, create, inspect, rm, prune)
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The machine's disk use (df), and taking back what nothing uses (prune)
+    #[command(subcommand)]
+    System(SystemCommand),
 
     /// List units: name, kind, state, pid, restarts, last exit
     Units(FormatArg),
@@ -429,6 +432,24 @@ pub enum ImageCommand {
     Rm(Names),
     /// Remove blobs and root images no image uses
     Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Images, workloads and volumes: how many, how many in use, their size
+    Df,
+    /// Remove ended cup run workloads and unused store data
+    Prune {
+        /// Also untag images no workload uses
+        #[arg(short, long)]
+        all: bool,
+        /// Also delete named volumes no workload names
+        #[arg(long)]
+        volumes: bool,
+        /// Accepted for Docker's scripts (cup does not ask)
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,7 @@ mod copy;
 mod error;
 mod logs;
 mod stats;
+mod system;
 mod top;
 mod update;
 mod view;
@@ -440,6 +441,10 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             });
         }
         Command::Image(ImageCommand::Prune) => println!("{}", vmmd()?.prune()?),
+        Command::System(cli::SystemCommand::Df) => return code(crate::system::df(&vmmd()?)),
+        Command::System(cli::SystemCommand::Prune { all, volumes, .. }) => {
+            return code(crate::system::prune(&vmmd()?, all, volumes))
+        }
         Command::Volume(v) => return code(crate::volumes::volume(&vmmd()?, v)),
         Command::Pause(n) => {
             let p = vmmd()?;
