@@ -60,6 +60,11 @@ pub enum Action {
     Stats,
     /// A `cup run` workload that is not running gets another name.
     Rename(String, String),
+    /// Keep credentials for a registry (`cup login`): registry, user,
+    /// password; answered with the registry as kept.
+    Login(String, String, String),
+    /// Forget them; answered with the registry, or empty if there were none.
+    Logout(String),
     Volumes,
     /// A named volume of that many bytes (kept if it exists).
     CreateVolume(String, u64),
@@ -522,6 +527,8 @@ pub trait Vmm1Client {
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;
     fn volumes(&self) -> zbus::Result<Vec<VolumeInfo>>;
     fn rename(&self, name: &str, to: &str) -> zbus::Result<()>;
+    fn login(&self, registry: &str, user: &str, password: &str) -> zbus::Result<String>;
+    fn logout(&self, registry: &str) -> zbus::Result<String>;
     fn create_volume(&self, name: &str, size: u64) -> zbus::Result<String>;
     fn remove_volume(&self, name: &str) -> zbus::Result<()>;
     fn prune_volumes(&self) -> zbus::Result<String>;

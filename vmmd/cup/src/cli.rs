@@ -100,6 +100,21 @@ pub enum Command {
     Stats(StatsArgs),
     /// The processes inside a running microVM
     Top { name: String },
+    /// Keep credentials for a registry on the machine, for its pulls (default docker.io)
+    Login {
+        #[arg(short, long)]
+        username: Option<String>,
+        /// Insecure: seen by other users' ps; use --password-stdin
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from stdin
+        #[arg(long, conflicts_with = "password")]
+        password_stdin: bool,
+        /// HOST[:PORT]
+        registry: Option<String>,
+    },
+    /// Forget a registry's credentials (default docker.io)
+    Logout { registry: Option<String> },
     /// Give a workload (a cup run one, not running) another name
     Rename { name: String, new_name: String },
     /// Copy files between this machine and a running microVM (NAME:PATH), or - for a tar stream

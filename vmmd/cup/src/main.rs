@@ -15,6 +15,7 @@ mod cli;
 mod context;
 mod copy;
 mod error;
+mod login;
 mod logs;
 mod stats;
 mod system;
@@ -403,6 +404,21 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
         Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
         Command::Top { name } => return code(crate::top::top(&vmmd()?, &name)),
+        Command::Login {
+            username,
+            password,
+            password_stdin,
+            registry,
+        } => {
+            let a = crate::login::LoginArgs {
+                registry,
+                username,
+                password,
+                password_stdin,
+            };
+            return code(crate::login::login(&vmmd()?, a));
+        }
+        Command::Logout { registry } => return code(crate::login::logout(&vmmd()?, registry)),
         Command::Rename { name, new_name } => vmmd()?.rename(&name, &new_name)?,
         Command::Cp { src, dst } => return code(crate::copy::cp(&vmmd()?, &src, &dst)),
         Command::Run(r) => return code(vmmd().and_then(|p| crate::workloads::run(&p, *r))),

@@ -162,6 +162,23 @@ impl Vmm1 {
         self.call(Action::Rename(name, to)).await.map(|_| ())
     }
 
+    /// Keeps credentials for `registry` on the machine (mode 0600) for its
+    /// pulls; answers the registry as kept (`docker.io` for Docker Hub).
+    async fn login(
+        &self,
+        registry: String,
+        user: String,
+        password: String,
+    ) -> Result<String, Vmm1Error> {
+        self.text(Action::Login(registry, user, password)).await
+    }
+
+    /// Forgets `registry`'s credentials; answers the registry, or nothing
+    /// when there were none.
+    async fn logout(&self, registry: String) -> Result<String, Vmm1Error> {
+        self.text(Action::Logout(registry)).await
+    }
+
     /// Every volume: (name, disk file, size, bytes allocated, workloads
     /// that name it).
     async fn volumes(&self) -> Result<Vec<VolumeInfo>, Vmm1Error> {

@@ -93,6 +93,9 @@ fn main() {
     // file is said and pulls go on without it. Read again on SIGHUP.
     opts.registries = vmmd::daemon::load_registries(&registries);
     opts.registries_file = Some(registries);
+    opts.logins = vmmd::image::registries::Logins::load(
+        &opts.state_dir.join(vmmd::image::registries::LOGINS_FILE),
+    );
     if let Err(e) = vmmd::daemon::run(opts) {
         tracing::error!("fatal: {}", steelcup_sys::error_chain(&e));
         std::process::exit(1);

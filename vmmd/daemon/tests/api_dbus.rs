@@ -280,6 +280,7 @@ fn sighup_applies_changed_units() {
     }
     if cup.exists() {
         scripts_read_cup_as_they_read_docker(&cup, &sock);
+        logins_are_kept_on_the_machine(&cup, &sock, &d.dir.path().join("state"));
     }
     let out = call("Tail", &["string:web.1", "uint32:10"]);
     assert!(out.contains("array ["), "{out}");
@@ -304,6 +305,65 @@ fn sighup_applies_changed_units() {
     for e in ["web.1 running", "web.2 running", "web.2 removed"] {
         assert!(got.contains(&e.to_string()), "{e:?} not signalled: {got:?}");
     }
+}
+
+/// `cup login` keeps credentials in vmmd's state (root's alone), `cup
+/// logout` forgets them, as Docker says it.
+fn logins_are_kept_on_the_machine(cup: &Path, sock: &Path, state: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(cup)
+            .arg("-H")
+            .arg(sock)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let reg = "registry.example.com:5000";
+    let (code, out) = run(
+        &["login", "-u", "fleet", "--password-stdin", reg],
+        "s3cret\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Login Succeeded"), "{out}");
+    let file = state.join("registry-logins.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("fleet") && text.contains("s3cret"), "{text}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Without a terminal or --password-stdin: told how, nothing kept.
+    let (code, out) = run(&["login", "-u", "x", "other.example.com"], "");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--password-stdin"), "{out}");
+    let (code, out) = run(&["logout", reg], "");
+    assert_eq!(
+        (code, out.trim()),
+        (
+            Some(0),
+            "Removing login credentials for registry.example.com:5000"
+        )
+    );
+    let (_, out) = run(&["logout", reg], "");
+    assert_eq!(out.trim(), "Not logged in to registry.example.com:5000");
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("s3cret"));
 }
 
 /// `cup` with Docker's scripting flags against the daemon: names only with

@@ -20,7 +20,7 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
     }
     if let Action::Pull(source) = &req.action {
         let (store, source) = (opts.state_dir.clone(), source.clone());
-        let pull = pull_options(opts, &source);
+        let pull = pull_options(&core.backend.opts, &source);
         let reply = req.reply;
         let pulls = opts.pulls.clone();
         let _ = std::thread::Builder::new()
@@ -409,6 +409,36 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                     Ok(Reply::Done)
                 }
             }
+        }
+        Action::Login(registry, user, password) => {
+            let registry =
+                crate::image::registries::login_registry(&registry).map_err(ApiError::Refused)?;
+            if user.is_empty() || password.is_empty() {
+                return Err(ApiError::Refused(
+                    "a login needs a username and a password".into(),
+                ));
+            }
+            core.backend
+                .opts
+                .logins
+                .set(&registry, &user, &password)
+                .map_err(|e| ApiError::Refused(format!("keeping the login: {e}")))?;
+            tracing::info!("registry {registry}: logged in as {user}; its pulls use it");
+            Ok(Reply::Text(registry))
+        }
+        Action::Logout(registry) => {
+            let registry =
+                crate::image::registries::login_registry(&registry).map_err(ApiError::Refused)?;
+            let had = core
+                .backend
+                .opts
+                .logins
+                .remove(&registry)
+                .map_err(|e| ApiError::Refused(format!("forgetting the login: {e}")))?;
+            if had {
+                tracing::info!("registry {registry}: logged out");
+            }
+            Ok(Reply::Text(if had { registry } else { String::new() }))
         }
         Action::Volumes => Ok(Reply::Volumes(list_volumes(
             &core.backend.opts.state_dir,

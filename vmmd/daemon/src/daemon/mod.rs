@@ -102,6 +102,8 @@ pub struct Options {
     /// Where `registries` came from, read again on SIGHUP (`cup reload`,
     /// `cup machine apply`).
     pub registries_file: Option<PathBuf>,
+    /// `cup login`'s credentials (before registries.toml's).
+    pub logins: crate::image::registries::Logins,
     /// Pulls in flight, by source: shared by the threads doing them and
     /// the API.
     pub pulls: Pulls,
@@ -642,7 +644,9 @@ fn pull_options(opts: &Options, image: &str) -> PullOptions {
             .chain(&opts.registries.insecure)
             .cloned()
             .collect(),
-        credentials: opts.registries.credentials_for(image),
+        credentials: crate::image::registries::login_key(image)
+            .and_then(|r| opts.logins.get(&r))
+            .or_else(|| opts.registries.credentials_for(image)),
     }
 }
 
@@ -798,6 +802,7 @@ pub fn default_options(units: &Path) -> Options {
         insecure_registries: Vec::new(),
         registries: Default::default(),
         registries_file: None,
+        logins: Default::default(),
         pulls: Default::default(),
         removed: Default::default(),
         logs: Arc::new(LogStore::new(None, false)),

@@ -107,6 +107,152 @@ impl Registries {
     }
 }
 
+/// `cup login`'s credentials, by registry, kept in one file on the
+/// machine's state partition (mode 0600, written whole and renamed into
+/// place). They go before registries.toml's for the same registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Logins {
+    path: Option<std::path::PathBuf>,
+    by_registry: BTreeMap<String, (String, String)>,
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+/// The file under vmmd's state directory.
+pub const LOGINS_FILE: &str = "registry-logins.json";
+
+impl Logins {
+    /// Reads `path` (a missing file: no logins; a bad one is said, and
+    /// left for the operator).
+    pub fn load(path: &Path) -> Logins {
+        let by_registry = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, Login>>(&bytes) {
+                Ok(m) => m
+                    .into_iter()
+                    .map(|(r, l)| (r, (l.username, l.password)))
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(
+                        "{}: {e}; no logins until it is fixed or removed",
+                        path.display()
+                    );
+                    BTreeMap::new()
+                }
+            },
+            Err(_) => BTreeMap::new(),
+        };
+        Logins {
+            path: Some(path.to_path_buf()),
+            by_registry,
+        }
+    }
+
+    pub fn get(&self, registry: &str) -> Option<(String, String)> {
+        self.by_registry.get(registry).cloned()
+    }
+
+    pub fn registries(&self) -> impl Iterator<Item = &String> {
+        self.by_registry.keys()
+    }
+
+    /// Keeps credentials for `registry` (written before it answers).
+    pub fn set(&mut self, registry: &str, user: &str, password: &str) -> std::io::Result<()> {
+        let mut next = self.by_registry.clone();
+        next.insert(
+            registry.to_string(),
+            (user.to_string(), password.to_string()),
+        );
+        self.write(&next)?;
+        self.by_registry = next;
+        Ok(())
+    }
+
+    /// Forgets `registry`'s; whether there were any.
+    pub fn remove(&mut self, registry: &str) -> std::io::Result<bool> {
+        let mut next = self.by_registry.clone();
+        if next.remove(registry).is_none() {
+            return Ok(false);
+        }
+        self.write(&next)?;
+        self.by_registry = next;
+        Ok(true)
+    }
+
+    fn write(&self, m: &BTreeMap<String, (String, String)>) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file: BTreeMap<&String, Login> = m
+            .iter()
+            .map(|(r, (u, p))| {
+                (
+                    r,
+                    Login {
+                        username: u.clone(),
+                        password: p.clone(),
+                    },
+                )
+            })
+            .collect();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.new");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&file).unwrap_or_default())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// The registry an image is pulled from, as logins name it: its host, or
+/// `docker.io` for a name without one; None for a local source.
+pub fn login_key(image: &str) -> Option<String> {
+    if ["oci:", "oci-archive:", "docker-archive:"]
+        .iter()
+        .any(|p| image.starts_with(p))
+    {
+        return None;
+    }
+    Some(registry_of(image).unwrap_or_else(|| "docker.io".into()))
+}
+
+/// Checks a registry as `cup login` names it: `HOST[:PORT]` (Docker Hub's
+/// other names are `docker.io`).
+pub fn login_registry(r: &str) -> Result<String, String> {
+    let r = r.trim_end_matches('/');
+    let r = match r {
+        "" | "index.docker.io" | "registry-1.docker.io" | "https://index.docker.io/v1" => {
+            "docker.io"
+        }
+        other => other,
+    };
+    let ok = r.len() <= 255
+        && !r.contains("://")
+        && !r.contains('/')
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if ok {
+        Ok(r.to_string())
+    } else {
+        Err(format!(
+            "{r:?}: a registry is HOST[:PORT], like registry.example.com:5000"
+        ))
+    }
+}
+
 /// The registry host of an image reference (`HOST[:PORT]/REPO[:TAG]`),
 /// or None for a local source (`oci:`, `oci-archive:`, `docker-archive:`)
 /// or a name without a registry (Docker Hub's).
@@ -119,6 +265,36 @@ pub fn registry_of(image: &str) -> Option<String> {
     }
     let (first, _) = image.split_once('/')?;
     (first.contains('.') || first.contains(':') || first == "localhost").then(|| first.to_string())
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+
+    #[test]
+    fn logins_are_kept_private_and_go_to_their_registry() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOGINS_FILE);
+        let mut l = Logins::load(&path);
+        l.set("registry.example.com:5000", "fleet", "s3cret")
+            .unwrap();
+        l.set("docker.io", "me", "pat").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Logins::load(&path);
+        assert_eq!(again.get("docker.io"), Some(("me".into(), "pat".into())));
+        let key = login_key("registry.example.com:5000/web:1").unwrap();
+        assert_eq!(again.get(&key).unwrap().0, "fleet");
+        assert_eq!(login_key("nginx:alpine").as_deref(), Some("docker.io"));
+        assert_eq!(login_key("oci-archive:/x.tar"), None);
+        let mut l = again;
+        assert!(l.remove("docker.io").unwrap());
+        assert!(!l.remove("docker.io").unwrap());
+        assert_eq!(Logins::load(&path).get("docker.io"), None);
+        assert_eq!(login_registry("index.docker.io").unwrap(), "docker.io");
+        assert!(login_registry("https://evil/x").is_err());
+    }
 }
 
 #[cfg(test)]
