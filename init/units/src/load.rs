@@ -137,11 +137,11 @@ fn validate(path: &Path, file: UnitFile) -> Result<Unit, UnitError> {
                     format!("[microvm] vcpus: {} is out of range 1..=32", m.vcpus),
                 ));
             }
-            if m.memory.0 < (16 << 20) || m.memory.0 % (1 << 20) != 0 || m.memory.0 > (3 << 30) {
+            if m.memory.0 < (16 << 20) || m.memory.0 % (1 << 20) != 0 || m.memory.0 > (256 << 30) {
                 return Err(UnitError::invalid(
                     path,
                     format!(
-                        "[microvm] memory: {} must be whole MiB between 16MiB and 3GiB",
+                        "[microvm] memory: {} must be whole MiB between 16MiB and 256GiB",
                         m.memory
                     ),
                 ));

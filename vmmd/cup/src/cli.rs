@@ -241,7 +241,7 @@ pub struct RunArgs {
     /// CPU time in CPUs, like 0.5 or 2: the VM gets that many vCPUs rounded up, and a CPU quota of exactly that
     #[arg(long, value_name = "N", value_parser = parse_cpus)]
     pub cpus: Option<Cpus>,
-    /// Guest memory, as Docker writes it: 512m, 1g, 1.5g (16 MiB to 3 GiB)
+    /// Guest memory, as Docker writes it: 512m, 1g, 1.5g (16 MiB to 256 GiB, at most the machine's memory)
     #[arg(short, long, value_name = "SIZE", value_parser = parse_memory)]
     pub memory: Option<MemSize>,
     /// A resource limit, NAME=N or NAME=SOFT:HARD (the hard one is kept)

@@ -252,8 +252,16 @@ pub(super) fn run_workload(
     if !(1..=32).contains(&vcpus) {
         return refused(format!("{vcpus} vCPUs: 1 to 32"));
     }
-    if memory.mib() < 16 || memory.mib() > 3072 {
-        return refused(format!("memory {}MiB: 16 MiB to 3 GiB", memory.mib()));
+    if memory.mib() < 16 || memory.mib() > steelcup_vmm::vstate::memory::MAX_MIB {
+        return refused(format!("memory {}MiB: 16 MiB to 256 GiB", memory.mib()));
+    }
+    // Guest memory is taken as the guest touches it; more than the machine
+    // has would end in the host's OOM killer, not a clear answer now.
+    if let Some(host) = host_memory_mib().filter(|h| memory.mib() > *h) {
+        return refused(format!(
+            "memory {}MiB: this machine has {host} MiB",
+            memory.mib()
+        ));
     }
     let network = spec.network.unwrap_or_default();
     let ports = spec.ports;
@@ -308,6 +316,19 @@ pub(super) fn run_workload(
     w.attach = spec.attach;
     w.tty = spec.tty;
     Ok((name, w))
+}
+
+/// The machine's memory (`MemTotal`), in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
 }
 
 /// The image store's actions, answered at once.

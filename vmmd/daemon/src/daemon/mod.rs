@@ -888,7 +888,8 @@ mod tests {
             .contains("not an image reference"));
         for (json, why) in [
             (r#","name":"Bad Name""#, "lowercase"),
-            (r#","memory":"8MiB""#, "16 MiB to 3 GiB"),
+            (r#","memory":"8MiB""#, "16 MiB to 256 GiB"),
+            (r#","memory":"200GiB""#, "this machine has"),
             (r#","vcpus":0"#, "1 to 32"),
             (r#","rlimits":{"files":1}"#, "unknown limit"),
             (r#","workdir":"srv""#, "absolute path"),

@@ -66,7 +66,7 @@ pub fn initrd_address(
     size: u64,
     initrd_addr_max: u32,
 ) -> Result<GuestAddress, ArchError> {
-    let end = mem.last_addr().raw_value() + 1;
+    let end = crate::vstate::memory::low_end(mem);
     let limit = end.min(u64::from(initrd_addr_max) + 1);
     let lowest = HIMEM_START + (16 << 20);
     match limit.checked_sub(size) {
@@ -97,8 +97,13 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = addr.raw_value() as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let end = mem.last_addr().raw_value() + 1;
-    let map = [(0, EBDA_START), (HIMEM_START, end - HIMEM_START)];
+    let low = crate::vstate::memory::low_end(mem);
+    let high = mem.last_addr().raw_value() + 1;
+    let mut map = vec![(0, EBDA_START), (HIMEM_START, low - HIMEM_START)];
+    if high > crate::vstate::memory::HIGH_MEMORY_START {
+        let start = crate::vstate::memory::HIGH_MEMORY_START;
+        map.push((start, high - start));
+    }
     for (i, (addr, size)) in map.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {
             addr: *addr,

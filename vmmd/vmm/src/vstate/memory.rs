@@ -1,5 +1,5 @@
-//! Guest memory: one mapping below the 32-bit MMIO hole, anonymous or on a
-//! memfd, optionally with huge pages.
+//! Guest memory: anonymous or on a memfd, optionally with huge pages; up
+//! to 3.25 GiB below the 32-bit MMIO hole, the rest from 4 GiB up.
 //!
 //! # Design
 //! [`Backing::Anonymous`] is private anonymous memory (the default).
@@ -31,7 +31,7 @@ pub use steelcup_proto::MemoryBacking as Backing;
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory of {mib} MiB is out of range (16 MiB up to 3 GiB)")]
+    #[error("guest memory of {mib} MiB is out of range (16 MiB up to {MAX_MIB} MiB)")]
     Size { mib: u64 },
     #[error("map guest memory")]
     MapAnonymous(#[source] std::io::Error),
@@ -47,6 +47,33 @@ pub enum MemoryError {
     Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
+/// The most guest memory a VM may have (256 GiB).
+pub const MAX_MIB: u64 = 256 << 10;
+
+/// Where the guest memory above the MMIO hole starts.
+pub const HIGH_MEMORY_START: u64 = 1 << 32;
+
+/// Guest memory of `bytes` as (guest address, length) ranges: below the
+/// 32-bit MMIO hole, then what does not fit there from 4 GiB up.
+pub fn layout(bytes: u64) -> Vec<(GuestAddress, u64)> {
+    let low = bytes.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if bytes > low {
+        ranges.push((GuestAddress(HIGH_MEMORY_START), bytes - low));
+    }
+    ranges
+}
+
+/// The end of the guest memory below the MMIO hole (where boot data,
+/// the kernel and the initramfs go).
+pub fn low_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .filter(|r| r.start_addr().0 < MMIO_HOLE_START)
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Creates `mib` MiB of anonymous guest memory at guest address 0.
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     create_with(mib, Backing::Anonymous, false)
@@ -59,20 +86,27 @@ pub fn create_with(
     backing: Backing,
     huge_pages: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    let bytes = mib << 20;
-    if !(16..=3072).contains(&mib) || bytes > MMIO_HOLE_START {
+    if !(16..=MAX_MIB).contains(&mib) {
         return Err(MemoryError::Size { mib });
     }
+    let bytes = mib << 20;
     let mem = match backing {
         Backing::Anonymous => {
+            // One host mapping; the guest's ranges are consecutive parts.
             let host = map_aligned(bytes as usize).map_err(MemoryError::MapAnonymous)?;
-            // SAFETY: `host..host+bytes` is the mapping made just above,
-            // readable and writable, which nothing else uses.
-            let region = unsafe { MmapRegion::build_raw(host, bytes as usize, RW, ANONYMOUS) }
-                .map_err(|e| MemoryError::MapAnonymous(std::io::Error::other(e)))?;
-            let region =
-                GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Size { mib })?;
-            GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?
+            let mut regions = Vec::new();
+            let mut at = 0usize;
+            for (guest, len) in layout(bytes) {
+                // SAFETY: `host+at..host+at+len` lies inside the mapping
+                // made just above, readable and writable, which nothing
+                // else uses; the ranges do not overlap.
+                let region =
+                    unsafe { MmapRegion::build_raw(host.add(at), len as usize, RW, ANONYMOUS) }
+                        .map_err(|e| MemoryError::MapAnonymous(std::io::Error::other(e)))?;
+                regions.push(GuestRegionMmap::new(region, guest).ok_or(MemoryError::Size { mib })?);
+                at += len as usize;
+            }
+            GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?
         }
         Backing::Memfd => {
             let memfd_err = |source| MemoryError::Memfd {
@@ -92,16 +126,21 @@ pub fn create_with(
             // SAFETY: fd is a fresh descriptor nothing else owns.
             let file = unsafe { std::fs::File::from_raw_fd(fd) };
             file.set_len(bytes).map_err(memfd_err)?;
-            let region = MmapRegion::build(
-                Some(FileOffset::new(file, 0)),
-                bytes as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
-            .map_err(MemoryError::MapMemfd)?;
-            let region =
-                GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Size { mib })?;
-            GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?
+            // The file holds the ranges one after the other.
+            let mut regions = Vec::new();
+            let mut at = 0u64;
+            for (guest, len) in layout(bytes) {
+                let region = MmapRegion::build(
+                    Some(FileOffset::new(file.try_clone().map_err(memfd_err)?, at)),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                )
+                .map_err(MemoryError::MapMemfd)?;
+                regions.push(GuestRegionMmap::new(region, guest).ok_or(MemoryError::Size { mib })?);
+                at += len;
+            }
+            GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?
         }
     };
     if backing == Backing::Anonymous {
@@ -281,9 +320,43 @@ mod tests {
     #[test]
     fn sizes_are_checked() {
         assert!(create(8).is_err());
-        assert!(create(4096).is_err());
+        assert!(create(MAX_MIB + 1).is_err());
         let m = create(16).unwrap();
         assert_eq!(m.last_addr().0, (16 << 20) - 1);
+        assert_eq!(low_end(&m), 16 << 20);
+    }
+
+    #[test]
+    fn memory_past_the_hole_continues_at_4_gib() {
+        assert_eq!(layout(1 << 30), [(GuestAddress(0), 1 << 30)]);
+        assert_eq!(
+            layout(5 << 30),
+            [
+                (GuestAddress(0), MMIO_HOLE_START),
+                (GuestAddress(HIGH_MEMORY_START), (5 << 30) - MMIO_HOLE_START)
+            ]
+        );
+        for backing in [Backing::Anonymous, Backing::Memfd] {
+            // 5 GiB, never touched but for two words: nothing is reserved.
+            let m = create_with(5 << 10, backing, false).unwrap();
+            assert_eq!(m.iter().count(), 2);
+            assert_eq!(low_end(&m), MMIO_HOLE_START);
+            assert_eq!(
+                m.last_addr().0,
+                HIGH_MEMORY_START + (5 << 30) - MMIO_HOLE_START - 1
+            );
+            m.write_obj(7u64, GuestAddress(HIGH_MEMORY_START)).unwrap();
+            m.write_obj(9u64, GuestAddress(MMIO_HOLE_START - 8))
+                .unwrap();
+            assert_eq!(
+                m.read_obj::<u64>(GuestAddress(HIGH_MEMORY_START)).unwrap(),
+                7
+            );
+            assert!(
+                m.write_obj(1u64, GuestAddress(MMIO_HOLE_START)).is_err(),
+                "the hole"
+            );
+        }
     }
 
     #[test]
