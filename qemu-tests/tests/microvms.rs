@@ -173,6 +173,11 @@ fn workloads(g: &mut Guest) -> Result<String> {
         "driver: images: oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest",
         STEP,
     )?;
+    g.wait_for(
+        "driver: tagged: docker.io/library/mybox:1,oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest",
+        STEP,
+    )?;
+    g.wait_for("driver: tag: run by its new name", STEP)?;
     g.wait_for("driver: leftover cup run workloads: 0", STEP)?;
     g.wait_for("driver: df: Images", STEP)?;
     g.wait_for("driver: df: Volumes", STEP)?;

@@ -48,6 +48,10 @@ pub enum Action {
     Pull(String),
     Images,
     RemoveImage(String),
+    /// An image's manifest and config as JSON (`cup image inspect`).
+    InspectImage(String),
+    /// Another name for an image in the store: source, target.
+    TagImage(String, String),
     /// Garbage-collect the store.
     Prune,
     /// Send a signal (a number) to the workload's processes in the guest.
@@ -522,6 +526,8 @@ pub trait Vmm1Client {
     fn pull(&self, source: &str) -> zbus::Result<(String, String)>;
     fn images(&self) -> zbus::Result<Vec<ImageInfo>>;
     fn remove_image(&self, name: &str) -> zbus::Result<()>;
+    fn inspect_image(&self, name: &str) -> zbus::Result<String>;
+    fn tag_image(&self, source: &str, target: &str) -> zbus::Result<String>;
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;

@@ -132,6 +132,8 @@ pub enum Command {
     Images(ImagesArgs),
     /// Remove images from the store
     Rmi(Names),
+    /// Another name for an image in the store
+    Tag { source: String, target: String },
     /// Manage images (ls, pull, rm, prune)
     #[command(subcommand)]
     Image(ImageCommand),
@@ -447,6 +449,15 @@ pub enum ImageCommand {
     Rm(Names),
     /// Remove blobs and root images no image uses
     Prune,
+    /// Images' manifests and configs, as JSON (or -f TEMPLATE)
+    Inspect {
+        #[arg(short, long, value_name = "TEMPLATE")]
+        format: Option<String>,
+        #[arg(required = true, value_name = "IMAGE")]
+        names: Vec<String>,
+    },
+    /// Another name for an image in the store
+    Tag { source: String, target: String },
 }
 
 #[derive(Debug, Subcommand)]

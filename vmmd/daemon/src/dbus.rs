@@ -138,6 +138,19 @@ impl Vmm1 {
         self.call(Action::RemoveImage(name)).await.map(|_| ())
     }
 
+    /// An image in the store as JSON: Docker's `Id`, `RepoTags`,
+    /// `RepoDigests`, `Created`, `Config`, `Architecture`, `Os`, `Size`,
+    /// `RootFS`, and its root image.
+    async fn inspect_image(&self, name: String) -> Result<String, Vmm1Error> {
+        self.text(Action::InspectImage(name)).await
+    }
+
+    /// Names image `source` also `target` (a registry reference, kept as
+    /// the store spells it); answers that name.
+    async fn tag_image(&self, source: String, target: String) -> Result<String, Vmm1Error> {
+        self.text(Action::TagImage(source, target)).await
+    }
+
     /// Pulls in flight (by `Pull` or for a unit): (source, blob digest,
     /// bytes done, bytes in the blob). `cup pull` draws its progress bar
     /// from this.

@@ -80,7 +80,11 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
                 Ok(Reply::Done)
             }
         },
-        Action::Images | Action::RemoveImage(_) | Action::Prune => image_action(opts, req.action),
+        Action::Images
+        | Action::RemoveImage(_)
+        | Action::Prune
+        | Action::InspectImage(_)
+        | Action::TagImage(..) => image_action(opts, req.action),
         Action::Inspect(name) => match core.workloads.get(&name) {
             None => Err(ApiError::NoSuchVm(name)),
             Some(w) => Ok(Reply::Text(inspect(opts, &core.backend, &name, w))),
@@ -356,6 +360,64 @@ pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiE
                 "no image named {name:?}; see `cup images`"
             ))),
         },
+        Action::InspectImage(name) => {
+            let d = store.resolve(&name).map_err(|_| {
+                ApiError::Refused(format!("no image named {name:?}; see `cup images`"))
+            })?;
+            let img = store.image(&d).map_err(err)?;
+            let refs = store.refs().map_err(err)?;
+            let names: Vec<&String> = refs
+                .iter()
+                .filter(|(_, v)| **v == d.to_string())
+                .map(|(k, _)| k)
+                .collect();
+            let c = img.config.config();
+            let size: u64 = img.manifest.layers().iter().map(|l| l.size()).sum();
+            let v = serde_json::json!({
+                "Id": img.config_digest.to_string(),
+                "RepoTags": names,
+                "RepoDigests": [d.to_string()],
+                "Created": img.config.created(),
+                "Architecture": img.config.architecture().to_string(),
+                "Os": img.config.os().to_string(),
+                "Size": size,
+                "Config": {
+                    "Env": c.as_ref().and_then(|c| c.env().clone()),
+                    "Cmd": c.as_ref().and_then(|c| c.cmd().clone()),
+                    "Entrypoint": c.as_ref().and_then(|c| c.entrypoint().clone()),
+                    "WorkingDir": c.as_ref().and_then(|c| c.working_dir().clone()),
+                    "User": c.as_ref().and_then(|c| c.user().clone()),
+                    "ExposedPorts": c.as_ref().and_then(|c| c.exposed_ports().clone()),
+                    "Labels": c.as_ref().and_then(|c| c.labels().clone()),
+                },
+                "RootFS": {
+                    "Type": "layers",
+                    "Layers": img.config.rootfs().diff_ids(),
+                },
+                "RootImage": store.rootfs_path(&img).display().to_string(),
+                "RootImageBuilt": store.rootfs_path(&img).is_file(),
+            });
+            Ok(Reply::Text(
+                serde_json::to_string_pretty(&v).unwrap_or_default(),
+            ))
+        }
+        Action::TagImage(source, target) => {
+            let d = store.resolve(&source).map_err(|_| {
+                ApiError::Refused(format!("no image named {source:?}; see `cup images`"))
+            })?;
+            let name = match crate::image::source::Source::parse(&target) {
+                Ok(s @ crate::image::source::Source::Registry { .. }) => s.name(&target),
+                Ok(_) => {
+                    return Err(ApiError::Refused(format!(
+                        "{target:?}: a tag is a registry reference (REPO[:TAG]), not a file or directory"
+                    )))
+                }
+                Err(e) => return Err(ApiError::Refused(e.to_string())),
+            };
+            store.tag(&name, &d).map_err(err)?;
+            tracing::info!("image {source}: tagged {name}");
+            Ok(Reply::Text(name))
+        }
         Action::Prune => {
             let r = store.gc().map_err(err)?;
             Ok(Reply::Text(format!(
