@@ -759,7 +759,7 @@ fn vm_config(
         jail_scratch: opts
             .jail
             .then(|| steelcup_vmm::jail::mount::scratch_dir(&opts.run_dir)),
-        cpu_max_millis: None,
+        cpu_max_millis: spec.cpu_max.map(steelcup_units::Cpus::millis),
     })
 }
 
@@ -868,6 +868,37 @@ mod tests {
         std::fs::write(&path, b"kept").unwrap();
         ensure_volume(dir.path(), "web", &v).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn a_workloads_process_options_and_cpu_quota_reach_its_vm() {
+        let opts = default_options(Path::new("/nonexistent/units"));
+        let spec = MicrovmSection {
+            cmd: vec!["/bin/sh".into()],
+            entrypoint: Some(vec!["/bin/busybox".into()]),
+            workdir: Some("/srv".into()),
+            user: Some("1000:1000".into()),
+            hostname: Some("box".into()),
+            read_only: true,
+            extra_hosts: [("db".to_string(), [10, 1, 2, 3].into())].into(),
+            cpu_max: Some("1.5".parse().unwrap()),
+            ..Default::default()
+        };
+        let w = Workload::new(spec, 3, Instant::now());
+        let vm = vm_config(&opts, "job", &w, None).unwrap();
+        assert_eq!((vm.vcpus, vm.cpu_max_millis), (2, Some(1500)));
+        let g = &vm.guest;
+        assert_eq!(g.cmd, ["/bin/busybox", "/bin/sh"]);
+        assert_eq!(
+            (
+                g.workdir.as_deref(),
+                g.user.as_deref(),
+                g.hostname.as_deref()
+            ),
+            (Some("/srv"), Some("1000:1000"), Some("box"))
+        );
+        assert!(g.read_only);
+        assert_eq!(g.extra_hosts, [("db".to_string(), [10, 1, 2, 3].into())]);
     }
 
     #[test]
