@@ -133,6 +133,56 @@ pub struct Progress {
     pub total: u64,
 }
 
+/// A registry client's error with what to try, where its text says
+/// which kind of failure it is (the client's own words stay first).
+pub fn with_advice(image: &oci_client::Reference, what: &str) -> String {
+    let host = image.registry();
+    let repo = format!("{}:{}", image.repository(), image.tag().unwrap_or("latest"));
+    let w = what.to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| w.contains(n));
+    let advice = if has(&[
+        "invalidcontenttype",
+        "http response to https",
+        "wrong version number",
+    ]) {
+        format!("{host} answered plain HTTP to HTTPS: if it is a plain-HTTP registry, name it `insecure = true` in /etc/steelcup/registries.toml (a machine config's registries; docs/images.md) or start vmmd with --insecure-registry {host}")
+    } else if has(&["certificate", "unknownissuer", "invalidcertificate"]) {
+        format!("{host}'s TLS certificate is not trusted here: a registry with a private CA needs it in the machine's CA bundle, or `insecure = true` for plain HTTP (docs/images.md)")
+    } else if has(&[
+        "unauthorized",
+        "not authorized",
+        "authenticationfailure",
+        "authentication failure",
+        "denied",
+        "401",
+        "403",
+    ]) {
+        format!("{host} refused the pull: log in with `cup login {host}` (a private repository, or one that does not exist, answers the same)")
+    } else if has(&[
+        "manifest_unknown",
+        "manifest unknown",
+        "name_unknown",
+        "not found",
+        "404",
+    ]) {
+        format!("{host} has no {repo}: check the repository and tag")
+    } else if has(&[
+        "dns error",
+        "failed to lookup",
+        "name or service not known",
+        "no address associated",
+    ]) {
+        format!("{host} does not resolve: check the machine's DNS (`cup machine show`), or name the registry by its address")
+    } else if has(&["connection refused"]) {
+        format!("nothing answers at {host}: is the registry running, and is its port right?")
+    } else if has(&["timed out", "timeout", "deadline"]) {
+        format!("{host} did not answer in time: check the machine's network and the registry")
+    } else {
+        return what.to_string();
+    };
+    format!("{what}; {advice}")
+}
+
 /// Gets the image named by `source` into `store` and names it there;
 /// returns the store name and the manifest digest.
 pub fn pull(
@@ -511,13 +561,7 @@ fn pull_registry(
             let (bytes, _) = client
                 .pull_manifest_raw(&target, &auth, &accepted)
                 .await
-                .map_err(|e| {
-                    let mut what = steelcup_sys::error_chain(&e);
-                    if what.contains("InvalidContentType") {
-                        what.push_str(" (an HTTPS request got a plain-HTTP answer: is this an insecure registry? Name it with --insecure-registry HOST:PORT)");
-                    }
-                    err(what)
-                })?;
+                .map_err(|e| err(with_advice(&target, &steelcup_sys::error_chain(&e))))?;
             if bytes.len() as u64 > MAX_JSON {
                 return Err(err("the manifest is too large".into()));
             }
@@ -566,7 +610,10 @@ fn pull_registry(
                     let response = client
                         .pull_blob_stream_partial(&target, digest.as_str(), offset, None)
                         .await
-                        .map_err(|e| err(format!("blob {digest}: {}", steelcup_sys::error_chain(&e))))?;
+                        .map_err(|e| {
+                            let what = steelcup_sys::error_chain(&e);
+                            err(format!("blob {digest}: {}", with_advice(&target, &what)))
+                        })?;
                     let (stream, append) = match response {
                         oci_client::client::BlobResponse::Full(s) => (s, false),
                         oci_client::client::BlobResponse::Partial(s) => (s, true),
@@ -614,4 +661,38 @@ fn pull_registry(
             reference: reference.to_string(),
         })
     })
+}
+
+#[cfg(test)]
+mod advice_tests {
+    use super::*;
+
+    #[test]
+    fn registry_failures_say_what_to_try() {
+        let r: oci_client::Reference = "registry.example.com:5000/team/app:1".parse().unwrap();
+        for (what, says) in [
+            (
+                "error sending request: InvalidContentType",
+                "insecure = true",
+            ),
+            ("invalid peer certificate: UnknownIssuer", "CA bundle"),
+            (
+                "Not authorized: url https://x/v2/team/app/manifests/1",
+                "cup login registry.example.com:5000",
+            ),
+            ("OCI API error: MANIFEST_UNKNOWN", "has no team/app:1"),
+            (
+                "dns error: failed to lookup address information",
+                "does not resolve",
+            ),
+            (
+                "tcp connect error: Connection refused (os error 111)",
+                "nothing answers at registry.example.com:5000",
+            ),
+        ] {
+            let got = with_advice(&r, what);
+            assert!(got.starts_with(what) && got.contains(says), "{what}: {got}");
+        }
+        assert_eq!(with_advice(&r, "something else"), "something else");
+    }
 }
