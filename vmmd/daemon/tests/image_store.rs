@@ -541,6 +541,8 @@ fn pulls_from_a_real_registry_resume_and_fail_clearly() {
     // Over HTTPS (the default) a plain-HTTP registry is refused.
     let err = source::pull(&store, &reference, &PullOptions::default(), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains(&reference), "{err}");
+    // ... with what to try.
+    assert!(err.to_string().contains("insecure = true"), "{err}");
 
     // A download cut short: its first half is already in tmp/.
     let layout_store = Store::open(&dir.path().join("layout-store")).unwrap();
@@ -587,6 +589,7 @@ fn pulls_from_a_real_registry_resume_and_fail_clearly() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("manifest unknown"), "{err}");
+    assert!(err.to_string().contains("has no nothing:1"), "{err}");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -603,6 +606,10 @@ fn pulls_from_a_real_registry_resume_and_fail_clearly() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("Connection refused"), "{err}");
+    assert!(
+        err.to_string().contains("nothing answers at 127.0.0.1:"),
+        "{err}"
+    );
 }
 
 /// A debootstrapped Debian (`cargo xtask test` makes it with Debian's
