@@ -178,6 +178,17 @@ fn workloads(g: &mut Guest) -> Result<String> {
         STEP,
     )?;
     g.wait_for("driver: tag: run by its new name", STEP)?;
+    // The table of Docker command lines and their cup spellings (in the
+    // driver): the same exit codes, the same output shapes.
+    if let Err(e) = g.wait_for("driver: compat: 28 of 28 like Docker", STEP) {
+        let unlike: Vec<String> = g
+            .serial()
+            .lines()
+            .filter(|l| l.contains("driver: compat:"))
+            .map(str::to_string)
+            .collect();
+        anyhow::bail!("{e}: {unlike:#?}");
+    }
     g.wait_for("driver: leftover cup run workloads: 0", STEP)?;
     g.wait_for("driver: df: Images", STEP)?;
     g.wait_for("driver: df: Volumes", STEP)?;
