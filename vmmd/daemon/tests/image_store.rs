@@ -753,15 +753,16 @@ fn hex(b: &[u8]) -> String {
 fn a_root_image_build_that_runs_out_of_memory_fails_alone() {
     use vmmd::image::workload::{prepare, Builder};
     let dir = tempfile::tempdir().unwrap();
-    // 15 000 files of 3 KiB: about 45 MiB kept in memory to build, from a
-    // layer of a few hundred KiB.
-    let source = bomb_layout(&dir.path().join("layout"), 15_000, 3072);
+    // 40 000 files of 3 KiB: about 120 MiB kept in memory to build, from a
+    // layer of a few hundred KiB. (The cap leaves room for vmmd's own
+    // mapped binary, over 36 MiB in a debug build.)
+    let source = bomb_layout(&dir.path().join("layout"), 40_000, 3072);
     let store_dir = dir.path().join("store");
     let opts = vmmd::image::source::PullOptions::default();
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_vmmd"));
     let starved = Builder::Child {
         exe: exe.clone(),
-        memory: 40 << 20,
+        memory: 64 << 20,
         timeout: std::time::Duration::from_secs(300),
     };
     let err = prepare(&store_dir, &source, &opts, &mut |_| {}, &starved)
@@ -769,7 +770,7 @@ fn a_root_image_build_that_runs_out_of_memory_fails_alone() {
         .to_string();
     println!("the starved build: {err}");
     assert!(
-        err.starts_with("build the root image: killed by SIGABRT (more than 40 MiB of memory?)"),
+        err.starts_with("build the root image: killed by SIGABRT (more than 64 MiB of memory?)"),
         "{err}"
     );
     let tmp: Vec<_> = std::fs::read_dir(store_dir.join("tmp")).unwrap().collect();
