@@ -458,32 +458,10 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         }
         Command::Image(ImageCommand::Prune) => println!("{}", vmmd()?.prune()?),
         Command::Image(ImageCommand::Inspect { format, names }) => {
-            let template = format.as_deref().map(view::Template::parse).transpose()?;
             let p = vmmd()?;
-            let mut all = Vec::new();
-            let mut failed = false;
-            for n in &names {
-                match p.inspect_image(n) {
-                    Ok(json) => all.push(serde_json::from_str::<serde_json::Value>(&json)?),
-                    Err(e) => {
-                        eprintln!("cup: {}", CupError::from(e));
-                        failed = true;
-                    }
-                }
-            }
-            match template {
-                Some(t) => {
-                    for v in &all {
-                        println!("{}", t.render(v)?);
-                    }
-                }
-                None => println!("{}", serde_json::to_string_pretty(&all)?),
-            }
-            return Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            });
+            return code(view::inspect_each(&names, format.as_deref(), |n| {
+                Ok(serde_json::from_str(&p.inspect_image(n)?)?)
+            }));
         }
         Command::Tag { source, target } | Command::Image(ImageCommand::Tag { source, target }) => {
             vmmd()?.tag_image(&source, &target)?;

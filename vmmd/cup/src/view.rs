@@ -231,6 +231,38 @@ pub fn print_rows(
     Ok(())
 }
 
+/// `inspect`'s shape, for workloads, images and volumes alike: each name
+/// looked up by `find`; the found ones as one JSON array, or `template`
+/// once each; each one not found said on stderr, and exit code 1.
+pub fn inspect_each(
+    names: &[String],
+    template: Option<&str>,
+    mut find: impl FnMut(&str) -> Result<Value, CupError>,
+) -> Result<u8, CupError> {
+    // A bad template is refused before anything is looked up.
+    let template = template.map(Template::parse).transpose()?;
+    let mut found = Vec::new();
+    let mut failed = false;
+    for n in names {
+        match find(n) {
+            Ok(v) => found.push(v),
+            Err(e) => {
+                eprintln!("cup: {e}");
+                failed = true;
+            }
+        }
+    }
+    match template {
+        Some(t) => {
+            for v in &found {
+                println!("{}", t.render(v)?);
+            }
+        }
+        None => println!("{}", serde_json::to_string_pretty(&found)?),
+    }
+    Ok(u8::from(failed))
+}
+
 /// A parsed `--format` template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template(Vec<Piece>);

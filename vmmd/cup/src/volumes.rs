@@ -3,7 +3,7 @@
 //! as `docker volume` shows a host's.
 
 use crate::cli::VolumeCommand;
-use crate::error::CupError;
+use crate::error::{usage, CupError};
 use crate::view;
 use serde_json::{json, Value};
 use steelcup_api::vmm1::{Vmm1ClientProxy, VolumeInfo};
@@ -45,28 +45,13 @@ pub fn volume(p: &Vmm1ClientProxy<'static>, c: VolumeCommand) -> Result<u8, CupE
             Ok(0)
         }
         VolumeCommand::Inspect { names, format } => {
-            let template = format.as_deref().map(view::Template::parse).transpose()?;
             let vols = p.volumes()?;
-            let mut found = Vec::new();
-            let mut failed = false;
-            for n in &names {
-                match vols.iter().find(|v| v.name == *n) {
-                    Some(v) => found.push(inspect(v)),
-                    None => {
-                        eprintln!("cup: no volume named {n:?}; see `cup volume ls`");
-                        failed = true;
-                    }
-                }
-            }
-            match template {
-                Some(t) => {
-                    for v in &found {
-                        println!("{}", t.render(v)?);
-                    }
-                }
-                None => println!("{}", serde_json::to_string_pretty(&found)?),
-            }
-            Ok(u8::from(failed))
+            view::inspect_each(&names, format.as_deref(), |n| {
+                vols.iter()
+                    .find(|v| v.name == n)
+                    .map(inspect)
+                    .ok_or_else(|| usage!("no volume named {n:?}; see `cup volume ls`"))
+            })
         }
         VolumeCommand::Rm { names } => {
             let mut failed = false;

@@ -229,27 +229,9 @@ pub fn parse_signal(s: &str) -> Result<i32, CupError> {
 /// `cup inspect [-f TEMPLATE] NAME...`: what vmmd knows of each, as a
 /// JSON array, or the template once per workload.
 pub fn inspect(p: &Vmm1ClientProxy<'static>, i: &InspectArgs) -> Result<u8, CupError> {
-    let template = i.format.as_deref().map(view::Template::parse).transpose()?;
-    let mut all = Vec::new();
-    let mut failed = false;
-    for n in &i.names {
-        match p.inspect(n) {
-            Ok(json) => all.push(serde_json::from_str::<serde_json::Value>(&json)?),
-            Err(e) => {
-                eprintln!("cup: {}", CupError::from(e));
-                failed = true;
-            }
-        }
-    }
-    match template {
-        Some(t) => {
-            for v in &all {
-                println!("{}", t.render(v)?);
-            }
-        }
-        None => println!("{}", serde_json::to_string_pretty(&all)?),
-    }
-    Ok(u8::from(failed))
+    view::inspect_each(&i.names, i.format.as_deref(), |n| {
+        Ok(serde_json::from_str(&p.inspect(n)?)?)
+    })
 }
 
 /// `cup ps [-a] [-q] [--filter K=V]... [--format F] [--no-trunc]`.
