@@ -43,6 +43,9 @@ pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "iproute2",
     "curl",
+    // Python's tarfile reads the crafted layers beside GNU tar and ours.
+    "python3",
+    "tar",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -840,3 +840,365 @@ fn tar_pax_path(path: &str) -> Vec<u8> {
     b.append(&h, &b""[..]).unwrap();
     b.into_inner().unwrap()
 }
+
+/// One raw 512-byte tar header, fields written as given (a hostile or
+/// merely unusual header is the point): ustar magic, checksum computed.
+fn raw_header(name: &[u8], kind: u8, size: &[u8], link: &[u8], prefix: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[..name.len()].copy_from_slice(name);
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0001750");
+    h[116..123].copy_from_slice(b"0000144");
+    h[124..124 + size.len()].copy_from_slice(size);
+    h[136..147].copy_from_slice(b"14524722400");
+    h[156] = kind;
+    h[157..157 + link.len()].copy_from_slice(link);
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    if kind == b'3' {
+        h[329..336].copy_from_slice(b"0000001");
+        h[337..344].copy_from_slice(b"0000003");
+    }
+    h[345..345 + prefix.len()].copy_from_slice(prefix);
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h
+}
+
+/// A header and its data, padded to whole blocks.
+fn member(header: Vec<u8>, data: &[u8]) -> Vec<u8> {
+    let mut v = header;
+    v.extend_from_slice(data);
+    v.resize(v.len().next_multiple_of(512), 0);
+    v
+}
+
+fn octal(n: usize) -> Vec<u8> {
+    format!("{n:011o}").into_bytes()
+}
+
+fn file(name: &str, data: &[u8]) -> Vec<u8> {
+    member(
+        raw_header(name.as_bytes(), b'0', &octal(data.len()), b"", b""),
+        data,
+    )
+}
+
+/// A PAX extended header (`kind` b'x', or b'g' for a global one) of records.
+fn pax(kind: u8, records: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in records {
+        let rec = format!(" {k}={v}\n");
+        let mut len = rec.len() + 1;
+        while rec.len() + len.to_string().len() != len {
+            len = rec.len() + len.to_string().len();
+        }
+        body.extend_from_slice(format!("{len}{rec}").as_bytes());
+    }
+    member(
+        raw_header(b"pax", kind, &octal(body.len()), b"", b""),
+        &body,
+    )
+}
+
+fn end(mut v: Vec<u8>) -> Vec<u8> {
+    v.extend_from_slice(&[0u8; 1024]);
+    v
+}
+
+/// Crafted layers: (name, bytes, whether steelcup must take it).
+fn corpus() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let long = "d/".to_string() + &"n".repeat(150);
+    let mut base256 = vec![0x80u8];
+    base256.extend_from_slice(&[0u8; 10]);
+    base256.push(5);
+    vec![
+        (
+            "plain members of every kind",
+            end([
+                member(raw_header(b"d/", b'5', &octal(0), b"", b""), b""),
+                file("d/f", b"hello"),
+                member(raw_header(b"s", b'2', &octal(0), b"d/f", b""), b""),
+                member(raw_header(b"h", b'1', &octal(0), b"d/f", b""), b""),
+                member(raw_header(b"p", b'6', &octal(0), b"", b""), b""),
+                member(raw_header(b"c", b'3', &octal(0), b"", b""), b""),
+                file("./dot", b"x"),
+                file("/abs", b"y"),
+            ]
+            .concat()),
+            true,
+        ),
+        (
+            "a GNU long name",
+            end([
+                member(
+                    raw_header(b"././@LongLink", b'L', &octal(long.len() + 1), b"", b""),
+                    format!("{long}\0").as_bytes(),
+                ),
+                member(raw_header(b"short", b'0', &octal(2), b"", b""), b"ln"),
+            ]
+            .concat()),
+            true,
+        ),
+        (
+            "a GNU long link target",
+            end([
+                member(
+                    raw_header(b"././@LongLink", b'K', &octal(long.len() + 1), b"", b""),
+                    format!("{long}\0").as_bytes(),
+                ),
+                member(raw_header(b"sym", b'2', &octal(0), b"x", b""), b""),
+            ]
+            .concat()),
+            true,
+        ),
+        (
+            "PAX path and linkpath",
+            end([
+                pax(b'x', &[("path", &long)]),
+                file("placeholder", b"pp"),
+                pax(b'x', &[("linkpath", &long)]),
+                member(raw_header(b"plink", b'2', &octal(0), b"x", b""), b""),
+            ]
+            .concat()),
+            true,
+        ),
+        (
+            "a ustar prefix",
+            end(member(
+                raw_header(b"f", b'0', &octal(3), b"", b"pre/fix"),
+                b"pfx",
+            )),
+            true,
+        ),
+        (
+            "the same name twice: the last wins",
+            end([file("dup", b"one"), file("dup", b"two")].concat()),
+            true,
+        ),
+        (
+            "a global PAX header",
+            end([pax(b'g', &[("comment", "hi")]), file("g", b"global")].concat()),
+            true,
+        ),
+        (
+            "data after the end of the archive",
+            [end(file("e", b"end")), file("after", b"ignored")].concat(),
+            true,
+        ),
+        (
+            "a PAX size larger than the header's",
+            end([
+                pax(b'x', &[("size", "3")]),
+                member(raw_header(b"ps", b'0', &octal(0), b"", b""), b"abc"),
+            ]
+            .concat()),
+            false,
+        ),
+        (
+            "a base-256 size",
+            end(member(
+                raw_header(b"b256", b'0', &base256, b"", b""),
+                b"hello",
+            )),
+            false,
+        ),
+        (
+            "a directory that declares data",
+            end([
+                member(
+                    raw_header(b"dd", b'5', &octal(512), b"", b""),
+                    &file("hidden", b""),
+                ),
+                file("z", b"z"),
+            ]
+            .concat()),
+            false,
+        ),
+        (
+            "a bad checksum",
+            end({
+                let mut h = raw_header(b"bad", b'0', &octal(1), b"", b"");
+                h[0] = b'B';
+                member(h, b"b")
+            }),
+            false,
+        ),
+    ]
+}
+
+/// A tree as `path kind` lines: `dir`, `file SHA-256`, `-> target`,
+/// `chr M:m`, `fifo`; relative paths, the root left out.
+type Listing = BTreeMap<String, String>;
+
+fn sha(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn our_listing(tree: &Tree, sink: &MemorySink) -> Listing {
+    let mut out = Listing::new();
+    tree.walk(|p, ino| {
+        let p = String::from_utf8_lossy(p)
+            .trim_start_matches('/')
+            .to_string();
+        if p.is_empty() {
+            return;
+        }
+        let kind = match &tree.inode(ino).kind {
+            Kind::Dir(_) => "dir".to_string(),
+            Kind::File(_) => format!("file {}", sha(&file_bytes(tree, sink, ino))),
+            Kind::Symlink(t) => format!("-> {}", String::from_utf8_lossy(t)),
+            Kind::CharDevice { major, minor } => format!("chr {major}:{minor}"),
+            Kind::BlockDevice { major, minor } => format!("blk {major}:{minor}"),
+            Kind::Fifo => "fifo".to_string(),
+        };
+        out.insert(p, kind);
+    });
+    out
+}
+
+/// GNU tar's reading: the layer extracted (as root: devices too), then
+/// walked. None where GNU tar fails or warns of an error.
+fn gnu_listing(layer: &[u8]) -> Option<Listing> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.tar");
+    std::fs::write(&file, layer).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let ok = Command::new("tar")
+        .arg("-xf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&root)
+        .args(["--no-same-owner", "--warning=no-timestamp"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !ok {
+        return None;
+    }
+    let mut out = Listing::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(&root).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let t = m.file_type();
+            let kind = if t.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if t.is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if t.is_char_device() {
+                format!("chr {}:{}", (m.rdev() >> 8) & 0xfff, m.rdev() & 0xff)
+            } else if t.is_fifo() {
+                "fifo".to_string()
+            } else {
+                format!("file {}", sha(&std::fs::read(&p).unwrap()))
+            };
+            out.insert(rel, kind);
+        }
+    }
+    Some(out)
+}
+
+/// Python tarfile's reading (POSIX's rules): its members, the last of a
+/// name winning, parents implied. None where it refuses the archive.
+fn python_listing(layer: &[u8]) -> Option<Listing> {
+    const SCRIPT: &str = r#"
+import hashlib, json, sys, tarfile
+tf = tarfile.open(sys.argv[1], errorlevel=2)
+for m in tf.getmembers():
+    name = m.name
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.strip("/")
+    if not name or name == ".":
+        continue
+    if m.isdir():
+        kind = "dir"
+    elif m.issym():
+        kind = "-> " + m.linkname
+    elif m.ischr():
+        kind = "chr %d:%d" % (m.devmajor, m.devminor)
+    elif m.isfifo():
+        kind = "fifo"
+    else:
+        kind = "file " + hashlib.sha256(tf.extractfile(m).read()).hexdigest()[:16]
+    print(json.dumps([name, kind]))
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.tar");
+    std::fs::write(&file, layer).unwrap();
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(&file)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let mut listing = Listing::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let [name, kind]: [String; 2] = serde_json::from_str(line).unwrap();
+        let mut parent = Path::new(&name).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            listing
+                .entry(p.display().to_string())
+                .or_insert_with(|| "dir".into());
+            parent = p.parent();
+        }
+        listing.insert(name, kind);
+    }
+    Some(listing)
+}
+
+/// A layer means to steelcup what it means to GNU tar and to Python's
+/// tarfile — the same names, kinds, link targets and contents — or
+/// steelcup refuses it. Each crafted layer of the corpus is read all three
+/// ways.
+#[test]
+fn layers_read_as_gnu_tar_and_python_read_them_or_are_refused() {
+    let have = |tool: &str| Command::new(tool).arg("--version").output().is_ok();
+    if !have("tar") || !have("python3") {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "GNU tar and python3 are needed (cargo xtask test installs them)"
+        );
+        eprintln!("SKIP: the tar differential test needs GNU tar and python3");
+        return;
+    }
+    let mut taken = 0;
+    for (name, layer, must_take) in corpus() {
+        let ours = apply_all(std::slice::from_ref(&layer), Limits::default());
+        let (tree, sink) = match ours {
+            Ok(t) => t,
+            Err(e) => {
+                assert!(!must_take, "{name}: refused: {e}");
+                println!("{name}: refused ({e})");
+                continue;
+            }
+        };
+        taken += 1;
+        let ours = our_listing(&tree, &sink);
+        assert_eq!(
+            Some(&ours),
+            gnu_listing(&layer).as_ref(),
+            "{name}: GNU tar reads it otherwise"
+        );
+        assert_eq!(
+            Some(&ours),
+            python_listing(&layer).as_ref(),
+            "{name}: Python's tarfile reads it otherwise"
+        );
+        println!("{name}: {} entries, read alike", ours.len());
+    }
+    assert!(taken >= 8, "the corpus's ordinary layers were taken");
+}
