@@ -335,6 +335,19 @@ fn host_memory_mib() -> Option<u64> {
     Some(kib >> 10)
 }
 
+/// The name the store knows an image by: as given (a digest, an
+/// `oci-archive:` source, a full reference), else the registry reference
+/// spelled out as pulls and tags keep it (`mybox:1` is
+/// `docker.io/library/mybox:1`).
+fn store_name(store: &crate::image::store::Store, name: &str) -> String {
+    if store.resolve(name).is_ok() {
+        return name.to_string();
+    }
+    crate::image::source::Source::parse(name)
+        .map(|s| s.name(name))
+        .unwrap_or_else(|_| name.to_string())
+}
+
 /// The image store's actions, answered at once.
 pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiError> {
     let store = crate::image::store::Store::open(&opts.state_dir)
@@ -354,14 +367,14 @@ pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiE
                 })
                 .collect(),
         )),
-        Action::RemoveImage(name) => match store.untag(&name).map_err(err)? {
+        Action::RemoveImage(name) => match store.untag(&store_name(&store, &name)).map_err(err)? {
             true => Ok(Reply::Done),
             false => Err(ApiError::Refused(format!(
                 "no image named {name:?}; see `cup images`"
             ))),
         },
         Action::InspectImage(name) => {
-            let d = store.resolve(&name).map_err(|_| {
+            let d = store.resolve(&store_name(&store, &name)).map_err(|_| {
                 ApiError::Refused(format!("no image named {name:?}; see `cup images`"))
             })?;
             let img = store.image(&d).map_err(err)?;
@@ -402,7 +415,7 @@ pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiE
             ))
         }
         Action::TagImage(source, target) => {
-            let d = store.resolve(&source).map_err(|_| {
+            let d = store.resolve(&store_name(&store, &source)).map_err(|_| {
                 ApiError::Refused(format!("no image named {source:?}; see `cup images`"))
             })?;
             let name = match crate::image::source::Source::parse(&target) {

@@ -871,6 +871,50 @@ mod tests {
     }
 
     #[test]
+    fn images_are_found_by_the_names_docker_users_write() {
+        use crate::image::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = default_options(Path::new("/nonexistent/units"));
+        opts.state_dir = dir.path().to_path_buf();
+        let store = Store::open(dir.path()).unwrap();
+        let config = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let cd = store.put_bytes(config).unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[]}}"#,
+            config.len()
+        );
+        let md = store.put_bytes(manifest.as_bytes()).unwrap();
+        store.tag("docker.io/library/mybox:1", &md).unwrap();
+        let text = |r: Result<Reply, ApiError>| match r {
+            Ok(Reply::Text(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        // Inspected, tagged and removed by the short name.
+        let v: serde_json::Value = serde_json::from_str(&text(image_action(
+            &opts,
+            Action::InspectImage("mybox:1".into()),
+        )))
+        .unwrap();
+        assert_eq!(
+            v["RepoTags"],
+            serde_json::json!(["docker.io/library/mybox:1"])
+        );
+        assert_eq!(v["Config"]["Cmd"], serde_json::json!(["sh"]));
+        let tagged = text(image_action(
+            &opts,
+            Action::TagImage("mybox:1".into(), "other:2".into()),
+        ));
+        assert_eq!(tagged, "docker.io/library/other:2");
+        assert!(matches!(
+            image_action(&opts, Action::RemoveImage("other:2".into())),
+            Ok(Reply::Done)
+        ));
+        assert!(image_action(&opts, Action::InspectImage("other:2".into())).is_err());
+        let e = image_action(&opts, Action::TagImage("mybox:1".into(), "oci:/x".into()));
+        assert!(matches!(e, Err(ApiError::Refused(m)) if m.contains("registry reference")));
+    }
+
+    #[test]
     fn a_workloads_process_options_and_cpu_quota_reach_its_vm() {
         let opts = default_options(Path::new("/nonexistent/units"));
         let spec = MicrovmSection {
