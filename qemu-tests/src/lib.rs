@@ -601,12 +601,6 @@ pub fn boot_test_image(mode: &str) -> Option<Guest> {
     if mode == "workloads" || mode == "network" {
         cfg.forward_port = Some(8080);
     }
-    // The workloads boot runs a microVM of 4 GiB (memory past the 32-bit
-    // hole): the appliance needs more than that (QEMU takes it only as
-    // the guests touch it).
-    if mode == "workloads" {
-        cfg.memory_mib = 6144;
-    }
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
         cmdline.push_str(&format!(" steelcup.test={mode}"));
     }

@@ -121,7 +121,6 @@ fn workloads(g: &mut Guest) -> Result<String> {
         "driver: options: in /tmp as 1000:1000 on made-up, db at 10.1.2.3, root read-only",
         STEP,
     )?;
-    g.wait_for("driver: big: more than 3.5 GiB", BOOT)?;
     g.wait_for("driver: half: cpu.max 50000 100000, vCPUs 1", BOOT)?;
     g.wait_for("driver: flaky: 1 exited 3", BOOT)?;
     check_stats(g)?;
