@@ -5,7 +5,8 @@
 //! the way `cargo xtask run` makes it, then plain `cup` verbs with no
 //! flags: `ps`, `units`, `run -d --restart always -p` of nginx from a
 //! registry on this machine, an HTTP GET on the published port from here,
-//! `logs`, vmmd restarted (the run comes back), `exec`, `stop`, `apply`
+//! `logs`, vmmd restarted (the run comes back), `exec`, `stop`, `save`
+//! and `load` of its image, `apply`
 //! of a new, a changed and a bad unit, `unit cat`/`rm`, `poweroff`.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
@@ -250,10 +251,49 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         ensure!(t.elapsed() < STEP, "web did not stop: {ps}");
         std::thread::sleep(Duration::from_secs(1));
     }
+    save_and_load(config)?;
     apply_units(config)?;
     machine_config(g, config, certs)?;
     cup_ok(config, &["poweroff"])?;
     g.wait_clean_poweroff(STEP)?;
+    Ok(())
+}
+
+/// `cup save` of nginx to a file here, `cup rmi`, `cup load` of that file:
+/// the image goes out and comes back through the gateway, under its name.
+fn save_and_load(config: &Path) -> Result<()> {
+    let nginx = qemu_tests::registry::NGINX;
+    let dir = tempfile_dir("quickstart-save");
+    let file = dir.join("nginx.tar");
+    let path = file.to_string_lossy();
+    let t = Instant::now();
+    cup_ok(config, &["save", "-o", &path, nginx])?;
+    let size = std::fs::metadata(&file)?.len();
+    ensure!(size > 1 << 20, "cup save wrote {size} bytes");
+    let mut names = Vec::new();
+    for e in tar::Archive::new(std::fs::File::open(&file)?).entries()? {
+        names.push(e?.path()?.display().to_string());
+    }
+    ensure!(
+        names.iter().any(|n| n == "index.json") && names.iter().any(|n| n == "manifest.json"),
+        "cup save: not an OCI archive with Docker's manifest: {names:?}"
+    );
+    cup_ok(config, &["rmi", nginx])?;
+    let images = cup_ok(config, &["images", "-q"])?;
+    ensure!(!images.contains("nginx"), "cup rmi left it: {images}");
+    let loaded = cup_ok(config, &["load", "-i", &path])?;
+    ensure!(
+        loaded.trim() == format!("Loaded image: {nginx}"),
+        "cup load: {loaded}"
+    );
+    let images = cup_ok(config, &["images"])?;
+    ensure!(images.contains("nginx"), "cup images after load: {images}");
+    println!(
+        "quickstart: {:.1} MB saved and loaded back in {:.0}s",
+        size as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 //! (`org.steelcup.Init1`): the action and reply types, the structs they
 //! carry over D-Bus, and blocking client proxies. Both are served peer to
 //! peer on private Unix sockets ([`bus`]). [`attach`] is a client's side of
-//! a workload's stdio over its vsock socket. With the `remote` feature,
+//! a workload's stdio over its vsock socket; [`transfer`] frames bulk data
+//! (image archives) to and from vmmd. With the `remote` feature,
 //! [`remote`] carries all of it over mutual TLS (`cup --remote`, `vmmd
 //! admin`). The servers' adapters live with their daemons.
 //!
@@ -19,6 +20,7 @@ mod error;
 pub mod init1;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod transfer;
 pub mod vmm1;
 
 pub use error::ClientError;

@@ -13,6 +13,8 @@
 //! - `vmmd`: vmmd's API (`org.steelcup.Vmm1`, `RUN_DIR/vmmd.sock`);
 //! - `vsock NAME`: workload NAME's vsock socket, for `cup run`/`exec`/
 //!   `attach` stdio;
+//! - `stream NAME`: one of vmmd's one-use transfer sockets (`cup save`,
+//!   `cup load`; [`crate::transfer`]);
 //! - `upload BYTES`: a file streamed to the machine (`cup --remote ...
 //!   update FILE|URL`): after `ok` the client sends exactly BYTES (at most
 //!   [`MAX_UPLOAD`]), the gateway writes them to a new file in its upload
@@ -212,6 +214,11 @@ pub fn target(run_dir: &Path, line: &str) -> Result<PathBuf, RemoteError> {
         Some(("vsock", name)) if steelcup_units::valid_name(name) => Ok(run_dir
             .join("vmmd")
             .join("vsock")
+            .join(format!("{name}.sock"))),
+        // A one-use transfer socket of vmmd's (`cup save`, `cup load`).
+        Some(("stream", name)) if steelcup_units::valid_name(name) => Ok(run_dir
+            .join("vmmd")
+            .join(crate::transfer::STREAMS_DIR)
             .join(format!("{name}.sock"))),
         _ => Err(RemoteError::UnknownTarget(line.chars().take(64).collect())),
     }
@@ -684,5 +691,10 @@ mod tests {
             target(&run, "vsock web.1").unwrap(),
             run.join("vmmd/vsock/web.1.sock")
         );
+        assert_eq!(
+            target(&run, "stream load-7").unwrap(),
+            run.join("vmmd/streams/load-7.sock")
+        );
+        assert!(target(&run, "stream ../vsock/web").is_err());
     }
 }

@@ -24,6 +24,14 @@ pub const INTERFACE: &str = "org.steelcup.Vmm1";
 /// vmmd's API socket on the appliance.
 pub const DEFAULT_SOCKET: &str = "/run/steelcup/vmmd.sock";
 
+/// An image `cup load` put in the store: its names (none when the
+/// archive gave it none; then its digest names it) and manifest digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loaded {
+    pub names: Vec<String>,
+    pub digest: String,
+}
+
 /// An operation on vmmd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -52,6 +60,13 @@ pub enum Action {
     InspectImage(String),
     /// Another name for an image in the store: source, target.
     TagImage(String, String),
+    /// Images as one archive (`cup save`): answered with the path of a
+    /// transfer socket that sends it ([`crate::transfer`]).
+    Save(Vec<String>),
+    /// Images from an archive (`cup load`): answered with the path of a
+    /// transfer socket that takes it and answers a JSON list of
+    /// [`Loaded`].
+    Load,
     /// Garbage-collect the store.
     Prune,
     /// Send a signal (a number) to the workload's processes in the guest.
@@ -528,6 +543,8 @@ pub trait Vmm1Client {
     fn remove_image(&self, name: &str) -> zbus::Result<()>;
     fn inspect_image(&self, name: &str) -> zbus::Result<String>;
     fn tag_image(&self, source: &str, target: &str) -> zbus::Result<String>;
+    fn save(&self, names: &[&str]) -> zbus::Result<String>;
+    fn load(&self) -> zbus::Result<String>;
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;

@@ -134,7 +134,11 @@ pub enum Command {
     Rmi(Names),
     /// Another name for an image in the store
     Tag { source: String, target: String },
-    /// Manage images (ls, pull, rm, prune)
+    /// Write images from the machine's store to an archive (OCI, with Docker's manifest.json)
+    Save(SaveArgs),
+    /// Bring images into the machine's store from an archive (docker save, skopeo, cup save)
+    Load(LoadArgs),
+    /// Manage images (ls, pull, rm, prune, inspect, tag, save, load)
     #[command(subcommand)]
     Image(ImageCommand),
     /// Manage volumes (ls, create, inspect, rm, prune)
@@ -458,6 +462,29 @@ pub enum ImageCommand {
     },
     /// Another name for an image in the store
     Tag { source: String, target: String },
+    /// Write images from the machine's store to an archive
+    Save(SaveArgs),
+    /// Bring images into the machine's store from an archive
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    /// Write to this file, not to standard output
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Read from this file, not from standard input
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Say nothing of what was loaded
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]

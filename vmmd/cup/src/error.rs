@@ -29,6 +29,9 @@ pub enum CupError {
     /// ended, when vmmd knows).
     #[error("{name}: {why}")]
     Workload { name: String, why: String },
+    /// An image archive's transfer to or from the machine failed.
+    #[error("{what}: {why}")]
+    Transfer { what: &'static str, why: String },
     #[error("no workload named {0:?} (see `cup ps`)")]
     NoWorkload(String),
     #[error("workload {name:?} is {state}, not running; `cup logs {name}` shows its output, `cup start {name}` runs it again")]

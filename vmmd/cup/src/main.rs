@@ -11,6 +11,7 @@
 //! checks unit files offline.
 
 mod apply;
+mod archive;
 mod cli;
 mod context;
 mod copy;
@@ -465,6 +466,12 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         }
         Command::Tag { source, target } | Command::Image(ImageCommand::Tag { source, target }) => {
             vmmd()?.tag_image(&source, &target)?;
+        }
+        Command::Save(a) | Command::Image(ImageCommand::Save(a)) => {
+            return code(crate::archive::save(&vmmd()?, &a))
+        }
+        Command::Load(a) | Command::Image(ImageCommand::Load(a)) => {
+            return code(crate::archive::load(&vmmd()?, &a))
         }
         Command::System(cli::SystemCommand::Df) => return code(crate::system::df(&vmmd()?)),
         Command::System(cli::SystemCommand::Prune { all, volumes, .. }) => {

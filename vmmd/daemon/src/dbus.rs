@@ -151,6 +151,20 @@ impl Vmm1 {
         self.text(Action::TagImage(source, target)).await
     }
 
+    /// Images as one OCI archive (with Docker's `manifest.json` too):
+    /// answers a one-use transfer socket that sends it, framed
+    /// (`steelcup_api::transfer`). Unknown names are refused here.
+    async fn save(&self, names: Vec<String>) -> Result<String, Vmm1Error> {
+        self.text(Action::Save(names)).await
+    }
+
+    /// Images from an OCI or `docker save` archive: answers a one-use
+    /// transfer socket that takes the archive, framed, and answers a JSON
+    /// list of the images loaded (`Loaded`) or why none were.
+    async fn load(&self) -> Result<String, Vmm1Error> {
+        self.text(Action::Load).await
+    }
+
     /// Pulls in flight (by `Pull` or for a unit): (source, blob digest,
     /// bytes done, bytes in the blob). `cup pull` draws its progress bar
     /// from this.

@@ -471,3 +471,227 @@ fn scripts_read_cup_as_they_read_docker(cup: &Path, sock: &Path) {
         assert_ne!(out.status.code(), Some(0));
     }
 }
+
+/// A tar of `entries` (path, bytes), as an image archive holds them.
+fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// An OCI archive of one small image named `name`: (archive, layer digest).
+fn oci_archive(name: &str, text: &str) -> (Vec<u8>, String) {
+    let layer = tar_of(&[("hello".into(), text.as_bytes().to_vec())]);
+    let ld = sha256(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/hello"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{ld}")]},
+    }))
+    .unwrap();
+    let cd = sha256(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{cd}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{ld}"), "size": layer.len()}],
+    }))
+    .unwrap();
+    let md = sha256(&manifest);
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{md}"), "size": manifest.len(),
+                       "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "1"}}],
+    }))
+    .unwrap();
+    let archive = tar_of(&[
+        (
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
+        ("index.json".into(), index),
+        (format!("blobs/sha256/{ld}"), layer),
+        (format!("blobs/sha256/{cd}"), config),
+        (format!("blobs/sha256/{md}"), manifest),
+    ]);
+    (archive, ld)
+}
+
+/// `cup save` and `cup load` against the daemon: an archive loads under
+/// its names, saves to a file `skopeo` reads as either transport, comes
+/// back through stdin after the image was removed, and a `docker save`
+/// layout (made by skopeo) loads too. A corrupt or cut archive is refused
+/// naming why, and names nothing.
+#[test]
+fn images_travel_as_archives() {
+    use std::io::Write;
+    let d = start();
+    let sock = d.dir.path().join("vmmd.sock");
+    let cup = Path::new(env!("CARGO_BIN_EXE_vmmd")).with_file_name("cup");
+    if !cup.exists() {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "{} is missing: run the tests with --workspace",
+            cup.display()
+        );
+        eprintln!(
+            "SKIP: {} is not built (cargo test --workspace builds it)",
+            cup.display()
+        );
+        return;
+    }
+    let cup_in = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut child = Command::new(&cup)
+            .arg("-H")
+            .arg(&sock)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(data) = stdin {
+            let mut w = child.stdin.take().unwrap();
+            let _ = w.write_all(data);
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cup_out = |args: &[&str]| cup_in(args, None);
+    let work = d.dir.path();
+    let (archive, layer) = oci_archive("docker.io/library/hello:1", "hi from an archive\n");
+    std::fs::write(work.join("src.tar"), &archive).unwrap();
+    let src = work.join("src.tar").display().to_string();
+
+    let (code, out, err) = cup_out(&["load", "-i", &src]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "Loaded image: docker.io/library/hello:1\n");
+    let (_, out, _) = cup_out(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    assert!(
+        out.contains("docker.io/library/hello:1") || out.contains("hello:1"),
+        "{out}"
+    );
+
+    // Saved under its short name, to a file; twice gives the same bytes.
+    let saved = work.join("saved.tar");
+    let (code, _, err) = cup_out(&["save", "-o", &saved.display().to_string(), "hello:1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let bytes = std::fs::read(&saved).unwrap();
+    let (code, again, _) = cup_out(&["image", "save", "hello:1"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(again.len(), bytes.len(), "stdout carries the same archive");
+    let mut paths = Vec::new();
+    for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
+        paths.push(e.unwrap().path().unwrap().display().to_string());
+    }
+    for want in [
+        "oci-layout",
+        "index.json",
+        "manifest.json",
+        &format!("blobs/sha256/{layer}"),
+    ] {
+        assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+    }
+    if which("skopeo") {
+        for transport in ["oci-archive", "docker-archive"] {
+            let out = Command::new("skopeo")
+                .args(["inspect", "--raw"])
+                .arg(format!("{transport}:{}", saved.display()))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&layer),
+                "skopeo reads the saved archive as {transport}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Docker's own layout (no index.json), as skopeo writes it.
+        let docker = work.join("docker.tar");
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet"])
+            .arg(format!("oci-archive:{}", saved.display()))
+            .arg(format!("docker-archive:{}:team/app:2", docker.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (code, out, err) = cup_out(&["load", "-i", &docker.display().to_string()]);
+        assert_eq!(
+            (code, out.as_str()),
+            (Some(0), "Loaded image: docker.io/team/app:2\n"),
+            "{err}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+            "skopeo is missing"
+        );
+        eprintln!("SKIP: skopeo's reading of a saved archive: skopeo is not installed");
+    }
+
+    // Removed and pruned, it comes back from stdin.
+    let (code, _, err) = cup_out(&["rmi", "hello:1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = cup_in(&["load"], Some(&bytes));
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "Loaded image: docker.io/library/hello:1\n"),
+        "{err}"
+    );
+
+    // Refused, naming why, and nothing named: an unknown image, a layer
+    // with one byte changed, an archive cut in half, stdin with nothing.
+    let (code, _, err) = cup_out(&["save", "-o", "/dev/null", "nosuch:1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no image named \"nosuch:1\""), "{err}");
+    let (_, before, _) = cup_out(&["images", "-q"]);
+    // (A blob the store has already is not read again: this one is new.)
+    let (mut bad, _) = oci_archive("docker.io/library/bad:1", "hi from elsewhere\n");
+    let at = bad.windows(7).rposition(|w| w == b"hi from").unwrap();
+    bad[at] ^= 1;
+    let (code, _, err) = cup_in(&["load"], Some(&bad));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("sha256:"), "{err}");
+    let (code, _, err) = cup_in(&["load"], Some(&bytes[..bytes.len() / 2]));
+    assert_eq!(code, Some(1), "{err}");
+    let (code, _, err) = cup_in(&["load"], Some(&[]));
+    assert_eq!(code, Some(1), "{err}");
+    let (_, after, _) = cup_out(&["images", "-q"]);
+    assert_eq!(before, after);
+    // Every transfer socket is gone.
+    let left: Vec<_> = std::fs::read_dir(work.join("run/streams"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+fn which(tool: &str) -> bool {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join(tool).is_file())
+}

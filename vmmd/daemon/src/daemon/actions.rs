@@ -80,6 +80,8 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
                 Ok(Reply::Done)
             }
         },
+        Action::Save(names) => transfer::save(opts, names),
+        Action::Load => transfer::load(opts),
         Action::Images
         | Action::RemoveImage(_)
         | Action::Prune
@@ -339,7 +341,7 @@ fn host_memory_mib() -> Option<u64> {
 /// `oci-archive:` source, a full reference), else the registry reference
 /// spelled out as pulls and tags keep it (`mybox:1` is
 /// `docker.io/library/mybox:1`).
-fn store_name(store: &crate::image::store::Store, name: &str) -> String {
+pub(super) fn store_name(store: &crate::image::store::Store, name: &str) -> String {
     if store.resolve(name).is_ok() {
         return name.to_string();
     }

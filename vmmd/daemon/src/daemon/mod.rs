@@ -54,6 +54,7 @@ mod error;
 mod guest;
 mod runs;
 mod stats;
+mod transfer;
 mod volumes;
 mod warm;
 mod workers;

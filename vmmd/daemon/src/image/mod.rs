@@ -1,5 +1,6 @@
 //! Image formats shared by vmmd and image-build.
 
+pub mod archive;
 pub mod cli;
 pub mod registries;
 pub mod rootfs;

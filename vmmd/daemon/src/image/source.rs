@@ -17,13 +17,13 @@
 //! HTTPS unless it is listed as insecure; a download cut short resumes
 //! from where it stopped.
 
+use super::archive::{pick_from_index, Archive};
 use super::store::{
     parse_manifest, Digest, Store, StoreError, INDEX_DOCKER, INDEX_OCI, MANIFEST_DOCKER,
     MANIFEST_OCI, MAX_JSON,
 };
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// Errors getting an image.
@@ -234,7 +234,7 @@ fn media_type(bytes: &[u8]) -> Option<String> {
 
 /// From a descriptor in a layout to the image manifest (through nested
 /// indexes), copying blobs with `fetch` into the store.
-fn resolve_manifest(
+pub(super) fn resolve_manifest(
     store: &Store,
     what: &str,
     mut d: Digest,
@@ -278,48 +278,6 @@ fn resolve_manifest(
     })
 }
 
-/// The descriptor an `index.json` names `tag` (or its only one).
-fn pick_from_index(
-    what: &Path,
-    index: &[u8],
-    tag: Option<&str>,
-) -> Result<(Digest, u64), SourceError> {
-    let bad = |w: String| SourceError::BadArchive {
-        path: what.to_path_buf(),
-        what: w,
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(index).map_err(|e| bad(format!("index.json: {e}")))?;
-    let manifests = v
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .ok_or_else(|| bad("index.json has no manifests".into()))?;
-    let chosen = match tag {
-        Some(t) => manifests.iter().find(|m| {
-            m.pointer("/annotations/org.opencontainers.image.ref.name")
-                .and_then(|n| n.as_str())
-                == Some(t)
-        }),
-        None if manifests.len() == 1 => manifests.first(),
-        None => {
-            return Err(bad(format!(
-                "{} images in index.json; name one with :TAG",
-                manifests.len()
-            )))
-        }
-    };
-    let m = chosen.ok_or_else(|| bad(format!("no image tagged {:?}", tag.unwrap_or(""))))?;
-    let digest = m
-        .get("digest")
-        .and_then(|d| d.as_str())
-        .ok_or_else(|| bad("a manifest without a digest".into()))?;
-    let size = m
-        .get("size")
-        .and_then(|d| d.as_u64())
-        .ok_or_else(|| bad("a manifest without a size".into()))?;
-    Ok((digest.parse()?, size))
-}
-
 fn import_layout(store: &Store, dir: &Path, tag: Option<&str>) -> Result<Digest, SourceError> {
     let index_path = dir.join("index.json");
     let index = fs::read(&index_path).map_err(|e| SourceError::BadArchive {
@@ -347,173 +305,25 @@ fn import_oci_archive(
     file: &Path,
     tag: Option<&str>,
 ) -> Result<Digest, SourceError> {
-    let bad = |what: String| SourceError::BadArchive {
-        path: file.to_path_buf(),
-        what,
-    };
-    let f = File::open(file).map_err(|e| bad(e.to_string()))?;
-    let mut archive = tar::Archive::new(io::BufReader::new(f));
-    let mut index = None;
-    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let path = entry
-            .path()
-            .map_err(|e| bad(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
-        let path = path.trim_start_matches("./").to_string();
-        let size = entry.size();
-        if path == "index.json" {
-            if size > MAX_JSON {
-                return Err(bad("index.json is too large".into()));
-            }
-            let mut v = Vec::new();
-            entry.read_to_end(&mut v).map_err(|e| bad(e.to_string()))?;
-            index = Some(v);
-        } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
-            let d: Digest = format!("sha256:{hex}").parse()?;
-            store.put_blob(&d, size, &mut entry)?;
-        }
-    }
-    let index = index.ok_or_else(|| bad("no index.json: not an OCI archive".into()))?;
-    let (d, size) = pick_from_index(file, &index, tag)?;
-    let mut fetch = |d: &Digest, _size: u64| -> Result<(), SourceError> {
-        if store.has_blob(d) {
-            Ok(())
-        } else {
-            Err(bad(format!("blob {d} is not in the archive")))
-        }
-    };
-    resolve_manifest(store, &file.display().to_string(), d, size, &mut fetch)
+    Archive::read(store, file, open_archive(file)?)?.oci_image(store, tag)
 }
 
-/// `docker save` output: every file becomes a blob (named by its own
-/// digest), then `manifest.json` says which are the config and layers.
+/// `docker save` output (either layout).
 fn import_docker_archive(
     store: &Store,
     file: &Path,
     reference: Option<&str>,
 ) -> Result<Digest, SourceError> {
-    let bad = |what: String| SourceError::BadArchive {
-        path: file.to_path_buf(),
-        what,
-    };
-    let f = File::open(file).map_err(|e| bad(e.to_string()))?;
-    let mut archive = tar::Archive::new(io::BufReader::new(f));
-    let mut files: BTreeMap<String, (Digest, u64)> = BTreeMap::new();
-    let mut links: BTreeMap<String, String> = BTreeMap::new();
-    let mut manifest = None;
-    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-        let path = entry
-            .path()
-            .map_err(|e| bad(e.to_string()))?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
-        let ty = entry.header().entry_type();
-        if ty.is_symlink() {
-            if let Some(target) = entry.link_name().map_err(|e| bad(e.to_string()))? {
-                let base = Path::new(&path).parent().unwrap_or(Path::new(""));
-                let joined = base.join(target);
-                let mut norm: Vec<String> = Vec::new();
-                for c in joined.components() {
-                    match c {
-                        std::path::Component::ParentDir => {
-                            norm.pop();
-                        }
-                        std::path::Component::Normal(n) => {
-                            norm.push(n.to_string_lossy().into_owned())
-                        }
-                        _ => {}
-                    }
-                }
-                links.insert(path, norm.join("/"));
-            }
-            continue;
-        }
-        if !ty.is_file() {
-            continue;
-        }
-        if path == "manifest.json" {
-            if entry.size() > MAX_JSON {
-                return Err(bad("manifest.json is too large".into()));
-            }
-            let mut v = Vec::new();
-            entry.read_to_end(&mut v).map_err(|e| bad(e.to_string()))?;
-            manifest = Some(v);
-            continue;
-        }
-        let size = entry.size();
-        let d = store.put_by_content(&mut entry)?;
-        files.insert(path, (d, size));
-    }
-    let manifest = manifest.ok_or_else(|| bad("no manifest.json: not a docker-archive".into()))?;
-    let list: serde_json::Value =
-        serde_json::from_slice(&manifest).map_err(|e| bad(format!("manifest.json: {e}")))?;
-    let list = list
-        .as_array()
-        .ok_or_else(|| bad("manifest.json is not a list".into()))?;
-    let chosen = match reference {
-        Some(r) => list.iter().find(|m| {
-            m.get("RepoTags")
-                .and_then(|t| t.as_array())
-                .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(r)))
-        }),
-        None if list.len() == 1 => list.first(),
-        None => {
-            return Err(bad(format!(
-                "{} images in the archive; name one with :REPO:TAG",
-                list.len()
-            )))
-        }
-    };
-    let m = chosen.ok_or_else(|| bad(format!("no image tagged {:?}", reference.unwrap_or(""))))?;
-    let lookup = |name: &str| -> Result<(Digest, u64), SourceError> {
-        let name = links.get(name).map(String::as_str).unwrap_or(name);
-        files.get(name).cloned().ok_or_else(|| {
-            bad(format!(
-                "{name} is named in manifest.json but not in the archive"
-            ))
+    Archive::read(store, file, open_archive(file)?)?.docker_image(store, reference)
+}
+
+fn open_archive(file: &Path) -> Result<io::BufReader<File>, SourceError> {
+    File::open(file)
+        .map(io::BufReader::new)
+        .map_err(|e| SourceError::BadArchive {
+            path: file.to_path_buf(),
+            what: e.to_string(),
         })
-    };
-    let config_name = m
-        .get("Config")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| bad("an image without Config".into()))?;
-    let (config, config_size) = lookup(config_name)?;
-    let mut layers = Vec::new();
-    for l in m
-        .get("Layers")
-        .and_then(|l| l.as_array())
-        .ok_or_else(|| bad("an image without Layers".into()))?
-    {
-        let (d, size) = lookup(
-            l.as_str()
-                .ok_or_else(|| bad("a layer name that is not text".into()))?,
-        )?;
-        let mut head = [0u8; 4];
-        let n = store.open_blob(&d)?.read(&mut head).unwrap_or(0);
-        let media_type = match super::rootfs::Compression::sniff(&head[..n]) {
-            super::rootfs::Compression::None => "application/vnd.docker.image.rootfs.diff.tar",
-            super::rootfs::Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            super::rootfs::Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-        };
-        layers.push(
-            serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": size}),
-        );
-    }
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_DOCKER,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config.to_string(), "size": config_size},
-        "layers": layers,
-    });
-    let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
-    Ok(store.put_bytes(&bytes)?)
 }
 
 fn pull_registry(
