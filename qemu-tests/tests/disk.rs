@@ -23,7 +23,10 @@
 //!    by init and by `cup update --status`); an update is started and QEMU
 //!    killed while it writes slot A;
 //! 5. slot B boots (the half-written slot had lost its tries first); the
-//!    driver powers off.
+//!    driver asks for `cup machine reset`;
+//! 6. the state partition is formatted again and the config drive applied
+//!    again, as at the first boot: the kept `--restart always` run, which
+//!    came back after each reboot before, is gone with /var.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
@@ -352,6 +355,8 @@ fn disk_image_boots_updates_and_rolls_back() {
             "slots: slot B marked good (booted slot B; order B A; A: 3 tries, B: 3 tries)",
             BOOT,
         )?;
+        // The --restart always run of the first boot, kept on /var.
+        g.wait_for("workload keeper: kept run, started again", BOOT)?;
         g.wait_for("driver: disk step 1", STEP)?;
         g.wait_for(&format!("driver: status: B     {v2}"), STEP)?;
         g.wait_for(
@@ -447,9 +452,33 @@ fn disk_image_boots_updates_and_rolls_back() {
         g.wait_for("driver: disk step 3", STEP)?;
         g.wait_for(&format!("driver: status: B     {v2}"), STEP)?;
         g.wait_for("driver: disk steps done", STEP)?;
-        g.wait_clean_poweroff(STEP)?;
         let s = g.serial();
         anyhow::ensure!(!s.contains("is blank"), "a later boot formatted /var again");
+        g.wait_for(
+            "machine reset: the state partition is wiped at the next boot; rebooting",
+            STEP,
+        )?;
+        rebooted(g)
+    });
+
+    boot(&cfg, "6-reset", |g| {
+        g.wait_for(
+            "state: cup machine reset asked for a wipe: formatting /dev/vda4 again",
+            BOOT,
+        )?;
+        g.wait_for(
+            "provision: applied the machine config from config drive /dev/vdb (sha256",
+            STEP,
+        )?;
+        g.wait_for("provisioned: running on node-17", BOOT)?;
+        g.wait_for("unit vmmd: ready", BOOT)?;
+        // The driver's step lived on /var too: it starts over.
+        g.wait_for("driver: disk step 0", BOOT)?;
+        anyhow::ensure!(
+            !g.serial().contains("workload keeper: kept run"),
+            "the kept run outlived the machine reset"
+        );
+        g.kill();
         Ok(())
     });
 }
