@@ -27,6 +27,9 @@ fn dbus_send() -> Option<PathBuf> {
 struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
+    /// A loopback port vmmd takes as a plain-HTTP registry (for `cup
+    /// login`'s check: see [`serve_registry_auth`]).
+    registry: std::net::TcpListener,
 }
 
 impl Drop for Daemon {
@@ -65,8 +68,11 @@ fn start() -> Daemon {
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
         .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .arg("--insecure-registry")
+        .arg(registry.local_addr().unwrap().to_string())
         .arg("--units")
         .arg(dir.path().join("units"))
         .arg("--state")
@@ -89,7 +95,43 @@ fn start() -> Daemon {
         dir.path().join("vmmd.sock").exists(),
         "ready before the API socket exists"
     );
-    Daemon { child, dir }
+    Daemon {
+        child,
+        dir,
+        registry,
+    }
+}
+
+/// Answers the distribution API's credentials check on `listener` as a
+/// registry with basic authentication does: `GET /v2/` is 200 with the
+/// `Authorization` of fleet:s3cret, else 401 with a `Basic` challenge.
+/// (The real registry's answers are checked in image_store.rs, against
+/// docker-registry.)
+fn serve_registry_auth(listener: std::net::TcpListener) {
+    use std::io::{BufRead, Write};
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut authorized = false;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                // base64("fleet:s3cret")
+                authorized |= lower.starts_with("authorization:")
+                    && line.trim_end().ends_with("Basic ZmxlZXQ6czNjcmV0");
+            }
+            let answer = if authorized {
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            } else {
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
 }
 
 #[test]
@@ -280,7 +322,9 @@ fn sighup_applies_changed_units() {
     }
     if cup.exists() {
         scripts_read_cup_as_they_read_docker(&cup, &sock);
-        logins_are_kept_on_the_machine(&cup, &sock, &d.dir.path().join("state"));
+        let reg = d.registry.local_addr().unwrap().to_string();
+        serve_registry_auth(d.registry.try_clone().unwrap());
+        logins_are_kept_on_the_machine(&cup, &sock, &d.dir.path().join("state"), &reg);
     }
     let out = call("Tail", &["string:web.1", "uint32:10"]);
     assert!(out.contains("array ["), "{out}");
@@ -307,9 +351,10 @@ fn sighup_applies_changed_units() {
     }
 }
 
-/// `cup login` keeps credentials in vmmd's state (root's alone), `cup
-/// logout` forgets them, as Docker says it.
-fn logins_are_kept_on_the_machine(cup: &Path, sock: &Path, state: &Path) {
+/// `cup login` tries the credentials with the registry (`reg`), keeps them
+/// in vmmd's state (root's alone) only if it took them, and `cup logout`
+/// forgets them, as Docker says it.
+fn logins_are_kept_on_the_machine(cup: &Path, sock: &Path, state: &Path, reg: &str) {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let run = |args: &[&str], stdin: &str| {
@@ -335,14 +380,27 @@ fn logins_are_kept_on_the_machine(cup: &Path, sock: &Path, state: &Path) {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let reg = "registry.example.com:5000";
+    let file = state.join("registry-logins.json");
+    let (code, out) = run(
+        &["login", "-u", "fleet", "--password-stdin", reg],
+        "wrong\n",
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("incorrect username or password"), "{out}");
+    assert!(!file.exists() || !std::fs::read_to_string(&file).unwrap().contains("fleet"));
+    // A registry no one answers at is an error too, not a login.
+    let (code, out) = run(
+        &["login", "-u", "fleet", "--password-stdin", "127.0.0.1:1"],
+        "s3cret\n",
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("cannot reach 127.0.0.1:1"), "{out}");
     let (code, out) = run(
         &["login", "-u", "fleet", "--password-stdin", reg],
         "s3cret\n",
     );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("Login Succeeded"), "{out}");
-    let file = state.join("registry-logins.json");
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("fleet") && text.contains("s3cret"), "{text}");
     assert_eq!(
@@ -358,11 +416,11 @@ fn logins_are_kept_on_the_machine(cup: &Path, sock: &Path, state: &Path) {
         (code, out.trim()),
         (
             Some(0),
-            "Removing login credentials for registry.example.com:5000"
+            format!("Removing login credentials for {reg}").as_str()
         )
     );
     let (_, out) = run(&["logout", reg], "");
-    assert_eq!(out.trim(), "Not logged in to registry.example.com:5000");
+    assert_eq!(out.trim(), format!("Not logged in to {reg}"));
     assert!(!std::fs::read_to_string(&file).unwrap().contains("s3cret"));
 }
 

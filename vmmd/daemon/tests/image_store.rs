@@ -686,6 +686,18 @@ fn a_registry_that_wants_credentials_gets_them_or_refuses_clearly() {
     )
     .unwrap();
     assert_eq!(name, reference);
+    // `cup login`'s check, against the same registry: the right password
+    // is taken, a wrong one refused; a registry that wants none takes any.
+    vmmd::image::login::check(&reg.addr, "alice", "s3cret", true).unwrap();
+    let e = vmmd::image::login::check(&reg.addr, "alice", "nope", true).unwrap_err();
+    assert!(
+        e.to_string().contains("incorrect username or password"),
+        "{e}"
+    );
+    let open = registry().unwrap();
+    vmmd::image::login::check(&open.addr, "anyone", "x", true).unwrap();
+    // Over HTTPS, a plain-HTTP registry is no login.
+    assert!(vmmd::image::login::check(&reg.addr, "alice", "s3cret", false).is_err());
 }
 
 /// An OCI layout (in `dir`) of one image whose one layer holds `files`

@@ -18,6 +18,48 @@ pub(super) fn execute(opts: &Options, core: &mut Daemon, req: dbus::Request) {
         core.stop_within(name, Some(req.reply), AfterStop::Stay, now, grace);
         return;
     }
+    if let Action::Login(registry, user, password) = &req.action {
+        let checked = crate::image::registries::login_registry(registry)
+            .map_err(ApiError::Refused)
+            .and_then(|r| match user.is_empty() || password.is_empty() {
+                true => Err(ApiError::Refused(
+                    "a login needs a username and a password".into(),
+                )),
+                false => Ok(r),
+            });
+        let registry = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = req.reply.send(Err(e));
+                return;
+            }
+        };
+        // The registry answers on its own time; the loop goes on.
+        let insecure = pull_options(opts, &format!("{registry}/_"))
+            .insecure
+            .contains(&registry);
+        let (user, password, reply) = (user.clone(), password.clone(), req.reply);
+        let tx = core.backend.tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("login".into())
+            .spawn(move || {
+                match crate::image::login::check(&registry, &user, &password, insecure) {
+                    Ok(()) => {
+                        let _ = tx.send(Event::LoginChecked {
+                            registry,
+                            user,
+                            password,
+                            reply,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("cup login: {e}");
+                        let _ = reply.send(Err(ApiError::Refused(e.to_string())));
+                    }
+                }
+            });
+        return;
+    }
     if let Action::Pull(source) = &req.action {
         let (store, source) = (opts.state_dir.clone(), source.clone());
         let pull = pull_options(&core.backend.opts, &source);
@@ -444,6 +486,22 @@ pub(super) fn image_action(opts: &Options, action: Action) -> Result<Reply, ApiE
     }
 }
 
+/// Keeps credentials the registry took (`cup login`).
+pub(super) fn keep_login(
+    core: &mut Daemon,
+    registry: String,
+    user: &str,
+    password: &str,
+) -> Result<Reply, ApiError> {
+    core.backend
+        .opts
+        .logins
+        .set(&registry, user, password)
+        .map_err(|e| ApiError::Refused(format!("keeping the login: {e}")))?;
+    tracing::info!("registry {registry}: logged in as {user}; its pulls use it");
+    Ok(Reply::Text(registry))
+}
+
 /// Executes an action that is answered at once.
 pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, ApiError> {
     let running = |core: &Daemon, name: &str| match core.workloads.get(name) {
@@ -507,22 +565,6 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                     Ok(Reply::Done)
                 }
             }
-        }
-        Action::Login(registry, user, password) => {
-            let registry =
-                crate::image::registries::login_registry(&registry).map_err(ApiError::Refused)?;
-            if user.is_empty() || password.is_empty() {
-                return Err(ApiError::Refused(
-                    "a login needs a username and a password".into(),
-                ));
-            }
-            core.backend
-                .opts
-                .logins
-                .set(&registry, &user, &password)
-                .map_err(|e| ApiError::Refused(format!("keeping the login: {e}")))?;
-            tracing::info!("registry {registry}: logged in as {user}; its pulls use it");
-            Ok(Reply::Text(registry))
         }
         Action::Logout(registry) => {
             let registry =

@@ -182,6 +182,13 @@ enum Event {
     PoolStuck {
         name: String,
     },
+    /// The registry took a `cup login`'s credentials: keep them, answer.
+    LoginChecked {
+        registry: String,
+        user: String,
+        password: String,
+        reply: futures_channel::oneshot::Sender<Result<Reply, ApiError>>,
+    },
 }
 
 /// The `[microvm]` units in `dir` whose conditions hold.
@@ -409,6 +416,14 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             }
             Ok(Event::PoolStuck { name }) => core.pool_stuck(&name),
             Ok(Event::PoolReady { name }) => core.pool_ready(&name, now()),
+            Ok(Event::LoginChecked {
+                registry,
+                user,
+                password,
+                reply,
+            }) => {
+                let _ = reply.send(keep_login(&mut core, registry, &user, &password));
+            }
             Ok(Event::Api(req)) => execute(&opts, &mut core, req),
             Ok(Event::Prepared { name, result }) => core.prepared(&name, result, now()),
             Ok(Event::Probed { name, result }) => core.probed(&name, result, now()),
@@ -614,6 +629,9 @@ fn stop_all(core: &mut Daemon, rx: &mpsc::Receiver<Event>) {
                     | Event::PoolReady { .. }
                     | Event::PoolStuck { .. },
                 ) => {}
+                Ok(Event::LoginChecked { reply, .. }) => {
+                    let _ = reply.send(Err(ApiError::ShuttingDown));
+                }
                 Ok(Event::Api(req)) => {
                     let _ = req.reply.send(Err(ApiError::ShuttingDown));
                 }

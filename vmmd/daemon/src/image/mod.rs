@@ -2,6 +2,7 @@
 
 pub mod archive;
 pub mod cli;
+pub mod login;
 pub mod registries;
 pub mod rootfs;
 pub mod source;
