@@ -720,6 +720,7 @@ fn an_exit_during_a_reload_is_recorded() {
     let api = s.api();
     let summary = api.reload().unwrap();
     assert_eq!(summary.restarted, ["zeta"]);
+    s.wait_for("[zeta] ready again", Duration::from_secs(10));
     let alpha = api.status("alpha").unwrap();
     assert_eq!(
         (alpha.state.as_str(), alpha.last_exit, alpha.pid),
@@ -727,6 +728,83 @@ fn an_exit_during_a_reload_is_recorded() {
         "{alpha:?}\n{}",
         s.output()
     );
+}
+
+/// A unit in its stop timeout holds nothing up: while `slow` ignores its
+/// SIGTERM for 3 s, other calls answer at once, another unit restarts, a
+/// reload removes a third; `slow`'s own `stop` call returns once it has
+/// been killed, and a reload that changed it while it stopped brings the
+/// new definition up after.
+#[test]
+fn stopping_is_asynchronous() {
+    let s = Sup::start(
+        "async-stop",
+        &[
+            (
+                "slow",
+                &service(
+                    "trap 'echo term ignored' TERM; echo up; while :; do sleep 0.1; done",
+                    "stop-timeout = 3",
+                ),
+            ),
+            ("quick", &service("echo quick up; sleep 300", "")),
+            ("gone", &service("sleep 300", "")),
+        ],
+    );
+    s.wait_for("[slow] up", Duration::from_secs(10));
+    s.wait_for("[quick] quick up", Duration::from_secs(10));
+    let dir = s.dir.clone();
+    let stopper = std::thread::spawn(move || {
+        let api = connect(&dir.join("run")).unwrap();
+        let t0 = Instant::now();
+        api.stop("slow").unwrap();
+        t0.elapsed()
+    });
+    s.wait_for("[slow] term ignored", Duration::from_secs(10));
+    let api = s.api();
+    let t0 = Instant::now();
+    assert_eq!(api.status("slow").unwrap().state, "stopping");
+    api.restart("quick").unwrap();
+    std::fs::remove_file(s.dir.join("units/gone.toml")).unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.stopped, ["gone"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "calls waited for slow's stop: {:?}",
+        t0.elapsed()
+    );
+    s.wait_until("quick started again", Duration::from_secs(10), |o| {
+        o.matches("[quick] quick up").count() == 2
+    });
+    let took = stopper.join().unwrap();
+    assert!(
+        took >= Duration::from_secs(2),
+        "stop returned before slow was killed: {took:?}"
+    );
+    let out = s.output();
+    assert!(
+        out.contains("unit slow: did not stop in 3s; killing it"),
+        "{out}"
+    );
+    assert_eq!(api.status("slow").unwrap().state, "stopped");
+    assert!(api.status("gone").is_err(), "gone is still there");
+
+    // A reload that changes a unit while it stops: the new definition
+    // comes up once the old one has gone.
+    api.start("slow").unwrap();
+    s.wait_until("slow up again", Duration::from_secs(10), |o| {
+        o.matches("[slow] up").count() == 2
+    });
+    std::fs::write(
+        s.dir.join("units/slow.toml"),
+        service("echo new slow; sleep 300", ""),
+    )
+    .unwrap();
+    let summary = api.reload().unwrap();
+    assert_eq!(summary.restarted, ["slow"]);
+    assert_eq!(api.status("slow").unwrap().state, "stopping");
+    s.wait_for("[slow] new slow", Duration::from_secs(15));
+    assert_eq!(api.status("slow").unwrap().state, "running");
 }
 
 /// A running unit whose file turns bad goes on as it was; `cup units`

@@ -19,9 +19,8 @@
 //! the socket says whose message it is, so a helper that sends and exits at
 //! once cannot be mistaken for someone else (matching senders by pid races
 //! with the sender's exit).
-//!
-//! # Limitations
-//! Stopping a unit blocks the loop for up to its stop timeout.
+//! Stopping is asynchronous ([`stop`]): a unit in its stop timeout holds
+//! up neither the API nor the other units.
 
 pub mod apply;
 pub mod capture;
@@ -29,6 +28,7 @@ mod cgroup;
 mod gate;
 pub mod machine;
 mod reload;
+mod stop;
 
 pub use gate::{Gate, Verdict};
 pub use steelcup_os::logs;
@@ -104,6 +104,8 @@ struct Service {
     notify: Option<NotifySocket>,
     restarts: u32,
     last_exit: Option<i32>,
+    /// Set while it stops.
+    stopping: Option<stop::Stopping>,
 }
 
 impl Service {
@@ -122,6 +124,7 @@ impl Service {
             notify: None,
             restarts: 0,
             last_exit: None,
+            stopping: None,
         }
     }
 }
@@ -173,9 +176,6 @@ pub struct Supervisor {
     /// Services to restart at a time (`cup machine apply`'s new admin
     /// certificates, once its answer has left).
     restart_later: Vec<(String, Instant)>,
-    /// While a reload moves services between maps: exits of pids no
-    /// service in `services` has, recorded once the move is done.
-    held_exits: Option<Vec<(Pid, WaitStatus)>>,
     /// Units whose file (or a drop-in) is refused, and why; a running one
     /// goes on with its last good definition.
     refused_files: BTreeMap<String, String>,
@@ -216,7 +216,6 @@ impl Supervisor {
             all_started_reported: false,
             gate: None,
             restart_later: Vec::new(),
-            held_exits: None,
             refused_files: BTreeMap::new(),
         };
         sup.apply(units);
@@ -474,19 +473,19 @@ impl Supervisor {
         let Some(s) = self.services.get_mut(name) else {
             return;
         };
-        s.pid = None;
+        let pid = s.pid.take();
         s.ready_deadline = None;
         s.notify = None;
         s.last_exit = Some(code);
-        let stopping = s.state == State::Stopping;
+        let stopping = s.stopping.is_some();
         self.clean_cgroup(name);
+        if stopping {
+            self.finish_stop(name, pid);
+            return;
+        }
         let Some(s) = self.services.get_mut(name) else {
             return;
         };
-        if stopping {
-            self.set_state(name, State::Stopped);
-            return;
-        }
         if s.started_at
             .is_some_and(|t| now.duration_since(t) >= STABLE_AFTER)
         {
@@ -526,10 +525,7 @@ impl Supervisor {
                 .find(|(_, s)| s.pid == Some(pid))
                 .map(|(n, _)| n.clone())
             else {
-                // Mid-reload the unit may be in the map being built.
-                if let Some(held) = &mut self.held_exits {
-                    held.push((pid, status));
-                }
+                // An orphan init reaped as PID 1 (or a subreaper).
                 continue;
             };
             let (code, what) = match status {
@@ -578,6 +574,7 @@ impl Supervisor {
             }
         }
         self.restart_due(now);
+        self.check_stops(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -590,6 +587,7 @@ impl Supervisor {
             })
             .chain(self.gate.as_ref().map(|g| g.deadline))
             .chain(self.restart_later.iter().map(|(_, at)| *at))
+            .chain(self.stop_deadline())
             .min()
     }
 
@@ -644,15 +642,17 @@ impl Supervisor {
                 self.start_ready(Instant::now());
                 Ok(Reply::Done)
             }
+            // Answered at once here; the loop's API callers are answered
+            // once the stop is over (`handle_request`).
             Action::Stop(name) => {
                 service(self, &name)?;
-                self.stop_one(&name);
+                self.begin_stop(&name, stop::AfterStop::Stay, None);
                 Ok(Reply::Done)
             }
             Action::Restart(name) => {
                 service(self, &name)?;
-                self.stop_one(&name);
-                self.handle(Action::Start(name))
+                self.begin_stop(&name, stop::AfterStop::Start, None);
+                Ok(Reply::Done)
             }
             Action::Reload => Ok(Reply::Reloaded(self.reload())),
             Action::Apply { files, dry_run } => {
@@ -744,8 +744,7 @@ impl Supervisor {
                 c.drain_wake();
                 while let Ok(req) = c.requests.try_recv() {
                     let action = req.action.clone();
-                    let result = self.handle(req.action);
-                    let _ = req.reply.send(result);
+                    self.handle_request(req);
                     if matches!(action, Action::PowerOff | Action::Reboot) {
                         // Let the caller's reply go out before the process ends.
                         std::thread::sleep(Duration::from_millis(100));
@@ -768,46 +767,24 @@ impl Supervisor {
         }
     }
 
-    /// Stops one service: its stop signal to its process group, SIGKILL after
-    /// its stop timeout. It will not be restarted.
-    pub fn stop_one(&mut self, name: &str) {
-        let Some(s) = self.services.get(name) else {
-            return;
+    /// Executes an API request; a `Stop` or `Restart` is answered once the
+    /// stop is over, the loop serving others meanwhile.
+    fn handle_request(&mut self, req: crate::api::Request) {
+        let then = match &req.action {
+            Action::Stop(_) => Some(stop::AfterStop::Stay),
+            Action::Restart(_) => Some(stop::AfterStop::Start),
+            _ => None,
         };
-        let Some(pid) = s.pid else {
-            if matches!(s.state, State::Waiting) {
-                if let Some(s) = self.services.get_mut(name) {
-                    s.restart_at = None;
-                }
-                self.set_state(name, State::Stopped);
+        match (req.action, then) {
+            (Action::Stop(name) | Action::Restart(name), Some(then))
+                if !self.shutting_down && self.services.contains_key(&name) =>
+            {
+                self.begin_stop(&name, then, Some(req.reply));
             }
-            return;
-        };
-        let timeout = s.unit.stop_timeout();
-        let signal = s.spec.stop_signal();
-        let t0 = Instant::now();
-        tracing::info!("unit {name}: stopping");
-        self.set_state(name, State::Stopping);
-        let _ = killpg(pid, signal);
-        let gone = |sup: &Self| sup.services.get(name).is_none_or(|s| s.pid.is_none());
-        while t0.elapsed() < timeout && !gone(self) {
-            std::thread::sleep(Duration::from_millis(10));
-            self.reaped(sys::reap(), Instant::now());
-        }
-        if !gone(self) {
-            tracing::warn!(
-                "unit {name}: did not stop in {}s; killing it",
-                timeout.as_secs()
-            );
-            let _ = killpg(pid, Signal::SIGKILL);
-            while !gone(self) && t0.elapsed() < timeout + Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
-                self.reaped(sys::reap(), Instant::now());
+            (action, _) => {
+                let _ = req.reply.send(self.handle(action));
             }
         }
-        // Whatever else is left of its process group.
-        let _ = killpg(pid, Signal::SIGKILL);
-        tracing::info!("unit {name}: stopped in {:.2}s", t0.elapsed().as_secs_f64());
     }
 
     /// Stops every running service, dependents first: the reverse of the
@@ -815,7 +792,16 @@ impl Supervisor {
     /// depends on). As PID 1, then kills whatever else is left.
     pub fn stop_all(&mut self) {
         self.shutting_down = true;
-        for name in self.order.clone().iter().rev() {
+        // Then what a reload left stopping outside the order (removed).
+        let mut names: Vec<String> = self.order.iter().rev().cloned().collect();
+        names.extend(
+            self.services
+                .keys()
+                .filter(|n| !self.order.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        for name in &names {
             self.stop_one(name);
         }
         if self.opts.pid1 {
@@ -867,6 +853,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
             sup.reaped(sys::reap(), Instant::now());
+            sup.check_deadlines(Instant::now());
             sup.start_ready(Instant::now());
         }
     }
@@ -936,8 +923,10 @@ mod tests {
             s.handle(Action::Status("nope".into())),
             Err(ApiError::NoSuchUnit("nope".into()))
         );
+        // Stop answers at once and the unit stops while the loop goes on.
         assert_eq!(s.handle(Action::Stop("one".into())), Ok(Reply::Done));
-        assert_eq!(s.states()["one"], State::Stopped);
+        assert_eq!(s.states()["one"], State::Stopping);
+        wait_for(&mut s, |s| s.states()["one"] == State::Stopped);
         assert_eq!(s.handle(Action::Start("one".into())), Ok(Reply::Done));
         assert_eq!(s.states()["one"], State::Running);
         s.stop_all();

@@ -7,14 +7,10 @@ impl Supervisor {
     /// Installs a new set of units (at start, or the new side of a reload).
     /// Existing services with an identical unit keep running.
     pub(super) fn apply(&mut self, units: Vec<Unit>) -> ReloadSummary {
-        // Exits reaped while a changed unit stops (its stop waits and
-        // reaps) may be of services already moved to `next`: held, and
-        // recorded once `next` is the set.
-        self.held_exits = Some(Vec::new());
-        let summary = self.apply_units(units);
-        let held = self.held_exits.take().unwrap_or_default();
-        self.reaped(held, Instant::now());
-        summary
+        // Nothing is reaped in here: a changed or removed unit only begins
+        // to stop, and its exit comes to the loop (stop.rs), so no exit of
+        // a service being moved between maps can be missed.
+        self.apply_units(units)
     }
 
     fn apply_units(&mut self, units: Vec<Unit>) -> ReloadSummary {
@@ -25,6 +21,7 @@ impl Supervisor {
         let names: Vec<String> = units.iter().map(|u| u.name.clone()).collect();
         let mut summary = ReloadSummary::default();
         let mut next: BTreeMap<String, Service> = BTreeMap::new();
+        let mut stops: Vec<(String, stop::AfterStop)> = Vec::new();
         let old_microvms = std::mem::take(&mut self.microvms);
         for u in &units {
             if let UnitKind::Microvm(_) = u.kind {
@@ -61,21 +58,20 @@ impl Supervisor {
                 Some(old) if old.unit == u && refused.is_none() => {
                     next.insert(u.name.clone(), old);
                 }
-                Some(mut old) => {
-                    // Changed: stop the old one; the new one starts from Waiting.
-                    if old.pid.is_some() {
-                        summary.restarted.push(u.name.clone());
-                        self.services.insert(u.name.clone(), old);
-                        self.stop_one(&u.name);
-                        old = match self.services.remove(&u.name) {
-                            Some(o) => o,
-                            None => continue,
-                        };
-                    }
+                Some(old) => {
+                    // Changed: the new definition starts from Waiting, once
+                    // the old one (running) has stopped.
                     let state = refused.map(State::Failed).unwrap_or(State::Waiting);
+                    let name = u.name.clone();
                     let mut s = Service::new(u, spec, deps, state);
-                    s.restarts = old.restarts;
-                    next.insert(s.unit.name.clone(), s);
+                    if old.pid.is_some() || old.stopping.is_some() {
+                        summary.restarted.push(name.clone());
+                        stops.push((name.clone(), stop::AfterStop::Replace(Box::new(s))));
+                        next.insert(name, old);
+                    } else {
+                        s.restarts = old.restarts;
+                        next.insert(name, s);
+                    }
                 }
                 None => {
                     if refused.is_none() {
@@ -86,13 +82,16 @@ impl Supervisor {
                 }
             }
         }
-        // What is left in self.services was removed from disk.
-        for name in self.services.keys().cloned().collect::<Vec<_>>() {
-            if self.services[&name].pid.is_some() {
+        // What is left in self.services was removed from disk: a running
+        // one stops, then goes.
+        for (name, old) in std::mem::take(&mut self.services) {
+            if old.pid.is_some() || old.stopping.is_some() {
                 summary.stopped.push(name.clone());
-                self.stop_one(&name);
+                stops.push((name.clone(), stop::AfterStop::Remove));
+                next.insert(name, old);
+            } else {
+                self.remove_cgroup(&name);
             }
-            self.remove_cgroup(&name);
         }
         self.services = next;
         self.started.retain(|n| self.services.contains_key(n));
@@ -102,6 +101,9 @@ impl Supervisor {
             .filter(|n| self.services.contains_key(n))
             .collect();
         self.all_started_reported = false;
+        for (name, then) in stops {
+            self.begin_stop(&name, then, None);
+        }
         summary
     }
 
