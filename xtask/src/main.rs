@@ -65,7 +65,7 @@ enum Task {
     },
     /// Measurements, written to docs/performance.md
     Bench {
-        /// Only init's
+        /// Only init's (beside runit)
         #[arg(long, group = "only")]
         init_only: bool,
         /// Only the image build's

@@ -8,12 +8,13 @@ pub mod image;
 pub mod init;
 pub mod vmm;
 
-/// `cargo xtask bench --init-only`: the init benchmark alone, printed.
+/// `cargo xtask bench --init-only`: the init benchmark alone, printed and
+/// written over its section of docs/performance.md.
 pub(crate) fn bench_init_only() -> Result<()> {
     build()?;
     let md = bench::init::run(&sh::root().join("target").join(TARGET).join("release/init"))?;
     print!("{md}");
-    Ok(())
+    write_sections(&md)
 }
 
 /// `cargo xtask bench --image-only`: the image benchmark alone, printed and

@@ -139,8 +139,8 @@ impl Archive {
     }
 
     fn resolve(&self, store: &Store, d: Digest, size: u64) -> Result<Digest, SourceError> {
-        let mut present = |d: &Digest, _size: u64| -> Result<(), SourceError> {
-            if store.has_blob(d) {
+        let mut present = |d: &Digest, size: u64| -> Result<(), SourceError> {
+            if store.has_blob_of(d, size)? {
                 Ok(())
             } else {
                 Err(self.bad(format!("blob {d} is not in the archive")))
@@ -582,5 +582,29 @@ mod tests {
             .images(&store)
             .unwrap_err();
         assert!(e.to_string().contains("not in the archive"), "{e}");
+    }
+
+    #[test]
+    fn a_descriptor_that_lies_about_a_blobs_length_is_a_size_error() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = Store::open(a.path()).unwrap();
+        let d = image_in(&from);
+        let manifest = from.read_small(&d).unwrap();
+        let index = serde_json::json!({"manifests": [{"digest": d.to_string(), "size": manifest.len() + 1}]});
+        let archive = tar_of(&[
+            ("index.json", &serde_json::to_vec(&index).unwrap()),
+            (&format!("blobs/sha256/{}", d.hex()), &manifest),
+        ]);
+        let to = Store::open(b.path()).unwrap();
+        let e = Archive::read(&to, Path::new("z.tar"), &archive[..])
+            .unwrap()
+            .images(&to)
+            .unwrap_err();
+        assert!(e.to_string().contains("the descriptor says"), "{e}");
+        // The same where the blob was in the store already.
+        let e = to
+            .put_blob(&d, manifest.len() as u64 - 1, &mut &manifest[..])
+            .unwrap_err();
+        assert!(e.to_string().contains("the descriptor says"), "{e}");
     }
 }

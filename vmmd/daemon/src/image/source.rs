@@ -286,7 +286,7 @@ fn import_layout(store: &Store, dir: &Path, tag: Option<&str>) -> Result<Digest,
     })?;
     let (d, size) = pick_from_index(dir, &index, tag)?;
     let mut fetch = |d: &Digest, size: u64| -> Result<(), SourceError> {
-        if store.has_blob(d) {
+        if store.has_blob_of(d, size)? {
             return Ok(());
         }
         let p = dir.join("blobs/sha256").join(d.hex());
@@ -402,7 +402,7 @@ fn pull_registry(
             );
             for (digest, size) in blobs {
                 let bd: Digest = digest.parse()?;
-                if store.has_blob(&bd) {
+                if store.has_blob_of(&bd, size)? {
                     progress(Progress {
                         digest,
                         done: size,

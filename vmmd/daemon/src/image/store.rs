@@ -235,6 +235,21 @@ impl Store {
         self.blob_path(d).is_file()
     }
 
+    /// Whether blob `d` is in the store as a descriptor of `size` bytes
+    /// says it is: a blob there of another length is a size error (the
+    /// descriptor is wrong; the blob is what its digest says).
+    pub fn has_blob_of(&self, d: &Digest, size: u64) -> Result<bool, StoreError> {
+        match fs::metadata(self.blob_path(d)) {
+            Ok(m) if m.is_file() && m.len() == size => Ok(true),
+            Ok(m) if m.is_file() => Err(StoreError::SizeMismatch {
+                digest: d.clone(),
+                got: m.len(),
+                want: size,
+            }),
+            _ => Ok(false),
+        }
+    }
+
     /// Where a download of `d` in progress is kept.
     pub fn partial_path(&self, d: &Digest) -> PathBuf {
         self.root.join("tmp").join(format!("{}.partial", d.hex()))
@@ -274,7 +289,7 @@ impl Store {
 
     /// Writes blob `d` of `size` bytes from `data`, checking it first.
     pub fn put_blob(&self, d: &Digest, size: u64, data: &mut dyn Read) -> Result<(), StoreError> {
-        if self.has_blob(d) {
+        if self.has_blob_of(d, size)? {
             return Ok(());
         }
         let tmp =
