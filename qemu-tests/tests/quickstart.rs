@@ -155,6 +155,18 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     );
     let ps = cup_ok(config, &["ps", "-a"])?;
     ensure!(ps.contains("hello"), "cup ps -a: {ps}");
+    // The machine's kernel log, as dmesg prints it (init logs there too).
+    let dmesg = cup_ok(config, &["dmesg"])?;
+    ensure!(
+        dmesg.contains("starting as PID 1")
+            && dmesg
+                .lines()
+                .all(|l| l.starts_with('[') && l.as_bytes().get(13) == Some(&b']')),
+        "cup dmesg: {}",
+        dmesg.chars().take(2000).collect::<String>()
+    );
+    let last = cup_ok(config, &["dmesg", "-n", "3"])?;
+    ensure!(last.lines().count() == 3, "cup dmesg -n 3: {last}");
     let port = *machine
         .ports
         .first()

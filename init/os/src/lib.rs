@@ -6,13 +6,15 @@
 //! and writes the A/B boot environment on the ESP; [`update`] checks and
 //! installs a new OS slot (signatures included); [`provision`] checks and
 //! applies a machine config; [`netconfig`] is the host network's schema;
-//! [`logs`] is the bounded per-unit log store init and vmmd both keep.
+//! [`logs`] is the bounded per-unit log store init and vmmd both keep;
+//! [`kmsg`] reads the kernel's log.
 //! Everything here is plain functions over files and block devices; the
 //! processes that call them decide when.
 //!
 //! # Limitations
 //! IPv4 host networking only; one disk holds the slots.
 
+pub mod kmsg;
 pub mod logging;
 pub mod logs;
 pub mod netconfig;

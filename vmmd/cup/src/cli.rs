@@ -160,6 +160,8 @@ pub enum Command {
     /// The machine config: apply, show, reset
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// The kernel's log (as dmesg prints it)
+    Dmesg(DmesgArgs),
     /// Stop every unit in order, then power off
     Poweroff,
     /// Stop every unit in order, then reboot
@@ -466,6 +468,30 @@ pub enum ImageCommand {
     Save(SaveArgs),
     /// Bring images into the machine's store from an archive
     Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DmesgArgs {
+    /// Go on printing new records as the kernel logs them
+    #[arg(short = 'w', long, visible_short_alias = 'f', visible_alias = "follow")]
+    pub follow: bool,
+    /// Only the last N records
+    #[arg(short = 'n', long, value_name = "N")]
+    pub tail: Option<u32>,
+    /// Only these levels: emerg, alert, crit, err, warn, notice, info, debug (comma-separated)
+    #[arg(short, long, value_name = "LIST", value_delimiter = ',', value_parser = parse_level)]
+    pub level: Vec<u8>,
+}
+
+fn parse_level(s: &str) -> Result<u8, String> {
+    const LEVELS: [&str; 8] = [
+        "emerg", "alert", "crit", "err", "warn", "notice", "info", "debug",
+    ];
+    LEVELS
+        .iter()
+        .position(|l| *l == s)
+        .map(|i| i as u8)
+        .ok_or_else(|| format!("{s:?}: one of {}", LEVELS.join(", ")))
 }
 
 #[derive(Debug, Args)]

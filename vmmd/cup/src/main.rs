@@ -16,6 +16,7 @@ mod cli;
 mod context;
 mod copy;
 mod error;
+mod host;
 mod login;
 mod logs;
 mod stats;
@@ -400,6 +401,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             ));
         }
         Command::Rollback(r) => return code(crate::update::rollback(&proxy()?, !r.no_reboot)),
+        Command::Dmesg(a) => return code(crate::host::dmesg(&proxy()?, &a)),
         Command::Poweroff => proxy()?.power_off()?,
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),

@@ -292,6 +292,29 @@ impl Init1 {
         Ok((timed(lines), next))
     }
 
+    /// The kernel's log (`cup dmesg`): the last `max` records (at most
+    /// 10000) whose sequence number is at least `since`, each (sequence,
+    /// microseconds since boot, syslog level, text), and the number to
+    /// ask from next to follow it.
+    async fn kernel_log(
+        &self,
+        since: u64,
+        max: u32,
+    ) -> Result<(Vec<(u64, u64, u8, String)>, u64), Init1Error> {
+        let path = std::path::Path::new(steelcup_os::kmsg::KMSG);
+        let (records, next) =
+            off_thread(move || steelcup_os::kmsg::read(path, since, max as usize))
+                .await?
+                .map_err(|e| Init1Error::Refused(format!("{}: {e}", path.display())))?;
+        Ok((
+            records
+                .into_iter()
+                .map(|r| (r.seq, r.micros, r.level, r.text))
+                .collect(),
+            next,
+        ))
+    }
+
     async fn power_off(&self) -> Result<(), Init1Error> {
         self.handle.call(Action::PowerOff).await.map(|_| ())
     }
