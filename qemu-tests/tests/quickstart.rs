@@ -6,7 +6,7 @@
 //! flags: `ps`, `units`, `run -d --restart always -p` of nginx from a
 //! registry on this machine, an HTTP GET on the published port from here,
 //! `logs`, vmmd restarted (the run comes back), `exec`, `stop`, `save`
-//! and `load` of its image, `apply`
+//! and `load` of its image, `health`, `support-bundle`, `apply`
 //! of a new, a changed and a bad unit, `unit cat`/`rm`, `poweroff`.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
@@ -181,6 +181,9 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
             "web",
             "--restart",
             "always",
+            // A secret a support bundle must not carry.
+            "-e",
+            "API_TOKEN=quickstart-secret-4711",
             "-p",
             &publish,
             qemu_tests::registry::NGINX,
@@ -264,6 +267,7 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         std::thread::sleep(Duration::from_secs(1));
     }
     save_and_load(config)?;
+    health_and_bundle(config)?;
     apply_units(config)?;
     machine_config(g, config, certs)?;
     cup_ok(config, &["poweroff"])?;
@@ -305,6 +309,64 @@ fn save_and_load(config: &Path) -> Result<()> {
         size as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `cup health` says how each subsystem is; `cup support-bundle` writes
+/// a tarball here with what a bug report needs and no secret: neither
+/// web's `API_TOKEN` nor the machine config's private key.
+fn health_and_bundle(config: &Path) -> Result<()> {
+    let out = cup(config, &["health"])?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    for what in ["host", "units", "vmmd", "network", "time", "disk", "update"] {
+        ensure!(
+            said.lines().any(|l| l.starts_with(what)),
+            "cup health has no {what} line: {said}"
+        );
+    }
+    ensure!(
+        out.status.success() && !said.contains("FAIL"),
+        "cup health found a failure on the quick-start machine: {said}"
+    );
+    ensure!(
+        said.lines()
+            .any(|l| l.starts_with("network") && l.contains("10.0.2.15")),
+        "cup health: no address on the user network: {said}"
+    );
+    let dir = tempfile_dir("quickstart-bundle");
+    let file = dir.join("bundle.tar.gz");
+    cup_ok(config, &["support-bundle", "-o", &file.to_string_lossy()])?;
+    let mut names = Vec::new();
+    let gz = flate2::read::GzDecoder::new(std::fs::File::open(&file)?);
+    for e in tar::Archive::new(gz).entries()? {
+        let mut e = e?;
+        let name = e.path()?.display().to_string();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut e, &mut text)?;
+        for secret in ["quickstart-secret-4711", "PRIVATE KEY"] {
+            ensure!(
+                !text.contains(secret),
+                "support bundle: {name} holds {secret:?}"
+            );
+        }
+        names.push(name);
+    }
+    for want in [
+        "/health.txt",
+        "/host.json",
+        "/dmesg.txt",
+        "/units.json",
+        "/units/vmmd.log",
+        "/machine.toml",
+        "/workloads.json",
+        "/workloads/web.json",
+    ] {
+        ensure!(
+            names.iter().any(|n| n.ends_with(want)),
+            "support bundle has no {want}: {names:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

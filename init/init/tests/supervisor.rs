@@ -1072,6 +1072,17 @@ fn init_is_pid_1_of_a_pid_namespace_and_is_reached_from_outside() {
         if let Ok(api) = tried {
             break api;
         }
+        // In a chroot "/" is no mount point, so no private mount namespace
+        // can be made of it (util-linux refuses): not init's to judge.
+        if out
+            .lock()
+            .unwrap()
+            .contains("cannot change root filesystem propagation")
+        {
+            let _ = child.wait();
+            eprintln!("SKIP: unshare cannot make a private mount namespace here (\"/\" is not a mount point: a chroot); init in a PID namespace is checked on machines where it can");
+            return;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "no API ({:?}): {}",

@@ -14,6 +14,7 @@
 //! # Limitations
 //! IPv4 host networking only; one disk holds the slots.
 
+pub mod host;
 pub mod kmsg;
 pub mod logging;
 pub mod logs;

@@ -162,6 +162,14 @@ pub enum Command {
     Machine(MachineCommand),
     /// The kernel's log (as dmesg prints it)
     Dmesg(DmesgArgs),
+    /// One line per subsystem (host, units, vmmd, network, time, disk, update) and what is wrong
+    Health,
+    /// One .tar.gz of logs, configs, state and versions for a bug report, secrets taken out
+    SupportBundle {
+        /// Write it here (default: steelcup-support-HOST-TIME.tar.gz in this directory)
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Stop every unit in order, then power off
     Poweroff,
     /// Stop every unit in order, then reboot

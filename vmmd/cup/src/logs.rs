@@ -58,7 +58,7 @@ pub fn show(src: &dyn Source, a: &LogsArgs, out: &mut dyn Write) -> Result<u8, C
 }
 
 /// A line's time as `-t` prints it: RFC 3339, UTC, microseconds.
-fn stamp(micros: u64) -> String {
+pub fn stamp(micros: u64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_micros(micros);
     humantime::format_rfc3339_micros(t).to_string()
 }

@@ -402,6 +402,14 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         }
         Command::Rollback(r) => return code(crate::update::rollback(&proxy()?, !r.no_reboot)),
         Command::Dmesg(a) => return code(crate::host::dmesg(&proxy()?, &a)),
+        Command::Health => return code(crate::host::health(&proxy()?, vmmd())),
+        Command::SupportBundle { output } => {
+            return code(crate::host::support_bundle(
+                &proxy()?,
+                vmmd(),
+                output.as_deref(),
+            ))
+        }
         Command::Poweroff => proxy()?.power_off()?,
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),

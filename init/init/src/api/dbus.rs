@@ -315,6 +315,13 @@ impl Init1 {
         ))
     }
 
+    /// The host now: name, kernel, uptime, load, memory, network links
+    /// and addresses, `/var`, the clock (`cup health`).
+    async fn host_status(&self) -> Result<steelcup_os::host::HostStatus, Init1Error> {
+        off_thread(|| steelcup_os::host::status(std::path::Path::new(steelcup_os::state::VAR)))
+            .await
+    }
+
     async fn power_off(&self) -> Result<(), Init1Error> {
         self.handle.call(Action::PowerOff).await.map(|_| ())
     }
