@@ -12,6 +12,7 @@
 //! so that KVM works inside the booted host. A guest dropped while a test is
 //! panicking keeps its serial log and says where it is.
 
+pub mod ntp;
 pub mod registry;
 pub mod run_machine;
 
@@ -105,6 +106,9 @@ pub struct GuestConfig {
     /// More disks (raw images) after the boot disk, as virtio drives: a
     /// config drive, say.
     pub drives: Vec<PathBuf>,
+    /// The emulated hardware clock's start (`-rtc base=`, UTC, like
+    /// `2026-12-07T10:00:00`); None: now.
+    pub rtc_base: Option<String>,
 }
 
 impl GuestConfig {
@@ -125,6 +129,7 @@ impl GuestConfig {
             echo: false,
             forward_port: None,
             forwards: Vec::new(),
+            rtc_base: None,
             drives: Vec::new(),
         })
     }
@@ -148,6 +153,7 @@ impl GuestConfig {
             echo: false,
             forward_port: None,
             forwards: Vec::new(),
+            rtc_base: None,
             drives: Vec::new(),
         })
     }
@@ -166,6 +172,7 @@ impl GuestConfig {
             echo: false,
             forward_port: None,
             forwards: Vec::new(),
+            rtc_base: None,
             drives: Vec::new(),
         }
     }
@@ -247,6 +254,9 @@ impl Guest {
             .arg("-no-reboot")
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if let Some(base) = &cfg.rtc_base {
+            cmd.args(["-rtc", &format!("base={base}")]);
+        }
         match &cfg.boot {
             Boot::Direct {
                 kernel,

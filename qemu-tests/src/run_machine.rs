@@ -82,6 +82,17 @@ pub fn run_machine(
     certs: &Path,
     insecure: &[&str],
 ) -> Result<RunMachine> {
+    run_machine_with(name, artifacts, certs, insecure, "")
+}
+
+/// As [`run_machine`], with `more` (TOML) added to the machine config.
+pub fn run_machine_with(
+    name: &str,
+    artifacts: &Path,
+    certs: &Path,
+    insecure: &[&str],
+    more: &str,
+) -> Result<RunMachine> {
     ensure_certs(certs)?;
     let mut cfg = GuestConfig::direct(name, artifacts)?;
     let drive_dir = cfg.log_dir.clone();
@@ -92,7 +103,7 @@ pub fn run_machine(
         "STEELCUPCFG",
         &[(
             "machine.toml".to_string(),
-            machine_config(certs, insecure)?.into_bytes(),
+            (machine_config(certs, insecure)? + more).into_bytes(),
         )],
     )?;
     std::fs::write(&drive, fat).with_context(|| format!("write {}", drive.display()))?;

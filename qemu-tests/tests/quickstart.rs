@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
 use anyhow::{ensure, Context, Result};
-use qemu_tests::run_machine::{run_machine, RunMachine};
+use qemu_tests::run_machine::{run_machine_with, RunMachine};
 use qemu_tests::Guest;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,16 +95,30 @@ fn quick_start_from_this_machines_shell() {
         return;
     };
     let _registry = qemu_tests::registry::Registry::with_nginx(&image.to_string_lossy()).unwrap();
+    // An NTP server here, and the machine's hardware clock an hour behind:
+    // its time-sync unit must set it right.
+    let chrony = qemu_tests::ntp::Chrony::start().unwrap();
     let home = tempfile_dir("quickstart");
     let config = home.join("config");
     let certs = config.join("appliance");
-    let machine = run_machine(
+    let mut machine = run_machine_with(
         "quickstart",
         &artifacts.dir,
         &certs,
         &[qemu_tests::registry::FROM_APPLIANCE],
+        &format!(
+            "\n[time]\nservers = [\"10.0.2.2:{}\"]\nwait = 60\n",
+            chrony.port
+        ),
     )
     .unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    machine.cfg.rtc_base = Some(
+        humantime::format_rfc3339_seconds(hour_ago)
+            .to_string()
+            .trim_end_matches('Z')
+            .to_string(),
+    );
     qemu_tests::run_booted(
         "quickstart",
         || Some(Guest::boot(&machine.cfg).unwrap()),
@@ -147,6 +161,34 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     g.wait_for("phase units: done", BOOT)?;
     g.wait_for("admin: cup --remote on", BOOT)?;
     g.wait_for("unit vmmd: ready", BOOT)?;
+    // Booted an hour behind; set right from the NTP server here.
+    g.wait_for("time: stepped the clock by +", BOOT)?;
+    let health = cup_ok(config, &["health"])?;
+    let time = health
+        .lines()
+        .find(|l| l.starts_with("time"))
+        .unwrap_or_default()
+        .to_string();
+    let offset: f64 = time
+        .split_once("ms off")
+        .and_then(|(before, _)| before.rsplit(' ').nth(1)?.parse().ok())
+        .unwrap_or(f64::MAX);
+    ensure!(
+        time.contains("synchronized to 10.0.2.2:") && offset.abs() < 100.0,
+        "cup health, time: {time} (offset {offset} ms)"
+    );
+    let clock: std::time::SystemTime = time
+        .rsplit("clock ")
+        .next()
+        .and_then(|c| humantime::parse_rfc3339(c.trim()).ok())
+        .with_context(|| format!("no clock in {time:?}"))?;
+    let skew = clock
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    ensure!(
+        skew < Duration::from_secs(5),
+        "the machine's clock is {skew:?} off this one's: {time}"
+    );
     // Plain verbs, the context's machine.
     let units = cup_ok(config, &["units"])?;
     ensure!(
@@ -155,10 +197,12 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     );
     let ps = cup_ok(config, &["ps", "-a"])?;
     ensure!(ps.contains("hello"), "cup ps -a: {ps}");
-    // The machine's kernel log, as dmesg prints it (init logs there too).
+    // The machine's kernel log, as dmesg prints it (init's own lines are
+    // in it, once it has opened /dev/kmsg).
     let dmesg = cup_ok(config, &["dmesg"])?;
     ensure!(
-        dmesg.contains("starting as PID 1")
+        dmesg.contains("] Linux version")
+            && dmesg.contains("INFO unit vmmd: ready")
             && dmesg
                 .lines()
                 .all(|l| l.starts_with('[') && l.as_bytes().get(13) == Some(&b']')),

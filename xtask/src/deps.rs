@@ -46,6 +46,10 @@ pub const PACKAGES: &[&str] = &[
     // Python's tarfile reads the crafted layers beside GNU tar and ours.
     "python3",
     "tar",
+    // chronyd: the NTP server the quick-start test's machine sets its
+    // clock from (run by the test on a port of its own, never as the
+    // host's clock keeper).
+    "chrony",
 ];
 
 fn installed(pkg: &str) -> bool {

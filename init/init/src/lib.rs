@@ -19,5 +19,6 @@ pub mod modules;
 pub mod network;
 pub mod power;
 pub mod supervisor;
+pub mod timesync;
 
 pub use steelcup_os::logging::{init_logging, log_to_kmsg};

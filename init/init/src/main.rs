@@ -310,6 +310,8 @@ fn health_gate(mut booted: slots::Booted, cmdline: &str) -> Gate {
 /// `init --help`.
 const USAGE: &str =
     "usage: init [--units DIR] [--run-dir DIR] [--log-dir DIR] [--cgroup DIR] [--container]
+       init time-sync   (the time-sync unit: the clock kept right from NTP
+                         servers, /etc/steelcup/time.toml)
 
 steelcup's init: PID 1 of a steelcup machine, or a supervisor of the unit
 files in DIR (default /etc/steelcup/units) anywhere else.
@@ -333,6 +335,9 @@ fn main() {
         return;
     }
     steelcup_init::init_logging();
+    if !pid1 && std::env::args().nth(1).as_deref() == Some("time-sync") {
+        std::process::exit(steelcup_init::timesync::run());
+    }
     if pid1 {
         // Release builds abort on panic, so nothing unwinds to main: the hook
         // is PID 1's last word. Log, sync, power off — never let the kernel

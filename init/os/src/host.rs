@@ -44,6 +44,13 @@ pub struct HostStatus {
     pub clock_max_error_us: i64,
     /// The clock, Unix seconds.
     pub now_unix: u64,
+    /// The `time-sync` unit's last answer: its server (empty: none yet),
+    /// how far off the clock was (ms), when (Unix seconds); or why the
+    /// last attempt failed.
+    pub time_server: String,
+    pub time_offset_ms: f64,
+    pub time_last_sync_unix: u64,
+    pub time_error: String,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -123,6 +130,7 @@ pub fn status(var: &Path) -> HostStatus {
         })
         .unwrap_or((0, 0));
     let (clock_synchronized, clock_max_error_us) = clock();
+    let sync = crate::time::TimeState::load(Path::new(crate::time::STATE)).unwrap_or_default();
     HostStatus {
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
@@ -147,6 +155,10 @@ pub fn status(var: &Path) -> HostStatus {
         now_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        time_server: sync.server,
+        time_offset_ms: sync.offset_ms,
+        time_last_sync_unix: sync.last_sync_unix,
+        time_error: sync.error,
     }
 }
 

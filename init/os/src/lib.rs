@@ -22,6 +22,7 @@ pub mod netconfig;
 pub mod provision;
 pub mod slots;
 pub mod state;
+pub mod time;
 pub mod update;
 
 /// `kernel/arch/x86/kvm/kvm-amd.ko` -> `kvm_amd`.

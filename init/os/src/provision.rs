@@ -81,6 +81,9 @@ pub struct MachineConfig {
     /// Remote administration without SSH: `cup --remote` over mutual TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
+    /// Time sync: NTP servers (`time.toml`; the `time-sync` unit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<crate::time::TimeConfig>,
 }
 
 /// `[admin]`: the gateway `vmmd admin` that `cup --remote` reaches
@@ -182,6 +185,8 @@ pub enum ProvisionError {
     AdminUnitTaken { source_name: String },
     #[error("{source_name}: update-key: {why}")]
     UpdateKey { source_name: String, why: String },
+    #[error("{source_name}: [time]: {why}")]
+    Time { source_name: String, why: String },
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -325,6 +330,14 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         );
         steelcup_units::parse(Path::new("admin.toml"), &unit)?;
         files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
+    }
+    if let Some(t) = &c.time {
+        t.check().map_err(|why| ProvisionError::Time {
+            source_name: src(),
+            why,
+        })?;
+        let text = toml::to_string(t).map_err(encode("time".into()))?;
+        files.push(("time.toml".to_string(), text));
     }
     if let Some(k) = &c.update_key {
         crate::update::parse_key(k).map_err(|why| ProvisionError::UpdateKey {

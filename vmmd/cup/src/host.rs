@@ -180,19 +180,38 @@ pub fn checks(
         ),
         false => check("network", Verdict::Ok, links.join("; ")),
     });
-    out.push(match host.clock_synchronized {
-        true => check(
+    let ago = host.now_unix.saturating_sub(host.time_last_sync_unix);
+    let clock = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(host.now_unix),
+    );
+    out.push(match (host.clock_synchronized, host.time_server.is_empty()) {
+        (true, false) => check(
             "time",
             Verdict::Ok,
             format!(
-                "synchronized (maximum error {} ms)",
+                "synchronized to {}: {:+.1} ms off at its last answer, {ago}s ago (maximum error {} ms); clock {clock}",
+                host.time_server,
+                host.time_offset_ms,
                 host.clock_max_error_us / 1000
             ),
         ),
-        false => check(
+        (true, true) => check(
+            "time",
+            Verdict::Ok,
+            format!(
+                "synchronized (maximum error {} ms); clock {clock}",
+                host.clock_max_error_us / 1000
+            ),
+        ),
+        (false, _) => check(
             "time",
             Verdict::Warn,
-            "not synchronized: the kernel's clock has no time source marking it right".into(),
+            match host.time_error.is_empty() {
+                true => format!(
+                    "not synchronized: no NTP server has answered (the time-sync unit); clock {clock}"
+                ),
+                false => format!("not synchronized: {}; clock {clock}", host.time_error),
+            },
         ),
     });
     let free = host.var_available as f64 / host.var_total.max(1) as f64;

@@ -111,6 +111,13 @@ impl Supervisor {
         let certs = change.changed.iter().any(|f| f.starts_with("admin/"));
         let unit_changed = change.units.restarted.iter().any(|u| u == "admin")
             || change.units.started.iter().any(|u| u == "admin");
+        // New NTP servers: time-sync starts again with them.
+        if change.changed.iter().any(|f| f == "time.toml")
+            && self.services.contains_key("time-sync")
+            && !change.units.restarted.iter().any(|u| u == "time-sync")
+        {
+            self.begin_stop("time-sync", super::stop::AfterStop::Start, None);
+        }
         if certs && !unit_changed && self.services.contains_key("admin") {
             self.restart_later
                 .push(("admin".into(), Instant::now() + ADMIN_RESTART_DELAY));
