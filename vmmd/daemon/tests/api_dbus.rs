@@ -289,26 +289,13 @@ fn sighup_applies_changed_units() {
     // cup finds vmmd at -H / --host=unix:... (cup is its own crate; `cargo
     // test --workspace` builds it beside vmmd).
     let sock = d.dir.path().join("vmmd.sock");
-    let cup = Path::new(env!("CARGO_BIN_EXE_vmmd")).with_file_name("cup");
-    if !cup.exists() {
-        assert!(
-            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
-            "{} is missing: run the tests with --workspace",
-            cup.display()
-        );
-        eprintln!(
-            "SKIP: cup's -H check: {} is not built (cargo test --workspace builds it)",
-            cup.display()
-        );
-    }
+    let cup = cup_binary("cup's -H check");
     for flag in [
         vec!["-H".to_string(), sock.display().to_string()],
         vec![format!("--host=unix:{}", sock.display())],
     ] {
-        if !cup.exists() {
-            break;
-        }
-        let out = Command::new(&cup)
+        let Some(cup) = &cup else { break };
+        let out = Command::new(cup)
             .args(&flag)
             .args(["ps", "-a"])
             .env_remove("STEELCUP_VMMD_SOCKET")
@@ -320,11 +307,11 @@ fn sighup_applies_changed_units() {
             "{flag:?}: {text}"
         );
     }
-    if cup.exists() {
-        scripts_read_cup_as_they_read_docker(&cup, &sock);
+    if let Some(cup) = &cup {
+        scripts_read_cup_as_they_read_docker(cup, &sock);
         let reg = d.registry.local_addr().unwrap().to_string();
         serve_registry_auth(d.registry.try_clone().unwrap());
-        logins_are_kept_on_the_machine(&cup, &sock, &d.dir.path().join("state"), &reg);
+        logins_are_kept_on_the_machine(cup, &sock, &d.dir.path().join("state"), &reg);
     }
     let out = call("Tail", &["string:web.1", "uint32:10"]);
     assert!(out.contains("array ["), "{out}");
@@ -530,6 +517,25 @@ fn scripts_read_cup_as_they_read_docker(cup: &Path, sock: &Path) {
     }
 }
 
+/// cup, built beside vmmd by `cargo test --workspace`; None (said, for
+/// `what`) when it is not there.
+fn cup_binary(what: &str) -> Option<PathBuf> {
+    let cup = Path::new(env!("CARGO_BIN_EXE_vmmd")).with_file_name("cup");
+    if cup.exists() {
+        return Some(cup);
+    }
+    assert!(
+        std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
+        "{} is missing: run the tests with --workspace",
+        cup.display()
+    );
+    eprintln!(
+        "SKIP: {what}: {} is not built (cargo test --workspace builds it)",
+        cup.display()
+    );
+    None
+}
+
 /// A tar of `entries` (path, bytes), as an image archive holds them.
 fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -600,19 +606,9 @@ fn images_travel_as_archives() {
     use std::io::Write;
     let d = start();
     let sock = d.dir.path().join("vmmd.sock");
-    let cup = Path::new(env!("CARGO_BIN_EXE_vmmd")).with_file_name("cup");
-    if !cup.exists() {
-        assert!(
-            std::env::var_os("STEELCUP_REQUIRE_TOOLS").is_none(),
-            "{} is missing: run the tests with --workspace",
-            cup.display()
-        );
-        eprintln!(
-            "SKIP: {} is not built (cargo test --workspace builds it)",
-            cup.display()
-        );
+    let Some(cup) = cup_binary("cup save and load") else {
         return;
-    }
+    };
     let cup_in = |args: &[&str], stdin: Option<&[u8]>| {
         let mut child = Command::new(&cup)
             .arg("-H")
