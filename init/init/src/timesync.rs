@@ -3,8 +3,9 @@
 //!
 //! # Design
 //! An SNTP client (RFC 5905's client side, by `rsntp`) asks the servers
-//! of `/etc/steelcup/time.toml` (the machine config's `[time]`; public
-//! pools by default) in order until one answers. The first answer steps
+//! of `/etc/steelcup/time.toml` (the machine config's `[time]`; without
+//! it, those a DHCP server offered, else public pools) in order until one
+//! answers. The first answer steps
 //! the clock (`clock_settime`) and so does any later one off by more than
 //! [`STEP_LIMIT`]; smaller offsets are slewed (`adjtime`), so the clock
 //! never jumps while things run. After each answer the kernel's clock is
@@ -21,7 +22,7 @@
 //! `/run/steelcup/time.json`.
 
 use std::time::{Duration, Instant};
-use steelcup_os::time::{TimeConfig, TimeState, CONFIG, STATE};
+use steelcup_os::time::{TimeConfig, TimeState, CONFIG, DHCP_SERVERS, STATE};
 
 /// Offsets beyond this step the clock; smaller ones are slewed.
 pub const STEP_LIMIT: f64 = 0.128;
@@ -231,7 +232,10 @@ fn correct(sample: Sample, first: bool, state: &mut TimeState, server: &str) {
 
 /// The unit's main loop; returns only when time sync is off.
 pub fn run() -> i32 {
-    let config = match TimeConfig::load(std::path::Path::new(CONFIG)) {
+    let config = match TimeConfig::load(
+        std::path::Path::new(CONFIG),
+        std::path::Path::new(DHCP_SERVERS),
+    ) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("time: {e}");

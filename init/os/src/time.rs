@@ -15,6 +15,8 @@ use std::path::Path;
 pub const CONFIG: &str = "/etc/steelcup/time.toml";
 /// Where the `time-sync` unit says what it last did.
 pub const STATE: &str = "/run/steelcup/time.json";
+/// The NTP servers a DHCP server offered (option 42), one per line.
+pub const DHCP_SERVERS: &str = "/run/steelcup/dhcp-ntp-servers";
 /// The servers asked when none are configured.
 pub const DEFAULT_SERVERS: [&str; 2] = ["pool.ntp.org", "time.cloudflare.com"];
 /// How long units after `time-sync` wait for a first answer by default.
@@ -79,8 +81,9 @@ impl TimeConfig {
         self.servers.iter().try_for_each(|s| check_server(s))
     }
 
-    /// The settings at `path`, the defaults where there is no file.
-    pub fn load(path: &Path) -> Result<TimeConfig, String> {
+    /// The settings at `path`; where there is no file, the servers DHCP
+    /// offered (`dhcp`), else the defaults.
+    pub fn load(path: &Path, dhcp: &Path) -> Result<TimeConfig, String> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let c: TimeConfig =
@@ -88,10 +91,40 @@ impl TimeConfig {
                 c.check().map_err(|e| format!("{}: {e}", path.display()))?;
                 Ok(c)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TimeConfig::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let offered: Vec<String> = std::fs::read_to_string(dhcp)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| check_server(l).is_ok())
+                    .take(MAX_SERVERS)
+                    .map(str::to_string)
+                    .collect();
+                Ok(match offered.is_empty() {
+                    true => TimeConfig::default(),
+                    false => TimeConfig {
+                        servers: offered,
+                        wait: DEFAULT_WAIT_SECS,
+                    },
+                })
+            }
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
     }
+}
+
+/// Records the NTP servers of a DHCP lease (none: the file goes).
+pub fn write_dhcp_servers(servers: &[std::net::Ipv4Addr]) {
+    let path = Path::new(DHCP_SERVERS);
+    if servers.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let text: String = servers.iter().map(|s| format!("{s}\n")).collect();
+    let _ = std::fs::write(path, text);
 }
 
 /// What time sync last did (`STATE`).
@@ -142,9 +175,18 @@ mod tests {
         let c: TimeConfig = toml::from_str("servers = [\"10.0.2.2:11123\"]").unwrap();
         assert_eq!(c.wait, DEFAULT_WAIT_SECS);
         assert!(toml::from_str::<TimeConfig>("servers = []\nbogus = 1").is_err());
-        assert_eq!(
-            TimeConfig::load(Path::new("/nonexistent/time.toml")).unwrap(),
-            TimeConfig::default()
-        );
+        let none = Path::new("/nonexistent/x");
+        assert_eq!(TimeConfig::load(none, none).unwrap(), TimeConfig::default());
+        // No config: the servers DHCP offered, if any.
+        let dir = std::env::temp_dir().join(format!("steelcup-time-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dhcp"), "10.0.0.1\nnot a server\n10.0.0.2\n").unwrap();
+        let c = TimeConfig::load(none, &dir.join("dhcp")).unwrap();
+        assert_eq!(c.servers, ["10.0.0.1", "10.0.0.2"]);
+        // A config wins over DHCP.
+        std::fs::write(dir.join("time.toml"), "servers = []\n").unwrap();
+        let c = TimeConfig::load(&dir.join("time.toml"), &dir.join("dhcp")).unwrap();
+        assert!(c.servers.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

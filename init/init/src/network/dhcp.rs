@@ -22,6 +22,8 @@ pub struct Lease {
     pub dns: Vec<Ipv4Addr>,
     pub server: Ipv4Addr,
     pub lease_secs: u32,
+    /// NTP servers (option 42), for the time-sync unit.
+    pub ntp: Vec<Ipv4Addr>,
 }
 
 fn prefix_of(mask: Ipv4Addr) -> u8 {
@@ -55,6 +57,7 @@ pub fn request(
         OptionCode::Router,
         OptionCode::DomainNameServer,
         OptionCode::AddressLeaseTime,
+        OptionCode::NtpServers,
     ]));
     if let Some((addr, server)) = requested {
         opts.insert(DhcpOption::RequestedIpAddress(addr));
@@ -79,6 +82,7 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6], kind: MessageType) -> O
         dns: Vec::new(),
         server: m.siaddr(),
         lease_secs: 3600,
+        ntp: Vec::new(),
     };
     for (_, opt) in m.opts().iter() {
         match opt {
@@ -87,6 +91,7 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6], kind: MessageType) -> O
             DhcpOption::DomainNameServer(d) => lease.dns = d.clone(),
             DhcpOption::ServerIdentifier(s) => lease.server = *s,
             DhcpOption::AddressLeaseTime(t) => lease.lease_secs = *t,
+            DhcpOption::NtpServers(n) => lease.ntp = n.clone(),
             _ => {}
         }
     }
@@ -164,6 +169,7 @@ fn apply(iface: &str, lease: &Lease) -> Result<(), sys::NetError> {
         sys::add_default_route(iface, r)?;
     }
     super::write_resolv_conf(&lease.dns);
+    steelcup_os::time::write_dhcp_servers(&lease.ntp);
     Ok(())
 }
 
@@ -264,6 +270,7 @@ mod tests {
         )]));
         o.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 0, 2, 2)));
         o.insert(DhcpOption::AddressLeaseTime(86400));
+        o.insert(DhcpOption::NtpServers(vec![Ipv4Addr::new(10, 0, 2, 4)]));
         m.to_vec().unwrap()
     }
 
@@ -280,6 +287,10 @@ mod tests {
         assert_eq!(back.xid(), 7);
         assert_eq!(&back.chaddr()[..6], &MAC);
         assert_eq!(back.opts().msg_type(), Some(MessageType::Request));
+        assert!(
+            matches!(back.opts().get(OptionCode::ParameterRequestList), Some(DhcpOption::ParameterRequestList(l)) if l.contains(&OptionCode::NtpServers)),
+            "NTP servers (option 42) are asked for"
+        );
         assert!(
             matches!(back.opts().get(OptionCode::RequestedIpAddress), Some(DhcpOption::RequestedIpAddress(a)) if *a == Ipv4Addr::new(10, 0, 2, 15))
         );
@@ -303,6 +314,7 @@ mod tests {
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
                 server: Ipv4Addr::new(10, 0, 2, 2),
                 lease_secs: 86400,
+                ntp: vec![Ipv4Addr::new(10, 0, 2, 4)],
             }
         );
         assert!(
