@@ -164,13 +164,21 @@ pub fn checks(
         }
         Err(e) => out.push(check("vmmd", Verdict::Fail, format!("not reachable: {e}"))),
     }
+    // Links with an address beyond link-local (a workload's tap has only
+    // that); the workload bridge (vmmd's `steelcup0`) is not a way out.
     let links: Vec<String> = host
         .interfaces
         .iter()
-        .filter(|i| i.name != "lo" && !i.addresses.is_empty() && i.state != "down")
-        // The workload bridge (vmmd's `steelcup0`) is not a way out.
-        .filter(|i| !i.name.starts_with("steelcup"))
-        .map(|i| format!("{} {} {}", i.name, i.state, i.addresses.join(" ")))
+        .filter(|i| i.name != "lo" && i.state != "down" && !i.name.starts_with("steelcup"))
+        .filter_map(|i| {
+            let routable: Vec<&str> = i
+                .addresses
+                .iter()
+                .map(String::as_str)
+                .filter(|a| !a.starts_with("fe80:"))
+                .collect();
+            (!routable.is_empty()).then(|| format!("{} {} {}", i.name, i.state, routable.join(" ")))
+        })
         .collect();
     out.push(match links.is_empty() {
         true => check(
