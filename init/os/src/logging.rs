@@ -22,8 +22,13 @@ static KMSG: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
 /// Phase `kmsg-logging`: from now on every log line also goes to the kernel
 /// log (`dmesg`), at level 5 (notice): below the console's level, so the
-/// console does not show it twice.
+/// console does not show it twice. The kernel's rate limit on `/dev/kmsg`
+/// writers (10 lines in 5 s by default) is turned off first
+/// (`kernel.printk_devkmsg = on`), or most of init's lines would be
+/// dropped from `cup dmesg`; only init's own lines go there, not the
+/// units' output.
 pub fn log_to_kmsg() -> std::io::Result<()> {
+    let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
     let f = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?;
     let _ = KMSG.set(f);
     Ok(())
