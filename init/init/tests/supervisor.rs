@@ -155,7 +155,21 @@ impl Sup {
 }
 
 impl Drop for Sup {
+    /// SIGTERM first, so init stops its units (each in a process group of
+    /// its own, which a SIGKILL of init would leave running); SIGKILL if it
+    /// has not exited after 20 s.
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
