@@ -210,6 +210,14 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         "cup dmesg: {}",
         dmesg.chars().take(2000).collect::<String>()
     );
+    // The host's own top: its units and microVMs by CPU and memory.
+    let top = cup_ok(config, &["top"])?;
+    ensure!(
+        top.lines()
+            .any(|l| l.starts_with("unit") && l.contains("vmmd"))
+            && top.lines().any(|l| l.starts_with("microvm")),
+        "cup top: {top}"
+    );
     let last = cup_ok(config, &["dmesg", "-n", "3"])?;
     ensure!(last.lines().count() == 3, "cup dmesg -n 3: {last}");
     let port = *machine

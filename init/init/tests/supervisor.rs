@@ -744,6 +744,34 @@ fn an_exit_during_a_reload_is_recorded() {
     );
 }
 
+/// `Usage` (`cup top`): a busy unit's CPU time grows by about its share
+/// of a core, an idle one's does not, and both hold memory.
+#[test]
+fn usage_shows_who_is_busy() {
+    let s = Sup::start(
+        "usage",
+        &[
+            ("busy", &service("while :; do :; done", "")),
+            ("idle", &service("exec sleep 300", "")),
+        ],
+    );
+    let api = s.api();
+    let t = Instant::now();
+    while api.usage().unwrap().len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", api.usage());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let get = |u: &[(String, u64, u64)], n: &str| u.iter().find(|x| x.0 == n).cloned().unwrap();
+    let a = api.usage().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = api.usage().unwrap();
+    let busy = get(&b, "busy").1 - get(&a, "busy").1;
+    let idle = get(&b, "idle").1 - get(&a, "idle").1;
+    assert!(busy > 100_000, "busy used {busy} µs of CPU in a second");
+    assert!(idle < 50_000, "idle used {idle} µs of CPU in a second");
+    assert!(get(&b, "busy").2 > 0 && get(&b, "idle").2 > 0, "{b:?}");
+}
+
 /// `KernelLog` (`cup dmesg`) reads the machine's kernel log through the
 /// API, from a sequence number on.
 #[test]

@@ -82,6 +82,7 @@ pub trait Init1 {
     fn tail_timed(&self, name: &str, lines: u32) -> zbus::Result<(Vec<(u64, u64, String)>, u64)>;
     fn kernel_log(&self, since: u64, max: u32) -> zbus::Result<(Vec<(u64, u64, u8, String)>, u64)>;
     fn host_status(&self) -> zbus::Result<steelcup_os::host::HostStatus>;
+    fn usage(&self) -> zbus::Result<Vec<(String, u64, u64)>>;
     fn power_off(&self) -> zbus::Result<()>;
     fn reboot(&self) -> zbus::Result<()>;
     fn update(&self, source: &str, reboot: bool) -> zbus::Result<(String, String)>;

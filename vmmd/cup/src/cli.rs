@@ -98,8 +98,8 @@ pub enum Command {
     Port(PortArgs),
     /// CPU, memory, network and disk I/O of running microVMs, live
     Stats(StatsArgs),
-    /// The processes inside a running microVM
-    Top { name: String },
+    /// The processes inside a running microVM; without NAME, the host's units and microVMs by CPU and memory
+    Top { name: Option<String> },
     /// Keep credentials for a registry on the machine, for its pulls (default docker.io)
     Login {
         #[arg(short, long)]

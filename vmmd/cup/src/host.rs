@@ -285,6 +285,81 @@ fn health_text(checks: &[Check]) -> String {
         .collect()
 }
 
+/// One row of `cup top`: kind, name, CPU time (µs), memory (bytes).
+type Usage = (&'static str, String, u64, u64);
+
+/// Every unit's and microVM's CPU time and memory now.
+fn usage(
+    p: &Init1Proxy<'static>,
+    vmmd: &Result<Vmm1ClientProxy<'static>, CupError>,
+) -> Result<Vec<Usage>, CupError> {
+    let mut rows: Vec<Usage> = p
+        .usage()?
+        .into_iter()
+        .map(|(n, cpu, mem)| ("unit", n, cpu, mem))
+        .collect();
+    if let Ok(v) = vmmd {
+        rows.extend(
+            v.stats()?
+                .into_iter()
+                .map(|s| ("microvm", s.name, s.cpu_usec, s.memory_bytes)),
+        );
+    }
+    Ok(rows)
+}
+
+/// `cup top` without a name: the host's units and microVMs by CPU (over
+/// one second) and memory, busiest first.
+pub fn top(
+    p: &Init1Proxy<'static>,
+    vmmd: Result<Vmm1ClientProxy<'static>, CupError>,
+) -> Result<u8, CupError> {
+    let before = usage(p, &vmmd)?;
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after = usage(p, &vmmd)?;
+    let elapsed = t0.elapsed().as_micros().max(1) as f64;
+    let mut rows: Vec<(f64, Usage)> = after
+        .into_iter()
+        .map(|row| {
+            let was = before
+                .iter()
+                .find(|b| b.0 == row.0 && b.1 == row.1)
+                .map_or(row.2, |b| b.2);
+            (row.2.saturating_sub(was) as f64 / elapsed * 100.0, row)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1 .3.cmp(&a.1 .3)));
+    if let Ok(h) = p.host_status() {
+        println!(
+            "{}: load {}, memory {} of {} available{}",
+            h.hostname,
+            h.load
+                .iter()
+                .map(|l| format!("{l:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            steelcup_api::human(h.memory_available),
+            steelcup_api::human(h.memory_total),
+            match &vmmd {
+                Ok(_) => String::new(),
+                Err(e) => format!(" (no microVMs: {e})"),
+            }
+        );
+    }
+    println!(
+        "{:<8} {:<24} {:>6} {:>10}",
+        "KIND", "NAME", "CPU %", "MEMORY"
+    );
+    for (cpu, (kind, name, _, mem)) in rows {
+        println!(
+            "{kind:<8} {name:<24} {cpu:>6.1} {:>10}",
+            steelcup_api::human(mem)
+        );
+    }
+    Ok(0)
+}
+
 /// Key names whose values a support bundle never carries.
 const SECRET_WORDS: [&str; 8] = [
     "password",

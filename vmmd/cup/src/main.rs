@@ -414,7 +414,8 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
         Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
-        Command::Top { name } => return code(crate::top::top(&vmmd()?, &name)),
+        Command::Top { name: Some(name) } => return code(crate::top::top(&vmmd()?, &name)),
+        Command::Top { name: None } => return code(crate::host::top(&proxy()?, vmmd())),
         Command::Login {
             username,
             password,

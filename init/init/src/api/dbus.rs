@@ -315,6 +315,15 @@ impl Init1 {
         ))
     }
 
+    /// Each running service: (unit, CPU time µs, memory bytes), from its
+    /// cgroup (`cup top`).
+    async fn usage(&self) -> Result<Vec<(String, u64, u64)>, Init1Error> {
+        match self.handle.call(Action::Usage).await? {
+            Reply::Usage(v) => Ok(v),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// The host now: name, kernel, uptime, load, memory, network links
     /// and addresses, `/var`, the clock (`cup health`).
     async fn host_status(&self) -> Result<steelcup_os::host::HostStatus, Init1Error> {

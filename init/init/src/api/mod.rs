@@ -62,6 +62,8 @@ pub enum Action {
     Rollback,
     /// The OS slots as they are.
     UpdateStatus,
+    /// Each running service's CPU time and memory (`cup top`).
+    Usage,
 }
 
 impl Action {
@@ -89,6 +91,8 @@ pub enum Reply {
     SlotStatus(steelcup_os::update::Status),
     Text(String),
     MachineChanged(crate::supervisor::machine::MachineChange),
+    /// (unit, CPU time µs, memory bytes) of each running service.
+    Usage(Vec<(String, u64, u64)>),
     Done,
 }
 

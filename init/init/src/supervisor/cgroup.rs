@@ -84,4 +84,59 @@ impl Supervisor {
             let _ = std::fs::remove_dir(dir);
         }
     }
+
+    /// (unit, CPU time µs, memory bytes) of each running service: its
+    /// cgroup's `cpu.stat` and `memory.current`, or without a cgroup tree
+    /// its main process's (`/proc/PID/stat` times, resident set).
+    pub(super) fn usage(&self) -> Vec<(String, u64, u64)> {
+        let mut out = Vec::new();
+        for (name, s) in &self.services {
+            let Some(pid) = s.pid else { continue };
+            let from_cgroup = self.cgroup_of(name).and_then(|dir| {
+                let cpu = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+                let usec = cpu
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let mem = std::fs::read_to_string(dir.join("memory.current"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((usec, mem))
+            });
+            let (cpu, mem) = from_cgroup.unwrap_or_else(|| process_usage(pid.as_raw()));
+            out.push((name.clone(), cpu, mem));
+        }
+        out
+    }
+}
+
+/// (CPU time µs, resident bytes) of one process, from `/proc`.
+fn process_usage(pid: i32) -> (u64, u64) {
+    // SAFETY: sysconf only reads a constant of the system.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses:
+    // utime and stime are the 14th and 15th of the whole line.
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let cpu =
+        (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 1_000_000 / ticks;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * page;
+    (cpu, rss)
 }

@@ -664,6 +664,7 @@ impl Supervisor {
                 .machine_apply(&text, dry_run)
                 .map(Reply::MachineChanged),
             Action::MachineShow => self.machine_show().map(Reply::Text),
+            Action::Usage => Ok(Reply::Usage(self.usage())),
             // The reboot itself is the API's to ask for, after the answer.
             Action::MachineReset => self.machine_reset().map(|()| Reply::Done),
             Action::PowerOff | Action::Reboot => Ok(Reply::Done),
