@@ -925,3 +925,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod documented {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// docs/cli.md names every verb (`cup VERB`, or `cup GROUP VERB`) and
+    /// every long flag cup takes.
+    #[test]
+    fn docs_cli_md_lists_every_verb_and_flag() {
+        let doc = include_str!("../../../docs/cli.md");
+        let mut missing = Vec::new();
+        fn walk(c: &clap::Command, path: &str, doc: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                if let Some(long) = a.get_long() {
+                    // Either spelling will do (`-q` for `--quiet`).
+                    let short = a.get_short().map(|s| format!("-{s}"));
+                    let named = doc.contains(&format!("--{long}"))
+                        || short.is_some_and(|s| doc.contains(&s));
+                    if long != "help" && long != "version" && !named {
+                        missing.push(format!("{path} --{long}"));
+                    }
+                }
+            }
+            for sub in c.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                let name = sub.get_name();
+                let p = format!("{path} {name}");
+                // `cup unit start\|stop\|restart` names all three.
+                let alternative = doc.lines().any(|l| {
+                    l.contains(&format!("`{path} "))
+                        && (l.contains(&format!("\\|{name}")) || l.contains(&format!("{name}\\|")))
+                });
+                let named =
+                    doc.contains(&format!("`{p}")) || doc.contains(&format!("{p} ")) || alternative;
+                if !named {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, doc, missing);
+            }
+        }
+        walk(&Cli::command(), "cup", doc, &mut missing);
+        assert!(
+            missing.is_empty(),
+            "docs/cli.md does not mention: {missing:#?}"
+        );
+    }
+}
