@@ -853,12 +853,27 @@ fn stopping_is_asynchronous() {
     assert_eq!(api.status("slow").unwrap().state, "stopped");
     assert!(api.status("gone").is_err(), "gone is still there");
 
-    // A reload that changes a unit while it stops: the new definition
-    // comes up once the old one has gone.
+    // A start while it stops: it starts again once it has stopped, never
+    // as a second copy beside the one on its way out.
     api.start("slow").unwrap();
     s.wait_until("slow up again", Duration::from_secs(10), |o| {
         o.matches("[slow] up").count() == 2
     });
+    let dir = s.dir.clone();
+    let stopper = std::thread::spawn(move || connect(&dir.join("run")).unwrap().stop("slow"));
+    s.wait_until("slow asked to stop again", Duration::from_secs(10), |o| {
+        o.matches("[slow] term ignored").count() == 2
+    });
+    api.start("slow").unwrap();
+    assert_eq!(api.status("slow").unwrap().state, "stopping");
+    stopper.join().unwrap().unwrap();
+    s.wait_until("slow up a third time", Duration::from_secs(15), |o| {
+        o.matches("[slow] up").count() == 3
+    });
+    assert_eq!(api.status("slow").unwrap().state, "running");
+
+    // A reload that changes a unit while it stops: the new definition
+    // comes up once the old one has gone.
     std::fs::write(
         s.dir.join("units/slow.toml"),
         service("echo new slow; sleep 300", ""),

@@ -628,6 +628,12 @@ impl Supervisor {
                 if matches!(s.state, State::Running | State::Starting) {
                     return Ok(Reply::Done);
                 }
+                // Still stopping: it starts again once it has stopped (never
+                // a second copy beside the one on its way out).
+                if s.stopping.is_some() {
+                    self.begin_stop(&name, stop::AfterStop::Start, None);
+                    return Ok(Reply::Done);
+                }
                 if let State::Failed(why) = &s.state {
                     if why.starts_with("dependency cycle") || why.starts_with("requires") {
                         return Err(ApiError::Refused(format!("unit {name} is refused: {why}")));
