@@ -123,7 +123,8 @@ fn quick_start(cup: &str, ports: &[u16], taken: &[u16]) -> String {
          \x20     curl localhost:{web}\n\
          \x20     {cup} logs -f web\n\
          \x20     {cup} exec -it web sh\n\
-         \x20     {cup} stop web\n",
+         \x20     {cup} stop web\n\
+         \x20     {cup} health    (and: {cup} top, {cup} dmesg)\n",
         reg = qemu_tests::run_machine::LOCAL_REGISTRY,
     );
     if let (Some(first), Some(last)) = (ports.first(), ports.last()) {
