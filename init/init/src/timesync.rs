@@ -32,6 +32,38 @@ const RETRY_MAX: Duration = Duration::from_secs(64);
 /// How long one server may take to answer.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// What went wrong asking a server or setting the clock.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeError {
+    #[error("{server}: {source}")]
+    Query {
+        server: String,
+        source: rsntp::SynchronizationError,
+    },
+    /// A clock call failed: what it was for, and the system's error.
+    #[error("{what}: {source}")]
+    Clock {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the time has no calendar date")]
+    NoDate,
+}
+
+fn clock_err(what: &'static str) -> impl Fn(nix::errno::Errno) -> TimeError {
+    move |e| TimeError::Clock {
+        what,
+        source: e.into(),
+    }
+}
+
+fn last_os_error(what: &'static str) -> TimeError {
+    TimeError::Clock {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
 /// One answer: how far off the clock is (seconds; positive: behind) and
 /// the round trip.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,7 +73,7 @@ pub struct Sample {
 }
 
 /// Asks `server` (`HOST[:PORT]`, port 123 if none).
-pub fn query(server: &str) -> Result<Sample, String> {
+pub fn query(server: &str) -> Result<Sample, TimeError> {
     let mut client = rsntp::SntpClient::new();
     client.set_timeout(QUERY_TIMEOUT);
     let addr = if server.contains(':') && !server.ends_with(']') {
@@ -51,21 +83,24 @@ pub fn query(server: &str) -> Result<Sample, String> {
     };
     let r = client
         .synchronize(addr.as_str())
-        .map_err(|e| format!("{server}: {e}"))?;
+        .map_err(|source| TimeError::Query {
+            server: server.to_string(),
+            source,
+        })?;
     Ok(Sample {
         offset: r.clock_offset().as_secs_f64(),
         delay: r.round_trip_delay().as_secs_f64(),
     })
 }
 
-fn now_realtime() -> Result<libc::timespec, String> {
+fn now_realtime() -> Result<libc::timespec, TimeError> {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
         .map(|t| *t.as_ref())
-        .map_err(|e| format!("read the clock: {e}"))
+        .map_err(clock_err("read the clock"))
 }
 
 /// Moves the clock by `offset` seconds at once.
-fn step(offset: f64) -> Result<(), String> {
+fn step(offset: f64) -> Result<(), TimeError> {
     let now = now_realtime()?;
     let ns = now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128 + (offset * 1e9) as i128;
     let t = nix::sys::time::TimeSpec::new(
@@ -73,11 +108,11 @@ fn step(offset: f64) -> Result<(), String> {
         (ns.rem_euclid(1_000_000_000)) as libc::c_long,
     );
     nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, t)
-        .map_err(|e| format!("set the clock: {e}"))
+        .map_err(clock_err("set the clock"))
 }
 
 /// Has the kernel move the clock by `offset` seconds gradually.
-fn slew(offset: f64) -> Result<(), String> {
+fn slew(offset: f64) -> Result<(), TimeError> {
     let micros = (offset * 1e6) as i64;
     let delta = libc::timeval {
         tv_sec: micros.div_euclid(1_000_000) as libc::time_t,
@@ -86,23 +121,17 @@ fn slew(offset: f64) -> Result<(), String> {
     // SAFETY: adjtime reads `delta` and writes nothing (a null old delta).
     match unsafe { libc::adjtime(&delta, std::ptr::null_mut()) } {
         0 => Ok(()),
-        _ => Err(format!(
-            "slew the clock: {}",
-            std::io::Error::last_os_error()
-        )),
+        _ => Err(last_os_error("slew the clock")),
     }
 }
 
 /// Marks the kernel's clock synchronized, to within `error` seconds.
-fn mark_synchronized(error: f64) -> Result<(), String> {
+fn mark_synchronized(error: f64) -> Result<(), TimeError> {
     // SAFETY: timex is plain integers, for which all zeroes is a value.
     let mut t: libc::timex = unsafe { std::mem::zeroed() };
     // SAFETY: with modes 0 adjtimex only fills in the struct it is given.
     if unsafe { libc::adjtimex(&mut t) } < 0 {
-        return Err(format!(
-            "read the clock's state: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(last_os_error("read the clock's state"));
     }
     let micros = ((error * 1e6) as libc::c_long).clamp(1, 16_000_000);
     t.modes = libc::ADJ_STATUS | libc::ADJ_MAXERROR | libc::ADJ_ESTERROR;
@@ -112,10 +141,7 @@ fn mark_synchronized(error: f64) -> Result<(), String> {
     // SAFETY: as above; the modes say which fields the kernel takes.
     match unsafe { libc::adjtimex(&mut t) } {
         r if r >= 0 => Ok(()),
-        _ => Err(format!(
-            "mark the clock synchronized: {}",
-            std::io::Error::last_os_error()
-        )),
+        _ => Err(last_os_error("mark the clock synchronized")),
     }
 }
 
@@ -137,13 +163,13 @@ struct RtcTime {
 nix::ioctl_write_ptr!(rtc_set_time, b'p', 0x0a, RtcTime);
 
 /// Sets the hardware clock (kept in UTC) to the system clock.
-fn set_rtc() -> Result<(), String> {
+fn set_rtc() -> Result<(), TimeError> {
     let now = now_realtime()?;
     // SAFETY: tm is plain integers; gmtime_r fills it from `now.tv_sec`.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are valid for the call.
     if unsafe { libc::gmtime_r(&now.tv_sec, &mut tm) }.is_null() {
-        return Err("the time has no calendar date".into());
+        return Err(TimeError::NoDate);
     }
     let rtc = RtcTime {
         tm_sec: tm.tm_sec,
@@ -159,11 +185,14 @@ fn set_rtc() -> Result<(), String> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/rtc0")
-        .map_err(|e| format!("/dev/rtc0: {e}"))?;
+        .map_err(|source| TimeError::Clock {
+            what: "open /dev/rtc0",
+            source,
+        })?;
     // SAFETY: RTC_SET_TIME reads one rtc_time, which lives for the call.
     unsafe { rtc_set_time(std::os::fd::AsRawFd::as_raw_fd(&f), &rtc) }
         .map(|_| ())
-        .map_err(|e| format!("/dev/rtc0: set the time: {e}"))
+        .map_err(clock_err("set the hardware clock (/dev/rtc0)"))
 }
 
 fn unix_now() -> u64 {
@@ -215,7 +244,7 @@ fn correct(sample: Sample, first: bool, state: &mut TimeState, server: &str) {
         Ok(()) => tracing::debug!("time: slewing {:+.1} ms from {server}", sample.offset * 1e3),
         Err(e) => {
             tracing::error!("time: {e}");
-            state.error = e;
+            state.error = e.to_string();
             return;
         }
     }
@@ -292,7 +321,7 @@ pub fn run() -> i32 {
                 }
                 Err(e) => {
                     tracing::debug!("time: {e}");
-                    state.error = e;
+                    state.error = e.to_string();
                 }
             }
         }
@@ -357,7 +386,10 @@ mod tests {
         // Nobody there: an error naming the server, within the timeout.
         let t = Instant::now();
         let e = query("127.0.0.1:9").unwrap_err();
-        assert!(e.contains("127.0.0.1:9"), "{e}");
+        assert!(
+            matches!(&e, TimeError::Query { server, .. } if server == "127.0.0.1:9"),
+            "{e}"
+        );
         assert!(t.elapsed() < QUERY_TIMEOUT + Duration::from_secs(2));
     }
 }
