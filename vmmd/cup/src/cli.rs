@@ -163,7 +163,7 @@ pub enum Command {
     /// The kernel's log (as dmesg prints it)
     Dmesg(DmesgArgs),
     /// One line per subsystem (host, units, vmmd, network, time, disk, update) and what is wrong
-    Health,
+    Health(FormatArg),
     /// One .tar.gz of logs, configs, state and versions for a bug report, secrets taken out
     SupportBundle {
         /// Write it here (default: steelcup-support-HOST-TIME.tar.gz in this directory)

@@ -268,14 +268,35 @@ pub fn checks(
     out
 }
 
-/// `cup health`: one line per subsystem; exit 1 if any failed.
+/// `cup health [--format json]`: one line per subsystem (or one JSON
+/// object per line: `subsystem`, `verdict`, `detail`); exit 1 if any
+/// failed.
 pub fn health(
     p: &Init1Proxy<'static>,
     vmmd: Result<Vmm1ClientProxy<'static>, CupError>,
+    json: bool,
 ) -> Result<u8, CupError> {
     let checks = checks(p, &vmmd);
-    print!("{}", health_text(&checks));
+    match json {
+        true => print!("{}", health_json(&checks)),
+        false => print!("{}", health_text(&checks)),
+    }
     Ok(u8::from(checks.iter().any(|c| c.verdict == Verdict::Fail)))
+}
+
+fn health_json(checks: &[Check]) -> String {
+    checks
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "subsystem": c.what,
+                "verdict": c.verdict.word().to_lowercase(),
+                "detail": c.said,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
 }
 
 fn health_text(checks: &[Check]) -> String {
@@ -646,5 +667,10 @@ monkey: 1
             text,
             "units    ok    3 running, none failed\ntime     warn  not synchronized\nvmmd     FAIL  not reachable\n"
         );
+        let json = health_json(&[check("vmmd", Verdict::Fail, "not reachable".into())]);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(v["subsystem"], "vmmd");
+        assert_eq!(v["verdict"], "fail");
+        assert_eq!(v["detail"], "not reachable");
     }
 }

@@ -402,7 +402,10 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         }
         Command::Rollback(r) => return code(crate::update::rollback(&proxy()?, !r.no_reboot)),
         Command::Dmesg(a) => return code(crate::host::dmesg(&proxy()?, &a)),
-        Command::Health => return code(crate::host::health(&proxy()?, vmmd())),
+        Command::Health(f) => {
+            let json = json(&f.format)?;
+            return code(crate::host::health(&proxy()?, vmmd(), json));
+        }
         Command::SupportBundle { output } => {
             return code(crate::host::support_bundle(
                 &proxy()?,
