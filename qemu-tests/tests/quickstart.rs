@@ -218,6 +218,17 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
             && top.lines().any(|l| l.starts_with("microvm")),
         "cup top: {top}"
     );
+    // The same in Prometheus' text format.
+    let metrics = cup_ok(config, &["metrics"])?;
+    for family in [
+        "# TYPE steelcup_host_uptime_seconds gauge",
+        "steelcup_unit_state{unit=\"vmmd\",kind=\"service\",state=\"running\"} 1.0",
+        "steelcup_vmmd_up 1.0",
+        "# TYPE steelcup_workload_cpu_seconds_total counter",
+        "steelcup_host_clock_synchronized 1.0",
+    ] {
+        ensure!(metrics.contains(family), "cup metrics has no {family:?}: {metrics}");
+    }
     let last = cup_ok(config, &["dmesg", "-n", "3"])?;
     ensure!(last.lines().count() == 3, "cup dmesg -n 3: {last}");
     let port = *machine

@@ -164,6 +164,8 @@ pub enum Command {
     Dmesg(DmesgArgs),
     /// One line per subsystem (host, units, vmmd, network, time, disk, update) and what is wrong
     Health(FormatArg),
+    /// The machine's state in Prometheus' text format (host, units, microVMs)
+    Metrics,
     /// One .tar.gz of logs, configs, state and versions for a bug report, secrets taken out
     SupportBundle {
         /// Write it here (default: steelcup-support-HOST-TIME.tar.gz in this directory)

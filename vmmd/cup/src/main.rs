@@ -19,6 +19,7 @@ mod error;
 mod host;
 mod login;
 mod logs;
+mod metrics;
 mod stats;
 mod system;
 mod top;
@@ -406,6 +407,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             let json = json(&f.format)?;
             return code(crate::host::health(&proxy()?, vmmd(), json));
         }
+        Command::Metrics => return code(crate::metrics::metrics(&proxy()?, vmmd())),
         Command::SupportBundle { output } => {
             return code(crate::host::support_bundle(
                 &proxy()?,
