@@ -227,7 +227,10 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
         "# TYPE steelcup_workload_cpu_seconds_total counter",
         "steelcup_host_clock_synchronized 1.0",
     ] {
-        ensure!(metrics.contains(family), "cup metrics has no {family:?}: {metrics}");
+        ensure!(
+            metrics.contains(family),
+            "cup metrics has no {family:?}: {metrics}"
+        );
     }
     let last = cup_ok(config, &["dmesg", "-n", "3"])?;
     ensure!(last.lines().count() == 3, "cup dmesg -n 3: {last}");
