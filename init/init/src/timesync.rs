@@ -214,13 +214,6 @@ fn save(state: &TimeState) {
     }
 }
 
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let _ =
-            std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", path));
-    }
-}
-
 /// Acts on one answer: steps or slews, marks the clock synchronized.
 fn correct(sample: Sample, first: bool, state: &mut TimeState, server: &str) {
     let stepped = first || sample.offset.abs() >= STEP_LIMIT;
@@ -273,7 +266,7 @@ pub fn run() -> i32 {
     };
     if config.servers.is_empty() {
         tracing::info!("time: no servers configured: time sync is off");
-        notify_ready();
+        steelcup_sys::notify_ready("time-sync");
         return 0;
     }
     tracing::info!("time: servers {}", config.servers.join(", "));
@@ -283,7 +276,7 @@ pub fn run() -> i32 {
         .name("time-wait".into())
         .spawn(move || {
             std::thread::sleep(wait);
-            notify_ready();
+            steelcup_sys::notify_ready("time-sync");
         });
     let mut state = TimeState::default();
     let (mut poll, mut retry) = (POLL_MIN, Duration::from_secs(2));
@@ -302,7 +295,7 @@ pub fn run() -> i32 {
                         }
                     }
                     if first {
-                        notify_ready();
+                        steelcup_sys::notify_ready("time-sync");
                         if started.elapsed() > wait {
                             tracing::info!(
                                 "time: synchronized after {:.0}s",

@@ -327,6 +327,23 @@ pub fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> std
     Ok(())
 }
 
+/// Tells the supervisor (init, or anything speaking sd_notify) that this
+/// process is ready: `READY=1` to `$NOTIFY_SOCKET`, when there is one.
+/// What `who` is, for the warning when it cannot be sent.
+pub fn notify_ready(who: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent =
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", &path));
+    if let Err(e) = sent {
+        tracing::warn!(
+            "cannot tell {} that {who} is ready: {e}",
+            Path::new(&path).display()
+        );
+    }
+}
+
 /// A unit's `sd_notify` socket: a datagram socket that receives `READY=1`.
 /// Each unit has its own, so the socket says whose a message is.
 #[derive(Debug)]

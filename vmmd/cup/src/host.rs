@@ -9,12 +9,22 @@ use steelcup_api::vmm1::Vmm1ClientProxy;
 /// How often `cup dmesg -w` asks for new records.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// A record of `KernelLog` as dmesg prints it.
+fn kernel_line(r: &(u64, u64, u8, String)) -> String {
+    steelcup_os::kmsg::format(&steelcup_os::kmsg::Record {
+        seq: r.0,
+        micros: r.1,
+        level: r.2,
+        text: r.3.clone(),
+    })
+}
+
 /// `cup dmesg [-w] [-n N] [-l LEVELS]`.
 pub fn dmesg(p: &Init1Proxy<'static>, a: &DmesgArgs) -> Result<u8, CupError> {
     let shown = |r: &(u64, u64, u8, String)| a.level.is_empty() || a.level.contains(&r.2);
     let print = |records: &[(u64, u64, u8, String)]| {
         for r in records.iter().filter(|r| shown(r)) {
-            println!("[{:5}.{:06}] {}", r.1 / 1_000_000, r.1 % 1_000_000, r.3);
+            println!("{}", kernel_line(r));
         }
     };
     let (records, mut next) = p.kernel_log(0, steelcup_os::kmsg::MAX_RECORDS as u32)?;
@@ -500,10 +510,7 @@ fn bundle_files(
     match p.kernel_log(0, steelcup_os::kmsg::MAX_RECORDS as u32) {
         Ok((records, _)) => files.push((
             "dmesg.txt".into(),
-            records
-                .iter()
-                .map(|r| format!("[{:5}.{:06}] {}\n", r.1 / 1_000_000, r.1 % 1_000_000, r.3))
-                .collect(),
+            records.iter().map(|r| kernel_line(r) + "\n").collect(),
         )),
         Err(e) => note("kernel log", &e),
     }

@@ -356,7 +356,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             }
         })
         .map_err(DaemonError::io("spawn the API thread"))?;
-    notify_ready();
+    steelcup_sys::notify_ready("vmmd");
     tracing::info!(
         "vmmd {} ready: {} microvm units in {}",
         env!("CARGO_PKG_VERSION"),
@@ -583,22 +583,6 @@ fn announce(
         }
         kept
     });
-}
-
-/// Tells the supervisor (init, or anything speaking sd_notify) that the API
-/// is served: `READY=1` to `$NOTIFY_SOCKET`, when there is one.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent =
-        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", &path));
-    if let Err(e) = sent {
-        tracing::warn!(
-            "cannot tell {} that vmmd is ready: {e}",
-            Path::new(&path).display()
-        );
-    }
 }
 
 type Daemon = Core<WorkerBackend>;
