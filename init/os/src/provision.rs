@@ -185,8 +185,11 @@ pub enum ProvisionError {
     AdminUnitTaken { source_name: String },
     #[error("{source_name}: update-key: {why}")]
     UpdateKey { source_name: String, why: String },
-    #[error("{source_name}: [time]: {why}")]
-    Time { source_name: String, why: String },
+    #[error("{source_name}: [time]: {source}")]
+    Time {
+        source_name: String,
+        source: Box<crate::time::TimeConfigError>,
+    },
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -332,9 +335,9 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
     }
     if let Some(t) = &c.time {
-        t.check().map_err(|why| ProvisionError::Time {
+        t.check().map_err(|e| ProvisionError::Time {
             source_name: src(),
-            why,
+            source: Box::new(e),
         })?;
         let text = toml::to_string(t).map_err(encode("time".into()))?;
         files.push(("time.toml".to_string(), text));

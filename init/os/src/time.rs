@@ -49,8 +49,34 @@ impl Default for TimeConfig {
     }
 }
 
+/// What is wrong with time sync's settings.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeConfigError {
+    #[error("{0:?}: an NTP server is HOST[:PORT]")]
+    Server(String),
+    #[error("{0} servers: at most {MAX_SERVERS}")]
+    TooManyServers(usize),
+    #[error("wait = {0}: at most 600 seconds")]
+    Wait(u32),
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        path: std::path::PathBuf,
+        source: Box<TimeConfigError>,
+    },
+}
+
 /// Checks one `HOST[:PORT]`.
-pub fn check_server(s: &str) -> Result<(), String> {
+pub fn check_server(s: &str) -> Result<(), TimeConfigError> {
     let (host, port) = match s.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') || h.starts_with('[') => (h, Some(p)),
         _ => (s, None),
@@ -66,29 +92,35 @@ pub fn check_server(s: &str) -> Result<(), String> {
     if host_ok && port_ok {
         Ok(())
     } else {
-        Err(format!("{s:?}: an NTP server is HOST[:PORT]"))
+        Err(TimeConfigError::Server(s.to_string()))
     }
 }
 
 impl TimeConfig {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TimeConfigError> {
         if self.servers.len() > MAX_SERVERS {
-            return Err(format!("at most {MAX_SERVERS} servers"));
+            return Err(TimeConfigError::TooManyServers(self.servers.len()));
         }
         if self.wait > 600 {
-            return Err(format!("wait = {}: at most 600 seconds", self.wait));
+            return Err(TimeConfigError::Wait(self.wait));
         }
         self.servers.iter().try_for_each(|s| check_server(s))
     }
 
     /// The settings at `path`; where there is no file, the servers DHCP
     /// offered (`dhcp`), else the defaults.
-    pub fn load(path: &Path, dhcp: &Path) -> Result<TimeConfig, String> {
+    pub fn load(path: &Path, dhcp: &Path) -> Result<TimeConfig, TimeConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let c: TimeConfig =
-                    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-                c.check().map_err(|e| format!("{}: {e}", path.display()))?;
+                    toml::from_str(&text).map_err(|source| TimeConfigError::Parse {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                c.check().map_err(|e| TimeConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    source: Box::new(e),
+                })?;
                 Ok(c)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -108,7 +140,10 @@ impl TimeConfig {
                     },
                 })
             }
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(TimeConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 }
