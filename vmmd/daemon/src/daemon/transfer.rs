@@ -106,7 +106,7 @@ pub(super) fn save(opts: &Options, names: Vec<String>) -> Result<Reply, ApiError
     }
     let (listener, path) = transfer_socket(opts, "save")?;
     let shown = path.clone();
-    spawn("save", &path.clone(), move || {
+    spawn("save", &shown, move || {
         let Some(conn) = accept_one(listener, &path) else {
             return;
         };
@@ -137,7 +137,7 @@ pub(super) fn load(opts: &Options) -> Result<Reply, ApiError> {
         .map_err(|e| ApiError::Refused(steelcup_sys::error_chain(&e)))?;
     let (listener, path) = transfer_socket(opts, "load")?;
     let shown = path.clone();
-    spawn("load", &path.clone(), move || {
+    spawn("load", &shown, move || {
         let Some(conn) = accept_one(listener, &path) else {
             return;
         };
