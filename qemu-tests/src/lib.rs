@@ -13,6 +13,7 @@
 //! panicking keeps its serial log and says where it is.
 
 pub mod ntp;
+pub mod prometheus;
 pub mod registry;
 pub mod run_machine;
 
@@ -54,10 +55,19 @@ impl Accel {
         }
     }
 
+    /// What the emulated host's KVM is told under software emulation
+    /// (init passes a module its command-line parameters, as modprobe
+    /// does): shadow paging instead of nested paging. QEMU's emulation of
+    /// AMD-V's nested paging now and then corrupts the emulated host
+    /// (a page fault on its own per-CPU data, recursing until the stack
+    /// guard: "corrupted stack end detected inside scheduler"), more often
+    /// the busier its microVMs are.
+    pub const TCG_KVM_PARAMS: &'static str = "kvm_amd.npt=0 kvm_amd.vgif=0";
+
     pub fn args(&self) -> Vec<String> {
         let a: &[&str] = match self {
             Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
-            Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max,-la57"],
         };
         a.iter().map(|s| s.to_string()).collect()
     }
@@ -279,9 +289,13 @@ impl Guest {
                 } else {
                     user_nic(cfg, &mut forwarded)?
                 };
+                let cmdline = match accel {
+                    Accel::Tcg => format!("{cmdline} {}", Accel::TCG_KVM_PARAMS),
+                    Accel::Kvm => cmdline.clone(),
+                };
                 cmd.args([
                     "-append",
-                    cmdline,
+                    &cmdline,
                     "-nic",
                     &nic,
                     "-device",

@@ -19,6 +19,11 @@ pub const ADMIN_PORT: u16 = 17443;
 /// one that is free here): `cup run -p 8080:80` is `localhost:8080`.
 pub const WORKLOAD_PORTS: std::ops::RangeInclusive<u16> = 8080..=8089;
 
+/// Where the machine serves its metrics (the machine config's
+/// `[metrics]`, `steelcup_os::provision::METRICS_LISTEN`'s port), and the
+/// port of 127.0.0.1 it is forwarded to when free.
+pub const METRICS_PORT: u16 = 9847;
+
 /// This machine as the appliance sees it on QEMU's user network.
 pub const HOST_FROM_APPLIANCE: &str = "10.0.2.2";
 
@@ -31,6 +36,8 @@ pub struct RunMachine {
     pub cfg: GuestConfig,
     /// `127.0.0.1:PORT` of the admin gateway.
     pub admin: String,
+    /// `127.0.0.1:PORT` of the machine's metrics (plain HTTP).
+    pub metrics: String,
     /// The workload ports forwarded (those that were free).
     pub ports: Vec<u16>,
     /// The ports of [`WORKLOAD_PORTS`] something here holds already.
@@ -56,7 +63,9 @@ pub fn ensure_certs(dir: &Path) -> Result<bool> {
 }
 
 /// The machine config on the config drive: the admin gateway with the
-/// certificates in `certs`, and the registries reached over plain HTTP.
+/// certificates in `certs`, metrics over plain HTTP (QEMU's user network
+/// lets only this machine reach them), and the registries reached over
+/// plain HTTP.
 pub fn machine_config(certs: &Path, insecure: &[&str]) -> Result<String> {
     let admin = std::fs::read_to_string(certs.join("machine-admin.toml"))
         .with_context(|| format!("read {}/machine-admin.toml", certs.display()))?;
@@ -69,6 +78,9 @@ pub fn machine_config(certs: &Path, insecure: &[&str]) -> Result<String> {
             "[[registry]]\nhost = \"{host}\"\ninsecure = true\n\n"
         ));
     }
+    config.push_str(&format!(
+        "[metrics]\nlisten = \"0.0.0.0:{METRICS_PORT}\"\n\n"
+    ));
     config.push_str(&admin);
     Ok(config)
 }
@@ -109,20 +121,25 @@ pub fn run_machine_with(
     std::fs::write(&drive, fat).with_context(|| format!("write {}", drive.display()))?;
     cfg.drives.push(drive);
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    let admin_port = if free(ADMIN_PORT) {
-        ADMIN_PORT
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
+    let free_or_any = |p: u16, what: &str| -> Result<u16> {
+        if free(p) {
+            return Ok(p);
+        }
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .context("a free port for the admin gateway")?
-            .port()
+            .with_context(|| format!("a free port for {what}"))?
+            .port())
     };
+    let admin_port = free_or_any(ADMIN_PORT, "the admin gateway")?;
     cfg.forwards.push((admin_port, GATEWAY_PORT));
+    let metrics_port = free_or_any(METRICS_PORT, "the metrics")?;
+    cfg.forwards.push((metrics_port, METRICS_PORT));
     let (ports, taken): (Vec<u16>, Vec<u16>) = WORKLOAD_PORTS.partition(|p| free(*p));
     cfg.forwards.extend(ports.iter().map(|p| (*p, *p)));
     Ok(RunMachine {
         cfg,
         admin: format!("127.0.0.1:{admin_port}"),
+        metrics: format!("127.0.0.1:{metrics_port}"),
         ports,
         taken,
     })

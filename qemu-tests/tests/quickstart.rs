@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
 use anyhow::{ensure, Context, Result};
+use qemu_tests::prometheus::{http_get, promtool_check, Prometheus};
 use qemu_tests::run_machine::{run_machine_with, RunMachine};
 use qemu_tests::Guest;
 use std::path::{Path, PathBuf};
@@ -119,10 +120,14 @@ fn quick_start_from_this_machines_shell() {
             .trim_end_matches('Z')
             .to_string(),
     );
+    // A Prometheus server here scrapes the machine's metrics port.
+    let prometheus =
+        qemu_tests::prometheus::Prometheus::start(&machine.metrics, Duration::from_secs(2))
+            .unwrap();
     qemu_tests::run_booted(
         "quickstart",
         || Some(Guest::boot(&machine.cfg).unwrap()),
-        |g| scenario(g, &machine, &config, &certs),
+        |g| scenario(g, &machine, &config, &certs, &prometheus),
     );
     let _ = std::fs::remove_dir_all(&home);
 }
@@ -135,7 +140,13 @@ fn tempfile_dir(name: &str) -> PathBuf {
     d
 }
 
-fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) -> Result<()> {
+fn scenario(
+    g: &mut Guest,
+    machine: &RunMachine,
+    config: &Path,
+    certs: &Path,
+    prometheus: &Prometheus,
+) -> Result<()> {
     // Before anything is set up, cup says what is missing and what makes it.
     let out = cup(config, &["--context", "appliance", "ps"])?;
     ensure!(!out.status.success(), "cup ps with no context succeeded");
@@ -284,6 +295,7 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     );
     // (Debian's nginx logs to files, not its console: nothing to show.)
     cup_ok(config, &["logs", "web"])?;
+    let vmmd_restarts = metrics_over_http(machine, config)?;
     // Each line with the time it was logged, as `docker logs -t` prints
     // it; a window that closed in 1970 holds none of them.
     let stamped = cup_ok(config, &["logs", "-t", "--since", "1h", "--unit", "vmmd"])?;
@@ -307,6 +319,14 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     // vmmd (its spec is kept on /var); the new vmmd runs it again.
     cup_ok(config, &["unit", "restart", "vmmd"])?;
     g.wait_for("workload web: kept run, started again", STEP)?;
+    // The restart counted once, over HTTP and in Prometheus.
+    let after = scrape(machine)?;
+    let restarts = sample(&after, "steelcup_unit_restarts_total{unit=\"vmmd\"}")?;
+    ensure!(
+        restarts == vmmd_restarts + 1.0,
+        "vmmd's restarts went from {vmmd_restarts} to {restarts}"
+    );
+    prometheus_has_it_all(prometheus, vmmd_restarts + 1.0)?;
     let t = Instant::now();
     loop {
         match get_page(port) {
@@ -339,6 +359,138 @@ fn scenario(g: &mut Guest, machine: &RunMachine, config: &Path, certs: &Path) ->
     machine_config(g, config, certs)?;
     cup_ok(config, &["poweroff"])?;
     g.wait_clean_poweroff(STEP)?;
+    Ok(())
+}
+
+/// One scrape of the machine's metrics over HTTP (the `[metrics]` unit,
+/// forwarded here), checked by promtool.
+fn scrape(machine: &RunMachine) -> Result<String> {
+    let (code, head, body) = http_get(&machine.metrics, "/metrics")?;
+    ensure!(
+        code == 200
+            && head
+                .to_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+        "GET {}/metrics: {code} {head}",
+        machine.metrics
+    );
+    promtool_check(&body)?;
+    Ok(body)
+}
+
+/// The value of the sample whose name and labels are `series`.
+fn sample(text: &str, series: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("no sample {series} in:\n{text}"))
+}
+
+/// Every family the issue names is in a scrape over HTTP, and the
+/// counters move as the work does: a workload's 8 MiB written show in its
+/// block counter, a busy loop in it moves its CPU counter. Answers vmmd's
+/// restarts so far.
+fn metrics_over_http(machine: &RunMachine, config: &Path) -> Result<f64> {
+    cup_ok(
+        config,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "writer",
+            "-v",
+            "qsdata:/data",
+            qemu_tests::registry::NGINX,
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/data/f bs=1M count=8 conv=fsync 2>/dev/null && echo wrote; exec sleep 600",
+        ],
+    )?;
+    let t = Instant::now();
+    while !cup_ok(config, &["logs", "writer"])?.contains("wrote") {
+        ensure!(t.elapsed() < STEP, "writer did not write its 8 MiB");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let a = scrape(machine)?;
+    for family in [
+        "steelcup_host_cpu_seconds_total{mode=\"idle\"}",
+        "steelcup_host_network_receive_bytes_total{interface=\"eth0\"}",
+        "steelcup_host_disk_written_bytes_total{device=",
+        "steelcup_host_var_size_bytes{",
+        "steelcup_boot_phase_seconds{phase=\"units\"}",
+        "steelcup_update_slot_info{",
+        "steelcup_unit_start_seconds{unit=\"vmmd\"}",
+        "steelcup_unit_log_dropped_bytes_total{unit=\"vmmd\"}",
+        "steelcup_unit_memory_bytes{unit=\"vmmd\"}",
+        "steelcup_workload_vcpus{name=\"web\",image=",
+        "steelcup_workload_guest_memory_bytes{name=\"web\"",
+        "steelcup_workload_memory_bytes{name=\"web\"}",
+        "steelcup_workload_network_receive_bytes_total{name=\"web\"}",
+        "steelcup_workload_block_requests_total{name=\"writer\",op=\"write\"}",
+        "steelcup_workload_vm_exits_total{name=\"web\",kind=\"mmio\"}",
+        "steelcup_workload_boot_seconds{name=\"web\"}",
+        "steelcup_workload_outcomes_total{name=\"hello\"",
+        "steelcup_warm_pool_starts_total{result=\"hit\"}",
+        "steelcup_warm_pool_vms{state=\"ready\"}",
+        "steelcup_image_pulls_total{source=\"registry\",result=\"ok\"}",
+        "steelcup_image_pull_seconds_total{source=\"registry\"}",
+        "steelcup_image_store_disk_bytes ",
+        "steelcup_workload_log_dropped_bytes_total ",
+    ] {
+        ensure!(
+            a.lines().any(|l| l.starts_with(family)),
+            "GET /metrics has no {family}:\n{a}"
+        );
+    }
+    let written = sample(
+        &a,
+        "steelcup_workload_block_write_bytes_total{name=\"writer\"}",
+    )?;
+    ensure!(
+        written >= 8.0 * 1024.0 * 1024.0,
+        "writer wrote {written} bytes"
+    );
+    let boot = sample(&a, "steelcup_workload_boot_seconds{name=\"web\"}")?;
+    ensure!(boot > 0.0 && boot < 600.0, "web booted in {boot} s");
+    let cpu = "steelcup_workload_cpu_seconds_total{name=\"writer\"}";
+    let before = sample(&a, cpu)?;
+    // Four seconds of a busy loop in its VM (timeout ends it: 124).
+    cup(
+        config,
+        &[
+            "exec",
+            "writer",
+            "timeout",
+            "4",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ],
+    )?;
+    let b = scrape(machine)?;
+    let busy = sample(&b, cpu)? - before;
+    ensure!(busy >= 1.0, "a busy loop moved writer's CPU by {busy} s");
+    println!("quickstart: metrics: writer wrote {written} bytes; busy for {busy:.1} CPU s; web booted in {boot:.2} s");
+    cup_ok(config, &["rm", "-f", "writer"])?;
+    cup_ok(config, &["volume", "rm", "qsdata"])?;
+    sample(&b, "steelcup_unit_restarts_total{unit=\"vmmd\"}")
+}
+
+/// The Prometheus server here has been scraping the machine all along:
+/// it sees it up, sees vmmd's restart, and kept what writer wrote.
+fn prometheus_has_it_all(p: &Prometheus, vmmd_restarts: f64) -> Result<()> {
+    let within = Duration::from_secs(60);
+    p.wait_for("up{job=\"steelcup\"}", within, |v| v == 1.0)?;
+    p.wait_for("steelcup_vmmd_up", within, |v| v == 1.0)?;
+    p.wait_for("steelcup_unit_restarts_total{unit=\"vmmd\"}", within, |v| {
+        v == vmmd_restarts
+    })?;
+    p.wait_for(
+        "max_over_time(steelcup_workload_block_write_bytes_total{name=\"writer\"}[1h])",
+        within,
+        |v| v >= 8.0 * 1024.0 * 1024.0,
+    )?;
+    let series = p.query("count(steelcup_host_cpu_seconds_total)")?;
+    println!("quickstart: Prometheus scraped the machine: {series:?} CPU modes");
     Ok(())
 }
 

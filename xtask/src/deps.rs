@@ -50,6 +50,10 @@ pub const PACKAGES: &[&str] = &[
     // clock from (run by the test on a port of its own, never as the
     // host's clock keeper).
     "chrony",
+    // promtool checks `cup metrics`' exposition, and a Prometheus server
+    // (run by the quick-start test on a port and a directory of its own)
+    // scrapes the machine and answers queries.
+    "prometheus",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -112,7 +112,7 @@ fn write_context(cup: &Path, admin: &str, certs: &Path) -> Result<()> {
 }
 
 /// What to type in another terminal once the machine is up.
-fn quick_start(cup: &str, ports: &[u16], taken: &[u16]) -> String {
+fn quick_start(cup: &str, ports: &[u16], taken: &[u16], metrics: &str) -> String {
     let web = ports.first().copied().unwrap_or(8080);
     let mut s = format!(
         "==> the appliance is up; cup's context `appliance` reaches it. In another terminal:\n\
@@ -124,7 +124,8 @@ fn quick_start(cup: &str, ports: &[u16], taken: &[u16]) -> String {
          \x20     {cup} logs -f web\n\
          \x20     {cup} exec -it web sh\n\
          \x20     {cup} stop web\n\
-         \x20     {cup} health    (and: {cup} top, {cup} dmesg)\n",
+         \x20     {cup} health    (and: {cup} top, {cup} dmesg)\n\
+         \x20     curl {metrics}/metrics    (Prometheus metrics; or {cup} metrics)\n",
         reg = qemu_tests::run_machine::LOCAL_REGISTRY,
     );
     if let (Some(first), Some(last)) = (ports.first(), ports.last()) {
@@ -208,7 +209,7 @@ pub(crate) fn run(once: bool) -> Result<()> {
             announced = true;
             eprintln!(
                 "\n{}\n",
-                quick_start(&cup_cmd, &machine.ports, &machine.taken)
+                quick_start(&cup_cmd, &machine.ports, &machine.taken, &machine.metrics)
             );
         }
         if s.contains("Kernel panic") {

@@ -25,10 +25,9 @@ pub fn phase<T>(name: &str, f: impl FnOnce() -> T) -> T {
     tracing::info!("phase {name}: start");
     let t0 = Instant::now();
     let out = f();
-    tracing::info!(
-        "phase {name}: done in {:.1}ms",
-        t0.elapsed().as_secs_f64() * 1000.0
-    );
+    let took = t0.elapsed();
+    steelcup_os::host::record_phase(name, took);
+    tracing::info!("phase {name}: done in {:.1}ms", took.as_secs_f64() * 1000.0);
     out
 }
 

@@ -119,14 +119,48 @@ pub fn load(dir: &Path, db: &ModuleDb, name: &str) -> Result<Vec<String>, Module
     if !db.entries.contains_key(&name) && Path::new("/sys/module").join(&name).exists() {
         return Ok(Vec::new());
     }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mut loaded = Vec::new();
     for m in db.load_order(&name)? {
         let entry = &db.entries[&m];
-        if sys::finit_module(&dir.join(&entry.path), "")? {
+        let params = cmdline_params(&cmdline, &m);
+        if !params.is_empty() {
+            tracing::info!("module {m}: parameters from the kernel command line: {params}");
+        }
+        if sys::finit_module(&dir.join(&entry.path), &params)? {
             loaded.push(m);
         }
     }
     Ok(loaded)
+}
+
+/// The parameters the kernel command line gives `module` (normalized, `_`
+/// for `-`), as modprobe passes them: every `MODULE.PARAM[=VALUE]` word,
+/// space-separated (`kvm_amd.nested=1 kvm-amd.avic=1`). A value may be
+/// quoted to hold spaces.
+pub fn cmdline_params(cmdline: &str, module: &str) -> String {
+    let mut words = Vec::new();
+    let (mut word, mut quoted) = (String::new(), false);
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                word.push(c);
+            }
+            c if c.is_whitespace() && !quoted => words.push(std::mem::take(&mut word)),
+            c => word.push(c),
+        }
+    }
+    words.push(word);
+    words
+        .iter()
+        .filter_map(|w| {
+            let (name, param) = w.split_once('.')?;
+            let key = param.split('=').next().unwrap_or_default();
+            (name.replace('-', "_") == module && !key.is_empty()).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Reads `dir/modules.dep`.
@@ -227,6 +261,10 @@ kernel/drivers/input/evdev.ko:
     fn resolves_dependencies_first() {
         let db = ModuleDb::parse(DEP);
         let order = db.load_order("kvm-amd").unwrap();
+        let cmdline = "BOOT_IMAGE=/vmlinuz kvm_amd.npt=0 kvm-amd.nested=1 kvm.x=\"a b\" kvm_amd. root=/dev/vda1 kvm_amdx.y=2\n";
+        assert_eq!(cmdline_params(cmdline, "kvm_amd"), "npt=0 nested=1");
+        assert_eq!(cmdline_params(cmdline, "kvm"), "x=\"a b\"");
+        assert_eq!(cmdline_params(cmdline, "ccp"), "");
         assert_eq!(order.last().unwrap(), "kvm_amd");
         let pos = |n: &str| order.iter().position(|x| x == n).unwrap();
         assert!(pos("irqbypass") < pos("kvm"));

@@ -20,6 +20,20 @@ pub struct Interface {
     pub state: String,
     /// IPv4 and IPv6 addresses with their prefix length.
     pub addresses: Vec<String>,
+    /// Bytes received and sent since the link appeared.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// One block device's totals since boot (`/proc/diskstats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct Disk {
+    pub name: String,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    /// Completed reads and writes.
+    pub reads: u64,
+    pub writes: u64,
 }
 
 /// The host, now.
@@ -51,6 +65,65 @@ pub struct HostStatus {
     pub time_offset_ms: f64,
     pub time_last_sync_unix: u64,
     pub time_error: String,
+    /// CPU time of all CPUs since boot by mode (`user`, `nice`, `system`,
+    /// `idle`, `iowait`, `irq`, `softirq`, `steal`), seconds.
+    pub cpu_seconds: Vec<(String, f64)>,
+    /// Whole disks (partitions, loop and RAM devices left out).
+    pub disks: Vec<Disk>,
+    /// init's boot phases in the order they ran, with how long each took
+    /// (µs): empty outside PID 1.
+    pub boot_phases: Vec<(String, u64)>,
+}
+
+/// init's boot phases so far (see [`record_phase`]).
+static PHASES: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Notes that boot phase `name` took `took` (init, as it boots); the
+/// status shows them.
+pub fn record_phase(name: &str, took: std::time::Duration) {
+    let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    if p.len() < 64 {
+        p.push((name.to_string(), took.as_micros() as u64));
+    }
+}
+
+/// `/proc/stat`'s first line as (mode, seconds) at `ticks` per second.
+fn cpu_seconds(stat: &str, ticks: f64) -> Vec<(String, f64)> {
+    const MODES: [&str; 8] = [
+        "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+    ];
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return Vec::new();
+    };
+    MODES
+        .iter()
+        .zip(line.split_whitespace().skip(1))
+        .filter_map(|(m, v)| Some((m.to_string(), v.parse::<f64>().ok()? / ticks)))
+        .collect()
+}
+
+/// Whole disks in `/proc/diskstats` (sectors are 512 bytes there).
+fn disks(diskstats: &str) -> Vec<Disk> {
+    diskstats
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.get(2)?;
+            let whole = Path::new("/sys/block").join(name).exists();
+            let virtual_dev = ["loop", "ram", "zram", "dm-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            (whole && !virtual_dev).then_some(())?;
+            Some(Disk {
+                name: name.to_string(),
+                reads: n(3)?,
+                read_bytes: n(5)? * 512,
+                writes: n(7)?,
+                written_bytes: n(9)? * 512,
+            })
+        })
+        .collect()
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -75,10 +148,18 @@ fn interfaces() -> Vec<Interface> {
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let state = read_trimmed(&format!("/sys/class/net/{name}/operstate"));
+        let count = |f: &str| {
+            read_trimmed(&format!("/sys/class/net/{name}/statistics/{f}"))
+                .parse()
+                .unwrap_or(0)
+        };
+        let (rx_bytes, tx_bytes) = (count("rx_bytes"), count("tx_bytes"));
         out.push(Interface {
             name,
             state,
             addresses: Vec::new(),
+            rx_bytes,
+            tx_bytes,
         });
     }
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
@@ -159,12 +240,45 @@ pub fn status(var: &Path) -> HostStatus {
         time_offset_ms: sync.offset_ms,
         time_last_sync_unix: sync.last_sync_unix,
         time_error: sync.error,
+        cpu_seconds: cpu_seconds(
+            &std::fs::read_to_string("/proc/stat").unwrap_or_default(),
+            // SAFETY: sysconf reads a constant.
+            match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+                t if t > 0 => t as f64,
+                _ => 100.0,
+            },
+        ),
+        disks: disks(&std::fs::read_to_string("/proc/diskstats").unwrap_or_default()),
+        boot_phases: PHASES.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_modes_and_disks_read_from_the_kernel_files() {
+        let stat = "cpu  100 5 50 1000 20 0 3 0 0 0\ncpu0 50 2 25 500 10 0 1 0 0 0\n";
+        let c = cpu_seconds(stat, 100.0);
+        assert_eq!(c[0], ("user".to_string(), 1.0));
+        assert_eq!(c[3], ("idle".to_string(), 10.0));
+        assert_eq!(c.len(), 8);
+        // This machine's own: every disk named is a whole one.
+        for d in disks(&std::fs::read_to_string("/proc/diskstats").unwrap()) {
+            assert!(Path::new("/sys/block").join(&d.name).exists(), "{d:?}");
+            assert!(!d.name.starts_with("loop"), "{d:?}");
+        }
+        let s = status(Path::new("/"));
+        assert!(
+            s.cpu_seconds.iter().any(|(m, v)| m == "idle" && *v > 0.0),
+            "{s:?}"
+        );
+        record_phase("modules", std::time::Duration::from_millis(12));
+        assert!(status(Path::new("/"))
+            .boot_phases
+            .contains(&("modules".to_string(), 12_000)));
+    }
 
     #[test]
     fn this_machine_reads_as_itself() {

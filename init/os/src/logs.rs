@@ -86,6 +86,9 @@ struct UnitLog {
     window: Option<Instant>,
     echoed: u32,
     suppressed: u64,
+    /// Bytes lost: cut from overlong lines, or let go from the ring with
+    /// no file to keep them.
+    dropped: u64,
 }
 
 /// One line: its sequence number, when it arrived (microseconds since the
@@ -176,10 +179,11 @@ impl LogStore {
     }
 
     /// Appends one line of `unit`'s output.
-    pub fn push(&self, unit: &str, line: &str) {
-        let line = truncate(line, MAX_LINE);
+    pub fn push(&self, unit: &str, whole: &str) {
+        let line = truncate(whole, MAX_LINE);
         let mut units = self.units.lock().unwrap_or_else(|p| p.into_inner());
         let log = units.entry(unit.to_string()).or_default();
+        log.dropped += (whole.len() - line.len()) as u64;
         if log.file.is_none() {
             if let Some(dir) = &self.dir {
                 log.file = RotatingFile::open(dir.join(format!("{unit}.log"))).ok();
@@ -199,7 +203,12 @@ impl LogStore {
         log.next += 1;
         while log.ring.len() > RING_LINES || log.bytes > RING_BYTES {
             match log.ring.pop_front() {
-                Some(l) => log.bytes -= l.text.len(),
+                Some(l) => {
+                    log.bytes -= l.text.len();
+                    if log.file.is_none() {
+                        log.dropped += l.text.len() as u64;
+                    }
+                }
                 None => break,
             }
         }
@@ -284,6 +293,13 @@ impl LogStore {
         }
     }
 
+    /// Bytes of each unit's output lost so far: cut from lines longer than
+    /// [`MAX_LINE`], or let go from the ring with no log file to keep them.
+    pub fn dropped_bytes(&self) -> Vec<(String, u64)> {
+        let units = self.units.lock().unwrap_or_else(|p| p.into_inner());
+        units.iter().map(|(u, l)| (u.clone(), l.dropped)).collect()
+    }
+
     /// Bytes held in memory for `unit`.
     pub fn ring_bytes(&self, unit: &str) -> usize {
         let units = self.units.lock().unwrap_or_else(|p| p.into_inner());
@@ -347,6 +363,22 @@ mod tests {
         let (l, _) = s.read("u", 0, 1);
         assert_eq!(l[0].1.len(), MAX_LINE);
         assert_eq!(truncate("héllo", 2), "h");
+        // Everything not in the ring was lost (no file): counted.
+        let kept = s.ring_bytes("u") as u64;
+        assert_eq!(
+            s.dropped_bytes(),
+            [("u".to_string(), 100 * big.len() as u64 - kept)]
+        );
+    }
+
+    #[test]
+    fn lines_a_file_keeps_are_not_dropped() {
+        let s = LogStore::new(Some(tmp("kept")), false);
+        for i in 0..(RING_LINES + 10) {
+            s.push("u", &format!("line {i}"));
+        }
+        s.push("u", &"z".repeat(MAX_LINE + 5));
+        assert_eq!(s.dropped_bytes(), [("u".to_string(), 5)]);
     }
 
     #[test]

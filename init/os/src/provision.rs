@@ -84,7 +84,31 @@ pub struct MachineConfig {
     /// Time sync: NTP servers (`time.toml`; the `time-sync` unit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<crate::time::TimeConfig>,
+    /// Prometheus metrics over HTTP (the `metrics` unit): off without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
 }
+
+/// `[metrics]`: `cup metrics --listen` as the `metrics` unit
+/// (docs/observability.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Metrics {
+    /// `ADDRESS:PORT` to serve `GET /metrics` on; [`METRICS_LISTEN`] by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Serve over mutual TLS with `[admin]`'s certificates: only clients
+    /// the admin CA signed may scrape. Without it, plain HTTP (for a
+    /// management network).
+    #[serde(default)]
+    pub mutual_tls: bool,
+}
+
+/// Where `[metrics]` serves by default.
+pub const METRICS_LISTEN: &str = "0.0.0.0:9847";
+/// The unit that serves metrics.
+const METRICS_UNIT: &str = "metrics";
 
 /// `[admin]`: the gateway `vmmd admin` that `cup --remote` reaches
 /// (docs/remote.md).
@@ -183,6 +207,14 @@ pub enum ProvisionError {
     },
     #[error("{source_name}: units.{ADMIN_UNIT}: the name is taken by [admin]")]
     AdminUnitTaken { source_name: String },
+    #[error("{source_name}: metrics.listen {listen:?} is not ADDRESS:PORT")]
+    MetricsListen { source_name: String, listen: String },
+    #[error(
+        "{source_name}: metrics.mutual-tls needs [admin]'s certificates, and there is no [admin]"
+    )]
+    MetricsWithoutAdmin { source_name: String },
+    #[error("{source_name}: units.{METRICS_UNIT}: the name is taken by [metrics]")]
+    MetricsUnitTaken { source_name: String },
     #[error("{source_name}: update-key: {why}")]
     UpdateKey { source_name: String, why: String },
     #[error("{source_name}: [time]: {source}")]
@@ -333,6 +365,35 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         );
         steelcup_units::parse(Path::new("admin.toml"), &unit)?;
         files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
+    }
+    if let Some(m) = &c.metrics {
+        let listen = m.listen.clone().unwrap_or_else(|| METRICS_LISTEN.into());
+        listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| ProvisionError::MetricsListen {
+                source_name: src(),
+                listen: listen.clone(),
+            })?;
+        if m.mutual_tls && c.admin.is_none() {
+            return Err(ProvisionError::MetricsWithoutAdmin { source_name: src() });
+        }
+        if c.units.contains_key(METRICS_UNIT) {
+            return Err(ProvisionError::MetricsUnitTaken { source_name: src() });
+        }
+        let tls = if m.mutual_tls {
+            ", \"--tls-dir\", \"/etc/steelcup/admin\""
+        } else {
+            ""
+        };
+        let unit = format!(
+            "# Installed by the machine config's [metrics] (docs/observability.md).\n\
+             [unit]\ndescription = \"Prometheus metrics: GET http{s}://{listen}/metrics\"\n\n\
+             [service]\nexec = [\"/usr/bin/cup\", \"metrics\", \"--listen\", \"{listen}\"{tls}]\n\
+             restart = \"always\"\n",
+            s = if m.mutual_tls { "s" } else { "" },
+        );
+        steelcup_units::parse(Path::new("metrics.toml"), &unit)?;
+        files.push((format!("units/{METRICS_UNIT}.toml"), unit));
     }
     if let Some(t) = &c.time {
         t.check().map_err(|e| ProvisionError::Time {
@@ -823,6 +884,66 @@ password = "s3cret"
             &check("drive", &text.replace("0.0.0.0:9443", "anywhere")).unwrap_err(),
         );
         assert!(e.contains("admin.listen \"anywhere\""), "{e}");
+    }
+
+    #[test]
+    fn metrics_become_the_metrics_unit_plain_or_over_mutual_tls() {
+        let exec = |text: &str| {
+            let f = check("drive", text).unwrap();
+            let (_, unit) = f
+                .files
+                .iter()
+                .find(|(n, _)| n == "units/metrics.toml")
+                .expect("no metrics unit");
+            let unit = steelcup_units::parse(Path::new("metrics.toml"), unit).unwrap();
+            let UnitKind::Service(s) = unit.kind else {
+                panic!("{unit:?}")
+            };
+            s.exec
+        };
+        assert_eq!(
+            exec("[metrics]\n"),
+            ["/usr/bin/cup", "metrics", "--listen", METRICS_LISTEN]
+        );
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let admin = format!(
+            "[admin]\nserver-cert = '''{cert}'''\nserver-key = '''{key}'''\nclient-ca = '''{cert}'''\n"
+        );
+        assert_eq!(
+            exec(&format!(
+                "[metrics]\nlisten = \"10.0.0.5:9100\"\nmutual-tls = true\n{admin}"
+            )),
+            [
+                "/usr/bin/cup",
+                "metrics",
+                "--listen",
+                "10.0.0.5:9100",
+                "--tls-dir",
+                "/etc/steelcup/admin"
+            ]
+        );
+        // Off without [metrics]; refused with what was wrong.
+        assert!(!check("drive", "hostname = \"a\"\n")
+            .unwrap()
+            .files
+            .iter()
+            .any(|(n, _)| n.contains("metrics")));
+        for (text, says) in [
+            ("[metrics]\nlisten = \"9100\"\n", "metrics.listen \"9100\""),
+            (
+                "[metrics]\nmutual-tls = true\n",
+                "metrics.mutual-tls needs [admin]",
+            ),
+            ("[metrics]\nport = 1\n", "port"),
+            (
+                "[metrics]\n[units.metrics.service]\nexec = [\"/bin/true\"]\n",
+                "units.metrics: the name is taken",
+            ),
+        ] {
+            let e = steelcup_sys::error_chain(&check("drive", text).unwrap_err());
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

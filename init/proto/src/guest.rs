@@ -368,6 +368,11 @@ pub fn disk_device(index: usize) -> String {
     format!("/dev/vd{name}")
 }
 
+/// Written to [`STATUS_PORT`] by vminit once the workload's process runs:
+/// the VM's boot is over (`steelcup_workload_boot_seconds`). Not an exit
+/// status ([`ExitStatus::decode`] refuses it).
+pub const STARTED: u32 = 0x5c00_0600;
+
 /// How the workload ended, as vminit reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

@@ -123,6 +123,37 @@ mod tests {
         assert!(read_frame(&mut &[STDOUT, 5, 0, 0, 0, b'h'][..]).is_err());
         assert!(read_frame(&mut &[STDOUT, 5][..]).is_err());
     }
+
+    #[test]
+    fn a_refusal_waits_for_the_host_to_close_after_its_frames() {
+        let (guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t0 = std::time::Instant::now();
+        let refused = std::thread::spawn(move || {
+            guest::refuse(
+                std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
+                "vminit: no",
+                2,
+            );
+            t0.elapsed()
+        });
+        // The host reads both frames and the end, then closes after a while.
+        let mut r = io::BufReader::new(&host);
+        assert_eq!(
+            read_frame(&mut r).unwrap().unwrap(),
+            (STDERR, b"vminit: no\n".to_vec())
+        );
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().0, EXIT);
+        assert_eq!(read_frame(&mut r).unwrap(), None, "the guest's end follows");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(r);
+        drop(host);
+        let took = refused.join().unwrap();
+        assert!(
+            took >= std::time::Duration::from_millis(300)
+                && took < std::time::Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
 }
 
 /// Guest side: a process whose standard streams are a connection.
@@ -295,8 +326,43 @@ pub mod guest {
             let json = serde_json::to_vec(&status).unwrap_or_default();
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_frame(&mut *w, EXIT, &json);
+            linger(w.as_fd(), LINGER);
             use nix::sys::socket::{shutdown, Shutdown};
             let _ = shutdown(w.as_raw_fd(), Shutdown::Both);
+        }
+    }
+
+    /// How long the last frames may take to reach the host.
+    const LINGER: Duration = Duration::from_secs(2);
+
+    /// Ends our side of `conn` (a shutdown of writes, after the frames
+    /// sent), then waits up to `wait` for the host to close its side: by
+    /// then all that was written has left the guest. A VM that exits right
+    /// after a write would otherwise lose what its vsock device had not yet
+    /// passed to the host (the start failure's words, say).
+    fn linger(conn: std::os::fd::BorrowedFd<'_>, wait: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use nix::sys::socket::{shutdown, Shutdown};
+        let _ = shutdown(conn.as_raw_fd(), Shutdown::Write);
+        let deadline = std::time::Instant::now() + wait;
+        // The peer's end of sending (nix names no POLLRDHUP).
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut fds = [PollFd::new(conn, rdhup)];
+            let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, ms) {
+                Ok(0) => return,
+                // Only the peer's end (or a hang-up or error, which poll
+                // always reports) wakes it.
+                Ok(_) => return,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
         }
     }
 
@@ -312,5 +378,6 @@ pub mod guest {
             EXIT,
             &serde_json::to_vec(&status).unwrap_or_default(),
         );
+        linger(conn.as_fd(), LINGER);
     }
 }

@@ -165,6 +165,24 @@ impl VmOutcome {
         }
     }
 
+    /// A word for how it ended, for counting outcomes (`cup metrics`):
+    /// `success`, `failure` (a nonzero exit code), `killed`,
+    /// `start_failed`, `rebooted`, `powered_off`, `guest_reset`,
+    /// `guest_crashed`, `vmm_error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmOutcome::Exited { code: 0 } => "success",
+            VmOutcome::Exited { .. } => "failure",
+            VmOutcome::Killed { .. } => "killed",
+            VmOutcome::StartFailed { .. } => "start_failed",
+            VmOutcome::Rebooted => "rebooted",
+            VmOutcome::PoweredOff => "powered_off",
+            VmOutcome::GuestReset => "guest_reset",
+            VmOutcome::GuestCrashed { .. } => "guest_crashed",
+            VmOutcome::VmmError { .. } => "vmm_error",
+        }
+    }
+
     /// True when the workload ran and exited 0.
     pub fn success(&self) -> bool {
         matches!(self, VmOutcome::Exited { code: 0 } | VmOutcome::PoweredOff)
@@ -263,6 +281,18 @@ pub struct DeviceCounters {
     /// Read and write requests.
     pub block_reads: u64,
     pub block_writes: u64,
+    /// vCPU exits to the VMM: port I/O, MMIO, and the rest (halts,
+    /// interrupted runs, system events).
+    #[serde(default)]
+    pub exits_io: u64,
+    #[serde(default)]
+    pub exits_mmio: u64,
+    #[serde(default)]
+    pub exits_other: u64,
+    /// From the worker's start (a warm VM's: its claim) to vminit's word
+    /// that the workload's process runs, ns; 0 until it has.
+    #[serde(default)]
+    pub boot_ns: u64,
 }
 
 impl WorkerMessage {

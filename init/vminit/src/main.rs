@@ -788,6 +788,8 @@ fn run() -> ExitStatus {
             }
         }
     };
+    // The boot is over; the VMM notes when (no exit: it goes on).
+    let _ = sys::outl(STATUS_PORT, steelcup_proto::guest::STARTED);
     std::thread::spawn(move || {
         if let Err(e) = serve_control(main) {
             eprintln!("vminit: no vsock control port: {e}");

@@ -34,6 +34,12 @@ pub struct UnitInfo {
     /// Last exit code (128+N for a signal), -1 if it never exited.
     pub last_exit: i32,
     pub description: String,
+    /// How long its last start took: to `READY=1` with `ready = "notify"`,
+    /// else to its process running; µs, 0 before it started.
+    pub start_usec: u64,
+    /// Bytes of its output lost: cut from overlong lines, or let go from
+    /// the ring with no log file to keep them.
+    pub log_bytes_dropped: u64,
 }
 
 /// What a reload changed.

@@ -77,6 +77,8 @@ pub enum Action {
     Pulls,
     /// The counters of every running VM.
     Stats,
+    /// vmmd's own counters.
+    Counters,
     /// A `cup run` workload that is not running gets another name.
     Rename(String, String),
     /// Keep credentials for a registry (`cup login`): registry, user,
@@ -481,6 +483,7 @@ pub enum Reply {
     /// workload still runs.
     Logs(Vec<TimedLine>, u64, bool),
     Stats(Vec<VmStats>),
+    Counters(Box<VmmdCounters>),
     Volumes(Vec<VolumeInfo>),
 }
 
@@ -500,9 +503,44 @@ pub struct VmStats {
     /// Bytes the guest received and sent on its network device.
     pub net_rx: u64,
     pub net_tx: u64,
-    /// Bytes its disk files were read and written at the storage layer.
+    /// Bytes its disk files were read and written at the storage layer
+    /// (the devices' own counts where the worker answers).
     pub block_read: u64,
     pub block_write: u64,
+    /// Read and write requests its disks served.
+    pub block_reads: u64,
+    pub block_writes: u64,
+    /// Its vCPUs' exits to the VMM: port I/O, MMIO, the rest.
+    pub exits_io: u64,
+    pub exits_mmio: u64,
+    pub exits_other: u64,
+    /// From its VM's start (a warm VM's claim) to its process running, µs;
+    /// 0 while it boots.
+    pub boot_usec: u64,
+}
+
+/// What vmmd counted since it started (`cup metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct VmmdCounters {
+    /// Starts the warm pool served, and starts that fit a pool but found
+    /// no VM ready (or one that refused).
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    /// Pool VMs ready and booting now.
+    pub pool_ready: u32,
+    pub pool_booting: u32,
+    /// Pulls and imports by kind of source (`registry`, `oci-archive`,
+    /// `docker-archive`, `layout`): (kind, done, failed, µs spent).
+    pub pulls: Vec<(String, u64, u64, u64)>,
+    /// Bytes of the image store's blobs and root images on disk.
+    pub store_bytes: u64,
+    /// How runs ended, by workload: (name, kind, count). Kinds:
+    /// `steelcup_proto::worker::VmOutcome::kind`'s, and `vmmd_failed`
+    /// (its image, its start or its health failed).
+    pub outcomes: Vec<(String, String, u64)>,
+    /// Console lines of workloads the log ring let go before anyone read
+    /// them, and bytes cut from overlong lines.
+    pub log_bytes_dropped: u64,
 }
 
 /// A line of a workload's output: (sequence number, microseconds since the
@@ -548,6 +586,7 @@ pub trait Vmm1Client {
     fn prune(&self) -> zbus::Result<String>;
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;
+    fn counters(&self) -> zbus::Result<VmmdCounters>;
     fn volumes(&self) -> zbus::Result<Vec<VolumeInfo>>;
     fn rename(&self, name: &str, to: &str) -> zbus::Result<()>;
     fn login(&self, registry: &str, user: &str, password: &str) -> zbus::Result<String>;

@@ -165,7 +165,7 @@ pub enum Command {
     /// One line per subsystem (host, units, vmmd, network, time, disk, update) and what is wrong
     Health(FormatArg),
     /// The machine's state in Prometheus' text format (host, units, microVMs)
-    Metrics,
+    Metrics(MetricsArgs),
     /// One .tar.gz of logs, configs, state and versions for a bug report, secrets taken out
     SupportBundle {
         /// Write it here (default: steelcup-support-HOST-TIME.tar.gz in this directory)
@@ -491,6 +491,16 @@ pub struct DmesgArgs {
     /// Only these levels: emerg, alert, crit, err, warn, notice, info, debug (comma-separated)
     #[arg(short, long, value_name = "LIST", value_delimiter = ',', value_parser = parse_level)]
     pub level: Vec<u8>,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Serve them over HTTP at ADDRESS:PORT (GET /metrics) until stopped
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    pub listen: Option<String>,
+    /// With --listen: mutual TLS, with server.crt, server.key and client-ca.crt from DIR
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 fn parse_level(s: &str) -> Result<u8, String> {

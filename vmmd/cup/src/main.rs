@@ -407,7 +407,12 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             let json = json(&f.format)?;
             return code(crate::host::health(&proxy()?, vmmd(), json));
         }
-        Command::Metrics => return code(crate::metrics::metrics(&proxy()?, vmmd())),
+        Command::Metrics(m) => {
+            return code(match &m.listen {
+                Some(listen) => crate::metrics::serve(listen, m.tls_dir.as_deref(), proxy, vmmd),
+                None => crate::metrics::metrics(&proxy()?, vmmd()),
+            })
+        }
         Command::SupportBundle { output } => {
             return code(crate::host::support_bundle(
                 &proxy()?,

@@ -165,6 +165,7 @@ mod tests {
             net_tx: 648,
             block_read: 0,
             block_write: 104_857_600,
+            ..VmStats::default()
         };
         let before = [s("busy", 1_000_000), s("idle", 5_000)];
         let after = [s("busy", 1_980_000), s("idle", 5_000), s("new", 40_000)];

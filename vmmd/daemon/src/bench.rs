@@ -148,7 +148,7 @@ fn run(args: &[String]) -> Result<(), String> {
         return setup_only(&a, &exe, &line);
     }
 
-    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    let (mut ours, mut qemu, mut scraped) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=a.rounds {
         let s = measure(
             Command::new(&exe).args(["worker", "bench"]),
@@ -156,9 +156,22 @@ fn run(args: &[String]) -> Result<(), String> {
             a.memory_mib,
             true,
             a.trace.then_some("steelcup"),
+            None,
         )?;
         eprintln!("vmmd bench: round {round}: steelcup {s:?}");
         ours.push(s);
+        // The same, with its metrics read as a scrape reads them, far more
+        // often than any scraper would.
+        let s = measure(
+            Command::new(&exe).args(["worker", "bench"]),
+            Some(&line),
+            a.memory_mib,
+            true,
+            None,
+            Some(SCRAPE_EVERY),
+        )?;
+        eprintln!("vmmd bench: round {round}: steelcup scraped {s:?}");
+        scraped.push(s);
         let mut cmd = Command::new(&a.qemu);
         cmd.args([
             "-M",
@@ -193,6 +206,7 @@ fn run(args: &[String]) -> Result<(), String> {
             a.memory_mib,
             false,
             a.trace.then_some("qemu"),
+            None,
         )?;
         eprintln!("vmmd bench: round {round}: QEMU microvm {s:?}");
         qemu.push(s);
@@ -203,6 +217,7 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     println!("{PREFIX}rounds: {}", rounds_line(&ours, &qemu));
     println!("{PREFIX}targets: {}", verdict(&ours, &qemu));
+    println!("{PREFIX}metrics: {}", metrics_cost(&ours, &scraped));
     if let Some(floor) = start_floor(&exe, a.rounds)? {
         println!("{PREFIX}floor: {floor:.1}");
     }
@@ -353,15 +368,72 @@ fn start_floor(exe: &std::path::Path, rounds: usize) -> Result<Option<f64>, Stri
     Ok(Some(median(times)))
 }
 
+/// How often a scraped round reads the worker's counters (vmmd's
+/// `Counters` command on its control socket, and its `/proc` files, as
+/// `cup metrics` makes vmmd do): 200 times as often as a 10 s scrape
+/// interval.
+const SCRAPE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Reads the counters of worker `pid` over `control` every `every` until
+/// `stop`: what a metrics scrape costs the worker.
+fn scrape_worker(
+    mut control: UnixStream,
+    pid: i32,
+    every: std::time::Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let ask = steelcup_proto::worker::WorkerCommand::Counters {}.line();
+        let mut asked = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if control.write_all(ask.as_bytes()).is_err() {
+                break;
+            }
+            for f in ["stat", "io", "status"] {
+                let _ = std::fs::read_to_string(format!("/proc/{pid}/{f}"));
+            }
+            asked += 1;
+            std::thread::sleep(every);
+        }
+        asked
+    })
+}
+
+/// Scraped rounds beside plain ones: medians, the ratio, and each
+/// spread (min-max).
+fn metrics_cost(plain: &[Sample], scraped: &[Sample]) -> String {
+    let spread = |s: &[Sample], f: fn(&Sample) -> f64| {
+        let v: Vec<f64> = s.iter().map(f).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        (median(v), lo, hi)
+    };
+    let time = |s: &Sample| s.to_line_ms;
+    let peak = |s: &Sample| s.peak_rss_kib as f64 / 1024.0;
+    let (pt, ptl, pth) = spread(plain, time);
+    let (st, stl, sth) = spread(scraped, time);
+    let (pp, _, _) = spread(plain, peak);
+    let (sp, _, _) = spread(scraped, peak);
+    format!(
+        "counters read every {} ms during the boot: spawn to guest userspace line {st:.0} ms ({stl:.0}-{sth:.0}) vs {pt:.0} ms ({ptl:.0}-{pth:.0}) unscraped, {:.2}×; peak RSS {sp:.1} vs {pp:.1} MiB, {:.2}×",
+        SCRAPE_EVERY.as_millis(),
+        st / pt,
+        sp / pp
+    )
+}
+
 /// Starts `cmd` (with `worker`, a config line: our worker, started as
 /// vmmd starts it), waits for the marker on its stdout, samples its
-/// memory, then lets it end (`wait_exit`) or kills it.
+/// memory, then lets it end (`wait_exit`) or kills it. With `scrape`, its
+/// counters are read that often meanwhile ([`scrape_worker`]).
 fn measure(
     cmd: &mut Command,
     worker: Option<&str>,
     memory_mib: u64,
     wait_exit: bool,
     trace: Option<&str>,
+    scrape: Option<std::time::Duration>,
 ) -> Result<Sample, String> {
     let t0 = steelcup_vmm::worker::monotonic_ns();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -409,6 +481,17 @@ fn measure(
         }
         first_run
     });
+    let stop_scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = match (scrape, &control) {
+        (Some(every), Some(c)) => Some(scrape_worker(
+            c.try_clone()
+                .map_err(|e| format!("the worker's control socket: {e}"))?,
+            pid,
+            every,
+            stop_scraping.clone(),
+        )),
+        _ => None,
+    };
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = None;
@@ -421,6 +504,10 @@ fn measure(
             seen = Some(steelcup_vmm::worker::monotonic_ns());
             break;
         }
+    }
+    stop_scraping.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(asked) = scraper.and_then(|s| s.join().ok()) {
+        eprintln!("vmmd bench: counters read {asked} times during the boot");
     }
     let range = *guest_range.lock().unwrap_or_else(|p| p.into_inner());
     let rss = memory_at(pid, memory_mib, range);

@@ -184,6 +184,15 @@ impl Vmm1 {
         }
     }
 
+    /// vmmd's own counters (warm pool, pulls, store, outcomes, logs), for
+    /// `cup metrics`.
+    async fn counters(&self) -> Result<VmmdCounters, Vmm1Error> {
+        match self.call(Action::Counters).await? {
+            Reply::Counters(c) => Ok(*c),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
     /// Gives workload `name` (a `cup run` one, not running) the name `to`.
     async fn rename(&self, name: String, to: String) -> Result<(), Vmm1Error> {
         self.call(Action::Rename(name, to)).await.map(|_| ())

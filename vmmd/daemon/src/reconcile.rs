@@ -279,6 +279,32 @@ pub struct Core<B: Backend> {
     pub removed: Removed,
     /// The warm pool's VMs.
     pub pool: Pool<B::PoolVm>,
+    pub counters: Counters,
+}
+
+/// The outcome kind of a run vmmd itself could not carry out (its image,
+/// its start).
+pub const VMMD_FAILED: &str = "vmmd_failed";
+
+/// What the reconciler counted since vmmd started (`cup metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Starts the warm pool served.
+    pub pool_hits: u64,
+    /// Starts that fit a pool but found no VM ready, or one that refused.
+    pub pool_misses: u64,
+    /// Runs that ended, by (workload, `VmOutcome::kind` or
+    /// `vmmd_failed`); a workload's go when it is removed.
+    pub outcomes: BTreeMap<(String, String), u64>,
+}
+
+impl Counters {
+    fn ended(&mut self, name: &str, kind: &str) {
+        *self
+            .outcomes
+            .entry((name.to_string(), kind.to_string()))
+            .or_default() += 1;
+    }
 }
 
 impl<B: Backend> Core<B> {
@@ -289,6 +315,7 @@ impl<B: Backend> Core<B> {
             backend,
             removed,
             pool: Pool::new(pool),
+            counters: Counters::default(),
         }
     }
 
@@ -388,18 +415,23 @@ impl<B: Backend> Core<B> {
         }
         w.runs += 1;
         let attach = std::mem::take(&mut w.attach);
-        let warm = self
-            .backend
-            .pool_fit(name, w)
-            .and_then(|key| self.pool.take(key));
+        let fit = self.backend.pool_fit(name, w);
+        let warm = fit.and_then(|key| self.pool.take(key));
+        if fit.is_some() && warm.is_none() {
+            self.counters.pool_misses += 1;
+        }
         let started = match warm {
             Some((pool_name, m)) => {
                 match self
                     .backend
                     .start_warm(name, w, attach, &pool_name, m.handle)
                 {
-                    Ok(pid) => Ok(pid),
+                    Ok(pid) => {
+                        self.counters.pool_hits += 1;
+                        Ok(pid)
+                    }
                     Err(e) => {
+                        self.counters.pool_misses += 1;
                         tracing::warn!(
                             "workload {name}: warm VM {pool_name} refused: {}; starting cold",
                             steelcup_sys::error_chain(&e)
@@ -423,6 +455,7 @@ impl<B: Backend> Core<B> {
                 let e = steelcup_sys::error_chain(&e);
                 tracing::error!("workload {name}: cannot start its VM: {e}");
                 w.last_outcome = Outcome::failed(format!("cannot start: {e}"));
+                self.counters.ended(name, VMMD_FAILED);
                 if w.unit.is_some() {
                     w.restart_at = Some(now + w.backoff.take());
                 }
@@ -607,6 +640,7 @@ impl<B: Backend> Core<B> {
         // Health is a running VM's; the outcome says why it ended.
         w.health = None;
         w.last_outcome = Outcome::of(&report.outcome);
+        self.counters.ended(name, report.outcome.kind());
         tracing::info!(
             "workload {name}: {} after {:.2}s",
             report.outcome,
@@ -681,6 +715,7 @@ impl<B: Backend> Core<B> {
                 }
             }
             Err(e) if w.unit.is_none() => {
+                self.counters.ended(name, VMMD_FAILED);
                 // `cup run` reports it; nobody asked for retries.
                 tracing::error!("workload {name}: image {image}: {e}");
                 w.last_outcome = Outcome::failed(format!("image failed: {e}"));
@@ -690,6 +725,7 @@ impl<B: Backend> Core<B> {
                 }
             }
             Err(e) => {
+                self.counters.ended(name, VMMD_FAILED);
                 let delay = w.backoff.take();
                 tracing::error!(
                     "workload {name}: image {image}: {e}; trying again in {}s",
@@ -769,6 +805,7 @@ impl<B: Backend> Core<B> {
     /// Forgets a workload (it has ended).
     pub fn forget(&mut self, name: &str) {
         if let Some(w) = self.workloads.remove(name) {
+            self.counters.outcomes.retain(|(n, _), _| n != name);
             let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
             removed.retain(|(n, _)| n != name);
             removed.push_back((name.to_string(), w.last_outcome));

@@ -264,6 +264,25 @@ pub fn create_vm() -> Option<VmSource> {
 static TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// When the worker's `main` began (CLOCK_MONOTONIC, ns).
 static MAIN_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// When a warm pool VM was handed its workload's root disk (0: never).
+static CLAIMED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How long the workload took to start: from the worker's start (or, for
+/// a warm pool VM, from its claim) to vminit's word that the workload's
+/// process runs; 0 until it has.
+fn boot_ns() -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = crate::devices::WORKLOAD_STARTED_NS.load(Relaxed);
+    let from = match CLAIMED_NS.load(Relaxed) {
+        0 => MAIN_NS.load(Relaxed),
+        claimed => claimed,
+    };
+    if started == 0 {
+        0
+    } else {
+        started.saturating_sub(from)
+    }
+}
 
 /// With `report_timing`, tells vmmd when a phase of the worker's start
 /// ended (for `vmmd bench`).
@@ -414,12 +433,17 @@ fn serve_control(
             }
             Ok(WorkerCommand::Counters {}) => {
                 let (r, w, reads, writes) = crate::devices::virtio::block::IO.totals();
+                let (exits_io, exits_mmio, exits_other) = crate::vstate::vcpu::EXITS.totals();
                 WorkerMessage::Counters {
                     counters: steelcup_proto::worker::DeviceCounters {
                         block_read_bytes: r,
                         block_write_bytes: w,
                         block_reads: reads,
                         block_writes: writes,
+                        exits_io,
+                        exits_mmio,
+                        exits_other,
+                        boot_ns: boot_ns(),
                     },
                 }
             }
@@ -430,7 +454,15 @@ fn serve_control(
                     (_, None) => refused(format!("no empty disk slot {disk:?}")),
                     (Some(file), Some((_, t))) => {
                         match crate::devices::virtio::lock(t).attach_backing(file, bytes) {
-                            Ok(()) => WorkerMessage::Done,
+                            Ok(()) => {
+                                if disk == "root" {
+                                    CLAIMED_NS.store(
+                                        monotonic_ns(),
+                                        std::sync::atomic::Ordering::Relaxed,
+                                    );
+                                }
+                                WorkerMessage::Done
+                            }
                             Err(e) => refused(e.to_string()),
                         }
                     }

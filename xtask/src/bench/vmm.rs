@@ -172,6 +172,11 @@ pub fn run() -> Result<String> {
         .iter()
         .find_map(|l| l.strip_prefix("targets: "))
         .unwrap_or("");
+    let metrics = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics: "))
+        .map(|m| format!("\n\n**Metrics cost**, same run: each round also boots our worker while its counters are read as a metrics scrape reads them (the worker's `Counters` command and its `/proc` files); {m}."))
+        .unwrap_or_default();
     let floor = lines
         .iter()
         .find_map(|l| l.strip_prefix("floor: "))
@@ -196,7 +201,7 @@ pub fn run() -> Result<String> {
         md.push('\n');
     }
     md.push_str(&format!(
-        "\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\nTargets in this run: {targets}.\n\nWhere the worker's setup goes (last round, ms after spawn): {phases}.{floor}\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n{READING}"
+        "\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\nTargets in this run: {targets}.{metrics}\n\nWhere the worker's setup goes (last round, ms after spawn): {phases}.{floor}\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n{READING}"
     ));
     md.push_str(&start_section(&serial, &log_path)?);
     md.push_str(&native);

@@ -145,7 +145,14 @@ impl Init1 {
     /// Every unit: (name, kind, state, reason, pid, restarts, last exit, description).
     async fn list_units(&self) -> Result<Vec<UnitInfo>, Init1Error> {
         match self.handle.call(Action::ListUnits).await? {
-            Reply::Units(u) => Ok(u),
+            Reply::Units(mut units) => {
+                let dropped: std::collections::BTreeMap<String, u64> =
+                    self.logs.dropped_bytes().into_iter().collect();
+                for u in &mut units {
+                    u.log_bytes_dropped = dropped.get(&u.name).copied().unwrap_or(0);
+                }
+                Ok(units)
+            }
             r => Err(unexpected(r)),
         }
     }

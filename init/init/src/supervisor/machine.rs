@@ -118,6 +118,14 @@ impl Supervisor {
         {
             self.begin_stop("time-sync", super::stop::AfterStop::Start, None);
         }
+        // The metrics server may serve with the admin certificates too.
+        if certs
+            && self.services.contains_key("metrics")
+            && !change.units.restarted.iter().any(|u| u == "metrics")
+            && !change.units.started.iter().any(|u| u == "metrics")
+        {
+            self.begin_stop("metrics", super::stop::AfterStop::Start, None);
+        }
         if certs && !unit_changed && self.services.contains_key("admin") {
             self.restart_later
                 .push(("admin".into(), Instant::now() + ADMIN_RESTART_DELAY));

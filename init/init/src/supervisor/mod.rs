@@ -104,6 +104,8 @@ struct Service {
     notify: Option<NotifySocket>,
     restarts: u32,
     last_exit: Option<i32>,
+    /// How long its last start took (to ready, or to running).
+    start_latency: Option<Duration>,
     /// Set while it stops.
     stopping: Option<stop::Stopping>,
 }
@@ -124,6 +126,7 @@ impl Service {
             notify: None,
             restarts: 0,
             last_exit: None,
+            start_latency: None,
             stopping: None,
         }
     }
@@ -274,6 +277,8 @@ impl Supervisor {
                 restarts: s.restarts,
                 last_exit: s.last_exit.unwrap_or(-1),
                 description: s.unit.unit.description.clone().unwrap_or_default(),
+                start_usec: s.start_latency.map_or(0, |d| d.as_micros() as u64),
+                log_bytes_dropped: 0,
             });
         }
         if let Some(u) = self.microvms.get(name) {
@@ -286,6 +291,8 @@ impl Supervisor {
                 restarts: 0,
                 last_exit: -1,
                 description: u.unit.description.clone().unwrap_or_default(),
+                start_usec: 0,
+                log_bytes_dropped: 0,
             });
         }
         refused.map(|r| UnitInfo {
@@ -297,6 +304,8 @@ impl Supervisor {
             restarts: 0,
             last_exit: -1,
             description: String::new(),
+            start_usec: 0,
+            log_bytes_dropped: 0,
         })
     }
 
@@ -410,6 +419,7 @@ impl Supervisor {
                 }
             }
         }
+        let spawn_began = Instant::now();
         let spawned = (|| -> Result<(Pid, OwnedFd, OwnedFd), String> {
             let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
             let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -449,6 +459,7 @@ impl Supervisor {
                     s.notify = notify;
                     s.started_at = Some(now);
                     s.ready_deadline = (ready == Ready::Notify).then(|| now + timeout);
+                    s.start_latency = (ready != Ready::Notify).then(|| spawn_began.elapsed());
                 }
                 self.set_state(
                     name,
@@ -551,6 +562,7 @@ impl Supervisor {
             tracing::info!("unit {name}: ready");
             if let Some(s) = self.services.get_mut(name) {
                 s.ready_deadline = None;
+                s.start_latency = s.started_at.map(|t| t.elapsed());
             }
             self.set_state(name, State::Running);
         }

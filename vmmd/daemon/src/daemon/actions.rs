@@ -616,11 +616,42 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                         if let Some(c) = backend.controls.get_mut(name).and_then(|c| c.counters()) {
                             (s.block_read, s.block_write) =
                                 (c.block_read_bytes, c.block_write_bytes);
+                            (s.block_reads, s.block_writes) = (c.block_reads, c.block_writes);
+                            (s.exits_io, s.exits_mmio, s.exits_other) =
+                                (c.exits_io, c.exits_mmio, c.exits_other);
+                            s.boot_usec = c.boot_ns / 1000;
                         }
                         Some(s)
                     })
                     .collect(),
             ))
+        }
+        Action::Counters => {
+            let (ready, booting) = core.pool.counts();
+            let c = &core.counters;
+            Ok(Reply::Counters(Box::new(vmm1::VmmdCounters {
+                pool_hits: c.pool_hits,
+                pool_misses: c.pool_misses,
+                pool_ready: ready as u32,
+                pool_booting: booting as u32,
+                pulls: crate::image::source::PULLS.totals(),
+                store_bytes: crate::image::store::Store::open(&core.backend.opts.state_dir)
+                    .map(|s| s.disk_bytes())
+                    .unwrap_or(0),
+                outcomes: c
+                    .outcomes
+                    .iter()
+                    .map(|((n, k), v)| (n.clone(), k.clone(), *v))
+                    .collect(),
+                log_bytes_dropped: core
+                    .backend
+                    .opts
+                    .logs
+                    .dropped_bytes()
+                    .iter()
+                    .map(|(_, b)| b)
+                    .sum(),
+            })))
         }
         Action::Pause(name) | Action::Resume(name) => {
             running(core, &name)?;

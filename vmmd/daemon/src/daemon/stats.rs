@@ -54,6 +54,7 @@ pub(super) fn read(
         net_tx: net("rx_bytes"),
         block_read: keyed(&proc_dir.join("io"), "read_bytes:"),
         block_write: keyed(&proc_dir.join("io"), "write_bytes:"),
+        ..VmStats::default()
     }
 }
 

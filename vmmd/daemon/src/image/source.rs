@@ -22,6 +22,7 @@ use super::store::{
     parse_manifest, Digest, Store, StoreError, INDEX_DOCKER, INDEX_OCI, MANIFEST_DOCKER,
     MANIFEST_OCI, MAX_JSON,
 };
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -71,6 +72,17 @@ fn split_tag(rest: &str) -> (PathBuf, Option<String>) {
 }
 
 impl Source {
+    /// Its kind, as metrics label it: `registry`, `layout`,
+    /// `oci-archive`, `docker-archive`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Registry { .. } => "registry",
+            Source::Layout { .. } => "layout",
+            Source::OciArchive { .. } => "oci-archive",
+            Source::DockerArchive { .. } => "docker-archive",
+        }
+    }
+
     /// Parses a source string (see the module documentation).
     pub fn parse(s: &str) -> Result<Source, SourceError> {
         let bad = |what: &str| SourceError::BadReference {
@@ -192,7 +204,54 @@ pub fn pull(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(String, Digest), SourceError> {
     let parsed = Source::parse(source)?;
-    let digest = match &parsed {
+    let t0 = std::time::Instant::now();
+    let pulled = pull_parsed(store, source, &parsed, opts, progress);
+    PULLS.count(parsed.kind(), pulled.is_ok(), t0.elapsed());
+    pulled
+}
+
+/// Pulls and imports since vmmd started, by kind of source
+/// (`cup metrics`).
+#[derive(Debug)]
+pub struct PullCounters {
+    /// kind -> (done, failed, µs spent)
+    by_kind: std::sync::Mutex<BTreeMap<&'static str, (u64, u64, u64)>>,
+}
+
+/// The process's.
+pub static PULLS: PullCounters = PullCounters {
+    by_kind: std::sync::Mutex::new(BTreeMap::new()),
+};
+
+impl PullCounters {
+    fn count(&self, kind: &'static str, ok: bool, took: std::time::Duration) {
+        let mut m = self.by_kind.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(kind).or_default();
+        if ok {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+        e.2 += took.as_micros() as u64;
+    }
+
+    /// (kind, done, failed, µs spent) for each kind seen.
+    pub fn totals(&self) -> Vec<(String, u64, u64, u64)> {
+        let m = self.by_kind.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .map(|(k, (ok, failed, us))| (k.to_string(), *ok, *failed, *us))
+            .collect()
+    }
+}
+
+fn pull_parsed(
+    store: &Store,
+    source: &str,
+    parsed: &Source,
+    opts: &PullOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(String, Digest), SourceError> {
+    let digest = match parsed {
         Source::Layout { dir, tag } => import_layout(store, dir, tag.as_deref())?,
         Source::OciArchive { file, tag } => import_oci_archive(store, file, tag.as_deref())?,
         Source::DockerArchive { file, reference } => {

@@ -477,6 +477,20 @@ impl Store {
         })
     }
 
+    /// Bytes of blobs and root images on disk (`cup metrics`); the
+    /// allocated size, as `du` counts it.
+    pub fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        ["blobs/sha256", "rootfs"]
+            .iter()
+            .filter_map(|d| fs::read_dir(self.root.join(d)).ok())
+            .flatten()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
     pub fn rootfs_path(&self, image: &Image) -> PathBuf {
         self.root
             .join("rootfs")

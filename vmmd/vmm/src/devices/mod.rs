@@ -14,7 +14,11 @@ pub mod serial;
 pub mod virtio;
 
 use std::time::{Duration, Instant};
-use steelcup_proto::guest::{ExitStatus, STATUS_PORT};
+use steelcup_proto::guest::{ExitStatus, STARTED, STATUS_PORT};
+
+/// When vminit said the workload runs (CLOCK_MONOTONIC ns; 0 until then):
+/// the worker holds one VM.
+pub static WORKLOAD_STARTED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What a device write asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +93,17 @@ impl Bus {
             I8042_COMMAND | I8042_DATA => None,
             STATUS_PORT if data.len() == 4 => {
                 let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                if value == STARTED {
+                    // The first time only: a guest cannot move its boot.
+                    let now = crate::worker::monotonic_ns();
+                    let _ = WORKLOAD_STARTED_NS.compare_exchange(
+                        0,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    return None;
+                }
                 match ExitStatus::decode(value) {
                     Some(s) => {
                         self.status = Some(s);
@@ -223,6 +238,23 @@ mod tests {
         let v = ExitStatus::Exited { code: 7 }.encode().to_le_bytes();
         assert_eq!(b.pio_write(STATUS_PORT, &v), Some(VmAction::Exit));
         assert_eq!(b.status, Some(ExitStatus::Exited { code: 7 }));
+    }
+
+    #[test]
+    fn the_started_mark_notes_the_time_once_and_ends_nothing() {
+        let (mut b, _) = bus();
+        let before = crate::worker::monotonic_ns();
+        assert_eq!(b.pio_write(STATUS_PORT, &STARTED.to_le_bytes()), None);
+        let noted = WORKLOAD_STARTED_NS.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(noted >= before, "{noted} < {before}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(b.pio_write(STATUS_PORT, &STARTED.to_le_bytes()), None);
+        assert_eq!(
+            WORKLOAD_STARTED_NS.load(std::sync::atomic::Ordering::Relaxed),
+            noted
+        );
+        assert_eq!((b.status, b.bad_status_writes), (None, 0));
+        assert_eq!(ExitStatus::decode(STARTED), None);
     }
 
     #[test]
