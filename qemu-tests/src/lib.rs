@@ -57,11 +57,13 @@ impl Accel {
 
     /// What the emulated host's KVM is told under software emulation
     /// (init passes a module its command-line parameters, as modprobe
-    /// does): shadow paging instead of nested paging. QEMU's emulation of
-    /// AMD-V's nested paging now and then corrupts the emulated host
-    /// (a page fault on its own per-CPU data, recursing until the stack
-    /// guard: "corrupted stack end detected inside scheduler"), more often
-    /// the busier its microVMs are.
+    /// does): shadow paging instead of nested paging, and no virtual GIF.
+    /// With QEMU's emulation of those (and of 5-level paging, which
+    /// `-cpu max,-la57` leaves out) the emulated host now and then
+    /// corrupted itself (a page fault on its own per-CPU data, recursing
+    /// until the stack guard: "corrupted stack end detected inside
+    /// scheduler") or stopped taking timer interrupts, more often the
+    /// busier its microVMs were; see docs/architecture.md, Limitations.
     pub const TCG_KVM_PARAMS: &'static str = "kvm_amd.npt=0 kvm_amd.vgif=0";
 
     pub fn args(&self) -> Vec<String> {

@@ -188,6 +188,11 @@ fn scenario(
         time.contains("synchronized to 10.0.2.2:") && offset.abs() < 100.0,
         "cup health, time: {time} (offset {offset} ms)"
     );
+    // Written back to the hardware clock, an hour behind at boot.
+    ensure!(
+        time.contains("hardware clock in step;"),
+        "cup health, time: the RTC was not set: {time}"
+    );
     let clock: std::time::SystemTime = time
         .rsplit("clock ")
         .next()
@@ -417,7 +422,6 @@ fn metrics_over_http(machine: &RunMachine, config: &Path) -> Result<f64> {
         "steelcup_host_disk_written_bytes_total{device=",
         "steelcup_host_var_size_bytes{",
         "steelcup_boot_phase_seconds{phase=\"units\"}",
-        "steelcup_update_slot_info{",
         "steelcup_unit_start_seconds{unit=\"vmmd\"}",
         "steelcup_unit_log_dropped_bytes_total{unit=\"vmmd\"}",
         "steelcup_unit_memory_bytes{unit=\"vmmd\"}",

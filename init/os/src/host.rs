@@ -58,6 +58,9 @@ pub struct HostStatus {
     pub clock_max_error_us: i64,
     /// The clock, Unix seconds.
     pub now_unix: u64,
+    /// The hardware clock (`/sys/class/rtc/rtc0/since_epoch`), Unix
+    /// seconds; 0 without one.
+    pub rtc_unix: u64,
     /// The `time-sync` unit's last answer: its server (empty: none yet),
     /// how far off the clock was (ms), when (Unix seconds); or why the
     /// last attempt failed.
@@ -236,6 +239,9 @@ pub fn status(var: &Path) -> HostStatus {
         now_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        rtc_unix: read_trimmed("/sys/class/rtc/rtc0/since_epoch")
+            .parse()
+            .unwrap_or(0),
         time_server: sync.server,
         time_offset_ms: sync.offset_ms,
         time_last_sync_unix: sync.last_sync_unix,

@@ -202,12 +202,28 @@ pub fn checks(
     let clock = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(host.now_unix),
     );
+    // The hardware clock, which time sync sets after a step (the next
+    // boot starts from it).
+    let clock = match host.rtc_unix {
+        0 => format!("no hardware clock; clock {clock}"),
+        rtc => match rtc.abs_diff(host.now_unix) {
+            0..=2 => format!("hardware clock in step; clock {clock}"),
+            off => format!(
+                "hardware clock {off} s {}; clock {clock}",
+                if rtc < host.now_unix {
+                    "behind"
+                } else {
+                    "ahead"
+                }
+            ),
+        },
+    };
     out.push(match (host.clock_synchronized, host.time_server.is_empty()) {
         (true, false) => check(
             "time",
             Verdict::Ok,
             format!(
-                "synchronized to {}: {:+.1} ms off at its last answer, {ago}s ago (maximum error {} ms); clock {clock}",
+                "synchronized to {}: {:+.1} ms off at its last answer, {ago}s ago (maximum error {} ms); {clock}",
                 host.time_server,
                 host.time_offset_ms,
                 host.clock_max_error_us / 1000
@@ -217,7 +233,7 @@ pub fn checks(
             "time",
             Verdict::Ok,
             format!(
-                "synchronized (maximum error {} ms); clock {clock}",
+                "synchronized (maximum error {} ms); {clock}",
                 host.clock_max_error_us / 1000
             ),
         ),
@@ -226,9 +242,9 @@ pub fn checks(
             Verdict::Warn,
             match host.time_error.is_empty() {
                 true => format!(
-                    "not synchronized: no NTP server has answered (the time-sync unit); clock {clock}"
+                    "not synchronized: no NTP server has answered (the time-sync unit); {clock}"
                 ),
-                false => format!("not synchronized: {}; clock {clock}", host.time_error),
+                false => format!("not synchronized: {}; {clock}", host.time_error),
             },
         ),
     });
