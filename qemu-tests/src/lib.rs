@@ -66,12 +66,26 @@ impl Accel {
     /// busier its microVMs were; see docs/architecture.md, Limitations.
     pub const TCG_KVM_PARAMS: &'static str = "kvm_amd.npt=0 kvm_amd.vgif=0";
 
+    /// [`Self::TCG_KVM_PARAMS`], or `$STEELCUP_TCG_KVM_PARAMS` when set
+    /// (empty: none), to try others.
+    pub fn tcg_kvm_params() -> String {
+        std::env::var("STEELCUP_TCG_KVM_PARAMS").unwrap_or_else(|_| Self::TCG_KVM_PARAMS.into())
+    }
+
+    /// The emulated CPU under software emulation: `max` without 5-level
+    /// paging, or `$STEELCUP_TCG_CPU` when set.
+    pub const TCG_CPU: &'static str = "max,-la57";
+
     pub fn args(&self) -> Vec<String> {
-        let a: &[&str] = match self {
-            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
-            Accel::Tcg => &["-accel", "tcg", "-cpu", "max,-la57"],
-        };
-        a.iter().map(|s| s.to_string()).collect()
+        match self {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].map(String::from).to_vec(),
+            Accel::Tcg => vec![
+                "-accel".into(),
+                "tcg".into(),
+                "-cpu".into(),
+                std::env::var("STEELCUP_TCG_CPU").unwrap_or_else(|_| Self::TCG_CPU.into()),
+            ],
+        }
     }
 }
 
@@ -292,7 +306,7 @@ impl Guest {
                     user_nic(cfg, &mut forwarded)?
                 };
                 let cmdline = match accel {
-                    Accel::Tcg => format!("{cmdline} {}", Accel::TCG_KVM_PARAMS),
+                    Accel::Tcg => format!("{cmdline} {}", Accel::tcg_kvm_params()),
                     Accel::Kvm => cmdline.clone(),
                 };
                 cmd.args([

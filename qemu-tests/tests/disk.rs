@@ -400,6 +400,12 @@ fn disk_image_boots_updates_and_rolls_back() {
             status.contains(&v3),
             "cup --remote update --status: {status}"
         );
+        // The booted slot, as metrics name it.
+        let metrics = remote(&["metrics"])?;
+        anyhow::ensure!(
+            metrics.contains("steelcup_update_slot_info{slot=\"B\",good="),
+            "cup --remote metrics: no booted slot B in:\n{metrics}"
+        );
         // The reboot's answer may not make it out before the gateway stops.
         let _ = remote(&["reboot"]);
         rebooted(g)

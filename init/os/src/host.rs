@@ -306,3 +306,18 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod signature {
+    use super::*;
+    use zbus::zvariant::Type;
+
+    /// docs/api.md spells the D-Bus signature out.
+    #[test]
+    fn host_status_has_the_documented_signature() {
+        assert_eq!(
+            HostStatus::SIGNATURE.to_string(),
+            "(sstadtta(ssastt)bttbxttsdtsa(sd)a(stttt)a(st))"
+        );
+    }
+}

@@ -197,8 +197,12 @@ pub enum ProvisionError {
     RegistryHost { source_name: String, host: String },
     #[error("{source_name}: registry {host}: username and password go together")]
     RegistryCredentials { source_name: String, host: String },
-    #[error("{source_name}: admin.listen {listen:?} is not ADDRESS:PORT")]
-    AdminListen { source_name: String, listen: String },
+    #[error("{source_name}: {section}.listen {listen:?} is not ADDRESS:PORT")]
+    Listen {
+        source_name: String,
+        section: &'static str,
+        listen: String,
+    },
     #[error("{source_name}: admin.{field}: not a PEM {kind}")]
     AdminPem {
         source_name: String,
@@ -207,8 +211,6 @@ pub enum ProvisionError {
     },
     #[error("{source_name}: units.{ADMIN_UNIT}: the name is taken by [admin]")]
     AdminUnitTaken { source_name: String },
-    #[error("{source_name}: metrics.listen {listen:?} is not ADDRESS:PORT")]
-    MetricsListen { source_name: String, listen: String },
     #[error(
         "{source_name}: metrics.mutual-tls needs [admin]'s certificates, and there is no [admin]"
     )]
@@ -331,13 +333,7 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         files.push(("registries.toml".to_string(), text));
     }
     if let Some(a) = &c.admin {
-        let listen = a.listen.clone().unwrap_or_else(|| "0.0.0.0:7443".into());
-        listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|_| ProvisionError::AdminListen {
-                source_name: src(),
-                listen: listen.clone(),
-            })?;
+        let listen = listen_of(&src(), "admin", a.listen.as_deref(), "0.0.0.0:7443")?;
         for (field, text, kind) in [
             ("server-cert", &a.server_cert, "CERTIFICATE-----"),
             ("server-key", &a.server_key, "PRIVATE KEY-----"),
@@ -367,13 +363,7 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         files.push((format!("units/{ADMIN_UNIT}.toml"), unit));
     }
     if let Some(m) = &c.metrics {
-        let listen = m.listen.clone().unwrap_or_else(|| METRICS_LISTEN.into());
-        listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|_| ProvisionError::MetricsListen {
-                source_name: src(),
-                listen: listen.clone(),
-            })?;
+        let listen = listen_of(&src(), "metrics", m.listen.as_deref(), METRICS_LISTEN)?;
         if m.mutual_tls && c.admin.is_none() {
             return Err(ProvisionError::MetricsWithoutAdmin { source_name: src() });
         }
@@ -411,6 +401,24 @@ pub fn check(source: &str, text: &str) -> Result<Files, ProvisionError> {
         files.push(("update.pub".to_string(), format!("{}\n", k.trim())));
     }
     Ok(Files { files })
+}
+
+/// `[section] listen`, else `default`, checked to be `ADDRESS:PORT`.
+fn listen_of(
+    source_name: &str,
+    section: &'static str,
+    given: Option<&str>,
+    default: &str,
+) -> Result<String, ProvisionError> {
+    let listen = given.unwrap_or(default).to_string();
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(_) => Ok(listen),
+        Err(_) => Err(ProvisionError::Listen {
+            source_name: source_name.to_string(),
+            section,
+            listen,
+        }),
+    }
 }
 
 /// Maps an I/O error on `path` to [`ProvisionError::Io`], saying `what`

@@ -712,3 +712,16 @@ mod tests {
         assert_eq!(Outcome::none().code(), None);
     }
 }
+
+#[cfg(test)]
+mod signatures {
+    use super::*;
+    use zbus::zvariant::Type;
+
+    /// docs/api.md spells the D-Bus signatures out.
+    #[test]
+    fn stats_and_counters_have_the_documented_signatures() {
+        assert_eq!(VmStats::SIGNATURE.to_string(), "(stttttttttttttt)");
+        assert_eq!(VmmdCounters::SIGNATURE.to_string(), "(ttuua(sttt)ta(sst)t)");
+    }
+}

@@ -283,19 +283,32 @@ fn worker_messages(socket: UnixStream) -> impl Iterator<Item = WorkerMessage> {
         .filter_map(|l| serde_json::from_str(&l).ok())
 }
 
-/// The first lines of `err` (a child's stderr), for an error message.
+/// The first lines of `err` (a child's stderr), for an error message; the
+/// rest is read and counted, so a chatty child never blocks on a full pipe.
 fn first_lines(
     err: Option<impl std::io::Read + Send + 'static>,
+    trace: Option<String>,
 ) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
-        err.map(|e| {
-            BufReader::new(e)
-                .lines()
-                .map_while(Result::ok)
-                .take(20)
-                .collect()
-        })
-        .unwrap_or_default()
+        let Some(e) = err else {
+            return Vec::new();
+        };
+        let mut kept = Vec::new();
+        let mut more = 0usize;
+        for l in BufReader::new(e).lines().map_while(Result::ok) {
+            if let Some(label) = &trace {
+                eprintln!("vmmd bench: {label} stderr | {l}");
+            }
+            if kept.len() < 20 {
+                kept.push(l);
+            } else {
+                more += 1;
+            }
+        }
+        if more > 0 {
+            kept.push(format!("({more} more lines)"));
+        }
+        kept
     })
 }
 
@@ -310,7 +323,7 @@ fn setup_round(exe: &std::path::Path, line: &str) -> Result<(f64, String), Strin
             .stderr(Stdio::piped()),
         line,
     )?;
-    let tail = first_lines(child.stderr.take());
+    let tail = first_lines(child.stderr.take(), None);
     let (mut first_run, mut phases, mut report) = (None, Vec::new(), None);
     for m in worker_messages(control) {
         match m {
@@ -451,7 +464,7 @@ fn measure(
         ),
     };
     let pid = child.id() as i32;
-    let tail = first_lines(child.stderr.take());
+    let tail = first_lines(child.stderr.take(), trace.map(str::to_string));
     // The guest memory's host range, as the worker reports it.
     let guest_range = std::sync::Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
     let range_seen = guest_range.clone();
@@ -520,8 +533,7 @@ fn measure(
     let mut status = 0;
     // SAFETY: a zeroed rusage is valid for wait4 to fill.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child with valid pointers.
-    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    reap(pid, &mut status, &mut usage);
     drop(control);
     let _ = drain.join();
     let first_run = timing.join().ok().flatten();
@@ -539,6 +551,58 @@ fn measure(
         peak_rss_kib: usage.ru_maxrss as u64,
         overhead_kib: rss_kib.saturating_sub(guest_kib),
     })
+}
+
+/// How long a VMM may take to end after its guest's line.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for child `pid` to end, at most [`EXIT_WAIT`]; then says where
+/// each of its threads is (state, kernel wait channel, syscall) and kills
+/// it.
+fn reap(pid: i32, status: &mut i32, usage: &mut libc::rusage) {
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: wait4 on our own child with valid pointers.
+        let r = unsafe { libc::wait4(pid, status, libc::WNOHANG, usage) };
+        if r != 0 {
+            return;
+        }
+        if t0.elapsed() > EXIT_WAIT {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let task = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(&task).into_iter().flatten().flatten() {
+        let p = t.path();
+        let read = |f: &str| {
+            std::fs::read_to_string(p.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let state = read("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+            .unwrap_or_default();
+        threads.push(format!(
+            "{} ({state}, in {}, syscall {})",
+            read("comm"),
+            read("wchan"),
+            read("syscall")
+        ));
+    }
+    eprintln!(
+        "vmmd bench: pid {pid} did not end within {}s of its guest's line; killing it. Its threads: {}",
+        EXIT_WAIT.as_secs(),
+        threads.join("; ")
+    );
+    // SAFETY: kill and wait4 of our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::wait4(pid, status, 0, usage);
+    }
 }
 
 /// (total RSS, RSS of the guest memory mapping) of `pid`, in KiB.

@@ -648,6 +648,22 @@ fn images_travel_as_archives() {
         out.contains("docker.io/library/hello:1") || out.contains("hello:1"),
         "{out}"
     );
+    // vmmd's counters (cup metrics): the loaded blobs take disk in the
+    // store; nothing was pulled, no VM started.
+    let counters = steelcup_api::vmm1::connect(&sock)
+        .unwrap()
+        .counters()
+        .unwrap();
+    assert!(counters.store_bytes > 0, "{counters:?}");
+    assert_eq!(
+        (
+            counters.pool_hits,
+            counters.pool_misses,
+            counters.pulls.len()
+        ),
+        (0, 0, 0),
+        "{counters:?}"
+    );
 
     // Saved under its short name, to a file; twice gives the same bytes.
     let saved = work.join("saved.tar");

@@ -422,6 +422,17 @@ fn a_crashing_vm_restarts_with_backoff_and_a_steady_one_resets_it() {
     w.wait(60.0);
     assert_eq!(w.state("job"), "ended");
     assert!(!w.calls().iter().any(|c| c.contains("job")));
+    // Every end counted by how it ended.
+    let count = |name: &str, kind: &str| {
+        w.core
+            .counters
+            .outcomes
+            .get(&(name.to_string(), kind.to_string()))
+            .copied()
+    };
+    assert_eq!(count("web", "vmm_error"), Some(9));
+    assert_eq!(count("job", "powered_off"), Some(1));
+    assert_eq!(count("web", "success"), None);
 }
 
 #[test]
@@ -642,6 +653,11 @@ fn the_pool_boots_its_vms_and_a_fitting_start_takes_a_ready_one() {
     assert_eq!(w.state("b"), "running");
     w.core.refill_pool(w.now);
     assert_eq!(w.calls(), ["boot-pool _pool-2 1x64"]);
+    // `a` found none ready, `b` took one.
+    assert_eq!(
+        (w.core.counters.pool_hits, w.core.counters.pool_misses),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -656,6 +672,10 @@ fn a_warm_vm_that_refuses_the_workload_gives_way_to_a_cold_start() {
     assert_eq!(w.calls(), ["start-warm a _pool-1", "start a slot=0 env=1"]);
     assert_eq!(w.state("a"), "running");
     assert!(!w.core.pool.owns("_pool-1"), "the refused VM is gone");
+    assert_eq!(
+        (w.core.counters.pool_hits, w.core.counters.pool_misses),
+        (0, 1)
+    );
 }
 
 #[test]
@@ -669,6 +689,11 @@ fn a_start_that_does_not_fit_boots_cold_and_leaves_the_pool_alone() {
     w.tick();
     assert_eq!(w.calls(), ["start a slot=0 env=1"]);
     assert!(w.core.pool.owns("_pool-1"));
+    assert_eq!(
+        (w.core.counters.pool_hits, w.core.counters.pool_misses),
+        (0, 0),
+        "a start that does not fit is neither"
+    );
 }
 
 #[test]
