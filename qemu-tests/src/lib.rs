@@ -305,8 +305,13 @@ impl Guest {
                 } else {
                     user_nic(cfg, &mut forwarded)?
                 };
+                // (The test image carries them already; the appliance
+                // `cargo xtask run` boots does not.)
                 let cmdline = match accel {
-                    Accel::Tcg => format!("{cmdline} {}", Accel::tcg_kvm_params()),
+                    Accel::Tcg => Accel::tcg_kvm_params()
+                        .split_whitespace()
+                        .filter(|p| !cmdline.split_whitespace().any(|w| w == *p))
+                        .fold(cmdline.clone(), |c, p| c + " " + p),
                     Accel::Kvm => cmdline.clone(),
                 };
                 cmd.args([
