@@ -326,7 +326,6 @@ pub mod guest {
             let json = serde_json::to_vec(&status).unwrap_or_default();
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_frame(&mut *w, EXIT, &json);
-            linger(w.as_fd(), LINGER);
             use nix::sys::socket::{shutdown, Shutdown};
             let _ = shutdown(w.as_raw_fd(), Shutdown::Both);
         }
