@@ -354,13 +354,11 @@ pub mod guest {
             let mut fds = [PollFd::new(conn, rdhup)];
             let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
                 .unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, ms) {
-                Ok(0) => return,
-                // Only the peer's end (or a hang-up or error, which poll
-                // always reports) wakes it.
-                Ok(_) => return,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => return,
+            // The peer's end (or a hang-up or error, which poll always
+            // reports), the deadline, or a failed poll: done; a signal:
+            // wait on.
+            if poll(&mut fds, ms) != Err(nix::errno::Errno::EINTR) {
+                return;
             }
         }
     }
