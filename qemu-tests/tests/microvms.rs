@@ -137,6 +137,7 @@ fn workloads(g: &mut Guest) -> Result<String> {
     g.wait_for("driver: exec of a failing command exited 1", STEP)?;
     g.wait_for("driver: cannot run /no/such/program", STEP)?;
     g.wait_for("driver: exec of a missing program exited 127", STEP)?;
+    g.wait_for("driver: exec after refusals: still answers", STEP)?;
     g.wait_for(
         "driver: run of a missing program exited 127 saying: vminit: cannot run /no/such/program",
         STEP,

@@ -435,27 +435,31 @@ fn exec_one(config: &GuestConfig, conn: std::fs::File) {
     let (tx, rx) = mpsc::channel();
     // Registered before the main loop can reap it: the lock is held from
     // before the fork until the pid is in the map.
-    let attached = {
+    let refuse_conn = conn.try_clone();
+    let spawned = {
         let mut execs = EXECS.lock().unwrap_or_else(|p| p.into_inner());
-        let refuse_conn = conn.try_clone();
-        match stdio::guest::spawn(cmd, conn, request.tty) {
-            Ok(a) => {
-                execs.insert(a.pid as i32, tx);
-                a
+        let spawned = stdio::guest::spawn(cmd, conn, request.tty);
+        if let Ok(a) = &spawned {
+            execs.insert(a.pid as i32, tx);
+        }
+        spawned
+    };
+    // Refused with the lock released: the refusal lingers for the host,
+    // and the main loop must go on reaping meanwhile.
+    let attached = match spawned {
+        Ok(a) => a,
+        Err(e) => {
+            if let Ok(c) = refuse_conn {
+                stdio::guest::refuse(
+                    c,
+                    &format!(
+                        "cannot run {}: {e}",
+                        request.argv.first().map(String::as_str).unwrap_or("")
+                    ),
+                    e.raw_os_error().unwrap_or(libc::ENOENT),
+                );
             }
-            Err(e) => {
-                if let Ok(c) = refuse_conn {
-                    stdio::guest::refuse(
-                        c,
-                        &format!(
-                            "cannot run {}: {e}",
-                            request.argv.first().map(String::as_str).unwrap_or("")
-                        ),
-                        e.raw_os_error().unwrap_or(libc::ENOENT),
-                    );
-                }
-                return;
-            }
+            return;
         }
     };
     let pid = attached.pid as i32;
@@ -769,7 +773,7 @@ fn run() -> ExitStatus {
                     let errno = e.raw_os_error().unwrap_or(libc::ENOENT);
                     let why = format!("cannot run {program}: {e}");
                     if let Ok(c) = told {
-                        stdio::guest::refuse(c, &format!("vminit: {why}"), errno);
+                        stdio::guest::refuse_last(c, &format!("vminit: {why}"), errno);
                     }
                     return fail(&why, errno);
                 }
