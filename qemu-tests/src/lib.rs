@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How QEMU runs the appliance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     /// Hardware virtualization: the host has vmx/svm and /dev/kvm.
     Kvm,
@@ -87,6 +87,23 @@ impl Accel {
             ],
         }
     }
+}
+
+/// `cmdline` (an image's own) with its KVM module parameters replaced by
+/// the emulation's ([`Accel::tcg_kvm_params`]) under TCG, and dropped on
+/// hardware KVM: the test image carries the emulation's for its disk and
+/// PXE boots, `cargo xtask run`'s appliance none, and a direct boot gets
+/// exactly the ones asked for.
+pub fn with_kvm_params(cmdline: &str, accel: Accel) -> String {
+    let mut words: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|w| !w.starts_with("kvm_amd.") && !w.starts_with("kvm_intel."))
+        .map(String::from)
+        .collect();
+    if accel == Accel::Tcg {
+        words.extend(Accel::tcg_kvm_params().split_whitespace().map(String::from));
+    }
+    words.join(" ")
 }
 
 /// How to boot.
@@ -305,15 +322,7 @@ impl Guest {
                 } else {
                     user_nic(cfg, &mut forwarded)?
                 };
-                // (The test image carries them already; the appliance
-                // `cargo xtask run` boots does not.)
-                let cmdline = match accel {
-                    Accel::Tcg => Accel::tcg_kvm_params()
-                        .split_whitespace()
-                        .filter(|p| !cmdline.split_whitespace().any(|w| w == *p))
-                        .fold(cmdline.clone(), |c, p| c + " " + p),
-                    Accel::Kvm => cmdline.clone(),
-                };
+                let cmdline = with_kvm_params(cmdline, accel);
                 cmd.args([
                     "-append",
                     &cmdline,
@@ -467,6 +476,17 @@ impl Guest {
                     "QEMU exited ({status}) before {what:?}; serial log: {}",
                     self.log_path.display()
                 );
+            }
+            // A lock-up or an RCU stall of the emulated host's own kernel
+            // under TCG: the boot is lost; say so now rather than at the
+            // step's timeout (run_booted then boots again).
+            if self.accel == Accel::Tcg {
+                if let Some(why) = host_stall(s.get(self.wait_began..).unwrap_or(&s)) {
+                    bail!(
+                        "{why} while waiting for {what:?}; serial log: {}",
+                        self.log_path.display()
+                    );
+                }
             }
             // Under TCG the emulated host now and then stops dead; no step
             // of ours is silent this long, so say so now rather than at a
@@ -678,19 +698,29 @@ pub fn emulation_fault(g: &Guest, err: &anyhow::Error) -> Option<&'static str> {
         Some("a nested guest triple-faulted")
     } else if host_panic {
         Some("the emulated host's kernel panicked")
-    } else if s.contains("soft lockup") {
-        Some("the emulated host locked up")
-    } else if s
-        .lines()
-        .any(|l| !l.starts_with("[vmmd]") && l.contains("rcu_preempt detected stalls"))
-    {
-        // The emulated host's own kernel starved of CPU time (seen while a
-        // nested guest formats its volume).
-        Some("the emulated host's kernel stalled (RCU)")
+    } else if let Some(why) = host_stall(s) {
+        Some(why)
     } else if err.to_string().contains("QEMU exited") && !all.contains("reboot: Power down") {
         Some("the emulated host reset")
     } else if g.silent_for() > Duration::from_secs(90) {
         Some("the emulated host stopped (no console output for 90 s)")
+    } else {
+        None
+    }
+}
+
+/// A lock-up or an RCU stall of the emulated host's own kernel in console
+/// output `s` (a nested guest's lines, which vmmd prefixes, do not count):
+/// seen under TCG while a nested guest formats its volume, and while the
+/// host powers off.
+fn host_stall(s: &str) -> Option<&'static str> {
+    let host = |l: &&str| !l.starts_with("[vmmd]");
+    if s.lines().filter(host).any(|l| l.contains("soft lockup")) {
+        Some("the emulated host locked up")
+    } else if s.lines().filter(host).any(|l| {
+        l.contains("rcu_preempt detected stalls") || l.contains("rcu_preempt self-detected stall")
+    }) {
+        Some("the emulated host's kernel stalled (RCU)")
     } else {
         None
     }
@@ -729,4 +759,37 @@ pub fn run_booted<T>(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_boot_gets_exactly_the_kvm_parameters_asked_for() {
+        let image = "console=ttyS0 kvm_amd.npt=0 quiet kvm_amd.vgif=0 kvm_intel.ept=0";
+        assert_eq!(with_kvm_params(image, Accel::Kvm), "console=ttyS0 quiet");
+        let tcg = with_kvm_params(image, Accel::Tcg);
+        let want: Vec<&str> = Accel::tcg_kvm_params()
+            .split_whitespace()
+            .collect::<Vec<_>>();
+        let got: Vec<&str> = tcg.split_whitespace().collect();
+        assert_eq!(&got[..2], ["console=ttyS0", "quiet"]);
+        assert_eq!(&got[2..], &want[..]);
+    }
+
+    #[test]
+    fn the_host_kernel_stalling_counts_and_a_nested_guests_does_not() {
+        let host = "[  272.5] rcu: INFO: rcu_preempt self-detected stall on CPU\n";
+        assert!(host_stall(host).unwrap().contains("RCU"));
+        let lockup =
+            "[  360.5] watchdog: BUG: soft lockup - CPU#0 stuck for 104s! [control:1479]\n";
+        assert!(host_stall(lockup).unwrap().contains("locked up"));
+        let nested = "[vmmd] web | [ 9.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n";
+        assert_eq!(host_stall(nested), None);
+        assert_eq!(
+            host_stall("[vmmd] web | watchdog: BUG: soft lockup\n"),
+            None
+        );
+    }
 }
