@@ -770,9 +770,8 @@ mod tests {
         let image = "console=ttyS0 kvm_amd.npt=0 quiet kvm_amd.vgif=0 kvm_intel.ept=0";
         assert_eq!(with_kvm_params(image, Accel::Kvm), "console=ttyS0 quiet");
         let tcg = with_kvm_params(image, Accel::Tcg);
-        let want: Vec<&str> = Accel::tcg_kvm_params()
-            .split_whitespace()
-            .collect::<Vec<_>>();
+        let params = Accel::tcg_kvm_params();
+        let want: Vec<&str> = params.split_whitespace().collect();
         let got: Vec<&str> = tcg.split_whitespace().collect();
         assert_eq!(&got[..2], ["console=ttyS0", "quiet"]);
         assert_eq!(&got[2..], &want[..]);
