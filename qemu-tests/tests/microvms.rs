@@ -370,6 +370,26 @@ fn scenario(g: &mut Guest) -> Result<String> {
     )?;
     g.wait_for("oci-b | written", STEP)?;
     g.wait_for("driver: root images in the store: 1", STEP)?;
+    // A scheduled unit (cup apply), the appliance's clock moved a minute
+    // at a time: a run per due time, one skipped while a run runs
+    // (concurrency = "forbid"), the exit codes kept.
+    g.wait_for("driver: cron ls: ticker * * * * * forbid", STEP)?;
+    g.wait_for("driver: cron: skipped skipped: ticker-", STEP)?;
+    let exits = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.contains("driver: cron: ticker-") && l.contains(" exited "))
+            .map(String::from)
+            .collect()
+    };
+    g.wait_until("three runs' exits", STEP * 2, |s| exits(s).len() >= 3)?;
+    for l in exits(&g.serial()) {
+        if !l.ends_with(" exited 3") {
+            anyhow::bail!("a scheduled run did not end with its own code: {l}");
+        }
+    }
+    g.wait_for("driver: cron history: 3 ended 3", STEP)?;
+    g.wait_for("driver: cron history: 1 skipped -1", STEP)?;
+    g.wait_for("driver: cron logs: ticker ran", STEP)?;
     g.wait_for("driver: cup poweroff", STEP)?;
     // Power-off: vmmd asks vm-b's vminit over vsock to stop its workload
     // (a request and an answer through the VM's Unix socket), and the

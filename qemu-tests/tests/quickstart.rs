@@ -645,6 +645,31 @@ fn apply_units(config: &Path) -> Result<()> {
         gone.contains("stopped [greet]") || gone.contains("removed"),
         "unit rm: {gone}"
     );
+    // A scheduled unit, as the README shows one: listed with its schedule
+    // and the next time it is due; its runs are the vms test's.
+    let heartbeat = dir.join("heartbeat.toml");
+    std::fs::write(
+        &heartbeat,
+        "[unit]\nafter = [\"vmmd\"]\n\n[microvm]\nimage = \"oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest\"\ncmd = [\"sh\", \"-c\", \"echo heartbeat\"]\nmemory = \"64MiB\"\nschedule = \"*/5 * * * *\"\ntime-zone = \"Europe/Berlin\"\nconcurrency = \"forbid\"\n",
+    )?;
+    let out = cup_ok(config, &["apply", &heartbeat.to_string_lossy()])?;
+    ensure!(
+        out.contains("started [heartbeat]"),
+        "apply heartbeat: {out}"
+    );
+    let ls = cup_ok(config, &["cron", "ls"])?;
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with("heartbeat "))
+        .with_context(|| format!("cup cron ls: {ls}"))?;
+    ensure!(
+        line.contains("*/5 * * * *")
+            && line.contains("Europe/Berlin")
+            && line.contains("forbid")
+            && line.contains(" UTC"),
+        "cup cron ls: {ls}"
+    );
+    cup_ok(config, &["unit", "rm", "heartbeat"])?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod graph;
 mod load;
 pub mod ports;
+pub mod schedule;
 
 pub use backoff::Backoff;
 pub use load::{load_dir, load_files, parse, parse_layered, read_unit_file, MAX_UNIT_FILE};
@@ -426,6 +427,32 @@ pub struct MicrovmSection {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_restarts: Option<u32>,
+    /// Run at these times (cron's five fields or `@hourly`-style names,
+    /// see [`schedule`]): each time a fresh VM that runs to its end, none
+    /// in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<schedule::CronSchedule>,
+    /// The time zone `schedule` is read in (IANA name); UTC when absent.
+    #[serde(default, rename = "time-zone", skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<schedule::TimeZone>,
+    /// What a due run does while an earlier one still runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<schedule::Concurrency>,
+    /// Seconds a scheduled run may take; then it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u32>,
+    /// A run missed while vmmd was not running is caught up once when it
+    /// was due at most this many seconds ago (always when absent).
+    #[serde(
+        default,
+        rename = "starting-deadline",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub starting_deadline: Option<u32>,
+    /// Ended runs kept, with their logs (default
+    /// [`schedule::DEFAULT_HISTORY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<u32>,
 }
 
 impl Default for MicrovmSection {
@@ -458,6 +485,12 @@ impl Default for MicrovmSection {
             extra_hosts: BTreeMap::new(),
             cpu_max: None,
             max_restarts: None,
+            schedule: None,
+            time_zone: None,
+            concurrency: None,
+            deadline: None,
+            starting_deadline: None,
+            history: None,
         }
     }
 }
@@ -588,7 +621,44 @@ impl MicrovmSection {
         if self.cpu_max.is_some_and(|c| c.whole() > 32) {
             return Err("cpu-max: at most 32 CPUs (as vcpus)".into());
         }
+        self.check_schedule()
+    }
+
+    /// What is wrong with `schedule` and the settings that go with it.
+    fn check_schedule(&self) -> Result<(), String> {
+        if self.schedule.is_none() {
+            let given = [
+                ("time-zone", self.time_zone.is_some()),
+                ("concurrency", self.concurrency.is_some()),
+                ("deadline", self.deadline.is_some()),
+                ("starting-deadline", self.starting_deadline.is_some()),
+                ("history", self.history.is_some()),
+            ];
+            return match given.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(format!("{name}: only with schedule")),
+                None => Ok(()),
+            };
+        }
+        if self.replicas != 1 {
+            return Err("replicas: a scheduled unit starts one VM per run (concurrency = \"allow\" lets runs overlap)".into());
+        }
+        if self.restart == Restart::Always {
+            return Err(
+                "restart: a scheduled run ends; \"on-failure\" retries a failed one".into(),
+            );
+        }
+        if self.deadline == Some(0) {
+            return Err("deadline: at least 1 second".into());
+        }
+        if self.history.is_some_and(|h| h > schedule::MAX_HISTORY) {
+            return Err(format!("history: at most {}", schedule::MAX_HISTORY));
+        }
         Ok(())
+    }
+
+    /// Ended runs a scheduled unit keeps.
+    pub fn history(&self) -> u32 {
+        self.history.unwrap_or(schedule::DEFAULT_HISTORY)
     }
 
     /// The vCPUs the VM gets: `vcpus`, or more when `cpu-max` needs them.
@@ -1048,11 +1118,54 @@ max-restarts = 3
             ("cpu-max = 40", "cpu-max"),
             ("max-restarts = 3", "only with restart"),
             ("entrypoint = [\"\"]", "entrypoint"),
+            ("schedule = \"* * * *\"", "has 4 fields"),
+            ("schedule = \"@reboot\"", "@reboot"),
+            ("schedule = \"0 0 L * *\"", "extension"),
+            (
+                "concurrency = \"forbid\"",
+                "concurrency: only with schedule",
+            ),
+            ("deadline = 60", "deadline: only with schedule"),
+            ("time-zone = \"UTC\"", "time-zone: only with schedule"),
+            ("schedule = \"@hourly\"\ntime-zone = \"Moon/Base\"", "IANA"),
+            (
+                "schedule = \"@hourly\"\nconcurrency = \"sometimes\"",
+                "sometimes",
+            ),
+            ("schedule = \"@hourly\"\nreplicas = 2", "one VM per run"),
+            (
+                "schedule = \"@hourly\"\nrestart = \"always\"",
+                "a scheduled run ends",
+            ),
+            ("schedule = \"@hourly\"\ndeadline = 0", "at least 1 second"),
+            (
+                "schedule = \"@hourly\"\nhistory = 1000",
+                "history: at most 100",
+            ),
         ] {
             let text = format!("[microvm]\nimage = \"busybox\"\n{line}\n");
             let err = parse(&p("app"), &text).unwrap_err().to_string();
             assert!(err.contains(says), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn a_scheduled_unit_reads_back_as_written() {
+        let text = "[microvm]\nimage = \"busybox\"\nschedule = \"*/5 * * * *\"\ntime-zone = \"Europe/Berlin\"\nconcurrency = \"forbid\"\ndeadline = 120\nstarting-deadline = 600\nhistory = 3\n";
+        let u = parse(&p("backup"), text).unwrap();
+        let UnitKind::Microvm(m) = &u.kind else {
+            panic!("a microvm unit")
+        };
+        assert_eq!(m.schedule.as_ref().unwrap().to_string(), "*/5 * * * *");
+        assert_eq!(m.time_zone.unwrap().to_string(), "Europe/Berlin");
+        assert_eq!(m.concurrency, Some(schedule::Concurrency::Forbid));
+        assert_eq!(
+            (m.deadline, m.starting_deadline, m.history()),
+            (Some(120), Some(600), 3)
+        );
+        let again = toml::to_string(m).unwrap();
+        assert!(again.contains("schedule = \"*/5 * * * *\""), "{again}");
+        assert!(again.contains("time-zone = \"Europe/Berlin\""), "{again}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub enum Action {
     Stats,
     /// vmmd's own counters.
     Counters,
+    /// The scheduled units and their last runs.
+    Cron,
     /// A `cup run` workload that is not running gets another name.
     Rename(String, String),
     /// Keep credentials for a registry (`cup login`): registry, user,
@@ -484,6 +486,7 @@ pub enum Reply {
     Logs(Vec<TimedLine>, u64, bool),
     Stats(Vec<VmStats>),
     Counters(Box<VmmdCounters>),
+    Cron(Vec<CronInfo>),
     Volumes(Vec<VolumeInfo>),
 }
 
@@ -543,6 +546,41 @@ pub struct VmmdCounters {
     pub log_bytes_dropped: u64,
 }
 
+/// A scheduled unit (`schedule = ...`) as vmmd runs it (`cup cron ls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct CronInfo {
+    pub unit: String,
+    /// The cron expression, as the unit gives it.
+    pub schedule: String,
+    /// The IANA time zone it is read in.
+    pub time_zone: String,
+    /// `allow`, `forbid` or `replace`.
+    pub concurrency: String,
+    /// When it is due next and when it last was, in seconds since the
+    /// Unix epoch; 0 for none.
+    pub next_due: i64,
+    pub last_due: i64,
+    /// Its last due times, oldest first: the runs, and the ones skipped.
+    pub runs: Vec<CronRun>,
+}
+
+/// One due time of a scheduled unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct CronRun {
+    /// Seconds since the Unix epoch.
+    pub due: i64,
+    /// The run's workload (its logs: `cup logs WORKLOAD`); empty when
+    /// the run was skipped.
+    pub workload: String,
+    /// The workload's state, `removed` once forgotten, `skipped`.
+    pub state: String,
+    /// How it ended, and its exit code (-1 while it runs).
+    pub outcome: String,
+    pub exit_code: i32,
+    /// Why it was skipped, caught up, or what it replaced.
+    pub note: String,
+}
+
 /// A line of a workload's output: (sequence number, microseconds since the
 /// Unix epoch when vmmd got it, text).
 pub type TimedLine = (u64, u64, String);
@@ -587,6 +625,7 @@ pub trait Vmm1Client {
     fn pulls(&self) -> zbus::Result<Vec<PullInfo>>;
     fn stats(&self) -> zbus::Result<Vec<VmStats>>;
     fn counters(&self) -> zbus::Result<VmmdCounters>;
+    fn cron(&self) -> zbus::Result<Vec<CronInfo>>;
     fn volumes(&self) -> zbus::Result<Vec<VolumeInfo>>;
     fn rename(&self, name: &str, to: &str) -> zbus::Result<()>;
     fn login(&self, registry: &str, user: &str, password: &str) -> zbus::Result<String>;
@@ -723,5 +762,6 @@ mod signatures {
     fn stats_and_counters_have_the_documented_signatures() {
         assert_eq!(VmStats::SIGNATURE.to_string(), "(stttttttttttttt)");
         assert_eq!(VmmdCounters::SIGNATURE.to_string(), "(ttuua(sttt)ta(sst)t)");
+        assert_eq!(CronInfo::SIGNATURE.to_string(), "(ssssxxa(xssssis))");
     }
 }

@@ -144,6 +144,9 @@ pub enum Command {
     /// Manage volumes (ls, create, inspect, rm, prune)
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Scheduled units (schedule = "..." in a unit): ls, and a unit's runs (history)
+    #[command(subcommand)]
+    Cron(CronCommand),
     /// The machine's disk use (df), and taking back what nothing uses (prune)
     #[command(subcommand)]
     System(SystemCommand),
@@ -589,6 +592,24 @@ pub enum VolumeCommand {
         /// Accepted for Docker's scripts (cup does not ask)
         #[arg(short, long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CronCommand {
+    /// The scheduled units: schedule, time zone, concurrency, next run, last run
+    #[command(visible_alias = "list")]
+    Ls {
+        /// table, json, or a template like '{{.Unit}} {{.Next}}'
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+    },
+    /// A scheduled unit's last due times: each run's workload, exit code and outcome, and the skipped ones
+    History {
+        unit: String,
+        /// table, json, or a template like '{{.Workload}} {{.ExitCode}}'
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
     },
 }
 

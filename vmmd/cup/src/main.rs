@@ -15,6 +15,7 @@ mod archive;
 mod cli;
 mod context;
 mod copy;
+mod cron;
 mod error;
 mod host;
 mod login;
@@ -499,6 +500,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
             return code(crate::system::prune(&vmmd()?, all, volumes))
         }
         Command::Volume(v) => return code(crate::volumes::volume(&vmmd()?, v)),
+        Command::Cron(c) => return code(crate::cron::cron(&vmmd()?, c)),
         Command::Pause(n) => {
             let p = vmmd()?;
             return each(&n.names, |name| Ok(p.pause(name)?));

@@ -464,6 +464,8 @@ fn measure(
         ),
     };
     let pid = child.id() as i32;
+    let stage = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let watched = watchdog(pid, stage.clone());
     let tail = first_lines(child.stderr.take(), trace.map(str::to_string));
     // The guest memory's host range, as the worker reports it.
     let guest_range = std::sync::Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
@@ -523,7 +525,9 @@ fn measure(
         eprintln!("vmmd bench: counters read {asked} times during the boot");
     }
     let range = *guest_range.lock().unwrap_or_else(|p| p.into_inner());
+    stage.store(1, std::sync::atomic::Ordering::Relaxed);
     let rss = memory_at(pid, memory_mib, range);
+    stage.store(2, std::sync::atomic::Ordering::Relaxed);
     if !wait_exit || seen.is_none() {
         // SAFETY: kill of our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -534,6 +538,7 @@ fn measure(
     // SAFETY: a zeroed rusage is valid for wait4 to fill.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     reap(pid, &mut status, &mut usage);
+    watched.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(control);
     let _ = drain.join();
     let first_run = timing.join().ok().flatten();
@@ -572,6 +577,21 @@ fn reap(pid: i32, status: &mut i32, usage: &mut libc::rusage) {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    eprintln!(
+        "vmmd bench: pid {pid} did not end within {}s of its guest's line; killing it. Its threads: {}",
+        EXIT_WAIT.as_secs(),
+        threads(pid)
+    );
+    // SAFETY: kill and wait4 of our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::wait4(pid, status, 0, usage);
+    }
+}
+
+/// Where each thread of process `pid` is: name, state, kernel wait
+/// channel, syscall.
+fn threads(pid: i32) -> String {
     let task = PathBuf::from(format!("/proc/{pid}/task"));
     let mut threads = Vec::new();
     for t in std::fs::read_dir(&task).into_iter().flatten().flatten() {
@@ -593,16 +613,41 @@ fn reap(pid: i32, status: &mut i32, usage: &mut libc::rusage) {
             read("syscall")
         ));
     }
-    eprintln!(
-        "vmmd bench: pid {pid} did not end within {}s of its guest's line; killing it. Its threads: {}",
-        EXIT_WAIT.as_secs(),
-        threads.join("; ")
-    );
-    // SAFETY: kill and wait4 of our own child.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        libc::wait4(pid, status, 0, usage);
-    }
+    threads.join("; ")
+}
+
+/// Says every 20 s how long a measurement has been at its `stage` (0:
+/// waiting for the guest's line, 1: reading its memory, 2: waiting for
+/// it to end), and where the VMM's threads and the bench's own are:
+/// under emulation a round has been seen to stall with nothing said.
+fn watchdog(
+    pid: i32,
+    stage: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = done.clone();
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let mut said = 0;
+        while !over.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let secs = t0.elapsed().as_secs();
+            if secs / 20 > said {
+                said = secs / 20;
+                let at = match stage.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => "waiting for the guest's line",
+                    1 => "reading the VMM's memory",
+                    _ => "waiting for the VMM to end",
+                };
+                eprintln!(
+                    "vmmd bench: pid {pid}: {secs}s, {at}; its threads: {}; the bench's: {}",
+                    threads(pid),
+                    threads(std::process::id() as i32)
+                );
+            }
+        }
+    });
+    done
 }
 
 /// (total RSS, RSS of the guest memory mapping) of `pid`, in KiB.

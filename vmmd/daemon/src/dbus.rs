@@ -193,6 +193,14 @@ impl Vmm1 {
         }
     }
 
+    /// The scheduled units and their last runs, for `cup cron ls`.
+    async fn cron(&self) -> Result<Vec<CronInfo>, Vmm1Error> {
+        match self.call(Action::Cron).await? {
+            Reply::Cron(v) => Ok(v),
+            r => Err(Vmm1Error::Internal(format!("unexpected reply {r:?}"))),
+        }
+    }
+
     /// Gives workload `name` (a `cup run` one, not running) the name `to`.
     async fn rename(&self, name: String, to: String) -> Result<(), Vmm1Error> {
         self.call(Action::Rename(name, to)).await.map(|_| ())

@@ -128,6 +128,9 @@ pub enum AfterStop {
     Stay,
     /// It ended as a failure (unhealthy): the restart policy decides.
     Failed(String),
+    /// It ended as a failure that is not restarted (a scheduled run past
+    /// its deadline, or replaced by the next run).
+    Expired(String),
     /// It goes (retired by the reconciler, `cup rm -f`).
     Remove,
 }
@@ -183,6 +186,10 @@ pub struct Workload {
     pub probing: bool,
     /// Restarts its policy made since it was started (`max-restarts`).
     pub policy_restarts: u32,
+    /// A scheduled unit's run: the time it was due ([`cron`]).
+    pub run: Option<chrono::DateTime<chrono::Utc>>,
+    /// A scheduled run that is still running then is stopped.
+    pub deadline_at: Option<Instant>,
 }
 
 impl Workload {
@@ -211,6 +218,8 @@ impl Workload {
             next_probe: None,
             probing: false,
             policy_restarts: 0,
+            run: None,
+            deadline_at: None,
         }
     }
 
@@ -280,6 +289,8 @@ pub struct Core<B: Backend> {
     /// The warm pool's VMs.
     pub pool: Pool<B::PoolVm>,
     pub counters: Counters,
+    /// The scheduled units' runs.
+    pub cron: cron::Book,
 }
 
 /// The outcome kind of a run vmmd itself could not carry out (its image,
@@ -316,6 +327,7 @@ impl<B: Backend> Core<B> {
             removed,
             pool: Pool::new(pool),
             counters: Counters::default(),
+            cron: cron::Book::default(),
         }
     }
 
@@ -370,6 +382,13 @@ impl<B: Backend> Core<B> {
     /// or kills what is due; the time of the next thing due comes from
     /// [`Core::next_wakeup`].
     pub fn tick(&mut self, now: Instant) {
+        self.tick_at(now, chrono::Utc::now());
+    }
+
+    /// [`Self::tick`] with the wall-clock time `wall` (scheduled units
+    /// fire by it).
+    pub fn tick_at(&mut self, now: Instant, wall: chrono::DateTime<chrono::Utc>) {
+        self.cron_tick(now, wall);
         self.reconcile(now);
         let names: Vec<String> = self.workloads.keys().cloned().collect();
         for name in names {
@@ -391,6 +410,18 @@ impl<B: Backend> Core<B> {
                 s.kill_at = now + Duration::from_secs(3600);
             }
             return;
+        }
+        if let (Some(_), Some(at)) = (w.pid, w.deadline_at) {
+            if at <= now {
+                w.deadline_at = None;
+                let secs = w.spec.deadline.unwrap_or_default();
+                tracing::info!(
+                    "workload {name}: still running at its deadline ({secs}s); stopping it"
+                );
+                let why = format!("stopped at its deadline ({secs}s)");
+                self.stop(name, None, AfterStop::Expired(why), now);
+                return;
+            }
         }
         if w.pid.is_some() {
             if let Some(check) = &w.spec.health {
@@ -450,6 +481,10 @@ impl<B: Backend> Core<B> {
                 w.health = w.spec.health.as_ref().map(|_| Health::Starting);
                 w.probe_failures = 0;
                 w.next_probe = Some(now + FIRST_PROBES);
+                w.deadline_at = w
+                    .run
+                    .and(w.spec.deadline)
+                    .map(|s| now + Duration::from_secs(u64::from(s)));
             }
             Err(e) => {
                 let e = steelcup_sys::error_chain(&e);
@@ -482,7 +517,25 @@ impl<B: Backend> Core<B> {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         for (unit, spec) in units {
-            self.reconcile_unit(&unit, &spec, now);
+            // A scheduled unit has runs ([`cron`]) and no standing
+            // workloads; an unscheduled one no runs.
+            let strays: Vec<String> = self
+                .workloads
+                .iter()
+                .filter(|(_, w)| w.unit.as_deref() == Some(unit.as_str()))
+                .filter(|(_, w)| w.run.is_some() != spec.schedule.is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in strays {
+                let why = match spec.schedule {
+                    Some(_) => "its unit is scheduled now",
+                    None => "its unit is no longer scheduled",
+                };
+                self.retire(&name, now, why);
+            }
+            if spec.schedule.is_none() {
+                self.reconcile_unit(&unit, &spec, now);
+            }
         }
     }
 
@@ -667,6 +720,13 @@ impl<B: Backend> Core<B> {
                     w.last_outcome = Outcome::failed(why);
                     failed = true;
                 }
+                AfterStop::Expired(why) => {
+                    w.last_outcome = Outcome::failed(why);
+                    if w.remove_when_done {
+                        self.forget(name);
+                    }
+                    return;
+                }
             }
         }
         if ran.is_some_and(|r| r >= STEADY) {
@@ -818,7 +878,20 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// When the next thing is due (a restart, a kill, a probe).
+    /// [`Self::next_wakeup`], and the next scheduled run (`wall` being
+    /// the time at `now`).
+    pub fn next_wakeup_at(
+        &self,
+        now: Instant,
+        wall: chrono::DateTime<chrono::Utc>,
+    ) -> Option<Instant> {
+        self.next_wakeup()
+            .into_iter()
+            .chain(self.cron_wakeup(now, wall))
+            .min()
+    }
+
+    /// When the next thing is due (a restart, a kill, a probe, a deadline).
     pub fn next_wakeup(&self) -> Option<Instant> {
         self.workloads
             .values()
@@ -827,7 +900,15 @@ impl<B: Backend> Core<B> {
                     .then_some(w.next_probe)
                     .flatten();
                 let restart = w.pid.is_none().then_some(w.restart_at).flatten();
-                [restart, w.stopping.as_ref().map(|s| s.kill_at), probe]
+                let deadline = (w.pid.is_some() && w.stopping.is_none())
+                    .then_some(w.deadline_at)
+                    .flatten();
+                [
+                    restart,
+                    w.stopping.as_ref().map(|s| s.kill_at),
+                    probe,
+                    deadline,
+                ]
             })
             .flatten()
             .chain(self.pool.next_wakeup())
@@ -840,6 +921,7 @@ impl<B: Backend> Core<B> {
     }
 }
 
+pub mod cron;
 #[cfg(test)]
 mod tests;
 mod warm;

@@ -341,6 +341,7 @@ pub(super) fn run_workload(
         extra_hosts: spec.extra_hosts,
         cpu_max: spec.cpus,
         max_restarts: spec.max_restarts,
+        ..Default::default()
     };
     section.check_process().map_err(ApiError::Refused)?;
     units::check_labels(&section.labels).map_err(|e| ApiError::Refused(format!("--label: {e}")))?;
@@ -626,6 +627,7 @@ pub(super) fn execute_now(core: &mut Daemon, action: Action) -> Result<Reply, Ap
                     .collect(),
             ))
         }
+        Action::Cron => Ok(Reply::Cron(core.cron_info())),
         Action::Counters => {
             let (ready, booting) = core.pool.counts();
             let c = &core.counters;

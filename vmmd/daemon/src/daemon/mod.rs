@@ -50,6 +50,7 @@ pub use crate::reconcile::STOP_GRACE;
 
 mod actions;
 mod backend;
+mod cron_marks;
 mod error;
 mod guest;
 mod runs;
@@ -305,6 +306,8 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mut core = Core::new(backend, opts.removed.clone(), opts.warm_pool.clone());
     let found = without_port_clashes(load_units(&opts.units, &BTreeMap::new()), &core.workloads);
     core.set_units(found);
+    let mut cron_kept = cron_marks::load(&opts.state_dir);
+    core.restore_cron_marks(cron_kept.clone());
     // `cup run`s with a restart policy, kept by the vmmd before.
     for spec in runs::load(&opts.state_dir) {
         let name = spec.name.clone().unwrap_or_default();
@@ -368,10 +371,15 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     loop {
         core.tick(Instant::now());
         core.refill_pool(Instant::now());
+        let marks = core.cron_marks();
+        if marks != cron_kept {
+            cron_marks::save(&opts.state_dir, &marks);
+            cron_kept = marks;
+        }
         announce(&core, &mut seen, &changes);
         sync_network(&mut core);
         let timeout = core
-            .next_wakeup()
+            .next_wakeup_at(Instant::now(), chrono::Utc::now())
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         let now = || Instant::now();

@@ -144,6 +144,8 @@ fn checked(mut u: MicrovmSection) -> MicrovmSection {
 struct World {
     core: Core<Fake>,
     now: Instant,
+    /// The wall clock, moved with `now`.
+    wall: chrono::DateTime<chrono::Utc>,
 }
 
 impl World {
@@ -158,13 +160,15 @@ impl World {
         World {
             core,
             now: Instant::now(),
+            wall: "2026-12-07T21:00:30Z".parse().expect("a time"),
         }
     }
     fn tick(&mut self) {
-        self.core.tick(self.now);
+        self.core.tick_at(self.now, self.wall);
     }
     fn wait(&mut self, secs: f64) {
         self.now += Duration::from_secs_f64(secs);
+        self.wall += chrono::Duration::milliseconds((secs * 1000.0) as i64);
         self.tick();
     }
     /// The calls since the last look.
@@ -716,4 +720,205 @@ fn pool_vms_that_die_unclaimed_back_off_and_a_stuck_one_is_killed() {
     assert!(w.calls().is_empty(), "a ready VM is not stuck");
     w.core.drain_pool();
     assert_eq!(w.calls(), ["kill-pool _pool-2"]);
+}
+
+// Scheduled units.
+
+fn every_minute(concurrency: &str) -> MicrovmSection {
+    let mut u = unit(1, "cron");
+    u.restart = Restart::No;
+    u.schedule = Some(steelcup_units::schedule::CronSchedule::parse("* * * * *").unwrap());
+    u.concurrency = match concurrency {
+        "forbid" => Some(steelcup_units::schedule::Concurrency::Forbid),
+        "replace" => Some(steelcup_units::schedule::Concurrency::Replace),
+        _ => None,
+    };
+    u
+}
+
+fn runs(w: &World) -> Vec<(String, String, String)> {
+    w.core.cron_info()[0]
+        .runs
+        .iter()
+        .map(|r| (r.workload.clone(), r.state.clone(), r.note.clone()))
+        .collect()
+}
+
+#[test]
+fn a_schedule_starts_one_fresh_run_per_due_time_and_keeps_its_history() {
+    let mut u = every_minute("allow");
+    u.history = Some(2);
+    let mut w = World::new(&[("tick", u)]);
+    w.tick();
+    assert!(w.names().is_empty(), "nothing is due at 21:00:30");
+    assert_eq!(
+        w.core.cron_info()[0].next_due,
+        "2026-12-07T21:01:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+            .timestamp()
+    );
+    w.wait(30.0);
+    assert_eq!(w.names(), ["tick-20261207-2101"]);
+    assert_eq!(w.calls(), ["start tick-20261207-2101 slot=0 env=cron"]);
+    w.end("tick-20261207-2101", VmOutcome::Exited { code: 3 });
+    assert_eq!(
+        w.state("tick-20261207-2101"),
+        "ended",
+        "a run is not restarted"
+    );
+    for _ in 0..3 {
+        w.wait(60.0);
+        let last = w.names().last().cloned().unwrap();
+        w.end(&last, VmOutcome::Exited { code: 0 });
+    }
+    // Four runs ended; the two newest are kept, with their logs.
+    assert_eq!(w.names(), ["tick-20261207-2103", "tick-20261207-2104"]);
+    let info = &w.core.cron_info()[0];
+    assert_eq!(info.runs.len(), 4, "twice the history in records");
+    assert_eq!(
+        (info.runs[0].state.as_str(), info.runs[0].exit_code),
+        ("removed", 3),
+        "a forgotten run's exit code stays in the history"
+    );
+    assert_eq!(info.runs[3].exit_code, 0);
+}
+
+#[test]
+fn forbid_skips_a_run_while_one_runs_allow_starts_beside_replace_stops_it() {
+    let mut w = World::new(&[("f", every_minute("forbid"))]);
+    w.tick();
+    w.wait(30.0);
+    w.wait(60.0);
+    assert_eq!(w.names(), ["f-20261207-2101"], "the 21:02 run was skipped");
+    assert_eq!(
+        runs(&w)[1],
+        (
+            String::new(),
+            "skipped".into(),
+            "skipped: f-20261207-2101 still runs (concurrency = \"forbid\")".into()
+        )
+    );
+    w.end("f-20261207-2101", VmOutcome::Exited { code: 0 });
+    w.wait(60.0);
+    assert_eq!(w.names(), ["f-20261207-2101", "f-20261207-2103"]);
+
+    let mut w = World::new(&[("a", every_minute("allow"))]);
+    w.tick();
+    w.wait(30.0);
+    w.wait(60.0);
+    assert_eq!(w.names(), ["a-20261207-2101", "a-20261207-2102"]);
+
+    let mut w = World::new(&[("r", every_minute("replace"))]);
+    w.tick();
+    w.wait(30.0);
+    w.calls();
+    w.wait(60.0);
+    assert_eq!(
+        w.calls(),
+        [
+            "stop r-20261207-2101",
+            "start r-20261207-2102 slot=0 env=cron"
+        ]
+    );
+    w.end("r-20261207-2101", VmOutcome::Killed { signal: 15 });
+    assert_eq!(
+        w.core.workloads["r-20261207-2101"].last_outcome.text,
+        "replaced by the next run"
+    );
+    assert_eq!(runs(&w)[1].2, "replaced r-20261207-2101");
+}
+
+#[test]
+fn a_run_past_its_deadline_is_stopped_and_not_restarted() {
+    let mut u = every_minute("forbid");
+    u.deadline = Some(20);
+    u.restart = Restart::OnFailure;
+    let mut w = World::new(&[("d", u)]);
+    w.tick();
+    w.wait(30.0);
+    w.calls();
+    w.wait(19.0);
+    assert!(w.calls().is_empty());
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["stop d-20261207-2101"]);
+    w.end("d-20261207-2101", VmOutcome::Killed { signal: 15 });
+    let run = &w.core.workloads["d-20261207-2101"];
+    assert_eq!(run.state(), WorkloadState::Ended);
+    assert_eq!(run.last_outcome.text, "stopped at its deadline (20s)");
+    assert!(w.calls().is_empty(), "no restart");
+}
+
+#[test]
+fn a_run_missed_while_vmmd_was_down_is_caught_up_once_within_its_starting_deadline() {
+    let marks = |at: &str| BTreeMap::from([("c".to_string(), at.parse().unwrap())]);
+    // Last fired 20:50; vmmd starts at 21:00:30: 21:00 was missed (and
+    // nine before it): one run at once, then the schedule as usual.
+    let mut w = World::new(&[("c", every_minute("allow"))]);
+    w.core.restore_cron_marks(marks("2026-12-07T20:50:00Z"));
+    w.tick();
+    assert_eq!(w.names(), ["c-20261207-2100"]);
+    assert!(runs(&w)[0].2.starts_with("caught up"));
+    w.wait(1.0);
+    assert_eq!(w.names().len(), 1, "once");
+    w.wait(29.0);
+    assert_eq!(w.names(), ["c-20261207-2100", "c-20261207-2101"]);
+    assert_eq!(
+        w.core.cron_marks()["c"],
+        "2026-12-07T21:01:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    );
+
+    // Past the starting deadline: skipped, and said so.
+    let mut u = every_minute("allow");
+    u.starting_deadline = Some(10);
+    let mut w = World::new(&[("c", u)]);
+    w.core.restore_cron_marks(marks("2026-12-07T20:50:00Z"));
+    w.tick();
+    assert!(w.names().is_empty());
+    assert!(runs(&w)[0].2.contains("past its starting deadline of 10s"));
+
+    // Nothing kept, nothing caught up; a mark at the last due time, too.
+    let mut w = World::new(&[("c", every_minute("allow"))]);
+    w.tick();
+    assert!(w.names().is_empty());
+    let mut w = World::new(&[("c", every_minute("allow"))]);
+    w.core.restore_cron_marks(marks("2026-12-07T21:00:00Z"));
+    w.tick();
+    assert!(w.names().is_empty());
+}
+
+#[test]
+fn a_clock_stepped_an_hour_ahead_fires_one_run_not_sixty() {
+    let mut w = World::new(&[("j", every_minute("allow"))]);
+    w.tick();
+    w.wall += chrono::Duration::hours(1);
+    w.tick();
+    assert_eq!(w.names(), ["j-20261207-2200"]);
+    assert!(
+        w.core.next_wakeup_at(w.now, w.wall).unwrap()
+            <= w.now + crate::reconcile::cron::CLOCK_CHECK,
+        "the clock is looked at again soon"
+    );
+}
+
+#[test]
+fn a_unit_that_becomes_scheduled_loses_its_standing_workload_and_back() {
+    let mut standing = every_minute("allow");
+    standing.schedule = None;
+    standing.restart = Restart::Always;
+    let mut w = World::new(&[("s", standing.clone())]);
+    w.tick();
+    assert_eq!(w.names(), ["s"]);
+    w.core
+        .set_units([("s".to_string(), every_minute("allow"))].into());
+    w.tick();
+    w.wait(30.0);
+    assert!(w.calls().contains(&"stop s".to_string()));
+    w.end("s", VmOutcome::Killed { signal: 15 });
+    assert_eq!(w.names(), ["s-20261207-2101"]);
+    w.core.set_units([("s".to_string(), standing)].into());
+    w.tick();
+    assert!(w.calls().contains(&"stop s-20261207-2101".to_string()));
 }
