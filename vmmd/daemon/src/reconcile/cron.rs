@@ -21,7 +21,7 @@
 //! fires at most one run per unit per tick, never a burst.
 
 use super::{AfterStop, Backend, Core, Workload};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use steelcup_api::vmm1::{CronInfo, CronRun, WorkloadState};
@@ -101,6 +101,8 @@ impl<B: Backend> Core<B> {
         let (Some(schedule), tz) = (&spec.schedule, spec.time_zone.unwrap_or_default()) else {
             return;
         };
+        // Due times are whole seconds (whole minutes, in fact).
+        let wall = wall.with_nanosecond(0).unwrap_or(wall);
         let from = format!("{schedule} {tz}");
         let restored = self.cron.restored.remove(unit);
         let c = self.cron.units.entry(unit.to_string()).or_default();

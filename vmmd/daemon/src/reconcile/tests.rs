@@ -922,3 +922,22 @@ fn a_unit_that_becomes_scheduled_loses_its_standing_workload_and_back() {
     w.tick();
     assert!(w.calls().contains(&"stop s-20261207-2101".to_string()));
 }
+
+#[test]
+fn due_times_are_whole_minutes_whatever_the_clock_reads_between() {
+    let mut w = World::new(&[("m", every_minute("allow"))]);
+    w.wall = "2026-12-07T21:00:59.700Z".parse().unwrap();
+    w.tick();
+    w.wait(0.5);
+    assert_eq!(w.names(), ["m-20261207-2101"]);
+    assert_eq!(
+        w.core.cron_marks()["m"],
+        "2026-12-07T21:01:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    );
+    assert_eq!(
+        w.core.workloads["m-20261207-2101"].run,
+        Some("2026-12-07T21:01:00Z".parse().unwrap())
+    );
+}
