@@ -269,7 +269,12 @@ fn spawn_worker(
     let child = cmd
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .spawn()
-        .map_err(|e| format!("start {cmd:?}: {e}"))?;
+        .map_err(|e| format!("start {cmd:?}: {e}"));
+    // The command keeps the worker's end of the socket until it is
+    // dropped, which is after the measurement: let it go now, so the
+    // worker's messages end (and their reader with them) when it exits.
+    cmd.stdin(Stdio::null());
+    let child = child?;
     ours.write_all(line.as_bytes())
         .map_err(|e| format!("config to the worker: {e}"))?;
     Ok((child, ours))
@@ -783,6 +788,27 @@ fn rounds_line(ours: &[Sample], qemu: &[Sample]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workers_messages_end_when_it_exits_while_its_command_lives_on() {
+        // The bench's commands outlive the measurement; the reader of the
+        // worker's messages must still see the end of them.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "exit 0"]);
+        let (mut child, control) = spawn_worker(&mut cmd, "{}\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let n = worker_messages(control).count();
+            let _ = tx.send(n);
+        });
+        let _ = child.wait();
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(0),
+            "the messages did not end with the worker"
+        );
+        drop(cmd);
+    }
 
     #[test]
     fn smaps_finds_the_guest_mapping_and_sums_the_rest() {
