@@ -244,6 +244,18 @@ pub fn boot_until(cfg: &GuestConfig, markers: &[(&str, Duration)]) -> Result<Str
                     "the emulated host stopped during the benchmark ({e:#}); booting once more"
                 );
             }
+            // A nested guest that triple-faulted (under TCG now and then)
+            // fails the start benchmark's run, whenever in the boot.
+            Err(e)
+                if attempt == 1
+                    && qemu_tests::emulation_fault(&g, &e).is_none()
+                    && g.accel == qemu_tests::Accel::Tcg
+                    && g.serial().contains("guest crashed: triple fault") =>
+            {
+                eprintln!(
+                    "a nested guest triple-faulted during the benchmark ({e:#}); booting once more"
+                );
+            }
             Err(e) if attempt == 1 => match qemu_tests::emulation_fault(&g, &e) {
                 // The emulated host reset or panicked: the emulation's
                 // doing, not the benchmark's (see qemu-tests).
