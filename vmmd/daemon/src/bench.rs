@@ -150,28 +150,27 @@ fn run(args: &[String]) -> Result<(), String> {
 
     let (mut ours, mut qemu, mut scraped) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=a.rounds {
-        let s = measure(
-            Command::new(&exe).args(["worker", "bench"]),
-            Some(&line),
-            a.memory_mib,
-            true,
-            a.trace.then_some("steelcup"),
-            None,
-        )?;
-        eprintln!("vmmd bench: round {round}: steelcup {s:?}");
-        ours.push(s);
-        // The same, with its metrics read as a scrape reads them, far more
-        // often than any scraper would.
-        let s = measure(
-            Command::new(&exe).args(["worker", "bench"]),
-            Some(&line),
-            a.memory_mib,
-            true,
-            None,
-            Some(SCRAPE_EVERY),
-        )?;
-        eprintln!("vmmd bench: round {round}: steelcup scraped {s:?}");
-        scraped.push(s);
+        // Our worker plain, and again with its counters read as a scrape
+        // reads them; which goes first alternates, so whatever the boot
+        // before leaves behind (a VM still being torn down) weighs on both
+        // alike.
+        for scrape in [round % 2 == 0, round % 2 == 1] {
+            let s = measure(
+                Command::new(&exe).args(["worker", "bench"]),
+                Some(&line),
+                a.memory_mib,
+                true,
+                (a.trace && !scrape).then_some("steelcup"),
+                scrape.then_some(SCRAPE_EVERY),
+            )?;
+            if scrape {
+                eprintln!("vmmd bench: round {round}: steelcup scraped {s:?}");
+                scraped.push(s);
+            } else {
+                eprintln!("vmmd bench: round {round}: steelcup {s:?}");
+                ours.push(s);
+            }
+        }
         let mut cmd = Command::new(&a.qemu);
         cmd.args([
             "-M",
@@ -389,9 +388,7 @@ fn start_floor(exe: &std::path::Path, rounds: usize) -> Result<Option<f64>, Stri
 /// How often a scraped round reads the worker's counters (vmmd's
 /// `Counters` command on its control socket, and its `/proc` files, as
 /// `cup metrics` makes vmmd do): 15 times as often as Prometheus' common
-/// 15 s scrape interval, from the worker's spawn on. (Every 50 ms, 20 reads
-/// a second, made the emulated boot 1.55× as long in a run of 2026-12-07:
-/// a scrape is not free, but at any real interval it is rare.)
+/// 15 s scrape interval, from the worker's spawn on.
 const SCRAPE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads the counters of worker `pid` over `control` every `every` until
@@ -447,6 +444,12 @@ fn metrics_cost(plain: &[Sample], scraped: &[Sample]) -> String {
 /// vmmd starts it), waits for the marker on its stdout, samples its
 /// memory, then lets it end (`wait_exit`) or kills it. With `scrape`, its
 /// counters are read that often meanwhile ([`scrape_worker`]).
+/// How long the host is left alone before each measured boot: the VM
+/// before is still being taken down for a while after its VMM has exited
+/// (a boot right after another took half as long again under emulation,
+/// whichever VMM it was).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn measure(
     cmd: &mut Command,
     worker: Option<&str>,
@@ -455,6 +458,7 @@ fn measure(
     trace: Option<&str>,
     scrape: Option<std::time::Duration>,
 ) -> Result<Sample, String> {
+    std::thread::sleep(SETTLE);
     let t0 = steelcup_vmm::worker::monotonic_ns();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     // The worker's control channel, kept open until the child is reaped.
