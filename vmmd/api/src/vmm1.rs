@@ -762,6 +762,6 @@ mod signatures {
     fn stats_and_counters_have_the_documented_signatures() {
         assert_eq!(VmStats::SIGNATURE.to_string(), "(stttttttttttttt)");
         assert_eq!(VmmdCounters::SIGNATURE.to_string(), "(ttuua(sttt)ta(sst)t)");
-        assert_eq!(CronInfo::SIGNATURE.to_string(), "(ssssxxa(xssssis))");
+        assert_eq!(CronInfo::SIGNATURE.to_string(), "(ssssxxa(xsssis))");
     }
 }
