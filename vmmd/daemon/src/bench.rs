@@ -800,7 +800,7 @@ mod tests {
         // The bench's commands outlive the measurement; the reader of the
         // worker's messages must still see the end of them.
         let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "exit 0"]);
+        cmd.args(["-c", "read -r config; exit 0"]);
         let (mut child, control) = spawn_worker(&mut cmd, "{}\n").unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
