@@ -549,11 +549,12 @@ fn measure(
     // SAFETY: a zeroed rusage is valid for wait4 to fill.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     reap(pid, &mut status, &mut usage);
-    watched.store(true, std::sync::atomic::Ordering::Relaxed);
+    stage.store(3, std::sync::atomic::Ordering::Relaxed);
     drop(control);
     let _ = drain.join();
     let first_run = timing.join().ok().flatten();
     let tail = tail.join().unwrap_or_default();
+    drop(watched);
     let Some(seen) = seen else {
         return Err(format!(
             "{cmd:?} ended without printing {MARKER:?}; its stderr: {}",
@@ -629,33 +630,31 @@ fn threads(pid: i32) -> String {
 
 /// Says every 20 s how long a measurement has been at its `stage` (0:
 /// waiting for the guest's line, 1: reading its memory, 2: waiting for
-/// it to end), and where the VMM's threads and the bench's own are:
-/// under emulation a round has been seen to stall with nothing said.
+/// it to end, 3: for its messages to end), and where the VMM's threads
+/// and the bench's own are, until the returned sender is dropped. It
+/// sleeps in between, so it costs the measured boot nothing.
 fn watchdog(
     pid: i32,
     stage: std::sync::Arc<std::sync::atomic::AtomicU8>,
-) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let over = done.clone();
+) -> std::sync::mpsc::Sender<()> {
+    let (done, over) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let t0 = std::time::Instant::now();
-        let mut said = 0;
-        while !over.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            let secs = t0.elapsed().as_secs();
-            if secs / 20 > said {
-                said = secs / 20;
-                let at = match stage.load(std::sync::atomic::Ordering::Relaxed) {
-                    0 => "waiting for the guest's line",
-                    1 => "reading the VMM's memory",
-                    _ => "waiting for the VMM to end",
-                };
-                eprintln!(
-                    "vmmd bench: pid {pid}: {secs}s, {at}; its threads: {}; the bench's: {}",
-                    threads(pid),
-                    threads(std::process::id() as i32)
-                );
-            }
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            over.recv_timeout(std::time::Duration::from_secs(20))
+        {
+            let at = match stage.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => "waiting for the guest's line",
+                1 => "reading the VMM's memory",
+                2 => "waiting for the VMM to end",
+                _ => "waiting for the VMM's messages to end",
+            };
+            eprintln!(
+                "vmmd bench: pid {pid}: {}s, {at}; its threads: {}; the bench's: {}",
+                t0.elapsed().as_secs(),
+                threads(pid),
+                threads(std::process::id() as i32)
+            );
         }
     });
     done
