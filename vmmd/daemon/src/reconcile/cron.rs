@@ -256,7 +256,7 @@ impl<B: Backend> Core<B> {
     /// When the next scheduled run is due, as an instant (`wall` being
     /// `now`), no later than [`CLOCK_CHECK`] from now.
     pub(super) fn cron_wakeup(&self, now: Instant, wall: DateTime<Utc>) -> Option<Instant> {
-        if self.cron.units.is_empty() && !self.units.values().any(|s| s.schedule.is_some()) {
+        if !self.units.values().any(|s| s.schedule.is_some()) {
             return None;
         }
         let next = self
