@@ -353,15 +353,22 @@ pub struct MicrovmSection {
     /// them to the workload (spread over its ready replicas).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ports::PortSpec>,
-    /// Workloads of the same scope reach each other on every port; others
-    /// reach only published ports. Default: the unit's name (replicas of
-    /// one unit share it).
+    /// Workloads sharing a scope reach each other on every port; others
+    /// reach only published ports. A name or a list of names (a workload
+    /// in several scopes, as a Compose service on several networks).
+    /// Default: the unit's name (replicas of one unit share it).
     #[serde(
         default,
         rename = "network-scope",
-        skip_serializing_if = "Option::is_none"
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
     )]
-    pub network_scope: Option<String>,
+    pub network_scope: Vec<String>,
+    /// More names the unit's VMs answer to in DNS, for workloads that
+    /// share one of its network scopes (a Compose service's name in its
+    /// networks); at most [`MAX_ALIASES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     #[serde(default, rename = "memory-backing")]
     pub memory_backing: MemoryBacking,
     /// Huge pages for guest memory: transparent ones on anonymous memory,
@@ -470,7 +477,8 @@ impl Default for MicrovmSection {
             volumes: Vec::new(),
             network: Network::default(),
             ports: Vec::new(),
-            network_scope: None,
+            network_scope: Vec::new(),
+            aliases: Vec::new(),
             memory_backing: MemoryBacking::default(),
             huge_pages: false,
             rlimits: BTreeMap::new(),
@@ -551,6 +559,10 @@ pub const MAX_EXTRA_HOSTS: usize = 64;
 
 /// The most labels a workload may carry.
 pub const MAX_LABELS: usize = 64;
+/// The most network scopes one workload is in.
+pub const MAX_SCOPES: usize = 16;
+/// The most DNS aliases one unit has.
+pub const MAX_ALIASES: usize = 16;
 
 /// What is wrong with a workload's labels, if anything.
 pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
@@ -678,7 +690,10 @@ impl MicrovmSection {
         if let Some((a, b)) = ports::first_clash(&self.ports) {
             return Err(format!("ports: {a} and {b} publish the same host port"));
         }
-        if let Some(s) = &self.network_scope {
+        if self.network_scope.len() > MAX_SCOPES {
+            return Err(format!("network-scope: at most {MAX_SCOPES} scopes"));
+        }
+        for s in &self.network_scope {
             let ok = !s.is_empty()
                 && s.len() <= 64
                 && s.chars()
@@ -688,6 +703,15 @@ impl MicrovmSection {
                     "network-scope: {s:?} must be 1-64 letters, digits, '-', '_' or '.'"
                 ));
             }
+        }
+        if self.aliases.len() > MAX_ALIASES {
+            return Err(format!("aliases: at most {MAX_ALIASES}"));
+        }
+        if let Some(a) = self.aliases.iter().find(|a| !valid_hostname(a)) {
+            return Err(format!("aliases: {a:?} is not a host name"));
+        }
+        if !self.aliases.is_empty() && self.network == Network::None {
+            return Err("aliases: a workload with network = \"none\" has no name in DNS".into());
         }
         Ok(())
     }
@@ -712,6 +736,25 @@ pub const MAX_PORTS: usize = 64;
 
 /// The most replicas a unit may ask for.
 pub const MAX_REPLICAS: u32 = 64;
+
+/// A string or a list of strings, read as a list (`network-scope`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => vec![s],
+        Ok(OneOrMany::Many(v)) => v,
+        Err(_) => {
+            return Err(serde::de::Error::custom(
+                "expected a scope name or a list of scope names",
+            ))
+        }
+    })
+}
 
 fn default_replicas() -> u32 {
     1
@@ -1066,6 +1109,34 @@ vcpus = 2
         assert_eq!(m.memory, MemSize(64 << 20));
         assert_eq!(m.vcpus, 2);
         assert_eq!(u.unit.after, vec!["vmmd"]);
+    }
+
+    #[test]
+    fn network_scopes_are_one_or_many_and_aliases_are_host_names() {
+        let read = |body: &str| {
+            parse(&p("api"), &format!("[microvm]\nimage = \"busybox\"\n{body}\n")).map(|u| {
+                let UnitKind::Microvm(m) = u.kind else {
+                    panic!("not a microvm")
+                };
+                m
+            })
+        };
+        let m = read("network-scope = \"shop\"").unwrap();
+        assert_eq!(m.network_scope, ["shop"]);
+        let m = read("network-scope = [\"shop_front\", \"shop_back\"]\naliases = [\"api\"]").unwrap();
+        assert_eq!(m.network_scope, ["shop_front", "shop_back"]);
+        assert_eq!(m.aliases, ["api"]);
+        let again = toml::to_string(&m).unwrap();
+        assert_eq!(toml::from_str::<MicrovmSection>(&again).unwrap(), m);
+        for (body, says) in [
+            ("network-scope = 3", "a scope name or a list"),
+            ("network-scope = [\"a b\"]", "network-scope"),
+            ("aliases = [\"-x\"]", "aliases"),
+            ("aliases = [\"db\"]\nnetwork = \"none\"", "aliases"),
+        ] {
+            let e = read(body).unwrap_err().to_string();
+            assert!(e.contains(says), "{body}: {e}");
+        }
     }
 
     #[test]

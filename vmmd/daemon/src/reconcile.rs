@@ -291,6 +291,11 @@ pub struct Core<B: Backend> {
     pub counters: Counters,
     /// The scheduled units' runs.
     pub cron: cron::Book,
+    /// Each unit's `after` and `requires`: the units whose first ready VM
+    /// its first VM waits for (Compose's `depends_on`).
+    pub after: BTreeMap<String, Vec<String>>,
+    /// Units said to be waiting for their `after` (said once).
+    waiting: std::collections::BTreeSet<String>,
 }
 
 /// The outcome kind of a run vmmd itself could not carry out (its image,
@@ -328,7 +333,35 @@ impl<B: Backend> Core<B> {
             pool: Pool::new(pool),
             counters: Counters::default(),
             cron: cron::Book::default(),
+            after: BTreeMap::new(),
+            waiting: Default::default(),
         }
+    }
+
+    /// Installs each unit's start order: the `[microvm]` units named by
+    /// its `after` and `requires` (others are init's business).
+    pub fn set_after(&mut self, after: BTreeMap<String, Vec<String>>) {
+        self.after = after;
+    }
+
+    /// The unit `unit` waits for before its first VM: one of its `after`
+    /// units, standing (not scheduled, replicas wanted) with no ready VM.
+    fn waits_for(&self, unit: &str) -> Option<String> {
+        let deps = self.after.get(unit)?;
+        deps.iter()
+            .filter(|d| d.as_str() != unit)
+            .filter(|d| {
+                self.units
+                    .get(d.as_str())
+                    .is_some_and(|s| s.schedule.is_none() && s.replicas > 0)
+            })
+            .find(|d| {
+                !self
+                    .workloads
+                    .values()
+                    .any(|w| w.unit.as_deref() == Some(d.as_str()) && w.ready())
+            })
+            .cloned()
     }
 
     /// Installs a new desired state (at start and on reload); the next
@@ -554,6 +587,18 @@ impl<B: Backend> Core<B> {
                 .collect()
         };
         let (current, old) = (mine(true), mine(false));
+        // A unit's first VM waits for the units it comes after to be
+        // ready (running, and healthy when they have a check); once it
+        // runs, their later restarts do not hold it.
+        if current.is_empty() && old.is_empty() {
+            if let Some(dep) = self.waits_for(unit) {
+                if self.waiting.insert(unit.to_string()) {
+                    tracing::info!("unit {unit}: waiting for {dep} to be ready (after)");
+                }
+                return;
+            }
+            self.waiting.remove(unit);
+        }
         // Scale down: slots past the replicas go, old or new.
         for (name, slot, _) in current.iter().chain(&old) {
             if *slot >= spec.replicas {

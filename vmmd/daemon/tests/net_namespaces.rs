@@ -181,7 +181,8 @@ fn bridge_nat_published_ports_isolation_and_dns() {
         name: "web.1".into(),
         tap: "sctap-a".into(),
         unit: Some("web".into()),
-        scope: "web".into(),
+        scopes: vec!["web".into()],
+        aliases: vec![],
         ports: vec![PortSpec::parse("8080:80").unwrap()],
         ready: true,
     };
@@ -189,7 +190,8 @@ fn bridge_nat_published_ports_isolation_and_dns() {
         name: "db".into(),
         tap: "sctap-b".into(),
         unit: Some("db".into()),
-        scope: "db".into(),
+        scopes: vec!["db".into()],
+        aliases: vec![],
         ports: vec![],
         ready: true,
     };
@@ -227,7 +229,8 @@ fn bridge_nat_published_ports_isolation_and_dns() {
     );
     // Same scope: every port.
     let db_in_web = RunningVm {
-        scope: "web".into(),
+        scopes: vec!["web".into()],
+        aliases: vec![],
         ..db.clone()
     };
     net.sync(&[web.clone(), db_in_web]).unwrap();

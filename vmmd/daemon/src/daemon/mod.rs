@@ -196,8 +196,21 @@ enum Event {
 fn load_units(
     dir: &Path,
     current: &BTreeMap<String, MicrovmSection>,
+    after: &mut BTreeMap<String, Vec<String>>,
 ) -> BTreeMap<String, MicrovmSection> {
     let (found, errors) = units::load_dir(dir);
+    // A kept unit (its file refused) keeps its order too.
+    after.retain(|n, _| {
+        errors
+            .iter()
+            .any(|e| e.unit_name().as_deref() == Some(n.as_str()))
+    });
+    for u in &found {
+        let deps: Vec<String> = u.unit.after.iter().chain(&u.unit.requires).cloned().collect();
+        if !deps.is_empty() {
+            after.insert(u.name.clone(), deps);
+        }
+    }
     let mut kept = BTreeMap::new();
     for e in &errors {
         tracing::error!("{}", steelcup_vmm::worker::error_chain(e));
@@ -304,8 +317,13 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         next_tap: 0,
     };
     let mut core = Core::new(backend, opts.removed.clone(), opts.warm_pool.clone());
-    let found = without_port_clashes(load_units(&opts.units, &BTreeMap::new()), &core.workloads);
+    let mut after = BTreeMap::new();
+    let found = without_port_clashes(
+        load_units(&opts.units, &BTreeMap::new(), &mut after),
+        &core.workloads,
+    );
     core.set_units(found);
+    core.set_after(after);
     let mut cron_kept = cron_marks::load(&opts.state_dir);
     core.restore_cron_marks(cron_kept.clone());
     // `cup run`s with a restart policy, kept by the vmmd before.
@@ -388,9 +406,13 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                 if let Some(file) = &opts.registries_file {
                     core.backend.opts.registries = load_registries(file);
                 }
-                let found =
-                    without_port_clashes(load_units(&opts.units, &core.units), &core.workloads);
+                let mut after = core.after.clone();
+                let found = without_port_clashes(
+                    load_units(&opts.units, &core.units, &mut after),
+                    &core.workloads,
+                );
                 let c = core.set_units(found);
+                core.set_after(after);
                 tracing::info!(
                     "reload: units new [{}], removed [{}], changed [{}]",
                     c.added.join(", "),
@@ -455,7 +477,8 @@ fn sync_network(core: &mut Daemon) {
                 name: name.clone(),
                 tap: backend.taps.get(name)?.clone(),
                 unit: w.unit.clone(),
-                scope: network_scope(name, w),
+                scopes: network_scopes(name, w),
+                aliases: w.spec.aliases.clone(),
                 ports: w.spec.ports.clone(),
                 ready: w.ready(),
             })
@@ -465,13 +488,14 @@ fn sync_network(core: &mut Daemon) {
     let _ = net.sync(&vms);
 }
 
-/// Workload `name`'s network scope: the unit's own, or its unit, or itself.
-fn network_scope(name: &str, w: &Workload) -> String {
-    w.spec
-        .network_scope
-        .clone()
-        .or_else(|| w.unit.clone())
-        .unwrap_or_else(|| name.to_string())
+/// Workload `name`'s network scopes: the unit's own, or its unit, or
+/// itself.
+fn network_scopes(name: &str, w: &Workload) -> Vec<String> {
+    if w.spec.network_scope.is_empty() {
+        vec![w.unit.clone().unwrap_or_else(|| name.to_string())]
+    } else {
+        w.spec.network_scope.clone()
+    }
 }
 
 /// Who else publishes one of `ports` (a unit, or another `cup run`

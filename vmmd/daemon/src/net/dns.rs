@@ -2,7 +2,9 @@
 //!
 //! A name of a workload (`web`, `web.1`) or of a unit, bare or under the
 //! network's domain (`web.steelcup.internal`), answers with the addresses
-//! of its running VMs (a unit: its ready replicas). Every other query goes
+//! of its running VMs (a unit: its ready replicas). A unit's `aliases`
+//! (a Compose service's name) answer only a VM that shares one of its
+//! network scopes, and come before the machine-wide names for it. Every other query goes
 //! as it is to the host's resolvers (`/etc/resolv.conf`, read on each
 //! query: DHCP may change it) and their answer comes back as it is.
 //!
@@ -19,8 +21,40 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-/// Name (lower case, no trailing dot) -> addresses.
-pub type Records = Arc<RwLock<BTreeMap<String, Vec<Ipv4Addr>>>>;
+/// What the server answers from, shared with the network that fills it.
+pub type Records = Arc<RwLock<Names>>;
+
+/// Names (lower case, no trailing dot) and their addresses.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// Every running VM by its name, every unit by its ready replicas.
+    pub global: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// Per network scope: an alias and the ready VMs that have it.
+    pub scoped: BTreeMap<String, BTreeMap<String, Vec<Ipv4Addr>>>,
+    /// Each VM's address and its scopes (whose aliases it sees).
+    pub scopes_of: BTreeMap<Ipv4Addr, Vec<String>>,
+}
+
+impl Names {
+    /// The addresses `name` has for a query from `from`: an alias of one
+    /// of the asker's scopes first, else a machine-wide name.
+    pub fn lookup(&self, name: &str, from: Option<Ipv4Addr>) -> Option<Vec<Ipv4Addr>> {
+        let scopes = from.and_then(|ip| self.scopes_of.get(&ip));
+        let mut aliased: Vec<Ipv4Addr> = scopes
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.scoped.get(s)?.get(name))
+            .flatten()
+            .copied()
+            .collect();
+        if !aliased.is_empty() {
+            aliased.sort();
+            aliased.dedup();
+            return Some(aliased);
+        }
+        self.global.get(name).cloned()
+    }
+}
 
 /// How long our answers may be cached: VMs come and go.
 const TTL: u32 = 5;
@@ -51,8 +85,9 @@ pub enum Answer {
 }
 
 impl Server {
-    /// Answers `query` from the records, or says to forward it.
-    pub fn answer(&self, query: &[u8]) -> Answer {
+    /// Answers `query` (sent from `from`) from the records, or says to
+    /// forward it.
+    pub fn answer(&self, query: &[u8], from: Option<Ipv4Addr>) -> Answer {
         let Ok(msg) = Message::from_vec(query) else {
             return Answer::Drop;
         };
@@ -80,12 +115,12 @@ impl Server {
         let suffix = format!(".{}", self.domain);
         let bare = name.strip_suffix(suffix.as_str()).unwrap_or(name);
         let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-        match records.get(bare) {
+        match records.lookup(bare, from) {
             Some(ips) => {
                 let answers = match q.query_type() {
                     RecordType::A => ips
-                        .iter()
-                        .map(|ip| Record::from_rdata(q.name().clone(), TTL, RData::A(A(*ip))))
+                        .into_iter()
+                        .map(|ip| Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip))))
                         .collect(),
                     _ => vec![],
                 };
@@ -130,7 +165,11 @@ impl Server {
                 }
             };
             let query = &buf[..n];
-            match self.answer(query) {
+            let asker = match from.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            };
+            match self.answer(query, asker) {
                 Answer::Reply(r) => {
                     let _ = socket.send_to(&r, from);
                 }
@@ -215,7 +254,7 @@ mod tests {
 
     fn server(resolv: PathBuf) -> Server {
         let records: Records = Default::default();
-        records.write().unwrap().insert(
+        records.write().unwrap().global.insert(
             "web".into(),
             vec![Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 3)],
         );
@@ -254,7 +293,7 @@ mod tests {
     fn workload_names_answer_bare_and_under_the_domain() {
         let s = server("/nonexistent".into());
         for name in ["web.", "WEB.steelcup.internal.", "web"] {
-            let m = reply(s.answer(&query(name, RecordType::A)));
+            let m = reply(s.answer(&query(name, RecordType::A), None));
             assert_eq!(m.metadata.response_code, ResponseCode::NoError);
             assert_eq!(
                 addresses(&m),
@@ -263,23 +302,56 @@ mod tests {
             );
         }
         // AAAA of ours: no records, no error (IPv4 only).
-        let m = reply(s.answer(&query("web.", RecordType::AAAA)));
+        let m = reply(s.answer(&query("web.", RecordType::AAAA), None));
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
         // Under our domain but unknown: NXDOMAIN, never forwarded.
-        let m = reply(s.answer(&query("nope.steelcup.internal.", RecordType::A)));
+        let m = reply(s.answer(&query("nope.steelcup.internal.", RecordType::A), None));
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn aliases_answer_only_their_scopes_and_come_first() {
+        let s = server("/nonexistent".into());
+        let (web, db, other, db_b) = (
+            Ipv4Addr::new(10, 88, 0, 2),
+            Ipv4Addr::new(10, 88, 0, 4),
+            Ipv4Addr::new(10, 88, 0, 9),
+            Ipv4Addr::new(10, 88, 0, 7),
+        );
+        {
+            let mut n = s.records.write().unwrap();
+            n.global.insert("shop-db".into(), vec![db]);
+            // A unit named "db" elsewhere on the machine.
+            n.global.insert("db".into(), vec![other]);
+            n.scoped
+                .entry("shop_default".into())
+                .or_default()
+                .insert("db".into(), vec![db]);
+            n.scoped
+                .entry("blog_default".into())
+                .or_default()
+                .insert("db".into(), vec![db_b]);
+            n.scopes_of.insert(web, vec!["shop_default".into()]);
+        }
+        let ask = |from| addresses(&reply(s.answer(&query("db.", RecordType::A), from)));
+        assert_eq!(ask(Some(web)), vec![db], "shop's web finds shop's db");
+        assert_eq!(ask(Some(other)), vec![other], "outside the scope: the unit db");
+        assert_eq!(ask(None), vec![other]);
+        // Under the domain too.
+        let m = reply(s.answer(&query("db.steelcup.internal.", RecordType::A), Some(web)));
+        assert_eq!(addresses(&m), vec![db]);
     }
 
     #[test]
     fn other_names_go_upstream_and_garbage_is_dropped() {
         let s = server("/nonexistent".into());
         assert_eq!(
-            s.answer(&query("deb.debian.org.", RecordType::A)),
+            s.answer(&query("deb.debian.org.", RecordType::A), None),
             Answer::Forward
         );
-        assert_eq!(s.answer(b"\x00\x01garbage"), Answer::Drop);
-        assert_eq!(s.answer(&[]), Answer::Drop);
+        assert_eq!(s.answer(b"\x00\x01garbage", None), Answer::Drop);
+        assert_eq!(s.answer(&[], None), Answer::Drop);
     }
 
     #[test]

@@ -146,7 +146,10 @@ pub struct RunningVm {
     pub tap: String,
     /// Its unit; None for `cup run`'s.
     pub unit: Option<String>,
-    pub scope: String,
+    /// Its network scopes (at least one).
+    pub scopes: Vec<String>,
+    /// Its unit's DNS aliases, answered in its scopes.
+    pub aliases: Vec<String>,
     pub ports: Vec<PortSpec>,
     /// Running, not stopping, healthy if it has a check: it gets traffic.
     pub ready: bool,
@@ -474,7 +477,7 @@ impl HostNet {
                 name: vm.name.clone(),
                 tap: vm.tap.clone(),
                 ip,
-                scope: vm.scope.clone(),
+                scopes: vm.scopes.clone(),
             });
             for p in &vm.ports {
                 let backends = publications
@@ -511,21 +514,38 @@ impl HostNet {
     }
 }
 
-/// DNS names: each running VM by its name, each unit by its ready replicas.
-fn records(vms: &[RunningVm], ipam: &Ipam) -> BTreeMap<String, Vec<Ipv4Addr>> {
-    let mut r: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+/// DNS names: each running VM by its name, each unit by its ready
+/// replicas; each ready VM by its aliases in its scopes.
+fn records(vms: &[RunningVm], ipam: &Ipam) -> dns::Names {
+    let mut r = dns::Names::default();
     for vm in vms {
         let Some(ip) = ipam.get(&vm.name) else {
             continue;
         };
-        r.entry(vm.name.to_ascii_lowercase()).or_default().push(ip);
+        r.global
+            .entry(vm.name.to_ascii_lowercase())
+            .or_default()
+            .push(ip);
         if let Some(u) = &vm.unit {
             if u != &vm.name && vm.ready {
-                r.entry(u.to_ascii_lowercase()).or_default().push(ip);
+                r.global.entry(u.to_ascii_lowercase()).or_default().push(ip);
+            }
+        }
+        r.scopes_of.insert(ip, vm.scopes.clone());
+        if vm.ready {
+            for scope in &vm.scopes {
+                let names = r.scoped.entry(scope.clone()).or_default();
+                for a in &vm.aliases {
+                    names.entry(a.to_ascii_lowercase()).or_default().push(ip);
+                }
             }
         }
     }
-    for ips in r.values_mut() {
+    let lists = r
+        .global
+        .values_mut()
+        .chain(r.scoped.values_mut().flat_map(|m| m.values_mut()));
+    for ips in lists {
         ips.sort();
         ips.dedup();
     }
@@ -832,7 +852,8 @@ mod tests {
             name: name.into(),
             tap: "t".into(),
             unit: unit.map(Into::into),
-            scope: unit.unwrap_or(name).into(),
+            scopes: vec![unit.unwrap_or(name).into(), "shared".into()],
+            aliases: vec!["Front".into()],
             ports: vec![PortSpec::parse("8080:80").unwrap()],
             ready,
         };
@@ -845,9 +866,14 @@ mod tests {
             ipam.lease(&v.name).unwrap();
         }
         let r = records(&vms, &ipam);
-        assert_eq!(r["web"], vec![Ipv4Addr::new(10, 9, 0, 2)]);
-        assert_eq!(r["web.2"], vec![Ipv4Addr::new(10, 9, 0, 3)]);
-        assert_eq!(r["solo"], vec![Ipv4Addr::new(10, 9, 0, 4)]);
+        assert_eq!(r.global["web"], vec![Ipv4Addr::new(10, 9, 0, 2)]);
+        assert_eq!(r.global["web.2"], vec![Ipv4Addr::new(10, 9, 0, 3)]);
+        assert_eq!(r.global["solo"], vec![Ipv4Addr::new(10, 9, 0, 4)]);
+        // Aliases: ready VMs only, in each of their scopes, lower case.
+        let ready = vec![Ipv4Addr::new(10, 9, 0, 2), Ipv4Addr::new(10, 9, 0, 4)];
+        assert_eq!(r.scoped["shared"]["front"], ready);
+        assert_eq!(r.scoped["web"]["front"], vec![Ipv4Addr::new(10, 9, 0, 2)]);
+        assert_eq!(r.scopes_of[&Ipv4Addr::new(10, 9, 0, 3)], ["web", "shared"]);
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub struct VmEntry {
     pub name: String,
     pub tap: String,
     pub ip: Ipv4Addr,
-    /// VMs of the same scope reach each other on every port.
-    pub scope: String,
+    /// VMs sharing a scope reach each other on every port.
+    pub scopes: Vec<String>,
 }
 
 /// A published port and the VMs behind it (ready ones only; none: the
@@ -143,7 +143,9 @@ pub fn render(plan: &Plan) -> String {
     }
     let mut scopes: std::collections::BTreeMap<&str, Vec<Ipv4Addr>> = Default::default();
     for vm in &plan.vms {
-        scopes.entry(&vm.scope).or_default().push(vm.ip);
+        for scope in &vm.scopes {
+            scopes.entry(scope).or_default().push(vm.ip);
+        }
     }
     for ips in scopes.values().filter(|ips| ips.len() > 1) {
         let set: Vec<String> = ips.iter().map(Ipv4Addr::to_string).collect();
@@ -246,7 +248,7 @@ mod tests {
             name: name.into(),
             tap: tap.into(),
             ip: Ipv4Addr::new(10, 88, 0, last),
-            scope: scope.into(),
+            scopes: scope.split(',').map(Into::into).collect(),
         };
         Plan {
             bridge: "steelcup0".into(),
@@ -312,6 +314,26 @@ mod tests {
         assert!(r.contains("oifname != \"steelcup0\" ip saddr 10.88.0.0/16 masquerade"));
         // The host answers VMs' DNS on the gateway and drops the rest.
         assert!(r.contains("ip daddr 10.88.0.1 meta l4proto { tcp, udp } th dport 53 accept"));
+    }
+
+    #[test]
+    fn a_vm_in_two_scopes_reaches_both_and_they_not_each_other() {
+        let mut p = plan();
+        let vm = |name: &str, last: u8, scopes: &[&str]| VmEntry {
+            name: name.into(),
+            tap: format!("t{last}"),
+            ip: Ipv4Addr::new(10, 88, 1, last),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        };
+        p.vms = vec![
+            vm("front", 2, &["shop_front"]),
+            vm("api", 3, &["shop_front", "shop_back"]),
+            vm("db", 4, &["shop_back"]),
+        ];
+        let r = render(&p);
+        assert!(r.contains("ip saddr { 10.88.1.2, 10.88.1.3 } ip daddr { 10.88.1.2, 10.88.1.3 } accept"), "{r}");
+        assert!(r.contains("ip saddr { 10.88.1.3, 10.88.1.4 } ip daddr { 10.88.1.3, 10.88.1.4 } accept"), "{r}");
+        assert!(!r.contains("10.88.1.2, 10.88.1.4"), "front must not reach db: {r}");
     }
 
     #[test]

@@ -116,7 +116,8 @@ fn unit(replicas: u32, v: &str) -> MicrovmSection {
         volumes: Vec::new(),
         network: Default::default(),
         ports: Vec::new(),
-        network_scope: None,
+        network_scope: Vec::new(),
+        aliases: Vec::new(),
         memory_backing: Default::default(),
         huge_pages: false,
         rlimits: BTreeMap::new(),
@@ -310,6 +311,47 @@ fn a_changed_unit_is_rolled_one_healthy_vm_at_a_time() {
     assert_eq!(w.calls(), ["forget web.2"]);
     assert_eq!(w.names(), ["web.3", "web.4"]);
     assert!(w.core.workloads.values().all(|x| x.spec.env["V"] == "b"));
+}
+
+#[test]
+fn a_unit_after_another_starts_once_that_one_is_healthy_and_not_again_for_its_restarts() {
+    let mut w = World::new(&[
+        ("db", checked(unit(1, "a"))),
+        ("web", unit(2, "a")),
+        ("worker", unit(1, "a")),
+    ]);
+    w.core.set_after(
+        [
+            ("web".to_string(), vec!["db".to_string(), "vmmd".to_string()]),
+            ("worker".to_string(), vec!["web".to_string()]),
+        ]
+        .into(),
+    );
+    w.tick();
+    // Only db: web waits for it (vmmd is not a [microvm] unit: no wait),
+    // worker for web.
+    assert_eq!(w.calls(), ["start db slot=0 env=a"]);
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe db"]);
+    w.probe("db", false);
+    w.wait(1.0);
+    assert_eq!(w.calls(), ["probe db"], "running but not healthy: web still waits");
+    w.probe("db", true);
+    let mut calls = w.calls();
+    calls.sort();
+    assert_eq!(calls, ["start web.1 slot=0 env=a", "start web.2 slot=1 env=a"]);
+    // web has no check: running is ready, and worker follows.
+    w.tick();
+    assert_eq!(w.calls(), ["start worker slot=0 env=a"]);
+    // db crashing later does not stop or hold the others.
+    w.crash("db");
+    assert!(w.calls().iter().all(|c| !c.contains("web") && !c.contains("worker")));
+    assert_eq!(w.state("web.1"), "running");
+    // A dependency that never runs (replicas 0) holds nothing.
+    let mut w = World::new(&[("db", unit(0, "a")), ("web", unit(1, "a"))]);
+    w.core.set_after([("web".to_string(), vec!["db".to_string()])].into());
+    w.tick();
+    assert_eq!(w.calls(), ["start web slot=0 env=a"]);
 }
 
 #[test]
