@@ -1114,7 +1114,11 @@ vcpus = 2
     #[test]
     fn network_scopes_are_one_or_many_and_aliases_are_host_names() {
         let read = |body: &str| {
-            parse(&p("api"), &format!("[microvm]\nimage = \"busybox\"\n{body}\n")).map(|u| {
+            parse(
+                &p("api"),
+                &format!("[microvm]\nimage = \"busybox\"\n{body}\n"),
+            )
+            .map(|u| {
                 let UnitKind::Microvm(m) = u.kind else {
                     panic!("not a microvm")
                 };
@@ -1123,7 +1127,8 @@ vcpus = 2
         };
         let m = read("network-scope = \"shop\"").unwrap();
         assert_eq!(m.network_scope, ["shop"]);
-        let m = read("network-scope = [\"shop_front\", \"shop_back\"]\naliases = [\"api\"]").unwrap();
+        let m =
+            read("network-scope = [\"shop_front\", \"shop_back\"]\naliases = [\"api\"]").unwrap();
         assert_eq!(m.network_scope, ["shop_front", "shop_back"]);
         assert_eq!(m.aliases, ["api"]);
         let again = toml::to_string(&m).unwrap();

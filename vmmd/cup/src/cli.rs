@@ -144,6 +144,8 @@ pub enum Command {
     /// Manage volumes (ls, create, inspect, rm, prune)
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Run a Docker Compose project (compose.yaml) as units: up, down, ps, logs, exec, restart, pull, config
+    Compose(ComposeArgs),
     /// Scheduled units (schedule = "..." in a unit): ls, and a unit's runs (history)
     #[command(subcommand)]
     Cron(CronCommand),
@@ -641,6 +643,115 @@ pub enum UnitCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct ComposeArgs {
+    /// A compose file (several merge in order); default: compose.yaml,
+    /// compose.yml, docker-compose.yaml or docker-compose.yml here, and its
+    /// override file
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// The project's name (default: the file's name:, else this directory's) [env: COMPOSE_PROJECT_NAME]
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub project: Option<String>,
+    /// Start services of this profile too [env: COMPOSE_PROFILES]
+    #[arg(long = "profile", value_name = "NAME")]
+    pub profiles: Vec<String>,
+    #[command(subcommand)]
+    pub command: ComposeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ComposeCommand {
+    /// Install the services as units and start them; a changed service is rolled, the rest left alone
+    Up {
+        /// Return once every service has started, instead of following their logs
+        #[arg(short, long)]
+        detach: bool,
+        /// Wait for services with a healthcheck to be healthy too
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for the services to start
+        #[arg(long, value_name = "SECONDS", default_value = "600")]
+        wait_timeout: u64,
+        /// Say what would change, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove the project's units (their microVMs stop); -v: their volumes too
+    Down {
+        /// Remove the services' named volumes
+        #[arg(short = 'v', long)]
+        volumes: bool,
+    },
+    /// List the project's workloads
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+    },
+    /// The services' output, each line after its workload's name
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines from the end of each log
+        #[arg(short = 'n', long = "tail", value_name = "N", default_value = "100", value_parser = parse_tail)]
+        tail: u32,
+        #[arg(short, long)]
+        timestamps: bool,
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+    /// Run a command in a service's running microVM (the first replica; --index N another)
+    Exec {
+        #[arg(short, long)]
+        detach: bool,
+        /// No terminal, even when stdin is one
+        #[arg(short = 'T', long = "no-tty")]
+        no_tty: bool,
+        #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
+        env: Vec<String>,
+        #[arg(short, long, value_name = "DIR")]
+        workdir: Option<String>,
+        #[arg(short, long, value_name = "USER")]
+        user: Option<String>,
+        #[arg(long, value_name = "N", default_value = "1")]
+        index: usize,
+        service: String,
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND [ARG...]"
+        )]
+        command: Vec<String>,
+    },
+    /// Stop and start the services' microVMs
+    Restart {
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+    /// Pull the services' images
+    Pull {
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+    /// The resolved model (files merged, variables put in); --units: the unit files it makes
+    Config {
+        /// The units `up` installs, as files
+        #[arg(long)]
+        units: bool,
+        /// The services' names only
+        #[arg(long)]
+        services: bool,
+        /// Check only
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// Check only: say what would change
     #[arg(long)]
@@ -740,6 +851,10 @@ impl Command {
                 | Command::Version
                 | Command::Completion(_)
                 | Command::Man { .. }
+                | Command::Compose(ComposeArgs {
+                    command: ComposeCommand::Config { .. },
+                    ..
+                })
         )
     }
 }

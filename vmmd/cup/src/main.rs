@@ -13,6 +13,7 @@
 mod apply;
 mod archive;
 mod cli;
+mod compose;
 mod context;
 mod copy;
 mod cron;
@@ -424,6 +425,7 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Poweroff => proxy()?.power_off()?,
         Command::Reboot => proxy()?.reboot()?,
         Command::Ps(ps) => return code(crate::workloads::ps(&vmmd()?, &ps)),
+        Command::Compose(c) => return compose::run(c),
         Command::Stats(s) => return code(crate::stats::stats(&vmmd()?, &s)),
         Command::Top { name: Some(name) } => return code(crate::top::top(&vmmd()?, &name)),
         Command::Top { name: None } => return code(crate::host::top(&proxy()?, vmmd())),

@@ -206,7 +206,13 @@ fn load_units(
             .any(|e| e.unit_name().as_deref() == Some(n.as_str()))
     });
     for u in &found {
-        let deps: Vec<String> = u.unit.after.iter().chain(&u.unit.requires).cloned().collect();
+        let deps: Vec<String> = u
+            .unit
+            .after
+            .iter()
+            .chain(&u.unit.requires)
+            .cloned()
+            .collect();
         if !deps.is_empty() {
             after.insert(u.name.clone(), deps);
         }

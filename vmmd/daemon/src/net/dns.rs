@@ -336,7 +336,11 @@ mod tests {
         }
         let ask = |from| addresses(&reply(s.answer(&query("db.", RecordType::A), from)));
         assert_eq!(ask(Some(web)), vec![db], "shop's web finds shop's db");
-        assert_eq!(ask(Some(other)), vec![other], "outside the scope: the unit db");
+        assert_eq!(
+            ask(Some(other)),
+            vec![other],
+            "outside the scope: the unit db"
+        );
         assert_eq!(ask(None), vec![other]);
         // Under the domain too.
         let m = reply(s.answer(&query("db.steelcup.internal.", RecordType::A), Some(web)));

@@ -331,9 +331,22 @@ mod tests {
             vm("db", 4, &["shop_back"]),
         ];
         let r = render(&p);
-        assert!(r.contains("ip saddr { 10.88.1.2, 10.88.1.3 } ip daddr { 10.88.1.2, 10.88.1.3 } accept"), "{r}");
-        assert!(r.contains("ip saddr { 10.88.1.3, 10.88.1.4 } ip daddr { 10.88.1.3, 10.88.1.4 } accept"), "{r}");
-        assert!(!r.contains("10.88.1.2, 10.88.1.4"), "front must not reach db: {r}");
+        assert!(
+            r.contains(
+                "ip saddr { 10.88.1.2, 10.88.1.3 } ip daddr { 10.88.1.2, 10.88.1.3 } accept"
+            ),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "ip saddr { 10.88.1.3, 10.88.1.4 } ip daddr { 10.88.1.3, 10.88.1.4 } accept"
+            ),
+            "{r}"
+        );
+        assert!(
+            !r.contains("10.88.1.2, 10.88.1.4"),
+            "front must not reach db: {r}"
+        );
     }
 
     #[test]

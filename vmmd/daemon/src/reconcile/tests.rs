@@ -322,7 +322,10 @@ fn a_unit_after_another_starts_once_that_one_is_healthy_and_not_again_for_its_re
     ]);
     w.core.set_after(
         [
-            ("web".to_string(), vec!["db".to_string(), "vmmd".to_string()]),
+            (
+                "web".to_string(),
+                vec!["db".to_string(), "vmmd".to_string()],
+            ),
             ("worker".to_string(), vec!["web".to_string()]),
         ]
         .into(),
@@ -335,21 +338,32 @@ fn a_unit_after_another_starts_once_that_one_is_healthy_and_not_again_for_its_re
     assert_eq!(w.calls(), ["probe db"]);
     w.probe("db", false);
     w.wait(1.0);
-    assert_eq!(w.calls(), ["probe db"], "running but not healthy: web still waits");
+    assert_eq!(
+        w.calls(),
+        ["probe db"],
+        "running but not healthy: web still waits"
+    );
     w.probe("db", true);
     let mut calls = w.calls();
     calls.sort();
-    assert_eq!(calls, ["start web.1 slot=0 env=a", "start web.2 slot=1 env=a"]);
+    assert_eq!(
+        calls,
+        ["start web.1 slot=0 env=a", "start web.2 slot=1 env=a"]
+    );
     // web has no check: running is ready, and worker follows.
     w.tick();
     assert_eq!(w.calls(), ["start worker slot=0 env=a"]);
     // db crashing later does not stop or hold the others.
     w.crash("db");
-    assert!(w.calls().iter().all(|c| !c.contains("web") && !c.contains("worker")));
+    assert!(w
+        .calls()
+        .iter()
+        .all(|c| !c.contains("web") && !c.contains("worker")));
     assert_eq!(w.state("web.1"), "running");
     // A dependency that never runs (replicas 0) holds nothing.
     let mut w = World::new(&[("db", unit(0, "a")), ("web", unit(1, "a"))]);
-    w.core.set_after([("web".to_string(), vec!["db".to_string()])].into());
+    w.core
+        .set_after([("web".to_string(), vec!["db".to_string()])].into());
     w.tick();
     assert_eq!(w.calls(), ["start web slot=0 env=a"]);
 }
