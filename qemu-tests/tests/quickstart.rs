@@ -361,6 +361,7 @@ fn scenario(
     save_and_load(config)?;
     health_and_bundle(config)?;
     apply_units(config)?;
+    compose(config, machine)?;
     machine_config(g, config, certs)?;
     cup_ok(config, &["poweroff"])?;
     g.wait_clean_poweroff(STEP)?;
@@ -670,6 +671,198 @@ fn apply_units(config: &Path) -> Result<()> {
         "cup cron ls: {ls}"
     );
     cup_ok(config, &["unit", "rm", "heartbeat"])?;
+    Ok(())
+}
+
+/// The README's compose project: a database with a healthcheck and a named
+/// volume, two web replicas behind a published port that start once it
+/// is healthy, and a worker that finds the database by its service name.
+const SHOP: &str = r#"name: shop
+services:
+  db:
+    image: ${BUSYBOX}
+    command: sh -c 'mkdir -p /data/www && echo db-ok > /data/www/index.html && exec httpd -f -p 5432 -h /data/www'
+    volumes:
+      - dbdata:/data
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:5432/"]
+      interval: 2s
+      retries: 3
+  web:
+    image: ${BUSYBOX}
+    command: sh -c 'mkdir -p /tmp/www && echo web-ok > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www'
+    ports:
+      - "${WEB_PORT}:80"
+    depends_on:
+      db:
+        condition: service_healthy
+    deploy:
+      replicas: 2
+      resources:
+        limits:
+          memory: 128M
+    restart: always
+  worker:
+    image: ${BUSYBOX}
+    command: sh -c 'while true; do wget -q -O - http://db:5432/; sleep 2; done'
+    depends_on: [db]
+volumes:
+  dbdata:
+    x-steelcup-size: 64MiB
+"#;
+
+/// `cup compose`: up, the page from here, names between services, a
+/// changed service rolled alone, refusals with file and line, down -v.
+fn compose(config: &Path, machine: &RunMachine) -> Result<()> {
+    let dir = config.join("shop");
+    std::fs::create_dir_all(&dir)?;
+    let port = *machine
+        .ports
+        .get(1)
+        .context("a second workload port was not free here")?;
+    let file = dir.join("compose.yaml");
+    std::fs::write(&file, SHOP)?;
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "BUSYBOX=oci-archive:/usr/lib/steelcup/examples/busybox.oci.tar:latest\nWEB_PORT={port}\n"
+        ),
+    )?;
+    let f = file.to_string_lossy().into_owned();
+    let services = cup_ok(config, &["compose", "-f", &f, "config", "--services"])?;
+    ensure!(
+        services == "db\nweb\nworker\n",
+        "compose config --services: {services}"
+    );
+    let t = Instant::now();
+    let up = cup_ok(config, &["compose", "-f", &f, "up", "-d", "--wait"])?;
+    ensure!(
+        up.contains("applied: started [shop-db, shop-web, shop-worker]")
+            && up.contains("service web: 2 of 2 started"),
+        "compose up: {up}"
+    );
+    println!(
+        "quickstart: compose up took {:.0}s",
+        t.elapsed().as_secs_f64()
+    );
+    let page = get_page(port)?;
+    ensure!(page.contains("web-ok"), "GET localhost:{port}: {page}");
+    // web waited for db to be healthy.
+    let log = cup_ok(config, &["logs", "--unit", "vmmd", "-n", "400"])?;
+    ensure!(
+        log.contains("unit shop-web: waiting for shop-db to be ready (after)"),
+        "vmmd's log: no wait of web for db: {log}"
+    );
+    // Service names answer inside the project's network.
+    let got = cup_ok(
+        config,
+        &[
+            "compose",
+            "-f",
+            &f,
+            "exec",
+            "-T",
+            "web",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://db:5432/",
+        ],
+    )?;
+    ensure!(got.trim() == "db-ok", "web -> db by name: {got:?}");
+    let t = Instant::now();
+    loop {
+        let logs = cup_ok(config, &["compose", "-f", &f, "logs", "worker"])?;
+        if logs
+            .lines()
+            .any(|l| l.starts_with("shop-worker") && l.ends_with("| db-ok"))
+        {
+            break;
+        }
+        ensure!(t.elapsed() < STEP, "the worker never reached db: {logs}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let ps = cup_ok(
+        config,
+        &["compose", "-f", &f, "ps", "--format", "{{.Names}}"],
+    )?;
+    let mut names: Vec<&str> = ps.lines().collect();
+    names.sort();
+    ensure!(
+        names == ["shop-db", "shop-web.1", "shop-web.2", "shop-worker"],
+        "compose ps: {ps}"
+    );
+    // A changed image (in a second file, merged over the first) rolls
+    // that service and leaves the others alone.
+    let roll = dir.join("nginx.yaml");
+    std::fs::write(
+        &roll,
+        format!(
+            "services:\n  web:\n    image: {}\n    command: [\"nginx\", \"-g\", \"daemon off;\"]\n",
+            qemu_tests::registry::NGINX
+        ),
+    )?;
+    let r = roll.to_string_lossy().into_owned();
+    let out = cup_ok(config, &["compose", "-f", &f, "-f", &r, "up", "-d"])?;
+    ensure!(
+        out.contains("started [], stopped [], restarted [shop-web]"),
+        "compose up with web's image changed: {out}"
+    );
+    let t = Instant::now();
+    loop {
+        match get_page(port) {
+            Ok(p) if p.contains("<title>Welcome to nginx!</title>") => break,
+            other => ensure!(t.elapsed() < PULL_AND_BOOT, "web after its roll: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let ps = cup_ok(
+        config,
+        &["compose", "-f", &f, "ps", "--format", "{{.Names}}"],
+    )?;
+    ensure!(
+        ps.lines().any(|l| l == "shop-db") && ps.lines().any(|l| l == "shop-worker"),
+        "compose ps after the roll: {ps}"
+    );
+    // What steelcup cannot carry out is refused with its file and line.
+    let build = dir.join("build.yaml");
+    std::fs::write(&build, "services:\n  app:\n    image: x\n    build: .\n")?;
+    let bind = dir.join("bind.yaml");
+    std::fs::write(
+        &bind,
+        "services:\n  app:\n    image: x\n    volumes:\n      - ./site:/srv\n",
+    )?;
+    for (file, at) in [
+        (&build, ":4: services.app.build"),
+        (&bind, ":5: services.app.volumes.[0]"),
+    ] {
+        let out = cup(
+            config,
+            &["compose", "-f", &file.to_string_lossy(), "up", "-d"],
+        )?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2) && said.contains(&format!("{}{at}", file.display())),
+            "compose up of {}: {said}",
+            file.display()
+        );
+    }
+    // down -v leaves nothing: no units, no workloads, no volumes.
+    let down = cup_ok(config, &["compose", "-f", &f, "down", "-v"])?;
+    ensure!(
+        down.contains("removed volume shop-db/dbdata"),
+        "compose down -v: {down}"
+    );
+    let units = cup_ok(config, &["units"])?;
+    let ps = cup_ok(config, &["ps", "-a"])?;
+    let volumes = cup_ok(config, &["volume", "ls"])?;
+    for (what, text) in [("units", &units), ("ps -a", &ps), ("volume ls", &volumes)] {
+        ensure!(
+            !text.contains("shop-"),
+            "after compose down -v, cup {what}: {text}"
+        );
+    }
     Ok(())
 }
 
