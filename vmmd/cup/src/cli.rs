@@ -303,6 +303,38 @@ pub struct RunArgs {
     /// A line for /etc/hosts, NAME:ADDRESS
     #[arg(long = "add-host", value_name = "NAME:ADDRESS", value_parser = parse_add_host)]
     pub add_host: Vec<(String, std::net::IpAddr)>,
+    /// Run at these times instead of now, as a scheduled unit named --name: cron's five fields or @hourly, @daily...
+    #[arg(
+        long,
+        value_name = "CRON",
+        requires = "name",
+        help_heading = "Schedule"
+    )]
+    pub schedule: Option<String>,
+    /// The zone --schedule is read in (IANA name; default UTC)
+    #[arg(
+        long,
+        value_name = "ZONE",
+        requires = "schedule",
+        help_heading = "Schedule"
+    )]
+    pub time_zone: Option<String>,
+    /// A run due while the last still runs: allow, forbid (skip it) or replace
+    #[arg(
+        long,
+        value_name = "POLICY",
+        requires = "schedule",
+        help_heading = "Schedule"
+    )]
+    pub concurrency: Option<String>,
+    /// Stop a run still running after this many seconds
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        requires = "schedule",
+        help_heading = "Schedule"
+    )]
+    pub deadline: Option<u32>,
     /// Print help
     #[arg(long, action = clap::ArgAction::Help)]
     pub help: Option<bool>,

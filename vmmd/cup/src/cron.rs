@@ -153,3 +153,181 @@ mod tests {
         assert_eq!(time(0), "");
     }
 }
+
+/// `cup run --schedule CRON --name NAME IMAGE [CMD...]`: the scheduled
+/// unit it stands for, as `(NAME.toml, text)` for `cup apply`'s API. The
+/// options that describe one VM carry over; those of a single attached
+/// run (`-i`, `-t`, `--rm`, `-d`, `--restart`) and host resources shared
+/// beyond one run (`-p`, `-v`) are refused.
+pub fn unit_of_run(r: crate::cli::RunArgs) -> Result<(String, String), CupError> {
+    use steelcup_units::{MicrovmSection, UnitFile, UnitSection};
+    let refused = [
+        (r.interactive, "-i"),
+        (r.tty, "-t"),
+        (r.rm, "--rm (each run is kept in the unit's history)"),
+        (r.detach, "-d (a scheduled run is always detached)"),
+        (
+            r.restart.is_some(),
+            "--restart (a run that fails waits for the next due time)",
+        ),
+        (!r.publish.is_empty(), "-p (runs may overlap)"),
+        (!r.volume.is_empty(), "-v (give the unit file a volume)"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(set, _)| *set) {
+        return Err(usage!("run --schedule: {flag} does not go with a schedule"));
+    }
+    let name = r.name.clone().unwrap_or_default();
+    if !steelcup_units::valid_name(&name) {
+        return Err(usage!(
+            "run --schedule: --name {name:?} names the unit: lowercase letters, digits, '.', '_', '-'"
+        ));
+    }
+    let (image, cmd) = r
+        .image_and_command
+        .split_first()
+        .ok_or_else(|| usage!("run needs an image"))?;
+    let m = MicrovmSection {
+        image: Some(image.clone()),
+        cmd: cmd.to_vec(),
+        env: crate::workloads::environment(&r.env, &r.env_file)?,
+        memory: r.memory.unwrap_or_default(),
+        cpu_max: r.cpus,
+        rlimits: r.ulimit.into_iter().collect(),
+        network: r.network.unwrap_or_default(),
+        labels: r
+            .label
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (l.clone(), String::new()),
+            })
+            .collect(),
+        entrypoint: r
+            .entrypoint
+            .map(|e| if e.is_empty() { vec![] } else { vec![e] }),
+        workdir: r.workdir,
+        user: r.user,
+        hostname: r.hostname,
+        read_only: r.read_only,
+        extra_hosts: r.add_host.into_iter().collect(),
+        ..Default::default()
+    };
+    let file = UnitFile {
+        unit: UnitSection {
+            description: Some("cup run --schedule".into()),
+            ..Default::default()
+        },
+        service: None,
+        microvm: Some(m),
+    };
+    let mut table = toml::Table::try_from(&file).map_err(|e| usage!("{e}"))?;
+    if let Some(toml::Value::Table(vm)) = table.get_mut("microvm") {
+        let text = |s: &Option<String>| s.clone().map(toml::Value::String);
+        for (k, v) in [
+            ("schedule", text(&r.schedule)),
+            ("time-zone", text(&r.time_zone)),
+            ("concurrency", text(&r.concurrency)),
+            (
+                "deadline",
+                r.deadline.map(|d| toml::Value::Integer(d.into())),
+            ),
+        ] {
+            if let Some(v) = v {
+                vm.insert(k.into(), v);
+            }
+        }
+    }
+    let text = format!("# Made by cup run --schedule.\n{table}");
+    let file = format!("{name}.toml");
+    // Checked as init will read it, so a bad schedule is said here.
+    steelcup_units::parse(std::path::Path::new(&file), &text)
+        .map_err(|e| usage!("run --schedule: {}", steelcup_sys::error_chain(&e)))?;
+    Ok((file, text))
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run_args(args: &[&str]) -> crate::cli::RunArgs {
+        let cli = crate::cli::Cli::try_parse_from(["cup", "run"].iter().chain(args).copied())
+            .expect("parses");
+        match cli.command {
+            crate::cli::Command::Run(r) => *r,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn run_with_a_schedule_is_a_scheduled_unit() {
+        let (file, text) = unit_of_run(run_args(&[
+            "--schedule",
+            "*/5 * * * *",
+            "--time-zone",
+            "Europe/Berlin",
+            "--concurrency",
+            "forbid",
+            "--deadline",
+            "60",
+            "--name",
+            "backup",
+            "-e",
+            "TARGET=s3",
+            "-m",
+            "64m",
+            "busybox",
+            "sh",
+            "-c",
+            "echo backup",
+        ]))
+        .unwrap();
+        assert_eq!(file, "backup.toml");
+        let u = steelcup_units::parse(std::path::Path::new(&file), &text).unwrap();
+        let steelcup_units::UnitKind::Microvm(m) = u.kind else {
+            panic!("not a microvm")
+        };
+        assert_eq!(
+            m.schedule.map(|s| s.to_string()).as_deref(),
+            Some("*/5 * * * *")
+        );
+        assert_eq!(m.deadline, Some(60));
+        assert_eq!(m.env["TARGET"], "s3");
+        assert_eq!(m.cmd, ["sh", "-c", "echo backup"]);
+        assert_eq!(m.memory.mib(), 64);
+    }
+
+    #[test]
+    fn run_with_a_schedule_refuses_what_does_not_fit_and_says_bad_schedules() {
+        let e = unit_of_run(run_args(&[
+            "--schedule",
+            "@hourly",
+            "--name",
+            "x",
+            "-p",
+            "80:80",
+            "img",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("-p"), "{e}");
+        let e = unit_of_run(run_args(&["--schedule", "* * *", "--name", "x", "img"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has 3 fields"), "{e}");
+        let e = unit_of_run(run_args(&[
+            "--schedule",
+            "@daily",
+            "--name",
+            "Bad Name",
+            "img",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--name"), "{e}");
+        // --schedule needs --name (clap says so before anything connects).
+        assert!(
+            crate::cli::Cli::try_parse_from(["cup", "run", "--schedule", "@daily", "img"]).is_err()
+        );
+    }
+}

@@ -446,6 +446,13 @@ fn run(command: Command, asked: &context::Asked) -> Result<ExitCode, CupError> {
         Command::Logout { registry } => return code(crate::login::logout(&vmmd()?, registry)),
         Command::Rename { name, new_name } => vmmd()?.rename(&name, &new_name)?,
         Command::Cp { src, dst } => return code(crate::copy::cp(&vmmd()?, &src, &dst)),
+        Command::Run(r) if r.schedule.is_some() => {
+            let (file, text) = crate::cron::unit_of_run(*r)?;
+            let s = proxy()?.apply(&[(file.clone(), text)], false)?;
+            print_summary("applied", &s);
+            let name = file.trim_end_matches(".toml");
+            println!("scheduled as unit {name}: cup cron ls, cup cron history {name}; cup unit rm {name} ends it");
+        }
         Command::Run(r) => return code(vmmd().and_then(|p| crate::workloads::run(&p, *r))),
         Command::Exec(e) => return code(crate::workloads::exec(&vmmd()?, e)),
         Command::Rm(r) => {

@@ -25,7 +25,7 @@ fn env_pair(v: &str) -> Result<(String, String), CupError> {
 /// or `NAME` alone for cup's own value (left out when cup has none, from a
 /// file); in a file, blank lines and `#` comments are skipped and nothing
 /// is unquoted.
-fn environment(
+pub(crate) fn environment(
     flags: &[String],
     files: &[std::path::PathBuf],
 ) -> Result<std::collections::BTreeMap<String, String>, CupError> {
