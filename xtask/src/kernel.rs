@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Bump when the build recipe below changes in a way that changes the output.
-const RECIPE: &str = "tinyconfig+fragments+olddefconfig+bzImage v1";
+const RECIPE: &str = "tinyconfig+fragments+olddefconfig+bzImage+vmlinux v2";
 const SOURCE_PKG: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 
@@ -106,7 +106,16 @@ pub fn check_config(fragments: &[PathBuf], config: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds the guest kernel if the cache lacks it; returns the bzImage path.
+/// The guest kernel as an uncompressed ELF `vmlinux` with its PVH entry
+/// (the form Firecracker and Cloud Hypervisor boot), from the same build
+/// as [`guest_kernel`]'s bzImage.
+pub fn guest_vmlinux() -> Result<PathBuf> {
+    let image = guest_kernel()?;
+    Ok(image.with_file_name("vmlinux"))
+}
+
+/// Builds the guest kernel if the cache lacks it; returns the bzImage path
+/// (its `vmlinux` lies beside it).
 pub fn guest_kernel() -> Result<PathBuf> {
     let hash = guest_kernel_hash()?;
     let dir = cache_dir().join("kernel").join(&hash);
@@ -196,6 +205,7 @@ pub fn guest_kernel() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let tmp = dir.join("bzImage.partial");
     std::fs::copy(build.join("arch/x86/boot/bzImage"), &tmp)?;
+    std::fs::copy(build.join("vmlinux"), dir.join("vmlinux"))?;
     std::fs::copy(build.join(".config"), dir.join("config"))?;
     std::fs::rename(&tmp, &image)?;
     let _ = std::fs::remove_dir_all(&build);

@@ -51,7 +51,15 @@ struct Args {
     trace: bool,
     setup_only: bool,
     huge_pages: bool,
+    /// The guest kernel as an ELF vmlinux (PVH): when it exists, every VMM
+    /// boots it (Firecracker and Cloud Hypervisor take nothing else).
+    vmlinux: PathBuf,
+    firecracker: PathBuf,
+    cloud_hypervisor: PathBuf,
 }
+
+/// Where the bench image carries the peers and the ELF kernel.
+const PEER_DIR: &str = "/usr/lib/steelcup/bench";
 
 fn parse(args: &[String]) -> Result<Args, String> {
     let mut a = Args {
@@ -64,6 +72,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
         trace: false,
         setup_only: false,
         huge_pages: false,
+        vmlinux: format!("{PEER_DIR}/vmlinux").into(),
+        firecracker: format!("{PEER_DIR}/firecracker").into(),
+        cloud_hypervisor: format!("{PEER_DIR}/cloud-hypervisor").into(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -78,6 +89,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--trace" => a.trace = true,
             "--setup-only" => a.setup_only = true,
             "--huge-pages" => a.huge_pages = true,
+            "--vmlinux" => a.vmlinux = value()?.into(),
+            "--firecracker" => a.firecracker = value()?.into(),
+            "--cloud-hypervisor" => a.cloud_hypervisor = value()?.into(),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -85,7 +99,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
 }
 
 /// `vmmd bench [--rounds N] [--memory MIB] [--qemu PATH] [--kernel PATH]
-/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only] [--huge-pages]`; `--trace`
+/// [--initramfs PATH] [--cmdline TEXT] [--trace] [--setup-only] [--huge-pages]
+/// [--vmlinux PATH] [--firecracker PATH] [--cloud-hypervisor PATH]`; `--trace`
 /// prints every line of each guest's console with the ms since its VMM was
 /// spawned. `--setup-only` measures the worker's setup alone, each worker
 /// killed at its first `KVM_RUN` (no QEMU, and the guest need not boot, so
@@ -102,7 +117,14 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 fn run(args: &[String]) -> Result<(), String> {
-    let a = parse(args)?;
+    let mut a = parse(args)?;
+    // One guest kernel for all four: the ELF vmlinux where the image has
+    // it (built with the bzImage, from the same configuration).
+    let elf = !a.setup_only && a.vmlinux.is_file();
+    if elf {
+        a.kernel = a.vmlinux.clone();
+        eprintln!("vmmd bench: every VMM boots {}", a.kernel.display());
+    }
     let config = VmConfig {
         name: "bench".into(),
         kernel: a.kernel.clone(),
@@ -149,6 +171,7 @@ fn run(args: &[String]) -> Result<(), String> {
     }
 
     let (mut ours, mut qemu, mut scraped) = (Vec::new(), Vec::new(), Vec::new());
+    let mut peers = peers(&a, elf, &initrd_path)?;
     for round in 1..=a.rounds {
         // Our worker plain, and again with its counters read as a scrape
         // reads them; which goes first alternates, so whatever the boot
@@ -209,19 +232,138 @@ fn run(args: &[String]) -> Result<(), String> {
         )?;
         eprintln!("vmmd bench: round {round}: QEMU microvm {s:?}");
         qemu.push(s);
+        for p in peers.iter_mut().filter(|p| p.skipped.is_none()) {
+            // Each stopped at the marker: Cloud Hypervisor would reboot the
+            // guest at its end rather than exit.
+            match measure(
+                &mut (p.command)(),
+                None,
+                a.memory_mib,
+                false,
+                a.trace.then_some(p.name),
+                None,
+            ) {
+                Ok(s) => {
+                    eprintln!("vmmd bench: round {round}: {} {s:?}", p.name);
+                    p.samples.push(s);
+                }
+                Err(e) => {
+                    eprintln!("vmmd bench: round {round}: {} failed: {e}", p.name);
+                    p.skipped = Some(format!("failed in round {round}: {e}"));
+                    p.samples.clear();
+                }
+            }
+        }
     }
     let _ = std::fs::remove_file(&initrd_path);
-    for l in table(&ours, &qemu, a.memory_mib) {
+    let measured: Vec<(&str, &[Sample])> = peers
+        .iter()
+        .filter(|p| p.skipped.is_none())
+        .map(|p| (p.name, p.samples.as_slice()))
+        .collect();
+    for l in table(&ours, &qemu, &measured, a.memory_mib) {
         println!("{PREFIX}{l}");
     }
+    for p in peers
+        .iter()
+        .filter_map(|p| Some((p.name, p.skipped.as_ref()?)))
+    {
+        println!("{PREFIX}skipped: {}: {}", p.0, p.1);
+    }
     println!("{PREFIX}rounds: {}", rounds_line(&ours, &qemu));
-    println!("{PREFIX}targets: {}", verdict(&ours, &qemu));
+    println!("{PREFIX}targets: {}", verdict(&ours, &qemu, &measured));
     println!("{PREFIX}metrics: {}", metrics_cost(&ours, &scraped));
     if let Some(floor) = start_floor(&exe, a.rounds)? {
         println!("{PREFIX}floor: {floor:.1}");
     }
     println!("vmm-bench: done");
     Ok(())
+}
+
+/// A peer VMM in the run: how to start it on the bench's guest, and what
+/// it gave (or why it was not run).
+struct Peer {
+    name: &'static str,
+    command: Box<dyn Fn() -> Command>,
+    skipped: Option<String>,
+    samples: Vec<Sample>,
+}
+
+/// Firecracker and Cloud Hypervisor on the same kernel (ELF), initramfs
+/// (with the guest config), command line, 1 vCPU and memory; each without
+/// an API socket. A missing binary or kernel makes the peer skipped, said
+/// with the reason.
+fn peers(a: &Args, elf: bool, initrd: &std::path::Path) -> Result<Vec<Peer>, String> {
+    let skipped = |path: &PathBuf| {
+        if !path.is_file() {
+            Some(format!("{} is not in the image (cargo xtask bench takes it from $STEELCUP_PEERS or ../shared/peers)", path.display()))
+        } else if !elf {
+            Some(format!(
+                "it boots only an ELF vmlinux, and {} is not there",
+                a.vmlinux.display()
+            ))
+        } else {
+            None
+        }
+    };
+    let fc_config = std::env::temp_dir().join("steelcup-bench-firecracker.json");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": a.kernel,
+            "initrd_path": initrd,
+            "boot_args": a.cmdline,
+        },
+        "drives": [],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": a.memory_mib },
+    });
+    std::fs::write(&fc_config, config.to_string())
+        .map_err(|e| format!("write {}: {e}", fc_config.display()))?;
+    let fc = a.firecracker.clone();
+    let fc_log = std::env::temp_dir().join("steelcup-bench-firecracker.log");
+    let firecracker = move || {
+        let mut c = Command::new(&fc);
+        // Its own log to a file: stdout is the guest's serial port.
+        c.arg("--no-api")
+            .arg("--config-file")
+            .arg(&fc_config)
+            .arg("--log-path")
+            .arg(&fc_log);
+        c
+    };
+    let (ch, kernel, initrd, cmdline, memory) = (
+        a.cloud_hypervisor.clone(),
+        a.kernel.clone(),
+        initrd.to_path_buf(),
+        a.cmdline.clone(),
+        a.memory_mib,
+    );
+    let cloud_hypervisor = move || {
+        let mut c = Command::new(&ch);
+        c.arg("--kernel")
+            .arg(&kernel)
+            .arg("--initramfs")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .args(["--cpus", "boot=1", "--memory"])
+            .arg(format!("size={memory}M"))
+            .args(["--serial", "tty", "--console", "off"]);
+        c
+    };
+    Ok(vec![
+        Peer {
+            name: "Firecracker",
+            command: Box::new(firecracker),
+            skipped: skipped(&a.firecracker),
+            samples: Vec::new(),
+        },
+        Peer {
+            name: "Cloud Hypervisor",
+            command: Box::new(cloud_hypervisor),
+            skipped: skipped(&a.cloud_hypervisor),
+            samples: Vec::new(),
+        },
+    ])
 }
 
 /// `--setup-only`: the worker's setup, spawn to first `KVM_RUN`, over the
@@ -733,14 +875,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The Markdown table of medians and the ratio row.
-fn table(ours: &[Sample], qemu: &[Sample], memory_mib: u64) -> Vec<String> {
+/// The Markdown table of medians: steelcup, QEMU and each measured peer,
+/// then steelcup's ratio to each.
+fn table(
+    ours: &[Sample],
+    qemu: &[Sample],
+    peers: &[(&str, &[Sample])],
+    memory_mib: u64,
+) -> Vec<String> {
     let m = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
     let time = |s: &Sample| s.to_line_ms;
     let peak = |s: &Sample| s.peak_rss_kib as f64 / 1024.0;
     let over = |s: &Sample| s.overhead_kib as f64 / 1024.0;
     let setup = m(ours, |s| s.setup_ms.unwrap_or(f64::NAN));
-    vec![
+    let others: Vec<(&str, &[Sample])> = std::iter::once(("QEMU", qemu))
+        .chain(peers.iter().copied())
+        .collect();
+    let mut t = vec![
         format!("| VMM (1 vCPU, {memory_mib} MiB) | setup: spawn to first KVM_RUN | spawn to guest userspace line | peak RSS | overhead (RSS − guest memory touched) |"),
         "|---|---|---|---|---|".into(),
         format!(
@@ -749,36 +900,58 @@ fn table(ours: &[Sample], qemu: &[Sample], memory_mib: u64) -> Vec<String> {
             m(ours, peak),
             m(ours, over)
         ),
-        format!(
-            "| QEMU `-M microvm` | – | {:.0} ms | {:.1} MiB | {:.1} MiB |",
-            m(qemu, time),
-            m(qemu, peak),
-            m(qemu, over)
-        ),
-        format!(
-            "| **ratio steelcup / QEMU** | | **{:.2}×** | **{:.2}×** | **{:.2}×** |",
-            m(ours, time) / m(qemu, time),
-            m(ours, peak) / m(qemu, peak),
-            m(ours, over) / m(qemu, over)
-        ),
-    ]
+    ];
+    for (name, s) in &others {
+        let label = if *name == "QEMU" {
+            "QEMU `-M microvm`"
+        } else {
+            name
+        };
+        t.push(format!(
+            "| {label} | – | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+            m(s, time),
+            m(s, peak),
+            m(s, over)
+        ));
+    }
+    for (name, s) in &others {
+        t.push(format!(
+            "| **ratio steelcup / {name}** | | **{:.2}×** | **{:.2}×** | **{:.2}×** |",
+            m(ours, time) / m(s, time),
+            m(ours, peak) / m(s, peak),
+            m(ours, over) / m(s, over)
+        ));
+    }
+    t
 }
 
 /// Each target, met or not, with the number.
-fn verdict(ours: &[Sample], qemu: &[Sample]) -> String {
+fn verdict(ours: &[Sample], qemu: &[Sample], peers: &[(&str, &[Sample])]) -> String {
     let m = |s: &[Sample], f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
     let setup = m(ours, |s| s.setup_ms.unwrap_or(f64::NAN));
     let over = m(ours, |s| s.overhead_kib as f64 / 1024.0);
-    let time = m(ours, |s| s.to_line_ms) / m(qemu, |s| s.to_line_ms);
-    let peak = m(ours, |s| s.peak_rss_kib as f64) / m(qemu, |s| s.peak_rss_kib as f64);
+    let time = |o: &[Sample]| m(ours, |s| s.to_line_ms) / m(o, |s| s.to_line_ms);
+    let peak = |o: &[Sample]| m(ours, |s| s.peak_rss_kib as f64) / m(o, |s| s.peak_rss_kib as f64);
     let mark = |ok: bool| if ok { "met" } else { "not met" };
-    format!(
-        "setup under 10 ms: {} ({setup:.1} ms); overhead under 5 MiB: {} ({over:.1} MiB); time at most 0.5× QEMU's: {} ({time:.2}×); peak RSS at most 0.5× QEMU's: {} ({peak:.2}×)",
+    let mut v = format!(
+        "setup under 10 ms: {} ({setup:.1} ms); overhead under 5 MiB: {} ({over:.1} MiB); time at most 0.5× QEMU's: {} ({:.2}×); peak RSS at most 0.5× QEMU's: {} ({:.2}×)",
         mark(setup < 10.0),
         mark(over < 5.0),
-        mark(time <= 0.5),
-        mark(peak <= 0.5)
-    )
+        mark(time(qemu) <= 0.5),
+        time(qemu),
+        mark(peak(qemu) <= 0.5),
+        peak(qemu)
+    );
+    for (name, s) in peers {
+        v.push_str(&format!(
+            "; time below {name}'s: {} ({:.2}×); peak RSS below {name}'s: {} ({:.2}×)",
+            mark(time(s) < 1.0),
+            time(s),
+            mark(peak(s) < 1.0),
+            peak(s)
+        ));
+    }
+    v
 }
 
 /// Every round's time to the line, ours / QEMU, in ms.
@@ -879,12 +1052,32 @@ Rss:                   4 kB
         };
         let ours = [s(100.0, 10240), s(120.0, 10240), s(90.0, 10240)];
         let qemu = [s(200.0, 40960), s(220.0, 40960), s(210.0, 40960)];
-        let t = table(&ours, &qemu, 128);
+        let t = table(&ours, &qemu, &[], 128);
         assert!(t[2].contains("| 3.0 ms | 100 ms | 10.0 MiB |"), "{}", t[2]);
         assert!(
             t[4].contains("**0.48×** | **0.25×** | **1.00×**"),
             "{}",
             t[4]
+        );
+        // With the peers: a row each, and a ratio to each.
+        let fc = [s(150.0, 20480), s(160.0, 20480), s(140.0, 20480)];
+        let t = table(&ours, &qemu, &[("Firecracker", &fc)], 128);
+        assert!(
+            t[4].starts_with("| Firecracker | – | 150 ms | 20.0 MiB |"),
+            "{}",
+            t[4]
+        );
+        assert!(
+            t[6].contains("ratio steelcup / Firecracker** | | **0.67×** | **0.50×**"),
+            "{}",
+            t[6]
+        );
+        let v = verdict(&ours, &qemu, &[("Firecracker", &fc)]);
+        assert!(
+            v.contains(
+                "time below Firecracker's: met (0.67×); peak RSS below Firecracker's: met (0.50×)"
+            ),
+            "{v}"
         );
         assert_eq!(rounds_line(&ours, &qemu), "100/200, 120/220, 90/210");
     }

@@ -26,6 +26,40 @@ fn qemu_files() -> Result<Vec<(String, PathBuf)>> {
     Ok(files)
 }
 
+/// Where the bench image carries the peer VMMs and the guest's ELF kernel.
+const PEER_DIR: &str = "/usr/lib/steelcup/bench";
+/// The peers `vmmd bench` runs beside steelcup and QEMU, by file name.
+const PEERS: [&str; 2] = ["firecracker", "cloud-hypervisor"];
+
+/// The peer VMMs (from `$STEELCUP_PEERS`, else `../shared/peers` beside
+/// the project) with their shared libraries, and the guest kernel as an
+/// ELF vmlinux, for the bench image. A missing peer is said and left out:
+/// `vmmd bench` names it as skipped.
+fn peer_files() -> Result<Vec<(String, PathBuf)>> {
+    let dir = std::env::var_os("STEELCUP_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sh::root().join("../shared/peers"));
+    let mut files = vec![(
+        format!("{PEER_DIR}/vmlinux"),
+        crate::kernel::guest_vmlinux()?,
+    )];
+    for peer in PEERS {
+        let path = dir.join(peer);
+        if path.is_file() {
+            files.extend(crate::bench::http::with_libraries(
+                &path,
+                &format!("{PEER_DIR}/{peer}"),
+            )?);
+        } else {
+            eprintln!(
+                "VMM bench: no {} (set STEELCUP_PEERS=DIR): {peer} is skipped",
+                path.display()
+            );
+        }
+    }
+    Ok(files)
+}
+
 /// Builds a bench image `dir` beside the others: the test image with the
 /// example OCI image, the test root disk and `more` files; returns its
 /// directory.
@@ -137,7 +171,9 @@ const NATIVE_METHOD: &str = "The same worker and guest (1 vCPU, 128 MiB, the gue
 pub fn run() -> Result<String> {
     let native = native_setup()?;
     step("VMM: steelcup's worker beside QEMU microvm, inside the appliance");
-    let dir = build_image("bench-artifacts", qemu_files()?)?;
+    let mut files = qemu_files()?;
+    files.extend(peer_files()?);
+    let dir = build_image("bench-artifacts", files)?;
     let mut cfg = GuestConfig::direct("bench-vmm", &dir)?;
     cfg.memory_mib = 3072;
     if let Boot::Direct { cmdline, .. } = &mut cfg.boot {
@@ -190,10 +226,17 @@ pub fn run() -> Result<String> {
         })
         .next_back()
         .unwrap_or("");
+    let skipped: String = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("skipped: "))
+        .map(|l| format!("\n\nSkipped in this run: {l}."))
+        .collect();
     let svg = plot(&table);
     let svg_path = sh::root().join("docs/performance-vmm.svg");
     std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
-    let mut md = String::from("## VMM: steelcup beside QEMU `microvm`\n\n");
+    let mut md = String::from(
+        "## VMM: steelcup beside QEMU `microvm`, Firecracker and Cloud Hypervisor\n\n",
+    );
     md.push_str(METHOD);
     md.push('\n');
     for l in &table {
@@ -201,7 +244,7 @@ pub fn run() -> Result<String> {
         md.push('\n');
     }
     md.push_str(&format!(
-        "\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\nTargets in this run: {targets}.{metrics}\n\nWhere the worker's setup goes (last round, ms after spawn): {phases}.{floor}\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n{READING}"
+        "{skipped}\n\nRounds (ms to the guest's line, steelcup/QEMU): {rounds}\n\nTargets in this run: {targets}.{metrics}\n\nWhere the worker's setup goes (last round, ms after spawn): {phases}.{floor}\n\n![steelcup beside QEMU microvm](performance-vmm.svg)\n\n{READING}"
     ));
     md.push_str(&start_section(&serial, &log_path)?);
     md.push_str(&native);
@@ -300,7 +343,7 @@ const START_METHOD: &str = "Run in the same boot right after the VMM benchmark, 
 
 const START_READING: &str = "Reading it: a warm start skips the guest kernel's boot and vminit's own start; what is left is `cup` and the API, handing the root image's descriptor to the worker and the config to vminit, mounting the erofs root under its writable layer, running the program and tearing the VM down. Under TCG all of it is emulated, the guest's kernel boot most of all, so the absolute numbers are far above KVM hardware; the ratio is the comparison.\n\n";
 
-const METHOD: &str = "Run inside the booted test image (QEMU TCG with an emulated AMD-V CPU, so the VMMs run on real, nested KVM) by `vmmd bench`, with Debian's QEMU added to the image. Each round starts steelcup's per-VM worker (`vmm-worker`, as vmmd does) and then `qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -accel kvm -cpu host -nodefaults -no-user-config -serial stdio`, both with the same guest kernel, the same initramfs with the same guest config appended (vminit runs `echo` of a marker), the same command line, 1 vCPU and 128 MiB. Time: from just before the process is spawned to the marker on its serial console. Setup: spawn to vCPU 0's first `KVM_RUN`, reported by the worker on CLOCK_MONOTONIC. Peak RSS: `ru_maxrss` from `wait4`. Overhead: RSS when the marker arrives minus the RSS of the guest-memory mapping (from `/proc/PID/smaps`). Medians of 9 rounds, started once the appliance's own boot-time workloads are done; each measured boot starts after 2 s with the host left alone (the VM before is still being taken down for a while after its VMM has exited, and a boot right after another took half as long again, whichever VMM it was). Targets: setup under 10 ms, overhead under 5 MiB, time and peak RSS at most 0.5× QEMU's. Under TCG every instruction of the host is emulated, so absolute times are far above KVM hardware; the ratios are the comparison.\n";
+const METHOD: &str = "Run inside the booted test image (QEMU TCG with an emulated AMD-V CPU, so the VMMs run on real, nested KVM) by `vmmd bench`, with Debian's QEMU and the peers of `../shared/peers` (Firecracker v1.16.1, Cloud Hypervisor v53.0; `STEELCUP_PEERS=DIR` for others) added to the image. Each round starts steelcup's per-VM worker (`vmm-worker`, as vmmd does), then `qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -accel kvm -cpu host -nodefaults -no-user-config -serial stdio`, then `firecracker --no-api --config-file` (no drives, its log to a file) and `cloud-hypervisor --cpus boot=1 --serial tty --console off` (no API socket; its default virtio-rng and seccomp filters on), all with the same guest kernel (the ELF `vmlinux` of the appliance's build, which has the PVH entry the peers need), the same initramfs with the same guest config appended (vminit runs `echo` of a marker), the same command line, 1 vCPU and 128 MiB. Time: from just before the process is spawned to the marker on its serial console; each VMM is killed there (Cloud Hypervisor reboots the guest when it ends rather than exiting, so none is left to exit on its own). Setup: spawn to vCPU 0's first `KVM_RUN`, reported by the worker on CLOCK_MONOTONIC. Peak RSS: `ru_maxrss` from `wait4`. Overhead: RSS when the marker arrives minus the RSS of the guest-memory mapping (from `/proc/PID/smaps`). Medians of 9 rounds, started once the appliance's own boot-time workloads are done; each measured boot starts after 2 s with the host left alone (the VM before is still being taken down for a while after its VMM has exited, and a boot right after another took half as long again, whichever VMM it was). Targets: setup under 10 ms, overhead under 5 MiB, time and peak RSS at most 0.5× QEMU's. Under TCG every instruction of the host is emulated, so absolute times are far above KVM hardware; the ratios are the comparison.\n";
 
 const READING: &str = "Reading it: both VMMs boot the same guest, whose own boot (decompressing the kernel, unpacking the initramfs, all emulated twice over here) is most of the time to its first line, so the time ratio says as much about the guest as about the VMM, and it swings from round to round under emulation. Setup is the VMM's alone: exec of `vmm-worker` (2.5 MB, the worker without the rest of vmmd) and reading its config, while a thread creates the KVM VM (`KVM_CREATE_VM`, the in-kernel interrupt controllers, the PIT) and registers guest memory as soon as the main thread has mapped it; meanwhile the main thread maps the kernel copy-on-write from its file (nothing read or copied; the host's page cache is shared by every VM), reads the initramfs in, writes the boot tables and opens the devices; vCPUs, the threads and the seccomp filter take the rest. Guest memory has 4 KiB pages except the ranges the guest writes end to end while it boots, which get transparent huge pages: where its kernel decompresses itself, its initramfs, and just below that its memory map. On a nested host every page the guest first touches is an exit to the host's KVM, so that spares the guest thousands of exits for about a MiB more memory. Turning off PIT tick replay, which waits out two SRCU grace periods in the host kernel, happens on the control thread once the guest runs. Under emulation even starting a process costs tens of ms (the worker binary alone, above), so the 10 ms target is checked where the host runs at native speed: see *VMM setup on the bench machine* below. Overhead counts every mapping inside the guest's memory range as guest memory. Memory is where the VMM shows most: beyond the guest's own pages, the worker holds a few MiB where QEMU holds tens; and where QEMU asks for transparent huge pages on all of guest memory, the worker asks only for those ranges, so the same guest's touched memory costs it less.\n\n";
 
