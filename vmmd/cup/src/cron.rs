@@ -194,14 +194,7 @@ pub fn unit_of_run(r: crate::cli::RunArgs) -> Result<(String, String), CupError>
         cpu_max: r.cpus,
         rlimits: r.ulimit.into_iter().collect(),
         network: r.network.unwrap_or_default(),
-        labels: r
-            .label
-            .iter()
-            .map(|l| match l.split_once('=') {
-                Some((k, v)) => (k.to_string(), v.to_string()),
-                None => (l.clone(), String::new()),
-            })
-            .collect(),
+        labels: crate::workloads::labels(&r.label),
         entrypoint: r
             .entrypoint
             .map(|e| if e.is_empty() { vec![] } else { vec![e] }),

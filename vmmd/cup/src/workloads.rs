@@ -63,20 +63,24 @@ pub(crate) fn environment(
     Ok(env)
 }
 
+/// Labels as Docker writes them: `NAME=VALUE`, or `NAME` with an empty
+/// value.
+pub(crate) fn labels(list: &[String]) -> std::collections::BTreeMap<String, String> {
+    list.iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (l.clone(), String::new()),
+        })
+        .collect()
+}
+
 /// `cup run`: returns cup's exit code (the workload's, attached).
 pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
     let (image, cmd) = r
         .image_and_command
         .split_first()
         .ok_or_else(|| usage!("run needs an image"))?;
-    let labels = r
-        .label
-        .iter()
-        .map(|l| match l.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (l.clone(), String::new()),
-        })
-        .collect();
+    let labels = labels(&r.label);
     steelcup_units::check_labels(&labels).map_err(|e| usage!("--label: {e}"))?;
     let spec = RunSpec {
         image: image.clone(),

@@ -605,13 +605,7 @@ fn service(
     m.hostname = s.hostname.clone();
     m.read_only = s.read_only;
     m.labels = match &s.labels {
-        dc::Labels::List(l) => l
-            .iter()
-            .map(|x| match x.split_once('=') {
-                Some((k, v)) => (k.to_string(), v.to_string()),
-                None => (x.clone(), String::new()),
-            })
-            .collect(),
+        dc::Labels::List(l) => crate::workloads::labels(l),
         dc::Labels::Map(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     m.labels.insert(PROJECT_LABEL.into(), project.into());
