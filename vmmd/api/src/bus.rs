@@ -150,6 +150,14 @@ impl<S> Clients<S> {
     }
 }
 
+/// The most threads of the shared pool zbus runs its blocking socket
+/// calls on (peer credentials, the handshake's first byte): an idle
+/// thread of that pool never exits below the pool's limit (500 unless
+/// set), so a burst of clients would leave a server (init is PID 1) with
+/// hundreds of threads for good. Those calls are short: the client has
+/// spoken before zbus gets its socket.
+pub const BLOCKING_THREADS: usize = 4;
+
 /// A connection still in its handshake, and when it must be done.
 struct Pending {
     deadline: std::time::Instant,
@@ -175,6 +183,9 @@ where
     I: zbus::object_server::Interface,
     S: Send + 'static,
 {
+    if let Some(n) = std::num::NonZeroUsize::new(BLOCKING_THREADS) {
+        blocking::set_max_blocking_threads(n);
+    }
     let clients = Clients {
         inner: Arc::new(Mutex::new(Vec::new())),
     };
