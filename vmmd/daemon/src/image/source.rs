@@ -151,7 +151,24 @@ pub fn with_advice(image: &oci_client::Reference, what: &str) -> String {
     let host = image.registry();
     let repo = format!("{}:{}", image.repository(), image.tag().unwrap_or("latest"));
     let w = what.to_ascii_lowercase();
-    let has = |needles: &[&str]| needles.iter().any(|n| w.contains(n));
+    // A status code counts only as a number of its own: port 40111 is
+    // not a 401.
+    let status = |code: &str| {
+        w.match_indices(code).any(|(i, _)| {
+            let before = w[..i].chars().next_back();
+            let after = w[i + code.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_digit())
+                && !after.is_some_and(|c| c.is_ascii_digit())
+        })
+    };
+    let has = |needles: &[&str]| {
+        needles
+            .iter()
+            .any(|n| match n.bytes().all(|b| b.is_ascii_digit()) {
+                true => status(n),
+                false => w.contains(n),
+            })
+    };
     let advice = if has(&[
         "invalidcontenttype",
         "http response to https",
@@ -563,5 +580,15 @@ mod advice_tests {
             assert!(got.starts_with(what) && got.contains(says), "{what}: {got}");
         }
         assert_eq!(with_advice(&r, "something else"), "something else");
+        // A port that holds a status code's digits is not that status.
+        for port in ["40111", "14031", "4040"] {
+            let what = format!(
+                "error sending request for url (http://127.0.0.1:{port}/v2/x/manifests/1): tcp connect error: Connection refused (os error 111)"
+            );
+            let got = with_advice(&r, &what);
+            assert!(got.contains("nothing answers at"), "{port}: {got}");
+        }
+        assert!(with_advice(&r, "server answered 401 Unauthorized").contains("cup login"));
+        assert!(with_advice(&r, "status 404").contains("has no team/app:1"));
     }
 }
