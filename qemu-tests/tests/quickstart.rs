@@ -28,14 +28,16 @@ const STEP: Duration = Duration::from_secs(300);
 /// `cup ARGS` with cup's config in `config`, as a user in another
 /// terminal types it: no flags but the verb's.
 fn cup(config: &Path, args: &[&str]) -> Result<Output> {
-    let out = Command::new(qemu_tests::cup_binary())
-        .args(args)
-        .env("STEELCUP_CONFIG_DIR", config)
-        .env_remove("STEELCUP_REMOTE")
-        .env_remove("STEELCUP_CONTEXT")
-        .env_remove("STEELCUP_TLS_DIR")
-        .output()
-        .with_context(|| format!("run {}", qemu_tests::cup_binary().display()))?;
+    let out = output_within(
+        Command::new(qemu_tests::cup_binary())
+            .args(args)
+            .env("STEELCUP_CONFIG_DIR", config)
+            .env_remove("STEELCUP_REMOTE")
+            .env_remove("STEELCUP_CONTEXT")
+            .env_remove("STEELCUP_TLS_DIR"),
+        CUP_LIMIT,
+    )
+    .with_context(|| format!("cup {}", args.join(" ")))?;
     println!(
         "quickstart: $ cup {} -> {}\n{}{}",
         args.join(" "),
@@ -44,6 +46,61 @@ fn cup(config: &Path, args: &[&str]) -> Result<Output> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out)
+}
+
+/// The longest one `cup` may take: a machine whose emulated host has
+/// locked up never answers, and the step must end (as an error the
+/// attempt logic reads the serial log for) rather than hang the suite.
+const CUP_LIMIT: Duration = Duration::from_secs(600);
+
+/// `cmd`'s output, or an error once it has run `limit` (it is killed).
+fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {}", qemu_tests::cup_binary().display()))?;
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>),
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("no answer in {limit:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 /// `cup ARGS`, which must succeed; its standard output.
