@@ -802,31 +802,45 @@ fn compose(config: &Path, machine: &RunMachine) -> Result<()> {
         "quickstart: compose up took {:.0}s",
         t.elapsed().as_secs_f64()
     );
-    let page = get_page(port)?;
-    ensure!(page.contains("web-ok"), "GET localhost:{port}: {page}");
+    // Started is booted, not yet serving: the page comes once a replica's
+    // guest runs httpd.
+    let t = Instant::now();
+    loop {
+        match get_page(port) {
+            Ok(p) if p.contains("web-ok") => break,
+            other => ensure!(t.elapsed() < STEP, "GET localhost:{port}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
     // web waited for db to be healthy.
     let log = cup_ok(config, &["logs", "--unit", "vmmd", "-n", "400"])?;
     ensure!(
         log.contains("unit shop-web: waiting for shop-db to be ready (after)"),
         "vmmd's log: no wait of web for db: {log}"
     );
-    // Service names answer inside the project's network.
-    let got = cup_ok(
-        config,
-        &[
-            "compose",
-            "-f",
-            &f,
-            "exec",
-            "-T",
-            "web",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "http://db:5432/",
-        ],
-    )?;
+    // Service names answer inside the project's network (the first
+    // replica's guest may still be booting).
+    let exec = [
+        "compose",
+        "-f",
+        &f,
+        "exec",
+        "-T",
+        "web",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://db:5432/",
+    ];
+    let t = Instant::now();
+    let got = loop {
+        let out = cup(config, &exec)?;
+        if out.status.success() || t.elapsed() > STEP {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
     ensure!(got.trim() == "db-ok", "web -> db by name: {got:?}");
     let t = Instant::now();
     loop {
