@@ -747,6 +747,8 @@ services:
       retries: 3
   web:
     image: ${BUSYBOX}
+    # The image's user is not root: port 80 needs root.
+    user: "0:0"
     command: sh -c 'mkdir -p /tmp/www && echo web-ok > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www'
     ports:
       - "${WEB_PORT}:80"
