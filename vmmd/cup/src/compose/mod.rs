@@ -373,7 +373,10 @@ fn wait_up(
                         || v.health == "none"
                         || v.health == "healthy")
                 })
-                .count();
+                .count()
+                // While a changed service rolls, old and new VMs are both
+                // there: at most the replicas wanted count.
+                .min(want);
             let state = match mine
                 .iter()
                 .find(|v| !v.last_outcome.is_empty() && v.pid == 0)
