@@ -866,6 +866,35 @@ fn compose(config: &Path, machine: &RunMachine) -> Result<()> {
         names == ["shop-db", "shop-web.1", "shop-web.2", "shop-worker"],
         "compose ps: {ps}"
     );
+    // restart and pull, by service.
+    let out = cup_ok(config, &["compose", "-f", &f, "restart", "worker"])?;
+    ensure!(
+        out.contains("restarted shop-worker"),
+        "compose restart: {out}"
+    );
+    let t = Instant::now();
+    loop {
+        let ps = cup_ok(
+            config,
+            &[
+                "ps",
+                "--filter",
+                "name=shop-worker",
+                "--format",
+                "{{.Names}} {{.State}}",
+            ],
+        )?;
+        if ps.contains("shop-worker running") {
+            break;
+        }
+        ensure!(t.elapsed() < STEP, "after compose restart: {ps}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let out = cup_ok(config, &["compose", "-f", &f, "pull", "db"])?;
+    ensure!(
+        out.contains("db: pulling oci-archive:"),
+        "compose pull: {out}"
+    );
     // A changed image (in a second file, merged over the first) rolls
     // that service and leaves the others alone.
     let roll = dir.join("nginx.yaml");
