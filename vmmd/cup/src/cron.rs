@@ -195,9 +195,7 @@ pub fn unit_of_run(r: crate::cli::RunArgs) -> Result<(String, String), CupError>
         rlimits: r.ulimit.into_iter().collect(),
         network: r.network.unwrap_or_default(),
         labels: crate::workloads::labels(&r.label),
-        entrypoint: r
-            .entrypoint
-            .map(|e| if e.is_empty() { vec![] } else { vec![e] }),
+        entrypoint: crate::workloads::entrypoint(r.entrypoint),
         workdir: r.workdir,
         user: r.user,
         hostname: r.hostname,

@@ -74,6 +74,12 @@ pub(crate) fn labels(list: &[String]) -> std::collections::BTreeMap<String, Stri
         .collect()
 }
 
+/// `--entrypoint PROGRAM` as the workload's entrypoint: as with Docker,
+/// `--entrypoint ""` runs the command alone.
+pub(crate) fn entrypoint(flag: Option<String>) -> Option<Vec<String>> {
+    flag.map(|e| if e.is_empty() { vec![] } else { vec![e] })
+}
+
 /// `cup run`: returns cup's exit code (the workload's, attached).
 pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
     let (image, cmd) = r
@@ -100,10 +106,7 @@ pub fn run(p: &Vmm1ClientProxy<'static>, r: RunArgs) -> Result<u8, CupError> {
         ports: r.publish,
         network: r.network,
         labels,
-        // As Docker: `--entrypoint ""` runs the command alone.
-        entrypoint: r
-            .entrypoint
-            .map(|e| if e.is_empty() { vec![] } else { vec![e] }),
+        entrypoint: entrypoint(r.entrypoint),
         workdir: r.workdir,
         user: r.user,
         hostname: r.hostname,

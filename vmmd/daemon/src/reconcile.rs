@@ -381,6 +381,8 @@ impl<B: Backend> Core<B> {
             .filter(|n| !units.contains_key(*n))
             .cloned()
             .collect();
+        // A removed unit no longer waits; one added again says so again.
+        self.waiting.retain(|u| units.contains_key(u));
         self.units = units;
         c
     }

@@ -488,12 +488,12 @@ fn service(
                 "{here}: {source:?} is a bind mount of a host path; a microVM cannot see the host's files: use a named volume (and cup cp to fill it)"
             ));
         }
-        let Some(decl) = model.volumes.0.get(&source) else {
+        if !model.volumes.0.contains_key(&source) {
             return Err(format!(
                 "{here}: volume {source:?} is not declared under the top-level volumes:"
             ));
-        };
-        let size = volume_size(decl, &source, loaded)?;
+        }
+        let size = volume_size(&source, loaded)?;
         m.volumes.push(VolumeSpec {
             name: source.clone(),
             size,
@@ -703,12 +703,7 @@ fn memory(s: &str) -> Result<MemSize, String> {
 }
 
 /// A top-level volume's size: `x-steelcup-size`, else 1 GiB.
-fn volume_size(
-    decl: &dc::MapOrEmpty<dc::ComposeVolume>,
-    name: &str,
-    loaded: &Loaded,
-) -> Result<MemSize, String> {
-    let _ = decl;
+fn volume_size(name: &str, loaded: &Loaded) -> Result<MemSize, String> {
     match loaded.value["volumes"][name].get("x-steelcup-size") {
         None => Ok(MemSize(DEFAULT_VOLUME_SIZE)),
         Some(v) => memory(&key_name(v)).map_err(|e| {
