@@ -32,6 +32,53 @@ fn get_page(g: &Guest) -> Result<String> {
     Ok(out)
 }
 
+/// The rest of the driver's line that starts with `prefix`.
+fn driver_value(g: &mut Guest, prefix: &str, timeout: Duration) -> Result<String> {
+    g.wait_for(prefix, timeout)?;
+    let serial = g.serial();
+    let line = serial
+        .lines()
+        .find_map(|l| {
+            l.split_once(prefix)
+                .map(|(_, rest)| rest.trim().to_string())
+        })
+        .context("the driver's line")?;
+    Ok(line)
+}
+
+/// virtio-net's feature bits as Linux lists them (`features` in sysfs,
+/// bit 0 first): offloads and mergeable buffers on vhost-net, none on the
+/// worker's own device.
+fn check_offloads(bits: &str, offloads: bool) -> Result<()> {
+    let bit = |n: usize| bits.as_bytes().get(n) == Some(&b'1');
+    anyhow::ensure!(bits.len() >= 33 && bit(32), "no VERSION_1 in {bits:?}");
+    // CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, MRG_RXBUF.
+    for n in [0, 1, 7, 11, 15] {
+        anyhow::ensure!(
+            bit(n) == offloads,
+            "feature bit {n} is {} in {bits:?}",
+            bit(n)
+        );
+    }
+    println!("network: virtio-net features {bits} (offloads: {offloads})");
+    Ok(())
+}
+
+/// The driver's download of `bytes` from `vm`: both sums present and equal.
+fn check_download(g: &mut Guest, vm: &str, bytes: u64) -> Result<()> {
+    let line = driver_value(g, &format!("driver: {vm} sent {bytes} bytes in "), STEP)?;
+    let sums: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    anyhow::ensure!(
+        sums.len() == 2 && sums[0] == sums[1],
+        "{vm}: the download's checksums differ or are missing: {line}"
+    );
+    println!("network: {bytes} bytes from {vm} intact: {line}");
+    Ok(())
+}
+
 fn welcome(page: &str) -> bool {
     page.starts_with("HTTP/1.1 200") && page.contains("<title>Welcome to nginx!</title>")
 }
@@ -68,6 +115,11 @@ fn scenario(g: &mut Guest) -> Result<()> {
     let page = get_page(g)?;
     anyhow::ensure!(welcome(&page), "GET / from outside QEMU: {page:?}");
     println!("network: nginx answered from outside QEMU");
+    // vhost-net: the guest's driver took the offloads and mergeable
+    // buffers, and 100 MB came through intact.
+    let features = driver_value(g, "driver: nginx.1 virtio-net features ", STEP)?;
+    check_offloads(&features, true)?;
+    check_download(g, "nginx.1", 100_000_000)?;
     // One replica killed: the page is served from the other, every time.
     g.wait_for(
         "driver: killed nginx.2; from the appliance: <title>Welcome to nginx!</title>",
@@ -79,6 +131,16 @@ fn scenario(g: &mut Guest) -> Result<()> {
     }
     println!("network: served from outside QEMU 5 times with one replica down");
     g.wait_for("driver: nginx.2 is back: running (healthy)", STEP)?;
+    // With /dev/vhost-net gone, nginx.2 came back on the worker's own
+    // device: no offloads, and the worker said why.
+    let features = driver_value(g, "driver: nginx.2 virtio-net features ", STEP)?;
+    check_offloads(&features, false)?;
+    check_download(g, "nginx.2", 10_000_000)?;
+    let why = driver_value(g, "driver: nginx.2 worker says: ", STEP)?;
+    anyhow::ensure!(
+        why.starts_with("virtio-net: vhost-net unavailable (/dev/vhost-net: "),
+        "vmmd's log does not say why nginx.2 is without vhost-net: {why:?}"
+    );
     g.wait_for("driver: cup poweroff", STEP)?;
     g.wait_clean_poweroff(STEP)?;
     Ok(())

@@ -41,6 +41,11 @@ fn virtio_mmio_survives_forged_rings_behind_a_proper_handshake() {
     let mut r = Rand(0x5eed_0002);
     for round in 0..2000u64 {
         let mut input = vec![round as u8, 6, 0, 0, 1, 0x00, 0x10, 0x00, 0x20, 0x00, 0x30];
+        if round % 2 == 1 {
+            // Queue 1 too (at 0x4000/0x5000/0x6000): a device that needs
+            // both queues (net on vhost-net) starts.
+            input.extend([6, 1, 0, 1, 0x00, 0x40, 0x00, 0x50, 0x00, 0x60]);
+        }
         for _ in 0..(r.next() % 24) {
             if r.next().is_multiple_of(3) {
                 input.extend([3, (r.next() % 2) as u8]);

@@ -118,9 +118,11 @@ pub struct BuiltVm {
 fn virtio_devices(
     config: &VmConfig,
     handles: Vec<std::fs::File>,
-) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    devices.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Wired>, BuildError> {
+    let mut devices: Vec<Wired> = Vec::new();
+    let rng: Box<dyn VirtioDevice> = Box::new(Rng::new().map_err(BuildError::Rng)?);
+    devices.push(rng.into());
     let expected = config.handles();
     if handles.len() != expected {
         return Err(BuildError::Handles {
@@ -130,13 +132,14 @@ fn virtio_devices(
     }
     let mut handles = handles.into_iter();
     for d in &config.disks {
-        devices.push(Box::new(match d.empty_slot {
+        let disk: Box<dyn VirtioDevice> = Box::new(match d.empty_slot {
             true => Block::empty_slot(&d.id)?,
             false => match handles.next() {
                 Some(file) => Block::from_open(file, d.read_only, &d.id)?,
                 None => return Err(BuildError::Handles { expected, got: 0 }),
             },
-        }));
+        });
+        devices.push(disk.into());
     }
     if let Some(n) = &config.net {
         let err = |source| BuildError::Net {
@@ -146,16 +149,63 @@ fn virtio_devices(
         let Some(tap) = handles.next() else {
             return Err(BuildError::Handles { expected, got: 0 });
         };
-        devices.push(Box::new(Net::new(tap, n.mac).map_err(err)?));
+        devices.push(net_device(tap, n.mac, mem).map_err(err)?);
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds).map_err(|source| BuildError::Vsock {
             path: v.uds.clone(),
             source,
         })?;
-        devices.push(Box::new(vsock));
+        let vsock: Box<dyn VirtioDevice> = Box::new(vsock);
+        devices.push(vsock.into());
     }
     Ok(devices)
+}
+
+/// A device and, for one the host kernel serves, the eventfds it was
+/// given: its queues' notifications and its interrupt (registered with
+/// KVM as they are for every device, but never watched by the device
+/// thread).
+struct Wired {
+    device: Box<dyn VirtioDevice>,
+    kernel: Option<(Vec<EventFd>, EventFd)>,
+}
+
+impl From<Box<dyn VirtioDevice>> for Wired {
+    fn from(device: Box<dyn VirtioDevice>) -> Self {
+        Wired {
+            device,
+            kernel: None,
+        }
+    }
+}
+
+/// The network device: on vhost-net where the host has it (the kernel
+/// moves the frames, with offloads), else the userspace device, saying
+/// why in the worker's log.
+fn net_device(tap: std::fs::File, mac: [u8; 6], mem: &GuestMemoryMmap) -> std::io::Result<Wired> {
+    use crate::devices::virtio::vhost_net::{Kernel, VhostNet};
+    let kicks = vec![
+        EventFd::new(libc::EFD_NONBLOCK)?,
+        EventFd::new(libc::EFD_NONBLOCK)?,
+    ];
+    let call = EventFd::new(libc::EFD_NONBLOCK)?;
+    match Kernel::open(tap.try_clone()?, mem, &kicks, &call) {
+        Ok(kernel) => {
+            tracing::debug!("virtio-net: on vhost-net");
+            Ok(Wired {
+                device: Box::new(VhostNet::new(kernel, mac)),
+                kernel: Some((kicks, call)),
+            })
+        }
+        Err(e) => {
+            tracing::info!(
+                "virtio-net: vhost-net unavailable ({e}): frames go through the worker, without offloads"
+            );
+            let net: Box<dyn VirtioDevice> = Box::new(Net::new(tap, mac)?);
+            Ok(net.into())
+        }
+    }
 }
 
 /// The guest config as a cpio archive to append to the initramfs.
@@ -296,7 +346,7 @@ pub fn build(
         .insert_str(&config.cmdline)
         .map_err(|e| BuildError::Cmdline(e.to_string()))?;
     crate::worker::mark("kernel-initramfs-loaded");
-    let devices = virtio_devices(config, handles)?;
+    let devices = virtio_devices(config, handles, &mem)?;
     if devices.len() > (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
         return Err(BuildError::TooManyDevices(devices.len()));
     }
@@ -343,9 +393,16 @@ pub fn build(
     // for the device thread.
     let mut device_loop = DeviceLoop::new().map_err(KvmError::EventFd)?;
     let mut slots = Vec::new();
-    for (i, device) in devices.into_iter().enumerate() {
+    for (i, wired) in devices.into_iter().enumerate() {
         let (base, gsi) = virtio_slot(i);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+        let Wired { device, kernel } = wired;
+        let (kicks, irq) = match kernel {
+            Some((kicks, call)) => (Some(kicks), call),
+            None => (
+                None,
+                EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?,
+            ),
+        };
         vm.register_irqfd(&irq, gsi)?;
         let host_fd = device.host_event_fd();
         let transport = Arc::new(Mutex::new(MmioTransport::new(
@@ -353,12 +410,22 @@ pub fn build(
             mem.clone(),
             IrqTrigger(Some(irq)),
         )));
-        for q in 0..crate::devices::virtio::lock(&transport).queue_count() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
-            vm.register_ioevent(&evt, base + QUEUE_NOTIFY, q as u32)?;
-            device_loop
-                .add_queue(transport.clone(), q, evt)
-                .map_err(KvmError::EventFd)?;
+        match kicks {
+            // The kernel reads these itself.
+            Some(kicks) => {
+                for (q, evt) in kicks.iter().enumerate() {
+                    vm.register_ioevent(evt, base + QUEUE_NOTIFY, q as u32)?;
+                }
+            }
+            None => {
+                for q in 0..crate::devices::virtio::lock(&transport).queue_count() {
+                    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::EventFd)?;
+                    vm.register_ioevent(&evt, base + QUEUE_NOTIFY, q as u32)?;
+                    device_loop
+                        .add_queue(transport.clone(), q, evt)
+                        .map_err(KvmError::EventFd)?;
+                }
+            }
         }
         if let Some(fd) = host_fd {
             device_loop

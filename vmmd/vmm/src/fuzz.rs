@@ -6,7 +6,8 @@
 //! (register writes and reads on a virtio-mmio transport, writes anywhere in
 //! guest memory, which forges descriptor tables and rings, queue
 //! notifications) against a real device model — block over an in-memory
-//! disk, vsock, rng or net (over a socket pair); [`block_request`] and
+//! disk, vsock, rng, net (over a socket pair) or net on vhost-net (its
+//! kernel side a checker of what the device hands it); [`block_request`] and
 //! [`vsock_packet`] feed one
 //! request straight to a parser. None may panic, whatever the bytes.
 //!
@@ -21,9 +22,11 @@ use crate::devices::virtio::block::{self, Block, Segment};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vhost_net::{self, Datapath, VhostNet};
 use crate::devices::virtio::vsock::{self, Vsock, HDR_LEN};
 use crate::devices::virtio::VirtioDevice;
 use std::path::PathBuf;
+use vhost::VringConfigData;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest memory of the fuzzed VM: small, so random addresses often land.
@@ -85,10 +88,49 @@ fn vsock_path() -> PathBuf {
     ))
 }
 
+/// virtio-net on vhost-net with the kernel replaced by a checker: every
+/// ring the device hands over must lie in guest memory, features must be
+/// ones vhost-net carries out, and the tap is attached only to queues
+/// whose rings were set (a panic is a finding).
+struct Checker {
+    mem: GuestMemoryMmap,
+    running: [bool; 2],
+}
+
+impl Datapath for Checker {
+    fn ring_features(&self) -> u64 {
+        vhost_net::LINUX_VHOST_NET_FEATURES
+    }
+    fn set_features(&mut self, features: u64) -> Result<(), String> {
+        assert_eq!(features & !vhost_net::LINUX_VHOST_NET_FEATURES, 0);
+        self.running = [false; 2];
+        Ok(())
+    }
+    fn set_vring(&mut self, index: usize, ring: &VringConfigData) -> Result<(), String> {
+        assert!(index < 2, "queue {index}");
+        if let Err(e) = vhost_net::check_ring(ring, &self.mem) {
+            panic!("an unchecked ring reached the kernel: {e}");
+        }
+        self.running[index] = true;
+        Ok(())
+    }
+    fn set_backend(&mut self, index: usize, on: bool) -> Result<(), String> {
+        assert!(
+            !on || self.running[index],
+            "a tap on queue {index} without rings"
+        );
+        Ok(())
+    }
+    fn set_offloads(&mut self, tun_flags: u32) -> Result<(), String> {
+        assert_eq!(tun_flags & !0x0f, 0, "offloads {tun_flags:#x}");
+        Ok(())
+    }
+}
+
 /// Which device sits behind the fuzzed transport (the first input byte),
 /// and for net the network's end of its socket pair (kept open for the run).
-fn device(selector: u8) -> (Box<dyn VirtioDevice>, Option<std::fs::File>) {
-    match selector % 5 {
+fn device(selector: u8, mem: &GuestMemoryMmap) -> (Box<dyn VirtioDevice>, Option<std::fs::File>) {
+    match selector % 6 {
         0 => (Box::new(disk(false)), None),
         1 => (Box::new(disk(true)), None),
         2 => (
@@ -97,6 +139,16 @@ fn device(selector: u8) -> (Box<dyn VirtioDevice>, Option<std::fs::File>) {
         ),
         3 => (
             Box::new(Vsock::new(3, &vsock_path()).expect("vsock for fuzzing")),
+            None,
+        ),
+        5 => (
+            Box::new(VhostNet::new(
+                Checker {
+                    mem: mem.clone(),
+                    running: [false; 2],
+                },
+                net::mac_for(8),
+            )),
             None,
         ),
         _ => {
@@ -116,7 +168,7 @@ fn device(selector: u8) -> (Box<dyn VirtioDevice>, Option<std::fs::File>) {
 pub fn virtio_mmio(data: &[u8]) {
     let mut input = Input(data);
     let mem = memory();
-    let (dev, _network) = device(input.u8());
+    let (dev, _network) = device(input.u8(), &mem);
     let mut t = MmioTransport::new(dev, mem.clone(), IrqTrigger(None));
     let mut steps = 0;
     while !input.is_empty() && steps < 4096 {

@@ -23,7 +23,8 @@ pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup/vms";
 /// Memory beyond the guest's: the worker itself, KVM's page tables, page
 /// cache of the VM's disk I/O.
 pub const MEMORY_OVERHEAD_MIB: u64 = 64;
-/// Threads beyond one per vCPU: main, devices, control, and slack.
+/// Threads beyond one per vCPU: main, devices, control, the vhost-net
+/// kernel thread (which vhost puts in its owner's cgroups), and slack.
 const EXTRA_PIDS: u64 = 8;
 
 /// The limits of one VM.

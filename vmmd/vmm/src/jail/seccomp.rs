@@ -6,8 +6,10 @@
 //! /dev/kvm, creating the VM, vCPUs, memory, irqfds, threads) happens before
 //! the filter is installed; after it, `ioctl` is allowed only with
 //! `KVM_RUN` (and `KVM_REINJECT_CONTROL`, which the control thread makes
-//! once while the guest starts, and `FIONBIO` for vsock's new host
-//! connections) and `socket`
+//! once while the guest starts, `FIONBIO` for vsock's new host
+//! connections, and the six requests virtio-net on vhost-net makes when
+//! the guest's driver starts or resets it, listed with why in
+//! [`crate::devices::virtio::vhost_net::runtime_ioctls`]) and `socket`
 //! only for Unix sockets. Any other call kills the whole worker process (and
 //! only it: vmmd and the other VMs run on). The filter is installed on every thread
 //! at once (TSYNC) while the vCPU threads wait on a barrier, so no guest
@@ -142,14 +144,17 @@ pub fn filter_for(pid: u32) -> Result<BpfProgram, seccompiler::BackendError> {
             )?])
         };
     let eq = |arg: u8, value: u64| when(arg, SeccompCmpOp::Eq, value);
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            eq(1, KVM_RUN)?,
-            eq(1, crate::vstate::vm::KVM_REINJECT_CONTROL)?,
-            eq(1, FIONBIO)?,
-        ],
-    );
+    let mut ioctls = vec![
+        eq(1, KVM_RUN)?,
+        eq(1, crate::vstate::vm::KVM_REINJECT_CONTROL)?,
+        eq(1, FIONBIO)?,
+    ];
+    // virtio-net on vhost-net, when the guest's driver starts or resets
+    // the device: each request with why in `runtime_ioctls`.
+    for (request, _) in crate::devices::virtio::vhost_net::runtime_ioctls() {
+        ioctls.push(eq(1, request)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     // fcntl: only descriptor and status flags (std checks a new socket's
     // close-on-exec flag).
     rules.insert(

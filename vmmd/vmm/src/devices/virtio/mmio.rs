@@ -16,6 +16,7 @@ pub const QUEUE_NOTIFY: u64 = 0x50;
 
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
 
 /// A device with its transport state.
 pub struct MmioTransport {
@@ -33,6 +34,8 @@ pub struct MmioTransport {
     irq: IrqTrigger,
     /// Accesses the transport ignored (bad size, offset or state).
     pub ignored: u64,
+    /// Starts of the device (DRIVER_OK) refused.
+    pub refused: crate::devices::Refusals,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -64,6 +67,7 @@ impl MmioTransport {
             config_generation: 0,
             irq,
             ignored: 0,
+            refused: crate::devices::Refusals::new("virtio: the driver's start refused"),
         }
     }
 
@@ -75,6 +79,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.status = 0;
         self.interrupt_status = 0;
+        self.device.reset();
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -113,6 +118,9 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map(|q| u32::from(q.ready()))
                 .unwrap_or(0),
+            0x60 if self.status & STATUS_DRIVER_OK != 0 && self.device.raises_own_interrupts() => {
+                self.interrupt_status | 1
+            }
             0x60 => self.interrupt_status,
             0x70 => self.status,
             0xfc => self.config_generation,
@@ -175,6 +183,17 @@ impl MmioTransport {
                 {
                     // The driver accepted features we never offered: refuse.
                     self.status = v & !STATUS_FEATURES_OK;
+                } else if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+                    self.status = v;
+                    if let Err(e) =
+                        self.device
+                            .activate(self.driver_features, &self.queues, &self.mem)
+                    {
+                        self.refused.note(&e);
+                        self.status |= STATUS_NEEDS_RESET;
+                        self.interrupt_status |= 2;
+                        let _ = self.irq.trigger();
+                    }
                 } else {
                     self.status = v;
                 }
@@ -417,6 +436,55 @@ mod tests {
         w(&mut t, 0x30, 9);
         w(&mut t, 0x38, 8);
         assert!(t.ignored >= 3);
+    }
+
+    /// The driver's side of setting up queue `q` at `base` (rings 4 KiB apart).
+    fn set_up_queue(t: &mut MmioTransport, q: u32, base: u32) {
+        w(t, 0x30, q);
+        w(t, 0x38, 256);
+        w(t, 0x80, base);
+        w(t, 0x90, base + 0x1000);
+        w(t, 0xa0, base + 0x2000);
+        w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn a_kernel_served_device_starts_on_driver_ok_and_its_interrupts_read_as_used() {
+        use crate::devices::virtio::vhost_net::{self, Recorder, VhostNet};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let dev = VhostNet::new(
+            Recorder {
+                ring: vhost_net::LINUX_VHOST_NET_FEATURES,
+                ..Default::default()
+            },
+            [2; 6],
+        );
+        let mut t = MmioTransport::new(Box::new(dev), mem, IrqTrigger(None));
+        w(&mut t, 0x70, 1 | 2);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1); // VERSION_1
+        w(&mut t, 0x70, 1 | 2 | STATUS_FEATURES_OK);
+        set_up_queue(&mut t, 0, 0x1000);
+        // Only one queue ready: the start is refused, the device needs a reset.
+        w(&mut t, 0x70, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(t.refused.count, 1);
+        // Reset, and set up properly.
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x60), 0, "no interrupt while stopped");
+        w(&mut t, 0x70, 1 | 2);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, 1 | 2 | STATUS_FEATURES_OK);
+        set_up_queue(&mut t, 0, 0x1000);
+        set_up_queue(&mut t, 1, 0x4000);
+        w(&mut t, 0x70, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_eq!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(t.refused.count, 1);
+        // KVM raises its line: the driver always finds the used-buffer bit.
+        assert_eq!(r(&mut t, 0x60), 1);
+        w(&mut t, 0x64, 1);
+        assert_eq!(r(&mut t, 0x60), 1);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vhost_net;
 pub mod vsock;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -154,6 +155,26 @@ pub trait VirtioDevice: Send {
     ) -> bool {
         false
     }
+    /// The device's interrupts are raised by the host kernel straight
+    /// through its irqfd (vhost), not by the transport: the transport then
+    /// reads InterruptStatus with the used-buffer bit set while the driver
+    /// runs the device.
+    fn raises_own_interrupts(&self) -> bool {
+        false
+    }
+    /// The driver set DRIVER_OK with features `acked` and `queues` set up:
+    /// a device the kernel serves hands them over now. An error leaves the
+    /// device needing a reset (the guest's driver sees it fail).
+    fn activate(
+        &mut self,
+        _acked: u64,
+        _queues: &[virtio_queue::Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    /// The driver reset the device (status 0).
+    fn reset(&mut self) {}
     /// Gives an empty disk slot its image (a warm VM handed its workload's
     /// root image); the transport then tells the guest its configuration
     /// changed. Only empty virtio-blk slots accept one.
