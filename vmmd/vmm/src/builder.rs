@@ -283,9 +283,7 @@ pub fn build(
     let himem = Some(GuestAddress(arch::HIMEM_START));
     let kernel_len = kernel.metadata().map(|m| m.len()).unwrap_or(0);
     let (loaded, entry) = if magic == *b"\x7fELF" {
-        // Fault in where the kernel goes in one call, not page by page.
-        memory::populate(&mem, GuestAddress(arch::HIMEM_START), kernel_len);
-        let r = Elf::load(&mem, None, &mut kernel, himem).map_err(load_err)?;
+        let r = load_elf(&mem, &mut kernel, kernel_len, himem).map_err(load_err)?;
         let entry = r.kernel_load;
         (r, entry)
     } else {
@@ -500,10 +498,226 @@ fn load_bzimage(
     }
 }
 
+/// One `PT_LOAD` segment of an ELF kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+const PAGE: u64 = 4096;
+
+/// The entry point and loadable segments of the 64-bit x86 ELF file
+/// `kernel` of `len` bytes, if every segment can be mapped: its file offset
+/// and address on page boundaries, its bytes inside the file, no two
+/// segments sharing a page, and all of them in guest memory `mem` above
+/// `himem`. `None` sends the kernel to linux-loader, which copies it (and
+/// checks it its own way).
+fn mappable_elf(
+    mem: &GuestMemoryMmap,
+    kernel: &std::fs::File,
+    len: u64,
+    himem: u64,
+) -> Option<(u64, Vec<Segment>)> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::GuestMemoryBackend;
+    let mut ehdr = [0u8; 64];
+    kernel.read_exact_at(&mut ehdr, 0).ok()?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    // 64-bit, little-endian, x86-64, 56-byte program headers.
+    if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 || u16_at(&ehdr, 18) != 62 {
+        return None;
+    }
+    let entry = u64_at(&ehdr, 24);
+    let phoff = u64_at(&ehdr, 32);
+    let (phentsize, phnum) = (u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize != 56 || phnum == 0 || phnum > 64 || entry < himem {
+        return None;
+    }
+    let mut table = vec![0u8; 56 * usize::from(phnum)];
+    kernel.read_exact_at(&mut table, phoff).ok()?;
+    let mut segments: Vec<Segment> = table
+        .chunks_exact(56)
+        .filter(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]) == 1) // PT_LOAD
+        .map(|p| Segment {
+            offset: u64_at(p, 8),
+            paddr: u64_at(p, 24),
+            filesz: u64_at(p, 32),
+            memsz: u64_at(p, 40),
+        })
+        .filter(|s| s.filesz > 0)
+        .collect();
+    segments.sort_by_key(|s| s.paddr);
+    let mut next_free = himem;
+    for s in &segments {
+        let end = s.paddr.checked_add(s.memsz)?;
+        let fits = s.filesz <= s.memsz
+            && s.offset.checked_add(s.filesz).is_some_and(|e| e <= len)
+            && s.offset.is_multiple_of(PAGE)
+            && s.paddr.is_multiple_of(PAGE)
+            && s.paddr >= next_free
+            && mem.address_in_range(GuestAddress(end - 1));
+        if !fits {
+            return None;
+        }
+        next_free = end.next_multiple_of(PAGE);
+    }
+    (!segments.is_empty()).then_some((entry, segments))
+}
+
+/// Loads an ELF kernel (a `vmlinux`): each `PT_LOAD` segment is mapped
+/// copy-on-write from the file at its physical address, as a bzImage's
+/// payload is (see [`memory::map_file`]), and the rest of its last page
+/// zeroed; the guest reads the kernel from the host's page cache, shared by
+/// every VM booting it. Where that cannot be done (see [`mappable_elf`]),
+/// linux-loader copies it.
+fn load_elf(
+    mem: &GuestMemoryMmap,
+    kernel: &mut std::fs::File,
+    len: u64,
+    himem: Option<GuestAddress>,
+) -> Result<linux_loader::loader::KernelLoaderResult, linux_loader::loader::Error> {
+    let low = himem.map_or(0, |h| h.0);
+    if let Some((entry, segments)) = mappable_elf(mem, kernel, len, low) {
+        let mut kernel_end = 0;
+        let mut mapped = true;
+        for s in &segments {
+            if !memory::map_file(mem, GuestAddress(s.paddr), kernel, s.offset, s.filesz) {
+                mapped = false;
+                break;
+            }
+            // The mapping's last page holds the file's next bytes past the
+            // segment: zeros there, as a copy would leave.
+            let tail = s.paddr + s.filesz;
+            let zeros = tail.next_multiple_of(PAGE) - tail;
+            if zeros > 0
+                && mem
+                    .write_slice(&vec![0u8; zeros as usize], GuestAddress(tail))
+                    .is_err()
+            {
+                mapped = false;
+                break;
+            }
+            kernel_end = kernel_end.max(s.paddr + s.memsz);
+        }
+        if mapped {
+            return Ok(linux_loader::loader::KernelLoaderResult {
+                kernel_load: GuestAddress(entry),
+                kernel_end,
+                ..Default::default()
+            });
+        }
+        // Copied below, over whatever was mapped (copy-on-write).
+    }
+    // Fault in where the kernel goes in one call, not page by page.
+    memory::populate(mem, GuestAddress(low), len);
+    kernel
+        .rewind()
+        .map_err(|_| linux_loader::loader::elf::Error::SeekElfStart)?;
+    Elf::load(mem, None, kernel, himem)
+}
+
 /// Register base and interrupt line of virtio slot `i`.
 pub fn virtio_slot(i: usize) -> (u64, u32) {
     (
         arch::MMIO_HOLE_START + i as u64 * MMIO_SIZE,
         FIRST_VIRTIO_IRQ + i as u32,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ELF file: header, two program headers, and two segments at file
+    /// offsets 0x1000 and 0x3000 (the first followed by marker bytes that
+    /// must not reach the guest).
+    fn elf(second_paddr: u64) -> std::fs::File {
+        let mut b = vec![0u8; 0x4000];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // entry
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let ph = |b: &mut Vec<u8>, at: usize, off: u64, paddr: u64, filesz: u64, memsz: u64| {
+            b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            b[at + 24..at + 32].copy_from_slice(&paddr.to_le_bytes());
+            b[at + 32..at + 40].copy_from_slice(&filesz.to_le_bytes());
+            b[at + 40..at + 48].copy_from_slice(&memsz.to_le_bytes());
+        };
+        ph(&mut b, 64, 0x1000, 0x20_0000, 0x1800, 0x5000);
+        ph(&mut b, 120, 0x3000, second_paddr, 0x800, 0x800);
+        b[0x1000..0x2800].fill(0xaa);
+        b[0x2800..0x3000].fill(0xee);
+        b[0x3000..0x3800].fill(0xbb);
+        b[0x3800..].fill(0xee);
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &b).unwrap();
+        f
+    }
+
+    fn read(mem: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+        v
+    }
+
+    #[test]
+    fn an_elf_kernel_is_mapped_segment_by_segment_with_zeros_past_each() {
+        let mem = memory::create(16).unwrap();
+        let mut f = elf(0x30_0000);
+        let himem = Some(GuestAddress(0x10_0000));
+        assert!(mappable_elf(&mem, &f, 0x4000, 0x10_0000).is_some());
+        let r = load_elf(&mem, &mut f, 0x4000, himem).unwrap();
+        assert_eq!(r.kernel_load, GuestAddress(0x20_0000));
+        assert_eq!(r.kernel_end, 0x30_0800);
+        assert!(read(&mem, 0x20_0000, 0x1800).iter().all(|b| *b == 0xaa));
+        assert!(
+            read(&mem, 0x20_1800, 0x3800).iter().all(|b| *b == 0),
+            "the file's next bytes and the bss read as zeros"
+        );
+        assert!(read(&mem, 0x30_0000, 0x800).iter().all(|b| *b == 0xbb));
+        assert!(read(&mem, 0x30_0800, 0x800).iter().all(|b| *b == 0));
+        // Mapped, not copied: a page the guest has not written follows
+        // the file (its page cache).
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x11], 0x1000).unwrap();
+        assert_eq!(read(&mem, 0x20_0000, 1), [0x11]);
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xaa], 0x1000).unwrap();
+        // The same bytes as linux-loader's copy.
+        let copied = memory::create(16).unwrap();
+        f.rewind().unwrap();
+        Elf::load(&copied, None, &mut f, himem).unwrap();
+        assert_eq!(
+            read(&mem, 0x20_0000, 0x10_1000),
+            read(&copied, 0x20_0000, 0x10_1000)
+        );
+    }
+
+    #[test]
+    fn segments_sharing_a_page_or_out_of_memory_are_copied() {
+        let mem = memory::create(16).unwrap();
+        // The second segment inside the first one's bss: not mapped.
+        let mut f = elf(0x20_3000);
+        assert!(mappable_elf(&mem, &f, 0x4000, 0x10_0000).is_none());
+        // Past the end of guest memory: refused, by linux-loader too.
+        let mut far = elf(0x4000_0000);
+        assert!(mappable_elf(&mem, &far, 0x4000, 0x10_0000).is_none());
+        assert!(load_elf(&mem, &mut far, 0x4000, Some(GuestAddress(0x10_0000))).is_err());
+        // A truncated file: the header says more than there is.
+        assert!(mappable_elf(&mem, &f, 0x3400, 0x10_0000).is_none());
+        let r = load_elf(&mem, &mut f, 0x4000, Some(GuestAddress(0x10_0000))).unwrap();
+        assert_eq!(r.kernel_load, GuestAddress(0x20_0000));
+        assert!(read(&mem, 0x20_3000, 0x800).iter().all(|b| *b == 0xbb));
+    }
 }
