@@ -204,7 +204,10 @@ fn mount_volumes(root: &Path, volumes: &[GuestVolume], user: Option<&str>) -> Re
         } else {
             MsFlags::MS_NODEV
         };
-        sys::mount(&v.device, &target, "ext4", flags, None).map_err(|e| error_chain(&e))?;
+        // A writable volume discards what its files free: the disk punches
+        // holes in the volume's file, and the host gets the space back.
+        let options = (!v.read_only).then_some("discard");
+        sys::mount(&v.device, &target, "ext4", flags, options).map_err(|e| error_chain(&e))?;
         // New: formatted here, or by vmmd on the host (nothing in it but
         // mke2fs's lost+found, still root's).
         let new = formatted || (!v.read_only && untouched(&target));

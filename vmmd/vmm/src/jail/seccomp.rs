@@ -75,12 +75,16 @@ pub const ALLOWED: &[(i64, &str)] = &[
         "epoll_pwait: the same, where libc implements epoll_wait with it",
     ),
     (
-        libc::SYS_pread64,
-        "pread64: virtio-blk reads from a disk image",
+        libc::SYS_preadv,
+        "preadv: virtio-blk reads straight into the guest's buffers",
     ),
     (
-        libc::SYS_pwrite64,
-        "pwrite64: virtio-blk writes to a disk image",
+        libc::SYS_pwritev,
+        "pwritev: virtio-blk writes straight from the guest's buffers",
+    ),
+    (
+        libc::SYS_fallocate,
+        "fallocate: virtio-blk discard and write-zeroes on a writable disk",
     ),
     (libc::SYS_fdatasync, "fdatasync: virtio-blk flush"),
     (

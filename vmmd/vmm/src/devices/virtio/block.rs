@@ -4,9 +4,15 @@
 //! One request queue. Each descriptor chain is parsed by [`parse`] into a
 //! [`Request`] before anything touches the file: a readable header of 16
 //! bytes, data buffers whose direction matches the request, and a writable
-//! status byte last. Data moves through a fixed bounce buffer with
-//! `pread`/`pwrite`, so a request of any size costs the worker the same
-//! memory. Flush is `fdatasync`. A read-only disk (a root image, which many
+//! status byte last. A read or write is one `preadv`/`pwritev` straight
+//! between the file and the guest's buffers (split only where guest memory
+//! is, at the MMIO hole), so the worker copies no byte and a request of
+//! any size costs it no memory. Reads go through the host's page cache:
+//! a root image many VMs share is read from disk once. Flush is
+//! `fdatasync`. A writable disk also takes discard (`fallocate` punching
+//! a hole: a volume's file gives the space back to the host) and
+//! write-zeroes (`FALLOC_FL_ZERO_RANGE`, or a hole where the guest allows
+//! unmapping), one range per request. A read-only disk (a root image, which many
 //! VMs may share) is opened read-only and offered with `VIRTIO_BLK_F_RO`; a
 //! writable one is locked (`flock`) so two VMs never write one volume.
 //!
@@ -33,6 +39,16 @@ pub const SECTOR_SIZE: u64 = 512;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// The most sectors one discard or write-zeroes range may cover (2 GiB).
+pub const MAX_ZEROING_SECTORS: u32 = 1 << 22;
+/// Ranges per discard or write-zeroes request (what Linux sends with a
+/// limit of one: a request per range).
+pub const MAX_ZEROING_RANGES: u32 = 1;
+/// Discards are aligned to 4 KiB (the host file system's block).
+const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+const WRITE_ZEROES_UNMAP: u32 = 1;
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request the driver may use (at most the queue size
@@ -40,7 +56,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = 128;
 /// The largest request (data bytes) the device serves.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
-const BOUNCE_BYTES: usize = 128 << 10;
 /// Bytes of the device id (`VIRTIO_BLK_T_GET_ID`).
 pub const ID_BYTES: usize = 20;
 
@@ -48,6 +63,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
@@ -68,6 +85,10 @@ pub enum RequestType {
     Out,
     Flush,
     GetId,
+    /// Free the ranges' blocks (the guest no longer needs them).
+    Discard,
+    /// Make the ranges read as zeros.
+    WriteZeroes,
     Unsupported(u32),
 }
 
@@ -123,11 +144,13 @@ pub fn parse(chain: &[Segment], mem: &GuestMemoryMmap) -> Result<Request, Reques
         T_OUT => RequestType::Out,
         T_FLUSH => RequestType::Flush,
         T_GET_ID => RequestType::GetId,
+        T_DISCARD => RequestType::Discard,
+        T_WRITE_ZEROES => RequestType::WriteZeroes,
         other => RequestType::Unsupported(other),
     };
     let want_write = match kind {
         RequestType::In | RequestType::GetId => Some(true),
-        RequestType::Out => Some(false),
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => Some(false),
         RequestType::Flush | RequestType::Unsupported(_) => None,
     };
     let mut data_len: u64 = 0;
@@ -155,7 +178,6 @@ pub struct Block {
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
-    bounce: Vec<u8>,
     /// An empty slot still waiting for its image.
     empty: bool,
     /// Requests refused as malformed or failed.
@@ -310,7 +332,6 @@ impl Block {
             read_only,
             capacity_sectors,
             id: id_bytes,
-            bounce: vec![0; BOUNCE_BYTES],
             empty: false,
             refusals: Refusals::new("virtio-blk: request refused"),
         })
@@ -366,6 +387,19 @@ impl Block {
                     }
                 }
             }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                if self.read_only {
+                    self.refuse(&"discard or write-zeroes on a read-only disk");
+                    return (S_UNSUPP, 0);
+                }
+                match self.zero_ranges(req, mem) {
+                    Ok(()) => (S_OK, 0),
+                    Err((status, why)) => {
+                        self.refuse(&why);
+                        (status, 0)
+                    }
+                }
+            }
             RequestType::GetId => {
                 let Some(first) = req.data.first() else {
                     return (S_IOERR, 0);
@@ -394,48 +428,178 @@ impl Block {
             .map(|_| req.sector * SECTOR_SIZE)
     }
 
-    fn transfer(
-        &mut self,
-        req: &Request,
-        mut offset: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), String> {
+    /// Carries out a discard or write-zeroes request: its data is
+    /// [`MAX_ZEROING_RANGES`] at most of `{sector: u64, sectors: u32,
+    /// flags: u32}`; each range must lie in the disk and (for discard) carry
+    /// no flags, or nothing is done.
+    fn zero_ranges(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Result<(), (u8, String)> {
+        let mut bytes = Vec::new();
         for seg in &req.data {
-            let mut done: u64 = 0;
-            while done < u64::from(seg.len) {
-                let n = ((u64::from(seg.len) - done) as usize).min(self.bounce.len());
-                let addr = seg
-                    .addr
-                    .0
-                    .checked_add(done)
-                    .map(GuestAddress)
-                    .ok_or("buffer address overflows")?;
-                let buf = &mut self.bounce[..n];
-                if req.kind == RequestType::In {
-                    self.file
-                        .read_exact_at(buf, offset)
-                        .map_err(|e| format!("read at {offset}: {e}"))?;
-                    mem.write_slice(buf, addr)
-                        .map_err(|_| format!("buffer {:#x} is outside guest memory", addr.0))?;
-                } else {
-                    mem.read_slice(buf, addr)
-                        .map_err(|_| format!("buffer {:#x} is outside guest memory", addr.0))?;
-                    self.file
-                        .write_all_at(buf, offset)
-                        .map_err(|e| format!("write at {offset}: {e}"))?;
+            let start = bytes.len();
+            bytes.resize(start + seg.len as usize, 0);
+            mem.read_slice(&mut bytes[start..], seg.addr).map_err(|_| {
+                (
+                    S_IOERR,
+                    format!("buffer {:#x} is outside guest memory", seg.addr.0),
+                )
+            })?;
+        }
+        if bytes.is_empty()
+            || bytes.len() % 16 != 0
+            || bytes.len() / 16 > MAX_ZEROING_RANGES as usize
+        {
+            return Err((
+                S_IOERR,
+                format!(
+                    "{} bytes are not 1 to {MAX_ZEROING_RANGES} ranges of 16",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut ranges = Vec::new();
+        for r in bytes.chunks_exact(16) {
+            let sector = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+            let sectors = u32::from_le_bytes(r[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(r[12..16].try_into().unwrap_or_default());
+            let allowed = match req.kind {
+                RequestType::WriteZeroes => WRITE_ZEROES_UNMAP,
+                _ => 0,
+            };
+            if flags & !allowed != 0 {
+                return Err((S_UNSUPP, format!("range flags {flags:#x}")));
+            }
+            let in_disk = sector
+                .checked_add(u64::from(sectors))
+                .is_some_and(|end| end <= self.capacity_sectors);
+            if !in_disk || sectors > MAX_ZEROING_SECTORS {
+                return Err((
+                    S_IOERR,
+                    format!("sectors {sector} + {sectors} are past the end or too many"),
+                ));
+            }
+            ranges.push((
+                sector * SECTOR_SIZE,
+                u64::from(sectors) * SECTOR_SIZE,
+                flags,
+            ));
+        }
+        for (offset, len, flags) in ranges {
+            let mode = match req.kind {
+                RequestType::WriteZeroes if flags & WRITE_ZEROES_UNMAP == 0 => {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 }
-                done += n as u64;
-                offset += n as u64;
+                _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            };
+            // SAFETY: fallocate on a descriptor we own, within its size.
+            let rc = unsafe {
+                libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    mode,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err((
+                    S_IOERR,
+                    format!(
+                        "fallocate {offset}+{len}: {}",
+                        std::io::Error::last_os_error()
+                    ),
+                ));
             }
         }
         Ok(())
     }
 
-    /// The device's configuration space: capacity, then size_max and seg_max.
-    fn config_bytes(&self) -> [u8; 16] {
-        let mut c = [0u8; 16];
+    /// A read or write of the request's buffers at `offset` in one
+    /// `preadv`/`pwritev` (more if the file moves less at once), straight
+    /// between the file and guest memory.
+    fn transfer(&self, req: &Request, offset: u64, mem: &GuestMemoryMmap) -> Result<(), String> {
+        use vm_memory::GuestMemoryBackend;
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(req.data.len());
+        let mut guards = Vec::with_capacity(req.data.len());
+        for seg in &req.data {
+            for slice in mem.get_slices(seg.addr, seg.len as usize) {
+                let slice = slice
+                    .map_err(|_| format!("buffer {:#x} is outside guest memory", seg.addr.0))?;
+                let guard = slice.ptr_guard_mut();
+                iovs.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+                guards.push(guard);
+            }
+        }
+        // A chain has at most a queue's worth of buffers, each in at most
+        // two regions (below and above the MMIO hole): within IOV_MAX.
+        if iovs.len() > 1024 {
+            return Err(format!("{} buffers in one request", iovs.len()));
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let total = req.data_len;
+        let mut done: u64 = 0;
+        let mut first = 0usize;
+        while done < total {
+            let at = (offset + done) as libc::off_t;
+            let rest = &iovs[first..];
+            // SAFETY: every iovec points into guest memory this process
+            // maps for the VM's life (its guard held above), and the kernel
+            // reads or writes only within their lengths.
+            let n = unsafe {
+                if req.kind == RequestType::In {
+                    libc::preadv(fd, rest.as_ptr(), rest.len() as libc::c_int, at)
+                } else {
+                    libc::pwritev(fd, rest.as_ptr(), rest.len() as libc::c_int, at)
+                }
+            };
+            let what = if req.kind == RequestType::In {
+                "read"
+            } else {
+                "write"
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("{what} at {at}: {e}"));
+            }
+            if n == 0 {
+                return Err(format!("{what} at {at}: end of file"));
+            }
+            done += n as u64;
+            // Step past what was moved: whole iovecs, then part of one.
+            let mut left = n as usize;
+            while left > 0 && first < iovs.len() {
+                let v = &mut iovs[first];
+                if left >= v.iov_len {
+                    left -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same buffer.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left).cast() };
+                    v.iov_len -= left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device's configuration space (`struct virtio_blk_config` up to
+    /// the write-zeroes fields): capacity, seg_max, and the discard and
+    /// write-zeroes limits.
+    fn config_bytes(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
         c[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_ZEROING_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_ZEROING_RANGES.to_le_bytes());
+        c[44..48].copy_from_slice(&DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_ZEROING_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_ZEROING_RANGES.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
         c
     }
 }
@@ -446,8 +610,12 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
-        super::VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | ro
+        let by_access = if self.read_only {
+            VIRTIO_BLK_F_RO
+        } else {
+            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        };
+        super::VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | by_access
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -657,7 +825,7 @@ mod tests {
     }
 
     #[test]
-    fn large_requests_go_through_the_bounce_buffer() {
+    fn large_requests_move_straight_between_file_and_guest_memory() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (mut b, file) = disk(2048, false);
         let pattern: Vec<u8> = (0..(512 << 10)).map(|i| (i % 251) as u8).collect();
@@ -668,6 +836,108 @@ mod tests {
         let mut got = vec![0u8; 512 << 10];
         m.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
         assert!(got == pattern);
+    }
+
+    #[test]
+    fn a_buffer_across_two_memory_regions_is_read_and_written_whole() {
+        // Two regions that meet at 0x10000 (as memory meets around the
+        // MMIO hole, in a small scale), a buffer across the seam.
+        let m = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap();
+        let (mut b, file) = disk(64, false);
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(0xf000)).unwrap();
+        header(&m, T_OUT, 4);
+        let c = chain(&[seg(0xf000, 4096, false), seg(0x10000, 4096, false)]);
+        assert_eq!(run(&mut b, &m, &c), (S_OK, 0));
+        let mut on_disk = vec![0u8; 8192];
+        file.read_exact_at(&mut on_disk, 4 * SECTOR_SIZE).unwrap();
+        assert!(on_disk == pattern);
+        header(&m, T_IN, 4);
+        let c = chain(&[seg(0xe800, 8192, true)]);
+        assert_eq!(run(&mut b, &m, &c), (S_OK, 8192));
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got, GuestAddress(0xe800)).unwrap();
+        assert!(got == pattern);
+    }
+
+    /// A discard or write-zeroes range at DATA.
+    fn range(m: &GuestMemoryMmap, sector: u64, sectors: u32, flags: u32) {
+        m.write_obj(sector, GuestAddress(DATA)).unwrap();
+        m.write_obj(sectors, GuestAddress(DATA + 8)).unwrap();
+        m.write_obj(flags, GuestAddress(DATA + 12)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_free_and_zero_the_range() {
+        use std::os::unix::fs::MetadataExt;
+        let m = mem();
+        let (mut b, file) = disk(2048, false);
+        assert_ne!(b.features() & VIRTIO_BLK_F_DISCARD, 0);
+        assert_ne!(b.features() & VIRTIO_BLK_F_WRITE_ZEROES, 0);
+        let mut cfg = [0u8; 4];
+        b.read_config(40, &mut cfg);
+        assert_eq!(
+            u32::from_le_bytes(cfg),
+            MAX_ZEROING_RANGES,
+            "max_discard_seg"
+        );
+        file.write_all_at(&vec![0x5a; 1 << 20], 0).unwrap();
+        file.sync_all().unwrap();
+        let blocks = file.metadata().unwrap().blocks();
+        // Discard the first 512 KiB: it reads as zeros, and the file's
+        // blocks go back to the host.
+        header(&m, T_DISCARD, 0);
+        range(&m, 0, 1024, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[seg(DATA, 16, false)])), (S_OK, 0));
+        let mut got = vec![1u8; 512 << 10];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got.iter().all(|x| *x == 0));
+        assert!(
+            file.metadata().unwrap().blocks() < blocks,
+            "a hole was punched"
+        );
+        // Write zeroes without unmapping.
+        header(&m, T_WRITE_ZEROES, 1024);
+        range(&m, 1024, 8, 0);
+        assert_eq!(run(&mut b, &m, &chain(&[seg(DATA, 16, false)])), (S_OK, 0));
+        let mut four = [1u8; 4096];
+        file.read_exact_at(&mut four, 1024 * SECTOR_SIZE).unwrap();
+        assert_eq!(four, [0; 4096]);
+        let mut after = [0u8; 1];
+        file.read_exact_at(&mut after, 1032 * SECTOR_SIZE).unwrap();
+        assert_eq!(after, [0x5a], "nothing past the range");
+    }
+
+    #[test]
+    fn bad_discards_change_nothing() {
+        let m = mem();
+        let (mut b, file) = disk(64, false);
+        file.write_all_at(&[0x5a; 4096], 0).unwrap();
+        let discard = |b: &mut Block, sector, sectors, flags, len| {
+            header(&m, T_DISCARD, 0);
+            range(&m, sector, sectors, flags);
+            run(b, &m, &chain(&[seg(DATA, len, false)])).0
+        };
+        // Past the end, the unmap flag on a discard, two ranges, half a range.
+        assert_eq!(discard(&mut b, 60, 8, 0, 16), S_IOERR);
+        assert_eq!(discard(&mut b, u64::MAX, 8, 0, 16), S_IOERR);
+        assert_eq!(discard(&mut b, 0, 8, 1, 16), S_UNSUPP);
+        assert_eq!(discard(&mut b, 0, 8, 0, 32), S_IOERR);
+        assert_eq!(discard(&mut b, 0, 8, 0, 12), S_IOERR);
+        let mut got = [0u8; 4096];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, [0x5a; 4096]);
+        // A read-only disk offers neither and refuses both.
+        let (mut ro, _) = disk(64, true);
+        assert_eq!(
+            ro.features() & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+            0
+        );
+        assert_eq!(discard(&mut ro, 0, 8, 0, 16), S_UNSUPP);
     }
 
     #[test]
