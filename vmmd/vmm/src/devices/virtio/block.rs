@@ -30,7 +30,6 @@
 use super::VirtioDevice;
 use crate::devices::Refusals;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -685,6 +684,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     const HDR: u64 = 0x1000;
     const DATA: u64 = 0x2000;
