@@ -24,8 +24,10 @@ pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup/vms";
 /// cache of the VM's disk I/O.
 pub const MEMORY_OVERHEAD_MIB: u64 = 64;
 /// Threads beyond one per vCPU: main, devices, control, the vhost-net
-/// kernel thread (which vhost puts in its owner's cgroups), and slack.
-const EXTRA_PIDS: u64 = 8;
+/// kernel thread (which vhost puts in its owner's cgroups), the disks'
+/// io_uring workers (at most `block_io::MAX_WORKERS` of each of two
+/// kinds), and slack.
+const EXTRA_PIDS: u64 = 8 + 2 * crate::devices::virtio::block_io::MAX_WORKERS as u64;
 
 /// The limits of one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

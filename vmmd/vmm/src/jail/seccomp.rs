@@ -88,6 +88,10 @@ pub const ALLOWED: &[(i64, &str)] = &[
     ),
     (libc::SYS_fdatasync, "fdatasync: virtio-blk flush"),
     (
+        libc::SYS_io_uring_enter,
+        "io_uring_enter: virtio-blk submitting requests to its ring (set up before the filter) and waiting for them on reset",
+    ),
+    (
         libc::SYS_epoll_ctl,
         "epoll_ctl: vsock adding and removing its host connections",
     ),

@@ -27,6 +27,7 @@
 //! when it is claimed. The guest learns the new capacity from a
 //! configuration-change interrupt.
 
+use super::block_io::{move_data, Done, Iovecs, Op, Ring};
 use super::VirtioDevice;
 use crate::devices::Refusals;
 use std::fs::File;
@@ -173,6 +174,10 @@ pub fn parse(chain: &[Segment], mem: &GuestMemoryMmap) -> Result<Request, Reques
 
 /// A disk image as a virtio block device.
 pub struct Block {
+    /// Reads, writes and flushes in flight (`None`: done right away).
+    /// First, so it is dropped (waiting for what is in flight) before the
+    /// file is closed.
+    ring: Option<Ring<Tag>>,
     file: File,
     read_only: bool,
     capacity_sectors: u64,
@@ -181,6 +186,15 @@ pub struct Block {
     empty: bool,
     /// Requests refused as malformed or failed.
     pub refusals: Refusals,
+}
+
+/// What a request in the ring needs to be handed back.
+#[derive(Debug, Clone, Copy)]
+struct Tag {
+    head: u16,
+    status: GuestAddress,
+    kind: RequestType,
+    bytes: u64,
 }
 
 impl std::fmt::Debug for Block {
@@ -326,14 +340,68 @@ impl Block {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let ring = match Ring::new(QUEUE_SIZE) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!("virtio-blk: no io_uring ({e}): one request at a time");
+                None
+            }
+        };
         Some(Block {
             file,
             read_only,
             capacity_sectors,
             id: id_bytes,
             empty: false,
+            ring,
             refusals: Refusals::new("virtio-blk: request refused"),
         })
+    }
+
+    /// The same device doing every request right away (tests of that path).
+    pub fn without_ring(mut self) -> Self {
+        self.ring = None;
+        self
+    }
+
+    /// Whether requests go through io_uring.
+    pub fn has_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Queues a read, write or flush in the ring; Err gives it back to be
+    /// done right away (no ring, a bad request, or the ring full).
+    fn submit(&mut self, req: &Request, head: u16, mem: &GuestMemoryMmap) -> Result<(), ()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let tag = Tag {
+            head,
+            status: req.status,
+            kind: req.kind,
+            bytes: req.data_len,
+        };
+        let op = match req.kind {
+            RequestType::In | RequestType::Out => {
+                let Some(offset) = self.range(req) else {
+                    return Err(());
+                };
+                if req.kind == RequestType::Out && self.read_only {
+                    return Err(());
+                }
+                let segments = req.data.iter().map(|s| (s.addr, s.len));
+                let Ok(iovs) = Iovecs::new(segments, mem) else {
+                    return Err(());
+                };
+                let len = req.data_len;
+                match req.kind {
+                    RequestType::In => Op::Read { iovs, offset, len },
+                    _ => Op::Write { iovs, offset, len },
+                }
+            }
+            RequestType::Flush if !self.read_only => Op::Flush,
+            _ => return Err(()),
+        };
+        let ring = self.ring.as_mut().ok_or(())?;
+        ring.push(fd, op, tag).map_err(|_| ())
     }
 
     fn refuse(&mut self, why: &dyn std::fmt::Display) {
@@ -515,75 +583,16 @@ impl Block {
     /// `preadv`/`pwritev` (more if the file moves less at once), straight
     /// between the file and guest memory.
     fn transfer(&self, req: &Request, offset: u64, mem: &GuestMemoryMmap) -> Result<(), String> {
-        use vm_memory::GuestMemoryBackend;
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(req.data.len());
-        let mut guards = Vec::with_capacity(req.data.len());
-        for seg in &req.data {
-            for slice in mem.get_slices(seg.addr, seg.len as usize) {
-                let slice = slice
-                    .map_err(|_| format!("buffer {:#x} is outside guest memory", seg.addr.0))?;
-                let guard = slice.ptr_guard_mut();
-                iovs.push(libc::iovec {
-                    iov_base: guard.as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-                guards.push(guard);
-            }
-        }
-        // A chain has at most a queue's worth of buffers, each in at most
-        // two regions (below and above the MMIO hole): within IOV_MAX.
-        if iovs.len() > 1024 {
-            return Err(format!("{} buffers in one request", iovs.len()));
-        }
+        let mut iovs = Iovecs::new(req.data.iter().map(|d| (d.addr, d.len)), mem)?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
-        let total = req.data_len;
-        let mut done: u64 = 0;
-        let mut first = 0usize;
-        while done < total {
-            let at = (offset + done) as libc::off_t;
-            let rest = &iovs[first..];
-            // SAFETY: every iovec points into guest memory this process
-            // maps for the VM's life (its guard held above), and the kernel
-            // reads or writes only within their lengths.
-            let n = unsafe {
-                if req.kind == RequestType::In {
-                    libc::preadv(fd, rest.as_ptr(), rest.len() as libc::c_int, at)
-                } else {
-                    libc::pwritev(fd, rest.as_ptr(), rest.len() as libc::c_int, at)
-                }
-            };
-            let what = if req.kind == RequestType::In {
-                "read"
-            } else {
-                "write"
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("{what} at {at}: {e}"));
-            }
-            if n == 0 {
-                return Err(format!("{what} at {at}: end of file"));
-            }
-            done += n as u64;
-            // Step past what was moved: whole iovecs, then part of one.
-            let mut left = n as usize;
-            while left > 0 && first < iovs.len() {
-                let v = &mut iovs[first];
-                if left >= v.iov_len {
-                    left -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same buffer.
-                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left).cast() };
-                    v.iov_len -= left;
-                    left = 0;
-                }
-            }
-        }
-        Ok(())
+        move_data(
+            fd,
+            req.kind == RequestType::Out,
+            &mut iovs,
+            offset,
+            req.data_len,
+            0,
+        )
     }
 
     /// The device's configuration space (`struct virtio_blk_config` up to
@@ -647,19 +656,34 @@ impl VirtioDevice for Block {
         queues: &mut [virtio_queue::Queue],
         mem: &GuestMemoryMmap,
     ) -> bool {
+        use virtio_queue::QueueT;
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
         let mut segments = Vec::with_capacity(usize::from(QUEUE_SIZE));
-        super::serve_chains(queue, mem, |chain| {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
             segments.clear();
             segments.extend(chain.map(|d| Segment {
                 addr: d.addr(),
                 len: d.len(),
                 write: d.is_write_only(),
             }));
-            match parse(&segments, mem) {
+            let written = match parse(&segments, mem) {
                 Ok(req) => {
+                    if self.submit(&req, head, mem).is_ok() {
+                        continue;
+                    }
+                    if req.kind == RequestType::Flush {
+                        // Done right away, a flush still comes after every
+                        // write before it.
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+                        if let Some(ring) = &mut self.ring {
+                            let done = ring.drain_into(fd);
+                            used |= self.hand_back(done, queue, mem);
+                        }
+                    }
                     let (status, n) = self.execute(&req, mem);
                     match mem.write_obj(status, req.status) {
                         Ok(()) => n + 1,
@@ -676,8 +700,85 @@ impl VirtioDevice for Block {
                         _ => 0,
                     }
                 }
+            };
+            if queue.add_used(mem, head, written).is_err() {
+                break;
             }
-        })
+            used = true;
+        }
+        if let Some(ring) = &mut self.ring {
+            if let Err(e) = ring.submit() {
+                self.refusals.note(&format_args!("io_uring submit: {e}"));
+            }
+        }
+        used
+    }
+
+    fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.as_ref().map(|r| r.event_fd())
+    }
+
+    fn process_host_event(
+        &mut self,
+        queues: &mut [virtio_queue::Queue],
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let Some(ring) = &mut self.ring else {
+            return false;
+        };
+        let done = ring.reap(fd);
+        match queues.get_mut(0) {
+            Some(queue) => self.hand_back(done, queue, mem),
+            // The driver is not running the device: nothing goes back.
+            None => false,
+        }
+    }
+
+    fn reset(&mut self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        if let Some(ring) = &mut self.ring {
+            ring.drain(fd);
+        }
+    }
+}
+
+impl Block {
+    /// Gives finished requests back to the guest: the status byte, the
+    /// used entry; true if any went back.
+    fn hand_back(
+        &mut self,
+        done: Vec<Done<Tag>>,
+        queue: &mut virtio_queue::Queue,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        use virtio_queue::QueueT;
+        let mut used = false;
+        for (tag, _op, result) in done {
+            let (status, n) = match result {
+                Ok(()) => {
+                    IO.count(tag.kind, tag.bytes);
+                    let n = if tag.kind == RequestType::In {
+                        tag.bytes as u32
+                    } else {
+                        0
+                    };
+                    (S_OK, n)
+                }
+                Err(e) => {
+                    self.refuse(&e);
+                    (S_IOERR, 0)
+                }
+            };
+            let written = match mem.write_obj(status, tag.status) {
+                Ok(()) => n + 1,
+                Err(_) => n,
+            };
+            if queue.add_used(mem, tag.head, written).is_ok() {
+                used = true;
+            }
+        }
+        used
     }
 }
 
@@ -862,6 +963,99 @@ mod tests {
         let mut got = vec![0u8; 8192];
         m.read_slice(&mut got, GuestAddress(0xe800)).unwrap();
         assert!(got == pattern);
+    }
+
+    /// A request chain (header, data, status) offered on a 16-entry queue
+    /// at 0xa000 (descriptors), 0xb000 (available), 0xc000 (used).
+    fn queue_with(m: &GuestMemoryMmap, requests: &[(u32, u64, u64)]) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut q = virtio_queue::Queue::new(QUEUE_SIZE).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0xa000), Some(0));
+        q.set_avail_ring_address(Some(0xb000), Some(0));
+        q.set_used_ring_address(Some(0xc000), Some(0));
+        q.set_ready(true);
+        for (i, (kind, sector, data)) in requests.iter().enumerate() {
+            let hdr = 0xd000 + 16 * i as u64;
+            m.write_obj(*kind, GuestAddress(hdr)).unwrap();
+            m.write_obj(*sector, GuestAddress(hdr + 8)).unwrap();
+            let descs = [
+                (hdr, 16u32, 1u16),
+                (*data, 512, 1 | if *kind == T_IN { 2 } else { 0 }),
+                (0xe000 + i as u64, 1, 2),
+            ];
+            for (j, (addr, len, flags)) in descs.iter().enumerate() {
+                let idx = (3 * i + j) as u16;
+                let base = 0xa000 + 16 * u64::from(idx);
+                m.write_obj(*addr, GuestAddress(base)).unwrap();
+                m.write_obj(*len, GuestAddress(base + 8)).unwrap();
+                m.write_obj(*flags, GuestAddress(base + 12)).unwrap();
+                m.write_obj(idx + 1, GuestAddress(base + 14)).unwrap();
+            }
+            m.write_obj((3 * i) as u16, GuestAddress(0xb004 + 2 * i as u64))
+                .unwrap();
+        }
+        m.write_obj(requests.len() as u16, GuestAddress(0xb002))
+            .unwrap();
+        q
+    }
+
+    #[test]
+    fn requests_stay_in_flight_until_the_ring_finishes_them() {
+        let m = mem();
+        let (b, file) = disk(64, false);
+        if !b.has_ring() {
+            eprintln!("skipped: no io_uring here (the requests are done right away, tested above)");
+            return;
+        }
+        let mut b = b;
+        file.write_all_at(&[0x33; 512], 512).unwrap();
+        m.write_slice(&[0x44; 512], GuestAddress(0x2000)).unwrap();
+        let mut queues = vec![queue_with(
+            &m,
+            &[(T_IN, 1, 0x3000), (T_OUT, 5, 0x2000), (T_FLUSH, 0, 0x4000)],
+        )];
+        // Nothing handed back yet: all three are in the ring.
+        assert!(!b.process_queue(0, &mut queues, &m));
+        let used_idx = |m: &GuestMemoryMmap| -> u16 { m.read_obj(GuestAddress(0xc002)).unwrap() };
+        let fd = b.host_event_fd().unwrap();
+        let mut handed = 0;
+        for _ in 0..100 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            if b.process_host_event(&mut queues, &m) {
+                handed = used_idx(&m);
+            }
+            if handed == 3 {
+                break;
+            }
+        }
+        assert_eq!(handed, 3, "all three came back");
+        let status: Vec<u8> = (0..3)
+            .map(|i| m.read_obj(GuestAddress(0xe000 + i)).unwrap())
+            .collect();
+        assert_eq!(status, [S_OK; 3]);
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(0x3000)).unwrap();
+        assert_eq!(got, [0x33; 512]);
+        file.read_exact_at(&mut got, 5 * 512).unwrap();
+        assert_eq!(got, [0x44; 512]);
+        // The used entry of the read says 512 bytes and the status byte.
+        let lens: Vec<(u32, u32)> = (0..3u64)
+            .map(|i| {
+                (
+                    m.read_obj(GuestAddress(0xc004 + 8 * i)).unwrap(),
+                    m.read_obj(GuestAddress(0xc008 + 8 * i)).unwrap(),
+                )
+            })
+            .collect();
+        assert!(lens.contains(&(0, 513)), "{lens:?}");
+        assert_eq!(lens.last().map(|l| l.0), Some(6), "the flush last");
     }
 
     /// A discard or write-zeroes range at DATA.

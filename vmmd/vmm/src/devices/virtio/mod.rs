@@ -10,6 +10,7 @@
 //! bounds them; each request's size is capped by the device.
 
 pub mod block;
+pub mod block_io;
 pub mod mmio;
 pub mod net;
 pub mod rng;
