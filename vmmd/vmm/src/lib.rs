@@ -26,6 +26,7 @@ pub mod devices;
 pub mod fuzz;
 pub mod jail;
 pub mod selftest;
+pub mod snapshot;
 pub mod vstate;
 pub mod worker;
 

@@ -14,6 +14,8 @@ fn tiny_guest_exits_as_expected() {
         );
         return;
     }
-    let seen = steelcup_vmm::selftest::run().unwrap();
+    let (seen, clone) = steelcup_vmm::selftest::run_with_snapshot().unwrap();
     assert_eq!(seen.len(), 6);
+    assert_eq!(clone, seen[3..], "the clone made the original's last exits");
+    steelcup_vmm::selftest::vm_state_round_trip().unwrap();
 }
