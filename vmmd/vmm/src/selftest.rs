@@ -107,7 +107,7 @@ fn run_exits(
 
 /// Runs the tiny guest; returns the exits seen, or what went wrong.
 pub fn run() -> Result<Vec<String>, String> {
-    Ok(run_with_snapshot()?.0)
+    Ok(run_guest(false)?.0)
 }
 
 /// Runs the tiny guest, taking a snapshot after its third exit; then runs
@@ -115,6 +115,10 @@ pub fn run() -> Result<Vec<String>, String> {
 /// from the memory file) through the rest. Returns the original's exits
 /// and the clone's.
 pub fn run_with_snapshot() -> Result<(Vec<String>, Vec<String>), String> {
+    run_guest(true)
+}
+
+fn run_guest(snapshot_too: bool) -> Result<(Vec<String>, Vec<String>), String> {
     use crate::snapshot;
     let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| format!("create VM: {e}"))?;
@@ -137,6 +141,10 @@ pub fn run_with_snapshot() -> Result<(Vec<String>, Vec<String>), String> {
     vcpu.set_regs(&regs).map_err(|e| format!("set regs: {e}"))?;
 
     let mut seen = Vec::new();
+    if !snapshot_too {
+        run_exits(&mut vcpu, 0, EXPECTED.len(), &mut seen)?;
+        return Ok((seen, Vec::new()));
+    }
     run_exits(&mut vcpu, 0, SNAPSHOT_AFTER, &mut seen)?;
 
     // The snapshot: the vCPU between instructions, its state through the
@@ -152,7 +160,9 @@ pub fn run_with_snapshot() -> Result<(Vec<String>, Vec<String>), String> {
             file_offset: 0,
         }],
         vm: None,
-        vcpus: vec![snapshot::save_vcpu(&vcpu, &msrs).map_err(snap_err)?],
+        // No in-kernel interrupt controllers here (HLT must exit to the
+        // worker), so no LAPIC.
+        vcpus: vec![snapshot::save_vcpu(&vcpu, &msrs, false).map_err(snap_err)?],
     };
     let state_file = snapshot::encode(&state).map_err(snap_err)?;
     let memory_file = memfd("steelcup-selftest-memory")?;

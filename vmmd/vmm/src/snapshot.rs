@@ -84,7 +84,8 @@ pub struct VcpuState {
     pub xsave: kvm_xsave,
     pub xcrs: kvm_xcrs,
     pub debugregs: kvm_debugregs,
-    pub lapic: kvm_lapic_state,
+    /// `None` in a VM without in-kernel interrupt controllers.
+    pub lapic: Option<kvm_lapic_state>,
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
 }
@@ -227,8 +228,9 @@ pub fn msr_list(kvm: &Kvm) -> Result<Vec<u32>, SnapshotError> {
         .to_vec())
 }
 
-/// Saves vCPU `vcpu`'s state; `msrs` from [`msr_list`].
-pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuState, SnapshotError> {
+/// Saves vCPU `vcpu`'s state; `msrs` from [`msr_list`]; `lapic` if the VM
+/// has in-kernel interrupt controllers (and so the vCPU a LAPIC).
+pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32], lapic: bool) -> Result<VcpuState, SnapshotError> {
     let mut entries = Vec::with_capacity(msrs.len());
     // In chunks within what one KVM_GET_MSRS takes; an MSR this vCPU does
     // not have ends its chunk early and is left out.
@@ -275,7 +277,10 @@ pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuState, SnapshotError
         debugregs: vcpu
             .get_debug_regs()
             .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
-        lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+        lapic: match lapic {
+            true => Some(vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?),
+            false => None,
+        },
         msrs: entries,
         events: vcpu
             .get_vcpu_events()
@@ -299,8 +304,9 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), SnapshotErro
         .map_err(kvm_err("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-    vcpu.set_lapic(&state.lapic)
-        .map_err(kvm_err("KVM_SET_LAPIC"))?;
+    if let Some(lapic) = &state.lapic {
+        vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    }
     for chunk in state.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
         let msrs = Msrs::from_entries(chunk).map_err(|_| SnapshotError::Kvm {
             what: "MSR list".into(),
@@ -388,7 +394,7 @@ mod tests {
                 xsave: kvm_xsave::default(),
                 xcrs: kvm_xcrs::default(),
                 debugregs: kvm_debugregs::default(),
-                lapic: kvm_lapic_state::default(),
+                lapic: Some(kvm_lapic_state::default()),
                 msrs: vec![kvm_msr_entry {
                     index: 0x10,
                     data: 99,
