@@ -130,6 +130,13 @@ fn run_guest(snapshot_too: bool) -> Result<(Vec<String>, Vec<String>), String> {
         .map_err(|e| format!("write data: {e}"))?;
     register(&vm, &mem)?;
     let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("create vCPU: {e}"))?;
+    // The CPUID KVM supports: what the MSRs a snapshot saves depend on
+    // (KVM takes a paravirtual MSR back only where CPUID offers it).
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("supported CPUID: {e}"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| format!("set CPUID: {e}"))?;
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("get sregs: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -205,6 +212,9 @@ fn run_guest(snapshot_too: bool) -> Result<(Vec<String>, Vec<String>), String> {
     let mut clone = clone_vm
         .create_vcpu(0)
         .map_err(|e| format!("create clone vCPU: {e}"))?;
+    clone
+        .set_cpuid2(&cpuid)
+        .map_err(|e| format!("set the clone's CPUID: {e}"))?;
     let vstate = restored.vcpus.first().ok_or("no vCPU in the snapshot")?;
     snapshot::restore_vcpu(&clone, vstate).map_err(snap_err)?;
     let mut clone_seen = Vec::new();
