@@ -216,7 +216,18 @@ fn run_guest(snapshot_too: bool) -> Result<(Vec<String>, Vec<String>), String> {
         .set_cpuid2(&cpuid)
         .map_err(|e| format!("set the clone's CPUID: {e}"))?;
     let vstate = restored.vcpus.first().ok_or("no vCPU in the snapshot")?;
-    snapshot::restore_vcpu(&clone, vstate).map_err(snap_err)?;
+    let refused = snapshot::restore_vcpu(&clone, vstate).map_err(snap_err)?;
+    if !refused.is_empty() {
+        let list: Vec<String> = refused
+            .iter()
+            .map(|(i, v)| format!("{i:#x}={v:#x}"))
+            .collect();
+        println!(
+            "kvm selftest: snapshot: KVM did not take back {} MSRs: {}",
+            list.len(),
+            list.join(" ")
+        );
+    }
     let mut clone_seen = Vec::new();
     run_exits(&mut clone, SNAPSHOT_AFTER, EXPECTED.len(), &mut clone_seen)?;
     Ok((seen, clone_seen))

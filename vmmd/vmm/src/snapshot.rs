@@ -288,8 +288,10 @@ pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32], lapic: bool) -> Result<VcpuState, 
     })
 }
 
-/// Restores `state` into a new vCPU whose CPUID is already set.
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), SnapshotError> {
+/// Restores `state` into a new vCPU whose CPUID is already set. Returns
+/// the MSRs (index and value) KVM would not take back, which were left at
+/// their reset values; everything else is restored or an error.
+pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<Vec<(u32, u64)>, SnapshotError> {
     vcpu.set_mp_state(state.mp_state)
         .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs)
@@ -307,23 +309,27 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), SnapshotErro
     if let Some(lapic) = &state.lapic {
         vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
     }
-    for chunk in state.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+    let mut refused = Vec::new();
+    let mut rest: &[kvm_msr_entry] = &state.msrs;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
         let msrs = Msrs::from_entries(chunk).map_err(|_| SnapshotError::Kvm {
             what: "MSR list".into(),
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if set != chunk.len() {
-            let index = chunk.get(set).map(|e| e.index).unwrap_or_default();
-            return Err(SnapshotError::Kvm {
-                what: format!("KVM_SET_MSRS: MSR {index:#x} refused"),
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            });
+        // KVM stops at the first MSR it refuses: note it, go on after it.
+        match chunk.get(set) {
+            Some(bad) => {
+                refused.push((bad.index, bad.data));
+                rest = &rest[set + 1..];
+            }
+            None => rest = &rest[chunk.len()..],
         }
     }
     vcpu.set_vcpu_events(&state.events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-    Ok(())
+    Ok(refused)
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, SnapshotError> {
