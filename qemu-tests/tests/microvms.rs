@@ -325,9 +325,11 @@ fn scenario(g: &mut Guest) -> Result<String> {
         STEP,
     )?;
     // The worker's confinement: cgroup limits from the unit (64 MiB guest
-    // plus 64 MiB overhead, 1 vCPU), a mount namespace with only /run.
+    // plus 64 MiB overhead, 1 vCPU; threads: the vCPU, the worker's own,
+    // vhost-net's and the disks' io_uring workers), a mount namespace with
+    // only /run.
     g.wait_for(
-        "driver: vm-b worker cgroup 0::/vms/vm-b memory.max 134217728 pids.max 9 cpu.max 100000 100000",
+        "driver: vm-b worker cgroup 0::/vms/vm-b memory.max 134217728 pids.max 17 cpu.max 100000 100000",
         STEP,
     )?;
     g.wait_for("driver: vm-b worker root holds: [run ]", STEP)?;
