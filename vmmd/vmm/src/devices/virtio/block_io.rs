@@ -247,6 +247,12 @@ impl<T> Ring<T> {
     /// The requests that have finished; a read or write the kernel did
     /// short is finished here with `fd`.
     pub fn reap(&mut self, fd: RawFd) -> Vec<Done<T>> {
+        self.reap_with(Some(fd))
+    }
+
+    /// [`Ring::reap`]; with `fd` `None`, short transfers are left short
+    /// (reported as errors).
+    fn reap_with(&mut self, fd: Option<RawFd>) -> Vec<Done<T>> {
         let _ = self.done.read();
         let finished: Vec<(u64, i32)> = self
             .ring
@@ -261,17 +267,21 @@ impl<T> Ring<T> {
                 continue;
             };
             self.free.push(slot as usize);
-            let result = if res < 0 {
-                Err(std::io::Error::from_raw_os_error(-res).to_string())
-            } else {
-                match &mut op {
-                    Op::Read { iovs, offset, len } => {
-                        move_data(fd, false, iovs, *offset, *len, res as u64)
+            let result = match (res, &mut op, fd) {
+                (res, _, _) if res < 0 => Err(std::io::Error::from_raw_os_error(-res).to_string()),
+                (_, Op::Flush, _) => Ok(()),
+                (res, Op::Read { iovs, offset, len }, Some(fd)) => {
+                    move_data(fd, false, iovs, *offset, *len, res as u64)
+                }
+                (res, Op::Write { iovs, offset, len }, Some(fd)) => {
+                    move_data(fd, true, iovs, *offset, *len, res as u64)
+                }
+                (res, Op::Read { len, .. } | Op::Write { len, .. }, None) => {
+                    if res as u64 == *len {
+                        Ok(())
+                    } else {
+                        Err(format!("{res} of {len} bytes moved"))
                     }
-                    Op::Write { iovs, offset, len } => {
-                        move_data(fd, true, iovs, *offset, *len, res as u64)
-                    }
-                    Op::Flush => Ok(()),
                 }
             };
             out.push((tag, op, result));
@@ -281,23 +291,27 @@ impl<T> Ring<T> {
 
     /// Waits until nothing is in flight and returns what finished.
     pub fn drain_into(&mut self, fd: RawFd) -> Vec<Done<T>> {
+        self.wait_all(Some(fd))
+    }
+
+    /// Waits until nothing is in flight (the driver reset the device: no
+    /// request may touch guest memory afterwards) and drops what finished.
+    pub fn drain(&mut self, fd: RawFd) {
+        drop(self.wait_all(Some(fd)));
+    }
+
+    fn wait_all(&mut self, fd: Option<RawFd>) -> Vec<Done<T>> {
         let _ = self.submit();
-        let mut all = self.reap(fd);
+        let mut all = self.reap_with(fd);
         while self.in_flight() > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
-            all.extend(self.reap(fd));
+            all.extend(self.reap_with(fd));
         }
         all
-    }
-
-    /// Waits until nothing is in flight (the driver reset the device: no
-    /// request may touch guest memory afterwards) and drops what finished.
-    pub fn drain(&mut self, fd: RawFd) {
-        drop(self.drain_into(fd));
     }
 }
 
@@ -306,22 +320,7 @@ impl<T> Drop for Ring<T> {
     /// memory (and the iovec arrays) before they go. Short transfers are
     /// not finished (the disk's file may be closed already).
     fn drop(&mut self) {
-        let _ = self.submit();
-        while self.in_flight() > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-            let finished: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for slot in finished {
-                if let Some(s) = self.slots.get_mut(slot as usize) {
-                    if s.take().is_some() {
-                        self.free.push(slot as usize);
-                    }
-                }
-            }
-        }
+        drop(self.wait_all(None));
     }
 }
 
