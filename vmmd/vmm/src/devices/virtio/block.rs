@@ -188,6 +188,16 @@ pub struct Block {
     pub refusals: Refusals,
 }
 
+/// Writes a request's status byte at `addr`; returns the bytes the used
+/// entry reports: the `n` written into its buffers, and the status byte if
+/// it could be written.
+fn with_status(mem: &GuestMemoryMmap, addr: GuestAddress, status: u8, n: u32) -> u32 {
+    match mem.write_obj(status, addr) {
+        Ok(()) => n + 1,
+        Err(_) => n,
+    }
+}
+
 /// What a request in the ring needs to be handed back.
 #[derive(Debug, Clone, Copy)]
 struct Tag {
@@ -356,12 +366,6 @@ impl Block {
             ring,
             refusals: Refusals::new("virtio-blk: request refused"),
         })
-    }
-
-    /// The same device doing every request right away (tests of that path).
-    pub fn without_ring(mut self) -> Self {
-        self.ring = None;
-        self
     }
 
     /// Whether requests go through io_uring.
@@ -685,10 +689,7 @@ impl VirtioDevice for Block {
                         }
                     }
                     let (status, n) = self.execute(&req, mem);
-                    match mem.write_obj(status, req.status) {
-                        Ok(()) => n + 1,
-                        Err(_) => n,
-                    }
+                    with_status(mem, req.status, status, n)
                 }
                 Err(e) => {
                     self.refuse(&e);
@@ -770,10 +771,7 @@ impl Block {
                     (S_IOERR, 0)
                 }
             };
-            let written = match mem.write_obj(status, tag.status) {
-                Ok(()) => n + 1,
-                Err(_) => n,
-            };
+            let written = with_status(mem, tag.status, status, n);
             if queue.add_used(mem, tag.head, written).is_ok() {
                 used = true;
             }
